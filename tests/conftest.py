@@ -1,0 +1,42 @@
+"""Test setup: offline hubs, the Triton interpreter, and tiny local fixtures.
+
+Environment variables are set before anything imports torch, transformers or a kernel module.
+"""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+SHARED_QWEN1 = SHARED / "data" / "qwen1"
+SHARED_IMAGES = SHARED / "data" / "images"
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def shared_qwen1() -> Path:
+    """The real Qwen-1 vocabulary and configs; tests using it skip when ../shared is absent."""
+    if not (SHARED_QWEN1 / "qwen.tiktoken").is_file():
+        pytest.skip("../shared/data/qwen1 not present")
+    return SHARED_QWEN1
+
+
+@pytest.fixture
+def shared_images() -> Path:
+    if not SHARED_IMAGES.is_dir():
+        pytest.skip("../shared/data/images not present")
+    return SHARED_IMAGES
