@@ -1,0 +1,396 @@
+"""The Qwen decoder (Qwen-1, Qwen2/2.5, Qwen3 dense) with Qwen-1 module names.
+
+Contract
+--------
+* Module names follow Qwen-1 for every arch: `transformer.wte`, `transformer.h.{i}.ln_1`,
+  `.attn.c_attn` (fused q,k,v rows = (Hq + 2 Hkv) * head_dim), `.attn.c_proj`, `.attn.q_norm/.k_norm`
+  (Qwen3 only), `.ln_2`, `.mlp.w1` (up), `.mlp.w2` (gate), `.mlp.c_proj`, `transformer.ln_f`, `lm_head`.
+  MLP = c_proj(w1(x) * silu(w2(x))).
+* RMSNorm and rotary run in fp32 and cast back (as the original). Attention goes only through
+  `kernels.attention(..., impl=config.attn_impl)`.
+* KV cache: `QWenCache`, per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill.
+* `attention_mask` is the `[B, T_cache + T_new]` 0/1 padding mask. Positions are
+  `cumsum(attention_mask) - 1` for every arch: a left-padded row then sees positions 0, 1, ... from its
+  first real token, exactly as when run alone. (The original Qwen-1 uses 0..kv_len-1 including padding,
+  which makes a padded row differ from its unpadded run; the two agree whenever there is no padding.)
+* Qwen-1 dynamic NTK (inference only, `use_dynamic_ntk`): per row, with L = real tokens at prefill,
+  alpha = max(2^ceil(log2(L / seq_length) + 1) - 1, 1) (1, 3, 7, 15 ... as L passes S, 2S, 4S ...),
+  base' = base * alpha^(d / (d - 2)); alpha is kept in the cache for later chunks.
+  LogN (inference only, `use_logn_attn`): a query at position p >= seq_length is scaled by
+  log(p + 1) / log(seq_length).
+* Image hook: `image_features [n_placeholders_total, hidden]` replace the embeddings where
+  `input_ids == config.image_token_id` (row-major order over the batch); a count mismatch raises.
+* `labels [B, T]` are unshifted; the loss shifts them (the one shift in the codebase), ignore_index -100,
+  mean over target tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels import attention
+from qwen.config import QWenConfig
+
+IGNORE_INDEX = -100
+
+
+class QWenCache:
+    """Per-layer keys/values `[B, Hkv, T, D]` and the per-row NTK alpha `[B]` fixed at prefill."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.ntk_alpha: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get_seq_length(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)  # [B, Hkv, T_cache + T, D]
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only batch rows `index` (e.g. drop finished sequences)."""
+        self.keys = [None if k is None else k[index] for k in self.keys]
+        self.values = [None if v is None else v[index] for v in self.values]
+        if self.ntk_alpha is not None:
+            self.ntk_alpha = self.ntk_alpha[index]
+
+
+@dataclass
+class QWenModelOutput:
+    last_hidden_state: torch.Tensor
+    past_key_values: QWenCache | None = None
+
+
+@dataclass
+class QWenOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+    past_key_values: QWenCache | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def ntk_alpha_for_length(length: int, seq_length: int) -> float:
+    """Qwen-1's dynamic-NTK alpha: 1 up to S, then 3, 7, 15 ... as the length passes S, 2S, 4S ..."""
+    context_value = math.log(length / seq_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, base: float, ntk_alpha: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[B, T, D]` in fp32 for integer positions `[B, T]` and per-row alpha `[B]` (or None)."""
+    B = positions.shape[0]
+    exponents = torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim
+    if ntk_alpha is None:
+        inv_freq = (1.0 / (base**exponents)).expand(B, -1)  # [B, D/2]
+    else:
+        rows = []
+        for a in ntk_alpha.tolist():
+            # base' = base * alpha^(d/(d-2)), a Python float as in the original.
+            rows.append(1.0 / ((base * a ** (head_dim / (head_dim - 2))) ** exponents))
+        inv_freq = torch.stack(rows)
+    freqs = positions.float()[:, :, None] * inv_freq[:, None, :]  # [B, T, D/2]
+    emb = torch.cat([freqs, freqs], dim=-1)  # [B, T, D]
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x `[B, H, T, D]`, cos/sin `[B, T, D]`; rotation done in fp32, result cast back."""
+    xf = x.float()
+    out = xf * cos[:, None] + _rotate_half(xf) * sin[:, None]
+    return out.to(x.dtype)
+
+
+class QWenAttention(nn.Module):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        self.c_attn = nn.Linear(config.hidden_size, config.q_dim + 2 * config.kv_dim, bias=config.qkv_bias)
+        self.c_proj = nn.Linear(config.q_dim, config.hidden_size, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens):
+        B, T, _ = x.shape
+        cfg = self.config
+        q, k, v = self.c_attn(x).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # [B, T, Hq, D]
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
+        if cfg.qk_norm:  # Qwen3: per-head RMSNorm before rotary
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if logn is not None:
+            q = q * logn[:, None, :, None].to(q.dtype)  # [B, 1, T, 1]
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, T_total, D]
+        if cu_seqlens is not None:
+            # Packed sequences: [1, H, total, D] -> [total, H, D]
+            out = attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), causal=True,
+                            cu_seqlens=cu_seqlens, impl=cfg.attn_impl)
+            out = out.unsqueeze(0)  # [1, total, Hq, D]
+        else:
+            out = attention(q, k, v, causal=True, attention_mask=mask, impl=cfg.attn_impl)
+            out = out.transpose(1, 2)  # [B, T, Hq, D]
+        return self.c_proj(out.reshape(B, T, cfg.q_dim))
+
+
+class QWenMLP(nn.Module):
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # gate
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+
+
+class QWenBlock(nn.Module):
+    def __init__(self, config: QWenConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = QWenAttention(config, layer_idx)
+        self.ln_2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = QWenMLP(config)
+
+    def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens):
+        x = x + self.attn(self.ln_1(x), cos, sin, logn, mask, cache, cu_seqlens)
+        return x + self.mlp(self.ln_2(x))
+
+
+class QWenModel(nn.Module):
+    """Embeddings + blocks + final norm. `forward` returns `QWenModelOutput`."""
+
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
+        self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.wte
+
+    def _place_image_features(self, input_ids, embeds, image_features):
+        is_img = input_ids == self.config.image_token_id  # [B, T]
+        n_slots = int(is_img.sum())
+        if image_features is None:
+            return embeds
+        if image_features.dim() != 2 or image_features.shape[-1] != embeds.shape[-1]:
+            raise ValueError(f"image_features must be [n_placeholders_total, {embeds.shape[-1]}], "
+                             f"got {tuple(image_features.shape)}")
+        if image_features.shape[0] != n_slots:
+            raise ValueError(
+                f"image hook: input_ids hold {n_slots} image placeholder tokens (id "
+                f"{self.config.image_token_id}) but image_features has {image_features.shape[0]} rows")
+        if n_slots == 0:
+            return embeds
+        embeds = embeds.clone()  # write into a copy so inputs_embeds passed by a caller are never modified
+        embeds[is_img] = image_features.to(embeds.dtype)
+        return embeds
+
+    def _positions(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
+        if position_ids is not None:
+            return position_ids
+        if cu_seqlens is not None:
+            lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+            return torch.cat([torch.arange(n, device=device) for n in lens])[None]  # [1, total]
+        if attention_mask is not None:
+            # cumsum positions: a left-padded row starts at 0 on its first real token (see module doc).
+            pos = attention_mask.long().cumsum(-1) - 1
+            return pos.clamp(min=0)[:, -T:]
+        return torch.arange(past, past + T, device=device)[None].expand(B, T)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: QWenCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> QWenModelOutput:
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("QWenModel.forward: give exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            if int(input_ids.max()) >= cfg.vocab_size or int(input_ids.min()) < 0:
+                raise ValueError(f"input_ids hold ids outside [0, vocab_size={cfg.vocab_size})")
+            inputs_embeds = self.wte(input_ids)  # [B, T, H]
+        if image_features is not None:
+            if input_ids is None:
+                raise ValueError("image_features need input_ids to locate the placeholder tokens")
+        if input_ids is not None:
+            inputs_embeds = self._place_image_features(input_ids, inputs_embeds, image_features)
+        B, T, _ = inputs_embeds.shape
+        device = inputs_embeds.device
+
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = QWenCache(cfg.num_hidden_layers)
+        past = 0 if cache is None else cache.get_seq_length()
+        if cu_seqlens is not None and (B != 1 or past or attention_mask is not None):
+            raise ValueError("cu_seqlens (packed sequences) needs batch size 1, no cache and no attention_mask")
+        if attention_mask is not None and attention_mask.shape != (B, past + T):
+            raise ValueError(f"attention_mask must be [B, T_cache + T] = [{B}, {past + T}], "
+                             f"got {tuple(attention_mask.shape)}")
+
+        positions = self._positions(B, T, past, attention_mask, position_ids, cu_seqlens, device)  # [B, T]
+        inference = not self.training
+        ntk_alpha = None
+        if cfg.use_dynamic_ntk and inference:
+            if cache is not None and cache.ntk_alpha is not None:
+                ntk_alpha = cache.ntk_alpha  # fixed at prefill (keys in the cache were rotated with it)
+            else:
+                lengths = (attention_mask.sum(-1).tolist() if attention_mask is not None else [past + T] * B)
+                ntk_alpha = torch.tensor([float(ntk_alpha_for_length(int(n), cfg.seq_length)) for n in lengths])
+                if cache is not None:
+                    cache.ntk_alpha = ntk_alpha
+        cos, sin = rope_cos_sin(positions.expand(B, T), cfg.head_dim, cfg.rope_theta, ntk_alpha)
+        logn = None
+        if cfg.use_logn_attn and inference:
+            p = positions.expand(B, T).double()
+            # log(p+1)/log(S) for p >= S, else 1 (computed in float64 like the original's Python list).
+            logn = torch.where(p >= cfg.seq_length, torch.log(p + 1) / math.log(cfg.seq_length),
+                               torch.ones_like(p)).float()
+
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.bool()[:, None, None, :].expand(B, 1, T, past + T)  # [B, 1, Tq, Tk]
+
+        h = inputs_embeds
+        for block in self.h:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, cos, sin, logn, mask, cache, cu_seqlens, use_reentrant=False)
+            else:
+                h = block(h, cos, sin, logn, mask, cache, cu_seqlens)
+        h = self.ln_f(h)
+        return QWenModelOutput(last_hidden_state=h, past_key_values=cache)
+
+
+class QWenLMHeadModel(nn.Module):
+    """`transformer` (QWenModel) + `lm_head`; see module docstring for the contract."""
+
+    def __init__(self, config: QWenConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = QWenModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, m: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, RMSNorm):
+            nn.init.ones_(m.weight)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def gradient_checkpointing_enable(self, **_: object) -> None:
+        self.transformer.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.transformer.gradient_checkpointing = False
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: QWenCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool = False,
+        position_ids: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> QWenOutput:
+        out = self.transformer(
+            input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds, image_features=image_features, use_cache=use_cache,
+            position_ids=position_ids, cu_seqlens=cu_seqlens,
+        )
+        logits = self.lm_head(out.last_hidden_state)  # [B, T, V]
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            # The one label shift of the codebase: position t predicts token t+1.
+            shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+            shift_labels = labels[:, 1:]
+            if cu_seqlens is not None:
+                # Never predict across a packed-sequence boundary.
+                shift_labels = shift_labels.clone()
+                ends = (cu_seqlens[1:-1] - 1).long()
+                shift_labels[0, ends] = IGNORE_INDEX
+            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return QWenOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **config_overrides):
+        from qwen.loading import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, **config_overrides)
+
+    def save_pretrained(self, out_dir: str | Path, max_shard_bytes: int | None = None) -> None:
+        from qwen.loading import save_pretrained
+
+        save_pretrained(self, out_dir, max_shard_bytes=max_shard_bytes)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, **kwargs) -> list[list[int]]:
+        from qwen.generation import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
