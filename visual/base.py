@@ -1,0 +1,144 @@
+"""The one interface every vision tower implements.
+
+Contract (what `model/` relies on):
+- `forward(pixel_values [N, 3, H, W]) -> [N, num_tokens, hidden_size]`; `pixel_values` come from
+  `tower.processor` (already normalised with the tower's mean/std) and must be `image_size` x `image_size`,
+  else a ValueError names the expected and the given size.
+- `feature_layer` indexes the backend's hidden-state tuple numbered as transformers' `output_hidden_states`
+  does: 0 is the embedding output, i is the output of block i, -1 the last block (for CNNs: 0 is the stem,
+  i the output of stage i). `None` at build time means the backend default (-2 for ViTs, -1 for CNNs).
+- `select`: "patch" drops the prefix tokens (the CLS and any register tokens) and keeps every patch;
+  "cls_patch" also keeps the CLS token as the first row. A tower without a CLS (SigLIP, CNNs) never drops
+  a row.
+- `grid` = (h, w) of the patch tokens (row-major); with "cls_patch" and `has_cls` the CLS comes first, then
+  the h*w grid. `num_tokens` counts what `forward` returns.
+- `preprocess_config()` returns the preprocessing facts (size, mean, std, mode, resample, crop_pct) so a
+  checkpoint can store and rebuild the processor with `ImageProcessor(**cfg)`.
+- `freeze()` / `frozen`; `gradient_checkpointing_enable()` for a tower that trains.
+Subclasses implement `_hidden_state(pixel_values) -> [N, num_prefix + h*w, D]` at `feature_layer`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from visual.processor import ImageProcessor
+
+SELECT_MODES = ("patch", "cls_patch")
+
+
+def resolve_layer(feature_layer: int, n_states: int, what: str) -> int:
+    """Map a (possibly negative) index into a hidden-state tuple of length `n_states` to 0..n_states-1."""
+    if not -n_states <= feature_layer < n_states:
+        raise ValueError(
+            f"{what}: feature_layer={feature_layer} is out of range; the model has {n_states} hidden states "
+            f"(valid: {-n_states}..{n_states - 1}, 0 = embedding output)"
+        )
+    return feature_layer % n_states
+
+
+class VisionTower(nn.Module):
+    """Base class: holds the facts, checks inputs, selects tokens. Backends fill in `_hidden_state`."""
+
+    backend: str = "base"
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        hidden_size: int,
+        grid: tuple[int, int],
+        has_cls: bool,
+        num_prefix: int,
+        feature_layer: int,
+        select: str,
+        processor: ImageProcessor,
+    ) -> None:
+        super().__init__()
+        if select not in SELECT_MODES:
+            raise ValueError(f"{name}: select={select!r} is not one of {SELECT_MODES}")
+        assert num_prefix >= int(has_cls), f"{name}: has_cls=True needs at least one prefix token"
+        self.name = name
+        self.hidden_size = int(hidden_size)
+        self.grid = (int(grid[0]), int(grid[1]))
+        self.has_cls = bool(has_cls)
+        self.num_prefix = int(num_prefix)  # tokens before the patch grid: CLS, registers
+        self.feature_layer = int(feature_layer)  # already resolved to 0..n_states-1
+        self.select = select
+        self.processor = processor
+        self.image_size = processor.size
+        self.grad_checkpointing = False
+
+    # ----- facts -------------------------------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        keep_cls = self.select == "cls_patch" and self.has_cls
+        return self.grid[0] * self.grid[1] + int(keep_cls)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def preprocess_config(self) -> dict:
+        return self.processor.to_dict()
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute block activations in backward (only matters for a trained, unfrozen tower)."""
+        self.grad_checkpointing = True
+
+    def run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One transformer block, checkpointed when enabled and gradients are being recorded."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    def freeze(self) -> VisionTower:
+        self.requires_grad_(False)
+        self.eval()
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.parameters())
+
+    # ----- forward -----------------------------------------------------------------------------------
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(
+                f"{self.name}: pixel_values must be [N, 3, H, W], got shape {tuple(pixel_values.shape)}"
+            )
+        got = tuple(pixel_values.shape[-2:])
+        if got != (self.image_size, self.image_size):
+            raise ValueError(
+                f"{self.name}: expected images of {self.image_size}x{self.image_size}, got {got[0]}x{got[1]} "
+                f"(use tower.processor to resize)"
+            )
+
+    def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        self.check_pixels(pixel_values)
+        hidden = self._hidden_state(pixel_values.to(self.dtype))  # [N, num_prefix + h*w, D]
+        n_grid = self.grid[0] * self.grid[1]
+        # Loud check: a wrong has_cls / prefix count would silently drop a patch or keep a CLS as a patch.
+        assert hidden.shape[1] == self.num_prefix + n_grid, (
+            f"{self.name}: backend returned {hidden.shape[1]} tokens, expected {self.num_prefix} prefix + "
+            f"{n_grid} patches"
+        )
+        assert hidden.shape[2] == self.hidden_size, (
+            f"{self.name}: width {hidden.shape[2]} != {self.hidden_size}"
+        )
+        patches = hidden[:, self.num_prefix :]  # [N, h*w, D]
+        if self.select == "cls_patch" and self.has_cls:
+            return torch.cat([hidden[:, :1], patches], dim=1)  # [N, 1 + h*w, D]
+        return patches
+
+    def extra_repr(self) -> str:
+        return (
+            f"backend={self.backend}, name={self.name!r}, image_size={self.image_size}, grid={self.grid}, "
+            f"hidden_size={self.hidden_size}, has_cls={self.has_cls}, feature_layer={self.feature_layer}, "
+            f"select={self.select}"
+        )

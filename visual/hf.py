@@ -1,0 +1,172 @@
+"""transformers vision towers: CLIPVisionModel, SiglipVisionModel and Siglip2VisionModel.
+
+`name_or_path` is a hub id or a local directory as `save_pretrained` writes it (config.json +
+model.safetensors, optionally preprocessor_config.json). A full CLIPModel / SiglipModel checkpoint loads too
+(the text tower is ignored). Hidden states are transformers' own `output_hidden_states` tuple
+(0 = embedding output after CLIP's pre-LayerNorm, i = after encoder layer i).
+- CLIP: has_cls=True, one CLS token first.  SigLIP / SigLIP2: has_cls=False, every token is a patch.
+- SigLIP2 (naflex) is used at ONE fixed square resolution: the tower patchifies [N, 3, S, S] itself and
+  passes an all-ones patch mask and spatial shape (S/p, S/p); S defaults to sqrt(config.num_patches) * p.
+  Variable aspect-ratio / variable patch-count inputs are not supported.
+Preprocessing facts come from preprocessor_config.json when present, else from the family's defaults.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+import transformers
+from transformers.utils import cached_file
+
+from visual.base import VisionTower, resolve_layer
+from visual.processor import ImageProcessor
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+
+def read_preprocessor_config(name_or_path: str) -> dict:
+    """preprocessor_config.json of a hub id / local dir as a dict; {} when the checkpoint has none."""
+    path = cached_file(
+        name_or_path,
+        "preprocessor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+    )
+    if path is None:
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def processor_from_hf(pp: dict, image_size: int, mean, std, mode: str, resample) -> ImageProcessor:
+    """Size/mean/std/resample from a transformers image-processor config; `image_size` is the model's."""
+    size = pp.get("crop_size") or pp.get("size") or {}
+    if isinstance(size, dict):
+        size = size.get("height") or size.get("shortest_edge") or image_size
+    if int(size) != image_size:
+        raise ValueError(
+            f"preprocessor_config.json size {size} differs from the model's image_size {image_size}"
+        )
+    return ImageProcessor(
+        size=image_size,
+        mean=pp.get("image_mean", mean),
+        std=pp.get("image_std", std),
+        mode=mode,
+        resample=resample if resample is not None else pp.get("resample", "bicubic"),
+    )
+
+
+class HFTower(VisionTower):
+    """Shared loading for transformers towers; subclasses set the class and the CLS fact."""
+
+    model_class_name = ""
+    model_types: tuple[str, ...] = ()  # config.json model_type values this backend accepts
+    has_cls_token = False
+    default_mean, default_std = HALF, HALF
+
+    def __init__(
+        self,
+        name_or_path: str,
+        feature_layer: int | None = None,
+        select: str = "patch",
+        image_mode: str = "pad",
+        dtype: torch.dtype | None = None,
+        resample: str | int | None = None,
+        **load_kw,
+    ) -> None:
+        model_type = transformers.PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
+        if model_type not in self.model_types:
+            raise ValueError(
+                f"{name_or_path}: config.json has model_type={model_type!r}, but backend {self.backend!r} "
+                f"loads {sorted(self.model_types)}"
+            )
+        cls = getattr(transformers, self.model_class_name)
+        model, info = cls.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **load_kw)
+        if info.get("missing_keys"):
+            # A silently random-initialised tower would train on noise: refuse it.
+            raise ValueError(
+                f"{name_or_path}: weights missing from the checkpoint: {sorted(info['missing_keys'])[:8]}"
+            )
+        cfg = model.config
+        image_size = self._image_size(cfg)
+        grid = image_size // cfg.patch_size
+        n_states = cfg.num_hidden_layers + 1
+        processor = processor_from_hf(
+            read_preprocessor_config(name_or_path),
+            image_size,
+            self.default_mean,
+            self.default_std,
+            image_mode,
+            resample,
+        )
+        super().__init__(
+            name=str(name_or_path),
+            hidden_size=cfg.hidden_size,
+            grid=(grid, grid),
+            has_cls=self.has_cls_token,
+            num_prefix=int(self.has_cls_token),
+            feature_layer=resolve_layer(
+                -2 if feature_layer is None else feature_layer, n_states, name_or_path
+            ),
+            select=select,
+            processor=processor,
+        )
+        self.model = model
+        self.patch_size = cfg.patch_size
+
+    def _image_size(self, cfg) -> int:
+        return int(cfg.image_size)
+
+    def _model_inputs(self, pixel_values: torch.Tensor) -> dict:
+        return {"pixel_values": pixel_values}
+
+    def gradient_checkpointing_enable(self) -> None:
+        super().gradient_checkpointing_enable()
+        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+    def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        out = self.model(**self._model_inputs(pixel_values), output_hidden_states=True)
+        return out.hidden_states[self.feature_layer]  # [N, prefix + h*w, D]
+
+
+class HFCLIPTower(HFTower):
+    backend = "hf_clip"
+    model_class_name = "CLIPVisionModel"
+    model_types = ("clip", "clip_vision_model")
+    has_cls_token = True  # CLIP prepends one class embedding
+    default_mean, default_std = CLIP_MEAN, CLIP_STD
+
+
+class HFSiglipTower(HFTower):
+    backend = "hf_siglip"
+    model_class_name = "SiglipVisionModel"
+    model_types = ("siglip", "siglip_vision_model")
+    has_cls_token = False  # SigLIP has no CLS: dropping token 0 would drop a real patch
+
+
+class HFSiglip2Tower(HFTower):
+    backend = "hf_siglip2"
+    model_class_name = "Siglip2VisionModel"
+    model_types = ("siglip2", "siglip2_vision_model")
+    has_cls_token = False
+
+    def _image_size(self, cfg) -> int:
+        side = math.isqrt(cfg.num_patches)
+        assert side * side == cfg.num_patches, f"SigLIP2 num_patches={cfg.num_patches} is not a square"
+        return side * cfg.patch_size
+
+    def _model_inputs(self, pixel_values: torch.Tensor) -> dict:
+        n, c, h, w = pixel_values.shape
+        p = self.patch_size
+        gh, gw = h // p, w // p
+        # Same patch layout as Siglip2ImageProcessor: row-major patches, each flattened as (py, px, channel).
+        patches = (
+            pixel_values.reshape(n, c, gh, p, gw, p).permute(0, 2, 4, 3, 5, 1).reshape(n, gh * gw, p * p * c)
+        )
+        mask = torch.ones(n, gh * gw, dtype=torch.long, device=pixel_values.device)
+        shapes = torch.tensor([[gh, gw]] * n, dtype=torch.long, device=pixel_values.device)
+        return {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes}

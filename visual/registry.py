@@ -1,0 +1,40 @@
+"""Registry of tower backends and `build_tower`, the one entry point `model/` uses.
+
+    tower = build_tower("hf_siglip", "google/siglip-so400m-patch14-384")          # hub id
+    tower = build_tower("timm", "/ckpt/my_resnet", feature_layer=-1, dtype=torch.bfloat16)  # local dir
+
+`feature_layer=None` picks the backend default (-2 for ViTs as LLaVA does, -1 for timm CNNs). Extra
+keyword arguments go to the backend (e.g. `dtype`, `resample`, open_clip's `pretrained` tag, timm's
+`pretrained=False` or `create_model` kwargs).
+"""
+
+from __future__ import annotations
+
+from visual.base import VisionTower
+from visual.hf import HFCLIPTower, HFSiglip2Tower, HFSiglipTower
+from visual.openclip import OpenCLIPTower
+from visual.timm_tower import TimmTower
+
+BACKENDS: dict[str, type[VisionTower]] = {
+    "hf_clip": HFCLIPTower,
+    "hf_siglip": HFSiglipTower,
+    "hf_siglip2": HFSiglip2Tower,
+    "open_clip": OpenCLIPTower,
+    "timm": TimmTower,
+}
+
+
+def build_tower(
+    backend: str,
+    name_or_path: str,
+    feature_layer: int | None = None,
+    select: str = "patch",
+    image_mode: str = "pad",
+    **kw,
+) -> VisionTower:
+    """Build a tower of `backend` from a hub id or a local directory in that backend's native format."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown vision backend {backend!r}; valid backends: {sorted(BACKENDS)}")
+    return BACKENDS[backend](
+        str(name_or_path), feature_layer=feature_layer, select=select, image_mode=image_mode, **kw
+    )
