@@ -1,0 +1,64 @@
+"""`Collator`: dynamic padding of `VLMDataset` items into one batch.
+
+`Collator(pad_id, padding_side="right", pad_to_multiple_of=None)(items) -> Batch` with
+- `input_ids` LongTensor [B, T] (T = longest item, rounded up to `pad_to_multiple_of`), padded with `pad_id`;
+- `attention_mask` LongTensor [B, T], 1 on real tokens, 0 on padding;
+- `labels` LongTensor [B, T], -100 on padding;
+- `pixel_values` FloatTensor [n_images_total, 3, H, W]: every item's rows concatenated in sample order
+  (rows of item 0, then item 1, ...), or None when no item has an image;
+- `image_counts` LongTensor [B]: pixel rows (image spans) per item.
+`Batch` is a dict holding exactly those keys (so `model(**batch)` works) with two attributes outside the
+dict: `ids` (sample ids) and `skipped` (skip records made in the worker that built the batch; hand them to
+`VLMDataset.absorb`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dataset.template import IGNORE_INDEX
+
+
+class Batch(dict):
+    """The model inputs; `ids` and `skipped` ride along as attributes (they survive pickling)."""
+
+    ids: list
+    skipped: list
+
+
+class Collator:
+    def __init__(self, pad_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"Collator: padding_side must be 'right' or 'left', got {padding_side!r}")
+        self.pad_id, self.padding_side, self.multiple = int(pad_id), padding_side, pad_to_multiple_of
+
+    def __call__(self, items: list[dict]) -> Batch:
+        assert items, "Collator: empty batch"
+        T = max(len(it["input_ids"]) for it in items)
+        if self.multiple:
+            T = -(-T // self.multiple) * self.multiple
+        B = len(items)
+        input_ids = torch.full((B, T), self.pad_id, dtype=torch.long)  # [B, T]
+        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+        attention_mask = torch.zeros((B, T), dtype=torch.long)  # [B, T]
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            assert len(it["labels"]) == n, f"item {it.get('id')}: {n} ids, {len(it['labels'])} labels"
+            sl = slice(0, n) if self.padding_side == "right" else slice(T - n, T)
+            input_ids[b, sl] = it["input_ids"]
+            labels[b, sl] = it["labels"]
+            attention_mask[b, sl] = 1
+        pix = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
+        counts = [0 if it.get("pixel_values") is None else it["pixel_values"].shape[0] for it in items]
+        for it, c in zip(items, counts, strict=True):
+            assert c == it.get("n_images", c), f"item {it.get('id')}: {c} pixel rows, {it['n_images']} spans"
+        batch = Batch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            pixel_values=torch.cat(pix, dim=0) if pix else None,  # [n_images_total, 3, H, W]
+            image_counts=torch.tensor(counts, dtype=torch.long),  # [B]
+        )
+        batch.ids = [it.get("id") for it in items]
+        batch.skipped = [rec for it in items for rec in it.get("skipped", [])]
+        return batch

@@ -1,0 +1,264 @@
+"""`VLMDataset`: data files -> rendered, image-loaded training items, skipping bad samples.
+
+`VLMDataset(paths, tokenizer, image_processor, tokens_per_image, image_folder=None, video_folder=None,
+max_length=None, mode="chat", strict=False, frames_per_video=4, system_prompt=None, ...)`
+
+- `paths`: one path, or a list whose entries are a path, `(path, weight)` or
+  `{"path", "weight", "image_folder", "video_folder"}`. A weight w keeps the file's samples
+  round(w * n) times in the index: whole copies plus a seeded random subset (w=0.5 -> half, w=2 -> twice).
+- Records are read and normalised at construction (cheap, no image is opened).
+- `item = dataset[i]` is a dict: `input_ids` LongTensor [T], `labels` LongTensor [T], `pixel_values`
+  FloatTensor [n_spans, 3, H, W] in span order (or None for a text-only sample), `n_images` (= n_spans),
+  `id`, and `skipped` (the skip records produced while building this item, see below).
+- Bad samples: any `BadSampleError` (bad record, bad image, too long, ...) in non-strict mode is recorded
+  (`skipped`: id, file, position, kind, reason), logged once with its reason, and the next index is tried
+  instead (deterministic), so a long run never dies on data; after `max_retries` consecutive bad samples
+  it raises (the data is broken, not a sample). `strict=True` raises at the first bad sample.
+
+Skips and DataLoader workers (the choice made here): each worker holds its own copy of the dataset, so
+a skip recorded in a worker is invisible to the main process. Two mechanisms keep the report reachable:
+1. `validate()` pre-scans in the main process (normalise, render with `max_length`, check media files
+   exist and their headers are readable and under the pixel limit; no pixel is decoded). Bad samples
+   found there are removed from the index and recorded; most data problems are caught here.
+2. Skips that still happen in `__getitem__` ride along with the item (`item["skipped"]`); the collator
+   moves them to `batch.skipped`, and the training loop hands them back with `dataset.absorb(...)`.
+   Each worker also logs every skip as it happens.
+`skip_report()` then returns the counts by kind (and the first few reasons) for the end of the run.
+
+`lengths` gives one length per index entry for length-grouped sampling: `estimate_length` (byte-count
+approximation) until `validate()` has run, exact token counts afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from PIL import Image
+
+from dataset.formats import normalize, read_records
+from dataset.images import MAX_PIXELS, load_image, load_video_frames
+from dataset.sample import BadSampleError, Sample
+from dataset.template import render
+
+logger = logging.getLogger(__name__)
+
+
+def _parse_paths(paths: Any, image_folder: str | None, video_folder: str | None) -> list[dict]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    specs = []
+    for entry in paths:
+        if isinstance(entry, (str, os.PathLike)):
+            entry = {"path": entry}
+        elif isinstance(entry, (tuple, list)) and len(entry) == 2:
+            entry = {"path": entry[0], "weight": entry[1]}
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise ValueError(f"dataset path entry must be a path, (path, weight) or a dict with 'path': "
+                             f"{entry!r}")
+        unknown = set(entry) - {"path", "weight", "image_folder", "video_folder"}
+        if unknown:
+            raise ValueError(f"dataset path entry {entry['path']}: unknown keys {sorted(unknown)}")
+        weight = float(entry.get("weight", 1.0))
+        if weight < 0:
+            raise ValueError(f"dataset path entry {entry['path']}: weight must be >= 0, got {weight}")
+        specs.append({
+            "path": str(entry["path"]), "weight": weight,
+            "image_folder": entry.get("image_folder", image_folder),
+            "video_folder": entry.get("video_folder", video_folder),
+        })
+    if not specs:
+        raise ValueError("VLMDataset: no data files given")
+    return specs
+
+
+class VLMDataset(torch.utils.data.Dataset):
+    def __init__(
+        self,
+        paths: Any,
+        tokenizer,
+        image_processor: Callable[[list[Image.Image]], torch.Tensor] | None,
+        tokens_per_image: int,
+        image_folder: str | None = None,
+        video_folder: str | None = None,
+        max_length: int | None = None,
+        mode: str = "chat",
+        strict: bool = False,
+        frames_per_video: int = 4,
+        system_prompt: str | None = None,
+        max_pixels: int = MAX_PIXELS,
+        allow_absolute_paths: bool = False,
+        seed: int = 0,
+        max_retries: int = 100,
+    ):
+        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.tokens_per_image, self.max_length, self.mode = tokens_per_image, max_length, mode
+        self.strict, self.frames_per_video, self.system_prompt = strict, frames_per_video, system_prompt
+        self.max_pixels, self.max_retries = max_pixels, max_retries
+        self.samples: list[Sample] = []
+        self.skipped: dict[tuple[str, int], dict] = {}  # (file, position) -> skip record
+        self.index: list[int] = []  # dataset position -> self.samples position (weights repeat entries)
+        self._exact_lengths: dict[int, int] = {}
+        rng = random.Random(seed)
+
+        for spec in _parse_paths(paths, image_folder, video_folder):
+            bad_lines: list[tuple[int, BadSampleError]] | None = None if strict else []
+            records = read_records(spec["path"], bad_lines)
+            for line, err in bad_lines or []:
+                self._record(None, (spec["path"], line), err)
+            first = len(self.samples)
+            for pos, rec in records:
+                try:
+                    self.samples.append(normalize(
+                        rec, pos, spec["path"], image_folder=spec["image_folder"],
+                        video_folder=spec["video_folder"], allow_absolute_paths=allow_absolute_paths))
+                except BadSampleError as e:
+                    if strict:
+                        raise
+                    sid = rec.get("id") if isinstance(rec, dict) else None
+                    self._record(None if sid is None else str(sid), (spec["path"], pos), e)
+            own = list(range(first, len(self.samples)))
+            whole, frac = divmod(spec["weight"], 1.0)
+            picked = own * int(whole) + rng.sample(own, round(frac * len(own)))
+            self.index += sorted(picked)
+        if self.skipped:
+            logger.warning("VLMDataset: %d bad record(s) skipped while reading: %s", len(self.skipped),
+                           dict(Counter(r["kind"] for r in self.skipped.values())))
+        if not self.index:
+            raise ValueError(f"VLMDataset: no usable sample in {paths} ({len(self.skipped)} skipped)")
+
+    # ------------------------------------------------------------------------------------------ skips
+    def _record(self, sid: str | None, source: tuple[str, int], err: BadSampleError) -> dict | None:
+        key = (str(source[0]), int(source[1]))
+        if key in self.skipped:
+            return None  # already counted (e.g. met again in a later epoch)
+        rec = {"id": sid, "file": key[0], "position": key[1], "kind": getattr(err, "kind", "bad_record"),
+               "reason": str(err)}
+        self.skipped[key] = rec
+        logger.warning("skipping bad sample (pid %d): %s", os.getpid(), err)
+        return rec
+
+    def absorb(self, records: list[dict]) -> None:
+        """Merge skip records produced in DataLoader workers (`batch.skipped`) into this object."""
+        for r in records:
+            self.skipped.setdefault((r["file"], r["position"]), r)
+
+    def skip_report(self) -> dict:
+        """`{"skipped": n, "by_kind": {kind: count}, "examples": [first reasons]}` for the end of a run."""
+        recs = list(self.skipped.values())
+        return {"skipped": len(recs), "by_kind": dict(Counter(r["kind"] for r in recs)),
+                "examples": [r["reason"] for r in recs[:10]]}
+
+    # ------------------------------------------------------------------------------------------- items
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def _render(self, s: Sample):
+        return render(s, self.tokenizer, self.tokens_per_image, self.mode, self.max_length,
+                      self.frames_per_video, self.system_prompt)
+
+    def build(self, s: Sample) -> dict:
+        """Render `s` and load its media; raises `BadSampleError` for any bad part."""
+        r = self._render(s)
+        frames: list[Image.Image] = []
+        for kind, path in r.media:
+            try:
+                if kind == "image":
+                    frames.append(load_image(path, self.max_pixels))
+                else:
+                    frames += load_video_frames(path, self.frames_per_video)
+            except BadSampleError as e:
+                raise BadSampleError(f"{s.where}: {e}", e.kind) from e
+        pixel_values = None
+        if frames:
+            if self.image_processor is None:
+                raise ValueError(f"{s.where} has images but the dataset was built without an image_processor")
+            pixel_values = self.image_processor(frames)  # [n_spans, 3, H, W]
+            assert pixel_values.ndim == 4 and pixel_values.shape[0] == len(frames) == r.n_spans, (
+                f"{s.where}: image_processor returned {tuple(pixel_values.shape)} for {len(frames)} frames "
+                f"({r.n_spans} image spans in the text)")
+        return {
+            "input_ids": torch.tensor(r.input_ids, dtype=torch.long),  # [T]
+            "labels": torch.tensor(r.labels, dtype=torch.long),  # [T]
+            "pixel_values": pixel_values,
+            "n_images": r.n_spans,
+            "id": s.id,
+        }
+
+    def __getitem__(self, i: int) -> dict:
+        new_skips = []
+        for attempt in range(self.max_retries + 1):
+            s = self.samples[self.index[(i + attempt) % len(self.index)]]
+            try:
+                item = self.build(s)
+                item["skipped"] = new_skips
+                return item
+            except BadSampleError as e:
+                if self.strict:
+                    raise
+                rec = self._record(s.id, s.source, e)
+                if rec is not None:
+                    new_skips.append(rec)
+        raise RuntimeError(f"VLMDataset: {self.max_retries + 1} bad samples in a row from index {i}; "
+                           f"the data is broken, see skip_report(): {self.skip_report()}")
+
+    # -------------------------------------------------------------------------------------- validation
+    def validate(self, check_media: bool = True) -> dict:
+        """Pre-scan every sample in this process without decoding pixels; bad ones leave the index.
+
+        Renders with `max_length` (catches marker mismatches and too-long samples, and records exact
+        lengths), and with `check_media` opens each image header (exists, readable, under max_pixels)
+        and checks each video file exists. Strict mode raises at the first problem. Returns skip_report().
+        """
+        bad: set[int] = set()
+        for k in sorted(set(self.index)):
+            s = self.samples[k]
+            try:
+                r = self._render(s)
+                if check_media:
+                    for kind, path in r.media:
+                        _check_media(s, kind, path, self.max_pixels)
+                self._exact_lengths[k] = len(r.input_ids)
+            except BadSampleError as e:
+                if self.strict:
+                    raise
+                self._record(s.id, s.source, e)
+                bad.add(k)
+        self.index = [k for k in self.index if k not in bad]
+        if not self.index:
+            raise ValueError(f"VLMDataset.validate: every sample is bad: {self.skip_report()}")
+        return self.skip_report()
+
+    @property
+    def lengths(self) -> list[int]:
+        """One length per dataset position: exact after validate(), else a cheap estimate."""
+        from dataset.template import estimate_length
+
+        return [self._exact_lengths.get(k) or estimate_length(self.samples[k], self.tokens_per_image,
+                                                              self.mode, self.frames_per_video)
+                for k in self.index]
+
+
+def _check_media(s: Sample, kind: str, path: str, max_pixels: int) -> None:
+    """Cheap existence/header check of one media file (no pixel decoding)."""
+    if not os.path.isfile(path):
+        raise BadSampleError(f"{s.where}: {kind} file not found: {path}", "missing_file")
+    if os.path.getsize(path) == 0:
+        raise BadSampleError(f"{s.where}: {kind} file is empty (0 bytes): {path}", "bad_image")
+    if kind != "image":
+        return
+    try:
+        with Image.open(path) as img:  # header only
+            w, h = img.size
+    except Image.DecompressionBombError as e:
+        raise BadSampleError(f"{s.where}: image too large: {path}: {e}", "too_large") from e
+    except Exception as e:  # noqa: BLE001 - any header failure means "not an image"
+        raise BadSampleError(f"{s.where}: not a readable image: {path} ({e})", "bad_image") from e
+    if w * h > max_pixels:
+        raise BadSampleError(f"{s.where}: image {path} is {w}x{h}, above max_pixels {max_pixels}",
+                             "too_large")

@@ -1,0 +1,133 @@
+"""Load images and video frames as RGB PIL images, turning every bad file into `BadSampleError`.
+
+`load_image(path, max_pixels=MAX_PIXELS)`:
+- a missing, 0-byte, unrecognised, truncated or corrupt file raises `BadSampleError` naming the file;
+- the pixel count is checked from the header (before any pixel is decoded) against `max_pixels`, so a
+  decompression bomb (e.g. a 30000x30000 PNG) is refused without allocating it;
+- EXIF orientation is applied (`ImageOps.exif_transpose`);
+- every mode becomes RGB: transparent modes (RGBA, LA, PA, P with transparency) are composited over white,
+  16/32-bit grayscale (I;16*, I, F) is scaled to 8 bits, CMYK / 1 / L / YCbCr are converted.
+
+`load_video_frames(path, k)`: `k` frames at uniformly spaced positions (PyAV), as RGB PIL images; a video
+with fewer than `k` frames repeats frames so the count is always `k` (the rendered text has `k` spans).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dataset.sample import BadSampleError
+
+MAX_PIXELS = 64 * 1024 * 1024  # ~8k x 8k; far above any vision tower input, far below a bomb
+_TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB PIL image from `path` (see the module docstring for the checks)."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BadSampleError(f"{path}: image file not found", "missing_file")
+    if os.path.getsize(path) == 0:
+        raise BadSampleError(f"{path}: image file is empty (0 bytes)", "bad_image")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (and above 2x its limit raises) on big headers; our own limit below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)  # reads the header only
+    except Image.DecompressionBombError as e:
+        raise BadSampleError(f"{path}: image too large (decompression bomb guard): {e}", "too_large") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadSampleError(f"{path}: not a readable image ({e})", "bad_image") from e
+    with img:
+        w, h = img.size
+        if w * h > max_pixels:
+            raise BadSampleError(f"{path}: image is {w}x{h} = {w * h} pixels, above the limit of "
+                                 f"{max_pixels} (decompression bomb guard; raise max_pixels if the image is "
+                                 f"genuine)", "too_large")
+        if w == 0 or h == 0:
+            raise BadSampleError(f"{path}: image has size {w}x{h}", "bad_image")
+        try:
+            img.load()  # decodes; a truncated or corrupt stream fails here
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise BadSampleError(f"{path}: corrupt or truncated image ({e})", "bad_image") from e
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB; transparency over white, high bit depths scaled to 8 bits."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        # A palette may carry transparency; RGBA keeps it so it goes over white like the rest.
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in _TRANSPARENT_MODES:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img), mode), mode="L").convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit or float grayscale -> uint8 (why: PIL's convert('L') clips I;16 instead of scaling)."""
+    a = a.astype(np.float64)
+    if mode.startswith("I;16") or (a.min() >= 0 and 255 < a.max() <= 65535):
+        a = a / 257.0  # 65535 -> 255
+    elif mode == "F" and a.min() >= 0 and a.max() <= 1.0:
+        a = a * 255.0
+    elif a.min() < 0 or a.max() > 255:
+        lo, hi = a.min(), a.max()
+        a = (a - lo) * (255.0 / (hi - lo if hi > lo else 1.0))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def uniform_indices(n_frames: int, k: int) -> list[int]:
+    """`k` frame indices spread evenly over `n_frames` (centre of each of k equal segments)."""
+    assert n_frames > 0 and k > 0, (n_frames, k)
+    return [min(n_frames - 1, int((i + 0.5) * n_frames / k)) for i in range(k)]
+
+
+def load_video_frames(path: str, k: int) -> list[Image.Image]:
+    """`k` RGB frames sampled uniformly from the video at `path` (PyAV)."""
+    import av  # imported here: only video datasets need it
+
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BadSampleError(f"{path}: video file not found", "missing_file")
+    if os.path.getsize(path) == 0:
+        raise BadSampleError(f"{path}: video file is empty (0 bytes)", "bad_video")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise BadSampleError(f"{path}: no video stream", "bad_video")
+            stream = container.streams.video[0]
+            n = stream.frames
+            if n <= 0:
+                # Frame count missing from the header: decode once to count (small videos only).
+                frames = [f.to_image() for f in container.decode(stream)]
+                if not frames:
+                    raise BadSampleError(f"{path}: video has no decodable frames", "bad_video")
+                return [to_rgb(frames[i]) for i in uniform_indices(len(frames), k)]
+            wanted = uniform_indices(n, k)
+            picked: dict[int, Image.Image] = {}
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    picked[i] = to_rgb(frame.to_image())
+                if i >= wanted[-1]:
+                    break
+    except BadSampleError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise BadSampleError(f"{path}: unreadable video ({e})", "bad_video") from e
+    if not picked:
+        raise BadSampleError(f"{path}: video has no decodable frames", "bad_video")
+    # The header count can overstate the real frames; fall back to the last decoded frame.
+    last = picked[max(picked)]
+    return [picked.get(i, last) for i in wanted]
