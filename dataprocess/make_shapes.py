@@ -1,0 +1,192 @@
+"""Synthetic shapes dataset for the offline demo and tests: coloured shapes, one-word answers.
+
+Writes under `out/`:
+    train.jsonl, val.jsonl          our JSONL plus a `"type"` field (the question type)
+    images/{split}/{index:06d}.png  (multi-image samples: {index:06d}_0.png and _1.png)
+    meta.json                       seed, size, types and the answer vocabulary of each type
+Image paths in the JSONL are relative to `out/`.
+
+Question types (sample i of a split gets type `types[i % len(types)]`, so counts are balanced):
+    colour    one large shape            "What colour is the shape?"            red|green|blue|yellow
+    shape     one large shape            "What shape is this?"                  circle|square|triangle|cross
+    count     1-4 shapes, one per quadrant "How many shapes are there?"         1|2|3|4
+    position  the target in one half (+ maybe a distractor of another colour and shape in the other)
+              "Is the red circle on the left or the right?"                   left|right
+    multi     two images, one shape each; exactly one is the target
+              "Which image has the red circle? Answer first or second."        first|second
+Single-shape questions use a shape spanning 40-60% of the image side (>= 1/3 as required for a tiny
+CNN to learn it fast); 4 colours x 4 shapes keep chance at <= 25% for colour and shape.
+
+Deterministic: sample i of split s is drawn from `random.Random(f"{seed}/{s}/{i}")` (string seeds are
+hashed with SHA-512 by Python, independent of PYTHONHASHSEED) and PNG encoding has no timestamps, so
+the same arguments give byte-identical files.
+
+    python -m dataprocess.make_shapes runs/shapes --n-train 2000 --n-val 200 --seed 0 --size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+from dataprocess.common import make_sample, write_jsonl
+from dataprocess.shapes_draw import COLOURS, SHAPES, render
+
+TYPES = ("colour", "shape", "count", "position", "multi")
+ANSWERS: dict[str, list[str]] = {
+    "colour": list(COLOURS),
+    "shape": list(SHAPES),
+    "count": ["1", "2", "3", "4"],
+    "position": ["left", "right"],
+    "multi": ["first", "second"],
+}
+Item = tuple[str, str, int, int, int]  # (shape, colour, cx, cy, r)
+
+
+def _one_large(rng: random.Random, size: int, shape: str, colour: str) -> Item:
+    r = round(size * rng.uniform(0.20, 0.30))  # diameter 40-60% of the side
+    cx, cy = rng.randint(r, size - 1 - r), rng.randint(r, size - 1 - r)
+    return shape, colour, cx, cy, r
+
+
+def _random_kind(rng: random.Random) -> tuple[str, str]:
+    return rng.choice(SHAPES), rng.choice(list(COLOURS))
+
+
+def scene_colour(rng: random.Random, size: int) -> tuple[list[list[Item]], str, str]:
+    shape, colour = _random_kind(rng)
+    return [[_one_large(rng, size, shape, colour)]], "What colour is the shape?", colour
+
+
+def scene_shape(rng: random.Random, size: int) -> tuple[list[list[Item]], str, str]:
+    shape, colour = _random_kind(rng)
+    return [[_one_large(rng, size, shape, colour)]], "What shape is this?", shape
+
+
+def scene_count(rng: random.Random, size: int) -> tuple[list[list[Item]], str, str]:
+    n = rng.randint(1, 4)
+    half = size // 2
+    items = []
+    # one shape per chosen quadrant with a 1-pixel margin, so shapes never touch and each stays countable
+    for cell in rng.sample(range(4), n):
+        x0, y0 = (cell % 2) * half, (cell // 2) * half
+        r = round(half * rng.uniform(0.28, 0.40))
+        cx, cy = rng.randint(x0 + r + 1, x0 + half - 2 - r), rng.randint(y0 + r + 1, y0 + half - 2 - r)
+        items.append((*_random_kind(rng), cx, cy, r))
+    return [items], "How many shapes are there?", str(n)
+
+
+def scene_position(rng: random.Random, size: int) -> tuple[list[list[Item]], str, str]:
+    shape, colour = _random_kind(rng)
+    side = rng.choice(["left", "right"])
+    half = size // 2
+
+    def place(s: str) -> tuple[int, int, int]:
+        r = round(size * rng.uniform(0.17, 0.23))
+        x0 = 0 if s == "left" else size - half
+        return rng.randint(x0 + r, x0 + half - 1 - r), rng.randint(r, size - 1 - r), r
+
+    items = [(shape, colour, *place(side))]
+    if rng.random() < 0.5:
+        # the distractor differs in both colour and shape so "the red circle" names one object
+        d_shape = rng.choice([s for s in SHAPES if s != shape])
+        d_colour = rng.choice([c for c in COLOURS if c != colour])
+        items.append((d_shape, d_colour, *place("right" if side == "left" else "left")))
+    return [items], f"Is the {colour} {shape} on the left or the right?", side
+
+
+def scene_multi(rng: random.Random, size: int) -> tuple[list[list[Item]], str, str]:
+    shape, colour = _random_kind(rng)
+    other = (shape, colour)
+    while other == (shape, colour):  # the other image must not also show the target
+        other = _random_kind(rng)
+    first = rng.random() < 0.5
+    target = [_one_large(rng, size, shape, colour)]
+    decoy = [_one_large(rng, size, *other)]
+    images = [target, decoy] if first else [decoy, target]
+    question = f"Which image has the {colour} {shape}? Answer first or second."
+    return images, question, "first" if first else "second"
+
+
+SCENES = {"colour": scene_colour, "shape": scene_shape, "count": scene_count,
+          "position": scene_position, "multi": scene_multi}
+
+
+def make_one(seed: int, split: str, index: int, qtype: str, size: int) -> tuple[dict, list[Image.Image]]:
+    """Sample `index` of `split`: (JSONL dict with relative image paths, its images in order)."""
+    rng = random.Random(f"{seed}/{split}/{index}")
+    scenes, question, answer = SCENES[qtype](rng, size)
+    images = [render(size, items) for items in scenes]
+    if len(images) == 1:
+        paths = [f"images/{split}/{index:06d}.png"]
+    else:
+        paths = [f"images/{split}/{index:06d}_{k}.png" for k in range(len(images))]
+    markers = "".join("<image>\n" for _ in images)
+    sample = make_sample(
+        f"shapes_{split}_{index:06d}",
+        [{"role": "user", "content": markers + question}, {"role": "assistant", "content": answer}],
+        paths,
+        type=qtype,
+    )
+    return sample, images
+
+
+def make_split(out: Path, split: str, n: int, seed: int, size: int, types: list[str]) -> list[dict]:
+    """Write `n` samples of `split` (images + `{split}.jsonl`) under `out`; returns the samples."""
+    (out / "images" / split).mkdir(parents=True, exist_ok=True)
+    samples = []
+    for i in range(n):
+        sample, images = make_one(seed, split, i, types[i % len(types)], size)
+        for rel, img in zip(sample["images"], images):
+            img.save(out / rel, format="PNG")
+        samples.append(sample)
+    write_jsonl(out / f"{split}.jsonl", samples)
+    return samples
+
+
+def parse_types(text: str) -> list[str]:
+    types = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in types if t not in SCENES]
+    if not types or bad:
+        raise ValueError(f"--types {text!r}: unknown {bad}; choose from {','.join(TYPES)}")
+    return types
+
+
+def make_shapes(out: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 0, size: int = 64,
+                types: list[str] | None = None) -> dict[str, list[dict]]:
+    """Generate both splits and meta.json under `out`; returns {"train": samples, "val": samples}."""
+    types = list(types or TYPES)
+    assert size >= 32, f"--size {size}: at least 32 pixels are needed to draw 4 distinguishable shapes"
+    assert n_train >= 0 and n_val >= 0, "sample counts must be >= 0"
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {split: make_split(out, split, n, seed, size, types)
+              for split, n in (("train", n_train), ("val", n_val))}
+    meta = {"seed": seed, "size": size, "types": types, "n_train": n_train, "n_val": n_val,
+            "answers": {t: ANSWERS[t] for t in types}}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dataprocess.make_shapes", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="output folder")
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--n-val", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--types", default=",".join(TYPES), help="comma-separated question types")
+    args = ap.parse_args(argv)
+    result = make_shapes(args.out, args.n_train, args.n_val, args.seed, args.size, parse_types(args.types))
+    print(f"wrote {len(result['train'])} train and {len(result['val'])} val samples to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""make_shapes: determinism, splits, answer vocabulary, per-type counts, and pictures that match answers.
+
+The checks on pixels are independent of the generator: colours are recognised by which RGB channels
+dominate, shapes by how much of their bounding box they fill, counts by connected components.
+"""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dataprocess import make_shapes
+
+# The spec's vocabulary, written out here rather than imported, so a change in the generator shows up.
+VOCAB = {
+    "colour": {"red", "green", "blue", "yellow"},
+    "shape": {"circle", "square", "triangle", "cross"},
+    "count": {"1", "2", "3", "4"},
+    "position": {"left", "right"},
+    "multi": {"first", "second"},
+}
+QUESTIONS = {
+    "colour": "What colour is the shape?",
+    "shape": "What shape is this?",
+    "count": "How many shapes are there?",
+}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        assert img.mode == "RGB"
+        return np.asarray(img).astype(int)  # [H, W, 3]
+
+
+def foreground(a: np.ndarray) -> np.ndarray:
+    return (a != 255).any(axis=-1)  # [H, W] bool; the background is pure white
+
+
+def colour_name(rgb) -> str:
+    r, g, b = rgb
+    if r > 150 and g > 150 and b < 100:
+        return "yellow"
+    return {0: "red", 1: "green", 2: "blue"}[int(np.argmax(rgb))]
+
+
+def dominant_colour(a: np.ndarray, mask: np.ndarray) -> str:
+    values, counts = np.unique(a[mask], axis=0, return_counts=True)
+    return colour_name(values[np.argmax(counts)])
+
+
+def shape_name(mask: np.ndarray) -> str:
+    """Classify one filled shape by the fraction of its bounding box it covers (and its bottom row)."""
+    ys, xs = np.nonzero(mask)
+    box = mask[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+    fill = box.mean()  # square 1, circle pi/4, cross ~0.58, triangle ~0.5
+    bottom = box[-1].mean()  # a triangle sits on a full base, a cross on one thin arm
+    if fill > 0.93:
+        return "square"
+    if fill > 0.7:
+        return "circle"
+    return "triangle" if bottom > 0.8 else "cross"
+
+
+def components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a bool mask (a small flood fill; no scipy needed)."""
+    seen = np.zeros_like(mask)
+    out = []
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if seen[y0, x0]:
+            continue
+        comp = np.zeros_like(mask)
+        stack = [(y0, x0)]
+        seen[y0, x0] = True
+        while stack:
+            y, x = stack.pop()
+            comp[y, x] = True
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    stack.append((ny, nx))
+        out.append(comp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    make_shapes.make_shapes(out, n_train=200, n_val=50, seed=3, size=64)
+    return out
+
+
+def test_deterministic_byte_identical(tmp_path, shapes_dir):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert make_shapes.main([str(a), "--n-train", "40", "--n-val", "10", "--seed", "7"]) == 0
+    assert make_shapes.main([str(b), "--n-train", "40", "--n-val", "10", "--seed", "7"]) == 0
+    make_shapes.make_shapes(c, n_train=40, n_val=10, seed=8)
+    files_a = sorted(p.relative_to(a).as_posix() for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b).as_posix() for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b and len(files_a) > 50
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+    # another seed gives other data
+    assert (a / "train.jsonl").read_bytes() != (c / "train.jsonl").read_bytes()
+
+
+def test_splits_and_schema(shapes_dir):
+    train, val = read_jsonl(shapes_dir / "train.jsonl"), read_jsonl(shapes_dir / "val.jsonl")
+    assert len(train) == 200 and len(val) == 50
+    ids = [s["id"] for s in train + val]
+    assert len(set(ids)) == len(ids)
+    for split, samples in (("train", train), ("val", val)):
+        for s in samples:
+            assert set(s) == {"id", "messages", "images", "videos", "type"} and s["videos"] == []
+            user, assistant = s["messages"]
+            assert user["role"] == "user" and assistant["role"] == "assistant"
+            assert user["content"].count("<image>") == len(s["images"]) == (2 if s["type"] == "multi" else 1)
+            for rel in s["images"]:
+                assert rel.startswith(f"images/{split}/") and (shapes_dir / rel).is_file()
+    # the splits are drawn from different streams: their first pictures differ
+    assert pixels(shapes_dir / train[0]["images"][0]).tolist() != pixels(shapes_dir / val[0]["images"][0]).tolist()
+    meta = json.loads((shapes_dir / "meta.json").read_text())
+    assert {t: set(v) for t, v in meta["answers"].items()} == VOCAB
+
+
+def test_answer_vocab_and_type_counts(shapes_dir):
+    train = read_jsonl(shapes_dir / "train.jsonl")
+    counts = Counter(s["type"] for s in train)
+    assert counts == {t: 40 for t in VOCAB}  # 200 samples round-robin over 5 types
+    answers_seen = {t: set() for t in VOCAB}
+    for s in train:
+        answer = s["messages"][1]["content"]
+        assert answer in VOCAB[s["type"]] and " " not in answer  # one word: exact match is meaningful
+        answers_seen[s["type"]].add(answer)
+        if s["type"] in QUESTIONS:
+            assert s["messages"][0]["content"].endswith(QUESTIONS[s["type"]])
+    # 40 samples per type cover the whole vocabulary (chance of missing one is negligible)
+    assert answers_seen == VOCAB
+
+
+def test_types_option(tmp_path):
+    out = tmp_path / "cs"
+    assert make_shapes.main([str(out), "--n-train", "7", "--n-val", "0", "--types", "colour,shape"]) == 0
+    train = read_jsonl(out / "train.jsonl")
+    assert Counter(s["type"] for s in train) == {"colour": 4, "shape": 3}
+    assert (out / "val.jsonl").read_text() == ""
+    with pytest.raises(ValueError, match="unknown"):
+        make_shapes.parse_types("colour,size")
+
+
+def test_pictures_match_answers(shapes_dir):
+    size = 64
+    for s in read_jsonl(shapes_dir / "train.jsonl"):
+        qtype, answer = s["type"], s["messages"][1]["content"]
+        arrays = [pixels(shapes_dir / rel) for rel in s["images"]]
+        a = arrays[0]
+        mask = foreground(a)
+        if qtype in ("colour", "shape"):
+            ys, xs = np.nonzero(mask)
+            assert xs.max() - xs.min() + 1 >= size / 3 and ys.max() - ys.min() + 1 >= size / 3, s["id"]
+            assert len(components(mask)) == 1, s["id"]
+            got = dominant_colour(a, mask) if qtype == "colour" else shape_name(mask)
+            assert got == answer, s["id"]
+        elif qtype == "count":
+            assert len(components(mask)) == int(answer), s["id"]
+        elif qtype == "position":
+            colour, shape = s["messages"][0]["content"].split("Is the ")[1].split(" on the")[0].split()
+            target = mask & np.array([[colour_name(p) == colour for p in row] for row in a])
+            assert target.any(), s["id"]
+            assert shape_name(target) == shape, s["id"]
+            xs = np.nonzero(target)[1]
+            assert ("left" if xs.mean() < size / 2 else "right") == answer, s["id"]
+        else:  # multi
+            colour, shape = s["messages"][0]["content"].split("has the ")[1].split("?")[0].split()
+            kinds = []
+            for arr in arrays:
+                m = foreground(arr)
+                kinds.append((dominant_colour(arr, m), shape_name(m)))
+            matches = [k == (colour, shape) for k in kinds]
+            assert matches == [answer == "first", answer == "second"], (s["id"], kinds)
