@@ -1,0 +1,181 @@
+"""Export a trained VLM to a standard format.
+
+    python -m model.export --src RUN_OR_MODEL_DIR --dst DIR --format llava-hf
+
+`llava-hf` writes transformers' `LlavaForConditionalGeneration` layout (config.json, safetensors), the
+tokenizer with a ChatML chat template, and the image-processor / processor files, so
+`AutoModelForImageTextToText.from_pretrained(DIR)` and `AutoProcessor.from_pretrained(DIR)` load it and give
+our model's logits. Requirements, checked with a clear error: one transformers CLIP or SigLIP tower, an
+`mlp2x_gelu` projector without token reduction, and a Qwen2/Qwen3 LM (a Qwen-1 LM is converted on the way
+with `qwen.convert`) or a generic transformers LM. LoRA adapters are merged first.
+
+Image spans: our template writes `image_start + N x placeholder + image_end`; the exported chat template
+writes `image_start + placeholder + image_end` for each image and the Llava processor expands the single
+placeholder to N, so the same conversation gives the same ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMATS = ("llava-hf",)
+TOWER_TYPES = {"hf_clip": "clip", "hf_siglip": "siglip"}
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '__START__' + '__IMAGE__' + '__END__' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _lm_as_transformers(vlm, tmp: Path):
+    """The VLM's LM as a transformers causal LM (through its native on-disk format)."""
+    from transformers import AutoModelForCausalLM
+
+    lm = vlm.lm
+    if vlm.config.lm_backend != "qwen":
+        return lm
+    arch = lm.config.arch
+    src = tmp / "lm_native"
+    lm.save_pretrained(str(src))
+    if arch == "qwen1":
+        from qwen.convert import convert
+
+        dst = tmp / "lm_qwen2"
+        convert(src, dst)
+        src = dst
+    return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
+
+
+def _check_exportable(vlm):
+    """(backend, tower) when the model fits the Llava layout; a clear error otherwise."""
+    cfg = vlm.config
+    if len(cfg.towers) != 1:
+        raise ValueError(f"llava-hf export needs exactly one vision tower, the model has {len(cfg.towers)}")
+    tower = vlm.towers
+    backend = getattr(tower, "backend", None)
+    if backend not in TOWER_TYPES:
+        raise ValueError(f"llava-hf export needs a transformers CLIP or SigLIP tower; this one is {backend!r}")
+    if cfg.projector != "mlp2x_gelu" or cfg.reduce is not None:
+        raise ValueError(
+            f"llava-hf export needs projector=mlp2x_gelu without token reduction; got projector="
+            f"{cfg.projector!r} reduce={cfg.reduce!r}"
+        )
+    return backend, tower
+
+
+def export_llava_hf(vlm, dst: str | Path) -> Path:
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    backend, tower = _check_exportable(vlm)
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="vlm_export_"))
+    try:
+        lm = _lm_as_transformers(vlm, tmp)
+        vision = tower.model  # transformers CLIPVisionModel / SiglipVisionModel
+        has_cls = tower.has_cls
+        if tower.select == "patch":
+            strategy = "default" if has_cls else "full"
+        else:
+            strategy = "full"
+        config = LlavaConfig(
+            vision_config=vision.config.to_dict(),
+            text_config=lm.config.to_dict(),
+            image_token_id=int(vlm.image_token_id),
+            vision_feature_layer=int(tower.feature_layer),
+            vision_feature_select_strategy=strategy,
+            projector_hidden_act="gelu",
+            multimodal_projector_bias=True,
+            tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+        )
+        with torch.device("meta"):
+            llava = LlavaForConditionalGeneration(config)
+        llava.model.vision_tower = vision
+        llava.model.language_model = lm.model
+        llava.lm_head = lm.lm_head
+        proj = vlm.projector.mlp
+        mm = llava.model.multi_modal_projector
+        mm.linear_1, mm.linear_2 = proj[0], proj[2]
+        llava.save_pretrained(str(dst))
+
+        # Tokenizer (with the ChatML template) and the image processor.
+        tok = _hf_tokenizer(vlm, tmp)
+        start, placeholder, end = (tok.convert_ids_to_tokens(i) for i in (
+            vlm.tokenizer.image_start_id, vlm.image_token_id, vlm.tokenizer.image_end_id))
+        tok.chat_template = (CHAT_TEMPLATE.replace("__START__", start).replace("__IMAGE__", placeholder)
+                             .replace("__END__", end))
+        pp = tower.preprocess_config()
+        image_processor = _image_processor(backend, pp)
+        n_patches = tower.grid[0] * tower.grid[1]
+        patch = pp["size"] // tower.grid[0]
+        processor = LlavaProcessor(
+            image_processor=image_processor, tokenizer=tok, patch_size=patch,
+            vision_feature_select_strategy=strategy, chat_template=tok.chat_template,
+            image_token=placeholder, num_additional_image_tokens=int(has_cls),
+        )
+        assert n_patches == (pp["size"] // patch) ** 2
+        processor.save_pretrained(str(dst))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def _image_processor(backend: str, pp: dict):
+    """The transformers image processor matching our tower's preprocessing facts."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    size, mean, std = pp["size"], list(pp["mean"]), list(pp["std"])
+    if backend == "hf_siglip":
+        return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=mean, image_std=std)
+
+
+def _hf_tokenizer(vlm, tmp: Path):
+    """A transformers tokenizer for the export: the LM's own, or Qwen-1's converted by qwen.convert."""
+    from transformers import AutoTokenizer
+
+    tok = vlm.tokenizer
+    if tok is None:
+        raise ValueError("the model has no tokenizer; set VLMConfig.tokenizer before exporting")
+    inner = getattr(tok, "hf_tokenizer", None)
+    if inner is not None:
+        return inner
+    out = tmp / "tokenizer"
+    from qwen.convert import convert_tokenizer
+
+    convert_tokenizer(tok, out)
+    return AutoTokenizer.from_pretrained(str(out))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Export a trained VLM to a standard format.")
+    ap.add_argument("--src", required=True, help="run directory or saved model directory")
+    ap.add_argument("--dst", required=True)
+    ap.add_argument("--format", default="llava-hf", choices=FORMATS)
+    args = ap.parse_args(argv)
+    from model.checkpoint import resolve_model_dir
+    from model.model import VLM
+
+    vlm = VLM.from_pretrained(resolve_model_dir(args.src)).float().eval()
+    vlm.merge_lora()
+    out = export_llava_hf(vlm, args.dst)
+    print(f"exported {args.src} -> {out} ({args.format})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
