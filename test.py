@@ -1,0 +1,179 @@
+"""Ask a trained VLM about images.
+
+    python test.py --model RUN_OR_MODEL_DIR --image a.jpg [--image b.jpg] --prompt "What is in the picture?"
+    python test.py --model RUN_DIR --image a.jpg                      # interactive multi-turn chat
+    python test.py --model RUN_DIR --input questions.jsonl --output answers.jsonl [--image-folder DIR]
+
+`--model` takes a run directory (its `final/` model, else its newest checkpoint) or a saved model
+directory. Decoding is greedy unless `--do-sample` is given. `--stream` prints tokens as they come.
+
+The original repo's command keeps working: `--base_language_model ID --base_value_model ID
+--model_weights RUN_DIR --image_path IMG --prompt "...<|extra_0|>..."` (the `<|extra_0|>` in the prompt
+marks where the image goes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LEGACY_PLACEHOLDER = "<|extra_0|>"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="Image question answering with a trained VLM.")
+    ap.add_argument("--model", help="run directory or saved model directory")
+    ap.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    ap.add_argument("--prompt", help="the question; without it, an interactive chat starts")
+    ap.add_argument("--system", default=None, help="a system prompt (none by default)")
+    ap.add_argument("--input", help="JSONL/JSON file of samples to answer in batches")
+    ap.add_argument("--output", help="where --input answers go (JSONL)")
+    ap.add_argument("--image-folder", default=None, help="folder that --input image paths are relative to")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--do-sample", action="store_true")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--repetition-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stream", action="store_true", help="print the answer token by token")
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    # the original repo's flags
+    ap.add_argument("--base_language_model", help=argparse.SUPPRESS)
+    ap.add_argument("--base_value_model", help=argparse.SUPPRESS)
+    ap.add_argument("--model_weights", help=argparse.SUPPRESS)
+    ap.add_argument("--image_path", action="append", default=[], help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.image += args.image_path
+    if not args.model and not args.model_weights:
+        ap.error("give --model RUN_OR_MODEL_DIR (or the original --model_weights with the base models)")
+    if args.input and not args.output:
+        ap.error("--input needs --output")
+    return args
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_model(args):
+    from model.checkpoint import resolve_model_dir
+    from model.model import VLM
+
+    if args.model_weights:
+        overrides = {}
+        if args.base_language_model:
+            overrides["lm"] = args.base_language_model
+        if args.base_value_model:
+            overrides["tower_path"] = args.base_value_model
+        vlm = VLM.from_pretrained(resolve_model_dir(args.model_weights), **overrides)
+    else:
+        vlm = VLM.from_pretrained(resolve_model_dir(args.model))
+    return vlm.to(args.device).eval()
+
+
+def gen_kwargs(args) -> dict:
+    return dict(
+        max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+    )
+
+
+def _streamer(tokenizer):
+    """Print decoded text as tokens arrive (decoding the growing id list keeps multi-byte characters whole)."""
+    ids: list[int] = []
+    shown = [0]
+
+    def on_token(batch_index: int, token_id: int) -> None:
+        if token_id in (tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id):
+            return
+        ids.append(token_id)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):
+            print(text[shown[0]:], end="", flush=True)
+            shown[0] = len(text)
+
+    return on_token
+
+
+def answer(vlm, images, messages, args) -> str:
+    kw = gen_kwargs(args)
+    if args.stream:
+        kw["streamer"] = _streamer(vlm.tokenizer)
+    reply = vlm.chat(images, messages, **kw)
+    if args.stream:
+        print()
+    return reply
+
+
+def load_images(paths: list[str]):
+    from dataset.images import load_image
+
+    return [load_image(p) for p in paths]
+
+
+def with_system(messages: list[dict], system: str | None) -> list[dict]:
+    return ([{"role": "system", "content": system}] if system else []) + messages
+
+
+def run_batch_file(vlm, args) -> None:
+    from trainer.evaluate import answer_file
+
+    n = answer_file(vlm, args.input, args.output, image_folder=args.image_folder,
+                    batch_size=args.batch_size, system=args.system, **gen_kwargs(args))
+    print(f"answered {n} samples -> {args.output}")
+
+
+def interactive(vlm, images, args) -> None:
+    messages: list[dict] = []
+    shown: list = []  # images already placed in the conversation, in marker order
+    pending = list(images)  # images to place in the next user turn
+    print(f"{len(images)} image(s) loaded. Empty line or Ctrl-D quits; /image PATH adds an image.")
+    while True:
+        try:
+            text = input("user> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        if text.startswith("/image "):
+            pending += load_images([text[len("/image "):].strip()])
+            continue
+        messages.append({"role": "user", "content": "<image>" * len(pending) + ("\n" if pending else "") + text})
+        shown, pending = shown + pending, []
+        print("assistant> ", end="" if args.stream else "\n", flush=True)
+        reply = answer(vlm, shown, with_system(messages, args.system), args)
+        if not args.stream:
+            print(reply)
+        messages.append({"role": "assistant", "content": reply})
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    torch.manual_seed(args.seed)
+    vlm = load_model(args)
+    if args.input:
+        run_batch_file(vlm, args)
+        return 0
+    images = load_images(args.image)
+    if args.prompt is None:
+        interactive(vlm, images, args)
+        return 0
+    prompt = args.prompt
+    if LEGACY_PLACEHOLDER in prompt:
+        prompt = prompt.replace(LEGACY_PLACEHOLDER, "<image>")
+    elif images and "<image>" not in prompt:
+        prompt = "<image>" * len(images) + "\n" + prompt
+    reply = answer(vlm, images, with_system([{"role": "user", "content": prompt}], args.system), args)
+    if not args.stream:
+        print(reply)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Training library behind train.py: config, what trains, optimizer groups, the Trainer, logging."""

@@ -1,0 +1,101 @@
+"""`TrainConfig`: everything one training run needs, loaded from YAML plus `key=value` overrides.
+
+Keys follow LLaVA's and the Hugging Face Trainer's names (`data_path`, `image_folder`, `learning_rate`,
+`per_device_train_batch_size`, ...). Nested sections: `model` (VLMConfig fields, applied over `preset`)
+and `lora`. Example: `python train.py configs/demo.yaml stage=sft lora.r=8 model.projector=mlp3x_gelu`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trainer.config_io import ConfigError, load_config
+from trainer.stages import LoraSettings
+
+
+@dataclass
+class TrainConfig:
+    # ---- the model -------------------------------------------------------------------------------
+    preset: str | None = None  # a name in model.config.PRESETS; `model` keys override it
+    model: dict = field(default_factory=dict)  # VLMConfig fields
+    init_from: str | None = None  # a run / model directory to start from (e.g. stage 2 from stage 1)
+    # ---- data (LLaVA names) ----------------------------------------------------------------------
+    data_path: list[str] = field(default_factory=list)
+    data_weights: list[float] | None = None  # sampling weight per data_path entry
+    image_folder: str | None = None
+    video_folder: str | None = None
+    eval_data_path: list[str] | None = None
+    data_mode: Literal["chat", "plain"] = "chat"
+    max_length: int = 2048
+    frames_per_video: int = 8
+    system_prompt: str | None = None
+    strict_data: bool = False  # raise on a bad sample instead of skipping it
+    allow_absolute_paths: bool = True
+    dataloader_num_workers: int = 0
+    group_by_length: bool = True
+    validate_data: bool = True  # pre-scan the data (render + image headers) before training
+    # ---- what trains -----------------------------------------------------------------------------
+    stage: Literal["align", "sft", "full"] = "sft"
+    freeze: list[str] = field(default_factory=list)
+    unfreeze: list[str] = field(default_factory=list)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # ---- optimisation ----------------------------------------------------------------------------
+    learning_rate: float = 2e-4  # the LM / LoRA group
+    projector_lr: float | None = None  # None -> learning_rate
+    vision_lr: float = 0.0  # > 0 trains the towers
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    lr_scheduler_type: str = "cosine"
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it
+    seed: int = 42
+    # ---- the run ---------------------------------------------------------------------------------
+    output_dir: str = "runs/default"
+    logging_steps: int = 10
+    save_steps: int = 500
+    save_total_limit: int | None = 3
+    eval_steps: int | None = None
+    resume_from_checkpoint: str | None = None  # "auto" or a checkpoint path
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    deepspeed: str | None = None
+    fsdp: str = ""
+    fsdp_config: str | None = None
+    save_full_model: bool = False  # the final model with every weight, not only the trainable ones
+
+    def validate(self) -> None:
+        if not self.data_path:
+            raise ConfigError("data_path is empty: give one or more JSON/JSONL files")
+        if self.data_weights is not None and len(self.data_weights) != len(self.data_path):
+            raise ConfigError(
+                f"data_weights has {len(self.data_weights)} entries but data_path has {len(self.data_path)}"
+            )
+        if self.stage == "sft" and self.lora.r <= 0 and not self.unfreeze:
+            raise ConfigError("stage=sft needs lora.r > 0 (or use stage=full / unfreeze regexes)")
+        if self.lora.qlora and self.stage != "sft":
+            raise ConfigError("lora.qlora=true only applies to stage=sft")
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise ConfigError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+        self.vlm_config()  # unknown model keys / presets fail here, before anything is built
+
+    def vlm_config(self):
+        from model.config import resolve_config
+
+        if self.init_from is not None and not self.preset and not self.model:
+            return None  # the model comes whole from init_from
+        try:
+            return resolve_config(self.preset or {}, **self.model)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model: {e}") from None
+
+
+def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
+    cfg = load_config(TrainConfig, path, overrides)
+    cfg.validate()
+    return cfg

@@ -1,0 +1,129 @@
+"""Answer a data file in batches and score the answers.
+
+    python -m trainer.evaluate --model RUN_OR_MODEL_DIR --data val.jsonl [--image-folder DIR] [--output OUT]
+
+Each sample's last assistant turn is the reference; the conversation before it is the prompt. Answers
+are greedy. Accuracy is exact match after normalisation (case, surrounding punctuation and spaces),
+reported per question type when samples carry a `"type"` field (the shapes data does), and overall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import string
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from dataset.formats import normalize, read_records
+from dataset.images import load_image
+
+
+def _norm(text: str) -> str:
+    return text.strip().strip(string.punctuation + " ").lower()
+
+
+def _prompt_and_reference(sample) -> tuple[list[dict], str | None, int]:
+    """Messages to send (up to the last user turn), the reference answer, images used by the prompt."""
+    msgs = list(sample.messages)
+    reference = None
+    if msgs and msgs[-1]["role"] == "assistant":
+        reference = msgs.pop()["content"]
+    n_images = sum(m["content"].count("<image>") for m in msgs)
+    return msgs, reference, n_images
+
+
+@torch.no_grad()
+def answer_samples(vlm, samples: list, batch_size: int = 8, system: str | None = None, **gen_kw) -> list[str]:
+    """Greedy (by default) answers for normalised samples, batched with left padding."""
+    tok = vlm.tokenizer
+    device = next(vlm.parameters()).device
+    gen_kw.setdefault("max_new_tokens", 32)
+    gen_kw.setdefault("stop_token_ids", [tok.im_end_id, tok.im_start_id])
+    answers: list[str] = []
+    for start in range(0, len(samples), batch_size):
+        batch = samples[start:start + batch_size]
+        ids_list, images = [], []
+        for s in batch:
+            msgs, _, n_img = _prompt_and_reference(s)
+            if system and not (msgs and msgs[0]["role"] == "system"):
+                msgs = [{"role": "system", "content": system}] + msgs
+            ids_list.append(vlm.chat_ids(msgs, n_img))
+            images += [load_image(p) for p in s.images[:n_img]]
+        width = max(len(x) for x in ids_list)
+        pad = tok.eod_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids_list], device=device)
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids_list], device=device)
+        pixel_values = vlm.image_processor(images).to(device) if images else None
+        for new in vlm.generate(input_ids, mask, pixel_values, **gen_kw):
+            answers.append(tok.decode(new, skip_special_tokens=True))
+    return answers
+
+
+def load_samples(path: str, image_folder: str | None = None) -> list[tuple[dict, object]]:
+    out = []
+    for pos, rec in read_records(path):
+        out.append((rec, normalize(rec, pos, path, image_folder=image_folder, allow_absolute_paths=True)))
+    return out
+
+
+def answer_file(vlm, input_path: str, output_path: str, image_folder: str | None = None,
+                batch_size: int = 8, system: str | None = None, **gen_kw) -> int:
+    pairs = load_samples(input_path, image_folder)
+    answers = answer_samples(vlm, [s for _, s in pairs], batch_size, system, **gen_kw)
+    with open(output_path, "w", encoding="utf-8") as f:
+        for (rec, s), ans in zip(pairs, answers):
+            _, ref, _ = _prompt_and_reference(s)
+            row = {"id": s.id, "answer": ans, "reference": ref}
+            if "type" in rec:
+                row["type"] = rec["type"]
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return len(answers)
+
+
+def score(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """{type: (correct, total)} plus "all"."""
+    tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for r in rows:
+        ok = int(r["reference"] is not None and _norm(r["answer"]) == _norm(r["reference"]))
+        for key in (r.get("type", "all"), "all") if r.get("type") else ("all",):
+            tally[key][0] += ok
+            tally[key][1] += 1
+    return {k: (v[0], v[1]) for k, v in tally.items()}
+
+
+def format_table(scores: dict[str, tuple[int, int]]) -> str:
+    lines = [f"{'question type':<16} {'correct':>8} {'total':>6} {'accuracy':>9}"]
+    for k in sorted(scores, key=lambda k: (k == "all", k)):
+        c, n = scores[k]
+        lines.append(f"{k:<16} {c:>8} {n:>6} {100.0 * c / max(n, 1):>8.1f}%")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Answer a data file and report exact-match accuracy per type.")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--image-folder", default=None)
+    ap.add_argument("--output", default=None, help="answers JSONL (default: next to the model)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    args = ap.parse_args(argv)
+    from model.checkpoint import resolve_model_dir
+    from model.model import VLM
+
+    model_dir = resolve_model_dir(args.model)
+    vlm = VLM.from_pretrained(model_dir).eval()
+    out = args.output or str(Path(model_dir) / "eval_answers.jsonl")
+    answer_file(vlm, args.data, out, args.image_folder, args.batch_size, max_new_tokens=args.max_new_tokens)
+    rows = [json.loads(line) for line in Path(out).read_text(encoding="utf-8").splitlines() if line]
+    table = format_table(score(rows))
+    print(table)
+    (Path(out).with_suffix(".scores.txt")).write_text(table + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,145 @@
+"""What trains: one function decides it from the config, and logs it.
+
+Stages (`stage` in the config):
+  align  projector only (LLaVA stage 1)
+  sft    projector + LoRA adapters on the LM (stage 2); `lora.r=0` means the LM stays frozen
+  full   projector + the whole LM
+The vision towers train only when `vision_lr > 0` (any stage). After the stage rule, `freeze` regexes
+freeze matching parameters and then `unfreeze` regexes make matching ones trainable (Cerebras-style
+fine control); regexes are searched (`re.search`) in full parameter names such as
+`lm.transformer.h.0.attn.c_attn.weight` or `towers.0.model.stem.conv.weight`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+STAGES = ("align", "sft", "full")
+# LoRA targets per LM family when the config leaves them empty. Module names follow Qwen-1 for every
+# Qwen generation (see docs/contracts.md), so one default serves all of them.
+DEFAULT_LORA_TARGETS = "c_attn|attn.c_proj|w1|w2"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 0
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: str = DEFAULT_LORA_TARGETS
+    qlora: bool = False
+
+
+@dataclass
+class TrainableReport:
+    trainable: int = 0
+    total: int = 0
+    modules: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)
+
+    def table(self) -> str:
+        lines = [f"{'module':<60} {'trainable':>12} {'total':>12}"]
+        for name, (t, n) in self.modules.items():
+            state = "trainable" if t == n else ("frozen" if t == 0 else "partial")
+            lines.append(f"{name:<60} {t:>12,} {n:>12,}  {state}")
+        lines.append(f"{'TOTAL':<60} {self.trainable:>12,} {self.total:>12,}")
+        return "\n".join(lines)
+
+
+def lora_target_regex(targets: str) -> str:
+    """`c_attn|attn.c_proj|w1|w2` -> a full-name regex for peft: a target is a module-name suffix."""
+    alts = "|".join(re.escape(t.strip()) for t in targets.split("|") if t.strip())
+    if not alts:
+        raise ValueError("lora.targets is empty")
+    return rf"(?:.*\.)?(?:{alts})"
+
+
+def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
+    """Wrap `vlm.lm` with peft LoRA adapters (QLoRA: 4-bit base weights, needs bitsandbytes and a GPU)."""
+    from peft import LoraConfig, get_peft_model
+
+    if lora.qlora:
+        if not torch.cuda.is_available():
+            raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); none is present. "
+                               "Use lora.qlora=false for LoRA on this machine.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise RuntimeError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+        from model.quant import quantize_lm_4bit  # imported lazily: only QLoRA needs it
+
+        quantize_lm_4bit(vlm)
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=lora_target_regex(lora.targets), bias="none",
+    )
+    vlm.lm = get_peft_model(vlm.lm, config)
+    n = sum(1 for name, _ in vlm.lm.named_modules() if name.endswith("lora_A"))
+    if n == 0:
+        raise ValueError(f"LoRA targets {lora.targets!r} matched no module of the LM")
+    log.info("LoRA r=%d alpha=%d on %d modules (targets %s)", lora.r, lora.alpha, n, lora.targets)
+
+
+def set_trainable(
+    vlm: nn.Module,
+    stage: str,
+    vision_lr: float = 0.0,
+    freeze: list[str] | None = None,
+    unfreeze: list[str] | None = None,
+) -> TrainableReport:
+    """Set `requires_grad` on every parameter for `stage` and return (and log) the per-module report.
+
+    Call after `apply_lora` for the `sft` stage: LoRA parameters are recognised by `lora_` in their name.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    freeze_re = [re.compile(p) for p in (freeze or [])]
+    unfreeze_re = [re.compile(p) for p in (unfreeze or [])]
+    for name, p in vlm.named_parameters():
+        if name.startswith("projector."):
+            train = True
+        elif name.startswith("towers."):
+            train = vision_lr > 0
+        elif name.startswith("lm."):
+            train = stage == "full" or (stage == "sft" and "lora_" in name)
+        else:
+            train = False
+        if any(r.search(name) for r in freeze_re):
+            train = False
+        if any(r.search(name) for r in unfreeze_re):
+            train = True
+        # Quantised / integer weights can never take gradients.
+        p.requires_grad_(train and p.is_floating_point())
+    for pattern, rx in zip((freeze or []) + (unfreeze or []), freeze_re + unfreeze_re):
+        if not any(rx.search(n) for n, _ in vlm.named_parameters()):
+            log.warning("freeze/unfreeze regex %r matches no parameter", pattern)
+    # Frozen towers run in eval mode (no dropout / batch-norm updates); VLM.train() keeps that.
+    report = trainable_report(vlm)
+    log.info("stage=%s: %s of %s parameters trainable\n%s", stage, f"{report.trainable:,}",
+             f"{report.total:,}", report.table())
+    if report.trainable == 0:
+        raise ValueError(f"stage {stage!r} with the given freeze regexes leaves nothing to train")
+    return report
+
+
+def trainable_report(vlm: nn.Module) -> TrainableReport:
+    """Per-module (direct parameters only) trainable / total counts, in module order."""
+    rep = TrainableReport()
+    seen: set[int] = set()  # tied weights (embedding / LM head) count once, under their first module
+    for mname, module in vlm.named_modules():
+        params = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in params)
+        if not params:
+            continue
+        t = sum(p.numel() for p in params if p.requires_grad)
+        n = sum(p.numel() for p in params)
+        rep.modules[mname or "(root)"] = (t, n)
+        rep.trainable += t
+        rep.total += n
+    return rep
