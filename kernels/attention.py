@@ -9,23 +9,40 @@ Contract
 * `causal=True` with `Tq < Tk` is bottom-right aligned: query i sits at absolute position
   `Tk - Tq + i` (a chunk fed on top of a KV cache).
 * `attention_mask`: optional bool `[B, 1 or Hq, Tq, Tk]`, True = may attend. It is combined with
-  `causal` when both are given.
+  `causal` when both are given. A query row with no allowed key returns 0.
 * Variable length (`cu_seqlens` int32 `[n + 1]`): q/k/v are `[total, H, D]`, sequences are packed
   back to back and never attend across boundaries. Returns `[total, Hq, D]`.
-* `impl`: `auto`, `torch` (SDPA), `eager` (reference math in fp32).
+* `impl`:
+  - `torch`: SDPA; `eager`: reference math in fp32 (both run anywhere; varlen by looping).
+  - `triton`: the Triton flash kernel (`kernels/triton_attention.py`); masks and varlen in-kernel.
+    Needs CUDA tensors, or CPU tensors with `TRITON_INTERPRET=1` set before triton is imported.
+  - `cuda`: the CUDA C++ flash kernel (`kernels/csrc/`, built on first use); needs CUDA tensors,
+    raises otherwise. It has no mask input: calls with `attention_mask` go to SDPA (logged once);
+    varlen loops over the packed sequences.
+  - `auto`: CUDA tensors -> the CUDA extension if it builds, else Triton if it imports, else SDPA;
+    CPU tensors, other dtypes and head dims > 128 -> SDPA. The choice is logged once. Masked calls that picked the CUDA extension
+    go to Triton when it imports (else SDPA).
+* A kernel that fails to build or import never stops a run: the call falls back to SDPA and the
+  reason is logged once (warning). Wrong devices or arguments raise.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 
+from kernels._log import log_once
+
 log = logging.getLogger(__name__)
 
-IMPLS = ("auto", "torch", "eager")
+IMPLS = ("auto", "torch", "eager", "triton", "cuda")
+# What the Triton and CUDA kernels accept; `auto` sends anything else to SDPA.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_MAX_HEAD_DIM = 128
 
 
 def _expand_kv(k: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -93,18 +110,82 @@ def _varlen_to_padded(fn, q, k, v, cu_seqlens, causal, scale):
 
 
 _IMPL_FNS = {"torch": sdpa_attention, "eager": eager_attention}
-_logged_choice: set[str] = set()
 
 
-def _resolve(impl: str) -> str:
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _is_gpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda"
+
+
+def _load_triton():
+    """The Triton kernel module, or raise ImportError with the reason (no triton, broken install)."""
+    try:
+        from kernels import triton_attention
+    except Exception as e:  # noqa: BLE001 - any import-time failure means "not available"
+        raise ImportError(f"triton attention unavailable: {type(e).__name__}: {e}") from e
+    return triton_attention
+
+
+def _load_cuda():
+    """Build/import the CUDA extension (raises kernels.cuda_ext.CudaExtensionError with the log tail)."""
+    from kernels import cuda_ext
+
+    cuda_ext.load()
+    from kernels import cuda_attention
+
+    return cuda_attention
+
+
+def _fallback(impl: str, err: Exception) -> str:
+    log_once(log, f"fallback:{impl}", logging.WARNING,
+             "attention impl=%s unavailable, falling back to torch (SDPA): %s", impl, err)
+    return "torch"
+
+
+def _resolve(impl: str, q: torch.Tensor) -> str:
+    """Turn the requested impl into one that can run on q's device (see the module docstring)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl == "auto":
-        impl = "torch"
-        if "auto" not in _logged_choice:
-            _logged_choice.add("auto")
-            log.info("attention impl=auto -> torch (SDPA)")
-    return impl
+    on_gpu = _is_gpu(q)
+    if impl == "cuda":
+        if not on_gpu:
+            raise RuntimeError(f"attention impl='cuda' needs CUDA tensors, got {q.device}; "
+                               "use impl='auto' or 'torch' on CPU")
+        try:
+            _load_cuda()
+        except Exception as e:  # noqa: BLE001
+            return _fallback("cuda", e)
+        return "cuda"
+    if impl == "triton":
+        if not on_gpu and not _interpreting():
+            raise RuntimeError(f"attention impl='triton' needs CUDA tensors (got {q.device}), or "
+                               "TRITON_INTERPRET=1 set before triton is imported")
+        try:
+            _load_triton()
+        except ImportError as e:
+            return _fallback("triton", e)
+        return "triton"
+    if impl != "auto":
+        return impl
+    chosen, why = "torch", "tensors are not on a GPU"
+    if on_gpu and (q.dtype not in KERNEL_DTYPES or q.shape[-1] > KERNEL_MAX_HEAD_DIM):
+        why = f"dtype {q.dtype} / head dim {q.shape[-1]} not supported by the custom kernels"
+    elif on_gpu:
+        try:
+            _load_cuda()
+            chosen, why = "cuda", "CUDA extension built"
+        except Exception as e:  # noqa: BLE001
+            log_once(log, "auto:cuda-failed", logging.WARNING, "attention auto: CUDA extension unavailable: %s", e)
+            try:
+                _load_triton()
+                chosen, why = "triton", "CUDA extension unavailable"
+            except ImportError as e2:
+                chosen, why = "torch", f"no custom kernel available ({e2})"
+    log_once(log, f"auto:{chosen}:{why}", logging.INFO, "attention impl=auto -> %s (%s)", chosen, why)
+    return chosen
 
 
 def attention(
@@ -117,9 +198,32 @@ def attention(
     scale: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    fn = _IMPL_FNS[_resolve(impl)]
-    if cu_seqlens is not None:
+    if cu_seqlens is not None and attention_mask is not None:
+        raise ValueError("attention: give either attention_mask or cu_seqlens, not both")
+    requested, impl = impl, _resolve(impl, q)
+    if impl == "cuda" and attention_mask is not None and requested == "auto":
+        # The CUDA kernel has no mask input; under auto the Triton kernel (which has one) is next in line.
+        try:
+            _load_triton()
+            impl = "triton"
+        except ImportError:
+            pass
+    if impl == "triton":
+        tri = _load_triton()
+        if cu_seqlens is not None:
+            return tri.triton_varlen_attention(q, k, v, cu_seqlens, causal=causal, scale=scale)
+        return tri.triton_attention(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale)
+    if impl == "cuda":
         if attention_mask is not None:
-            raise ValueError("attention: give either attention_mask or cu_seqlens, not both")
+            log_once(log, "cuda:mask", logging.INFO,
+                     "attention impl=cuda has no mask input; calls with attention_mask use SDPA")
+            impl = "torch"
+        else:
+            fn = _load_cuda().cuda_attention
+            if cu_seqlens is not None:
+                return _varlen_to_padded(fn, q, k, v, cu_seqlens, causal, scale)
+            return fn(q, k, v, causal=causal, scale=scale)
+    fn = _IMPL_FNS[impl]
+    if cu_seqlens is not None:
         return _varlen_to_padded(fn, q, k, v, cu_seqlens, causal, scale)
     return fn(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale)

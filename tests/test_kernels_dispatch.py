@@ -1,0 +1,195 @@
+"""The attention dispatcher: impl selection, errors, and the fallback to SDPA when a build fails."""
+
+import importlib
+import importlib.util
+import logging
+
+import pytest
+import torch
+
+from kernels import _log, attention, cuda_ext
+from kernels.attention import eager_attention
+
+# `kernels.attention` the attribute is the function; the module is fetched by name.
+attn_mod = importlib.import_module("kernels.attention")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state(monkeypatch, tmp_path):
+    _log.reset()
+    monkeypatch.setenv("QWENVL_KERNEL_CACHE", str(tmp_path / "ext"))
+    # Whatever the CUDA build did earlier in the session, these tests start from "not built".
+    monkeypatch.setattr(cuda_ext, "_module", None)
+    monkeypatch.setattr(cuda_ext, "_failure", None)
+
+
+def _qkv(b=2, hq=4, hkv=2, t=9, d=16):
+    return torch.randn(b, hq, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+
+
+def _failing_build(*args, **kwargs):
+    raise RuntimeError("Error building extension 'qwenvl_flash_attn':\n[1/3] nvcc ...\nnvcc fatal: boom")
+
+
+@pytest.mark.parametrize("impl", ["torch", "eager", "auto"])
+def test_cpu_impls_match_eager(impl):
+    q, k, v = _qkv()
+    torch.testing.assert_close(attention(q, k, v, causal=True, impl=impl), eager_attention(q, k, v, causal=True),
+                               rtol=0, atol=1e-5)
+
+
+def test_auto_on_cpu_logs_choice_once(caplog):
+    q, k, v = _qkv()
+    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        attention(q, k, v, impl="auto")
+        attention(q, k, v, impl="auto")
+    msgs = [r.getMessage() for r in caplog.records if "impl=auto" in r.getMessage()]
+    assert msgs == ["attention impl=auto -> torch (tensors are not on a GPU)"]
+
+
+def test_unknown_impl_and_cuda_without_gpu_raise(monkeypatch):
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match="unknown attention impl 'flash'"):
+        attention(q, k, v, impl="flash")
+    with pytest.raises(RuntimeError, match="impl='cuda' needs CUDA tensors"):
+        attention(q, k, v, impl="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="impl='triton' needs CUDA tensors"):
+        attention(q, k, v, impl="triton")
+    with pytest.raises(ValueError, match="not both"):
+        attention(q, k, v, attention_mask=torch.ones(2, 1, 9, 9, dtype=torch.bool),
+                  cu_seqlens=torch.tensor([0, 9], dtype=torch.int32))
+
+
+def test_failing_cuda_build_falls_back_to_sdpa(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", _failing_build)
+    monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)  # pretend the tensors live on a GPU
+    sdpa_calls = []
+    monkeypatch.setitem(attn_mod._IMPL_FNS, "torch",
+                        lambda *a, **kw: sdpa_calls.append(1) or attn_mod.sdpa_attention(*a, **kw))
+    q, k, v = _qkv()
+    with caplog.at_level(logging.WARNING, logger="kernels.attention"):
+        out = attention(q, k, v, causal=True, impl="cuda")
+        attention(q, k, v, causal=True, impl="cuda")
+    assert sdpa_calls == [1, 1]
+    torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "kernels.attention"]
+    assert len(warnings) == 1, warnings  # logged once
+    assert "falling back to torch (SDPA)" in warnings[0] and "nvcc fatal: boom" in warnings[0]
+
+
+def test_auto_on_gpu_with_failed_build_and_no_triton_uses_sdpa(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", _failing_build)
+    monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
+
+    def no_triton():
+        raise ImportError("triton attention unavailable: ModuleNotFoundError: No module named 'triton'")
+
+    monkeypatch.setattr(attn_mod, "_load_triton", no_triton)
+    q, k, v = _qkv()
+    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        out = attention(q, k, v, causal=True, impl="auto")
+    torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
+    text = caplog.text
+    assert "CUDA extension unavailable" in text and "nvcc fatal: boom" in text
+    assert "impl=auto -> torch (no custom kernel available" in text
+
+
+def test_auto_on_gpu_with_failed_build_prefers_triton(monkeypatch, caplog):
+    pytest.importorskip("kernels.triton_attention")
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "load", _failing_build)
+    monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
+    q, k, v = _qkv(t=12)
+    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        out = attention(q, k, v, causal=True, impl="auto")  # runs the Triton kernel (interpreter on CPU)
+    assert "impl=auto -> triton" in caplog.text
+    torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
+
+
+def test_cuda_ext_failure_message_has_log_tail_and_is_remembered(monkeypatch):
+    from torch.utils import cpp_extension
+
+    calls = []
+
+    def failing(*a, **kw):
+        calls.append(1)
+        _failing_build()
+
+    monkeypatch.setattr(cpp_extension, "load", failing)
+    for _ in range(2):
+        with pytest.raises(cuda_ext.CudaExtensionError, match="nvcc fatal: boom"):
+            cuda_ext.load()
+    assert calls == [1]  # the second call fails fast
+    assert not cuda_ext.is_built()
+
+
+def test_varlen_loops_match_per_sequence():
+    lens = [3, 8, 5]
+    cu = torch.tensor([0, 3, 11, 16], dtype=torch.int32)
+    q, k, v = torch.randn(16, 2, 8), torch.randn(16, 1, 8), torch.randn(16, 1, 8)
+    out = attention(q, k, v, causal=True, cu_seqlens=cu, impl="torch")
+    s = 0
+    for n in lens:
+        ref = eager_attention(*(x[s:s + n].transpose(0, 1)[None] for x in (q, k, v)), causal=True)
+        torch.testing.assert_close(out[s:s + n], ref[0].transpose(0, 1), rtol=0, atol=1e-5)
+        s += n
+
+
+def test_routing_when_cuda_extension_is_available(monkeypatch, caplog):
+    """With a (fake) built extension on a (fake) GPU: auto picks it, masks go to Triton or SDPA."""
+    import types
+
+    cuda_calls = []
+
+    def fake_cuda_attention(q, k, v, causal=False, scale=None):
+        cuda_calls.append(q.shape)
+        return eager_attention(q, k, v, causal=causal, scale=scale)
+
+    monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
+    monkeypatch.setattr(attn_mod, "_load_cuda", lambda: types.SimpleNamespace(cuda_attention=fake_cuda_attention))
+    q, k, v = _qkv(t=10)
+    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        out = attention(q, k, v, causal=True, impl="auto")
+    assert len(cuda_calls) == 1 and "impl=auto -> cuda" in caplog.text
+    torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
+
+    mask = torch.rand(2, 1, 10, 10) > 0.2
+    want = eager_attention(q, k, v, causal=True, attention_mask=mask)
+    if importlib.util.find_spec("triton") is not None:
+        tri = importlib.import_module("kernels.triton_attention")
+        tri_calls = []
+        orig = tri.triton_attention
+        monkeypatch.setattr(tri, "triton_attention", lambda *a, **kw: tri_calls.append(1) or orig(*a, **kw))
+        got = attention(q, k, v, causal=True, attention_mask=mask, impl="auto")
+        assert tri_calls == [1]
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # Explicit cuda + mask: the extension cannot take it, SDPA does (logged once).
+    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        got = attention(q, k, v, causal=True, attention_mask=mask, impl="cuda")
+    assert len(cuda_calls) == 1
+    assert "calls with attention_mask use SDPA" in caplog.text
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # Varlen with cuda loops the packed sequences through the extension.
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    qp, kp, vp = (x[0].transpose(0, 1) for x in (q, k, v))
+    got = attention(qp, kp, vp, causal=True, cu_seqlens=cu, impl="cuda")
+    assert len(cuda_calls) == 3
+    torch.testing.assert_close(got, attention(qp, kp, vp, causal=True, cu_seqlens=cu, impl="eager"),
+                               rtol=0, atol=1e-5)
+
+
+def test_auto_sends_unsupported_inputs_to_sdpa(monkeypatch, caplog):
+    monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
+    monkeypatch.setattr(attn_mod, "_load_cuda", lambda: pytest.fail("must not try the CUDA extension"))
+    q, k, v = _qkv(d=160)
+    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        out = attention(q, k, v, causal=True, impl="auto")
+    assert "head dim 160 not supported" in caplog.text
+    torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
