@@ -47,15 +47,16 @@ def _lm_as_transformers(vlm, tmp: Path):
     lm = vlm.lm
     if vlm.config.lm_backend != "qwen":
         return lm
-    arch = lm.config.arch
     src = tmp / "lm_native"
     lm.save_pretrained(str(src))
-    if arch == "qwen1":
+    if lm.config.arch == "qwen1":
         from qwen.convert import convert
 
-        dst = tmp / "lm_qwen2"
-        convert(src, dst)
-        src = dst
+        if vlm.tokenizer is not None:
+            vlm.tokenizer.save_pretrained(src)  # the converter turns qwen.tiktoken into tokenizer.json
+        src_converted = tmp / "lm_qwen2"
+        convert(src, src_converted)
+        src = src_converted
     return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
 
 
@@ -145,7 +146,7 @@ def _image_processor(backend: str, pp: dict):
 
 
 def _hf_tokenizer(vlm, tmp: Path):
-    """A transformers tokenizer for the export: the LM's own, or Qwen-1's converted by qwen.convert."""
+    """A transformers tokenizer for the export: the LM's own, or Qwen-1's as converted by qwen.convert."""
     from transformers import AutoTokenizer
 
     tok = vlm.tokenizer
@@ -154,11 +155,12 @@ def _hf_tokenizer(vlm, tmp: Path):
     inner = getattr(tok, "hf_tokenizer", None)
     if inner is not None:
         return inner
-    out = tmp / "tokenizer"
-    from qwen.convert import convert_tokenizer
+    converted = tmp / "lm_qwen2"  # written by _lm_as_transformers for a Qwen-1 LM
+    if not (converted / "tokenizer.json").is_file():
+        from qwen.convert import convert_tokenizer
 
-    convert_tokenizer(tok, out)
-    return AutoTokenizer.from_pretrained(str(out))
+        convert_tokenizer(tok, converted)
+    return AutoTokenizer.from_pretrained(str(converted))
 
 
 def main(argv=None) -> int:
