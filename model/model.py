@@ -6,10 +6,20 @@ Contract:
   and checks, at build time, that the projector's input width is the towers' width and its output
   width the LM's embedding width (an error names both widths).
 - `forward(input_ids [B, T], attention_mask [B, T] | None, pixel_values [n_images, 3, H, W] | None,
-  labels [B, T] | None, image_counts [B] | None, **kw) -> VLMOutput(loss, logits, past_key_values)`.
+  labels [B, T] | None, image_counts [B] | None, image_features [n_images, T, C] | None, **kw)
+  -> VLMOutput(loss, logits, past_key_values)`.
   `pixel_values` is the flat batch of every sample's images in sample order; each image fills exactly
   `tokens_per_image` placeholders (`image_token_id`) in the same order. Frozen towers (no parameter
-  requires grad) run in eval mode under `no_grad`. Labels are not shifted here (the LM loss shifts).
+  requires grad) run in eval mode under `no_grad`, in `config.tower_dtype` when set (`cast_frozen_towers`);
+  their features are cast to the projector's dtype. `image_features [n_images, T, C]` (the towers'
+  output, e.g. from a feature cache) may replace `pixel_values`: the towers are skipped.
+  Labels are not shifted here (the LM loss shifts). With labels and no `return_logits=True`, the loss is
+  computed at target positions only (chunked, `qwen.loss.supervised_loss`) for both LM backends, and
+  `VLMOutput.logits` is computed lazily on first access. `cu_seqlens` / `position_ids` (packing) go to
+  the qwen LM; the hf backend refuses `cu_seqlens`.
+  In training mode a batch without any image still runs the projector (and trainable towers, in eval
+  mode) on one blank image and adds `0 * rows.sum()`, so every rank uses the same parameters at every
+  step (DDP without unused-parameter detection, FSDP, ZeRO-3); the loss value is unchanged.
 - `generate(input_ids, attention_mask=None, pixel_values=None, **gen_kw) -> list[list[int]]` (new tokens
   only) and `chat(images, messages, **gen_kw) -> str`.
 - `save_pretrained(dir, trainable_only=False)` / `VLM.from_pretrained(dir, **overrides)`: see
@@ -22,7 +32,6 @@ Contract:
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +40,16 @@ from torch import nn
 
 from model.config import PRESETS, VLMConfig, resolve_config
 from model.parts import build_lm, build_tokenizer, build_towers, lm_width, torch_dtype
-from model.placeholders import causal_lm_loss, embed_with_placeholders, scatter_image_features
+from model.placeholders import (
+    LOSS_CHUNK_SIZE,
+    causal_lm_loss,
+    embed_with_placeholders,
+    hf_hidden_states,
+    hf_output_head,
+    scatter_image_features,
+    supervised_loss,
+    supports_supervised_loss,
+)
 from model.projector import Projector, build_projector
 
 __all__ = ["PRESETS", "VLM", "VLMConfig", "VLMOutput", "build_vlm"]
@@ -40,11 +58,20 @@ IMAGE_MARKER = "<image>"
 HF_PLACEHOLDERS = ("<image>", "<|image_pad|>")
 
 
-@dataclass
 class VLMOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor  # [B, T, V]
-    past_key_values: Any = None
+    """`loss`, `logits` `[B, T, V]`, `past_key_values`. When the loss was computed at target positions
+    only, `logits_fn` computes the full logits on first access of `.logits` (training never reads them)."""
+
+    def __init__(self, loss: torch.Tensor | None, logits: torch.Tensor | None = None, past_key_values: Any = None,
+                 logits_fn: Any = None):
+        self.loss, self.past_key_values = loss, past_key_values
+        self._logits, self._logits_fn = logits, logits_fn
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        if self._logits is None and self._logits_fn is not None:
+            self._logits, self._logits_fn = self._logits_fn(), None  # [B, T, V], once, on demand
+        return self._logits
 
 
 def _towers_frozen(towers: nn.Module) -> bool:
@@ -118,23 +145,42 @@ class VLM(nn.Module):
     def image_processor(self):
         return self.towers.processor
 
+    def cast_frozen_towers(self) -> None:
+        """Put frozen towers in `config.tower_dtype` (e.g. bf16); trainable towers stay in `config.dtype`."""
+        want = self.config.tower_dtype if _towers_frozen(self.towers) else None
+        self.towers.to(torch_dtype(want or self.config.dtype))
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[n_images, 3, H, W] -> [n_images * tokens_per_image, D_lm] projected rows, image by image."""
+        tower_dtype = next(self.towers.parameters(), pixel_values).dtype
         if _towers_frozen(self.towers):
             self.towers.eval()  # frozen towers never run dropout / batch-norm updates
             with torch.no_grad():
-                feats = self.towers(pixel_values)  # [N, T, C]
+                feats = self.towers(pixel_values.to(tower_dtype))  # [N, T, C]
         else:
-            feats = self.towers(pixel_values)
+            feats = self.towers(pixel_values.to(tower_dtype))
+        return self.project_features(feats)
+
+    def project_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """Tower output [n_images, T, C] (e.g. from a feature cache) -> [n_images * tokens_per_image, D_lm]."""
+        want = (int(self.towers.num_tokens), int(self.towers.hidden_size))
+        if feats.dim() != 3 or tuple(feats.shape[1:]) != want:
+            raise ValueError(f"image features must be [n_images, {want[0]}, {want[1]}] (the towers' output), "
+                             f"got {tuple(feats.shape)}")
+        # Features of a bf16 tower (or a cache) are cast to the projector's dtype.
         proj_dtype = next(self.projector.parameters(), feats).dtype
         rows = self.projector(feats.to(proj_dtype))  # [N, tokens_per_image, D]
         assert rows.shape[1] == self.tokens_per_image, (rows.shape, self.tokens_per_image)
         return rows.reshape(-1, rows.shape[-1])  # [N * tokens_per_image, D]
 
     def _image_rows(
-        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_counts: Any
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_counts: Any,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
-        n_images = 0 if pixel_values is None else int(pixel_values.shape[0])
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("give either pixel_values or image_features (cached tower output), not both")
+        given = pixel_values if image_features is None else image_features
+        n_images = 0 if given is None else int(given.shape[0])
         if image_counts is not None:
             counts = [int(c) for c in (image_counts.tolist() if torch.is_tensor(image_counts) else image_counts)]
             if len(counts) != input_ids.shape[0] or sum(counts) != n_images:
@@ -147,7 +193,28 @@ class VLM(nn.Module):
                     )
         if n_images == 0:
             return None
+        if image_features is not None:
+            return self.project_features(image_features)  # cached tower output: the tower is skipped
         return self.encode_images(pixel_values)
+
+    def _idle_vision_anchor(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """A zero scalar that runs the projector (and trainable towers) on one blank image when a training
+        batch has no image at all, None otherwise. Why: under DDP with unused-parameter detection off, FSDP
+        or ZeRO-3, every rank must use the same parameters at every step, or the ranks whose batch did use
+        them wait forever in the gradient all-reduce."""
+        if rows is not None or not (self.training and torch.is_grad_enabled()):
+            return None
+        if _towers_frozen(self.towers) and not any(p.requires_grad for p in self.projector.parameters()):
+            return None
+        device = next(self.projector.parameters()).device
+        size = int(self.towers.image_size)
+        was_training = self.towers.training
+        self.towers.eval()  # batch-norm running statistics must not see the blank image
+        try:
+            blank = self.encode_images(torch.zeros(1, 3, size, size, device=device))  # [tokens_per_image, D]
+        finally:
+            self.towers.train(was_training)
+        return blank.sum() * 0.0
 
     # ----- forward -----------------------------------------------------------------------------------
     def forward(
@@ -157,15 +224,33 @@ class VLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_counts: Any = None,
+        image_features: torch.Tensor | None = None,
         **kw: Any,
     ) -> VLMOutput:
-        rows = self._image_rows(input_ids, pixel_values, image_counts)  # [n_slots, D] | None
+        # `image_features` [n_images, T, C]: cached tower output (dataprocess/cache_features.py).
+        rows = self._image_rows(input_ids, pixel_values, image_counts, image_features)  # [n_slots, D] | None
+        anchor = self._idle_vision_anchor(rows)  # 0-valued scalar, or None
         if self.config.lm_backend == "qwen":
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, image_features=rows, labels=labels, **kw)
-            return VLMOutput(out.loss, out.logits, getattr(out, "past_key_values", None))
+            if anchor is not None and out.loss is not None:
+                out.loss = out.loss + anchor
+            # `out.logits` may be lazy (supervised-only loss): read it only when the caller does.
+            return VLMOutput(out.loss, past_key_values=getattr(out, "past_key_values", None),
+                             logits_fn=lambda: out.logits)
         if kw.pop("cu_seqlens", None) is not None:
-            raise ValueError("packed sequences (cu_seqlens) need lm_backend='qwen'; the hf LM path takes padding only")
+            raise ValueError("packed sequences (cu_seqlens) need lm_backend='qwen'; the hf LM path takes "
+                             "padded batches only (set packing=false)")
         embeds = self.embed_inputs(input_ids, rows)  # [B, T, D]
+        if anchor is not None:
+            embeds = embeds + anchor.to(embeds.dtype)
+        return_logits = kw.pop("return_logits", None)
+        if labels is not None and return_logits is not True and supports_supervised_loss(self.lm):
+            # Supervised-only logits: the base model's hidden states, then the chunked loss on the head.
+            kw.setdefault("use_cache", False)  # a training forward needs no KV cache
+            hidden, pkv = hf_hidden_states(self.lm, embeds, attention_mask, **kw)  # [B, T, D]
+            head = hf_output_head(self.lm)
+            loss = supervised_loss(hidden, head, labels, chunk_size=LOSS_CHUNK_SIZE)
+            return VLMOutput(loss, past_key_values=pkv, logits_fn=lambda: head(hidden))
         out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
         loss = causal_lm_loss(out.logits, labels) if labels is not None else None
         return VLMOutput(loss, out.logits, getattr(out, "past_key_values", None))
@@ -290,4 +375,7 @@ def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM
         reduce_factor=config.reduce_factor, grid=grid,
     )
     vlm = VLM(config, towers, projector, lm, build_tokenizer(config))
-    return vlm.to(torch_dtype(config.dtype))
+    vlm = vlm.to(torch_dtype(config.dtype))
+    if config.tower_dtype is not None and config.freeze_towers:
+        vlm.cast_frozen_towers()
+    return vlm

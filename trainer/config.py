@@ -31,10 +31,17 @@ class TrainConfig:
     frames_per_video: int = 8
     system_prompt: str | None = None
     strict_data: bool = False  # raise on a bad sample instead of skipping it
-    allow_absolute_paths: bool = True
+    allow_absolute_paths: bool = False  # True lets data files name any absolute path (trusted data only)
+    max_pixels: int = 64 * 1024 * 1024  # images above this many pixels are refused (decompression bombs)
     dataloader_num_workers: int = 0
     group_by_length: bool = True
     validate_data: bool = True  # pre-scan the data (render + image headers) before training
+    # Several samples per row up to max_length, attention isolated per sample (qwen LM only);
+    # per_device_train_batch_size then counts packs. See dataset/packing.py.
+    packing: bool = False
+    # A directory written by `python -m dataprocess.cache_features`: cached tower outputs replace the
+    # images (frozen towers only, e.g. stage 1). See dataset/feature_cache.py.
+    feature_cache: str | None = None
     # ---- what trains -----------------------------------------------------------------------------
     stage: Literal["align", "sft", "full"] = "sft"
     freeze: list[str] = field(default_factory=list)
@@ -52,6 +59,9 @@ class TrainConfig:
     per_device_train_batch_size: int = 8
     per_device_eval_batch_size: int = 8
     gradient_accumulation_steps: int = 1
+    # When set, gradient_accumulation_steps = global_batch_size / (per_device * world_size), so the global
+    # batch stays the same whatever the number of processes.
+    global_batch_size: int | None = None
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it
@@ -68,6 +78,11 @@ class TrainConfig:
     fsdp: str = ""
     fsdp_config: str | None = None
     save_full_model: bool = False  # the final model with every weight, not only the trainable ones
+    ddp_timeout: int = 1800  # seconds a collective may wait before a stuck rank fails the run
+    # ---- faults ----------------------------------------------------------------------------------
+    max_consecutive_nan: int = 5  # this many non-finite steps in a row stop the run (after a checkpoint)
+    check_disk_space: bool = True  # refuse to start when one checkpoint would not fit on the disk
+    debug_inject_nan_steps: list[int] = field(default_factory=list)  # testing: these steps get a NaN loss
 
     def validate(self) -> None:
         if not self.data_path:
@@ -82,7 +97,25 @@ class TrainConfig:
             raise ConfigError("lora.qlora=true only applies to stage=sft")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ConfigError("per_device_train_batch_size and gradient_accumulation_steps must be >= 1")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.max_consecutive_nan < 1:
+            raise ConfigError(f"max_consecutive_nan must be >= 1, got {self.max_consecutive_nan}")
+        if self.max_pixels < 1:
+            raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         self.vlm_config()  # unknown model keys / presets fail here, before anything is built
+
+    def accumulation_steps(self, world_size: int) -> int:
+        """Gradient accumulation for `world_size` processes: derived from global_batch_size when it is set."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_step = self.per_device_train_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} is not a multiple of per_device_train_batch_size="
+                f"{self.per_device_train_batch_size} x {world_size} process(es) = {per_step}"
+            )
+        return self.global_batch_size // per_step
 
     def vlm_config(self):
         from model.config import resolve_config

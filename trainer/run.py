@@ -6,7 +6,13 @@ The run directory (`output_dir`) holds
   final/                the trained model, loadable with `VLM.from_pretrained(output_dir/final)`
   log.jsonl, runs/      the Trainer's log lines (JSONL, TensorBoard)
   loss.png              the loss curve
-  data_report.json      skipped samples with their reasons
+  data_report.json      every skipped sample (all ranks) with its reason, and the skipped NaN steps
+
+Multi-process (torchrun): only rank 0 writes into the run directory. `global_batch_size` fixes the batch
+per optimizer step whatever the number of processes (gradient accumulation is derived from it).
+Before the first step: the run directory must be writable and (`check_disk_space`) its disk must hold one
+more checkpoint plus the final weights; stale `checkpoint-N.tmp-*` directories of a killed save are removed.
+A run stopped by `max_consecutive_nan` raises `TrainingAborted` after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,13 +33,26 @@ from trainer.config_io import save_config
 log = logging.getLogger("trainer")
 
 
+class TrainingAborted(RuntimeError):
+    """The run stopped itself (too many non-finite steps in a row); the last checkpoint is usable."""
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _setup_logging(out: Path, rank0: bool) -> None:
     level = logging.INFO if rank0 else logging.WARNING
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(level)
+    handlers: list[logging.Handler] = [console]
     if rank0:
-        handlers.append(logging.FileHandler(out / "train.log", encoding="utf-8"))
+        handlers.append(logging.FileHandler(out / "train.log", encoding="utf-8"))  # DEBUG and up
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
+    # Our own loggers also write DEBUG detail (e.g. every module's trainable state) to train.log.
+    for name in ("trainer", "model", "dataset"):
+        logging.getLogger(name).setLevel(logging.DEBUG if rank0 else logging.WARNING)
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -49,6 +68,28 @@ def preflight_output_dir(out: Path) -> None:
         raise RuntimeError(f"output_dir {out} is not writable: {e}") from None
 
 
+def checkpoint_bytes(vlm) -> int:
+    """About the size of one checkpoint: the saved weights plus AdamW's two moments per trainable weight."""
+    from model.checkpoint import _select_keys
+
+    state = vlm.state_dict()
+    weights = sum(state[k].numel() * state[k].element_size() for k in _select_keys(vlm, trainable_only=True))
+    moments = 2 * sum(p.numel() * p.element_size() for p in vlm.parameters() if p.requires_grad)
+    return weights + moments
+
+
+def preflight_disk_space(out: Path, vlm) -> None:
+    """Fail before training when the disk cannot take one more checkpoint and the final weights."""
+    need = int(checkpoint_bytes(vlm) * 1.5) + (16 << 20)  # + final weights (< half) + configs/tokenizer
+    free = shutil.disk_usage(out).free
+    if free < need:
+        raise RuntimeError(
+            f"output_dir {out}: {free / 2**20:.1f} MiB free on its disk, but one checkpoint plus the final "
+            f"weights need about {need / 2**20:.1f} MiB; free some space, point output_dir elsewhere, or set "
+            f"check_disk_space=false"
+        )
+
+
 def resolve_resume(cfg: TrainConfig, out: Path) -> str | None:
     """`auto` -> the newest complete checkpoint in the run directory (or None); a path is checked."""
     value = cfg.resume_from_checkpoint
@@ -62,6 +103,11 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> str | None:
         return str(found) if found else None
     if not Path(value).is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a directory")
+    from trainer.checkpoints import TMP_MARK, is_complete
+
+    if TMP_MARK in Path(value).name or not is_complete(Path(value)):
+        raise FileNotFoundError(f"resume_from_checkpoint: {value} is an unfinished checkpoint (no "
+                                f"trainer_state.json or model.safetensors); use an earlier one or `auto`")
     return value
 
 
@@ -90,9 +136,32 @@ def build_model(cfg: TrainConfig):
         vlm.merge_lora()
         apply_lora(vlm, cfg.lora)
     set_trainable(vlm, cfg.stage, cfg.vision_lr, cfg.freeze, cfg.unfreeze)
+    check_optimisation_keys(cfg, vlm)
+    if vlm.config.tower_dtype is not None:
+        vlm.cast_frozen_towers()  # tower_dtype applies to frozen towers only (decided by the stage above)
     if cfg.gradient_checkpointing:
         vlm.gradient_checkpointing_enable()
     return vlm
+
+
+def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
+    """`packing` needs the qwen LM; `feature_cache` needs frozen towers and a cache written by them."""
+    from trainer.config_io import ConfigError
+
+    if cfg.packing and vlm.config.lm_backend != "qwen":
+        raise ConfigError(f"packing=true needs model.lm_backend=qwen (variable-length attention); this LM is "
+                          f"{vlm.config.lm_backend!r}: set packing=false")
+    if cfg.feature_cache:
+        if any(p.requires_grad for p in vlm.towers.parameters()):
+            raise ConfigError("feature_cache is only valid with frozen towers (vision_lr=0 and no unfreeze regex "
+                              "on towers): cached features cannot follow a tower that trains")
+        from dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
+
+        try:
+            FeatureCache(cfg.feature_cache).check(
+                tower_identity(vlm.towers, vlm.config.towers, vlm.config.image_mode))
+        except FeatureCacheMismatch as e:
+            raise ConfigError(f"feature_cache: {e}") from None
 
 
 def build_datasets(cfg: TrainConfig, vlm):
@@ -111,7 +180,9 @@ def build_datasets(cfg: TrainConfig, vlm):
         system_prompt=cfg.system_prompt,
         strict=cfg.strict_data,
         allow_absolute_paths=cfg.allow_absolute_paths,
+        max_pixels=cfg.max_pixels,
         seed=cfg.seed,
+        feature_cache=cfg.feature_cache,
     )
     paths = list(zip(cfg.data_path, cfg.data_weights)) if cfg.data_weights else list(cfg.data_path)
     train_ds = VLMDataset(paths, **common)
@@ -149,7 +220,7 @@ def training_arguments(cfg: TrainConfig, out: Path):
         output_dir=str(out),
         per_device_train_batch_size=cfg.per_device_train_batch_size,
         per_device_eval_batch_size=cfg.per_device_eval_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        gradient_accumulation_steps=cfg.accumulation_steps(world_size()),
         learning_rate=cfg.learning_rate,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_ratio,  # a float < 1 is a fraction of the run
@@ -168,10 +239,14 @@ def training_arguments(cfg: TrainConfig, out: Path):
         report_to=cfg.report_to or "none",
         dataloader_num_workers=cfg.dataloader_num_workers,
         remove_unused_columns=False,
+        # Evaluation needs only the loss: the VLM computes logits at target positions only (lazy .logits).
+        prediction_loss_only=True,
         deepspeed=cfg.deepspeed,
-        fsdp=cfg.fsdp,
+        # `fsdp=true` turns FSDP on (configured by fsdp_config); other strings are transformers' legacy form.
+        fsdp=True if cfg.fsdp.strip().lower() in ("true", "1", "yes") else cfg.fsdp,
         fsdp_config=cfg.fsdp_config,
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=False,  # the VLM always uses every part (see VLM.forward)
+        ddp_timeout=cfg.ddp_timeout,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
         **precision_flags(cfg),
@@ -182,7 +257,8 @@ def training_arguments(cfg: TrainConfig, out: Path):
 class RunResult:
     output_dir: Path
     model: torch.nn.Module  # the trained VLM, still in memory
-    skipped: int  # bad samples skipped during the run
+    skipped: int  # bad samples skipped during the run (all ranks)
+    nan_steps: list[int] = field(default_factory=list)  # optimizer steps skipped for a non-finite loss
 
 
 def train(cfg: TrainConfig) -> RunResult:
@@ -193,52 +269,99 @@ def train(cfg: TrainConfig) -> RunResult:
     _setup_logging(out, rank == 0)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
+        from trainer.checkpoints import remove_stale_tmp
+
+        for stale in remove_stale_tmp(out):
+            log.warning("removed %s: an unfinished checkpoint of an earlier run", stale)
     from transformers import set_seed
 
     from dataset import Collator
     from trainer.callbacks import JsonlLogger, plot_loss
-    from trainer.hf_trainer import VLMTrainer
+    from trainer.hf_trainer import VLMTrainer, gather_objects
+    from trainer.throughput import ThroughputCallback
 
     set_seed(cfg.seed)
     vlm = build_model(cfg)
+    if rank == 0 and cfg.check_disk_space:
+        preflight_disk_space(out, vlm)
     train_ds, eval_ds = build_datasets(cfg, vlm)
     args = training_arguments(cfg, out)
     resume = resolve_resume(cfg, out)
 
     sampler_fn = None
-    if cfg.group_by_length:
+    train_input = train_ds
+    collator = Collator(pad_id=vlm.tokenizer.eod_id)
+    if cfg.packing:
+        from dataset.packing import PackedDataset, PackingCollator, PackingSampler
+
+        # The sampler yields packs (index lists); PackedDataset turns each into its items; the
+        # collator puts a micro-batch's packs back to back in one row with cu_seqlens.
+        train_input, collator = PackedDataset(train_ds), PackingCollator()
+
+        def sampler_fn(targs):
+            global_batch = targs.per_device_train_batch_size * targs.world_size * targs.gradient_accumulation_steps
+            return PackingSampler(train_ds.lengths, max_length=cfg.max_length, batch_size=global_batch,
+                                  seed=cfg.seed)
+    elif cfg.group_by_length:
         from dataset import LengthGroupedSampler
 
         def sampler_fn(targs):
-            # One sampler for the global batch; accelerate hands its consecutive micro-batches to the ranks.
-            return LengthGroupedSampler(
-                train_ds.lengths, batch_size=targs.per_device_train_batch_size * targs.world_size,
-                seed=cfg.seed,
-            )
+            # One sampler for the whole optimizer step (ranks x accumulation); accelerate hands its
+            # consecutive micro-batches to the ranks, so any (processes, accumulation) split of the same
+            # global batch sees the same samples at each step.
+            global_batch = targs.per_device_train_batch_size * targs.world_size * targs.gradient_accumulation_steps
+            return LengthGroupedSampler(train_ds.lengths, batch_size=global_batch, seed=cfg.seed)
 
     trainer = VLMTrainer(
         model=vlm,
         args=args,
-        train_dataset=train_ds,
+        train_dataset=train_input,
         eval_dataset=eval_ds,
-        data_collator=_SkipForwardingCollator(Collator(pad_id=vlm.tokenizer.eod_id)),
-        callbacks=[JsonlLogger(out / "log.jsonl")],
+        data_collator=_SkipForwardingCollator(collator),
+        callbacks=[ThroughputCallback(vlm), JsonlLogger(out / "log.jsonl")],  # order: fields reach the log
         lr_settings=dict(learning_rate=cfg.learning_rate, projector_lr=cfg.projector_lr,
                          vision_lr=cfg.vision_lr),
         length_sampler_fn=sampler_fn,
         skip_sink=train_ds.absorb,
+        max_consecutive_nan=cfg.max_consecutive_nan,
+        inject_nan_steps=cfg.debug_inject_nan_steps,
     )
     trainer.train(resume_from_checkpoint=resume)
+    # Each rank met its own bad samples: rank 0 reports them all.
+    for records in gather_objects(list(train_ds.skipped.values())):
+        train_ds.absorb(records)
     report = train_ds.skip_report()
+    report["samples"] = sorted(train_ds.skipped.values(), key=lambda r: (r["file"], r["position"]))
+    report["nan_steps_skipped"] = len(trainer.nan_steps)
+    report["nan_steps"] = list(trainer.nan_steps)
+    if trainer.nan_steps:
+        log.warning("skipped %d optimizer step(s) with a non-finite loss: %s", len(trainer.nan_steps),
+                    trainer.nan_steps)
+
+    if trainer.nan_abort:
+        if trainer.args.should_save:
+            (out / "data_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+        from trainer.checkpoints import latest_checkpoint
+
+        raise TrainingAborted(
+            f"stopped at step {trainer.state.global_step}: {trainer.nan_in_a_row} optimizer steps in a row had "
+            f"a non-finite loss or gradient (max_consecutive_nan={cfg.max_consecutive_nan}); their updates were "
+            f"skipped, so {latest_checkpoint(out)} holds the last good weights. Lower the learning rate or check "
+            f"the data, then resume with resume_from_checkpoint=auto"
+        )
 
     if trainer.args.should_save:
+        from trainer.checkpoints import make_tmp_dir
+
         final = out / "final"
+        staging = make_tmp_dir(out, "final")  # renamed once complete
+        vlm.save_pretrained(staging, trainable_only=not cfg.save_full_model)
         if final.exists():
             shutil.rmtree(final)
-        vlm.save_pretrained(final, trainable_only=not cfg.save_full_model)
+        os.replace(staging, final)
         (out / "data_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
         if report.get("skipped"):
             log.warning("skipped %d bad samples: %s", report["skipped"], report["by_kind"])
         png = plot_loss(out / "log.jsonl", out / "loss.png")
         log.info("run finished: %s (loss curve: %s)", final, png)
-    return RunResult(out, vlm, report["skipped"])
+    return RunResult(out, vlm, report["skipped"], list(trainer.nan_steps))

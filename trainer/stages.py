@@ -43,6 +43,15 @@ class TrainableReport:
     total: int = 0
     modules: OrderedDict[str, tuple[int, int]] = field(default_factory=OrderedDict)
 
+    def parts_summary(self) -> str:
+        """`towers 0/316,700, projector 33,024/33,024, lm 45,056/422,784` (trainable/total per part)."""
+        parts: OrderedDict[str, list[int]] = OrderedDict()
+        for name, (t, n) in self.modules.items():
+            acc = parts.setdefault(name.split(".")[0], [0, 0])
+            acc[0] += t
+            acc[1] += n
+        return ", ".join(f"{k} {t:,}/{n:,}" for k, (t, n) in parts.items())
+
     def table(self) -> str:
         lines = [f"{'module':<60} {'trainable':>12} {'total':>12}"]
         for name, (t, n) in self.modules.items():
@@ -121,8 +130,10 @@ def set_trainable(
             log.warning("freeze/unfreeze regex %r matches no parameter", pattern)
     # Frozen towers run in eval mode (no dropout / batch-norm updates); VLM.train() keeps that.
     report = trainable_report(vlm)
-    log.info("stage=%s: %s of %s parameters trainable\n%s", stage, f"{report.trainable:,}",
-             f"{report.total:,}", report.table())
+    # Every module's state goes to the run's log file (DEBUG); the console gets one line per part.
+    log.debug("stage=%s: trainable state of every module\n%s", stage, report.table())
+    log.info("stage=%s: %s of %s parameters trainable (%s)", stage, f"{report.trainable:,}",
+             f"{report.total:,}", report.parts_summary())
     if report.trainable == 0:
         raise ValueError(f"stage {stage!r} with the given freeze regexes leaves nothing to train")
     return report
