@@ -6,7 +6,9 @@
 - `labels` LongTensor [B, T], -100 on padding;
 - `pixel_values` FloatTensor [n_images_total, 3, H, W]: every item's rows concatenated in sample order
   (rows of item 0, then item 1, ...), or None when no item has an image;
-- `image_counts` LongTensor [B]: pixel rows (image spans) per item.
+- `image_counts` LongTensor [B]: pixel rows (image spans) per item;
+- `image_features` FloatTensor [n_images_total, T, C], only when the items come from a feature cache
+  (`VLMDataset(feature_cache=...)`): the cached tower outputs in the same order (`pixel_values` is None).
 `Batch` is a dict holding exactly those keys (so `model(**batch)` works) with two attributes outside the
 dict: `ids` (sample ids) and `skipped` (skip records made in the worker that built the batch; hand them to
 `VLMDataset.absorb`).
@@ -49,7 +51,11 @@ class Collator:
             labels[b, sl] = it["labels"]
             attention_mask[b, sl] = 1
         pix = [it["pixel_values"] for it in items if it.get("pixel_values") is not None]
-        counts = [0 if it.get("pixel_values") is None else it["pixel_values"].shape[0] for it in items]
+        feats = [it["image_features"] for it in items if it.get("image_features") is not None]
+        if pix and feats:
+            raise ValueError("Collator: a batch mixes pixel_values and cached image_features")
+        rows_of = "image_features" if feats else "pixel_values"
+        counts = [0 if it.get(rows_of) is None else it[rows_of].shape[0] for it in items]
         for it, c in zip(items, counts, strict=True):
             assert c == it.get("n_images", c), f"item {it.get('id')}: {c} pixel rows, {it['n_images']} spans"
         batch = Batch(
@@ -59,6 +65,8 @@ class Collator:
             pixel_values=torch.cat(pix, dim=0) if pix else None,  # [n_images_total, 3, H, W]
             image_counts=torch.tensor(counts, dtype=torch.long),  # [B]
         )
+        if feats:
+            batch["image_features"] = torch.cat(feats, dim=0)  # [n_images_total, T, C]
         batch.ids = [it.get("id") for it in items]
         batch.skipped = [rec for it in items for rec in it.get("skipped", [])]
         return batch

@@ -25,6 +25,10 @@ a skip recorded in a worker is invisible to the main process. Two mechanisms kee
    Each worker also logs every skip as it happens.
 `skip_report()` then returns the counts by kind (and the first few reasons) for the end of the run.
 
+`feature_cache=DIR` (a directory from `python -m dataprocess.cache_features`): items carry
+`image_features` FloatTensor [n_spans, T, C] (the frozen towers' output) and `pixel_values` None; no
+image is decoded. An image missing from the cache (or a video) is a bad sample (kind `no_feature`).
+
 `lengths` gives one length per index entry for length-grouped sampling: `estimate_length` (byte-count
 approximation) until `validate()` has run, exact token counts afterwards.
 """
@@ -41,6 +45,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from dataset.feature_cache import FeatureCache
 from dataset.formats import normalize, read_records
 from dataset.images import MAX_PIXELS, load_image, load_video_frames
 from dataset.sample import BadSampleError, Sample
@@ -95,11 +100,14 @@ class VLMDataset(torch.utils.data.Dataset):
         allow_absolute_paths: bool = False,
         seed: int = 0,
         max_retries: int = 100,
+        feature_cache: str | os.PathLike | None = None,
     ):
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.tokens_per_image, self.max_length, self.mode = tokens_per_image, max_length, mode
         self.strict, self.frames_per_video, self.system_prompt = strict, frames_per_video, system_prompt
         self.max_pixels, self.max_retries = max_pixels, max_retries
+        # Cached tower outputs instead of images (dataset/feature_cache.py); None = decode images.
+        self.feature_cache = None if feature_cache is None else FeatureCache(feature_cache)
         self.samples: list[Sample] = []
         self.skipped: dict[tuple[str, int], dict] = {}  # (file, position) -> skip record
         self.index: list[int] = []  # dataset position -> self.samples position (weights repeat entries)
@@ -162,9 +170,31 @@ class VLMDataset(torch.utils.data.Dataset):
         return render(s, self.tokenizer, self.tokens_per_image, self.mode, self.max_length,
                       self.frames_per_video, self.system_prompt)
 
+    def _cached_features(self, s: Sample, media: list) -> torch.Tensor | None:
+        """`[n_spans, T, C]` tower outputs of the sample's images from the feature cache (or None)."""
+        rows = []
+        for kind, path in media:
+            if kind != "image":
+                raise BadSampleError(f"{s.where}: {kind} {path}: a feature cache holds images only", "no_feature")
+            try:
+                rows.append(self.feature_cache.get(path))  # [T, C]
+            except KeyError:
+                raise BadSampleError(f"{s.where}: image {path} is not in the feature cache "
+                                     f"{self.feature_cache.root}", "no_feature") from None
+        return torch.stack(rows) if rows else None
+
     def build(self, s: Sample) -> dict:
         """Render `s` and load its media; raises `BadSampleError` for any bad part."""
         r = self._render(s)
+        if self.feature_cache is not None:
+            return {
+                "input_ids": torch.tensor(r.input_ids, dtype=torch.long),  # [T]
+                "labels": torch.tensor(r.labels, dtype=torch.long),  # [T]
+                "pixel_values": None,
+                "image_features": self._cached_features(s, r.media),  # [n_spans, T_img, C] | None
+                "n_images": r.n_spans,
+                "id": s.id,
+            }
         frames: list[Image.Image] = []
         for kind, path in r.media:
             try:
@@ -222,7 +252,12 @@ class VLMDataset(torch.utils.data.Dataset):
                 r = self._render(s)
                 if check_media:
                     for kind, path in r.media:
-                        _check_media(s, kind, path, self.max_pixels)
+                        if self.feature_cache is not None:
+                            if kind != "image" or path not in self.feature_cache:
+                                raise BadSampleError(f"{s.where}: {kind} {path} is not in the feature cache "
+                                                     f"{self.feature_cache.root}", "no_feature")
+                        else:
+                            _check_media(s, kind, path, self.max_pixels)
                 self._exact_lengths[k] = len(r.input_ids)
             except BadSampleError as e:
                 if self.strict:

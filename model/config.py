@@ -14,6 +14,8 @@ Contract:
   - `image_token_id`: override of the placeholder id (else the tokenizer's, else the LM config's).
   - `lora`: the LoRA settings a run applied to the LM (informational; the adapters' exact peft config
     travels in the checkpoint's `lora/adapter_config.json`). None when the LM has no adapters.
+  - `tower_dtype`: `"float32" | "bfloat16"` for FROZEN towers only (they run under no_grad, so bf16
+    halves their time and memory); None = `dtype`. Trainable towers always use `dtype`.
   - `init_from`: a transformers Llava directory the whole model was imported from; building from the
     config re-imports it (so a trainable-only checkpoint can point at it).
 - `PRESETS`: name -> VLMConfig kwargs. `resolve_config(name_or_config, **overrides)` turns a preset
@@ -31,6 +33,7 @@ from typing import Any
 
 LM_BACKENDS = ("qwen", "hf")
 DTYPES = ("float32", "bfloat16", "float16")
+TOWER_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass
@@ -45,6 +48,7 @@ class VLMConfig:
     reduce: str | None = None
     reduce_factor: int = 1
     dtype: str = "float32"
+    tower_dtype: str | None = None  # "float32" | "bfloat16": frozen towers only (None = dtype)
     image_token_id: int | None = None
     freeze_towers: bool = True
     init_from: str | None = None
@@ -55,6 +59,8 @@ class VLMConfig:
             raise ValueError(f"VLMConfig.lm_backend={self.lm_backend!r}; valid: {', '.join(LM_BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"VLMConfig.dtype={self.dtype!r}; valid: {', '.join(DTYPES)}")
+        if self.tower_dtype not in (None, *TOWER_DTYPES):
+            raise ValueError(f"VLMConfig.tower_dtype={self.tower_dtype!r}; valid: None, {', '.join(TOWER_DTYPES)}")
         if self.init_from is None and not self.towers:
             raise ValueError("VLMConfig.towers is empty: give at least one {backend, name_or_path} tower")
         for i, spec in enumerate(self.towers):

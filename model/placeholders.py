@@ -9,29 +9,61 @@ Contract (the same rule `qwen.QWenModel` applies inside its own forward):
   placeholder ids replaced by 0 first, because a placeholder id may lie outside the embedding table
   (its rows are overwritten anyway).
 - `causal_lm_loss(logits [B, T, V], labels [B, T])`: the rule of `qwen.QWenLMHeadModel`'s loss
-  (position t predicts label t+1, ignore_index -100, fp32 mean over target tokens). qwen keeps its
-  scatter and loss inside its forward (not exposed as functions), so the hf path uses these; a test
-  checks both paths give the same logits and loss on the same weights.
+  (position t predicts label t+1, ignore_index -100, fp32 mean over target tokens); it calls
+  `qwen.loss.full_logits_loss`, so the shift stays in one place (`qwen.loss.shift_targets`).
+- Supervised-only loss for a transformers causal LM: `supports_supervised_loss(lm)` (False when the
+  model post-processes its logits, e.g. Gemma-2 soft-capping, so the full path must run),
+  `hf_hidden_states(lm, embeds, attention_mask, **kw) -> (hidden [B, T, D], past_key_values)` runs the
+  base model only (no lm_head; peft wrappers are looked through), `hf_output_head(lm)` is the module
+  mapping hidden states to logits; `supervised_loss` (from `qwen.loss`) then chunks the loss.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from qwen.loss import full_logits_loss, supervised_loss
+
+__all__ = ["IGNORE_INDEX", "LOSS_CHUNK_SIZE", "causal_lm_loss", "embed_with_placeholders", "hf_hidden_states",
+           "hf_output_head", "scatter_image_features", "supervised_loss", "supports_supervised_loss"]
 
 IGNORE_INDEX = -100
 
 
+LOSS_CHUNK_SIZE = 1024  # rows of [rows, V] logits alive at once in the supervised-only loss
+# Config attributes with which a transformers LM changes its logits after lm_head.
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy; `labels` are unshifted, -100 is ignored."""
-    if labels.shape != logits.shape[:2]:
-        raise ValueError(f"labels must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-    shift_logits = logits[:, :-1].float()  # [B, T-1, V]: position t predicts token t+1
-    shift_labels = labels[:, 1:]  # [B, T-1]
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    return full_logits_loss(logits, labels)
+
+
+def _unwrap_peft(lm: nn.Module) -> nn.Module:
+    return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+
+def supports_supervised_loss(lm: nn.Module) -> bool:
+    """True when `lm`'s logits are exactly `get_output_embeddings()(base model hidden states)`."""
+    base = _unwrap_peft(lm)
+    cfg = getattr(base, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    if any(getattr(cfg, name, None) not in (None, 1, 1.0) for name in LOGIT_POSTPROCESSING):
+        return False
+    return hasattr(base, "get_decoder") and base.get_output_embeddings() is not None
+
+
+def hf_output_head(lm: nn.Module) -> nn.Module:
+    return _unwrap_peft(lm).get_output_embeddings()
+
+
+def hf_hidden_states(lm: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kw):
+    """The base model's last hidden states `[B, T, D]` (after the final norm) and its cache."""
+    decoder = _unwrap_peft(lm).get_decoder()
+    out = decoder(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
+    return out.last_hidden_state, getattr(out, "past_key_values", None)
 
 
 def embed_with_placeholders(embedding: nn.Module, input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:

@@ -20,8 +20,10 @@ Contract
   log(p + 1) / log(seq_length).
 * Image hook: `image_features [n_placeholders_total, hidden]` replace the embeddings where
   `input_ids == config.image_token_id` (row-major order over the batch); a count mismatch raises.
-* `labels [B, T]` are unshifted; the loss shifts them (the one shift in the codebase), ignore_index -100,
-  mean over target tokens.
+* `labels [B, T]` are unshifted; the loss shifts them in `qwen.loss.shift_targets` (the one shift in
+  the codebase), ignore_index -100, mean over target tokens. With labels (and `return_logits` not True)
+  logits are computed only at target positions, chunked (`qwen.loss.supervised_loss`), and
+  `QWenOutput.logits` is computed on first access; `return_logits=True` is the full-logits path.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels import attention
 from qwen.config import QWenConfig
+from qwen.loss import full_logits_loss, supervised_loss
 
 IGNORE_INDEX = -100
 
@@ -76,11 +79,24 @@ class QWenModelOutput:
     past_key_values: QWenCache | None = None
 
 
-@dataclass
 class QWenOutput:
-    loss: torch.Tensor | None
-    logits: torch.Tensor
-    past_key_values: QWenCache | None = None
+    """`loss`, `logits` `[B, T, V]`, `past_key_values`.
+
+    In the supervised-only loss path the logits are not computed by forward: `logits_fn` computes them
+    on first access of `.logits` (so training, which never reads them, never holds `[B, T, V]`).
+    """
+
+    def __init__(self, loss: torch.Tensor | None, logits: torch.Tensor | None = None,
+                 past_key_values: QWenCache | None = None, logits_fn=None):
+        self.loss, self.past_key_values = loss, past_key_values
+        self._logits, self._logits_fn = logits, logits_fn
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        if self._logits is None and self._logits_fn is not None:
+            self._logits = self._logits_fn()  # [B, T, V], computed once on demand
+            self._logits_fn = None
+        return self._logits
 
 
 class RMSNorm(nn.Module):
@@ -311,6 +327,8 @@ class QWenModel(nn.Module):
 class QWenLMHeadModel(nn.Module):
     """`transformer` (QWenModel) + `lm_head`; see module docstring for the contract."""
 
+    loss_chunk_size: int = 1024  # rows of [rows, V] logits alive at once in the supervised-only loss
+
     def __init__(self, config: QWenConfig):
         super().__init__()
         self.config = config
@@ -355,27 +373,24 @@ class QWenLMHeadModel(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        return_logits: bool | None = None,
     ) -> QWenOutput:
+        """With `labels` and `return_logits` not True, the loss is computed only at target positions
+        (`qwen.loss.supervised_loss`, chunked) and `.logits` is computed lazily on access; with
+        `return_logits=True` (or no labels) the full `[B, T, V]` logits are computed here."""
         out = self.transformer(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
             inputs_embeds=inputs_embeds, image_features=image_features, use_cache=use_cache,
             position_ids=position_ids, cu_seqlens=cu_seqlens,
         )
-        logits = self.lm_head(out.last_hidden_state)  # [B, T, V]
-        loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-            # The one label shift of the codebase: position t predicts token t+1.
-            shift_logits = logits[:, :-1].float()  # [B, T-1, V]
-            shift_labels = labels[:, 1:]
-            if cu_seqlens is not None:
-                # Never predict across a packed-sequence boundary.
-                shift_labels = shift_labels.clone()
-                ends = (cu_seqlens[1:-1] - 1).long()
-                shift_labels[0, ends] = IGNORE_INDEX
-            loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+        hidden = out.last_hidden_state  # [B, T, H]
+        if labels is not None and return_logits is not True:
+            # Supervised-only logits: the shift and the packed-boundary rule live in qwen/loss.py.
+            loss = supervised_loss(hidden, self.lm_head, labels, cu_seqlens, self.loss_chunk_size)
+            return QWenOutput(loss=loss, past_key_values=out.past_key_values,
+                              logits_fn=lambda: self.lm_head(hidden))
+        logits = self.lm_head(hidden)  # [B, T, V]
+        loss = None if labels is None else full_logits_loss(logits, labels, cu_seqlens)
         return QWenOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
 
     @classmethod

@@ -1,0 +1,155 @@
+"""The causal-LM loss: the one label shift of the codebase, full-logits and supervised-only variants.
+
+Contract
+--------
+* `shift_targets(labels [B, T], cu_seqlens=None) -> [B, T-1]`: THE label shift (position t predicts
+  label t+1). With packed sequences (`cu_seqlens` int32 `[n+1]` over a `[1, total]` row) the target of
+  each sequence's last position is set to -100, so nothing is predicted across a sample boundary.
+  Every loss below (and `model.placeholders.causal_lm_loss`, the hf path) goes through it.
+* `full_logits_loss(logits [B, T, V], labels [B, T], cu_seqlens=None)`: mean fp32 cross-entropy over
+  the target tokens (ignore_index -100), from logits the caller already holds.
+* `supervised_loss(hidden [B, T, H], head, labels [B, T], cu_seqlens=None, chunk_size=1024)`: the same
+  number without the `[B, T, V]` logits: the hidden states at positions whose shifted label is a
+  target are gathered (`[N, H]`), then `head` (any module mapping `[n, H] -> [n, V]`, e.g. `lm_head`
+  or a LoRA-wrapped one) + cross-entropy run `chunk_size` rows at a time; peak memory is one chunk's
+  `[chunk_size, V]` logits (plus their fp32 copy), never `N x V`. Two ways to get the gradients:
+  - a plain `nn.Linear` head (the usual `lm_head`, tied or not) goes through `_FusedLinearCE`: each
+    chunk's gradient (softmax - onehot) is turned into the head's and the hidden states' gradients
+    right in forward, so the head costs 3 matmuls per target row instead of 4 (no recompute);
+  - any other head (LoRA-wrapped, sharded by DeepSpeed ZeRO-3 / FSDP2, `FUSED = False`) runs each
+    chunk under `torch.utils.checkpoint`: its logits are recomputed in backward.
+  With no target at all it returns a zero that is still connected to `hidden` and `head` (so every
+  parameter gets a (zero) gradient, which DDP needs) instead of the NaN of an empty mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+DEFAULT_CHUNK_SIZE = 1024
+
+
+def shift_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, T] unshifted labels -> [B, T-1] targets of positions 0..T-2 (the one shift)."""
+    targets = labels[:, 1:]  # [B, T-1]: position t predicts token t+1
+    if cu_seqlens is not None:
+        if labels.shape[0] != 1:
+            raise ValueError(f"packed labels must be one row [1, total], got {tuple(labels.shape)}")
+        ends = (cu_seqlens[1:-1] - 1).long()  # last position of every sequence but the final one
+        if len(ends):
+            targets = targets.clone()  # never write into the caller's labels
+            targets[0, ends] = IGNORE_INDEX  # never predict across a packed-sequence boundary
+    return targets
+
+
+def full_logits_loss(
+    logits: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (fp32) from full logits `[B, T, V]`; -100 is ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must be [B, T] = {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+    targets = shift_targets(labels, cu_seqlens)  # [B, T-1]
+    shift_logits = logits[:, :-1].float()  # [B, T-1, V]
+    return F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def _chunk_ce_sum(head: Callable, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # [n, V] in fp32, as the full path's `.float()` before the CE
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+FUSED = True  # set False to force the checkpointed path everywhere
+
+
+def _fusable(head) -> bool:
+    """A plain nn.Linear whose weight is an ordinary local tensor (not a ZeRO-3 / FSDP2 shard)."""
+    if not FUSED or type(head) is not torch.nn.Linear:
+        return False
+    w = head.weight
+    return type(w) is torch.nn.Parameter and not hasattr(w, "ds_id") and w.numel() > 0
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    """sum_i CE(h_i W^T + b, y_i) with the gradients computed chunk by chunk during forward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk_size: int, need: tuple[bool, bool, bool]):
+        # h [N, H], weight [V, H], bias [V] | None, y [N]; need = which of h / weight / bias want a gradient
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need[1] else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need[2] else None
+        need_grad = any(need)
+        for start in range(0, h.shape[0], chunk_size):
+            hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [c, H], [c]
+            logits = F.linear(hc, weight, bias).float()  # [c, V], fp32 as the full path's `.float()`
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            total += (lse - logits.gather(1, yc[:, None])[:, 0]).sum()
+            if need_grad:
+                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place over the chunk's logits
+                g[torch.arange(len(yc), device=g.device), yc] -= 1.0  # d(sum CE) / d logits  [c, V]
+                g = g.to(weight.dtype)
+                if grad_h is not None:
+                    grad_h[start:start + chunk_size] = g @ weight  # [c, H]
+                if grad_w is not None:
+                    grad_w += (g.t() @ hc).float()  # [V, H], accumulated in fp32 over the chunks
+                if grad_b is not None:
+                    grad_b += g.float().sum(0)
+            del logits
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        h_dt, w_dt, b_dt = ctx.dtypes
+        scale = grad_out.float()  # the gradients above are of the SUM; scale by d(loss)/d(sum)
+        gh = None if grad_h is None else (grad_h.float() * scale).to(h_dt)
+        gw = None if grad_w is None else (grad_w * scale).to(w_dt)
+        gb = None if grad_b is None else (grad_b * scale).to(b_dt)
+        return gh, gw, gb, None, None, None
+
+
+def supervised_loss(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    cu_seqlens: torch.Tensor | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy computed only at target positions, `chunk_size` rows at a time."""
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"supervised_loss: chunk_size must be >= 1, got {chunk_size}")
+    targets = shift_targets(labels, cu_seqlens)  # [B, T-1]
+    keep = targets != IGNORE_INDEX  # [B, T-1]
+    h = hidden[:, :-1][keep]  # [N, H]: only the positions that have a target
+    y = targets[keep]  # [N]
+    n = int(y.numel())
+    if n == 0:
+        # No target: a zero still wired to the graph (DDP expects a gradient for every used parameter).
+        return (head(hidden[:, :1].reshape(-1, hidden.shape[-1])).float().sum() * 0.0)
+    recompute = torch.is_grad_enabled() and (h.requires_grad or any(
+        p.requires_grad for p in getattr(head, "parameters", lambda: [])()))
+    if _fusable(head):
+        grad_on = torch.is_grad_enabled()
+        need = (grad_on and h.requires_grad, grad_on and head.weight.requires_grad,
+                grad_on and head.bias is not None and head.bias.requires_grad)
+        return _FusedLinearCE.apply(h, head.weight, head.bias, y, chunk_size, need) / n
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, n, chunk_size):
+        hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [c, H], [c]
+        if recompute:
+            # The chunk's logits are not kept for backward; they are recomputed there.
+            total = total + checkpoint(_chunk_ce_sum, head, hc, yc, use_reentrant=False)
+        else:
+            total = total + _chunk_ce_sum(head, hc, yc)
+    return total / n
