@@ -203,3 +203,12 @@ def test_test_cli_answers_like_chat(tmp_path, data, capsys):
                             "--image-folder", str(data), "--max-new-tokens", "4", "--batch-size", "3"]) == 0
     rows = [json.loads(x) for x in answers.read_text().splitlines()]
     assert len(rows) == 8 and all("answer" in r and r["reference"] for r in rows)
+
+
+def test_evaluation_during_training_logs_eval_loss(tmp_path, data):
+    from trainer.run import train
+
+    out = train(tiny_train_config(tmp_path, data, max_steps=4, eval_steps=2,
+                                  eval_data_path=[str(data / "val.jsonl")])).output_dir
+    evals = {r["step"]: r["eval_loss"] for r in read_log(out / "log.jsonl") if "eval_loss" in r}
+    assert sorted(evals) == [2, 4] and all(v > 0 and v == v for v in evals.values())
