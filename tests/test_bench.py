@@ -1,0 +1,201 @@
+"""Benchmarks' --quick modes run and print their figures; the MFU FLOP count matches a hand count.
+
+No timing is asserted: figures only have to exist and be positive. Correctness checks that do not depend
+on speed are asserted (both sides of a benchmark start from the same weights, so the same loss / the
+same greedy tokens).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+NUM = r"([-+0-9.eE]+|nan|inf)"
+
+
+def _figures(out: str, name: str) -> dict[str, float]:
+    m = re.search(rf"^{name}\s+ours={NUM} reference={NUM} ratio={NUM}", out, re.M)
+    assert m, f"no '{name} ours=.. reference=.. ratio=..' line in:\n{out}"
+    return {"ours": float(m.group(1)), "reference": float(m.group(2)), "ratio": float(m.group(3))}
+
+
+def test_train_step_quick(capsys):
+    from benchmarks import train_step
+
+    res = train_step.main(["--quick"])
+    out = capsys.readouterr().out
+    for name in ("samples_per_s", "target_tokens_per_s", "peak_mb", "step_s"):
+        f = _figures(out, name)
+        assert f["ours"] > 0 and f["reference"] > 0 and f["ratio"] > 0, (name, f)
+    # Same weights and the same first batch: the two implementations must agree on the loss.
+    first = res["first_loss"]
+    assert abs(first["ours"] - first["reference"]) < 1e-4 * max(1.0, abs(first["reference"])), first
+    # Packing the same samples into one row changes no target: the same mean loss.
+    assert abs(first["packed"] - first["ours"]) < 1e-4 * max(1.0, abs(first["ours"])), first
+    f = _figures(out, "packed_samples_per_s")
+    assert f["ours"] > 0 and f["reference"] > 0, f
+    assert res["stage1"]["cached"]["samples_per_s"] > 0 and res["stage1"]["pixels"]["samples_per_s"] > 0
+    assert re.search(rf"^stage1_samples_per_s\s+cached={NUM} pixels={NUM} ratio={NUM}", out, re.M), out
+
+
+def test_generate_quick(capsys):
+    from benchmarks import generate
+
+    res = generate.main(["--quick"])
+    out = capsys.readouterr().out
+    for name in ("tokens_per_s", "prefill_s", "decode_tokens_per_s"):
+        f = _figures(out, name)
+        assert f["ours"] > 0 and f["reference"] > 0, (name, f)
+    # Greedy decoding of the same weights: the generated tokens agree (a tie could flip one row at most).
+    assert res["match"] >= 2 / 3, res["match"]
+
+
+def test_data_quick(capsys):
+    from benchmarks import data
+
+    res = data.main(["--quick", "--workers", "0", "2"])
+    out = capsys.readouterr().out
+    for w in (0, 2):
+        m = re.search(rf"^workers={w}\s+samples_per_s={NUM} ratio_to_train={NUM}", out, re.M)
+        assert m and float(m.group(1)) > 0 and float(m.group(2)) > 0, out
+    assert re.search(rf"^train_samples_per_s\s+{NUM}", out, re.M) and res["train_samples_per_s"] > 0
+
+
+# ----- MFU -------------------------------------------------------------------------------------------
+def _tiny_vlm(tmp_path, **over):
+    from model import build_vlm
+    from tests.tiny_visual import save_tiny_clip
+
+    tower = save_tiny_clip(tmp_path / "clip", image_size=32, patch_size=8, hidden=32, layers=2)
+    lm_config = {"arch": "qwen2", "vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 48,
+                 "max_position_embeddings": 128, "tie_word_embeddings": False}
+    cfg = {"lm": "scratch", "lm_backend": "qwen", "lm_config": lm_config, "image_token_id": 100,
+           "towers": [{"backend": "hf_clip", "name_or_path": str(tower), "feature_layer": -2,
+                       "select": "patch"}], "image_mode": "resize", "projector": "mlp2x_gelu", **over}
+    return build_vlm(cfg)
+
+
+def _batch(vlm):
+    """2 samples: lengths 20 (one image) and 12 (padded), 7 supervised positions after the shift."""
+    T = 20
+    ids = torch.randint(0, 90, (2, T))
+    ids[0, 2:2 + 16] = vlm.image_token_id  # tokens_per_image = 16
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, 12:] = 0
+    labels = torch.full((2, T), -100)
+    labels[0, 18:20] = 5  # 2 targets
+    labels[1, 6:11] = 7  # 5 targets
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "pixel_values": torch.randn(1, 3, 32, 32), "image_counts": torch.tensor([1, 0])}
+
+
+def _hand_count(tower_trains: bool, proj_trains: bool, lm_trains: bool) -> int:
+    # CLIP tower: d=32, 2 layers, MLP 64, patch 8 on 32 px -> 16 patches + CLS = 17 positions.
+    d, layers, mlp, t = 32, 2, 64, 17
+    tower_w = layers * (4 * d * d + 2 * d * mlp) + 3 * 8 * 8 * d
+    tower = (6 if tower_trains else 2) * tower_w * t + (12 if tower_trains else 4) * layers * d * t * t
+    # projector mlp2x_gelu 32 -> 32 -> 32 on 16 tokens.
+    proj = (6 if proj_trains else 2) * (32 * 32 + 32 * 32) * 16
+    # LM: H=32, 4 heads x 8, 2 KV heads, MLP 48, 2 layers; c_attn (4+2+2)*8 rows; head 128 x 32.
+    H = 32
+    per_layer = (8 * 8) * H + H * H + 3 * 48 * H
+    flows = tower_trains or proj_trains or lm_trains
+    m_lm = 2 + 2 * flows + 2 * lm_trains
+    lm = m_lm * 2 * per_layer * (20 + 12)
+    attn = (12 if flows else 4) * 2 * (4 * 8) * (20 * 20 + 12 * 12)
+    head = m_lm * 128 * H * 7
+    return tower + proj + lm + attn + head
+
+
+@pytest.mark.parametrize("stage", ["full", "stage1"])
+def test_step_flops_hand_count(tmp_path, stage):
+    from trainer.throughput import ModelDims, batch_stats, step_flops
+
+    vlm = _tiny_vlm(tmp_path)  # towers frozen (default)
+    if stage == "stage1":
+        vlm.lm.requires_grad_(False)  # only the projector trains
+    dims = ModelDims.from_model(vlm)
+    stats = batch_stats(_batch(vlm))
+    assert (stats.tokens, stats.targets, stats.images, stats.samples) == (32, 7, 1, 2)
+    flops = step_flops(dims, stats)
+    assert flops["total"] == _hand_count(False, True, stage == "full")
+    assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
+
+
+def test_step_flops_cached_features_skip_tower(tmp_path):
+    from trainer.throughput import ModelDims, batch_stats, step_flops
+
+    vlm = _tiny_vlm(tmp_path)
+    batch = _batch(vlm)
+    pix = batch.pop("pixel_values")
+    batch["image_features"] = vlm.towers(pix)  # [1, 16, 32]
+    flops = step_flops(ModelDims.from_model(vlm), batch_stats(batch))
+    assert flops["towers"] == 0 and flops["projector"] == 6 * 2048 * 16
+
+
+def test_peak_matmul_flops_cached():
+    from trainer.throughput import _PEAK_CACHE, peak_matmul_flops
+
+    _PEAK_CACHE.pop(("cpu", str(torch.float64)), None)
+    rng = torch.get_rng_state()
+    a = peak_matmul_flops("cpu", torch.float64, size=64, repeats=1)
+    assert torch.equal(torch.get_rng_state(), rng)  # training's random stream is untouched
+    assert a > 0 and peak_matmul_flops("cpu", torch.float64) == a  # measured once per device/dtype
+
+
+def test_throughput_callback_logs(tmp_path):
+    from transformers import TrainingArguments
+
+    from dataset import Collator
+    from trainer.hf_trainer import VLMTrainer
+    from trainer.throughput import ThroughputCallback
+
+    vlm = _tiny_vlm(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i in range(6):
+        n = 20 + 2 * i
+        ids = torch.randint(0, 90, (n,), generator=g)
+        labels = torch.full((n,), -100)
+        labels[-3:] = ids[-3:]
+        pix = None
+        if i % 2 == 0:
+            ids[1:17] = vlm.image_token_id
+            pix = torch.randn(1, 3, 32, 32, generator=g)
+        items.append({"input_ids": ids, "labels": labels, "pixel_values": pix, "n_images": int(pix is not None),
+                      "id": str(i), "skipped": []})
+    cb = ThroughputCallback(vlm, peak_flops=1e9)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=3,
+                             logging_steps=1, report_to="none", use_cpu=True, save_strategy="no",
+                             remove_unused_columns=False, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = VLMTrainer(model=vlm, args=args, train_dataset=items, data_collator=Collator(pad_id=0),
+                         callbacks=[cb], lr_settings=dict(learning_rate=1e-3, projector_lr=None, vision_lr=None))
+    trainer.train()
+    rows = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(rows) == 3
+    for r in rows:
+        for key in ("tokens_per_s", "target_tokens_per_s", "samples_per_s", "tflops", "mfu", "peak_mem_gb"):
+            assert r[key] > 0, (key, r)
+        assert 0 <= r["data_wait_frac"] <= 1
+    # One epoch of 6 items in 3 steps: the hook counted every real token, target and image exactly once.
+    assert cb.totals["tokens"] == sum(len(it["input_ids"]) for it in items)
+    assert cb.totals["targets"] == 3 * len(items)
+    assert cb.totals["images"] == 3
+
+
+def test_train_run_logs_throughput(tmp_path):
+    """trainer/run.py wires the callback: every training log line in log.jsonl carries the figures."""
+    from tests.tiny_train import make_tiny_data, tiny_train_config
+    from trainer.callbacks import read_log
+    from trainer.run import train
+
+    data = make_tiny_data(tmp_path / "shapes", n_train=16, n_val=2)
+    out = train(tiny_train_config(tmp_path, data, max_steps=2)).output_dir
+    rows = [r for r in read_log(out / "log.jsonl") if "loss" in r]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["mfu"] > 0 and r["tokens_per_s"] > 0 and r["images_per_s"] > 0 and r["peak_mem_gb"] > 0, r
+        assert 0 <= r["data_wait_frac"] <= 1, r
