@@ -98,8 +98,10 @@ def generate(
         input_ids = input_ids.to(device)
         seen.scatter_(1, input_ids.clamp(0, V - 1), attention_mask.bool())  # real prompt tokens only
 
+    # Only the last position's logits are ever read (logits_to_keep=1).
     out = model(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask, image_features=image_features, use_cache=use_cache)
+                attention_mask=attention_mask, image_features=image_features, use_cache=use_cache,
+                logits_to_keep=1)
     results: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     full_ids, full_embeds = input_ids, inputs_embeds
@@ -125,13 +127,14 @@ def generate(
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((B, 1))], dim=1)
         if use_cache:
             out = model(input_ids=nxt[:, None], attention_mask=attention_mask,
-                        past_key_values=out.past_key_values, use_cache=True)
+                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
         elif full_embeds is not None:
             new = model.get_input_embeddings()(nxt[:, None]).to(full_embeds.dtype)
             full_embeds = torch.cat([full_embeds, new], dim=1)
-            out = model(inputs_embeds=full_embeds, attention_mask=attention_mask)
+            out = model(inputs_embeds=full_embeds, attention_mask=attention_mask, logits_to_keep=1)
         else:
             full_ids = torch.cat([full_ids, nxt[:, None]], dim=1)
-            out = model(input_ids=full_ids, attention_mask=attention_mask, image_features=image_features)
+            out = model(input_ids=full_ids, attention_mask=attention_mask, image_features=image_features,
+                        logits_to_keep=1)
     model.train(was_training)
     return results

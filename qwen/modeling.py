@@ -374,10 +374,13 @@ class QWenLMHeadModel(nn.Module):
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         return_logits: bool | None = None,
+        logits_to_keep: int = 0,
     ) -> QWenOutput:
         """With `labels` and `return_logits` not True, the loss is computed only at target positions
         (`qwen.loss.supervised_loss`, chunked) and `.logits` is computed lazily on access; with
-        `return_logits=True` (or no labels) the full `[B, T, V]` logits are computed here."""
+        `return_logits=True` (or no labels) the full `[B, T, V]` logits are computed here.
+        `logits_to_keep=n > 0` (no labels) computes logits for the last n positions only, as generation
+        needs: a prefill then never builds the prompt x vocabulary matrix."""
         out = self.transformer(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
             inputs_embeds=inputs_embeds, image_features=image_features, use_cache=use_cache,
@@ -389,6 +392,8 @@ class QWenLMHeadModel(nn.Module):
             loss = supervised_loss(hidden, self.lm_head, labels, cu_seqlens, self.loss_chunk_size)
             return QWenOutput(loss=loss, past_key_values=out.past_key_values,
                               logits_fn=lambda: self.lm_head(hidden))
+        if logits_to_keep > 0 and labels is None:
+            hidden = hidden[:, -logits_to_keep:]  # [B, n, H]
         logits = self.lm_head(hidden)  # [B, T, V]
         loss = None if labels is None else full_logits_loss(logits, labels, cu_seqlens)
         return QWenOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)

@@ -109,9 +109,13 @@ class VLMTrainer(Trainer):
             opt_model = self.model if model is None else model
             groups = param_groups(unwrap(opt_model), weight_decay=self.args.weight_decay, **self.lr_settings)
             print("optimizer groups:\n" + describe_groups(groups), flush=True)
+            # The fused kernel updates every tensor of a group in one pass (CPU and CUDA); it needs
+            # floating-point parameters on one of those devices.
+            params = [p for g in groups for p in g["params"]]
+            fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
             self.optimizer = torch.optim.AdamW(
                 groups, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon,
+                eps=self.args.adam_epsilon, fused=fused,
             )
         return self.optimizer
 
