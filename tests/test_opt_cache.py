@@ -9,8 +9,8 @@ import torch
 from dataset import Collator, VLMDataset
 from dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
 from model import VLM, build_vlm
-from tests.test_opt_utils import assert_same_grads, grads, tiny_vlm
 from tests.tiny_model import randomize_
+from tests.tiny_opt import assert_same_grads, grads, tiny_vlm
 from tests.tiny_train import make_tiny_data, tiny_model_section
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import model.model as model_module
 from dataset import Collator
 from qwen.loss import shift_targets, supervised_loss
-from tests.test_opt_utils import assert_same_grads, grads, sample_items, tiny_vlm
+from tests.tiny_opt import assert_same_grads, grads, sample_items, tiny_vlm
 
 
 def _run(vlm, batch, **kw):

@@ -7,7 +7,7 @@ import torch
 
 from dataset import Collator
 from dataset.packing import PackedDataset, PackingCollator, PackingSampler, first_fit_decreasing
-from tests.test_opt_utils import assert_same_grads, grads, sample_items, tiny_vlm
+from tests.tiny_opt import assert_same_grads, grads, sample_items, tiny_vlm
 
 
 def _loss_and_grads(vlm, batch):
