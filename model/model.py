@@ -32,6 +32,7 @@ Contract:
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +59,16 @@ IMAGE_MARKER = "<image>"
 HF_PLACEHOLDERS = ("<image>", "<|image_pad|>")
 
 
+@dataclass(init=False)
 class VLMOutput:
     """`loss`, `logits` `[B, T, V]`, `past_key_values`. When the loss was computed at target positions
-    only, `logits_fn` computes the full logits on first access of `.logits` (training never reads them)."""
+    only, `logits_fn` computes the full logits on first access of `.logits` (training never reads them).
+    A dataclass so that DDP finds the loss among its fields (it marks parameters unused otherwise)."""
+
+    loss: torch.Tensor | None
+    past_key_values: Any
+    _logits: torch.Tensor | None
+    _logits_fn: Any
 
     def __init__(self, loss: torch.Tensor | None, logits: torch.Tensor | None = None, past_key_values: Any = None,
                  logits_fn: Any = None):

@@ -79,12 +79,19 @@ class QWenModelOutput:
     past_key_values: QWenCache | None = None
 
 
+@dataclass(init=False)
 class QWenOutput:
     """`loss`, `logits` `[B, T, V]`, `past_key_values`.
 
     In the supervised-only loss path the logits are not computed by forward: `logits_fn` computes them
     on first access of `.logits` (so training, which never reads them, never holds `[B, T, V]`).
+    A dataclass so that DDP finds the loss among its fields.
     """
+
+    loss: torch.Tensor | None
+    past_key_values: QWenCache | None
+    _logits: torch.Tensor | None
+    _logits_fn: object
 
     def __init__(self, loss: torch.Tensor | None, logits: torch.Tensor | None = None,
                  past_key_values: QWenCache | None = None, logits_fn=None):

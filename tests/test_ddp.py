@@ -207,3 +207,21 @@ def test_global_batch_size_not_divisible_is_an_error(tmp_path, monkeypatch):
         training_arguments(cfg, tmp_path / "run")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert cfg.accumulation_steps(3) == 1
+
+
+def test_two_processes_with_a_training_tower_read_at_an_inner_layer(tmp_path):
+    """A training tower read at an inner feature_layer leaves its later stages unused; DDP must not stop
+    on them (find_unused_parameters is on exactly when a tower trains)."""
+    from tests.tiny_train import TINY_TOWER, tiny_model_section
+
+    data = make_tiny_data(tmp_path / "shapes")
+    model = tiny_model_section(data)
+    model["towers"] = [dict(TINY_TOWER, feature_layer=2)]  # stages 3 and 4 take no part in the forward
+    cfg = tiny_train_config(tmp_path / "two", data, model=model, per_device_train_batch_size=2,
+                            global_batch_size=4, max_steps=2, vision_lr=1e-3, ddp_timeout=60)
+    env = dict(os.environ, NPROC="2", PY=sys.executable, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(["sh", str(ROOT / "train.sh"), str(tmp_path / "two" / "tiny_config.yaml")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(_losses(Path(cfg.output_dir))) == [1, 2]

@@ -212,7 +212,10 @@ class _SkipForwardingCollator:
         return out
 
 
-def training_arguments(cfg: TrainConfig, out: Path):
+def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
+    """The Trainer's arguments. `towers_train`: some tower parameters take gradients; a tower read at an
+    inner `feature_layer` leaves its later blocks (and e.g. CLIP's post-norm) unused, so DDP must then
+    look for unused parameters."""
     from transformers import TrainingArguments
 
     has_eval = bool(cfg.eval_data_path)
@@ -245,7 +248,8 @@ def training_arguments(cfg: TrainConfig, out: Path):
         # `fsdp=true` turns FSDP on (configured by fsdp_config); other strings are transformers' legacy form.
         fsdp=True if cfg.fsdp.strip().lower() in ("true", "1", "yes") else cfg.fsdp,
         fsdp_config=cfg.fsdp_config,
-        ddp_find_unused_parameters=False,  # the VLM always uses every part (see VLM.forward)
+        # The LM and projector are always used (see VLM.forward); only a training tower can leave some unused.
+        ddp_find_unused_parameters=towers_train,
         ddp_timeout=cfg.ddp_timeout,
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
@@ -285,7 +289,7 @@ def train(cfg: TrainConfig) -> RunResult:
     if rank == 0 and cfg.check_disk_space:
         preflight_disk_space(out, vlm)
     train_ds, eval_ds = build_datasets(cfg, vlm)
-    args = training_arguments(cfg, out)
+    args = training_arguments(cfg, out, towers_train=any(p.requires_grad for p in vlm.towers.parameters()))
     resume = resolve_resume(cfg, out)
 
     sampler_fn = None
