@@ -24,8 +24,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    train(cfg)
+    try:
+        train(cfg)
+    except BaseException:
+        _close_process_group(wait_for_others=False)  # the other ranks may never reach a barrier
+        raise
+    _close_process_group(wait_for_others=True)
     return 0
+
+
+def _close_process_group(wait_for_others: bool) -> None:
+    """Under torchrun, leave the process group cleanly: a group torn down by interpreter exit can abort
+    a rank ("terminate called without an active exception") after a successful run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
