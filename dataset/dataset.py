@@ -101,8 +101,10 @@ class VLMDataset(torch.utils.data.Dataset):
         seed: int = 0,
         max_retries: int = 100,
         feature_cache: str | os.PathLike | None = None,
+        image_token_id: int | None = None,
     ):
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.image_token_id = image_token_id  # the model's placeholder; None = the tokenizer's
         self.tokens_per_image, self.max_length, self.mode = tokens_per_image, max_length, mode
         self.strict, self.frames_per_video, self.system_prompt = strict, frames_per_video, system_prompt
         self.max_pixels, self.max_retries = max_pixels, max_retries
@@ -168,7 +170,7 @@ class VLMDataset(torch.utils.data.Dataset):
 
     def _render(self, s: Sample):
         return render(s, self.tokenizer, self.tokens_per_image, self.mode, self.max_length,
-                      self.frames_per_video, self.system_prompt)
+                      self.frames_per_video, self.system_prompt, image_token_id=self.image_token_id)
 
     def _cached_features(self, s: Sample, media: list) -> torch.Tensor | None:
         """`[n_spans, T, C]` tower outputs of the sample's images from the feature cache (or None)."""

@@ -1,7 +1,7 @@
 """Render a `Sample` to `input_ids` and `labels` in one pass (ChatML), expanding image markers in place.
 
 `render(sample, tokenizer, tokens_per_image, mode="chat", max_length=None, frames_per_video=4,
-system_prompt=None) -> Rendered`
+system_prompt=None, add_generation_prompt=False, image_token_id=None) -> Rendered`
 
 chat mode (ChatML, Qwen's template), per message:
     <|im_start|> role "\\n" content <|im_end|> "\\n"
@@ -101,12 +101,14 @@ class _MediaCursor:
                                  f"{len(s.images)} images / {len(s.videos)} videos")
 
 
-def _span(tokenizer, tokens_per_image: int) -> list[int]:
-    start, pad, end = tokenizer.image_start_id, tokenizer.image_token_id, tokenizer.image_end_id
-    return [start] + [pad] * tokens_per_image + [end]
+def image_span(tokenizer, tokens_per_image: int, image_token_id: int | None = None) -> list[int]:
+    """`image_start + N x placeholder + image_end`; the placeholder is the tokenizer's unless the model
+    was built with another one (e.g. an imported Llava checkpoint)."""
+    pad = tokenizer.image_token_id if image_token_id is None else image_token_id
+    return [tokenizer.image_start_id] + [pad] * tokens_per_image + [tokenizer.image_end_id]
 
 
-def _content(piece: _Piece, text: str, train: bool, cursor: _MediaCursor, tokenizer, n_tok: int, k: int,
+def _content(piece: _Piece, text: str, train: bool, cursor: _MediaCursor, tokenizer, span: list[int], k: int,
              text_too: bool = True) -> None:
     """Append `text` with its markers expanded in place; image spans are never trained on."""
     for part in _MARKERS.split(text):
@@ -114,16 +116,16 @@ def _content(piece: _Piece, text: str, train: bool, cursor: _MediaCursor, tokeni
             kind, path = cursor.next(part)
             piece.media.append((kind, path))
             n_spans = 1 if kind == "image" else k
-            piece.add(_span(tokenizer, n_tok) * n_spans, train=False)
+            piece.add(span * n_spans, train=False)
         elif part and text_too:
             piece.add(tokenizer.encode(part), train)
 
 
-def _message(msg: dict, cursor: _MediaCursor, tokenizer, n_tok: int, k: int) -> _Piece:
+def _message(msg: dict, cursor: _MediaCursor, tokenizer, span: list[int], k: int) -> _Piece:
     piece = _Piece()
     train = msg["role"] == "assistant"
     piece.add([tokenizer.im_start_id] + tokenizer.encode(msg["role"]) + tokenizer.encode("\n"), train=False)
-    _content(piece, msg["content"], train, cursor, tokenizer, n_tok, k)
+    _content(piece, msg["content"], train, cursor, tokenizer, span, k)
     piece.add([tokenizer.im_end_id], train=train)  # the model learns to stop
     piece.add(tokenizer.encode("\n"), train=False)
     return piece
@@ -143,8 +145,10 @@ def render(
     frames_per_video: int = 4,
     system_prompt: str | None = None,
     add_generation_prompt: bool = False,
+    image_token_id: int | None = None,
 ) -> Rendered:
-    """Token ids + labels of `sample` (see the module docstring)."""
+    """Token ids + labels of `sample` (see the module docstring). `image_token_id` overrides the
+    tokenizer's placeholder (pass the model's `VLM.image_token_id`)."""
     if add_generation_prompt and mode != "chat":
         raise ValueError("render: add_generation_prompt needs mode='chat'")
     if mode not in MODES:
@@ -154,6 +158,7 @@ def render(
     if not msgs:
         raise BadSampleError(f"{sample.where}: empty conversation")
     cursor = _MediaCursor(sample)
+    span = image_span(tokenizer, tokens_per_image, image_token_id)  # one image's ids, built once
 
     if mode == "plain":
         user = next((m for m in msgs if m["role"] == "user"), None)
@@ -163,8 +168,7 @@ def render(
         if _MARKERS.search(answer["content"]):
             raise BadSampleError(f"{sample.where}: plain mode: the caption contains an image/video marker")
         piece = _Piece()
-        _content(piece, user["content"], False, cursor, tokenizer, tokens_per_image, frames_per_video,
-                 text_too=False)
+        _content(piece, user["content"], False, cursor, tokenizer, span, frames_per_video, text_too=False)
         piece.add(tokenizer.encode(answer["content"]) + [tokenizer.eod_id], train=True)
         kept = [piece]
     else:
@@ -172,15 +176,15 @@ def render(
         body = msgs
         if msgs[0]["role"] == "system":
             body = msgs[1:]
-            prefix = _message(msgs[0], cursor, tokenizer, tokens_per_image, frames_per_video)
+            prefix = _message(msgs[0], cursor, tokenizer, span, frames_per_video)
         elif system_prompt:
-            prefix = _message({"role": "system", "content": system_prompt}, cursor, tokenizer,
-                              tokens_per_image, frames_per_video)
+            prefix = _message({"role": "system", "content": system_prompt}, cursor, tokenizer, span,
+                              frames_per_video)
         pairs: list[_Piece] = []
         for m in body:
             if m["role"] == "system":
                 raise BadSampleError(f"{sample.where}: a system message after the first turn")
-            piece = _message(m, cursor, tokenizer, tokens_per_image, frames_per_video)
+            piece = _message(m, cursor, tokenizer, span, frames_per_video)
             if m["role"] == "user":
                 pairs.append(piece)
             elif not pairs:

@@ -119,7 +119,8 @@ class VLM(nn.Module):
         if isinstance(tok_id, int) and tok_id != self.image_token_id:
             warnings.warn(
                 f"VLM placeholder id {self.image_token_id} differs from the tokenizer's image_token_id {tok_id}: "
-                f"render prompts with VLM.image_token_id (chat() does)", stacklevel=2,
+                f"chat() and training render with VLM.image_token_id; pass it as render(..., image_token_id=...) "
+                f"elsewhere", stacklevel=2,
             )
         if config.lm_backend == "qwen":
             # QWenModel swaps the rows of this id; keep the LM and the VLM agreeing on it.
@@ -297,26 +298,23 @@ class VLM(nn.Module):
         return results
 
     def chat_ids(self, messages: list[dict], n_images: int) -> list[int]:
-        """ChatML ids with each `<image>` expanded to start + N x placeholder + end, plus the reply prompt."""
+        """ChatML prompt ids with each `<image>` expanded to start + N x placeholder + end, plus the reply
+        header: the same rendering as training (`dataset.template.render`), with this model's placeholder."""
+        from dataset.sample import Sample
+        from dataset.template import render
+
         tok = self.tokenizer
         if tok is None or not hasattr(tok, "im_start_id"):
             raise ValueError("chat needs a Qwen tokenizer (set VLMConfig.tokenizer to a directory holding one)")
-        span = [tok.image_start_id] + [self.image_token_id] * self.tokens_per_image + [tok.image_end_id]
-        ids: list[int] = []
-        n_markers = 0
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"chat: messages[{i}] needs role system|user|assistant and str content, got {m!r}")
-            ids += [tok.im_start_id] + tok.encode(m["role"] + "\n")
-            for j, part in enumerate(m["content"].split(IMAGE_MARKER)):
-                if j:
-                    ids += span
-                    n_markers += 1
-                ids += tok.encode(part)
-            ids += [tok.im_end_id] + tok.encode("\n")
+        n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
         if n_markers != n_images:
             raise ValueError(f"chat: {n_markers} {IMAGE_MARKER} marker(s) in the messages but {n_images} image(s)")
-        return ids + [tok.im_start_id] + tok.encode("assistant\n")
+        sample = Sample(id="chat", messages=list(messages), images=[f"<image {i}>" for i in range(n_images)])
+        return render(sample, tok, self.tokens_per_image, add_generation_prompt=True,
+                      image_token_id=self.image_token_id).input_ids
 
     @torch.no_grad()
     def chat(self, images: list, messages: list[dict], **gen_kw: Any) -> str:

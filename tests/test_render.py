@@ -214,3 +214,15 @@ def test_generation_prompt_for_inference(tok):
     ids, _ = _expected(tok, msgs)
     assert r.input_ids == ids + [tok.im_start_id] + tok.encode("assistant") + tok.encode("\n")
     assert set(r.labels) == {IGNORE_INDEX} and r.media == [("image", "a.png")]
+
+
+def test_model_placeholder_overrides_the_tokenizers(tok):
+    """An imported Llava keeps its own placeholder id: render (and so training and chat) must use it."""
+    s = _sample([{"role": "user", "content": "a <image> b"}, {"role": "assistant", "content": "ok"}], ["x.png"])
+    plain = render(s, tok, tokens_per_image=3)
+    other = tok.image_token_id + 7
+    moved = render(s, tok, tokens_per_image=3, image_token_id=other)
+    assert plain.input_ids.count(tok.image_token_id) == 3 and other not in plain.input_ids
+    assert moved.input_ids.count(other) == 3 and tok.image_token_id not in moved.input_ids
+    swap = [other if t == tok.image_token_id else t for t in plain.input_ids]
+    assert moved.input_ids == swap and moved.labels == plain.labels

@@ -183,6 +183,7 @@ def build_datasets(cfg: TrainConfig, vlm):
         max_pixels=cfg.max_pixels,
         seed=cfg.seed,
         feature_cache=cfg.feature_cache,
+        image_token_id=vlm.image_token_id,  # may differ from the tokenizer's (an imported Llava)
     )
     paths = list(zip(cfg.data_path, cfg.data_weights)) if cfg.data_weights else list(cfg.data_path)
     train_ds = VLMDataset(paths, **common)
