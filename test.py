@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--input", help="JSONL/JSON file of samples to answer in batches")
     ap.add_argument("--output", help="where --input answers go (JSONL)")
     ap.add_argument("--image-folder", default=None, help="folder that --input image paths are relative to")
+    ap.add_argument("--allow-absolute-paths", action="store_true",
+                    help="accept --input image paths outside the image folder (trusted files only)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--do-sample", action="store_true")
@@ -123,7 +125,8 @@ def run_batch_file(vlm, args) -> None:
     from trainer.evaluate import answer_file
 
     n = answer_file(vlm, args.input, args.output, image_folder=args.image_folder,
-                    batch_size=args.batch_size, system=args.system, **gen_kwargs(args))
+                    batch_size=args.batch_size, system=args.system,
+                    allow_absolute_paths=args.allow_absolute_paths, **gen_kwargs(args))
     print(f"answered {n} samples -> {args.output}")
 
 

@@ -212,3 +212,17 @@ def test_evaluation_during_training_logs_eval_loss(tmp_path, data):
                                   eval_data_path=[str(data / "val.jsonl")])).output_dir
     evals = {r["step"]: r["eval_loss"] for r in read_log(out / "log.jsonl") if "eval_loss" in r}
     assert sorted(evals) == [2, 4] and all(v > 0 and v == v for v in evals.values())
+
+
+def test_evaluation_files_keep_image_paths_inside_the_folder(tmp_path, data):
+    from dataset import BadSampleError
+    from trainer.evaluate import load_samples
+
+    rec = {"id": "x", "images": ["../outside.png"],
+           "messages": [{"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "a"}]}
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(BadSampleError, match="is outside the media folder"):
+        load_samples(str(path), image_folder=str(data))
+    (s,) = [s for _, s in load_samples(str(path), image_folder=str(data), allow_absolute_paths=True)]
+    assert s.images[0].endswith("outside.png")

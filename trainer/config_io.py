@@ -41,14 +41,13 @@ def _check(value, tp, key: str, where: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _check(value, arg, key, where)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass  # try the next member of the union
         raise ConfigError(f"{where}: `{key}` = {value!r} matches none of {tp}")
     if origin is typing.Literal:
         if value not in args:

@@ -62,16 +62,17 @@ def answer_samples(vlm, samples: list, batch_size: int = 8, system: str | None =
     return answers
 
 
-def load_samples(path: str, image_folder: str | None = None) -> list[tuple[dict, object]]:
-    out = []
-    for pos, rec in read_records(path):
-        out.append((rec, normalize(rec, pos, path, image_folder=image_folder, allow_absolute_paths=True)))
-    return out
+def load_samples(path: str, image_folder: str | None = None,
+                 allow_absolute_paths: bool = False) -> list[tuple[dict, object]]:
+    """(record, Sample) pairs; image paths stay inside `image_folder` unless `allow_absolute_paths`."""
+    return [(rec, normalize(rec, pos, path, image_folder=image_folder, allow_absolute_paths=allow_absolute_paths))
+            for pos, rec in read_records(path)]
 
 
 def answer_file(vlm, input_path: str, output_path: str, image_folder: str | None = None,
-                batch_size: int = 8, system: str | None = None, **gen_kw) -> int:
-    pairs = load_samples(input_path, image_folder)
+                batch_size: int = 8, system: str | None = None, allow_absolute_paths: bool = False,
+                **gen_kw) -> int:
+    pairs = load_samples(input_path, image_folder, allow_absolute_paths)
     answers = answer_samples(vlm, [s for _, s in pairs], batch_size, system, **gen_kw)
     with open(output_path, "w", encoding="utf-8") as f:
         for (rec, s), ans in zip(pairs, answers):
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--image-folder", default=None)
+    ap.add_argument("--allow-absolute-paths", action="store_true", help="accept image paths outside the folder")
     ap.add_argument("--output", default=None, help="answers JSONL (default: next to the model)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=16)
@@ -117,7 +119,8 @@ def main(argv=None) -> int:
     model_dir = resolve_model_dir(args.model)
     vlm = VLM.from_pretrained(model_dir).eval()
     out = args.output or str(Path(model_dir) / "eval_answers.jsonl")
-    answer_file(vlm, args.data, out, args.image_folder, args.batch_size, max_new_tokens=args.max_new_tokens)
+    answer_file(vlm, args.data, out, args.image_folder, args.batch_size,
+                allow_absolute_paths=args.allow_absolute_paths, max_new_tokens=args.max_new_tokens)
     rows = [json.loads(line) for line in Path(out).read_text(encoding="utf-8").splitlines() if line]
     table = format_table(score(rows))
     print(table)

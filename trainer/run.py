@@ -296,6 +296,10 @@ def train(cfg: TrainConfig) -> RunResult:
     sampler_fn = None
     train_input = train_ds
     collator = Collator(pad_id=vlm.tokenizer.eod_id)
+    # Samplers draw whole optimizer steps (ranks x accumulation); accelerate hands their consecutive
+    # micro-batches to the ranks, so any (processes, accumulation) split of the same global batch sees the
+    # same samples at each step.
+    global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     if cfg.packing:
         from dataset.packing import PackedDataset, PackingCollator, PackingSampler
 
@@ -304,17 +308,12 @@ def train(cfg: TrainConfig) -> RunResult:
         train_input, collator = PackedDataset(train_ds), PackingCollator()
 
         def sampler_fn(targs):
-            global_batch = targs.per_device_train_batch_size * targs.world_size * targs.gradient_accumulation_steps
             return PackingSampler(train_ds.lengths, max_length=cfg.max_length, batch_size=global_batch,
                                   seed=cfg.seed)
     elif cfg.group_by_length:
         from dataset import LengthGroupedSampler
 
         def sampler_fn(targs):
-            # One sampler for the whole optimizer step (ranks x accumulation); accelerate hands its
-            # consecutive micro-batches to the ranks, so any (processes, accumulation) split of the same
-            # global batch sees the same samples at each step.
-            global_batch = targs.per_device_train_batch_size * targs.world_size * targs.gradient_accumulation_steps
             return LengthGroupedSampler(train_ds.lengths, batch_size=global_batch, seed=cfg.seed)
 
     trainer = VLMTrainer(
