@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -174,7 +175,11 @@ def main(argv=None) -> int:
 
     vlm = VLM.from_pretrained(resolve_model_dir(args.src)).float().eval()
     vlm.merge_lora()
-    out = export_llava_hf(vlm, args.dst)
+    try:
+        out = export_llava_hf(vlm, args.dst)
+    except ValueError as e:  # the model does not fit the format: say why, no traceback
+        print(f"export error: {e}", file=sys.stderr)
+        return 2
     print(f"exported {args.src} -> {out} ({args.format})")
     return 0
 

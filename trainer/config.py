@@ -7,6 +7,7 @@ and `lora`. Example: `python train.py configs/demo.yaml stage=sft lora.r=8 model
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -87,6 +88,8 @@ class TrainConfig:
     def validate(self) -> None:
         if not self.data_path:
             raise ConfigError("data_path is empty: give one or more JSON/JSONL files")
+        # torchrun sets WORLD_SIZE: a global batch that the processes cannot split fails here, before any work.
+        self.accumulation_steps(int(os.environ.get("WORLD_SIZE", "1")))
         if self.data_weights is not None and len(self.data_weights) != len(self.data_path):
             raise ConfigError(
                 f"data_weights has {len(self.data_weights)} entries but data_path has {len(self.data_path)}"
