@@ -84,16 +84,17 @@ def gen_kwargs(args) -> dict:
     )
 
 
-def _streamer(tokenizer):
+def _streamer(vlm):
     """Print decoded text as tokens arrive (decoding the growing id list keeps multi-byte characters whole)."""
     ids: list[int] = []
     shown = [0]
+    stops = set(vlm.stop_token_ids) | {vlm.pad_token_id}
 
     def on_token(batch_index: int, token_id: int) -> None:
-        if token_id in (tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id):
+        if token_id in stops:
             return
         ids.append(token_id)
-        text = tokenizer.decode(ids)
+        text = vlm.decode(ids)
         if not text.endswith("\ufffd"):
             print(text[shown[0]:], end="", flush=True)
             shown[0] = len(text)
@@ -104,7 +105,7 @@ def _streamer(tokenizer):
 def answer(vlm, images, messages, args) -> str:
     kw = gen_kwargs(args)
     if args.stream:
-        kw["streamer"] = _streamer(vlm.tokenizer)
+        kw["streamer"] = _streamer(vlm)
     reply = vlm.chat(images, messages, **kw)
     if args.stream:
         print()

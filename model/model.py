@@ -21,7 +21,9 @@ Contract:
   mode) on one blank image and adds `0 * rows.sum()`, so every rank uses the same parameters at every
   step (DDP without unused-parameter detection, FSDP, ZeRO-3); the loss value is unchanged.
 - `generate(input_ids, attention_mask=None, pixel_values=None, **gen_kw) -> list[list[int]]` (new tokens
-  only) and `chat(images, messages, **gen_kw) -> str`.
+  only), `chat(images, messages, **gen_kw) -> str` and `chat_batch([(images, messages), ...]) -> [str]`
+  (left-padded, one generate call); `stop_token_ids`, `pad_token_id` and `decode(ids)` are what any
+  other front end needs.
 - `save_pretrained(dir, trainable_only=False)` / `VLM.from_pretrained(dir, **overrides)`: see
   `model/checkpoint.py` (our format, LoRA adapters included) and `model/llava.py` (transformers
   `LlavaForConditionalGeneration` import).
@@ -316,24 +318,65 @@ class VLM(nn.Module):
         return render(sample, tok, self.tokens_per_image, add_generation_prompt=True,
                       image_token_id=self.image_token_id).input_ids
 
-    @torch.no_grad()
-    def chat(self, images: list, messages: list[dict], **gen_kw: Any) -> str:
-        """Answer the last user turn. Images fill the `<image>` markers in order (one is prepended to the
-        first user message when there are images but no markers)."""
+    # ----- what every caller of generate needs (front ends, evaluation, serving) --------------------
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Generation for chat stops at any of these ids (end of turn first)."""
+        tok = self.tokenizer
+        return [tok.im_end_id, tok.im_start_id]
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id that left-pads batched prompts (masked out, never attended)."""
+        return int(self.tokenizer.eod_id)
+
+    def decode(self, ids: list[int]) -> str:
+        """New token ids -> text, without special tokens. Embedding tables have spare rows past the
+        vocabulary (151936 vs 151851 for Qwen); an undertrained model can emit them, and they have no text."""
+        return self.tokenizer.decode([t for t in ids if t < len(self.tokenizer)], skip_special_tokens=True)
+
+    @staticmethod
+    def _place_images(images: list, messages: list[dict]) -> list[dict]:
+        """A copy of `messages`; with images but no `<image>` marker, the markers go before the first user
+        message's text."""
         messages = [dict(m) for m in messages]
         if images and not any(IMAGE_MARKER in m.get("content", "") for m in messages):
             first = next(i for i, m in enumerate(messages) if m.get("role") == "user")
             messages[first]["content"] = IMAGE_MARKER * len(images) + "\n" + messages[first]["content"]
+        return messages
+
+    @torch.no_grad()
+    def chat_batch(self, conversations: list[tuple[list, list[dict]]], **gen_kw: Any) -> list[str]:
+        """Answer several conversations together: `[(images, messages), ...] -> [reply, ...]`, left-padded
+        into one batch (greedy unless `do_sample`). Each reply equals `chat(images, messages)` alone."""
+        if not conversations:
+            return []
+        device = next(self.parameters()).device
+        ids_list, all_images = [], []
+        for images, messages in conversations:
+            ids_list.append(self.chat_ids(self._place_images(images, messages), len(images)))
+            all_images += list(images)
+        width = max(len(x) for x in ids_list)
+        pad = self.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids_list], device=device)  # [B, T]
+        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids_list], device=device)
+        pixel_values = self.image_processor(all_images).to(device) if all_images else None
+        gen_kw.setdefault("max_new_tokens", 128)
+        gen_kw.setdefault("stop_token_ids", self.stop_token_ids)
+        return [self.decode(new) for new in self.generate(input_ids, mask, pixel_values, **gen_kw)]
+
+    @torch.no_grad()
+    def chat(self, images: list, messages: list[dict], **gen_kw: Any) -> str:
+        """Answer the last user turn. Images fill the `<image>` markers in order (one is prepended to the
+        first user message when there are images but no markers)."""
+        messages = self._place_images(images, messages)
         ids = self.chat_ids(messages, len(images))
         device = next(self.parameters()).device
         input_ids = torch.tensor([ids], device=device)
         pixel_values = self.image_processor(list(images)).to(device) if images else None
         gen_kw.setdefault("max_new_tokens", 128)
-        gen_kw.setdefault("stop_token_ids", [self.tokenizer.im_end_id, self.tokenizer.im_start_id])
-        new = self.generate(input_ids, torch.ones_like(input_ids), pixel_values, **gen_kw)[0]
-        # Embedding tables have spare rows past the vocabulary (151936 vs 151851 for Qwen); an
-        # undertrained model can emit them, and they have no text.
-        return self.tokenizer.decode([t for t in new if t < len(self.tokenizer)], skip_special_tokens=True)
+        gen_kw.setdefault("stop_token_ids", self.stop_token_ids)
+        return self.decode(self.generate(input_ids, torch.ones_like(input_ids), pixel_values, **gen_kw)[0])
 
     # ----- training helpers --------------------------------------------------------------------------
     def gradient_checkpointing_enable(self) -> None:

@@ -298,6 +298,22 @@ def test_chat_renders_image_span_and_answers_greedily(tmp_path):
         vlm.chat_ids([{"role": "user", "content": "<image><image>"}], n_images=1)
 
 
+def test_chat_batch_equals_each_chat_alone(tmp_path):
+    """Left-padded batched answers equal one-at-a-time answers (different prompt lengths and image counts)."""
+    vlm = build_tiny_vlm(tmp_path, tower="clip").eval()
+    red, blue = Image.new("RGB", (40, 30), (200, 20, 20)), Image.new("RGB", (30, 40), (20, 20, 200))
+    convs = [
+        ([red], [{"role": "user", "content": "what colour?"}]),
+        ([], [{"role": "user", "content": "a longer question with no image at all"}]),
+        ([red, blue], [{"role": "user", "content": "<image> and <image>: same?"}]),
+    ]
+    together = vlm.chat_batch(convs, max_new_tokens=5, stop_token_ids=[])
+    alone = [vlm.chat(imgs, msgs, max_new_tokens=5, stop_token_ids=[]) for imgs, msgs in convs]
+    assert together == alone and len(set(together)) > 1
+    assert vlm.decode([vlm.tokenizer.im_end_id]) == ""  # special tokens never reach the text
+    assert vlm.stop_token_ids[0] == vlm.tokenizer.im_end_id
+
+
 def test_tiny_preset_chats_with_the_real_qwen1_vocab(shared_qwen1):
     vlm = build_vlm("tiny", tokenizer=str(shared_qwen1)).eval()
     assert vlm.image_token_id == 151646  # <|extra_0|> (FACTS.md)

@@ -37,28 +37,17 @@ def _prompt_and_reference(sample) -> tuple[list[dict], str | None, int]:
 
 @torch.no_grad()
 def answer_samples(vlm, samples: list, batch_size: int = 8, system: str | None = None, **gen_kw) -> list[str]:
-    """Greedy (by default) answers for normalised samples, batched with left padding."""
-    tok = vlm.tokenizer
-    device = next(vlm.parameters()).device
+    """Greedy (by default) answers for normalised samples, batched with left padding (`VLM.chat_batch`)."""
     gen_kw.setdefault("max_new_tokens", 32)
-    gen_kw.setdefault("stop_token_ids", [tok.im_end_id, tok.im_start_id])
     answers: list[str] = []
     for start in range(0, len(samples), batch_size):
-        batch = samples[start:start + batch_size]
-        ids_list, images = [], []
-        for s in batch:
+        convs = []
+        for s in samples[start:start + batch_size]:
             msgs, _, n_img = _prompt_and_reference(s)
             if system and not (msgs and msgs[0]["role"] == "system"):
                 msgs = [{"role": "system", "content": system}] + msgs
-            ids_list.append(vlm.chat_ids(msgs, n_img))
-            images += [load_image(p) for p in s.images[:n_img]]
-        width = max(len(x) for x in ids_list)
-        pad = tok.eod_id
-        input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids_list], device=device)
-        mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids_list], device=device)
-        pixel_values = vlm.image_processor(images).to(device) if images else None
-        for new in vlm.generate(input_ids, mask, pixel_values, **gen_kw):
-            answers.append(tok.decode(new, skip_special_tokens=True))
+            convs.append(([load_image(p) for p in s.images[:n_img]], msgs))
+        answers += vlm.chat_batch(convs, **gen_kw)
     return answers
 
 
