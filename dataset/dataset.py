@@ -3,6 +3,9 @@
 `VLMDataset(paths, tokenizer, image_processor, tokens_per_image, image_folder=None, video_folder=None,
 max_length=None, mode="chat", strict=False, frames_per_video=4, system_prompt=None, ...)`
 
+- `tokenizer`: the model's `ChatFormat` (`VLM.chat_format`: its chat template and special ids), or a
+  Qwen tokenizer (ChatML); see dataset/template.py.
+
 - `paths`: one path, or a list whose entries are a path, `(path, weight)` or
   `{"path", "weight", "image_folder", "video_folder"}`. A weight w keeps the file's samples
   round(w * n) times in the index: whole copies plus a seeded random subset (w=0.5 -> half, w=2 -> twice).
@@ -103,7 +106,7 @@ class VLMDataset(torch.utils.data.Dataset):
         feature_cache: str | os.PathLike | None = None,
         image_token_id: int | None = None,
     ):
-        self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.tokenizer, self.image_processor = tokenizer, image_processor  # a ChatFormat or a Qwen tokenizer
         self.image_token_id = image_token_id  # the model's placeholder; None = the tokenizer's
         self.tokens_per_image, self.max_length, self.mode = tokens_per_image, max_length, mode
         self.strict, self.frames_per_video, self.system_prompt = strict, frames_per_video, system_prompt

@@ -1,47 +1,120 @@
-"""Render a `Sample` to `input_ids` and `labels` in one pass (ChatML), expanding image markers in place.
+"""Render a `Sample` to `input_ids` and `labels` in one pass, in the LM's chat template, expanding image
+markers in place.
 
-`render(sample, tokenizer, tokens_per_image, mode="chat", max_length=None, frames_per_video=4,
+`render(sample, fmt, tokens_per_image, mode="chat", max_length=None, frames_per_video=4,
 system_prompt=None, add_generation_prompt=False, image_token_id=None) -> Rendered`
 
-chat mode (ChatML, Qwen's template), per message:
-    <|im_start|> role "\\n" content <|im_end|> "\\n"
-- `role`, "\\n" and each text piece of the content are encoded separately (like Qwen's own
-  `make_context`); text never becomes a special token.
-- each `<image>` -> `image_start + N x image_token + image_end` (N = tokens_per_image) exactly where the
-  marker stands inside the text; each `<video>` -> K such spans, one per frame (K = frames_per_video).
-- labels: the assistant's content tokens and its `<|im_end|>`; everything else (headers, the trailing
-  "\\n", user/system turns, every image span) is -100.
-- no system prompt is added unless the sample has one or `system_prompt` is given (the sample wins).
-- a final user turn with no answer is dropped (nothing to learn from it), unless
-  `add_generation_prompt=True` (inference): then it is kept, `<|im_start|>assistant\n` is appended and
-  every label is -100.
+`fmt` is a `ChatFormat` (the model's: `VLM.chat_format`): a tokenizer, a `ChatTemplate`
+(dataset/chat_templates.py) and the special ids. A Qwen tokenizer (qwen/tokenizer.py) may be passed
+instead: it means ChatML with that tokenizer's ids (Qwen's own layout, below).
 
-plain mode (LLaVA stage-1 pretraining): the image spans of the first user turn (its text is dropped),
-then the first assistant answer (the caption) and `<|endoftext|>`; labels on caption + eod only. Later
-turns are ignored together with their images.
+chat mode, per message: `header[role] + content + suffix[role]` (ChatML: `<|im_start|>role\n content
+<|im_end|>\n`), after the template's `bos` (none for ChatML):
+- special tokens come only from the template; every text piece is encoded with `tokenizer.encode`, which
+  never turns text into a special token (a user typing "<|im_end|>" gets plain text ids). ChatML encodes
+  role, "\n" and each text piece separately, like Qwen's own `make_context`.
+- each `<image>` -> `[image_start] + N x image_token + [image_end]` (N = tokens_per_image; start/end only
+  when the LM has them) exactly where the marker stands inside the text; each `<video>` -> K such spans,
+  one per frame (K = frames_per_video).
+- labels: the assistant's content tokens and its end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...);
+  everything else (headers, trailing newlines, user/system turns, every image span) is IGNORE_INDEX.
+- no system prompt is added unless the sample has one or `system_prompt` is given (the sample wins);
+  templates without a system role fold it into the first user message.
+- a final user turn with no answer is dropped (nothing to learn from it), unless
+  `add_generation_prompt=True` (inference): then it is kept and the assistant header is appended
+  (unsupervised).
+
+plain mode (LLaVA stage-1 pretraining): `bos`, the image spans of the first user turn (its text is
+dropped), then the first assistant answer (the caption) and the end-of-text token; labels on caption +
+end of text only. Later turns are ignored together with their images.
 
 Length: `max_length` counts every token, image tokens included. Whole trailing (user, assistant) pairs are
-dropped until the sample fits, so an image span is never cut; a sample that still does not fit, or has
-no supervised token left, raises `BadSampleError("... too long ...")` (the dataset skips it).
+dropped until the sample fits, so an image span is never cut; `Rendered.dropped_turns` /
+`dropped_images` count what was dropped (messages; images + video frames). A sample that still does not
+fit, or has no supervised token left, raises `BadSampleError("... too long ...")` (the dataset skips it).
 
 `Rendered.media` lists the media of the kept turns in span order as `("image", path)` / `("video", path)`;
 a video stands for K consecutive spans. `n_images` counts images, `n_frames` video frames; the pixel
 rows a sample feeds the model are `n_images + n_frames`, in `media` order.
 
 `estimate_length(sample, tokens_per_image, ...)` is a cheap length for length-grouped sampling: exact
-(tokenizes, never decodes images) when a tokenizer is given, otherwise a byte-count approximation.
+(tokenizes, never decodes images) when a format or tokenizer is given, otherwise a byte-count approximation.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
+from dataset.chat_templates import CHATML, ChatTemplate
 from dataset.sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample
+from qwen.loss import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 MODES = ("chat", "plain")
 _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
+
+
+@dataclass
+class ChatFormat:
+    """What rendering needs from an LM backbone: its tokenizer (`encode(text)` never yields a special
+    token; `token_to_id(special)`), its chat template, the image span ids and the end-of-text id."""
+
+    tokenizer: Any
+    template: ChatTemplate
+    image_token_id: int
+    eos_id: int
+    image_start_id: int | None = None
+    image_end_id: int | None = None
+
+    def __post_init__(self) -> None:
+        self._ids: dict[str, int] = {}
+        for tok in self.template.specials:
+            try:
+                self._ids[tok] = int(self.tokenizer.token_to_id(tok))
+            except KeyError:
+                pass  # a template token this tokenizer lacks: an error only if a rendering needs it
+
+    @classmethod
+    def for_qwen(cls, tokenizer, image_token_id: int | None = None) -> ChatFormat:
+        """ChatML with a Qwen tokenizer's ids (qwen/tokenizer.py)."""
+        return cls(tokenizer, CHATML, tokenizer.image_token_id if image_token_id is None else image_token_id,
+                   eos_id=tokenizer.eod_id, image_start_id=tokenizer.image_start_id,
+                   image_end_id=tokenizer.image_end_id)
+
+    def special_id(self, token: str) -> int:
+        if token not in self._ids:
+            raise ValueError(f"chat template {self.template.name!r} needs the token {token!r}, which the "
+                             f"tokenizer does not have; pick another chat_template")
+        return self._ids[token]
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self.special_id(self.template.end_of_turn)
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Generation stops at the end of turn, at the start of a new turn's header, or at end of text."""
+        stops = [self.end_of_turn_id]
+        opener = self.template.pieces(self.template.header["user"])
+        if opener and opener[0][0] == "special":
+            stops.append(self.special_id(opener[0][1]))
+        return list(dict.fromkeys(stops + [self.eos_id]))
+
+    def image_span(self, tokens_per_image: int, image_token_id: int | None = None) -> list[int]:
+        pad = self.image_token_id if image_token_id is None else image_token_id
+        start = [] if self.image_start_id is None else [self.image_start_id]
+        end = [] if self.image_end_id is None else [self.image_end_id]
+        return start + [pad] * tokens_per_image + end
+
+
+def as_chat_format(fmt, image_token_id: int | None = None) -> ChatFormat:
+    """A ChatFormat as is, or ChatML for a Qwen tokenizer."""
+    if isinstance(fmt, ChatFormat):
+        return fmt
+    if hasattr(fmt, "im_start_id"):
+        return ChatFormat.for_qwen(fmt, image_token_id)
+    raise TypeError(f"render needs a ChatFormat (VLM.chat_format) or a Qwen tokenizer, got {type(fmt).__name__}")
 
 
 @dataclass
@@ -51,6 +124,8 @@ class Rendered:
     n_images: int
     n_frames: int = 0
     media: list[tuple[str, str]] = field(default_factory=list)
+    dropped_turns: int = 0  # messages removed to fit max_length
+    dropped_images: int = 0  # images and video frames inside them
 
     @property
     def n_spans(self) -> int:
@@ -65,6 +140,7 @@ class _Piece:
     ids: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     media: list[tuple[str, str]] = field(default_factory=list)
+    n_messages: int = 0
 
     def add(self, ids: list[int], train: bool) -> None:
         self.ids += ids
@@ -74,6 +150,7 @@ class _Piece:
         self.ids += other.ids
         self.labels += other.labels
         self.media += other.media
+        self.n_messages += other.n_messages
 
 
 class _MediaCursor:
@@ -102,38 +179,77 @@ class _MediaCursor:
 
 
 def image_span(tokenizer, tokens_per_image: int, image_token_id: int | None = None) -> list[int]:
-    """`image_start + N x placeholder + image_end`; the placeholder is the tokenizer's unless the model
-    was built with another one (e.g. an imported Llava checkpoint)."""
-    pad = tokenizer.image_token_id if image_token_id is None else image_token_id
-    return [tokenizer.image_start_id] + [pad] * tokens_per_image + [tokenizer.image_end_id]
+    """One image's ids: `[image_start] + N x placeholder + [image_end]`; the placeholder is the format's
+    unless the model was built with another one (e.g. an imported Llava checkpoint)."""
+    return as_chat_format(tokenizer).image_span(tokens_per_image, image_token_id)
 
 
-def _content(piece: _Piece, text: str, train: bool, cursor: _MediaCursor, tokenizer, span: list[int], k: int,
-             text_too: bool = True) -> None:
-    """Append `text` with its markers expanded in place; image spans are never trained on."""
-    for part in _MARKERS.split(text):
-        if part in (IMAGE_MARKER, VIDEO_MARKER):
-            kind, path = cursor.next(part)
-            piece.media.append((kind, path))
-            n_spans = 1 if kind == "image" else k
-            piece.add(span * n_spans, train=False)
-        elif part and text_too:
-            piece.add(tokenizer.encode(part), train)
+class _Writer:
+    """Turns template strings, text and image spans into one piece's ids and labels.
+
+    Text is buffered and encoded in runs: a run ends at a special token, an image span or a change of
+    the supervised flag; with `join_text=False` (ChatML) every text chunk is its own run."""
+
+    def __init__(self, fmt: ChatFormat, span: list[int], frames: int, cursor: _MediaCursor):
+        self.fmt, self.span, self.frames, self.cursor = fmt, span, frames, cursor
+        self.piece = _Piece()
+        self._text, self._train = "", False
+
+    def _flush(self) -> None:
+        if self._text:
+            self.piece.add(self.fmt.tokenizer.encode(self._text), self._train)
+        self._text = ""
+
+    def text(self, text: str, train: bool) -> None:
+        if not text:
+            return
+        if train != self._train or not self.fmt.template.join_text:
+            self._flush()
+        self._text, self._train = self._text + text, train
+
+    def template(self, text: str, train: bool = False) -> None:
+        for kind, part in self.fmt.template.pieces(text):
+            if kind == "special":
+                self._flush()
+                self.piece.add([self.fmt.special_id(part)], train)
+            else:
+                self.text(part, train)
+
+    def content(self, text: str, train: bool, text_too: bool = True) -> None:
+        """`text` with its markers expanded in place; image spans are never trained on."""
+        for part in _MARKERS.split(text):
+            if part in (IMAGE_MARKER, VIDEO_MARKER):
+                kind, path = self.cursor.next(part)
+                self._flush()
+                self.piece.media.append((kind, path))
+                self.piece.add(self.span * (1 if kind == "image" else self.frames), train=False)
+            elif text_too:
+                self.text(part, train)
+
+    def done(self) -> _Piece:
+        self._flush()
+        return self.piece
 
 
-def _message(msg: dict, cursor: _MediaCursor, tokenizer, span: list[int], k: int) -> _Piece:
-    piece = _Piece()
-    train = msg["role"] == "assistant"
-    piece.add([tokenizer.im_start_id] + tokenizer.encode(msg["role"]) + tokenizer.encode("\n"), train=False)
-    _content(piece, msg["content"], train, cursor, tokenizer, span, k)
-    piece.add([tokenizer.im_end_id], train=train)  # the model learns to stop
-    piece.add(tokenizer.encode("\n"), train=False)
+def _message(msg: dict, fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor) -> _Piece:
+    t = fmt.template
+    role = msg["role"]
+    w = _Writer(fmt, span, k, cursor)
+    w.template(t.header[role])
+    w.content(msg["content"], train=role == "assistant")
+    suffix = t.suffix[role]
+    if role == "assistant":  # the end-of-turn token is learned with the answer: the model learns to stop
+        w.template(t.end_of_turn, train=True)
+        suffix = suffix[len(t.end_of_turn):]
+    w.template(suffix)
+    piece = w.done()
+    piece.n_messages = 1
     return piece
 
 
-def _count(pieces: list[_Piece]) -> tuple[int, int]:
+def _count(pieces: list[_Piece], frames_per_video: int) -> tuple[int, int]:
     media = [m for p in pieces for m in p.media]
-    return sum(kind == "image" for kind, _ in media), sum(kind == "video" for kind, _ in media)
+    return sum(kind == "image" for kind, _ in media), frames_per_video * sum(kind == "video" for kind, _ in media)
 
 
 def render(
@@ -147,18 +263,25 @@ def render(
     add_generation_prompt: bool = False,
     image_token_id: int | None = None,
 ) -> Rendered:
-    """Token ids + labels of `sample` (see the module docstring). `image_token_id` overrides the
-    tokenizer's placeholder (pass the model's `VLM.image_token_id`)."""
+    """Token ids + labels of `sample` (see the module docstring). `tokenizer` is a ChatFormat or a Qwen
+    tokenizer; `image_token_id` overrides the placeholder (pass the model's `VLM.image_token_id`)."""
     if add_generation_prompt and mode != "chat":
         raise ValueError("render: add_generation_prompt needs mode='chat'")
     if mode not in MODES:
         raise ValueError(f"render: mode must be one of {MODES}, got {mode!r}")
     assert tokens_per_image > 0 and frames_per_video > 0, (tokens_per_image, frames_per_video)
+    fmt = as_chat_format(tokenizer)
+    t = fmt.template
     msgs = sample.messages
     if not msgs:
         raise BadSampleError(f"{sample.where}: empty conversation")
     cursor = _MediaCursor(sample)
-    span = image_span(tokenizer, tokens_per_image, image_token_id)  # one image's ids, built once
+    span = fmt.image_span(tokens_per_image, image_token_id)  # one image's ids, built once
+    k = frames_per_video
+    opening = _Writer(fmt, span, k, cursor)
+    if t.bos:
+        opening.template(t.bos)
+    prefix = opening.done()
 
     if mode == "plain":
         user = next((m for m in msgs if m["role"] == "user"), None)
@@ -167,24 +290,31 @@ def render(
             raise BadSampleError(f"{sample.where}: plain mode needs a user turn and an assistant answer")
         if _MARKERS.search(answer["content"]):
             raise BadSampleError(f"{sample.where}: plain mode: the caption contains an image/video marker")
-        piece = _Piece()
-        _content(piece, user["content"], False, cursor, tokenizer, span, frames_per_video, text_too=False)
-        piece.add(tokenizer.encode(answer["content"]) + [tokenizer.eod_id], train=True)
-        kept = [piece]
+        w = _Writer(fmt, span, k, cursor)
+        w.content(user["content"], False, text_too=False)
+        w.text(answer["content"], train=True)
+        w.done().add([fmt.eos_id], train=True)
+        prefix.extend(w.piece)
+        kept, pairs = [prefix], []
     else:
-        prefix = _Piece()
-        body = msgs
-        if msgs[0]["role"] == "system":
-            body = msgs[1:]
-            prefix = _message(msgs[0], cursor, tokenizer, span, frames_per_video)
+        body = list(msgs)
+        system = None
+        if body[0]["role"] == "system":
+            system = body.pop(0)["content"]
         elif system_prompt:
-            prefix = _message({"role": "system", "content": system_prompt}, cursor, tokenizer, span,
-                              frames_per_video)
+            system = system_prompt
+        if system is not None and t.folds_system:
+            first = next((i for i, m in enumerate(body) if m["role"] == "user"), None)
+            if first is not None:
+                body[first] = {"role": "user", "content": t.system.format(system=system, content=body[first]["content"])}
+            system = None
+        if system is not None:
+            prefix.extend(_message({"role": "system", "content": system}, fmt, span, k, cursor))
         pairs: list[_Piece] = []
         for m in body:
             if m["role"] == "system":
                 raise BadSampleError(f"{sample.where}: a system message after the first turn")
-            piece = _message(m, cursor, tokenizer, span, frames_per_video)
+            piece = _message(m, fmt, span, k, cursor)
             if m["role"] == "user":
                 pairs.append(piece)
             elif not pairs:
@@ -214,18 +344,28 @@ def render(
                              "too_long")
     if add_generation_prompt:
         # Inference: the prompt ends with an open assistant header; nothing is supervised.
-        out.add([tokenizer.im_start_id] + tokenizer.encode("assistant") + tokenizer.encode("\n"), train=False)
+        w = _Writer(fmt, span, k, cursor)
+        w.template(t.header["assistant"])
+        out.extend(w.done())
         if max_length is not None and len(out.ids) > max_length:
             raise BadSampleError(f"{sample.where}: too long: prompt of {len(out.ids)} tokens > max_length "
                                  f"{max_length}", "too_long")
-    elif not any(lab != IGNORE_INDEX for lab in out.labels):
-        if mode == "chat" and len(kept) == 1 and pairs:
-            first = len(prefix.ids) + len(pairs[0].ids)
-            raise BadSampleError(f"{sample.where}: too long: the first turn alone ({first} tokens) exceeds "
-                                 f"max_length {max_length}", "too_long")
-        raise BadSampleError(f"{sample.where}: no supervised (assistant) token", "no_target")
-    n_img, n_vid = _count([out])
-    return Rendered(out.ids, out.labels, n_images=n_img, n_frames=n_vid * frames_per_video, media=out.media)
+    else:
+        if mode == "chat" and t.closing:
+            w = _Writer(fmt, span, k, cursor)
+            w.template(t.closing)
+            out.extend(w.done())
+        if not any(lab != IGNORE_INDEX for lab in out.labels):
+            if mode == "chat" and len(kept) == 1 and pairs:
+                first = len(prefix.ids) + len(pairs[0].ids)
+                raise BadSampleError(f"{sample.where}: too long: the first turn alone ({first} tokens) exceeds "
+                                     f"max_length {max_length}", "too_long")
+            raise BadSampleError(f"{sample.where}: no supervised (assistant) token", "no_target")
+    n_img, n_frames = _count([out], k)
+    dropped = pairs[len(kept) - 1:] if mode == "chat" else []
+    d_img, d_frames = _count(dropped, k)
+    return Rendered(out.ids, out.labels, n_images=n_img, n_frames=n_frames, media=out.media,
+                    dropped_turns=sum(p.n_messages for p in dropped), dropped_images=d_img + d_frames)
 
 
 def estimate_length(
