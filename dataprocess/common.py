@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-IMAGE_MARKER = "<image>"
+from dataset.sample import IMAGE_MARKER
+
 ROLES = ("system", "user", "assistant")
 
 # English brief-caption prompts for stage-1 alignment (one is drawn per sample, deterministically).

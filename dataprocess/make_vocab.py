@@ -23,6 +23,8 @@ from pathlib import Path
 
 import regex
 
+from dataset.sample import IMAGE_MARKER, VIDEO_MARKER
+
 # Qwen's pre-tokenisation pattern (FACTS.md).
 SPLIT = regex.compile(
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -37,7 +39,7 @@ def _texts_from_jsonl(path: Path) -> list[str]:
         rec = json.loads(line)
         for m in rec.get("messages", []):
             if isinstance(m.get("content"), str):
-                texts.append(m["content"].replace("<image>", " ").replace("<video>", " "))
+                texts.append(m["content"].replace(IMAGE_MARKER, " ").replace(VIDEO_MARKER, " "))
     return texts
 
 

@@ -11,12 +11,12 @@ A directory written by `save_vlm(vlm, dir, trainable_only)` holds:
 - `lora/adapter_config.json` when the LM is wrapped with peft LoRA adapters; loading wraps the rebuilt LM
   with the same peft config before the tensors go in (LoRA only; QLoRA's 4-bit base is not rebuilt).
 
-`load_vlm(dir, **overrides)` rebuilds the VLM from the config (base models come from their names/paths) and loads the
-tensors on top: a "full" checkpoint must cover every key, a "trainable" one only its own keys. A
-transformers Llava directory (`config.json` with model_type "llava") is imported instead (`model/llava.py`).
-Overrides are VLMConfig fields, plus `tower_path` (a path, or a list with one per tower) to point the towers
-at another copy of their base checkpoints.
-`load_trainable_weights(vlm, dir)` loads a checkpoint's tensors into an existing VLM (resuming a run).
+The resolved placeholder id, trainable tokens and chat template are written into the config, so a
+rebuilt model is the same model. Loading (rebuilding from the config, then these tensors on top) is
+`model.build.load_vlm`, which sits above model.py; this module only reads and writes the files.
+`load_trainable_weights(vlm, dir)` loads a checkpoint's tensors into an existing VLM (loading, resuming):
+a "full" checkpoint must cover every key, a "trainable" one only its own keys.
+`read_vlm_config(dir) -> (VLMConfig, checkpoint facts)`.
 `resolve_model_dir(path)`: a model directory as is; a run directory -> its `final/`, else its newest
 `checkpoint-N/` holding a model.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -61,7 +60,7 @@ def _select_keys(vlm, trainable_only: bool) -> list[str]:
         # Buffers of a trained module (batch-norm statistics) change with it, so they travel with it.
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             keep |= {f"{name}.{b}" if name else b for b in module._buffers}
-    prefixes = ["projector."] + _base_free_prefixes(vlm)
+    prefixes = ["projector.", "token_rows."] + _base_free_prefixes(vlm)
     return [k for k in state if k in keep or k.startswith(tuple(prefixes))]
 
 
@@ -83,7 +82,11 @@ def save_vlm(vlm, out_dir: str | Path, trainable_only: bool = False) -> Path:
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
 
     config = vlm.config.to_dict()
-    config["image_token_id"] = vlm.image_token_id  # resolved, so loading never guesses
+    # Resolved, so loading never guesses (and a tokenizer saved with added tokens gives the same model).
+    config["image_token_id"] = vlm.image_token_id
+    config["trainable_tokens"] = list(vlm.backbone.trainable_tokens)
+    if vlm.backbone.chat_format is not None:
+        config["chat_template"] = vlm.backbone.chat_format.template.name
     meta = {
         "config": config,
         "checkpoint": {
@@ -148,40 +151,6 @@ def read_vlm_config(path: str | Path) -> tuple[VLMConfig, dict]:
     if not isinstance(meta, dict) or "config" not in meta or "checkpoint" not in meta:
         raise ValueError(f"{file}: expected the keys 'config' and 'checkpoint'")
     return VLMConfig.from_dict(meta["config"]), meta["checkpoint"]
-
-
-def load_vlm(path: str | Path, **overrides: Any):
-    from model.model import build_vlm
-
-    p = Path(path)
-    if not (p / CONFIG_FILE).is_file():
-        native = p / "config.json"
-        if native.is_file() and json.loads(native.read_text()).get("model_type") == "llava":
-            from model.llava import import_llava
-
-            return import_llava(p, overrides or None).eval()
-        raise FileNotFoundError(
-            f"{p}: neither a VLM checkpoint ({CONFIG_FILE}) nor a transformers Llava directory "
-            f"(config.json with model_type 'llava')"
-        )
-    config, ckpt = read_vlm_config(p)
-    if (p / TOKENIZER_DIR).is_dir() and "tokenizer" not in overrides:
-        config.tokenizer = str(p / TOKENIZER_DIR)
-    overrides = dict(overrides)
-    tower_path = overrides.pop("tower_path", None)
-    if tower_path is not None:
-        paths = [tower_path] if isinstance(tower_path, (str, Path)) else list(tower_path)
-        if len(paths) != len(config.towers):
-            raise ValueError(f"tower_path: {len(paths)} path(s) given for {len(config.towers)} tower(s)")
-        for spec, tp in zip(config.towers, paths):
-            spec["name_or_path"] = str(tp)
-    vlm = build_vlm(config, **overrides)
-    if (p / LORA_DIR / "adapter_config.json").is_file():
-        from peft import LoraConfig, get_peft_model
-
-        vlm.lm = get_peft_model(vlm.lm, LoraConfig.from_pretrained(str(p / LORA_DIR)))
-    load_trainable_weights(vlm, p)
-    return vlm.eval()  # inference mode, as transformers' from_pretrained; training calls .train()
 
 
 def load_trainable_weights(vlm, path: str | Path) -> list[str]:

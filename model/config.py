@@ -4,8 +4,8 @@ Contract:
 - `VLMConfig` is a plain dataclass, JSON-serialisable with `to_dict()` / `from_dict()`.
   - `lm`: a hub id or local directory, or `"scratch"` / `"scratch:<json>"` for a randomly initialised
     LM built from `lm_config` (the JSON after `scratch:` is merged over `lm_config`).
-  - `lm_backend`: `"qwen"` (our `qwen.QWenLMHeadModel`) or `"hf"` (any transformers causal LM, fed
-    through `inputs_embeds`). `lm_config` for a scratch LM is a `QWenConfig` dict (qwen) or a
+  - `lm_backend`: a key of `model.model.LM_BACKBONES`: `"qwen"` (our `qwen.QWenLMHeadModel`) or `"hf"`
+    (any transformers causal LM, fed through `inputs_embeds`); checked when the model is built. `lm_config` for a scratch LM is a `QWenConfig` dict (qwen) or a
     transformers config dict with `model_type` (hf).
   - `towers`: list of `{backend, name_or_path, feature_layer, select, ...}`; extra keys go to
     `visual.build_tower` unchanged (e.g. `pretrained: false` for timm). Two or more towers are
@@ -18,9 +18,15 @@ Contract:
     halves their time and memory); None = `dtype`. Trainable towers always use `dtype`.
   - `init_from`: a transformers Llava directory the whole model was imported from; building from the
     config re-imports it (so a trainable-only checkpoint can point at it).
-- `PRESETS`: name -> VLMConfig kwargs. `resolve_config(name_or_config, **overrides)` turns a preset
-  name, a dict or a VLMConfig into a VLMConfig; an unknown preset lists the valid ones.
-  Swapping a backbone is one line here or one `key=value` override.
+  - `chat_template`: the LM's chat template by name (dataset/chat_templates.py); None = picked from
+    the tokenizer's own template or the LM's model type.
+  - `trainable_tokens`: tokens whose input-embedding rows train (with the projector's learning rate);
+    None = the tokens added to the tokenizer (e.g. `image_delimiters` an LM lacked), [] = none. Qwen's
+    own tokens are off by default: list them (e.g. `["<|extra_1|>", "<|extra_2|>"]`) to train them.
+  - `image_delimiters`: True adds `<image_start>` / `<image_end>` around each image for an LM whose
+    tokenizer has no image start/end tokens (Qwen has them and always uses them).
+- `torch_dtype(name)`: "float32" | "bfloat16" | "float16" -> the torch dtype.
+The registry of backbone pairs (`PRESETS`) and `resolve_config` live in model/model.py.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-LM_BACKENDS = ("qwen", "hf")
+import torch
+
 DTYPES = ("float32", "bfloat16", "float16")
 TOWER_DTYPES = ("float32", "bfloat16")
 
@@ -53,10 +60,11 @@ class VLMConfig:
     freeze_towers: bool = True
     init_from: str | None = None
     lora: dict | None = None
+    chat_template: str | None = None
+    trainable_tokens: list[str] | None = None
+    image_delimiters: bool = False
 
     def __post_init__(self) -> None:
-        if self.lm_backend not in LM_BACKENDS:
-            raise ValueError(f"VLMConfig.lm_backend={self.lm_backend!r}; valid: {', '.join(LM_BACKENDS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"VLMConfig.dtype={self.dtype!r}; valid: {', '.join(DTYPES)}")
         if self.tower_dtype not in (None, *TOWER_DTYPES):
@@ -96,55 +104,5 @@ class VLMConfig:
         return cls(**copy.deepcopy(d))
 
 
-def _tower(backend: str, name_or_path: str, feature_layer: int = -2, select: str = "patch", **kw: Any) -> dict:
-    return {"backend": backend, "name_or_path": name_or_path, "feature_layer": feature_layer, "select": select, **kw}
-
-
-# A tiny LM for the offline demo and tests: Qwen2 layout, a vocabulary that holds the Qwen-1 specials.
-TINY_LM = {
-    "arch": "qwen2", "vocab_size": 151936, "hidden_size": 64, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
-    "max_position_embeddings": 2048, "image_token_id": 151646,
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # The original pair: Qwen-7B-Chat + SigLIP so400m/14 at 384 (729 patches, no CLS).
-    "qwen7b-siglip": dict(
-        lm="Qwen/Qwen-7B-Chat", lm_backend="qwen",
-        towers=[_tower("hf_siglip", "google/siglip-so400m-patch14-384", feature_layer=-2)],
-        image_mode="resize",
-    ),
-    "qwen1.8b-clip336": dict(
-        lm="Qwen/Qwen-1_8B-Chat", lm_backend="qwen",
-        towers=[_tower("hf_clip", "openai/clip-vit-large-patch14-336", feature_layer=-2)],
-        image_mode="pad",
-    ),
-    "qwen2.5-0.5b-siglip": dict(
-        lm="Qwen/Qwen2.5-0.5B-Instruct", lm_backend="qwen",
-        towers=[_tower("hf_siglip", "google/siglip-so400m-patch14-384", feature_layer=-2)],
-        image_mode="resize",
-    ),
-    # Offline: a tiny timm CNN tower (random init) and a tiny scratch LM. Point `tokenizer` at a
-    # directory holding `qwen.tiktoken` (e.g. ../shared/data/qwen1) to chat with it.
-    "tiny": dict(
-        lm="scratch", lm_backend="qwen", lm_config=dict(TINY_LM), tokenizer=None,
-        towers=[_tower("timm", "test_resnet", feature_layer=-1, pretrained=False)],  # 5x5 grid of 96 ch
-        image_mode="resize", projector="mlp2x_gelu",
-    ),
-}
-
-
-def resolve_config(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLMConfig:
-    """A preset name, a dict of VLMConfig fields or a VLMConfig -> VLMConfig (with overrides applied)."""
-    if isinstance(preset_or_config, VLMConfig):
-        base = preset_or_config.to_dict()
-    elif isinstance(preset_or_config, dict):
-        base = copy.deepcopy(preset_or_config)
-    elif isinstance(preset_or_config, str):
-        if preset_or_config not in PRESETS:
-            raise ValueError(f"unknown VLM preset {preset_or_config!r}; valid: {', '.join(sorted(PRESETS))}")
-        base = copy.deepcopy(PRESETS[preset_or_config])
-    else:
-        raise TypeError(f"expected a preset name, dict or VLMConfig, got {type(preset_or_config).__name__}")
-    base.update(copy.deepcopy(overrides))
-    return VLMConfig.from_dict(base)
+def torch_dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

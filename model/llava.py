@@ -22,10 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
-from model.config import VLMConfig
-from model.parts import torch_dtype
+from model.config import VLMConfig, torch_dtype
+from model.model import VLM
 from model.projector import build_projector
+from model.tokenizers import HFTokenizer
+from qwen import QWenLMHeadModel, load_tokenizer
+from visual.registry import build_tower
 
 VISION_BACKENDS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
 
@@ -49,23 +53,14 @@ def _load_tokenizer(path: Path, backend: str):
         return None
     try:
         if backend == "qwen":
-            from qwen import load_tokenizer
-
             return load_tokenizer(path)
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path))
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(path)))
     except (ValueError, FileNotFoundError, OSError) as e:  # logits do not need it; say why it is missing
         warnings.warn(f"{path}: tokenizer not loaded ({e}); set VLMConfig.tokenizer to use chat()", stacklevel=2)
         return None
 
 
 def import_llava(path: str | Path, config: VLMConfig | dict | None = None):
-    from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
-
-    from model.model import VLM
-    from visual.registry import build_tower
-
     path = Path(path)
     base = config.to_dict() if isinstance(config, VLMConfig) else dict(config or {})
     dtype = base.get("dtype", "float32")
@@ -102,8 +97,6 @@ def import_llava(path: str | Path, config: VLMConfig | dict | None = None):
         causal.model = llava.model.language_model
         causal.lm_head = llava.lm_head
         if lm_backend == "qwen":
-            from qwen import QWenLMHeadModel
-
             ldir = tmp / "lm"
             causal.save_pretrained(str(ldir))
             lm = QWenLMHeadModel.from_pretrained(str(ldir))
@@ -139,8 +132,6 @@ def import_llava(path: str | Path, config: VLMConfig | dict | None = None):
 
 def llava_facts(path: str | Path) -> dict[str, Any]:
     """The Llava config facts the import honours (for logging)."""
-    from transformers import AutoConfig
-
     cfg = AutoConfig.from_pretrained(str(path))
     return {
         "vision": cfg.vision_config.model_type, "text": cfg.text_config.model_type,

@@ -11,12 +11,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from model.build import load_vlm
+from model.checkpoint import resolve_model_dir
+
 
 def merge(src: str | Path, dst: str | Path) -> Path:
-    from model.checkpoint import resolve_model_dir
-    from model.model import VLM
-
-    vlm = VLM.from_pretrained(resolve_model_dir(src))
+    vlm = load_vlm(resolve_model_dir(src))
     vlm.merge_lora()
     vlm.save_pretrained(dst, trainable_only=False)
     return Path(dst)

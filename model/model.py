@@ -1,66 +1,137 @@
-"""The VLM: vision tower(s) -> projector -> LM placeholders.
+"""The VLM: vision tower(s) -> projector -> LM placeholders, and the registries that name its parts.
+
+Swap a backbone with one line:
+- a backbone pair: one entry of `PRESETS` below (`lm`, `lm_backend`, `towers`), or one key in a YAML
+  config / on the command line (`model.lm=meta-llama/Llama-3.2-1B-Instruct model.lm_backend=hf`,
+  `model.towers=[{backend: hf_siglip, name_or_path: google/siglip-so400m-patch14-384}]`);
+- a new LM family: one line in `LM_BACKBONES` below (a class from model/backbones.py);
+- a new vision backend: one line in `visual.registry.BACKENDS`; projectors: `model.projector.PROJECTOR_KINDS`.
 
 Contract:
-- `build_vlm(preset_or_config, **overrides) -> VLM` builds every part from a `VLMConfig` (or a
-  preset name from `PRESETS`). `VLM(config, towers, projector, lm, tokenizer)` assembles given parts
-  and checks, at build time, that the projector's input width is the towers' width and its output
-  width the LM's embedding width (an error names both widths).
+- `VLM(config, towers, projector, lm, tokenizer=None)` assembles given parts, binding the LM to its
+  backbone class (`LM_BACKBONES[config.lm_backend]`: special ids, chat template, LoRA defaults), and
+  checks that the projector's input width is the towers' width and its output width the LM's embedding
+  width (an error names both). Building from a config and loading checkpoints: model/build.py
+  (`build_vlm`, `load_vlm`), which also backs `VLM.from_pretrained`.
 - `forward(input_ids [B, T], attention_mask [B, T] | None, pixel_values [n_images, 3, H, W] | None,
   labels [B, T] | None, image_counts [B] | None, image_features [n_images, T, C] | None, **kw)
-  -> VLMOutput(loss, logits, past_key_values)`.
+  -> VLMOutput(loss, logits, past_key_values)`. One path for every LM backbone: token embeddings
+  (trainable token rows applied) -> image rows written at the placeholders (qwen/placeholders.py) ->
+  the backbone's hidden states -> the loss at target positions only (chunked, `qwen.loss`), with
+  `VLMOutput.logits` computed lazily on first access; `return_logits=True` computes them up front.
   `pixel_values` is the flat batch of every sample's images in sample order; each image fills exactly
   `tokens_per_image` placeholders (`image_token_id`) in the same order. Frozen towers (no parameter
   requires grad) run in eval mode under `no_grad`, in `config.tower_dtype` when set (`cast_frozen_towers`);
   their features are cast to the projector's dtype. `image_features [n_images, T, C]` (the towers'
   output, e.g. from a feature cache) may replace `pixel_values`: the towers are skipped.
-  Labels are not shifted here (the LM loss shifts). With labels and no `return_logits=True`, the loss is
-  computed at target positions only (chunked, `qwen.loss.supervised_loss`) for both LM backends, and
-  `VLMOutput.logits` is computed lazily on first access. `cu_seqlens` / `position_ids` (packing) go to
-  the qwen LM; the hf backend refuses `cu_seqlens`.
-  In training mode a batch without any image still runs the projector (and trainable towers, in eval
-  mode) on one blank image and adds `0 * rows.sum()`, so every rank uses the same parameters at every
-  step (DDP without unused-parameter detection, FSDP, ZeRO-3); the loss value is unchanged.
+  Labels are not shifted here (`qwen.loss.shift_targets` is the one shift). `cu_seqlens` / `position_ids`
+  (packing) go to the backbone (qwen only). In training mode a batch without any image still runs the
+  projector (and trainable towers, in eval mode) on one blank image and adds `0 * rows.sum()`, so every
+  rank uses the same parameters at every step (DDP without unused-parameter detection, FSDP, ZeRO-3).
 - `generate(input_ids, attention_mask=None, pixel_values=None, **gen_kw) -> list[list[int]]` (new tokens
   only), `chat(images, messages, **gen_kw) -> str` and `chat_batch([(images, messages), ...]) -> [str]`
-  (left-padded, one generate call); `stop_token_ids`, `pad_token_id` and `decode(ids)` are what any
-  other front end needs.
-- `save_pretrained(dir, trainable_only=False)` / `VLM.from_pretrained(dir, **overrides)`: see
-  `model/checkpoint.py` (our format, LoRA adapters included) and `model/llava.py` (transformers
-  `LlavaForConditionalGeneration` import).
-- `merge_lora()` folds peft adapters into the LM; `gradient_checkpointing_enable()` forwards to the LM;
-  `train()` keeps frozen towers in eval mode.
+  (left-padded, one generate call); `chat_format`, `stop_token_ids`, `pad_token_id` and `decode(ids)`
+  are what any other front end needs.
+- `save_pretrained(dir, trainable_only=False)` (model/checkpoint.py); `merge_lora()` folds peft adapters
+  into the LM; `fold_token_rows()` writes trained token rows into the embedding table;
+  `gradient_checkpointing_enable()` forwards to the backbone; `train()` keeps frozen towers in eval mode.
 """
 
 from __future__ import annotations
 
-import warnings
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from peft import PeftModel
 from torch import nn
 
-from model.config import PRESETS, VLMConfig, resolve_config
-from model.parts import build_lm, build_tokenizer, build_towers, lm_width, torch_dtype
-from model.placeholders import (
-    LOSS_CHUNK_SIZE,
-    causal_lm_loss,
-    embed_with_placeholders,
-    hf_hidden_states,
-    hf_output_head,
-    scatter_image_features,
-    supervised_loss,
-    supports_supervised_loss,
-)
-from model.projector import Projector, build_projector
+from dataset.sample import IMAGE_MARKER, Sample
+from dataset.template import ChatFormat, render
+from model.backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
+from model.checkpoint import save_vlm
+from model.config import VLMConfig, torch_dtype
+from model.projector import Projector
+from model.token_rows import TokenRows
+from qwen.loss import DEFAULT_CHUNK_SIZE, full_logits_loss, supervised_loss
+from qwen.placeholders import embed_with_placeholders, scatter_image_features
 
-__all__ = ["PRESETS", "VLM", "VLMConfig", "VLMOutput", "build_vlm"]
+__all__ = ["LM_BACKBONES", "PRESETS", "VLM", "VLMConfig", "VLMOutput", "resolve_config"]
 
-IMAGE_MARKER = "<image>"
-HF_PLACEHOLDERS = ("<image>", "<|image_pad|>")
+# ----- registries ----------------------------------------------------------------------------------
+LM_BACKBONES: dict[str, type[LMBackbone]] = {
+    "qwen": QwenBackbone,  # our qwen/ (Qwen-1, Qwen2/2.5, Qwen3)
+    "hf": HFCausalLMBackbone,  # any transformers causal LM: Llama, Mistral, Gemma, Phi-3, SmolLM, ...
+}
 
 
+def _tower(backend: str, name_or_path: str, feature_layer: int = -2, select: str = "patch", **kw: Any) -> dict:
+    return {"backend": backend, "name_or_path": name_or_path, "feature_layer": feature_layer, "select": select, **kw}
+
+
+# A tiny LM for the offline demo and tests: Qwen2 layout, a vocabulary that holds the Qwen-1 specials.
+TINY_LM = {
+    "arch": "qwen2", "vocab_size": 151936, "hidden_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128,
+    "max_position_embeddings": 2048, "image_token_id": 151646,
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The original pair: Qwen-7B-Chat + SigLIP so400m/14 at 384 (729 patches, no CLS).
+    "qwen7b-siglip": dict(
+        lm="Qwen/Qwen-7B-Chat", lm_backend="qwen",
+        towers=[_tower("hf_siglip", "google/siglip-so400m-patch14-384", feature_layer=-2)],
+        image_mode="resize",
+    ),
+    "qwen1.8b-clip336": dict(
+        lm="Qwen/Qwen-1_8B-Chat", lm_backend="qwen",
+        towers=[_tower("hf_clip", "openai/clip-vit-large-patch14-336", feature_layer=-2)],
+        image_mode="pad",
+    ),
+    "qwen2.5-0.5b-siglip": dict(
+        lm="Qwen/Qwen2.5-0.5B-Instruct", lm_backend="qwen",
+        towers=[_tower("hf_siglip", "google/siglip-so400m-patch14-384", feature_layer=-2)],
+        image_mode="resize",
+    ),
+    # Any transformers LM: the generic backbone, its own tokenizer and chat template (Llama-3 here).
+    "llama3.2-1b-siglip": dict(
+        lm="meta-llama/Llama-3.2-1B-Instruct", lm_backend="hf",
+        towers=[_tower("hf_siglip", "google/siglip-so400m-patch14-384", feature_layer=-2)],
+        image_mode="resize",
+    ),
+    # Offline: a tiny timm CNN tower (random init) and a tiny scratch LM. Point `tokenizer` at a
+    # directory holding `qwen.tiktoken` (e.g. ../shared/data/qwen1) to chat with it.
+    "tiny": dict(
+        lm="scratch", lm_backend="qwen", lm_config=dict(TINY_LM), tokenizer=None,
+        towers=[_tower("timm", "test_resnet", feature_layer=-1, pretrained=False)],  # 5x5 grid of 96 ch
+        image_mode="resize", projector="mlp2x_gelu",
+    ),
+}
+
+
+def resolve_config(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLMConfig:
+    """A preset name, a dict of VLMConfig fields or a VLMConfig -> VLMConfig (with overrides applied)."""
+    if isinstance(preset_or_config, VLMConfig):
+        base = preset_or_config.to_dict()
+    elif isinstance(preset_or_config, dict):
+        base = copy.deepcopy(preset_or_config)
+    elif isinstance(preset_or_config, str):
+        if preset_or_config not in PRESETS:
+            raise ValueError(f"unknown VLM preset {preset_or_config!r}; valid: {', '.join(sorted(PRESETS))}")
+        base = copy.deepcopy(PRESETS[preset_or_config])
+    else:
+        raise TypeError(f"expected a preset name, dict or VLMConfig, got {type(preset_or_config).__name__}")
+    base.update(copy.deepcopy(overrides))
+    config = VLMConfig.from_dict(base)
+    if config.lm_backend not in LM_BACKBONES:
+        raise ValueError(f"VLMConfig.lm_backend={config.lm_backend!r}; valid: {', '.join(LM_BACKBONES)}")
+    return config
+
+
+# ----- the model -----------------------------------------------------------------------------------
 @dataclass(init=False)
 class VLMOutput:
     """`loss`, `logits` `[B, T, V]`, `past_key_values`. When the loss was computed at target positions
@@ -88,7 +159,15 @@ def _towers_frozen(towers: nn.Module) -> bool:
     return not any(p.requires_grad for p in towers.parameters())
 
 
+def lm_width(lm: nn.Module) -> int:
+    return int(unwrap(lm).get_input_embeddings().weight.shape[1])
+
+
 class VLM(nn.Module):
+    # `load_vlm` of model/build.py, which sits above this module (it builds VLMs), registers itself here.
+    loader: ClassVar[Callable[..., VLM] | None] = None
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE  # rows of [rows, V] logits alive at once in the loss
+
     def __init__(
         self,
         config: VLMConfig,
@@ -98,6 +177,8 @@ class VLM(nn.Module):
         tokenizer: Any = None,
     ) -> None:
         super().__init__()
+        if config.lm_backend not in LM_BACKBONES:
+            raise ValueError(f"VLMConfig.lm_backend={config.lm_backend!r}; valid: {', '.join(LM_BACKBONES)}")
         self.config = config
         self.towers = towers
         self.projector = projector
@@ -116,34 +197,11 @@ class VLM(nn.Module):
                 f"{towers.num_tokens} tokens for a {towers.grid[0]}x{towers.grid[1]} grid (select='patch')"
             )
         self.tokens_per_image = projector.tokens_out(int(towers.num_tokens))
-        self.image_token_id = self._resolve_image_token_id()
-        tok_id = getattr(tokenizer, "image_token_id", None)
-        if isinstance(tok_id, int) and tok_id != self.image_token_id:
-            warnings.warn(
-                f"VLM placeholder id {self.image_token_id} differs from the tokenizer's image_token_id {tok_id}: "
-                f"chat() and training render with VLM.image_token_id; pass it as render(..., image_token_id=...) "
-                f"elsewhere", stacklevel=2,
-            )
-        if config.lm_backend == "qwen":
-            # QWenModel swaps the rows of this id; keep the LM and the VLM agreeing on it.
-            lm.config.image_token_id = self.image_token_id
-
-    def _resolve_image_token_id(self) -> int:
-        if self.config.image_token_id is not None:
-            return int(self.config.image_token_id)
-        tok_id = getattr(self.tokenizer, "image_token_id", None)
-        if isinstance(tok_id, int):
-            return tok_id
-        vocab = self.tokenizer.get_vocab() if hasattr(self.tokenizer, "get_vocab") else {}
-        for token in HF_PLACEHOLDERS:  # a transformers tokenizer: the usual placeholder tokens
-            if token in vocab:
-                return int(vocab[token])
-        lm_id = getattr(self.lm.config, "image_token_id", None)
-        if lm_id is None:
-            raise ValueError(
-                "no image placeholder id: set VLMConfig.image_token_id (the tokenizer and the LM config have none)"
-            )
-        return int(lm_id)
+        # The family's rules (a plain object: the weights stay in self.lm, names unchanged).
+        self.backbone = LM_BACKBONES[config.lm_backend](config, lm, tokenizer)
+        self.image_token_id = self.backbone.image_token_id
+        ids = self.backbone.trainable_token_ids
+        self.token_rows = TokenRows.from_embedding(self.backbone.embedding(lm), ids) if ids else None
 
     def train(self, mode: bool = True) -> VLM:
         super().train(mode)
@@ -228,6 +286,13 @@ class VLM(nn.Module):
         return blank.sum() * 0.0
 
     # ----- forward -----------------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """[B, T] ids + [n_slots, D] image rows -> [B, T, D] LM input embeddings (the one path for every LM)."""
+        embeds = embed_with_placeholders(self.backbone.embedding(self.lm), input_ids, self.image_token_id)
+        if self.token_rows is not None:
+            embeds = self.token_rows(input_ids, embeds)
+        return scatter_image_features(input_ids, embeds, rows, self.image_token_id)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -236,40 +301,34 @@ class VLM(nn.Module):
         labels: torch.Tensor | None = None,
         image_counts: Any = None,
         image_features: torch.Tensor | None = None,
+        return_logits: bool | None = None,
+        logits_to_keep: int = 0,
         **kw: Any,
     ) -> VLMOutput:
         # `image_features` [n_images, T, C]: cached tower output (dataprocess/cache_features.py).
         rows = self._image_rows(input_ids, pixel_values, image_counts, image_features)  # [n_slots, D] | None
+        embeds = self.embed(input_ids, rows)  # [B, T, D]
         anchor = self._idle_vision_anchor(rows)  # 0-valued scalar, or None
-        if self.config.lm_backend == "qwen":
-            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, image_features=rows, labels=labels, **kw)
-            if anchor is not None and out.loss is not None:
-                out.loss = out.loss + anchor
-            # `out.logits` may be lazy (supervised-only loss): read it only when the caller does.
-            return VLMOutput(out.loss, past_key_values=getattr(out, "past_key_values", None),
-                             logits_fn=lambda: out.logits)
-        if kw.pop("cu_seqlens", None) is not None:
-            raise ValueError("packed sequences (cu_seqlens) need lm_backend='qwen'; the hf LM path takes "
-                             "padded batches only (set packing=false)")
-        embeds = self.embed_inputs(input_ids, rows)  # [B, T, D]
         if anchor is not None:
             embeds = embeds + anchor.to(embeds.dtype)
-        return_logits = kw.pop("return_logits", None)
-        if labels is not None and return_logits is not True and supports_supervised_loss(self.lm):
-            # Supervised-only logits: the base model's hidden states, then the chunked loss on the head.
+        bb, lm = self.backbone, self.lm
+        if not bb.plain_head(lm):  # the LM post-processes its logits: only its own forward is exact
+            logits, pkv = bb.full_logits(lm, embeds, attention_mask, **kw)
+            loss = None if labels is None else full_logits_loss(logits, labels, kw.get("cu_seqlens"))
+            return VLMOutput(loss, logits, pkv)
+        if labels is not None:
             kw.setdefault("use_cache", False)  # a training forward needs no KV cache
-            hidden, pkv = hf_hidden_states(self.lm, embeds, attention_mask, **kw)  # [B, T, D]
-            head = hf_output_head(self.lm)
-            loss = supervised_loss(hidden, head, labels, chunk_size=LOSS_CHUNK_SIZE)
+        hidden, pkv = bb.hidden_states(lm, embeds, attention_mask, **kw)  # [B, T, D]
+        head = bb.output_head(lm)
+        if labels is not None and return_logits is not True:
+            # Supervised-only logits: the chunked loss at target positions (the shift lives in qwen/loss.py).
+            loss = supervised_loss(hidden, head, labels, kw.get("cu_seqlens"), self.loss_chunk_size)
             return VLMOutput(loss, past_key_values=pkv, logits_fn=lambda: head(hidden))
-        out = self.lm(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
-        loss = causal_lm_loss(out.logits, labels) if labels is not None else None
-        return VLMOutput(loss, out.logits, getattr(out, "past_key_values", None))
-
-    def embed_inputs(self, input_ids: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """LM input embeddings with image rows at the placeholders (the hf path; qwen does this inside)."""
-        embeds = embed_with_placeholders(self.lm.get_input_embeddings(), input_ids, self.image_token_id)
-        return scatter_image_features(input_ids, embeds, rows, self.image_token_id)
+        if logits_to_keep > 0 and labels is None:
+            hidden = hidden[:, -logits_to_keep:]  # [B, n, D]: generation reads the last position only
+        logits = head(hidden)  # [B, T, V]
+        loss = None if labels is None else full_logits_loss(logits, labels, kw.get("cu_seqlens"))
+        return VLMOutput(loss, logits, pkv)
 
     # ----- inference ---------------------------------------------------------------------------------
     @torch.no_grad()
@@ -281,33 +340,35 @@ class VLM(nn.Module):
         **gen_kw: Any,
     ) -> list[list[int]]:
         rows = self._image_rows(input_ids, pixel_values, None)
-        if self.config.lm_backend == "qwen":
-            return self.lm.generate(input_ids, attention_mask=attention_mask, image_features=rows, **gen_kw)
-        stop = gen_kw.pop("stop_token_ids", None)
-        if stop:
-            gen_kw["eos_token_id"] = list(stop)
-        gen_kw.setdefault("do_sample", False)
-        embeds = self.embed_inputs(input_ids, rows)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        # With inputs_embeds only, transformers returns just the new tokens.
-        out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **gen_kw)
-        stop_ids = set(stop or [])
-        results = []
-        for seq in out.tolist():
-            cut = next((i for i, t in enumerate(seq) if t in stop_ids), len(seq))
-            results.append(seq[:cut])
-        return results
+        embeds = self.embed(input_ids, rows)  # [B, T, D]
+        return self.backbone.generate(self.lm, input_ids, embeds, attention_mask, **gen_kw)
+
+    @property
+    def chat_format(self) -> ChatFormat:
+        """The LM's chat template with its ids (renders training samples and prompts)."""
+        return self.backbone.need_format()
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Generation for chat stops at any of these ids (end of turn first)."""
+        return self.backbone.stop_token_ids
+
+    @property
+    def pad_token_id(self) -> int:
+        """The id that left-pads batched prompts (masked out, never attended)."""
+        return self.backbone.pad_token_id
+
+    def decode(self, ids: list[int]) -> str:
+        """New token ids -> text, without special tokens. Embedding tables have spare rows past the
+        vocabulary (151936 vs 151851 for Qwen); an undertrained model can emit them, and they have no text."""
+        return self.tokenizer.decode([t for t in ids if t < len(self.tokenizer)], skip_special_tokens=True)
 
     def chat_ids(self, messages: list[dict], n_images: int) -> list[int]:
-        """ChatML prompt ids with each `<image>` expanded to start + N x placeholder + end, plus the reply
+        """Prompt ids in the LM's chat template with each `<image>` expanded to its span, plus the reply
         header: the same rendering as training (`dataset.template.render`), with this model's placeholder."""
-        from dataset.sample import Sample
-        from dataset.template import render
-
-        tok = self.tokenizer
-        if tok is None or not hasattr(tok, "im_start_id"):
-            raise ValueError("chat needs a Qwen tokenizer (set VLMConfig.tokenizer to a directory holding one)")
+        fmt = self.chat_format
         for i, m in enumerate(messages):
             if m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
                 raise ValueError(f"chat: messages[{i}] needs role system|user|assistant and str content, got {m!r}")
@@ -315,25 +376,8 @@ class VLM(nn.Module):
         if n_markers != n_images:
             raise ValueError(f"chat: {n_markers} {IMAGE_MARKER} marker(s) in the messages but {n_images} image(s)")
         sample = Sample(id="chat", messages=list(messages), images=[f"<image {i}>" for i in range(n_images)])
-        return render(sample, tok, self.tokens_per_image, add_generation_prompt=True,
+        return render(sample, fmt, self.tokens_per_image, add_generation_prompt=True,
                       image_token_id=self.image_token_id).input_ids
-
-    # ----- what every caller of generate needs (front ends, evaluation, serving) --------------------
-    @property
-    def stop_token_ids(self) -> list[int]:
-        """Generation for chat stops at any of these ids (end of turn first)."""
-        tok = self.tokenizer
-        return [tok.im_end_id, tok.im_start_id]
-
-    @property
-    def pad_token_id(self) -> int:
-        """The id that left-pads batched prompts (masked out, never attended)."""
-        return int(self.tokenizer.eod_id)
-
-    def decode(self, ids: list[int]) -> str:
-        """New token ids -> text, without special tokens. Embedding tables have spare rows past the
-        vocabulary (151936 vs 151851 for Qwen); an undertrained model can emit them, and they have no text."""
-        return self.tokenizer.decode([t for t in ids if t < len(self.tokenizer)], skip_special_tokens=True)
 
     @staticmethod
     def _place_images(images: list, messages: list[dict]) -> list[dict]:
@@ -380,51 +424,30 @@ class VLM(nn.Module):
 
     # ----- training helpers --------------------------------------------------------------------------
     def gradient_checkpointing_enable(self) -> None:
-        if self.config.lm_backend == "hf":
-            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            self.lm.gradient_checkpointing_enable()
+        self.backbone.gradient_checkpointing_enable(self.lm)
 
     def merge_lora(self) -> None:
         """Fold peft LoRA adapters into the LM weights (no-op without adapters)."""
-        from peft import PeftModel
-
         if isinstance(self.lm, PeftModel):
             self.lm = self.lm.merge_and_unload()
         self.config.lora = None
 
+    def fold_token_rows(self) -> None:
+        """Write trained token rows into the LM's input embedding table and drop them (for merge/export).
+        With tied embeddings the output head shares those rows: they change there too."""
+        if self.token_rows is None:
+            return
+        self.token_rows.fold_into(self.backbone.embedding(self.lm))
+        self.token_rows = None
+
     # ----- checkpoints -------------------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | Path, trainable_only: bool = False) -> None:
-        from model.checkpoint import save_vlm
-
         save_vlm(self, out_dir, trainable_only=trainable_only)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> VLM:
-        from model.checkpoint import load_vlm
-
-        return load_vlm(path, **overrides)
-
-
-def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM:
-    """Build every part named by the config (a preset name, a dict or a VLMConfig)."""
-    config = resolve_config(preset_or_config, **overrides)
-    if config.init_from is not None:
-        from model.llava import import_llava
-
-        return import_llava(config.init_from, config)
-    lm = build_lm(config)
-    towers = build_towers(config)
-    if config.freeze_towers:
-        towers.requires_grad_(False)
-        towers.eval()
-    grid = towers.grid if config.reduce is not None else None
-    projector = build_projector(
-        config.projector, int(towers.hidden_size), lm_width(lm), reduce=config.reduce,
-        reduce_factor=config.reduce_factor, grid=grid,
-    )
-    vlm = VLM(config, towers, projector, lm, build_tokenizer(config))
-    vlm = vlm.to(torch_dtype(config.dtype))
-    if config.tower_dtype is not None and config.freeze_towers:
-        vlm.cast_frozen_towers()
-    return vlm
+        """A saved VLM (our format, a run directory's model, or a transformers Llava directory):
+        `model.build.load_vlm`, registered when the `model` package is imported."""
+        if VLM.loader is None:
+            raise RuntimeError("VLM.from_pretrained needs the model package: `import model` first")
+        return VLM.loader(path, **overrides)

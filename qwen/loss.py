@@ -5,7 +5,9 @@ Contract
 * `shift_targets(labels [B, T], cu_seqlens=None) -> [B, T-1]`: THE label shift (position t predicts
   label t+1). With packed sequences (`cu_seqlens` int32 `[n+1]` over a `[1, total]` row) the target of
   each sequence's last position is set to -100, so nothing is predicted across a sample boundary.
-  Every loss below (and `model.placeholders.causal_lm_loss`, the hf path) goes through it.
+  Every loss below (used by the VLM for every LM backbone) goes through it.
+* `count_targets(labels, cu_seqlens=None)`: the number of target positions (the mean's denominator);
+  token-normalised accumulation and throughput logging count with it.
 * `full_logits_loss(logits [B, T, V], labels [B, T], cu_seqlens=None)`: mean fp32 cross-entropy over
   the target tokens (ignore_index -100), from logits the caller already holds.
 * `supervised_loss(hidden [B, T, H], head, labels [B, T], cu_seqlens=None, chunk_size=1024)`: the same
@@ -45,6 +47,11 @@ def shift_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) 
             targets = targets.clone()  # never write into the caller's labels
             targets[0, ends] = IGNORE_INDEX  # never predict across a packed-sequence boundary
     return targets
+
+
+def count_targets(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """How many positions have a target after the shift (what the mean losses divide by); a 0-d tensor."""
+    return (shift_targets(labels, cu_seqlens) != IGNORE_INDEX).sum()
 
 
 def full_logits_loss(

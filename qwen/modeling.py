@@ -40,8 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels import attention
 from qwen.config import QWenConfig
 from qwen.loss import full_logits_loss, supervised_loss
-
-IGNORE_INDEX = -100
+from qwen.placeholders import scatter_image_features
 
 
 class QWenCache:
@@ -233,22 +232,10 @@ class QWenModel(nn.Module):
         return self.wte
 
     def _place_image_features(self, input_ids, embeds, image_features):
-        is_img = input_ids == self.config.image_token_id  # [B, T]
-        n_slots = int(is_img.sum())
-        if image_features is None:
+        if image_features is None:  # a text-only call: placeholder ids keep their own embedding rows
             return embeds
-        if image_features.dim() != 2 or image_features.shape[-1] != embeds.shape[-1]:
-            raise ValueError(f"image_features must be [n_placeholders_total, {embeds.shape[-1]}], "
-                             f"got {tuple(image_features.shape)}")
-        if image_features.shape[0] != n_slots:
-            raise ValueError(
-                f"image hook: input_ids hold {n_slots} image placeholder tokens (id "
-                f"{self.config.image_token_id}) but image_features has {image_features.shape[0]} rows")
-        if n_slots == 0:
-            return embeds
-        embeds = embeds.clone()  # write into a copy so inputs_embeds passed by a caller are never modified
-        embeds[is_img] = image_features.to(embeds.dtype)
-        return embeds
+        # The one placeholder rule of the project (qwen/placeholders.py); the VLM uses it for every LM.
+        return scatter_image_features(input_ids, embeds, image_features, self.config.image_token_id)
 
     def _positions(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
         if position_ids is not None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from model.config import PRESETS
+from model.model import PRESETS
 from tests.tiny_model import build_tiny_vlm, tiny_lm_dir, tiny_tower_spec
 from tests.tiny_train import make_tiny_data
 from trainer.config import load_train_config

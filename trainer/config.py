@@ -2,7 +2,7 @@
 
 Keys follow LLaVA's and the Hugging Face Trainer's names (`data_path`, `image_folder`, `learning_rate`,
 `per_device_train_batch_size`, ...). Nested sections: `model` (VLMConfig fields, applied over `preset`)
-and `lora`. Example: `python train.py configs/demo.yaml stage=sft lora.r=8 model.projector=mlp3x_gelu`.
+and `lora`. Example: `python train.py configs/demo/stage2_sft.yaml stage=sft lora.r=8 model.projector=mlp3x_gelu`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from trainer.stages import LoraSettings
 @dataclass
 class TrainConfig:
     # ---- the model -------------------------------------------------------------------------------
-    preset: str | None = None  # a name in model.config.PRESETS; `model` keys override it
+    preset: str | None = None  # a name in model.model.PRESETS; `model` keys override it
     model: dict = field(default_factory=dict)  # VLMConfig fields
     init_from: str | None = None  # a run / model directory to start from (e.g. stage 2 from stage 1)
     # ---- data (LLaVA names) ----------------------------------------------------------------------
@@ -121,7 +121,7 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
     def vlm_config(self):
-        from model.config import resolve_config
+        from model.model import resolve_config
 
         if self.init_from is not None and not self.preset and not self.model:
             return None  # the model comes whole from init_from

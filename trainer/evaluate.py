@@ -19,6 +19,7 @@ import torch
 
 from dataset.formats import normalize, read_records
 from dataset.images import load_image
+from dataset.sample import IMAGE_MARKER
 
 
 def _norm(text: str) -> str:
@@ -31,7 +32,7 @@ def _prompt_and_reference(sample) -> tuple[list[dict], str | None, int]:
     reference = None
     if msgs and msgs[-1]["role"] == "assistant":
         reference = msgs.pop()["content"]
-    n_images = sum(m["content"].count("<image>") for m in msgs)
+    n_images = sum(m["content"].count(IMAGE_MARKER) for m in msgs)
     return msgs, reference, n_images
 
 

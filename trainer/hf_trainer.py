@@ -40,11 +40,23 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import rotate_checkpoints
 
+from qwen.loss import count_targets
 from trainer import state_io
 from trainer.checkpoints import make_tmp_dir
 from trainer.optim import describe_groups, param_groups
 
 log = logging.getLogger(__name__)
+
+# Private parts of transformers' Trainer this module relies on: the methods it overrides (each calls or
+# replaces the stock one with the same signature) and the attributes it sets. They are not a public API,
+# so tests/test_trainer_private_api.py checks each against the installed transformers; pyproject.toml's
+# transformers range is the range that test ran on.
+PRIVATE_TRAINER_METHODS = (
+    "_get_grad_norm", "_maybe_log_save_evaluate", "_get_train_sampler", "_save", "_load_from_checkpoint",
+    "_save_optimizer_and_scheduler", "_load_optimizer_and_scheduler", "_save_rng_state", "_save_checkpoint",
+    "_load_rng_state",
+)
+PRIVATE_TRAINER_ATTRIBUTES = ("model_accepts_loss_kwargs", "_loss_shifts_labels")
 
 OPTIMIZER_STATE = "optimizer_state"
 SCHEDULER_STATE = "scheduler_state"
@@ -136,7 +148,7 @@ class VLMTrainer(Trainer):
             self._window_nonfinite = True
         if num_items_in_batch is not None:
             # mean over this micro-batch's targets -> its share of the window's token mean
-            n_here = (inputs["labels"][..., 1:] != -100).sum()
+            n_here = count_targets(inputs["labels"], inputs.get("cu_seqlens"))
             loss = loss * n_here.to(loss.dtype) / num_items_in_batch
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
                 # DDP averages gradients over ranks, and num_items_in_batch already counts all ranks.

@@ -1,7 +1,7 @@
 """Optimizer parameter groups: one learning rate per part, no weight decay on biases and norms.
 
-Parts are recognised by the top-level name in the VLM: `projector.*`, `towers.*` and `lm.*` (LoRA
-adapters live under `lm.` too). Each part is split into a decay and a no-decay group, so the optimizer
+Parts are recognised by the top-level name in the VLM: `projector.*` (and `token_rows.*`, trainable
+token embedding rows), `towers.*` and `lm.*` (LoRA adapters live under `lm.` too). Each part is split into a decay and a no-decay group, so the optimizer
 has up to six groups; every group carries a `name` so logs and tests can find it.
 """
 
@@ -21,7 +21,7 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
 
 
 def part_of(name: str) -> str:
-    if name.startswith("projector."):
+    if name.startswith(("projector.", "token_rows.")):  # trainable token rows: the projector's rate
         return "projector"
     if name.startswith("towers."):
         return "vision"

@@ -169,7 +169,7 @@ def build_datasets(cfg: TrainConfig, vlm):
     from dataset import VLMDataset
 
     common = dict(
-        tokenizer=vlm.tokenizer,
+        tokenizer=vlm.chat_format,  # the LM's chat template and ids
         image_processor=vlm.image_processor,
         tokens_per_image=vlm.tokens_per_image,
         image_folder=cfg.image_folder,
@@ -295,7 +295,7 @@ def train(cfg: TrainConfig) -> RunResult:
 
     sampler_fn = None
     train_input = train_ds
-    collator = Collator(pad_id=vlm.tokenizer.eod_id)
+    collator = Collator(pad_id=vlm.pad_token_id)
     # Samplers draw whole optimizer steps (ranks x accumulation); accelerate hands their consecutive
     # micro-batches to the ranks, so any (processes, accumulation) split of the same global batch sees the
     # same samples at each step.

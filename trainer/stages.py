@@ -23,9 +23,6 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 STAGES = ("align", "sft", "full")
-# LoRA targets per LM family when the config leaves them empty. Module names follow Qwen-1 for every
-# Qwen generation (see docs/contracts.md), so one default serves all of them.
-DEFAULT_LORA_TARGETS = "c_attn|attn.c_proj|w1|w2"
 
 
 @dataclass
@@ -33,7 +30,10 @@ class LoraSettings:
     r: int = 0
     alpha: int = 16
     dropout: float = 0.05
-    targets: str = DEFAULT_LORA_TARGETS
+    # Module-name suffixes joined by "|"; "" = the LM backbone's default (Qwen: every Linear of the block,
+    # c_attn|attn.c_proj|w1|w2|mlp.c_proj; Llama-like: q/k/v/o/gate/up/down_proj); "all-linear" = every
+    # Linear of the LM but its output head.
+    targets: str = ""
     qlora: bool = False
 
 
@@ -69,6 +69,13 @@ def lora_target_regex(targets: str) -> str:
     return rf"(?:.*\.)?(?:{alts})"
 
 
+def resolve_lora_targets(vlm: nn.Module, targets: str) -> str:
+    """"" -> the LM backbone's default for this architecture; "all-linear" -> every Linear of the LM except
+    its output head; anything else as given."""
+    targets = (targets or "").strip() or vlm.backbone.default_lora_targets(vlm.lm)
+    return vlm.backbone.all_linear_targets(vlm.lm) if targets == "all-linear" else targets
+
+
 def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
     """Wrap `vlm.lm` with peft LoRA adapters (QLoRA: 4-bit base weights, needs bitsandbytes and a GPU)."""
     from peft import LoraConfig, get_peft_model
@@ -84,15 +91,16 @@ def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
         from model.quant import quantize_lm_4bit  # imported lazily: only QLoRA needs it
 
         quantize_lm_4bit(vlm)
+    targets = resolve_lora_targets(vlm, lora.targets)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora_target_regex(lora.targets), bias="none",
+        target_modules=lora_target_regex(targets), bias="none",
     )
     vlm.lm = get_peft_model(vlm.lm, config)
     n = sum(1 for name, _ in vlm.lm.named_modules() if name.endswith("lora_A"))
     if n == 0:
-        raise ValueError(f"LoRA targets {lora.targets!r} matched no module of the LM")
-    log.info("LoRA r=%d alpha=%d on %d modules (targets %s)", lora.r, lora.alpha, n, lora.targets)
+        raise ValueError(f"LoRA targets {targets!r} matched no module of the LM")
+    log.info("LoRA r=%d alpha=%d on %d modules (targets %s)", lora.r, lora.alpha, n, targets)
 
 
 def set_trainable(
@@ -111,8 +119,8 @@ def set_trainable(
     freeze_re = [re.compile(p) for p in (freeze or [])]
     unfreeze_re = [re.compile(p) for p in (unfreeze or [])]
     for name, p in vlm.named_parameters():
-        if name.startswith("projector."):
-            train = True
+        if name.startswith(("projector.", "token_rows.")):
+            train = True  # trainable token rows learn with the projector
         elif name.startswith("towers."):
             train = vision_lr > 0
         elif name.startswith("lm."):

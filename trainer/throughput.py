@@ -49,9 +49,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from qwen.loss import count_targets
+
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 _PEAK_CACHE: dict[tuple[str, str], float] = {}
 
 
@@ -205,7 +206,7 @@ def batch_stats(batch: dict) -> BatchStats:
     else:
         lengths = [ids.shape[-1]] * ids.shape[0]
     labels = batch.get("labels")
-    targets = 0 if labels is None else int((labels[..., 1:] != IGNORE_INDEX).sum())
+    targets = 0 if labels is None else int(count_targets(labels, batch.get("cu_seqlens")))
     pix = batch.get("pixel_values")
     images = 0 if pix is None else int(pix.shape[0])  # the tower runs on these
     feats = batch.get("image_features")  # cached tower output [n_images, T, C]: the tower is skipped

@@ -1,0 +1,93 @@
+"""Building and loading VLMs: the layer above model.py (model.py defines the module; this file makes one).
+
+Import order inside model/ (no cycle; tests/test_model_imports.py checks it):
+config -> projector, token_rows, checkpoint, backbones, parts -> model -> llava -> build -> merge, export, quant.
+
+Contract:
+- `build_vlm(preset_or_config, **overrides) -> VLM` builds every part named by the config (a preset name
+  from `model.model.PRESETS`, a dict of VLMConfig fields or a VLMConfig): the LM and its tokenizer through
+  the backbone class `LM_BACKBONES[lm_backend]`, the towers (`model.parts`), the projector; frozen towers
+  in `tower_dtype`. `init_from` (a transformers Llava directory) imports that model instead.
+- `load_vlm(dir, **overrides) -> VLM` (also `VLM.from_pretrained`): a directory written by
+  `VLM.save_pretrained` is rebuilt from its config (base models from their names/paths, the saved
+  tokenizer) with its tensors loaded on top, LoRA adapters re-created from `lora/adapter_config.json`; a
+  transformers Llava directory (config.json with model_type "llava") is imported (model/llava.py).
+  Overrides are VLMConfig fields, plus `tower_path` (a path, or a list with one per tower) to point the
+  towers at another copy of their base checkpoints. Returns the model in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig, get_peft_model
+
+from model.checkpoint import CONFIG_FILE, LORA_DIR, TOKENIZER_DIR, load_trainable_weights, read_vlm_config
+from model.config import VLMConfig, torch_dtype
+from model.llava import import_llava
+from model.model import LM_BACKBONES, VLM, lm_width, resolve_config
+from model.parts import build_towers
+from model.projector import build_projector
+
+
+def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM:
+    """Build every part named by the config (a preset name, a dict or a VLMConfig)."""
+    config = resolve_config(preset_or_config, **overrides)
+    if config.init_from is not None:
+        return import_llava(config.init_from, config)
+    family = LM_BACKBONES[config.lm_backend]
+    lm = family.load_lm(config)
+    tokenizer = family.load_tokenizer(config)
+    towers = build_towers(config)
+    if config.freeze_towers:
+        towers.requires_grad_(False)
+        towers.eval()
+    grid = towers.grid if config.reduce is not None else None
+    projector = build_projector(
+        config.projector, int(towers.hidden_size), lm_width(lm), reduce=config.reduce,
+        reduce_factor=config.reduce_factor, grid=grid,
+    )
+    vlm = VLM(config, towers, projector, lm, tokenizer)
+    vlm = vlm.to(torch_dtype(config.dtype))
+    if vlm.token_rows is not None:
+        vlm.token_rows.float()  # trained rows keep fp32 master weights
+    if config.tower_dtype is not None and config.freeze_towers:
+        vlm.cast_frozen_towers()
+    return vlm
+
+
+def _is_llava_dir(p: Path) -> bool:
+    native = p / "config.json"
+    return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava"
+
+
+def load_vlm(path: str | Path, **overrides: Any) -> VLM:
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file():
+        if _is_llava_dir(p):
+            return import_llava(p, overrides or None).eval()
+        raise FileNotFoundError(
+            f"{p}: neither a VLM checkpoint ({CONFIG_FILE}) nor a transformers Llava directory "
+            f"(config.json with model_type 'llava')"
+        )
+    config, _ = read_vlm_config(p)
+    if (p / TOKENIZER_DIR).is_dir() and "tokenizer" not in overrides:
+        config.tokenizer = str(p / TOKENIZER_DIR)
+    overrides = dict(overrides)
+    tower_path = overrides.pop("tower_path", None)
+    if tower_path is not None:
+        paths = [tower_path] if isinstance(tower_path, (str, Path)) else list(tower_path)
+        if len(paths) != len(config.towers):
+            raise ValueError(f"tower_path: {len(paths)} path(s) given for {len(config.towers)} tower(s)")
+        for spec, tp in zip(config.towers, paths):
+            spec["name_or_path"] = str(tp)
+    vlm = build_vlm(config, **overrides)
+    if (p / LORA_DIR / "adapter_config.json").is_file():
+        vlm.lm = get_peft_model(vlm.lm, LoraConfig.from_pretrained(str(p / LORA_DIR)))
+    load_trainable_weights(vlm, p)
+    return vlm.eval()  # inference mode, as transformers' from_pretrained; training calls .train()
+
+
+VLM.loader = load_vlm  # VLM.from_pretrained: model.py cannot import this module (it sits above it)
