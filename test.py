@@ -10,12 +10,21 @@ directory. Decoding is greedy unless `--do-sample` is given. `--stream` prints t
 The original repo's command keeps working: `--base_language_model ID --base_value_model ID
 --model_weights RUN_DIR --image_path IMG --prompt "...<|extra_0|>..."` (the `<|extra_0|>` in the prompt
 marks where the image goes).
+
+A mistake (a missing or unreadable image, a model directory without a model, a hub name while offline,
+a data file that is not JSON) ends with one line `error: ...` (exit status 2; `--debug` shows the
+traceback); in the interactive chat a bad `/image` is reported and the chat goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+# Light modules only at the top, so `--help` answers before torch loads; heavy ones load where used.
+from dataset.sample import IMAGE_MARKER, UserError
+from trainer.cli import run_cli, writable_dir
 
 LEGACY_PLACEHOLDER = "<|extra_0|>"
 
@@ -56,14 +65,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _cuda() -> bool:
-    import torch
+    import torch  # heavy: only when the default device is needed
 
     return torch.cuda.is_available()
 
 
 def load_model(args):
+    from model import VLM  # heavy: after argument parsing
     from model.checkpoint import resolve_model_dir
-    from model.model import VLM
 
     if args.model_weights:
         overrides = {}
@@ -113,9 +122,9 @@ def answer(vlm, images, messages, args) -> str:
 
 
 def load_images(paths: list[str]):
-    from dataset.images import load_image
+    from dataset.images import load_image  # PIL, numpy: after argument parsing
 
-    return [load_image(p) for p in paths]
+    return [load_image(p) for p in paths]  # a missing or bad file is a BadSampleError (a UserError)
 
 
 def with_system(messages: list[dict], system: str | None) -> list[dict]:
@@ -123,7 +132,7 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
 
 
 def run_batch_file(vlm, args) -> None:
-    from trainer.evaluate import answer_file
+    from trainer.evaluate import answer_file  # heavy: after argument parsing
 
     n = answer_file(vlm, args.input, args.output, image_folder=args.image_folder,
                     batch_size=args.batch_size, system=args.system,
@@ -143,10 +152,13 @@ def interactive(vlm, images, args) -> None:
             break
         if not text:
             break
-        if text.startswith("/image "):
-            pending += load_images([text[len("/image "):].strip()])
+        if text.startswith("/image"):
+            try:
+                pending += load_images([text[len("/image"):].strip()])
+            except UserError as e:  # a bad path ends this command, not the chat
+                print(f"error: {e}", file=sys.stderr)
             continue
-        messages.append({"role": "user", "content": "<image>" * len(pending) + ("\n" if pending else "") + text})
+        messages.append({"role": "user", "content": IMAGE_MARKER * len(pending) + ("\n" if pending else "") + text})
         shown, pending = shown + pending, []
         print("assistant> ", end="" if args.stream else "\n", flush=True)
         reply = answer(vlm, shown, with_system(messages, args.system), args)
@@ -157,22 +169,27 @@ def interactive(vlm, images, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
+    import torch  # heavy: after argument parsing
 
     torch.manual_seed(args.seed)
+    images = load_images(args.image)  # before the model loads: a bad path fails fast
+    if args.input:
+        writable_dir(Path(args.output).resolve().parent, "--output's directory")
     vlm = load_model(args)
     if args.input:
         run_batch_file(vlm, args)
         return 0
-    images = load_images(args.image)
     if args.prompt is None:
         interactive(vlm, images, args)
         return 0
     prompt = args.prompt
     if LEGACY_PLACEHOLDER in prompt:
-        prompt = prompt.replace(LEGACY_PLACEHOLDER, "<image>")
-    elif images and "<image>" not in prompt:
-        prompt = "<image>" * len(images) + "\n" + prompt
+        prompt = prompt.replace(LEGACY_PLACEHOLDER, IMAGE_MARKER)
+    elif images and IMAGE_MARKER not in prompt:
+        prompt = IMAGE_MARKER * len(images) + "\n" + prompt
+    if prompt.count(IMAGE_MARKER) != len(images):
+        raise UserError(f"--prompt has {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) for {len(images)} "
+                        f"--image file(s); give one marker per image, or none to put them all first")
     reply = answer(vlm, images, with_system([{"role": "user", "content": prompt}], args.system), args)
     if not args.stream:
         print(reply)
@@ -180,4 +197,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

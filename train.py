@@ -2,28 +2,40 @@
 
 Dotted keys set nested fields (`model.projector=mlp3x_gelu`, `lora.r=16`); unknown keys are an error
 listing the valid ones. The work happens in `trainer.run`; this file only parses the command line.
+A mistake in the config, the data or a path ends with one line `error: ...` (exit status 2); `--debug`
+shows the traceback.
 """
 
 import sys
 
-from trainer.config_io import ConfigError
+from trainer.cli import run_cli
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def usage() -> str:
+    from model.config import VLMConfig
+    from trainer.config import TrainConfig
+    from trainer.config_io import describe_fields
+
+    rows = describe_fields(TrainConfig) + describe_fields(VLMConfig, prefix="model.")
+    width = max(len(k) for k, _, _ in rows)
+    lines = [__doc__.strip(), "", "usage: python train.py CONFIG.yaml [key=value ...] [--debug]", "",
+             "Config keys (default, then what it does; `model.*` keys override the preset's):"]
+    for key, default, note in rows:
+        if key == "model":
+            continue  # its keys follow as model.*
+        lines.append(f"  {key:<{width}}  {default[:30]:<30}  {note}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("Valid top-level keys are the fields of trainer.config.TrainConfig.")
+        print(usage())
         return 0
     config_path = argv.pop(0) if argv and "=" not in argv[0] else None
     from trainer.config import load_train_config
     from trainer.run import train
 
-    try:
-        cfg = load_train_config(config_path, argv)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_train_config(config_path, argv)
     try:
         train(cfg)
     except BaseException:
@@ -45,4 +57,4 @@ def _close_process_group(wait_for_others: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -23,6 +23,7 @@ from typing import Any
 from dataprocess.common import (
     BRIEF_PROMPTS_ZH,
     Converted,
+    SourceError,
     caption_sample,
     join_path,
     pick,
@@ -30,6 +31,7 @@ from dataprocess.common import (
     report,
     write_jsonl,
 )
+from trainer.cli import run_cli
 
 
 def clean_zh(caption: str) -> str:
@@ -41,16 +43,16 @@ def convert_ai_challenger(records: list[Any], image_prefix: str = "", one_per_im
                           seed: int = 0, source: str = "ai_challenger") -> Converted:
     """Convert a parsed AI Challenger caption list; `source` names the file in error messages."""
     if not isinstance(records, list):
-        raise ValueError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
+        raise SourceError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
     out = Converted()
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or not isinstance(rec.get("image_id"), str):
-            raise ValueError(f"{source}: record {i} lacks a string 'image_id'")
+            raise SourceError(f"{source}: record {i} lacks a string 'image_id'")
         captions = rec.get("caption")
         if isinstance(captions, str):
             captions = [captions]
         if not isinstance(captions, list):
-            raise ValueError(f"{source}: record {i} ({rec['image_id']}) has no 'caption' list")
+            raise SourceError(f"{source}: record {i} ({rec['image_id']}) has no 'caption' list")
         stem = os.path.splitext(rec["image_id"])[0]
         image = join_path(image_prefix, rec["image_id"])
         for k, cap in enumerate(captions):
@@ -82,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

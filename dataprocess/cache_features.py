@@ -31,6 +31,7 @@ from dataset.feature_cache import FORMAT, INDEX_FILE, image_key, tower_identity
 from dataset.formats import normalize, read_records
 from dataset.images import MAX_PIXELS, load_image
 from dataset.sample import BadSampleError
+from trainer.cli import run_cli
 
 log = logging.getLogger(__name__)
 
@@ -137,4 +138,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

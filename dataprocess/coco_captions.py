@@ -19,6 +19,7 @@ from typing import Any
 from dataprocess.common import (
     BRIEF_PROMPTS_EN,
     Converted,
+    SourceError,
     caption_sample,
     clean_spaces,
     join_path,
@@ -27,24 +28,25 @@ from dataprocess.common import (
     report,
     write_jsonl,
 )
+from trainer.cli import run_cli
 
 
 def convert_coco(data: dict[str, Any], image_prefix: str = "", one_per_image: bool = False,
                  seed: int = 0, source: str = "captions") -> Converted:
     """Convert a parsed COCO captions dict; `source` names the file in error messages."""
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{source}: expected a COCO captions dict with 'images' and 'annotations'")
+        raise SourceError(f"{source}: expected a COCO captions dict with 'images' and 'annotations'")
     files: dict[Any, str] = {}
     for i, img in enumerate(data["images"]):
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
-            raise ValueError(f"{source}: images[{i}] lacks 'id' or 'file_name'")
+            raise SourceError(f"{source}: images[{i}] lacks 'id' or 'file_name'")
         files[img["id"]] = img["file_name"]
 
     out = Converted()
     seen_images: set = set()
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or "caption" not in ann:
-            raise ValueError(f"{source}: annotations[{i}] lacks 'image_id' or 'caption'")
+            raise SourceError(f"{source}: annotations[{i}] lacks 'image_id' or 'caption'")
         image_id = ann["image_id"]
         sample_id = f"coco_{image_id}" if one_per_image else f"coco_{image_id}_{ann.get('id', i)}"
         if one_per_image and image_id in seen_images:
@@ -79,4 +81,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataset.sample import IMAGE_MARKER
+from dataset.sample import IMAGE_MARKER, UserError
 
 ROLES = ("system", "user", "assistant")
 
@@ -41,6 +41,11 @@ BRIEF_PROMPTS_ZH = [
     "这张图片里有什么？请用一句话回答。",
     "用一句简短的话概括图片内容。",
 ]
+
+
+class SourceError(UserError, ValueError):
+    """A source file (or an option) a converter cannot use; the message names it and says what is wrong.
+    Every `python -m dataprocess.NAME` answers it with one line `error: ...` (exit status 2)."""
 
 
 @dataclass
@@ -101,11 +106,11 @@ def read_text(path: str | Path) -> str:
     """A whole UTF-8 file (a BOM is tolerated); a non-UTF-8 file is an error naming it."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise SourceError(f"{path}: no such file")
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+        raise SourceError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); re-encode it as UTF-8") from None
 
 
 def read_json(path: str | Path) -> Any:
@@ -114,16 +119,19 @@ def read_json(path: str | Path) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise SourceError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
 def write_jsonl(path: str | Path, samples: list[dict]) -> None:
     """Write samples one per line (UTF-8, non-ASCII kept as is); parent folders are created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        for s in samples:
-            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            for s in samples:
+                f.write(json.dumps(s, ensure_ascii=False) + "\n")
+    except OSError as e:
+        raise SourceError(f"{path}: cannot be written ({e.strerror or e}); choose another output path") from None
 
 
 def report(result: Converted, out: str | Path, max_listed: int = 20) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from dataprocess.common import SourceError
 from dataset.images import MAX_PIXELS, load_image
 from dataset.sample import BadSampleError
 
@@ -45,7 +46,7 @@ def parse_fill(text: str) -> tuple[int, int, int]:
         return named[text]
     parts = text.split(",")
     if len(parts) != 3 or not all(p.strip().isdigit() and 0 <= int(p) <= 255 for p in parts):
-        raise ValueError(f"pad colour {text!r}: expected mean, white, black or R,G,B with 0-255 values")
+        raise SourceError(f"pad colour {text!r}: expected mean, white, black or R,G,B with 0-255 values")
     return tuple(int(p) for p in parts)  # type: ignore[return-value]
 
 
@@ -53,7 +54,7 @@ def square(img: Image.Image, size: int, mode: str = "pad",
            fill: tuple[int, int, int] = CLIP_MEAN_RGB) -> Image.Image:
     """Make a `size` x `size` RGB image from `img` by `mode` (pad | resize | crop)."""
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        raise SourceError(f"unknown mode {mode!r}; choose from {MODES}")
     assert size > 0, f"size must be positive, got {size}"
     w, h = img.size
     if mode == "pad":

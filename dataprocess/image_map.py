@@ -32,6 +32,7 @@ from dataprocess.common import (
     BRIEF_PROMPTS_EN,
     BRIEF_PROMPTS_ZH,
     Converted,
+    SourceError,
     caption_sample,
     clean_spaces,
     join_path,
@@ -40,6 +41,7 @@ from dataprocess.common import (
     report,
     write_jsonl,
 )
+from trainer.cli import run_cli
 
 PROMPTS = {"en": BRIEF_PROMPTS_EN, "zh": BRIEF_PROMPTS_ZH}
 
@@ -50,19 +52,19 @@ def _parse(text: str, name: str) -> tuple[dict | None, list[tuple[str, str]]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raise SourceError(f"{name}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{name}: expected a JSON object mapping ids to values")
+            raise SourceError(f"{name}: expected a JSON object mapping ids to values")
         return {str(k): v for k, v in data.items()}, []
     pairs = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.startswith("#"):
             continue
         if "\t" not in line:
-            raise ValueError(f"{name}: line {lineno} has no tab (expected '<id>\\t<value>')")
+            raise SourceError(f"{name}: line {lineno} has no tab (expected '<id>\\t<value>')")
         key, value = line.split("\t", 1)
         if not key.strip():
-            raise ValueError(f"{name}: line {lineno} has an empty id")
+            raise SourceError(f"{name}: line {lineno} has an empty id")
         pairs.append((key.strip(), value.strip()))
     return None, pairs
 
@@ -73,14 +75,14 @@ def parse_image_map(text: str, name: str = "image_map") -> dict[str, str]:
     if data is not None:
         for k, v in data.items():
             if not isinstance(v, str) or not v:
-                raise ValueError(f"{name}: id {k!r} maps to {v!r}, expected a file name")
+                raise SourceError(f"{name}: id {k!r} maps to {v!r}, expected a file name")
         return data
     out: dict[str, str] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"{name}: id {key!r} appears twice")
+            raise SourceError(f"{name}: id {key!r} appears twice")
         if not value:
-            raise ValueError(f"{name}: id {key!r} has an empty file name")
+            raise SourceError(f"{name}: id {key!r} has an empty file name")
         out[key] = value
     return out
 
@@ -93,7 +95,7 @@ def parse_captions(text: str, name: str = "captions") -> dict[str, list[str]]:
         for k, v in data.items():
             caps = [v] if isinstance(v, str) else v
             if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
-                raise ValueError(f"{name}: id {k!r} must map to a caption string or a list of strings")
+                raise SourceError(f"{name}: id {k!r} must map to a caption string or a list of strings")
             out[k] = list(caps)
         return out
     for key, value in pairs:
@@ -105,7 +107,7 @@ def convert_image_map(image_map: dict[str, str], captions: dict[str, list[str]],
                       lang: str = "en", seed: int = 0) -> tuple[Converted, int]:
     """(samples + skips, number of mapped images that have no caption)."""
     if lang not in PROMPTS:
-        raise ValueError(f"unknown --lang {lang!r}; choose from {sorted(PROMPTS)}")
+        raise SourceError(f"unknown --lang {lang!r}; choose from {sorted(PROMPTS)}")
     out = Converted()
     for key, caps in captions.items():
         for k, cap in enumerate(caps):
@@ -144,4 +146,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -20,7 +20,17 @@ import os
 import sys
 from typing import Any
 
-from dataprocess.common import IMAGE_MARKER, Converted, join_path, make_sample, read_json, report, write_jsonl
+from dataprocess.common import (
+    IMAGE_MARKER,
+    Converted,
+    SourceError,
+    join_path,
+    make_sample,
+    read_json,
+    report,
+    write_jsonl,
+)
+from trainer.cli import run_cli
 
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -50,7 +60,7 @@ def convert_llava(records: list[Any], image_prefix: str = "", image_root: str | 
                   source: str = "llava") -> Converted:
     """Convert a parsed LLaVA instruct list; `image_root` (optional) checks that image files exist."""
     if not isinstance(records, list):
-        raise ValueError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
+        raise SourceError(f"{source}: expected a JSON list of records, got {type(records).__name__}")
     out = Converted()
     id_counts: dict[str, int] = {}
     for i, rec in enumerate(records):
@@ -101,4 +111,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -34,8 +34,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataprocess.common import make_sample, write_jsonl
+from dataprocess.common import SourceError, make_sample, write_jsonl
 from dataprocess.shapes_draw import COLOURS, SHAPES, render
+from trainer.cli import run_cli
 
 TYPES = ("colour", "shape", "count", "position", "multi")
 ANSWERS: dict[str, list[str]] = {
@@ -153,7 +154,7 @@ def parse_types(text: str) -> list[str]:
     types = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in types if t not in SCENES]
     if not types or bad:
-        raise ValueError(f"--types {text!r}: unknown {bad}; choose from {','.join(TYPES)}")
+        raise SourceError(f"--types {text!r}: unknown {bad}; choose from {','.join(TYPES)}")
     return types
 
 
@@ -189,4 +190,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

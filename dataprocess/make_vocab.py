@@ -24,6 +24,7 @@ from pathlib import Path
 import regex
 
 from dataset.sample import IMAGE_MARKER, VIDEO_MARKER
+from trainer.cli import run_cli
 
 # Qwen's pre-tokenisation pattern (FACTS.md).
 SPLIT = regex.compile(
@@ -102,4 +103,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -25,7 +25,9 @@ from pathlib import Path
 
 from PIL import Image
 
+from dataprocess.common import SourceError
 from dataprocess.image_io import DEFAULT_MAX_PIXELS, MODES, ImageError, load_rgb, parse_fill, square
+from trainer.cli import run_cli
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FAILED_LIST = "failed.txt"
@@ -53,7 +55,7 @@ def list_images(root: str | Path) -> list[str]:
     """Relative POSIX paths of image files under `root`, sorted (so runs are reproducible)."""
     root = Path(root)
     if not root.is_dir():
-        raise NotADirectoryError(f"{root}: not a folder")
+        raise SourceError(f"{root}: not a folder (give the folder of images to process)")
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                   if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
 
@@ -98,11 +100,11 @@ def process_folder(src: str | Path, dst: str | Path, size: int = 336, mode: str 
                    max_pixels: int = DEFAULT_MAX_PIXELS, quality: int = 95) -> Summary:
     """Process every image under `src` into `dst`; returns what was written, skipped and failed."""
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")
+        raise SourceError(f"unknown mode {mode!r}; choose from {MODES}")
     src_abs, dst_abs = Path(src).resolve(), Path(dst).resolve()
     if dst_abs == src_abs or src_abs in dst_abs.parents:
         # outputs inside the source would be picked up as inputs by the next run
-        raise ValueError(f"{dst}: the cache folder must differ from, and not lie inside, the source folder")
+        raise SourceError(f"{dst}: the cache folder must differ from, and not lie inside, the source folder")
     job = Job(str(src), str(dst), size, mode, tuple(fill), max_pixels, quality)
     rels = list_images(src)
     tasks = [(job, rel) for rel in rels]
@@ -151,4 +153,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -27,6 +27,13 @@ a skip recorded in a worker is invisible to the main process. Two mechanisms kee
    moves them to `batch.skipped`, and the training loop hands them back with `dataset.absorb(...)`.
    Each worker also logs every skip as it happens.
 `skip_report()` then returns the counts by kind (and the first few reasons) for the end of the run.
+A data set left with no usable sample raises `NoUsableDataError` (a UserError) with the counts by reason
+and, for samples too long, the longest one's length and the keys that change it.
+
+Truncation: a sample shortened to fit `max_length` (whole trailing turns dropped, with their images) is
+recorded in `truncated` and counted in `skip_report()` (`truncated_samples`, `dropped_turns`,
+`dropped_images`, `truncated_examples`). `validate()` meets every sample in this process; without it,
+truncations in DataLoader workers are logged by the workers only.
 
 `feature_cache=DIR` (a directory from `python -m dataprocess.cache_features`): items carry
 `image_features` FloatTensor [n_spans, T, C] (the frozen towers' output) and `pixel_values` None; no
@@ -50,11 +57,15 @@ from PIL import Image
 
 from dataset.feature_cache import FeatureCache
 from dataset.formats import normalize, read_records
-from dataset.images import MAX_PIXELS, load_image, load_video_frames
-from dataset.sample import BadSampleError, Sample
+from dataset.images import MAX_PIXELS, load_image, load_video_frames, open_header, too_large_message
+from dataset.sample import BadSampleError, Sample, UserError
 from dataset.template import render
 
 logger = logging.getLogger(__name__)
+
+
+class NoUsableDataError(UserError, ValueError):
+    """Every sample of a data set was skipped; the message gives the counts by reason."""
 
 
 def _parse_paths(paths: Any, image_folder: str | None, video_folder: str | None) -> list[dict]:
@@ -67,21 +78,21 @@ def _parse_paths(paths: Any, image_folder: str | None, video_folder: str | None)
         elif isinstance(entry, (tuple, list)) and len(entry) == 2:
             entry = {"path": entry[0], "weight": entry[1]}
         if not isinstance(entry, dict) or "path" not in entry:
-            raise ValueError(f"dataset path entry must be a path, (path, weight) or a dict with 'path': "
+            raise UserError(f"dataset path entry must be a path, (path, weight) or a dict with 'path': "
                              f"{entry!r}")
         unknown = set(entry) - {"path", "weight", "image_folder", "video_folder"}
         if unknown:
-            raise ValueError(f"dataset path entry {entry['path']}: unknown keys {sorted(unknown)}")
+            raise UserError(f"dataset path entry {entry['path']}: unknown keys {sorted(unknown)}")
         weight = float(entry.get("weight", 1.0))
         if weight < 0:
-            raise ValueError(f"dataset path entry {entry['path']}: weight must be >= 0, got {weight}")
+            raise UserError(f"dataset path entry {entry['path']}: weight must be >= 0, got {weight}")
         specs.append({
             "path": str(entry["path"]), "weight": weight,
             "image_folder": entry.get("image_folder", image_folder),
             "video_folder": entry.get("video_folder", video_folder),
         })
     if not specs:
-        raise ValueError("VLMDataset: no data files given")
+        raise UserError("VLMDataset: no data files given")
     return specs
 
 
@@ -115,6 +126,8 @@ class VLMDataset(torch.utils.data.Dataset):
         self.feature_cache = None if feature_cache is None else FeatureCache(feature_cache)
         self.samples: list[Sample] = []
         self.skipped: dict[tuple[str, int], dict] = {}  # (file, position) -> skip record
+        self.truncated: dict[tuple[str, int], dict] = {}  # (file, position) -> turns/images dropped to fit
+        self._paths = paths
         self.index: list[int] = []  # dataset position -> self.samples position (weights repeat entries)
         self._exact_lengths: dict[int, int] = {}
         rng = random.Random(seed)
@@ -143,7 +156,7 @@ class VLMDataset(torch.utils.data.Dataset):
             logger.warning("VLMDataset: %d bad record(s) skipped while reading: %s", len(self.skipped),
                            dict(Counter(r["kind"] for r in self.skipped.values())))
         if not self.index:
-            raise ValueError(f"VLMDataset: no usable sample in {paths} ({len(self.skipped)} skipped)")
+            raise self.no_usable_sample()
 
     # ------------------------------------------------------------------------------------------ skips
     def _record(self, sid: str | None, source: tuple[str, int], err: BadSampleError) -> dict | None:
@@ -162,18 +175,59 @@ class VLMDataset(torch.utils.data.Dataset):
             self.skipped.setdefault((r["file"], r["position"]), r)
 
     def skip_report(self) -> dict:
-        """`{"skipped": n, "by_kind": {kind: count}, "examples": [first reasons]}` for the end of a run."""
+        """For the end of a run: `{"skipped": n, "by_kind": {kind: count}, "examples": [first reasons],
+        "truncated_samples": n, "dropped_turns": n, "dropped_images": n, "truncated_examples": [records]}`."""
         recs = list(self.skipped.values())
+        cut = list(self.truncated.values())
         return {"skipped": len(recs), "by_kind": dict(Counter(r["kind"] for r in recs)),
-                "examples": [r["reason"] for r in recs[:10]]}
+                "examples": [r["reason"] for r in recs[:10]],
+                "truncated_samples": len(cut), "dropped_turns": sum(r["dropped_turns"] for r in cut),
+                "dropped_images": sum(r["dropped_images"] for r in cut), "truncated_examples": cut[:10]}
+
+    def _note_truncation(self, s: Sample, r) -> None:
+        """Turns dropped to fit max_length are counted per sample (never lost silently)."""
+        if not r.dropped_turns:
+            return
+        key = (str(s.source[0]), int(s.source[1])) if s.source else (s.id, 0)
+        if key in self.truncated:
+            return
+        self.truncated[key] = {"id": s.id, "file": key[0], "position": key[1], "dropped_turns": r.dropped_turns,
+                               "dropped_images": r.dropped_images, "kept_tokens": len(r.input_ids)}
+        logger.info("%s: %d turn(s) with %d image(s) dropped to fit max_length %s", s.where, r.dropped_turns,
+                    r.dropped_images, self.max_length)
+
+    def no_usable_sample(self) -> NoUsableDataError:
+        """The error for a data set whose every sample was skipped: counts by reason, and for samples too
+        long, the longest one's length and the keys that change it."""
+        rep = self.skip_report()
+        msg = f"no usable sample in {self._paths}: {rep['skipped']} skipped {rep['by_kind']}"
+        longest = max((r.get("length", 0) for r in self.skipped.values() if r["kind"] == "too_long"), default=0)
+        if longest:
+            msg += (f"; the longest sample has {longest} tokens but max_length is {self.max_length} (each image "
+                    f"takes {self.tokens_per_image} tokens, each video frames_per_video={self.frames_per_video} "
+                    f"images): raise max_length, or lower frames_per_video / the tokens per image "
+                    f"(model.reduce / model.reduce_factor)")
+        if rep["examples"]:
+            msg += f". First: {rep['examples'][0]}"
+        return NoUsableDataError(msg)
 
     # ------------------------------------------------------------------------------------------- items
     def __len__(self) -> int:
         return len(self.index)
 
     def _render(self, s: Sample):
-        return render(s, self.tokenizer, self.tokens_per_image, self.mode, self.max_length,
-                      self.frames_per_video, self.system_prompt, image_token_id=self.image_token_id)
+        r = render(s, self.tokenizer, self.tokens_per_image, self.mode, self.max_length,
+                   self.frames_per_video, self.system_prompt, image_token_id=self.image_token_id)
+        self._note_truncation(s, r)
+        return r
+
+    def _full_length(self, s: Sample) -> int:
+        """The sample's length without max_length (for the too-long report); 0 when it cannot render."""
+        try:
+            return len(render(s, self.tokenizer, self.tokens_per_image, self.mode, None, self.frames_per_video,
+                              self.system_prompt, image_token_id=self.image_token_id).input_ids)
+        except BadSampleError:
+            return 0
 
     def _cached_features(self, s: Sample, media: list) -> torch.Tensor | None:
         """`[n_spans, T, C]` tower outputs of the sample's images from the feature cache (or None)."""
@@ -239,7 +293,7 @@ class VLMDataset(torch.utils.data.Dataset):
                 rec = self._record(s.id, s.source, e)
                 if rec is not None:
                     new_skips.append(rec)
-        raise RuntimeError(f"VLMDataset: {self.max_retries + 1} bad samples in a row from index {i}; "
+        raise NoUsableDataError(f"VLMDataset: {self.max_retries + 1} bad samples in a row from index {i}; "
                            f"the data is broken, see skip_report(): {self.skip_report()}")
 
     # -------------------------------------------------------------------------------------- validation
@@ -267,11 +321,13 @@ class VLMDataset(torch.utils.data.Dataset):
             except BadSampleError as e:
                 if self.strict:
                     raise
-                self._record(s.id, s.source, e)
+                rec = self._record(s.id, s.source, e)
+                if rec is not None and rec["kind"] == "too_long":
+                    rec["length"] = self._full_length(s)
                 bad.add(k)
         self.index = [k for k in self.index if k not in bad]
         if not self.index:
-            raise ValueError(f"VLMDataset.validate: every sample is bad: {self.skip_report()}")
+            raise self.no_usable_sample()
         return self.skip_report()
 
     @property
@@ -293,12 +349,9 @@ def _check_media(s: Sample, kind: str, path: str, max_pixels: int) -> None:
     if kind != "image":
         return
     try:
-        with Image.open(path) as img:  # header only
+        with open_header(path) as img:  # header only; PIL's own bomb limit off: ours decides below
             w, h = img.size
-    except Image.DecompressionBombError as e:
-        raise BadSampleError(f"{s.where}: image too large: {path}: {e}", "too_large") from e
     except Exception as e:  # noqa: BLE001 - any header failure means "not an image"
         raise BadSampleError(f"{s.where}: not a readable image: {path} ({e})", "bad_image") from e
     if w * h > max_pixels:
-        raise BadSampleError(f"{s.where}: image {path} is {w}x{h}, above max_pixels {max_pixels}",
-                             "too_large")
+        raise BadSampleError(f"{s.where}: {too_large_message(path, w, h, max_pixels)}", "too_large")

@@ -35,10 +35,10 @@ import os
 import re
 from typing import Any
 
-from dataset.sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample, describe_source
+from dataset.sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample, UserError, describe_source
 
 
-class DataFileError(ValueError):
+class DataFileError(UserError, ValueError):
     """A data file that cannot be read at all (encoding, JSON syntax); the message names the file/line."""
 
 

@@ -3,7 +3,8 @@
 `load_image(path, max_pixels=MAX_PIXELS)`:
 - a missing, 0-byte, unrecognised, truncated or corrupt file raises `BadSampleError` naming the file;
 - the pixel count is checked from the header (before any pixel is decoded) against `max_pixels`, so a
-  decompression bomb (e.g. a 30000x30000 PNG) is refused without allocating it;
+  decompression bomb (e.g. a 30000x30000 PNG) is refused without allocating it; PIL's own limit is off
+  while the header is read (`open_header`), so the refusal is always ours, naming max_pixels;
 - EXIF orientation is applied (`ImageOps.exif_transpose`);
 - every mode becomes RGB: transparent modes (RGBA, LA, PA, P with transparency) are composited over white,
   16/32-bit grayscale (I;16*, I, F) is scaled to 8 bits, CMYK / 1 / L / YCbCr are converted.
@@ -15,6 +16,7 @@ with fewer than `k` frames repeats frames so the count is always `k` (the render
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -34,20 +36,13 @@ def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if os.path.getsize(path) == 0:
         raise BadSampleError(f"{path}: image file is empty (0 bytes)", "bad_image")
     try:
-        with warnings.catch_warnings():
-            # PIL warns (and above 2x its limit raises) on big headers; our own limit below decides.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)  # reads the header only
-    except Image.DecompressionBombError as e:
-        raise BadSampleError(f"{path}: image too large (decompression bomb guard): {e}", "too_large") from e
+        img = open_header(path)  # reads the header only
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadSampleError(f"{path}: not a readable image ({e})", "bad_image") from e
     with img:
         w, h = img.size
         if w * h > max_pixels:
-            raise BadSampleError(f"{path}: image is {w}x{h} = {w * h} pixels, above the limit of "
-                                 f"{max_pixels} (decompression bomb guard; raise max_pixels if the image is "
-                                 f"genuine)", "too_large")
+            raise BadSampleError(too_large_message(path, w, h, max_pixels), "too_large")
         if w == 0 or h == 0:
             raise BadSampleError(f"{path}: image has size {w}x{h}", "bad_image")
         try:
@@ -56,6 +51,26 @@ def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
             return to_rgb(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise BadSampleError(f"{path}: corrupt or truncated image ({e})", "bad_image") from e
+
+
+_PIL_LIMIT = threading.Lock()
+
+
+def open_header(path: str) -> Image.Image:
+    """`Image.open` (header only) with PIL's own decompression-bomb limit off: the caller checks the size
+    against `max_pixels` itself, so every refusal is ours, with our message, whatever PIL's limit is."""
+    with _PIL_LIMIT, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def too_large_message(path: str, w: int, h: int, max_pixels: int) -> str:
+    return (f"{path}: image is {w}x{h} = {w * h} pixels, above max_pixels={max_pixels} (decompression bomb "
+            f"guard; raise max_pixels if the image is genuine)")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

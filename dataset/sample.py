@@ -10,6 +10,7 @@ Contract:
   used only in error messages.
 - `BadSampleError` is the one error class for a sample that cannot be used (bad record, bad image,
   too long). The dataset skips it (counted, logged) in non-strict mode and re-raises it in strict mode.
+- `UserError` is the base of every expected user mistake (entry points answer it with one line, exit 2).
 """
 
 from __future__ import annotations
@@ -21,7 +22,12 @@ VIDEO_MARKER = "<video>"
 ROLES = ("system", "user", "assistant")
 
 
-class BadSampleError(ValueError):
+class UserError(Exception):
+    """An expected mistake in the user's input (a file, a key, a sample, a model directory); the message
+    says what and where, and what to do. Entry points print it as one line (trainer/cli.py)."""
+
+
+class BadSampleError(UserError, ValueError):
     """A sample (or one of its files) that cannot be used; the message names the file and the sample.
 
     `kind` is a short category used to count skips: bad_record | bad_json | bad_image | missing_file |

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from dataset.sample import UserError
+
 
 class LengthGroupedSampler(torch.utils.data.Sampler):
     def __init__(self, lengths: Sequence[int], batch_size: int, world_size: int = 1, rank: int = 0,
@@ -36,7 +38,8 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
         n = len(self.lengths)
         self.n_global = n // g if drop_last else -(-n // g)
         if self.n_global == 0:
-            raise ValueError(f"LengthGroupedSampler: {n} samples < one global batch of {g} with drop_last")
+            raise UserError(f"the data has {n} usable samples, fewer than one global batch of {g}: lower "
+                            f"per_device_train_batch_size / global_batch_size or add data")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -41,7 +41,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from dataset.chat_templates import TEMPLATES, detect_template
-from dataset.sample import IMAGE_MARKER
+from dataset.sample import IMAGE_MARKER, UserError
 from dataset.template import ChatFormat
 from model.config import VLMConfig, torch_dtype
 from model.tokenizers import TOKENIZER_FILES, has_tokenizer_files, load_lm_tokenizer
@@ -115,7 +115,7 @@ class LMBackbone:
             lm_id = config.image_token_id
             lm_id = getattr(unwrap(lm).config, "image_token_id", None) if lm_id is None else lm_id
             if lm_id is None:
-                raise ValueError("no image placeholder id: set VLMConfig.image_token_id (there is no tokenizer "
+                raise UserError("no image placeholder id: set VLMConfig.image_token_id (there is no tokenizer "
                                  "and the LM config has none)")
             self.image_token_id = int(lm_id)
         else:
@@ -127,15 +127,17 @@ class LMBackbone:
             self._fit_embeddings(lm)
         self.chat_format: ChatFormat | None = None
         self._no_format = "this VLM has no tokenizer: set VLMConfig.tokenizer to a directory holding one"
+        if config.chat_template is not None and config.chat_template not in TEMPLATES:
+            raise UserError(f"chat_template={config.chat_template!r}; valid: {', '.join(TEMPLATES)}")
         if tokenizer is not None:
             try:
                 template = TEMPLATES[self._template_name(lm)]
                 missing = [t for t in template.specials if _token_id(tokenizer, t) is None]
                 if missing:
-                    raise ValueError(f"chat template {template.name!r} needs the token(s) {missing}, which the "
+                    raise UserError(f"chat template {template.name!r} needs the token(s) {missing}, which the "
                                      f"tokenizer of {self.config.lm} lacks; set chat_template to the LM's own "
                                      f"({', '.join(TEMPLATES)})")
-            except ValueError as e:  # logits need no template: the error waits for whoever renders text
+            except UserError as e:  # logits need no template: the error waits for whoever renders text
                 self._no_format = str(e)
             else:
                 self.chat_format = ChatFormat(tokenizer, template, self.image_token_id, eos_id=self._eos_id(),
@@ -190,12 +192,12 @@ class LMBackbone:
         if name is None:
             name = detect_template(getattr(self.tokenizer, "chat_template", None), self._model_type(lm))
         if name is None:
-            raise ValueError(
+            raise UserError(
                 f"no chat template for {self.config.lm}: its tokenizer has no recognisable chat_template and "
                 f"the model type {self._model_type(lm)!r} names none; set chat_template to one of "
                 f"{', '.join(TEMPLATES)}")
         if name not in TEMPLATES:
-            raise ValueError(f"chat_template={name!r}; valid: {', '.join(TEMPLATES)}")
+            raise UserError(f"chat_template={name!r}; valid: {', '.join(TEMPLATES)}")
         return name
 
     @staticmethod
@@ -209,23 +211,23 @@ class LMBackbone:
             return int(tok.eod_id)
         if getattr(tok, "eos_token_id", None) is not None:
             return int(tok.eos_token_id)
-        raise ValueError(f"the tokenizer of {self.config.lm} has no end-of-text (eos) token")
+        raise UserError(f"the tokenizer of {self.config.lm} has no end-of-text (eos) token")
 
     def _trainable_tokens(self) -> list[str]:
         names = self.config.trainable_tokens
         if names is None:  # default: the tokens added here whose rows are read (not the placeholder)
             return [t for t in self.added_tokens if self.tokenizer.token_to_id(t) != self.image_token_id]
         if names and self.tokenizer is None:
-            raise ValueError("trainable_tokens needs a tokenizer to look the tokens up")
+            raise UserError("trainable_tokens needs a tokenizer to look the tokens up")
         for t in names:
             if _token_id(self.tokenizer, t) is None:
-                raise ValueError(f"trainable_tokens: {t!r} is not a token of this tokenizer")
+                raise UserError(f"trainable_tokens: {t!r} is not a token of this tokenizer")
         return list(names)
 
     # ----- ids ---------------------------------------------------------------------------------------
     def need_format(self) -> ChatFormat:
         if self.chat_format is None:
-            raise ValueError(self._no_format)
+            raise UserError(self._no_format)
         return self.chat_format
 
     @property
@@ -236,7 +238,7 @@ class LMBackbone:
     def pad_token_id(self) -> int:
         tok = self.tokenizer
         if tok is None:
-            raise ValueError("this VLM has no tokenizer: set VLMConfig.tokenizer to a directory holding one")
+            raise UserError("this VLM has no tokenizer: set VLMConfig.tokenizer to a directory holding one")
         if hasattr(tok, "pad_id"):
             return int(tok.pad_id)
         pad = getattr(tok, "pad_token_id", None)
@@ -347,7 +349,7 @@ class HFCausalLMBackbone(LMBackbone):
         if config.is_scratch_lm:
             cfg = dict(config.scratch_lm_config())
             if "model_type" not in cfg:
-                raise ValueError("VLMConfig.lm_config for an hf scratch LM needs 'model_type' (e.g. 'llama')")
+                raise UserError("VLMConfig.lm_config for an hf scratch LM needs 'model_type' (e.g. 'llama')")
             return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
         return AutoModelForCausalLM.from_pretrained(config.lm, dtype=torch_dtype(config.dtype))
 

@@ -24,11 +24,19 @@ from typing import Any
 
 from peft import LoraConfig, get_peft_model
 
-from model.checkpoint import CONFIG_FILE, LORA_DIR, TOKENIZER_DIR, load_trainable_weights, read_vlm_config
+from dataset.sample import UserError
+from model.checkpoint import (
+    CONFIG_FILE,
+    LORA_DIR,
+    TOKENIZER_DIR,
+    ModelDirError,
+    load_trainable_weights,
+    read_vlm_config,
+)
 from model.config import VLMConfig, torch_dtype
 from model.llava import import_llava
 from model.model import LM_BACKBONES, VLM, lm_width, resolve_config
-from model.parts import build_towers
+from model.parts import build_towers, named_source
 from model.projector import build_projector
 
 
@@ -38,8 +46,10 @@ def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM
     if config.init_from is not None:
         return import_llava(config.init_from, config)
     family = LM_BACKBONES[config.lm_backend]
-    lm = family.load_lm(config)
-    tokenizer = family.load_tokenizer(config)
+    with named_source(config.lm, "language model (lm)"):
+        lm = family.load_lm(config)
+    with named_source(config.tokenizer or config.lm, "tokenizer"):
+        tokenizer = family.load_tokenizer(config)
     towers = build_towers(config)
     if config.freeze_towers:
         towers.requires_grad_(False)
@@ -68,7 +78,7 @@ def load_vlm(path: str | Path, **overrides: Any) -> VLM:
     if not (p / CONFIG_FILE).is_file():
         if _is_llava_dir(p):
             return import_llava(p, overrides or None).eval()
-        raise FileNotFoundError(
+        raise ModelDirError(
             f"{p}: neither a VLM checkpoint ({CONFIG_FILE}) nor a transformers Llava directory "
             f"(config.json with model_type 'llava')"
         )
@@ -80,7 +90,7 @@ def load_vlm(path: str | Path, **overrides: Any) -> VLM:
     if tower_path is not None:
         paths = [tower_path] if isinstance(tower_path, (str, Path)) else list(tower_path)
         if len(paths) != len(config.towers):
-            raise ValueError(f"tower_path: {len(paths)} path(s) given for {len(config.towers)} tower(s)")
+            raise UserError(f"tower_path: {len(paths)} path(s) given for {len(config.towers)} tower(s)")
         for spec, tp in zip(config.towers, paths):
             spec["name_or_path"] = str(tp)
     vlm = build_vlm(config, **overrides)

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dataset.sample import UserError
 from model.config import VLMConfig
 
 CONFIG_FILE = "vlm_config.json"
@@ -113,12 +114,24 @@ def is_model_dir(path: Path) -> bool:
     if (path / CONFIG_FILE).is_file():
         return True
     native = path / "config.json"
-    return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava"
+    try:
+        return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False  # some other config.json: not a model of ours
+
+
+class ModelDirError(UserError, FileNotFoundError):
+    """A model directory that does not exist or holds no model."""
 
 
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory, or the model inside a run directory (`final/`, else the newest `checkpoint-N/`)."""
     p = Path(path)
+    if not p.exists():
+        raise ModelDirError(f"model directory {p} does not exist; give a run directory (its final/ or newest "
+                            f"checkpoint-N/ is used) or a directory written by save_pretrained / model.merge")
+    if not p.is_dir():
+        raise ModelDirError(f"{p} is a file, not a model directory")
     if is_model_dir(p):
         return p
     if is_model_dir(p / "final"):
@@ -129,9 +142,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     )
     if ckpts:
         return ckpts[-1]
-    raise FileNotFoundError(
-        f"{p}: no model here: expected {CONFIG_FILE} (or a Llava config.json) in it, in {p}/final or in a "
-        f"{p}/checkpoint-N"
+    raise ModelDirError(
+        f"{p} holds no model: expected {CONFIG_FILE} (or a Llava config.json) in it, in {p}/final or in a "
+        f"{p}/checkpoint-N (a run that has not saved yet has none)"
     )
 
 
@@ -145,12 +158,15 @@ def _processor_facts(towers) -> dict:
 def read_vlm_config(path: str | Path) -> tuple[VLMConfig, dict]:
     file = Path(path) / CONFIG_FILE
     try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON: {e}") from e
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelDirError(f"{file}: not valid JSON ({e}); the model directory is damaged") from None
     if not isinstance(meta, dict) or "config" not in meta or "checkpoint" not in meta:
-        raise ValueError(f"{file}: expected the keys 'config' and 'checkpoint'")
-    return VLMConfig.from_dict(meta["config"]), meta["checkpoint"]
+        raise ModelDirError(f"{file}: expected the keys 'config' and 'checkpoint'; the model directory is damaged")
+    try:
+        return VLMConfig.from_dict(meta["config"]), meta["checkpoint"]
+    except (ValueError, TypeError) as e:
+        raise ModelDirError(f"{file}: {e}") from None
 
 
 def load_trainable_weights(vlm, path: str | Path) -> list[str]:
@@ -160,13 +176,14 @@ def load_trainable_weights(vlm, path: str | Path) -> list[str]:
     _, ckpt = read_vlm_config(p)
     file = p / WEIGHTS_FILE
     if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing weights file")
+        raise ModelDirError(f"{file}: missing weights file; the model directory is incomplete")
     tensors = load_file(str(file))
     for alias, name in ckpt.get("tied", {}).items():
         tensors[alias] = tensors[name]
     missing, unexpected = vlm.load_state_dict(tensors, strict=False)
     if unexpected:
-        raise ValueError(f"{file}: {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:5]}")
+        raise ModelDirError(f"{file}: {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:5]}; "
+                            f"the weights do not belong to this model's config")
     if ckpt.get("kind") == "full" and missing:
-        raise ValueError(f"{file}: a full checkpoint misses {len(missing)} tensor(s), e.g. {missing[:5]}")
+        raise ModelDirError(f"{file}: a full checkpoint misses {len(missing)} tensor(s), e.g. {missing[:5]}")
     return missing

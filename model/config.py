@@ -45,24 +45,24 @@ TOWER_DTYPES = ("float32", "bfloat16")
 
 @dataclass
 class VLMConfig:
-    lm: str = "Qwen/Qwen2.5-0.5B-Instruct"
-    lm_backend: str = "qwen"
-    lm_config: dict | None = None
+    lm: str = "Qwen/Qwen2.5-0.5B-Instruct"  # hub id or local directory of the LM, or "scratch"
+    lm_backend: str = "qwen"  # LM family: a key of model.model.LM_BACKBONES (qwen, hf)
+    lm_config: dict | None = None  # the config of a scratch LM (QWenConfig fields, or transformers' + model_type)
     tokenizer: str | None = None  # None -> the LM's directory when it holds a tokenizer
-    towers: list[dict] = field(default_factory=list)
-    image_mode: str = "pad"
-    projector: str = "mlp2x_gelu"
-    reduce: str | None = None
-    reduce_factor: int = 1
-    dtype: str = "float32"
+    towers: list[dict] = field(default_factory=list)  # [{backend, name_or_path, feature_layer, select, ...}]
+    image_mode: str = "pad"  # pad (to square, mean colour), resize or crop
+    projector: str = "mlp2x_gelu"  # linear, mlpNx_gelu, identity (model/projector.py)
+    reduce: str | None = None  # token reduction: pixel_shuffle or avg_pool (None = every token)
+    reduce_factor: int = 1  # the reduction cuts tokens per image by reduce_factor**2
+    dtype: str = "float32"  # dtype the model is built in (float32, bfloat16, float16)
     tower_dtype: str | None = None  # "float32" | "bfloat16": frozen towers only (None = dtype)
-    image_token_id: int | None = None
-    freeze_towers: bool = True
-    init_from: str | None = None
-    lora: dict | None = None
-    chat_template: str | None = None
-    trainable_tokens: list[str] | None = None
-    image_delimiters: bool = False
+    image_token_id: int | None = None  # the placeholder id (None = the tokenizer's, or <image> added)
+    freeze_towers: bool = True  # towers built frozen (vision_lr > 0 trains them anyway)
+    init_from: str | None = None  # a transformers Llava directory the whole model is imported from
+    lora: dict | None = None  # the LoRA settings a run applied (informational; set by training)
+    chat_template: str | None = None  # chatml, llama3, mistral, gemma, phi3 (None = picked from the tokenizer)
+    trainable_tokens: list[str] | None = None  # tokens whose input rows train (None = the added ones)
+    image_delimiters: bool = False  # add <image_start>/<image_end> for an LM without image start/end
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

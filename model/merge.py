@@ -3,7 +3,8 @@
     python -m model.merge --src RUN_OR_MODEL_DIR --dst DIR
 
 The result holds every weight (no adapters, no pointer to a base checkpoint for trained parts) and loads
-with `VLM.from_pretrained(DIR)`; it gives the same logits as the adapter model it came from.
+with `VLM.from_pretrained(DIR)`; it gives the same logits as the adapter model it came from. A missing
+source, a directory without a model or an unwritable destination ends with one line `error: ...`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from model.build import load_vlm
 from model.checkpoint import resolve_model_dir
+from trainer.cli import run_cli, writable_dir
 
 
 def merge(src: str | Path, dst: str | Path) -> Path:
@@ -27,10 +29,12 @@ def main(argv=None) -> int:
     ap.add_argument("--src", required=True, help="run directory or saved model directory")
     ap.add_argument("--dst", required=True)
     args = ap.parse_args(argv)
+    resolve_model_dir(args.src)  # a bad source fails before the destination is made
+    writable_dir(args.dst, "--dst")
     out = merge(args.src, args.dst)
     print(f"merged {args.src} -> {out}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

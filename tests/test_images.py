@@ -13,7 +13,7 @@ BAD = {
     "corrupt_jpeg": ("corrupt or truncated image", "bad_image"),
     "truncated": ("corrupt or truncated image", "bad_image"),
     "not_an_image": ("not a readable image", "bad_image"),
-    "bomb": ("too large", "too_large"),
+    "bomb": ("above max_pixels=", "too_large"),
 }
 
 
@@ -30,8 +30,19 @@ def test_bad_images_raise_bad_sample_error_naming_the_file(tmp_path, name):
 def test_bomb_header_is_refused_by_our_own_limit(tmp_path):
     # 3000 x 3000 is under PIL's own bomb limit, so this is our header check (before any decoding).
     p = td.write_png_header_only(tmp_path / "big.png", 3000, 3000)
-    with pytest.raises(BadSampleError, match=r"3000x3000 = 9000000 pixels, above the limit of 1000000"):
+    with pytest.raises(BadSampleError, match=r"3000x3000 = 9000000 pixels, above max_pixels=1000000"):
         load_image(p, max_pixels=1_000_000)
+
+
+def test_a_header_above_pils_own_limit_is_refused_by_ours_with_our_message(tmp_path):
+    from PIL import Image
+
+    side = 20000  # 400M pixels: over twice PIL's default limit, where PIL itself would raise first
+    assert side * side > 2 * Image.MAX_IMAGE_PIXELS
+    p = td.write_png_header_only(tmp_path / "huge.png", side, side)
+    with pytest.raises(BadSampleError, match=r"20000x20000 = 400000000 pixels, above max_pixels=67108864"):
+        load_image(p)
+    assert Image.MAX_IMAGE_PIXELS is not None  # PIL's limit is back for everyone else
 
 
 @pytest.mark.parametrize("name", ["rgba_clear", "rgba_opaque", "la_clear", "p_transparent", "p_green", "l",

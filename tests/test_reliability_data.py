@@ -147,6 +147,6 @@ def test_paths_and_pixel_limit_come_from_the_config(tmp_path, data):
     ds, _ = build_datasets(tiny_train_config(tmp_path, data, data_path=[str(data / "train.jsonl")],
                                              max_pixels=side * side), vlm)
     assert not ds.skipped
-    with pytest.raises(ValueError, match="every sample is bad.*too_large"):
+    with pytest.raises(ValueError, match="no usable sample.*too_large"):
         build_datasets(tiny_train_config(tmp_path, data, data_path=[str(data / "train.jsonl")],
                                          max_pixels=side * side - 1), vlm)

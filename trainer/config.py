@@ -22,20 +22,23 @@ class TrainConfig:
     model: dict = field(default_factory=dict)  # VLMConfig fields
     init_from: str | None = None  # a run / model directory to start from (e.g. stage 2 from stage 1)
     # ---- data (LLaVA names) ----------------------------------------------------------------------
+    # training data: one or more JSON / JSONL files (every supported record format)
     data_path: list[str] = field(default_factory=list)
     data_weights: list[float] | None = None  # sampling weight per data_path entry
-    image_folder: str | None = None
-    video_folder: str | None = None
-    eval_data_path: list[str] | None = None
+    image_folder: str | None = None  # folder the data's image paths are relative to
+    video_folder: str | None = None  # folder the data's video paths are relative to (default: image_folder)
+    eval_data_path: list[str] | None = None  # held-out data files: eval loss every eval_steps
+    # chat (conversations) or plain (stage-1 captions: image spans + caption)
     data_mode: Literal["chat", "plain"] = "chat"
+    # tokens per sample, image tokens included; longer samples lose whole trailing turns (counted)
     max_length: int = 2048
-    frames_per_video: int = 8
-    system_prompt: str | None = None
+    frames_per_video: int = 8  # frames sampled from each video (each is one image span)
+    system_prompt: str | None = None  # a system message for samples without one (none by default)
     strict_data: bool = False  # raise on a bad sample instead of skipping it
     allow_absolute_paths: bool = False  # True lets data files name any absolute path (trusted data only)
     max_pixels: int = 64 * 1024 * 1024  # images above this many pixels are refused (decompression bombs)
-    dataloader_num_workers: int = 0
-    group_by_length: bool = True
+    dataloader_num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
+    group_by_length: bool = True  # batch samples of similar length together (less padding)
     validate_data: bool = True  # pre-scan the data (render + image headers) before training
     # Several samples per row up to max_length, attention isolated per sample (qwen LM only);
     # per_device_train_batch_size then counts packs. See dataset/packing.py.
@@ -44,40 +47,47 @@ class TrainConfig:
     # images (frozen towers only, e.g. stage 1). See dataset/feature_cache.py.
     feature_cache: str | None = None
     # ---- what trains -----------------------------------------------------------------------------
+    # align (projector only), sft (projector + LoRA), full (projector + whole LM)
     stage: Literal["align", "sft", "full"] = "sft"
+    # regexes of parameter names to freeze after the stage rule
     freeze: list[str] = field(default_factory=list)
+    # regexes of parameter names to train after the stage rule (applied after freeze)
     unfreeze: list[str] = field(default_factory=list)
     lora: LoraSettings = field(default_factory=LoraSettings)
     # ---- optimisation ----------------------------------------------------------------------------
     learning_rate: float = 2e-4  # the LM / LoRA group
     projector_lr: float | None = None  # None -> learning_rate
     vision_lr: float = 0.0  # > 0 trains the towers
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.03
-    lr_scheduler_type: str = "cosine"
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    per_device_eval_batch_size: int = 8
+    weight_decay: float = 0.0  # AdamW weight decay (never on biases and norms)
+    warmup_ratio: float = 0.03  # fraction of the run spent warming the learning rate up
+    lr_scheduler_type: str = "cosine"  # the Trainer's schedule name (cosine, linear, constant, ...)
+    num_train_epochs: float = 1.0  # passes over the data (max_steps wins when > 0)
+    max_steps: int = -1  # optimizer steps to run (-1 = num_train_epochs)
+    per_device_train_batch_size: int = 8  # samples (or packs, with packing) per process per micro-batch
+    per_device_eval_batch_size: int = 8  # samples per process per evaluation batch
+    # micro-batches per optimizer step (derived from global_batch_size when set)
     gradient_accumulation_steps: int = 1
     # When set, gradient_accumulation_steps = global_batch_size / (per_device * world_size), so the global
     # batch stays the same whatever the number of processes.
     global_batch_size: int | None = None
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # gradient clipping norm
+    # recompute activations in backward (less memory, about a third more compute)
     gradient_checkpointing: bool = False
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it
-    seed: int = 42
+    seed: int = 42  # seed of the model init, data order and dropout
     # ---- the run ---------------------------------------------------------------------------------
+    # the run directory (config, checkpoints, final model, logs, data report)
     output_dir: str = "runs/default"
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 3
-    eval_steps: int | None = None
+    logging_steps: int = 10  # log every this many optimizer steps
+    save_steps: int = 500  # save a checkpoint every this many optimizer steps
+    save_total_limit: int | None = 3  # keep at most this many checkpoints (null = all)
+    eval_steps: int | None = None  # evaluate eval_data_path every this many steps (null = never)
     resume_from_checkpoint: str | None = None  # "auto" or a checkpoint path
+    # loggers: tensorboard, wandb, or [] for none
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    deepspeed: str | None = None
-    fsdp: str = ""
-    fsdp_config: str | None = None
+    deepspeed: str | None = None  # a DeepSpeed JSON config (configs/engines/zero2.json, zero3.json)
+    fsdp: str = ""  # true turns FSDP on (configured by fsdp_config)
+    fsdp_config: str | None = None  # an FSDP JSON config (configs/engines/fsdp.json)
     save_full_model: bool = False  # the final model with every weight, not only the trainable ones
     ddp_timeout: int = 1800  # seconds a collective may wait before a stuck rank fails the run
     # ---- faults ----------------------------------------------------------------------------------

@@ -6,11 +6,18 @@ command-line overrides such as `learning_rate=1e-4 model.projector=mlp2x_gelu lo
 * Dotted keys address nested dataclass fields; values are parsed as YAML scalars/lists.
 * Every value is checked against the field's type; an unknown key is an error listing the valid ones.
 * `to_dict(cfg)` gives the resolved config back as plain data (written into the run directory).
+* `describe_fields(cls)` lists every key (nested ones dotted) with its default and the one-line
+  description written as a comment beside the field (`field_comments`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import io
+import re
+import textwrap
+import tokenize
 import types
 import typing
 from pathlib import Path
@@ -18,8 +25,10 @@ from typing import Any
 
 import yaml
 
+from dataset.sample import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override that cannot be applied; the message names the key and the source."""
 
 
@@ -160,6 +169,55 @@ def load_config(cls, yaml_path: str | Path | None = None, overrides: list[str] |
 
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def field_comments(cls) -> dict[str, str]:
+    """{field: description} from the dataclass's source: the comment at the end of the field's line, else
+    the comment lines right above it (section rulers `# ---- ... ----` excluded). The comments in the
+    class ARE the documentation; `describe_fields` and `train.py --help` print them."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments: dict[int, str] = {}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = tok.string.lstrip("#").strip()
+    lines = source.splitlines()
+    out: dict[str, str] = {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    for lineno, line in enumerate(lines, start=1):
+        m = re.match(r"\s{4}(\w+)\s*:", line)
+        if not m or m.group(1) not in names:
+            continue
+        text = comments.get(lineno) if not line.lstrip().startswith("#") else None
+        if not text:
+            above, k = [], lineno - 1
+            while k >= 1 and lines[k - 1].lstrip().startswith("#") and k in comments \
+                    and not comments[k].startswith("----"):
+                above.insert(0, comments[k])
+                k -= 1
+            text = " ".join(above)
+        out[m.group(1)] = text
+    return out
+
+
+def describe_fields(cls, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, description) for every field of `cls`, nested dataclasses flattened as `a.b`."""
+    rows = []
+    notes = field_comments(cls)
+    types_ = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if _is_dataclass_type(types_[f.name]):
+            rows += describe_fields(types_[f.name], prefix=f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        rows.append((prefix + f.name, yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("..."
+                                                                                                        ).strip(),
+                     notes.get(f.name, "")))
+    return rows
 
 
 def save_config(cfg, path: str | Path) -> None:

@@ -20,6 +20,9 @@ import torch
 from dataset.formats import normalize, read_records
 from dataset.images import load_image
 from dataset.sample import IMAGE_MARKER
+from model import VLM
+from model.checkpoint import resolve_model_dir
+from trainer.cli import run_cli, writable_dir
 
 
 def _norm(text: str) -> str:
@@ -103,12 +106,11 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     args = ap.parse_args(argv)
-    from model.checkpoint import resolve_model_dir
-    from model.model import VLM
-
     model_dir = resolve_model_dir(args.model)
-    vlm = VLM.from_pretrained(model_dir).eval()
     out = args.output or str(Path(model_dir) / "eval_answers.jsonl")
+    writable_dir(Path(out).resolve().parent, "--output's directory")
+    load_samples(args.data, args.image_folder, args.allow_absolute_paths)  # a bad file fails before the model loads
+    vlm = VLM.from_pretrained(model_dir).eval()
     answer_file(vlm, args.data, out, args.image_folder, args.batch_size,
                 allow_absolute_paths=args.allow_absolute_paths, max_new_tokens=args.max_new_tokens)
     rows = [json.loads(line) for line in Path(out).read_text(encoding="utf-8").splitlines() if line]
@@ -119,4 +121,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -26,14 +26,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers import TrainingArguments, set_seed
 
+from dataset import Collator, LengthGroupedSampler, VLMDataset
+from dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
+from dataset.packing import PackedDataset, PackingCollator, PackingSampler
+from dataset.sample import UserError
+from model import VLM, build_vlm
+from model.backbones import unwrap
+from model.checkpoint import _select_keys, resolve_model_dir
+from trainer.callbacks import JsonlLogger, plot_loss
+from trainer.checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
+from trainer.cli import writable_dir
 from trainer.config import TrainConfig
-from trainer.config_io import save_config
+from trainer.config_io import ConfigError, save_config
+from trainer.hf_trainer import VLMTrainer, gather_objects
+from trainer.stages import apply_lora, set_trainable
+from trainer.throughput import ThroughputCallback
 
 log = logging.getLogger("trainer")
 
 
-class TrainingAborted(RuntimeError):
+class TrainingAborted(UserError, RuntimeError):
     """The run stopped itself (too many non-finite steps in a row); the last checkpoint is usable."""
 
 
@@ -59,18 +73,11 @@ def _setup_logging(out: Path, rank0: bool) -> None:
 
 def preflight_output_dir(out: Path) -> None:
     """Fail before training when the run directory cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise RuntimeError(f"output_dir {out} is not writable: {e}") from None
+    writable_dir(out, "output_dir")
 
 
 def checkpoint_bytes(vlm) -> int:
     """About the size of one checkpoint: the saved weights plus AdamW's two moments per trainable weight."""
-    from model.checkpoint import _select_keys
 
     state = vlm.state_dict()
     weights = sum(state[k].numel() * state[k].element_size() for k in _select_keys(vlm, trainable_only=True))
@@ -83,7 +90,7 @@ def preflight_disk_space(out: Path, vlm) -> None:
     need = int(checkpoint_bytes(vlm) * 1.5) + (16 << 20)  # + final weights (< half) + configs/tokenizer
     free = shutil.disk_usage(out).free
     if free < need:
-        raise RuntimeError(
+        raise UserError(
             f"output_dir {out}: {free / 2**20:.1f} MiB free on its disk, but one checkpoint plus the final "
             f"weights need about {need / 2**20:.1f} MiB; free some space, point output_dir elsewhere, or set "
             f"check_disk_space=false"
@@ -96,17 +103,14 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> str | None:
     if value in (None, "", "none", "false"):
         return None
     if value == "auto":
-        from trainer.checkpoints import latest_checkpoint
-
         found = latest_checkpoint(out)
         log.info("resume_from_checkpoint=auto -> %s", found or "no checkpoint, starting fresh")
         return str(found) if found else None
     if not Path(value).is_dir():
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} is not a directory")
-    from trainer.checkpoints import TMP_MARK, is_complete
-
+        raise UserError(f"resume_from_checkpoint: {value} is not a directory (give a checkpoint-N directory "
+                        f"or `auto`)")
     if TMP_MARK in Path(value).name or not is_complete(Path(value)):
-        raise FileNotFoundError(f"resume_from_checkpoint: {value} is an unfinished checkpoint (no "
+        raise UserError(f"resume_from_checkpoint: {value} is an unfinished checkpoint (no "
                                 f"trainer_state.json or model.safetensors); use an earlier one or `auto`")
     return value
 
@@ -116,17 +120,14 @@ def precision_flags(cfg: TrainConfig) -> dict:
     if p == "auto":
         p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if p in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise RuntimeError(f"precision={p} needs a GPU here; use precision=fp32 (or auto) on a CPU")
+        raise UserError(f"precision={p} needs a GPU here; use precision=fp32 (or auto) on a CPU")
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
 
 def build_model(cfg: TrainConfig):
     """The VLM for this run, with the stage's trainable set applied (and LoRA when asked)."""
-    from model import VLM, build_vlm
-    from trainer.stages import apply_lora, set_trainable
-
     if cfg.init_from:
-        vlm = VLM.from_pretrained(cfg.init_from)
+        vlm = VLM.from_pretrained(resolve_model_dir(cfg.init_from))
         if cfg.model or cfg.preset:
             log.warning("init_from=%s: the model/preset keys are ignored", cfg.init_from)
     else:
@@ -141,13 +142,20 @@ def build_model(cfg: TrainConfig):
         vlm.cast_frozen_towers()  # tower_dtype applies to frozen towers only (decided by the stage above)
     if cfg.gradient_checkpointing:
         vlm.gradient_checkpointing_enable()
+    warn_max_length(cfg, vlm)
     return vlm
 
 
+def warn_max_length(cfg: TrainConfig, vlm) -> None:
+    """max_length above the LM's position range trains positions the LM never saw (or cannot embed)."""
+    max_pos = getattr(unwrap(vlm.lm).config, "max_position_embeddings", None)
+    if isinstance(max_pos, int) and cfg.max_length > max_pos:
+        log.warning("max_length=%d is above the LM's max_position_embeddings=%d (%s): samples that long go past "
+                    "the positions it was trained on; lower max_length unless the LM extends its context",
+                    cfg.max_length, max_pos, vlm.config.lm)
+
 def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
     """`packing` needs the qwen LM; `feature_cache` needs frozen towers and a cache written by them."""
-    from trainer.config_io import ConfigError
-
     if cfg.packing and vlm.config.lm_backend != "qwen":
         raise ConfigError(f"packing=true needs model.lm_backend=qwen (variable-length attention); this LM is "
                           f"{vlm.config.lm_backend!r}: set packing=false")
@@ -155,8 +163,6 @@ def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
         if any(p.requires_grad for p in vlm.towers.parameters()):
             raise ConfigError("feature_cache is only valid with frozen towers (vision_lr=0 and no unfreeze regex "
                               "on towers): cached features cannot follow a tower that trains")
-        from dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
-
         try:
             FeatureCache(cfg.feature_cache).check(
                 tower_identity(vlm.towers, vlm.config.towers, vlm.config.image_mode))
@@ -166,8 +172,6 @@ def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
 
 def build_datasets(cfg: TrainConfig, vlm):
     """Train (and eval) datasets; a pre-scan drops bad samples up front and gives exact lengths."""
-    from dataset import VLMDataset
-
     common = dict(
         tokenizer=vlm.chat_format,  # the LM's chat template and ids
         image_processor=vlm.image_processor,
@@ -193,6 +197,11 @@ def build_datasets(cfg: TrainConfig, vlm):
             if ds is not None:
                 rep = ds.validate()
                 log.info("%s data: %d samples, %d skipped %s", name, len(ds), rep["skipped"], rep["by_kind"])
+                if rep["truncated_samples"]:
+                    log.warning("%s data: %d sample(s) shortened to max_length=%d: %d turn(s) and %d image(s) "
+                                "dropped (data_report.json lists them; raise max_length to keep them)", name,
+                                rep["truncated_samples"], cfg.max_length, rep["dropped_turns"],
+                                rep["dropped_images"])
     return train_ds, eval_ds
 
 
@@ -217,8 +226,6 @@ def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
     """The Trainer's arguments. `towers_train`: some tower parameters take gradients; a tower read at an
     inner `feature_layer` leaves its later blocks (and e.g. CLIP's post-norm) unused, so DDP must then
     look for unused parameters."""
-    from transformers import TrainingArguments
-
     has_eval = bool(cfg.eval_data_path)
     return TrainingArguments(
         output_dir=str(out),
@@ -266,25 +273,24 @@ class RunResult:
     nan_steps: list[int] = field(default_factory=list)  # optimizer steps skipped for a non-finite loss
 
 
-def train(cfg: TrainConfig) -> RunResult:
-    out = Path(cfg.output_dir)
-    rank = int(os.environ.get("RANK", "0"))
+def _remove_run_dir(out: Path) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == out.resolve():
+            root.removeHandler(h)
+            h.close()
+    shutil.rmtree(out, ignore_errors=True)
+
+
+def _prepare(cfg: TrainConfig, out: Path, rank: int):
+    """Everything before the first step: the run directory, the model, the data, the Trainer."""
     if rank == 0:
         preflight_output_dir(out)
     _setup_logging(out, rank == 0)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
-        from trainer.checkpoints import remove_stale_tmp
-
         for stale in remove_stale_tmp(out):
             log.warning("removed %s: an unfinished checkpoint of an earlier run", stale)
-    from transformers import set_seed
-
-    from dataset import Collator
-    from trainer.callbacks import JsonlLogger, plot_loss
-    from trainer.hf_trainer import VLMTrainer, gather_objects
-    from trainer.throughput import ThroughputCallback
-
     set_seed(cfg.seed)
     vlm = build_model(cfg)
     if rank == 0 and cfg.check_disk_space:
@@ -301,8 +307,6 @@ def train(cfg: TrainConfig) -> RunResult:
     # same samples at each step.
     global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     if cfg.packing:
-        from dataset.packing import PackedDataset, PackingCollator, PackingSampler
-
         # The sampler yields packs (index lists); PackedDataset turns each into its items; the
         # collator puts a micro-batch's packs back to back in one row with cu_seqlens.
         train_input, collator = PackedDataset(train_ds), PackingCollator()
@@ -311,8 +315,6 @@ def train(cfg: TrainConfig) -> RunResult:
             return PackingSampler(train_ds.lengths, max_length=cfg.max_length, batch_size=global_batch,
                                   seed=cfg.seed)
     elif cfg.group_by_length:
-        from dataset import LengthGroupedSampler
-
         def sampler_fn(targs):
             return LengthGroupedSampler(train_ds.lengths, batch_size=global_batch, seed=cfg.seed)
 
@@ -330,6 +332,20 @@ def train(cfg: TrainConfig) -> RunResult:
         max_consecutive_nan=cfg.max_consecutive_nan,
         inject_nan_steps=cfg.debug_inject_nan_steps,
     )
+    return vlm, train_ds, trainer, resume
+
+
+def train(cfg: TrainConfig) -> RunResult:
+    out = Path(cfg.output_dir)
+    rank = int(os.environ.get("RANK", "0"))
+    # A run that fails before its first step leaves no half-made run directory behind.
+    fresh = rank == 0 and not (out.is_dir() and any(out.iterdir()))
+    try:
+        vlm, train_ds, trainer, resume = _prepare(cfg, out, rank)
+    except BaseException:
+        if fresh:
+            _remove_run_dir(out)
+        raise
     trainer.train(resume_from_checkpoint=resume)
     # Each rank met its own bad samples: rank 0 reports them all.
     for records in gather_objects(list(train_ds.skipped.values())):
@@ -345,8 +361,6 @@ def train(cfg: TrainConfig) -> RunResult:
     if trainer.nan_abort:
         if trainer.args.should_save:
             (out / "data_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-        from trainer.checkpoints import latest_checkpoint
-
         raise TrainingAborted(
             f"stopped at step {trainer.state.global_step}: {trainer.nan_in_a_row} optimizer steps in a row had "
             f"a non-finite loss or gradient (max_consecutive_nan={cfg.max_consecutive_nan}); their updates were "
@@ -355,8 +369,6 @@ def train(cfg: TrainConfig) -> RunResult:
         )
 
     if trainer.args.should_save:
-        from trainer.checkpoints import make_tmp_dir
-
         final = out / "final"
         staging = make_tmp_dir(out, "final")  # renamed once complete
         vlm.save_pretrained(staging, trainable_only=not cfg.save_full_model)
