@@ -4,7 +4,7 @@
 1. newlines and tabs become spaces, surrounding spaces go;
 2. punctuation: each of `; / [ ] " { } ( ) = + \\ _ - > < @ ` , ? !` is deleted where it touches a space
    (or anywhere when the text has a digit-comma-digit group such as "1,000"), otherwise it becomes a
-   space; a period not followed by a digit is deleted ("3.5" keeps its point, "yes." loses it);
+   space; a period not followed by a digit is deleted ("3.5" keeps its point, "yes." and "4." lose it);
 3. lower case; the number words "none", "zero" ... "ten" become digits; the articles "a", "an", "the"
    are dropped;
 4. contractions written without the apostrophe get it back ("dont" -> "don't", "whats" -> "what's").
@@ -56,7 +56,9 @@ def _contraction_table() -> dict[str, str]:
 
 
 CONTRACTIONS = _contraction_table()
-_PERIOD = re.compile(r"(?<!\d)\.(?!\d)")
+# The official pattern also has a look-behind for a digit written as `(?!<=\d)`, which never applies: in
+# effect every period not followed by a digit goes ("4." -> "4", "3.5" stays).
+_PERIOD = re.compile(r"\.(?!\d)")
 _COMMA_NUMBER = re.compile(r"(\d)(,)(\d)")
 
 

@@ -33,6 +33,7 @@ from evaluation.normalize import normalize_answer
     ("left - right", "left right"),   # punctuation next to a space -> deleted
     ("1,000", "1000"),                # digit-comma-digit: commas deleted
     ("3.5", "3.5"),                   # a decimal point stays
+    ("4.", "4"),                      # a period after a digit goes when no digit follows
     ("  Red\tsquare\n", "red square"),
     ("well", "well"),                 # a word, not a contraction
 ])
