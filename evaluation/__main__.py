@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"evaluation: {e}", file=sys.stderr)
         return 2
+    weights = sorted(model_dir.glob("*.safetensors"))
+    model_id = f"{model_dir.resolve()}@{max((w.stat().st_mtime_ns for w in weights), default=0)}"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vlm = VLM.from_pretrained(model_dir).to(device).eval()
     options = {k: v for k, v in (("annotations", args.annotations), ("split", args.split)) if v is not None}
@@ -79,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         results = run_task(vlm, args.task, args.data, images=args.images, output=args.output, limit=args.limit,
                            batch_size=args.batch_size, prompt=args.prompt, mc_mode=args.mc_mode,
-                           max_new_tokens=args.max_new_tokens, options=options)
+                           max_new_tokens=args.max_new_tokens, options=options, model_id=model_id)
     except (BenchmarkFormatError, EvaluationSetupError, BadSampleError) as e:
         print(f"evaluation: {e}", file=sys.stderr)
         return 2

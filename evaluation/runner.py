@@ -13,7 +13,8 @@ mc_mode="generate", max_new_tokens=None, options=None, progress=True) -> results
    fatal.
 3. With `output`, every answer is appended to `output/answers.jsonl` as soon as its batch is done
    (`{"id", "answer", "prompt"}`); a rerun into the same folder skips the ids already there, and refuses a
-   folder written for another task, prompt or mode (`run.json`). Then `results.json` and `results.png`
+   folder written for another task, prompt, mode or `model_id` (`run.json`; the command line passes the
+   model directory and its weights' modification time). Then `results.json` and `results.png`
    (a bar chart per category group) are written.
 The results dict: `task`, `main_metric`, `metrics`, `categories`, `n_items`, `n_answered`, `n_scored`,
 `skipped` ({reason kind: count}), `skipped_examples`, `prompt`, `mc_mode`.
@@ -151,7 +152,8 @@ class _Answerer:
 @torch.no_grad()
 def run_task(vlm, task: str, data: str, images: str | None = None, output: str | Path | None = None,
              limit: int | None = None, batch_size: int = 8, prompt: str | None = None, mc_mode: str = "generate",
-             max_new_tokens: int | None = None, options: dict | None = None, progress: bool = True) -> dict:
+             max_new_tokens: int | None = None, options: dict | None = None, progress: bool = True,
+             model_id: str | None = None) -> dict:
     """Answer and score one benchmark (see the module docstring)."""
     t = get_task(task)
     if mc_mode not in MC_MODES:
@@ -162,7 +164,7 @@ def run_task(vlm, task: str, data: str, images: str | None = None, output: str |
     out_dir = Path(output) if output is not None else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _check_run_file(out_dir, {"task": task, "prompt": template, "mc_mode": mc_mode,
+        _check_run_file(out_dir, {"task": task, "prompt": template, "mc_mode": mc_mode, "model": model_id,
                                   "options": {k: v for k, v in sorted((options or {}).items())}})
         answers = {k: v for k, v in read_answers(out_dir / ANSWERS_FILE).items()}
     todo = [it for it in items if it.id not in answers]
