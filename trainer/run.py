@@ -330,6 +330,10 @@ def train(cfg: TrainConfig) -> RunResult:
         max_consecutive_nan=cfg.max_consecutive_nan,
         inject_nan_steps=cfg.debug_inject_nan_steps,
     )
+    if cfg.eval_tasks:  # benchmarks every eval_steps, logged like the loss
+        from trainer.eval_tasks import EvalTasksCallback
+
+        trainer.add_callback(EvalTasksCallback(cfg.eval_tasks, cfg.eval_steps, out, trainer))
     trainer.train(resume_from_checkpoint=resume)
     # Each rank met its own bad samples: rank 0 reports them all.
     for records in gather_objects(list(train_ds.skipped.values())):
