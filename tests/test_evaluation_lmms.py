@@ -39,6 +39,12 @@ UTILS = textwrap.dedent('''
         return doc["question"]
 
 
+    def doc_to_messages(doc, lmms_eval_specific_kwargs=None):
+        # For lmms-eval's chat models (llava_hf): the image, then the question on a new line, as our model sees it.
+        return [{"role": "user", "content": [{"type": "image", "url": doc_to_visual(doc)[0]},
+                                             {"type": "text", "text": "\\n" + doc["question"]}]}]
+
+
     def doc_to_choice(doc):
         return ["red", "green", "blue", "yellow"]
 
@@ -57,6 +63,7 @@ test_split: test
 output_type: generate_until
 doc_to_visual: !function utils.doc_to_visual
 doc_to_text: !function utils.doc_to_text
+doc_to_messages: !function utils.doc_to_messages
 doc_to_target: answer
 generation_kwargs:
   max_new_tokens: 4
@@ -111,21 +118,29 @@ def _fixture(tmp_path, vlm):
     return tasks
 
 
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny saved model, the fixture tasks, and offline Hugging Face settings for the module."""
+    tmp = tmp_path_factory.mktemp("lmms")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_HOME", str(tmp / "hf")),
+                           ("HF_DATASETS_CACHE", str(tmp / "hf" / "datasets"))):
+            mp.setenv(var, value)
+        torch.manual_seed(0)
+        vlm = build_tiny_vlm(tmp / "parts")
+        randomize_(vlm, seed=1)
+        vlm.eval().save_pretrained(tmp / "model")
+        yield tmp, vlm, _fixture(tmp, vlm)
+
+
 @pytest.mark.slow
-def test_lmms_eval_cli_runs_our_model_offline(tmp_path, monkeypatch):
+def test_lmms_eval_cli_runs_our_model_offline(setup, monkeypatch):
     """One lmms-eval command with `--model qwenvl_lab`. Slow (about 30-70 s here) because lmms-eval's CLI
     indexes its ~340 built-in task folders before it reads ours; the model work is a few seconds."""
-    for var, value in (("HF_HUB_OFFLINE", "1"), ("HF_DATASETS_OFFLINE", "1"), ("HF_HOME", str(tmp_path / "hf")),
-                       ("HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))):
-        monkeypatch.setenv(var, value)
-    torch.manual_seed(0)
-    vlm = build_tiny_vlm(tmp_path / "parts")
-    randomize_(vlm, seed=1)
-    vlm.eval().save_pretrained(tmp_path / "model")
-    tasks = _fixture(tmp_path, vlm)
-    out = tmp_path / "out"
+    tmp, _, tasks = setup
+    out = tmp / "out"
     monkeypatch.setattr(sys, "argv", list(sys.argv))  # the launcher hands lmms-eval its own argv
-    rc = launcher.main(["--model", "qwenvl_lab", "--model_args", f"pretrained={tmp_path / 'model'}",
+    rc = launcher.main(["--model", "qwenvl_lab", "--model_args", f"pretrained={tmp / 'model'}",
                         "--tasks", "qvl_fixture_gen,qvl_fixture_mc", "--include_path", str(tasks),
                         "--batch_size", "2", "--output_path", str(out), "--log_samples"])
     assert rc == 0
@@ -134,6 +149,23 @@ def test_lmms_eval_cli_runs_our_model_offline(tmp_path, monkeypatch):
     results = json.loads(open(found[0]).read())["results"]
     assert results["qvl_fixture_gen"]["exact_match,none"] == pytest.approx(3 / 5)
     assert results["qvl_fixture_mc"]["acc,none"] == pytest.approx(3 / 5)
+
+
+def test_llava_hf_export_runs_in_lmms_eval(setup):
+    """Our llava-hf export through lmms-eval's own `llava_hf` model gives our model's answers (lmms-eval's
+    Python API with only our task indexed; `device_map=cpu` because its default "" is refused by transformers)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    from model.export import export_llava_hf
+
+    tmp, vlm, tasks = setup
+    export_llava_hf(vlm, tmp / "llava")
+    res = simple_evaluate(model="llava_hf", model_args=f"pretrained={tmp / 'llava'},dtype=float32,device_map=cpu",
+                          tasks=["qvl_fixture_gen"], task_manager=TaskManager("WARNING", include_path=str(tasks),
+                                                                               include_defaults=False),
+                          batch_size=1, device="cpu")
+    assert res["results"]["qvl_fixture_gen"]["exact_match,none"] == pytest.approx(3 / 5)
 
 
 def test_launcher_registers_model_and_says_when_missing(monkeypatch, capsys):
