@@ -12,7 +12,8 @@ setup: $(STAMP)
 # Reinstall only when the pins or the project metadata change; torch is pinned in the same command.
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,eval,lmms]"
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt lmms-eval
 	touch $(STAMP)
 
 test: setup
@@ -30,6 +31,9 @@ demo: setup
 	$(BIN)/python train.py configs/demo/stage1.yaml
 	$(BIN)/python train.py configs/demo/stage2_sft.yaml
 	$(BIN)/python -m trainer.evaluate --model runs/demo/stage2 --data $(DEMO)/val.jsonl --image-folder $(DEMO)
+	rm -rf runs/demo/eval_vqav2
+	$(BIN)/python -m evaluation.to_vqav2 $(DEMO)/val.jsonl --image-folder $(DEMO) --out $(DEMO)/vqav2
+	$(BIN)/python -m evaluation --model runs/demo/stage2 --task vqav2 --data $(DEMO)/vqav2 --images $(DEMO)/vqav2/images --prompt "{question}" --batch-size 16 --output runs/demo/eval_vqav2
 	sh test.sh
 
 bench: setup

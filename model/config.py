@@ -95,6 +95,10 @@ class VLMConfig:
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(dataclasses.asdict(self))
 
+    def to_json_string(self) -> str:
+        """The config as JSON (what the Trainer's TensorBoard logger records at the start of a run)."""
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
         names = {f.name for f in dataclasses.fields(cls)}

@@ -82,6 +82,8 @@ class TrainConfig:
     save_steps: int = 500  # save a checkpoint every this many optimizer steps
     save_total_limit: int | None = 3  # keep at most this many checkpoints (null = all)
     eval_steps: int | None = None  # evaluate eval_data_path every this many steps (null = never)
+    # Benchmarks answered every eval_steps: [{task, data, images, limit}, ...] (trainer/eval_tasks.py).
+    eval_tasks: list[dict] = field(default_factory=list)
     resume_from_checkpoint: str | None = None  # "auto" or a checkpoint path
     # loggers: tensorboard, wandb, or [] for none
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
@@ -117,6 +119,10 @@ class TrainConfig:
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         self.vlm_config()  # unknown model keys / presets fail here, before anything is built
+        if self.eval_tasks:
+            from trainer.eval_tasks import check_eval_tasks  # imports the benchmark registry only when used
+
+            check_eval_tasks(self.eval_tasks, self.eval_steps, self.fsdp, self.deepspeed)
 
     def accumulation_steps(self, world_size: int) -> int:
         """Gradient accumulation for `world_size` processes: derived from global_batch_size when it is set."""

@@ -40,6 +40,7 @@ from trainer.checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_t
 from trainer.cli import writable_dir
 from trainer.config import TrainConfig
 from trainer.config_io import ConfigError, save_config
+from trainer.eval_tasks import EvalTasksCallback
 from trainer.hf_trainer import VLMTrainer, gather_objects
 from trainer.stages import apply_lora, set_trainable
 from trainer.throughput import ThroughputCallback
@@ -332,6 +333,8 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int):
         max_consecutive_nan=cfg.max_consecutive_nan,
         inject_nan_steps=cfg.debug_inject_nan_steps,
     )
+    if cfg.eval_tasks:  # benchmarks every eval_steps, logged like the loss
+        trainer.add_callback(EvalTasksCallback(cfg.eval_tasks, cfg.eval_steps, out, trainer))
     return vlm, train_ds, trainer, resume
 
 
