@@ -14,8 +14,11 @@ Contract:
   - `image_token_id`: override of the placeholder id (else the tokenizer's, else the LM config's).
   - `lora`: the LoRA settings a run applied to the LM (informational; the adapters' exact peft config
     travels in the checkpoint's `lora/adapter_config.json`). None when the LM has no adapters.
-  - `tower_dtype`: `"float32" | "bfloat16"` for FROZEN towers only (they run under no_grad, so bf16
-    halves their time and memory); None = `dtype`. Trainable towers always use `dtype`.
+  - `dtype`: `"auto"` (default: bf16 base weights where the device computes bf16 natively, else fp32;
+    see `model/dtypes.py`), `"float32"`, `"bfloat16"` or `"float16"`. What trains is put in fp32 by the
+    trainer (fp32 master weights).
+  - `tower_dtype`: `"auto" | "float32" | "bfloat16"` for FROZEN towers only (they run under no_grad, so
+    bf16 halves their time and memory); None = `dtype`. Trainable towers always use `dtype`.
   - `init_from`: a transformers Llava directory the whole model was imported from; building from the
     config re-imports it (so a trainable-only checkpoint can point at it).
 - `PRESETS`: name -> VLMConfig kwargs. `resolve_config(name_or_config, **overrides)` turns a preset
@@ -32,8 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LM_BACKENDS = ("qwen", "hf")
-DTYPES = ("float32", "bfloat16", "float16")
-TOWER_DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOWER_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -47,8 +50,8 @@ class VLMConfig:
     projector: str = "mlp2x_gelu"
     reduce: str | None = None
     reduce_factor: int = 1
-    dtype: str = "float32"
-    tower_dtype: str | None = None  # "float32" | "bfloat16": frozen towers only (None = dtype)
+    dtype: str = "auto"  # bf16 base weights where the device has native bf16, else fp32 (model/dtypes.py)
+    tower_dtype: str | None = None  # "auto" | "float32" | "bfloat16": frozen towers only (None = dtype)
     image_token_id: int | None = None
     freeze_towers: bool = True
     init_from: str | None = None

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from model import dtypes
 from model.config import VLMConfig
 
 TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return dtypes.torch_dtype(name)  # "auto" decided (and logged once) in model/dtypes.py
 
 
 def build_lm(config: VLMConfig) -> nn.Module:
