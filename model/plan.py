@@ -22,11 +22,14 @@ Contract:
   AdamW states sharded 1/N, plus the gathered root unit (towers, projector, embeddings, head) and two
   gathered blocks (current + prefetched) in c bytes.
 - Activations per sample of `seq` tokens (`image_tokens` of them from images), per LM layer and token,
-  c bytes each: 3H (norm outputs, residual) + (q + 2kv) (fused qkv) + q + kv (rotated q, k) + 2q
-  (attention output, c_proj input) + 4I (the two MLP branches, silu, product) + heads (logsumexp), plus
-  8H bytes of fp32 norm inputs under bf16, plus each LoRA-wrapped linear's input (dropout) and rank;
-  with gradient checkpointing only each layer's input (c·H) stays, plus one layer recomputed. The loss
-  head holds one chunk of logits (min(targets, 1024) x V in c + 8 bytes). Memory-efficient attention
+  c bytes each (the tensors autograd saves in qwen/modeling.py; tests/test_plan.py checks the count to 20%):
+  base weights train: 3H (norm outputs, residual) + (q + 2kv) (fused qkv) + q + kv (rotated q, k) + 2q
+  (attention output, c_proj input) + 4I (the two MLP branches, silu, product) + heads (logsumexp);
+  frozen base: 2H (residuals) + 4q (rotated q, k and v expanded to the query heads, output) + 3I +
+  heads + per LoRA-wrapped linear its input twice (dropout mask and output) and its rank; plus 8H bytes
+  of fp32 norm inputs under bf16. With gradient checkpointing only each layer's input (c·H) stays, plus
+  one layer recomputed. The loss head keeps the supervised rows' hidden states and, transiently, one
+  chunk of logits (min(targets, 1024) x V in c + 8 bytes). Memory-efficient attention
   (SDPA flash / the custom kernels) keeps no T² scores. Frozen towers run under no_grad (no activations);
   a training tower holds c·(10 D + 2 I_v) per token and layer.
 - FLOPs: `trainer.throughput` counting (6·N·tokens for what trains, 4·N where only the gradient passes,
@@ -221,6 +224,7 @@ class LMDims:
     inter: int  # one MLP branch
     vocab: int
     lora_per_layer: int  # elements per token saved by LoRA-wrapped linears of one layer
+    base_trains: bool  # the LM's own linear weights take gradients (stage full)
 
 
 def lm_dims(vlm: nn.Module) -> LMDims:
@@ -237,10 +241,13 @@ def lm_dims(vlm: nn.Module) -> LMDims:
         if isinstance(a, nn.ModuleDict) and len(a):
             key = next(iter(a.keys()))
             drop = m.lora_dropout[key]
-            lora += (0 if isinstance(drop, nn.Identity) else a[key].in_features) + a[key].out_features
+            # dropout keeps its mask and output (input-sized each); without it the input itself is kept
+            lora += a[key].in_features * (1 if isinstance(drop, nn.Identity) else 2) + a[key].out_features
     vocab = int(vlm.lm.get_output_embeddings().weight.shape[0])
+    base_trains = any(p.requires_grad for n, p in vlm.lm.named_parameters()
+                      if "lora_" not in n and n.endswith("weight") and p.ndim == 2)
     return LMDims(layers, int(cfg.hidden_size), heads, kv, head_dim, int(cfg.intermediate_size), vocab,
-                  lora // max(layers, 1))
+                  lora // max(layers, 1), base_trains)
 
 
 # ----- the estimates ----------------------------------------------------------------------------------
@@ -259,8 +266,11 @@ def activation_bytes(vlm: nn.Module, shape: Shape, c: int, checkpointing: bool, 
     head's chunk of logits is shared by the micro-batch's supervised rows."""
     d = lm_dims(vlm)
     q, kv = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    per_token = c * (3 * d.hidden + (q + 2 * kv) + q + kv + 2 * q + 4 * d.inter + d.heads)
-    per_token += (8 * d.hidden if c == 2 else 0) + c * d.lora_per_layer
+    if d.base_trains:  # the base weights' gradients need every linear's input
+        per_token = c * (3 * d.hidden + (q + 2 * kv) + q + kv + 2 * q + 4 * d.inter + d.heads)
+    else:  # frozen base: residuals, attention (k, v expanded to the query heads), MLP branches, LoRA inputs
+        per_token = c * (2 * d.hidden + 4 * q + 3 * d.inter + d.heads + d.lora_per_layer)
+    per_token += 8 * d.hidden if c == 2 else 0  # RMSNorm's fp32 copies of its input under bf16
     s = shape.seq
     layer = per_token * s
     lm = d.layers * c * d.hidden * s + layer if checkpointing else d.layers * layer
