@@ -442,8 +442,14 @@ def format_plan(plan: Plan) -> str:
         total = m["total"] + act
         ok = "yes" if fits(total, plan.gpu_mem_gib) else "NO"
         need = plan.min_gpus[e]
+        if need:
+            need_s = str(need)
+        elif not fits(act, plan.gpu_mem_gib):
+            need_s = "none: the activations alone overflow (smaller micro-batch, checkpointing or --seq)"
+        else:
+            need_s = "> 256"
         L.append(f"  {e:<8}{_g(m['weights'])}{_g(m['grads'])}{_g(m['optimizer'])}{_g(act)}{_g(total)}  {ok:<4}"
-                 f"{'':>9}{need if need else '> 256'}")
+                 f"{'':>9}{need_s}")
     L.append(f"  (fits = 1.1 x total + {CONTEXT_BYTES / GIB:g} GiB CUDA context/workspaces <= GPU memory; "
              f"ZeRO-3 holds the largest module, {plan.largest_module:,} params, gathered)")
     L.append("")
