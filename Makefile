@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench smoke-real clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,12 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/data.py
+
+# The original pair at real shapes on this machine (Qwen-1.8B-Chat config + SigLIP so400m/14-384 shape,
+# random weights, LoRA r128): one training step and a 4-token answer beside model.plan's prediction.
+# Needs ~12 GB of RAM and minutes on a CPU, so it is not part of `make test` (docs/scale.md).
+smoke-real: setup
+	$(BIN)/python benchmarks/smoke_real.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

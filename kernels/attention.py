@@ -19,9 +19,15 @@ Contract
   - `cuda`: the CUDA C++ flash kernel (`kernels/csrc/`, built on first use); needs CUDA tensors,
     raises otherwise. It has no mask input: calls with `attention_mask` go to SDPA (logged once);
     varlen loops over the packed sequences.
-  - `auto`: CUDA tensors -> the CUDA extension if it builds, else Triton if it imports, else SDPA;
-    CPU tensors, other dtypes and head dims > 128 -> SDPA. The choice is logged once. Masked calls that picked the CUDA extension
-    go to Triton when it imports (else SDPA).
+  - `auto`: SDPA (torch's flash / memory-efficient backends) unless a custom kernel passed its self-test
+    on that device in this process (forward and backward against an fp32 reference with masks, GQA and
+    varlen) and beat SDPA in a quick micro-benchmark: `kernels/selftest.py`'s `verify`, run once per
+    (device, dtype, head dim) on the first GPU call (the CUDA extension only takes part when already
+    built; `QWENVL_ATTN_SELFTEST=0` skips the self-test, so auto is SDPA). CPU tensors, other dtypes and
+    head dims > 128 -> SDPA. The choice and its reason are logged once. Masked calls that picked the
+    CUDA extension (which has no mask input) go to SDPA. Packed (varlen) calls take the path the
+    self-test verified for them: the chosen kernel's varlen, else torch's flash varlen kernel when it
+    passed and is faster, else SDPA one sequence at a time.
 * A kernel that fails to build or import never stops a run: the call falls back to SDPA and the
   reason is logged once (warning). Wrong devices or arguments raise.
 """
@@ -40,6 +46,7 @@ from kernels._log import log_once
 log = logging.getLogger(__name__)
 
 IMPLS = ("auto", "torch", "eager", "triton", "cuda")
+SELFTEST_ENV = "QWENVL_ATTN_SELFTEST"  # "0": auto never runs the self-test on a GPU (SDPA)
 # What the Triton and CUDA kernels accept; `auto` sends anything else to SDPA.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_MAX_HEAD_DIM = 128
@@ -170,22 +177,36 @@ def _resolve(impl: str, q: torch.Tensor) -> str:
         return "triton"
     if impl != "auto":
         return impl
-    chosen, why = "torch", "tensors are not on a GPU"
-    if on_gpu and (q.dtype not in KERNEL_DTYPES or q.shape[-1] > KERNEL_MAX_HEAD_DIM):
-        why = f"dtype {q.dtype} / head dim {q.shape[-1]} not supported by the custom kernels"
-    elif on_gpu:
-        try:
-            _load_cuda()
-            chosen, why = "cuda", "CUDA extension built"
-        except Exception as e:  # noqa: BLE001
-            log_once(log, "auto:cuda-failed", logging.WARNING, "attention auto: CUDA extension unavailable: %s", e)
-            try:
-                _load_triton()
-                chosen, why = "triton", "CUDA extension unavailable"
-            except ImportError as e2:
-                chosen, why = "torch", f"no custom kernel available ({e2})"
-    log_once(log, f"auto:{chosen}:{why}", logging.INFO, "attention impl=auto -> %s (%s)", chosen, why)
+    chosen, why = _auto_gpu(q) if on_gpu else ("torch", "tensors are not on a GPU")
+    log_once(log, f"auto:{q.device}:{q.dtype}:{chosen}:{why}", logging.INFO, "attention impl=auto -> %s (%s)",
+             chosen, why)
     return chosen
+
+
+def _auto_gpu(q: torch.Tensor) -> tuple[str, str]:
+    """(impl, reason) of `auto` for GPU tensors like q: SDPA unless a kernel verified itself here."""
+    if q.dtype not in KERNEL_DTYPES or q.shape[-1] > KERNEL_MAX_HEAD_DIM:
+        return "torch", f"dtype {q.dtype} / head dim {q.shape[-1]} not supported by the custom kernels"
+    if os.environ.get(SELFTEST_ENV, "1") == "0":
+        return "torch", f"{SELFTEST_ENV}=0: custom kernels are not self-tested, so not used"
+    choice = _verified(q)
+    return choice.impl, choice.reason
+
+
+def _verified(q: torch.Tensor):
+    # Imported here: kernels.selftest imports this module (it tests the kernels through it).
+    from kernels import selftest
+
+    return selftest.verify(q.device, q.dtype, q.shape[-1])
+
+
+def _auto_varlen(q: torch.Tensor) -> str:
+    """The verified path for packed GPU batches under auto (see the module docstring)."""
+    if not _is_gpu(q) or q.dtype not in KERNEL_DTYPES or q.shape[-1] > KERNEL_MAX_HEAD_DIM:
+        return "torch"
+    if os.environ.get(SELFTEST_ENV, "1") == "0":
+        return "torch"
+    return _verified(q).varlen
 
 
 def attention(
@@ -201,13 +222,13 @@ def attention(
     if cu_seqlens is not None and attention_mask is not None:
         raise ValueError("attention: give either attention_mask or cu_seqlens, not both")
     requested, impl = impl, _resolve(impl, q)
-    if impl == "cuda" and attention_mask is not None and requested == "auto":
-        # The CUDA kernel has no mask input; under auto the Triton kernel (which has one) is next in line.
-        try:
-            _load_triton()
-            impl = "triton"
-        except ImportError:
-            pass
+    if requested == "auto" and cu_seqlens is not None and _is_gpu(q):
+        path = _auto_varlen(q)
+        if path == "torch_varlen":
+            from kernels.selftest import _torch_varlen
+
+            return _torch_varlen()[1](q, k, v, cu_seqlens, causal, scale)
+        impl = path
     if impl == "triton":
         tri = _load_triton()
         if cu_seqlens is not None:
@@ -216,7 +237,8 @@ def attention(
     if impl == "cuda":
         if attention_mask is not None:
             log_once(log, "cuda:mask", logging.INFO,
-                     "attention impl=cuda has no mask input; calls with attention_mask use SDPA")
+                     "attention impl=%s picked the CUDA kernel, which has no mask input; calls with attention_mask "
+                     "use SDPA", requested)
             impl = "torch"
         else:
             fn = _load_cuda().cuda_attention

@@ -10,7 +10,8 @@ Contract
   build on a machine without a GPU stays as short as possible.
 * A failed build raises `CudaExtensionError` whose message ends with the tail of the build log; the
   failure is remembered so a second call fails fast with the same message.
-* `is_built()` says whether the module is loaded in this process (no build is attempted).
+* `is_built()` says whether the module is loaded in this process (no build is attempted); `prebuilt()`
+  whether the build cache holds a compiled module.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def _tail(text: str, n: int = LOG_TAIL_LINES) -> str:
 
 def is_built() -> bool:
     return _module is not None
+
+
+def prebuilt() -> bool:
+    """Whether a compiled module is in the build cache (loading it then takes seconds, not minutes)."""
+    return (cache_dir() / f"{EXT_NAME}.so").is_file()
 
 
 def load(verbose: bool = False) -> ModuleType:

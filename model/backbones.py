@@ -43,7 +43,8 @@ from transformers.generation.streamers import BaseStreamer
 from dataset.chat_templates import TEMPLATES, detect_template
 from dataset.sample import IMAGE_MARKER, UserError
 from dataset.template import ChatFormat
-from model.config import VLMConfig, torch_dtype
+from model.config import VLMConfig
+from model.dtypes import torch_dtype
 from model.tokenizers import TOKENIZER_FILES, has_tokenizer_files, load_lm_tokenizer
 from qwen import QWenConfig, QWenLMHeadModel, load_tokenizer
 

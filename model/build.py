@@ -33,7 +33,8 @@ from model.checkpoint import (
     load_trainable_weights,
     read_vlm_config,
 )
-from model.config import VLMConfig, torch_dtype
+from model.config import VLMConfig
+from model.dtypes import torch_dtype
 from model.llava import import_llava
 from model.model import LM_BACKBONES, VLM, lm_width, resolve_config
 from model.parts import build_towers, named_source

@@ -14,8 +14,11 @@ Contract:
   - `image_token_id`: override of the placeholder id (else the tokenizer's, else the LM config's).
   - `lora`: the LoRA settings a run applied to the LM (informational; the adapters' exact peft config
     travels in the checkpoint's `lora/adapter_config.json`). None when the LM has no adapters.
-  - `tower_dtype`: `"float32" | "bfloat16"` for FROZEN towers only (they run under no_grad, so bf16
-    halves their time and memory); None = `dtype`. Trainable towers always use `dtype`.
+  - `dtype`: `"auto"` (default: bf16 base weights where the device computes bf16 natively, else fp32;
+    see `model/dtypes.py`), `"float32"`, `"bfloat16"` or `"float16"`. What trains is put in fp32 by the
+    trainer (fp32 master weights).
+  - `tower_dtype`: `"auto" | "float32" | "bfloat16"` for FROZEN towers only (they run under no_grad, so
+    bf16 halves their time and memory); None = `dtype`. Trainable towers always use `dtype`.
   - `init_from`: a transformers Llava directory the whole model was imported from; building from the
     config re-imports it (so a trainable-only checkpoint can point at it).
   - `chat_template`: the LM's chat template by name (dataset/chat_templates.py); None = picked from
@@ -25,7 +28,7 @@ Contract:
     own tokens are off by default: list them (e.g. `["<|extra_1|>", "<|extra_2|>"]`) to train them.
   - `image_delimiters`: True adds `<image_start>` / `<image_end>` around each image for an LM whose
     tokenizer has no image start/end tokens (Qwen has them and always uses them).
-- `torch_dtype(name)`: "float32" | "bfloat16" | "float16" -> the torch dtype.
+
 The registry of backbone pairs (`PRESETS`) and `resolve_config` live in model/model.py.
 """
 
@@ -37,10 +40,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-DTYPES = ("float32", "bfloat16", "float16")
-TOWER_DTYPES = ("float32", "bfloat16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+TOWER_DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -54,8 +55,8 @@ class VLMConfig:
     projector: str = "mlp2x_gelu"  # linear, mlpNx_gelu, identity (model/projector.py)
     reduce: str | None = None  # token reduction: pixel_shuffle or avg_pool (None = every token)
     reduce_factor: int = 1  # the reduction cuts tokens per image by reduce_factor**2
-    dtype: str = "float32"  # dtype the model is built in (float32, bfloat16, float16)
-    tower_dtype: str | None = None  # "float32" | "bfloat16": frozen towers only (None = dtype)
+    dtype: str = "auto"  # bf16 base weights where the device has native bf16, else fp32 (model/dtypes.py)
+    tower_dtype: str | None = None  # "auto" | "float32" | "bfloat16": frozen towers only (None = dtype)
     image_token_id: int | None = None  # the placeholder id (None = the tokenizer's, or <image> added)
     freeze_towers: bool = True  # towers built frozen (vision_lr > 0 trains them anyway)
     init_from: str | None = None  # a transformers Llava directory the whole model is imported from
@@ -106,7 +107,3 @@ class VLMConfig:
         if unknown:
             raise ValueError(f"VLMConfig: unknown field(s) {unknown}; valid: {sorted(names)}")
         return cls(**copy.deepcopy(d))
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]

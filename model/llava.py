@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
 
-from model.config import VLMConfig, torch_dtype
+from model.config import VLMConfig
+from model.dtypes import torch_dtype
 from model.model import VLM
 from model.projector import build_projector
 from model.tokenizers import HFTokenizer

@@ -53,7 +53,8 @@ from dataset.sample import IMAGE_MARKER, Sample
 from dataset.template import ChatFormat, render
 from model.backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
 from model.checkpoint import save_vlm
-from model.config import VLMConfig, torch_dtype
+from model.config import VLMConfig
+from model.dtypes import torch_dtype
 from model.projector import Projector
 from model.token_rows import TokenRows
 from qwen.loss import DEFAULT_CHUNK_SIZE, full_logits_loss, supervised_loss

@@ -20,7 +20,8 @@ from pathlib import Path
 from torch import nn
 
 from dataset.sample import UserError
-from model.config import VLMConfig, torch_dtype
+from model.config import VLMConfig
+from model.dtypes import torch_dtype
 from visual.multi import MultiTower
 from visual.registry import build_tower
 

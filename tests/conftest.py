@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `dtype: auto` would pick bf16 on a CPU with AMX; tiny-model tests compare values in fp32 everywhere.
+os.environ.setdefault("QWENVL_AUTO_DTYPE", "float32")
 
 from pathlib import Path  # noqa: E402
 

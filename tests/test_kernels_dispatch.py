@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from kernels import _log, attention, cuda_ext
+from kernels import _log, attention, cuda_ext, selftest
 from kernels.attention import eager_attention
 
 # `kernels.attention` the attribute is the function; the module is fetched by name.
@@ -17,6 +17,7 @@ attn_mod = importlib.import_module("kernels.attention")
 @pytest.fixture(autouse=True)
 def _fresh_state(monkeypatch, tmp_path):
     _log.reset()
+    selftest.reset()  # auto's verified choices are per process: each test starts without one
     monkeypatch.setenv("QWENVL_KERNEL_CACHE", str(tmp_path / "ext"))
     # Whatever the CUDA build did earlier in the session, these tests start from "not built".
     monkeypatch.setattr(cuda_ext, "_module", None)
@@ -81,10 +82,11 @@ def test_failing_cuda_build_falls_back_to_sdpa(monkeypatch, caplog):
     assert "falling back to torch (SDPA)" in warnings[0] and "nvcc fatal: boom" in warnings[0]
 
 
-def test_auto_on_gpu_with_failed_build_and_no_triton_uses_sdpa(monkeypatch, caplog):
+def test_auto_on_gpu_without_any_verified_kernel_uses_sdpa(monkeypatch, caplog):
+    """No Triton, the CUDA extension never built: auto stays on SDPA and says why (no build is attempted)."""
     from torch.utils import cpp_extension
 
-    monkeypatch.setattr(cpp_extension, "load", _failing_build)
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **kw: pytest.fail("auto must not build the extension"))
     monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
 
     def no_triton():
@@ -96,21 +98,8 @@ def test_auto_on_gpu_with_failed_build_and_no_triton_uses_sdpa(monkeypatch, capl
         out = attention(q, k, v, causal=True, impl="auto")
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
     text = caplog.text
-    assert "CUDA extension unavailable" in text and "nvcc fatal: boom" in text
-    assert "impl=auto -> torch (no custom kernel available" in text
-
-
-def test_auto_on_gpu_with_failed_build_prefers_triton(monkeypatch, caplog):
-    pytest.importorskip("kernels.triton_attention")
-    from torch.utils import cpp_extension
-
-    monkeypatch.setattr(cpp_extension, "load", _failing_build)
-    monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
-    q, k, v = _qkv(t=12)
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
-        out = attention(q, k, v, causal=True, impl="auto")  # runs the Triton kernel (interpreter on CPU)
-    assert "impl=auto -> triton" in caplog.text
-    torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
+    assert "impl=auto -> torch (SDPA (triton: unavailable" in text and "No module named 'triton'" in text
+    assert "cuda: unavailable: the CUDA extension is not built" in text
 
 
 def test_cuda_ext_failure_message_has_log_tail_and_is_remembered(monkeypatch):
@@ -142,9 +131,12 @@ def test_varlen_loops_match_per_sequence():
         s += n
 
 
-def test_routing_when_cuda_extension_is_available(monkeypatch, caplog):
-    """With a (fake) built extension on a (fake) GPU: auto picks it, masks go to Triton or SDPA."""
+def test_routing_when_the_cuda_kernel_is_verified(monkeypatch, caplog):
+    """auto picked the (fake) CUDA kernel after its self-test: padded calls use it, masked calls go to SDPA
+    (it has no mask input), packed calls loop through it; explicit impl='cuda' routes the same way."""
     import types
+
+    from kernels import selftest
 
     cuda_calls = []
 
@@ -154,32 +146,25 @@ def test_routing_when_cuda_extension_is_available(monkeypatch, caplog):
 
     monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
     monkeypatch.setattr(attn_mod, "_load_cuda", lambda: types.SimpleNamespace(cuda_attention=fake_cuda_attention))
+    monkeypatch.setattr(selftest, "verify", lambda *a, **kw: selftest.Choice("cuda", "cuda", "verified (test)"))
     q, k, v = _qkv(t=10)
     with caplog.at_level(logging.INFO, logger="kernels.attention"):
         out = attention(q, k, v, causal=True, impl="auto")
-    assert len(cuda_calls) == 1 and "impl=auto -> cuda" in caplog.text
+    assert len(cuda_calls) == 1 and "impl=auto -> cuda (verified (test))" in caplog.text
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
 
     mask = torch.rand(2, 1, 10, 10) > 0.2
     want = eager_attention(q, k, v, causal=True, attention_mask=mask)
-    if importlib.util.find_spec("triton") is not None:
-        tri = importlib.import_module("kernels.triton_attention")
-        tri_calls = []
-        orig = tri.triton_attention
-        monkeypatch.setattr(tri, "triton_attention", lambda *a, **kw: tri_calls.append(1) or orig(*a, **kw))
-        got = attention(q, k, v, causal=True, attention_mask=mask, impl="auto")
-        assert tri_calls == [1]
+    for impl in ("auto", "cuda"):
+        with caplog.at_level(logging.INFO, logger="kernels.attention"):
+            got = attention(q, k, v, causal=True, attention_mask=mask, impl=impl)
+        assert len(cuda_calls) == 1
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    # Explicit cuda + mask: the extension cannot take it, SDPA does (logged once).
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
-        got = attention(q, k, v, causal=True, attention_mask=mask, impl="cuda")
-    assert len(cuda_calls) == 1
     assert "calls with attention_mask use SDPA" in caplog.text
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
-    # Varlen with cuda loops the packed sequences through the extension.
+    # Varlen loops the packed sequences through the extension.
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)
     qp, kp, vp = (x[0].transpose(0, 1) for x in (q, k, v))
-    got = attention(qp, kp, vp, causal=True, cu_seqlens=cu, impl="cuda")
+    got = attention(qp, kp, vp, causal=True, cu_seqlens=cu, impl="auto")
     assert len(cuda_calls) == 3
     torch.testing.assert_close(got, attention(qp, kp, vp, causal=True, cu_seqlens=cu, impl="eager"),
                                rtol=0, atol=1e-5)

@@ -32,7 +32,7 @@ from dataset import Collator, LengthGroupedSampler, VLMDataset
 from dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
 from dataset.packing import PackedDataset, PackingCollator, PackingSampler
 from dataset.sample import UserError
-from model import VLM, build_vlm
+from model import VLM, build_vlm, dtypes
 from model.backbones import unwrap
 from model.checkpoint import _select_keys, resolve_model_dir
 from trainer.callbacks import JsonlLogger, plot_loss
@@ -117,11 +117,16 @@ def resolve_resume(cfg: TrainConfig, out: Path) -> str | None:
 
 
 def precision_flags(cfg: TrainConfig) -> dict:
+    """Autocast flags for the Trainer. `auto`: bf16 exactly where `dtype: auto` picks bf16 (a GPU or CPU
+    with native bf16); bf16 on a CPU needs AMX / AVX512-BF16 (emulated bf16 is ~25x slower than fp32)."""
     p = cfg.precision
     if p == "auto":
-        p = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    if p in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise UserError(f"precision={p} needs a GPU here; use precision=fp32 (or auto) on a CPU")
+        p = "bf16" if dtypes.auto_decision().dtype == torch.bfloat16 else "fp32"
+    if p == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("precision=fp16 needs a GPU here; use precision=fp32 (or auto) on a CPU")
+    if p == "bf16" and not torch.cuda.is_available() and not dtypes.native_bf16("cpu"):
+        raise ConfigError(f"precision=bf16 on this CPU: {dtypes.cpu_native_bf16()[1]}; use precision=fp32 "
+                          f"(or auto)")
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
 
@@ -141,6 +146,9 @@ def build_model(cfg: TrainConfig):
     check_optimisation_keys(cfg, vlm)
     if vlm.config.tower_dtype is not None:
         vlm.cast_frozen_towers()  # tower_dtype applies to frozen towers only (decided by the stage above)
+    moved = dtypes.upcast_trainable(vlm)  # fp32 master weights for what trains; frozen bases keep their dtype
+    log.info("parameter dtypes and bytes per part (%d trainable tensors moved to fp32):\n%s", moved,
+             dtypes.describe_parts(vlm))
     if cfg.gradient_checkpointing:
         vlm.gradient_checkpointing_enable()
     warn_max_length(cfg, vlm)

@@ -9,12 +9,15 @@ model.safetensors, optionally preprocessor_config.json). A full CLIPModel / Sigl
   passes an all-ones patch mask and spatial shape (S/p, S/p); S defaults to sqrt(config.num_patches) * p.
   Variable aspect-ratio / variable patch-count inputs are not supported.
 Preprocessing facts come from preprocessor_config.json when present, else from the family's defaults.
+`pretrained=False` builds random weights from the config alone (`name_or_path` may then be a config.json
+file, e.g. `configs/hub/google--siglip-so400m-patch14-384.json`): memory plans and real-shape smoke runs.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 import transformers
@@ -76,6 +79,7 @@ class HFTower(VisionTower):
         image_mode: str = "pad",
         dtype: torch.dtype | None = None,
         resample: str | int | None = None,
+        pretrained: bool = True,
         **load_kw,
     ) -> None:
         model_type = transformers.PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
@@ -85,7 +89,12 @@ class HFTower(VisionTower):
                 f"loads {sorted(self.model_types)}"
             )
         cls = getattr(transformers, self.model_class_name)
-        model, info = cls.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **load_kw)
+        if not pretrained:
+            # Random weights from the config alone (a config.json directory or file): plans and smoke runs.
+            model = cls._from_config(cls.config_class.from_pretrained(name_or_path, **load_kw), dtype=dtype)
+            info = {}
+        else:
+            model, info = cls.from_pretrained(name_or_path, dtype=dtype, output_loading_info=True, **load_kw)
         if info.get("missing_keys"):
             # A silently random-initialised tower would train on noise: refuse it.
             raise ValueError(
@@ -96,7 +105,7 @@ class HFTower(VisionTower):
         grid = image_size // cfg.patch_size
         n_states = cfg.num_hidden_layers + 1
         processor = processor_from_hf(
-            read_preprocessor_config(name_or_path),
+            {} if Path(name_or_path).is_file() else read_preprocessor_config(name_or_path),
             image_size,
             self.default_mean,
             self.default_std,

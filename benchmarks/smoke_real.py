@@ -1,0 +1,248 @@
+"""The original pair at real shapes on this machine: one training step and a short answer, beside the plan.
+
+    python benchmarks/smoke_real.py                          # make smoke-real: this CPU, dtype auto
+    python benchmarks/smoke_real.py --device cuda --dtype bf16
+    python benchmarks/smoke_real.py --tiny                   # the same code path at tiny shapes (tests)
+
+What runs (random weights, nothing downloaded): Qwen-1.8B-Chat's published config
+(`configs/hub/Qwen--Qwen-1_8B-Chat.json`) + a SigLIP so400m/14-384-shaped tower
+(`configs/hub/google--siglip-so400m-patch14-384.json`, 729 patch tokens) + the mlp2x_gelu projector,
+set up by the training code itself (`trainer.run.build_model`) from the original recipe
+`configs/qwen7b_siglip_lora.yaml` with its LM swapped: LoRA r128 on its targets, its separate projector
+and LoRA learning rates, gradient checkpointing, the chosen dtype (`auto` = what `model/dtypes.py`
+decides here; bf16 runs under autocast with fp32 trainable weights). One sample = ChatML user turn with
+one image (729 placeholders) and text, an assistant answer (~64 text tokens in all); one AdamW step
+(the trainer's parameter groups), then a 4-token greedy answer to the same prompt.
+
+Printed: the dtype decision, trainable parameters, step and answer times, peak memory (CPU: peak RSS of
+the process and its growth over the RSS before the model was built; CUDA: max_memory_allocated), each
+beside `model.plan`'s prediction for the same shape and dtype (`DDP` on 1 device: weights + gradients +
+AdamW states + activations; step time = the plan's FLOPs at `--mfu` of this device's measured matmul
+peak), with the ratio and whether it is within 25%. Exit status 1 when the loss is not finite or the
+answer is not `--new-tokens` tokens long.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded: every part is built from a config
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+import torch  # noqa: E402
+
+RECIPE = ROOT / "configs" / "qwen7b_siglip_lora.yaml"
+LM_CONFIG = ROOT / "configs" / "hub" / "Qwen--Qwen-1_8B-Chat.json"
+TOWER_CONFIG = ROOT / "configs" / "hub" / "google--siglip-so400m-patch14-384.json"
+DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
+IM_START, IM_END, NL, USER, ASSISTANT = 151644, 151645, 198, 872, 77091  # Qwen-1 ChatML ids
+IMG_START, IMG_END = 151647, 151648  # <|extra_1|>, <|extra_2|>
+TOLERANCE = 0.25
+
+
+def rss_bytes() -> int:
+    """The process's resident set now (Linux /proc), or 0 where unavailable."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _tiny_files(tmp: Path) -> tuple[Path, Path]:
+    """Small configs of the same families (the test's shapes)."""
+    lm = json.loads(LM_CONFIG.read_text())
+    lm.update(hidden_size=64, intermediate_size=256, num_attention_heads=4, num_hidden_layers=2, kv_channels=16)
+    tower = json.loads(TOWER_CONFIG.read_text())
+    tower["vision_config"].update(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  image_size=28, patch_size=14)
+    (tmp / "lm.json").write_text(json.dumps(lm))
+    (tmp / "tower.json").write_text(json.dumps(tower))
+    return tmp / "lm.json", tmp / "tower.json"
+
+
+def train_config(dtype: str, lm_file: Path, tower_file: Path, lora_r: int):
+    """The original recipe with Qwen-1.8B-Chat's config as the LM, random weights everywhere."""
+    from qwen import QWenConfig
+    from trainer.config import TrainConfig
+    from trainer.config_io import load_config
+
+    cfg = load_config(TrainConfig, str(RECIPE), [f"lora.r={lora_r}", f"lora.alpha={2 * lora_r}"])
+    cfg.preset = None
+    cfg.model = {
+        "lm": "scratch", "lm_backend": "qwen", "lm_config": QWenConfig.from_pretrained(lm_file).to_dict(),
+        "towers": [{"backend": "hf_siglip", "name_or_path": str(tower_file), "feature_layer": -2,
+                    "pretrained": False}],
+        "image_mode": "resize", "projector": "mlp2x_gelu", "dtype": DTYPES[dtype],
+    }
+    cfg.gradient_checkpointing = True
+    cfg.per_device_train_batch_size = 1
+    cfg.gradient_accumulation_steps = 1
+    return cfg
+
+
+def make_sample(n_image: int, text_tokens: int, answer_tokens: int, image_id: int, vocab: int, seed: int = 0):
+    """ChatML ids of a user turn (one image + text) and an assistant answer: `n_image + text_tokens` ids;
+    labels on the answer and its end of turn. Returns (prompt ids up to the reply header, ids, labels)."""
+    g = torch.Generator().manual_seed(seed)
+    words = lambda n: torch.randint(1000, min(vocab, 150000), (n,), generator=g).tolist()  # noqa: E731
+    question = text_tokens - answer_tokens - 13  # the ChatML frame and the image span's ends take the rest
+    prompt = ([IM_START, USER, NL, IMG_START] + [image_id] * n_image + [IMG_END, NL] + words(question)
+              + [IM_END, NL, IM_START, ASSISTANT, NL])
+    answer = words(answer_tokens) + [IM_END, NL]
+    ids = prompt + answer
+    labels = [-100] * len(prompt) + answer[:-1] + [-100]
+    return prompt, torch.tensor([ids]), torch.tensor([labels])
+
+
+def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: int = 128, text_tokens: int = 64,
+        new_tokens: int = 4, mfu: float = 0.5) -> dict:
+    """Build, step once, answer; returns the measured figures and the plan's predictions."""
+    from model import dtypes
+    from model import plan as P
+    from trainer.optim import param_groups
+    from trainer.run import build_model
+    from trainer.throughput import peak_matmul_flops
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("smoke_real: --device cuda but torch sees no CUDA device")
+    tmp = tempfile.TemporaryDirectory()
+    lm_file, tower_file = _tiny_files(Path(tmp.name)) if tiny else (LM_CONFIG, TOWER_CONFIG)
+    if tiny:
+        lora_r = min(lora_r, 8)
+    cfg = train_config(dtype, lm_file, tower_file, lora_r)
+    decision = dtypes.auto_decision(dev)
+    base = decision.dtype if dtype == "auto" else dtypes.NAMES[DTYPES[dtype]]
+
+    rss_before = rss_bytes()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        vlm = build_model(cfg).to(dev)
+    build_s = time.perf_counter() - t0
+    trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
+    parts = dtypes.describe_parts(vlm)
+
+    prompt, ids, labels = make_sample(vlm.tokens_per_image, text_tokens, 8,
+                                      vlm.image_token_id, vlm.lm.get_input_embeddings().weight.shape[0])
+    ids, labels = ids.to(dev), labels.to(dev)
+    size = int(vlm.towers.image_size)
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev)
+    groups = param_groups(vlm, learning_rate=cfg.learning_rate, projector_lr=cfg.projector_lr, vision_lr=0.0,
+                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=dev.type in ("cpu", "cuda"))
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=base == torch.bfloat16)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    vlm.train()
+    sync()
+    t0 = time.perf_counter()
+    with autocast:
+        loss = vlm(input_ids=ids, labels=labels, pixel_values=pixels, image_counts=[1]).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    step_s = time.perf_counter() - t0
+    step_peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss_bytes()
+
+    vlm.eval()
+    t0 = time.perf_counter()
+    with autocast:
+        answer = vlm.generate(torch.tensor([prompt], device=dev), pixel_values=pixels, max_new_tokens=new_tokens,
+                              do_sample=False, stop_token_ids=[])[0]
+    sync()
+    answer_s = time.perf_counter() - t0
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=1e6, device=dev.type, seq=ids.shape[1], images=1,
+                           targets=int((labels[:, 1:] != -100).sum()), micro_batch=1)
+    predicted_mem = plan.engines["DDP"]["total"] + plan.activation_per_gpu()
+    peak_flops = peak_matmul_flops(dev, base)
+    predicted_step = plan.flops["total"] / (peak_flops * mfu)
+    measured_mem = step_peak - rss_before if dev.type == "cpu" else step_peak
+    tmp.cleanup()
+    return {
+        "device": str(dev), "dtype": str(base).replace("torch.", ""), "decision": decision.reason,
+        "parts": parts, "tokens": int(ids.shape[1]), "image_tokens": int(vlm.tokens_per_image),
+        "loss": loss.item(), "answer": answer, "build_s": build_s, "step_s": step_s, "answer_s": answer_s,
+        "trainable": trainable, "plan_trainable": plan.trainable, "rss_before": rss_before,
+        "peak": step_peak, "peak_rss_total": peak_rss_bytes() if dev.type == "cpu" else None,
+        "measured_mem": measured_mem, "plan_mem": predicted_mem, "plan_step_s": predicted_step,
+        "step_tflop": plan.flops["total"] / 1e12, "peak_tflops": peak_flops / 1e12, "mfu_assumed": mfu,
+        "achieved_mfu": plan.flops["total"] / step_s / peak_flops, "plan": plan, "lora_r": lora_r,
+        "targets": cfg.lora.targets, "lr": cfg.learning_rate, "projector_lr": cfg.projector_lr,
+    }
+
+
+def _line(name: str, measured: float, predicted: float, unit: str) -> str:
+    ratio = measured / predicted if predicted else float("nan")
+    ok = "within 25%" if abs(ratio - 1) <= TOLERANCE else "OUTSIDE 25%"
+    return f"{name:<22} measured={measured:,.2f} {unit}  plan={predicted:,.2f} {unit}  ratio={ratio:.2f}  {ok}"
+
+
+def report(r: dict, new_tokens: int) -> str:
+    gib = 2**30
+    out = [
+        f"smoke_real: Qwen-1.8B-Chat config + SigLIP so400m/14-384 shape, random weights, device {r['device']}",
+        f"dtype: {r['dtype']} ({r['decision']})",
+        f"sample: {r['tokens']} tokens ({r['image_tokens']} image tokens); LoRA r{r['lora_r']} on {r['targets']}, "
+        f"lr {r['lr']:.1e}, projector lr {r['projector_lr']:.1e}; gradient checkpointing on",
+        "parameter dtypes and bytes per part:",
+        r["parts"],
+        f"build_s                {r['build_s']:.1f}",
+        f"loss                   {r['loss']:.4f}",
+        f"answer                 {r['answer']} ({len(r['answer'])} tokens greedy, {r['answer_s']:.1f} s)",
+        f"trainable_params       measured={r['trainable']:,}  plan={r['plan_trainable']:,}  "
+        f"{'equal' if r['trainable'] == r['plan_trainable'] else 'DIFFERENT'}",
+    ]
+    if r["device"].startswith("cpu"):
+        out.append(_line("memory (RSS growth)", r["measured_mem"] / gib, r["plan_mem"] / gib, "GiB"))
+        out.append(f"peak_rss               {r['peak_rss_total'] / gib:.2f} GiB (of which {r['rss_before'] / gib:.2f} GiB "
+                   f"before the model: interpreter and libraries)")
+    else:
+        out.append(_line("memory (max allocated)", r["measured_mem"] / gib, r["plan_mem"] / gib, "GiB"))
+    out.append(_line("step_s", r["step_s"], r["plan_step_s"], "s"))
+    out.append(f"step_flops             {r['step_tflop']:.2f} TFLOP (plan, recompute included); matmul peak here "
+               f"{r['peak_tflops'] * 1e3:.1f} GFLOP/s in {r['dtype']}; plan assumes MFU {r['mfu_assumed']:.2f}, "
+               f"achieved {r['achieved_mfu']:.2f}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--dtype", choices=tuple(DTYPES), default="auto")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes, the same code path (tests)")
+    ap.add_argument("--lora-r", type=int, default=128)
+    ap.add_argument("--text-tokens", type=int, default=64, help="text tokens of the sample (besides the image)")
+    ap.add_argument("--new-tokens", type=int, default=4)
+    ap.add_argument("--mfu", type=float, default=0.5, help="MFU the plan's step time assumes on this device")
+    args = ap.parse_args(argv)
+    r = run(args.device, args.dtype, args.tiny, args.lora_r, args.text_tokens, args.new_tokens, args.mfu)
+    print(report(r, args.new_tokens), flush=True)
+    ok = bool(torch.isfinite(torch.tensor(r["loss"]))) and len(r["answer"]) == args.new_tokens
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

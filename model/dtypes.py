@@ -1,0 +1,166 @@
+"""Which dtype the base weights use (`dtype: auto`), and fp32 for whatever trains.
+
+Contract:
+- `auto_decision(device=None) -> DtypeDecision(dtype, reason)`: bf16 where the device computes bf16
+  natively (a CUDA GPU of compute capability >= 8.0; a CPU whose /proc/cpuinfo flags hold `amx_bf16` or
+  `avx512_bf16`), else fp32 — on a CPU without them a bf16 matmul is emulated and runs ~25x slower than
+  fp32. `device=None` is the device a run would use: CUDA when available, else the CPU. The environment
+  variable `QWENVL_AUTO_DTYPE=float32|bfloat16` overrides the detection (the test suite pins float32).
+- `torch_dtype(name)`: `"float32" | "bfloat16" | "float16" | "auto"` -> torch dtype; `auto` is decided by
+  `auto_decision()` and its reason is logged once per process.
+- `upcast_trainable(module) -> int`: every parameter that requires grad (projector, LoRA, unfrozen parts)
+  goes to fp32 (the master weights; compute may still run under bf16 autocast); returns how many
+  parameters moved.
+- `part_report(vlm) -> list[PartDtype]` and `describe_parts(vlm) -> str`: per top-level part (towers,
+  projector, lm) its dtype(s), bytes and trainable/frozen bytes, for the run log.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kernels._log import log_once
+
+log = logging.getLogger(__name__)
+
+NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"
+ENV_OVERRIDE = "QWENVL_AUTO_DTYPE"
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either makes bf16 matmuls native on x86
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True)
+class DtypeDecision:
+    dtype: torch.dtype
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return next(k for k, v in NAMES.items() if v == self.dtype)
+
+
+def cpu_flags(path: Path = CPUINFO) -> set[str]:
+    """The CPU feature flags of the first processor in /proc/cpuinfo (empty where there is none)."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / arm
+            return set(value.split())
+    return set()
+
+
+def cuda_native_bf16(index: int | None = None) -> tuple[bool, str]:
+    """(bf16 is native, the GPU's name and capability). Ampere (8.0) and later have bf16 tensor cores;
+    older GPUs only emulate it."""
+    i = torch.cuda.current_device() if index is None else index
+    major, minor = torch.cuda.get_device_capability(i)
+    return (major, minor) >= (8, 0), f"{torch.cuda.get_device_name(i)}, compute capability {major}.{minor}"
+
+
+def cpu_native_bf16() -> tuple[bool, str]:
+    flags = cpu_flags()
+    have = [f for f in CPU_BF16_FLAGS if f in flags]
+    if have:
+        return True, f"the CPU has {'/'.join(have)}"
+    return False, ("the CPU has neither AMX nor AVX512-BF16, so bf16 matmuls are emulated (~25x slower "
+                   "than fp32 on such a CPU)")
+
+
+def auto_decision(device: str | torch.device | None = None) -> DtypeDecision:
+    """What `dtype: auto` means on `device` (see the module docstring)."""
+    forced = os.environ.get(ENV_OVERRIDE, "").strip()
+    if forced:
+        if forced not in ("float32", "bfloat16"):
+            raise ValueError(f"{ENV_OVERRIDE}={forced!r}; valid: float32, bfloat16")
+        return DtypeDecision(NAMES[forced], f"{ENV_OVERRIDE}={forced}")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        native, what = cuda_native_bf16(device.index)
+        if native:
+            return DtypeDecision(torch.bfloat16, f"bf16 is native on this GPU ({what})")
+        return DtypeDecision(torch.float32, f"this GPU has no native bf16 ({what})")
+    native, what = cpu_native_bf16()
+    return DtypeDecision(torch.bfloat16 if native else torch.float32, what)
+
+
+def native_bf16(device: str | torch.device | None = None) -> bool:
+    """Whether bf16 compute is native on `device` (CUDA when available, else the CPU), ignoring overrides."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        return cuda_native_bf16(device.index)[0]
+    return cpu_native_bf16()[0]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """A dtype name (or `auto`) -> torch dtype; the `auto` decision is logged once per process."""
+    if name == AUTO:
+        d = auto_decision()
+        log_once(log, f"dtype-auto:{d.name}:{d.reason}", logging.INFO,
+                 "dtype=auto -> %s for the base weights (%s); trainable parameters stay fp32", d.name, d.reason)
+        return d.dtype
+    if name not in NAMES:
+        raise ValueError(f"unknown dtype {name!r}; valid: {', '.join([*NAMES, AUTO])}")
+    return NAMES[name]
+
+
+def upcast_trainable(module: nn.Module) -> int:
+    """Parameters that require grad -> fp32 in place (fp32 master weights); returns how many moved."""
+    moved = 0
+    for p in module.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()  # same Parameter object: references held elsewhere stay valid
+            moved += 1
+    return moved
+
+
+@dataclass
+class PartDtype:
+    part: str
+    dtypes: list[str]
+    bytes: int
+    trainable_bytes: int
+    params: int
+
+
+def part_report(vlm: nn.Module, parts: tuple[str, ...] = ("towers", "projector", "lm")) -> list[PartDtype]:
+    """Per top-level part: its parameter dtypes, bytes (tied tensors once) and the trainable share."""
+    out = []
+    seen: set[int] = set()
+    for part in parts:
+        module = getattr(vlm, part, None)
+        if module is None:
+            continue
+        dts, total, train, n = set(), 0, 0, 0
+        for p in module.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            size = p.numel() * p.element_size()
+            dts.add(str(p.dtype).replace("torch.", ""))
+            total, n = total + size, n + p.numel()
+            train += size if p.requires_grad else 0
+        out.append(PartDtype(part, sorted(dts), total, train, n))
+    return out
+
+
+def describe_parts(vlm: nn.Module) -> str:
+    """One line per part: `towers      bfloat16   856.4 MB (0.0 MB trainable, 428,225,600 params)`."""
+    lines = []
+    for r in part_report(vlm):
+        lines.append(f"  {r.part:<10} {'+'.join(r.dtypes) or '-':<17} {r.bytes / 1e6:>10.1f} MB "
+                     f"({r.trainable_bytes / 1e6:.1f} MB trainable, {r.params:,} params)")
+    return "\n".join(lines)
