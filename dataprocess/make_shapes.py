@@ -36,7 +36,7 @@ from PIL import Image
 
 from dataprocess.common import SourceError, make_sample, write_jsonl
 from dataprocess.shapes_draw import COLOURS, SHAPES, render
-from trainer.cli import run_cli
+from trainer.cli import run_cli, writable_dir
 
 TYPES = ("colour", "shape", "count", "position", "multi")
 ANSWERS: dict[str, list[str]] = {
@@ -164,8 +164,7 @@ def make_shapes(out: str | Path, n_train: int = 2000, n_val: int = 200, seed: in
     types = list(types or TYPES)
     assert size >= 32, f"--size {size}: at least 32 pixels are needed to draw 4 distinguishable shapes"
     assert n_train >= 0 and n_val >= 0, "sample counts must be >= 0"
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = writable_dir(out, "output folder")
     result = {split: make_split(out, split, n, seed, size, types)
               for split, n in (("train", n_train), ("val", n_val))}
     meta = {"seed": seed, "size": size, "types": types, "n_train": n_train, "n_val": n_val,

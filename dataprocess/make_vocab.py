@@ -23,6 +23,7 @@ from pathlib import Path
 
 import regex
 
+from dataprocess.common import SourceError, read_text
 from dataset.sample import IMAGE_MARKER, VIDEO_MARKER
 from trainer.cli import run_cli
 
@@ -34,10 +35,14 @@ SPLIT = regex.compile(
 
 def _texts_from_jsonl(path: Path) -> list[str]:
     texts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{path} line {lineno}: invalid JSON ({e.msg}); give our JSONL (one sample per "
+                              f"line)") from None
         for m in rec.get("messages", []):
             if isinstance(m.get("content"), str):
                 texts.append(m["content"].replace(IMAGE_MARKER, " ").replace(VIDEO_MARKER, " "))

@@ -13,13 +13,12 @@ the benchmark's format, no model in the folder) is one line on stderr and exit s
 from __future__ import annotations
 
 import argparse
-import sys
 
-from dataset.sample import BadSampleError
-from evaluation.items import BenchmarkFormatError
+from dataset.sample import UserError
 from evaluation.report import format_table
-from evaluation.runner import MC_MODES, EvaluationSetupError, run_task
+from evaluation.runner import MC_MODES, run_task
 from evaluation.tasks import TASKS
+from trainer.cli import run_cli, writable_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,24 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     missing = [f"--{k}" for k in ("model", "task", "data", "output") if getattr(args, k) is None]
     if missing:
-        print(f"evaluation: missing {' '.join(missing)} (see --help)", file=sys.stderr)
-        return 2
+        raise UserError(f"evaluation: missing {' '.join(missing)} (see --help)")
     if args.task not in TASKS:
-        print(f"evaluation: unknown task {args.task!r}; choose one of {', '.join(sorted(TASKS))}", file=sys.stderr)
-        return 2
+        raise UserError(f"evaluation: unknown task {args.task!r}; choose one of {', '.join(sorted(TASKS))}")
     if args.prompt is not None and "{question}" not in args.prompt and TASKS[args.task].kind != "caption":
-        print(f"evaluation: --prompt {args.prompt!r} has no {{question}} placeholder", file=sys.stderr)
-        return 2
-    import torch
+        raise UserError(f"evaluation: --prompt {args.prompt!r} has no {{question}} placeholder")
+    import torch  # heavy: after the arguments are checked
 
+    from model import VLM
     from model.checkpoint import resolve_model_dir
-    from model.model import VLM
 
-    try:
-        model_dir = resolve_model_dir(args.model)
-    except FileNotFoundError as e:
-        print(f"evaluation: {e}", file=sys.stderr)
-        return 2
+    model_dir = resolve_model_dir(args.model)
+    writable_dir(args.output, "--output")
     weights = sorted(model_dir.glob("*.safetensors"))
     model_id = f"{model_dir.resolve()}@{max((w.stat().st_mtime_ns for w in weights), default=0)}"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,17 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     options = {k: v for k, v in (("annotations", args.annotations), ("split", args.split)) if v is not None}
     if args.no_circular:
         options["circular"] = False
-    try:
-        results = run_task(vlm, args.task, args.data, images=args.images, output=args.output, limit=args.limit,
-                           batch_size=args.batch_size, prompt=args.prompt, mc_mode=args.mc_mode,
-                           max_new_tokens=args.max_new_tokens, options=options, model_id=model_id)
-    except (BenchmarkFormatError, EvaluationSetupError, BadSampleError) as e:
-        print(f"evaluation: {e}", file=sys.stderr)
-        return 2
+    results = run_task(vlm, args.task, args.data, images=args.images, output=args.output, limit=args.limit,
+                       batch_size=args.batch_size, prompt=args.prompt, mc_mode=args.mc_mode,
+                       max_new_tokens=args.max_new_tokens, options=options, model_id=model_id)
     print(format_table(results))
     print(f"answers, results.json and results.png in {args.output}")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -24,10 +24,10 @@ from PIL import Image, UnidentifiedImageError
 
 from dataset.formats import resolve_path
 from dataset.images import load_image, to_rgb
-from dataset.sample import BadSampleError
+from dataset.sample import BadSampleError, UserError
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(UserError, ValueError):
     """A benchmark file is not in the released format: the message names the file and what is wrong."""
 
 

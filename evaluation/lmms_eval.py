@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import sys
 
+from dataset.sample import UserError
+from trainer.cli import run_cli
+
 MODEL_ID = "qwenvl_lab"
 CLASS_PATH = "evaluation.lmms_model.QwenVLLab"
 
@@ -39,9 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import lmms_eval  # noqa: F401  (optional dependency)
     except ImportError:
-        print("evaluation.lmms_eval: lmms-eval is not installed; pip install -c constraints.txt '.[lmms]' "
-              "(see README, Evaluate)", file=sys.stderr)
-        return 2
+        raise UserError("lmms-eval is not installed; pip install -c constraints.txt '.[lmms]' (see README, "
+                        "Evaluate)") from None
     register()
     from lmms_eval.cli.dispatch import main as lmms_main
 
@@ -51,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

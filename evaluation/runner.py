@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dataset.sample import BadSampleError
+from dataset.sample import BadSampleError, UserError
 from evaluation.items import EvalItem, load_images
 from evaluation.likelihood import rank_options
 from evaluation.metrics import LETTERS
@@ -43,7 +43,7 @@ RUN_FILE = "run.json"
 MC_MODES = ("generate", "likelihood")
 
 
-class EvaluationSetupError(ValueError):
+class EvaluationSetupError(UserError, ValueError):
     """A user mistake in what to evaluate (unknown task, a folder written by another run, ...)."""
 
 

@@ -174,5 +174,7 @@ def test_launcher_registers_model_and_says_when_missing(monkeypatch, capsys):
 
     assert get_model("qwenvl_lab").__name__ == "QwenVLLab"
     monkeypatch.setitem(sys.modules, "lmms_eval", None)  # as if not installed
-    assert launcher.main(["--model", "qwenvl_lab"]) == 2
+    from trainer.cli import run_cli
+
+    assert run_cli(launcher.main, ["--model", "qwenvl_lab"]) == 2
     assert "lmms-eval is not installed" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import json
 import pytest
 
 import evaluation.tasks.captions as captions_task
-from evaluation.__main__ import main as cli_main
+from evaluation.__main__ import main as evaluation_main
 from evaluation.items import BenchmarkFormatError
 from evaluation.metrics import caption_scores
 from evaluation.report import format_table
@@ -233,10 +233,15 @@ def test_format_errors_name_the_file(tmp_path):
 
 
 def test_cli_user_mistakes_exit_2(tmp_path, capsys):
+    from trainer.cli import run_cli
+
+    def cli_main(argv):
+        return run_cli(evaluation_main, argv)
+
     assert cli_main(["--model", "x", "--task", "nope", "--data", "d", "--output", "o"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
     assert cli_main(["--model", str(tmp_path), "--task", "vqav2", "--data", "d", "--output", "o"]) == 2
-    assert "no model here" in capsys.readouterr().err
+    assert "holds no model" in capsys.readouterr().err
     assert cli_main(["--task", "vqav2"]) == 2
     assert cli_main(["--list-tasks"]) == 0
     assert "mmbench" in capsys.readouterr().out
