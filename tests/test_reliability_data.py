@@ -150,3 +150,34 @@ def test_paths_and_pixel_limit_come_from_the_config(tmp_path, data):
     with pytest.raises(ValueError, match="no usable sample.*too_large"):
         build_datasets(tiny_train_config(tmp_path, data, data_path=[str(data / "train.jsonl")],
                                          max_pixels=side * side - 1), vlm)
+
+
+def _two_image_conversation(i: int, img: str) -> dict:
+    """LLaMA-Factory's mllm_demo layout: an image in the first and in a later user turn."""
+    return {"messages": [
+        {"role": "user", "content": f"<image>Who is shape {i}?"}, {"role": "assistant", "content": "A red circle."},
+        {"role": "user", "content": "<image>And this one?"}, {"role": "assistant", "content": "A blue square."}],
+        "images": [img, img]}
+
+
+def test_truncation_of_multi_image_conversations_is_counted_and_reported(tmp_path, data):
+    """Samples whose later turns (with their images) do not fit max_length lose them whole, and the run says
+    so: data_report.json counts the samples, turns and images dropped, with examples."""
+    from trainer.run import train
+
+    img = "images/train/000000.png"
+    recs = [_two_image_conversation(i, img) for i in range(6)] + \
+        [{"messages": [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "red"}],
+          "images": [img]}] * 2
+    path = td.write_jsonl(tmp_path / "mllm_demo.jsonl", recs)
+    cfg = tiny_train_config(tmp_path, data, data_path=[str(path)], max_steps=1, per_device_train_batch_size=2)
+    vlm_tokens = 16  # the tiny tower's 4x4 grid: the first turn pair fits 64 tokens, both pairs do not
+    cfg.max_length = 2 * vlm_tokens + 30
+    result = train(cfg)
+    report = json.loads((result.output_dir / "data_report.json").read_text())
+    assert result.model.tokens_per_image == vlm_tokens
+    assert (report["truncated_samples"], report["dropped_turns"], report["dropped_images"]) == (6, 12, 6)
+    assert report["skipped"] == 0  # shortened, not skipped
+    ex = report["truncated_examples"][0]
+    assert ex["file"] == str(path) and ex["dropped_images"] == 1 and ex["kept_tokens"] <= cfg.max_length
+    assert "shortened to max_length" in (result.output_dir / "train.log").read_text()
