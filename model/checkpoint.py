@@ -9,14 +9,17 @@ A directory written by `save_vlm(vlm, dir, trainable_only)` holds:
   stored once and listed under "tied".
 - `tokenizer/` (when the VLM has one) and `processor.json` (the towers' preprocessing facts).
 - `lora/adapter_config.json` when the LM is wrapped with peft LoRA adapters; loading wraps the rebuilt LM
-  with the same peft config before the tensors go in (LoRA only; QLoRA's 4-bit base is not rebuilt).
+  with the same peft config before the tensors go in. QLoRA adds `lora/quantization.json`: loading
+  quantises the rebuilt LM the same way first (4-bit NF4, `model/quant.py`); stored 4-bit layers (a
+  scratch LM) keep their codes and quantisation state and load bit for bit.
 
 `load_vlm(dir, **overrides)` rebuilds the VLM from the config (base models come from their names/paths) and loads the
 tensors on top: a "full" checkpoint must cover every key, a "trainable" one only its own keys. A
 transformers Llava directory (`config.json` with model_type "llava") is imported instead (`model/llava.py`).
 Overrides are VLMConfig fields, plus `tower_path` (a path, or a list with one per tower) to point the towers
 at another copy of their base checkpoints.
-`load_trainable_weights(vlm, dir)` loads a checkpoint's tensors into an existing VLM (resuming a run).
+`load_trainable_weights(vlm, dir)` loads a checkpoint's tensors into an existing VLM (resuming a run);
+`read_weights(dir)` returns them (tied aliases included) for a caller that places them itself (FSDP shards).
 `resolve_model_dir(path)`: a model directory as is; a run directory -> its `final/`, else its newest
 `checkpoint-N/` holding a model.
 """
@@ -103,7 +106,18 @@ def save_vlm(vlm, out_dir: str | Path, trainable_only: bool = False) -> Path:
         if list(peft_config) != ["default"]:
             raise ValueError(f"save: only one LoRA adapter named 'default' is supported, got {list(peft_config)}")
         peft_config["default"].save_pretrained(str(out / LORA_DIR))
+    _save_quant_settings(vlm, out)
     return out
+
+
+def _save_quant_settings(vlm, out: Path) -> None:
+    """QLoRA: record the 4-bit quantisation, so loading quantises the rebuilt LM before the adapters go on."""
+    from model.quant import QUANT_FILE, quant_settings
+
+    settings = quant_settings(vlm.lm)
+    if settings is not None:
+        (out / LORA_DIR).mkdir(exist_ok=True)
+        (out / LORA_DIR / QUANT_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def is_model_dir(path: Path) -> bool:
@@ -176,6 +190,7 @@ def load_vlm(path: str | Path, **overrides: Any):
         for spec, tp in zip(config.towers, paths):
             spec["name_or_path"] = str(tp)
     vlm = build_vlm(config, **overrides)
+    _quantize_like(vlm, p)
     if (p / LORA_DIR / "adapter_config.json").is_file():
         from peft import LoraConfig, get_peft_model
 
@@ -184,9 +199,20 @@ def load_vlm(path: str | Path, **overrides: Any):
     return vlm.eval()  # inference mode, as transformers' from_pretrained; training calls .train()
 
 
-def load_trainable_weights(vlm, path: str | Path) -> list[str]:
-    """Load a checkpoint's tensors into an existing VLM (resume); returns the keys it did not cover.
-    Every stored tensor must exist in the model; a "full" checkpoint must cover every key."""
+def _quantize_like(vlm, path: Path) -> None:
+    """A QLoRA checkpoint: quantise the rebuilt LM as the run did (the adapters were trained on top of it)."""
+    from model.quant import QUANT_FILE, quantize_lm_4bit
+
+    file = path / LORA_DIR / QUANT_FILE
+    if not file.is_file():
+        return
+    settings = json.loads(file.read_text())
+    quantize_lm_4bit(vlm, compute_dtype=getattr(torch, settings["compute_dtype"]),
+                     quant_type=settings["quant_type"], double_quant=settings["double_quant"])
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors by state-dict name, tied aliases included."""
     p = Path(path)
     _, ckpt = read_vlm_config(p)
     file = p / WEIGHTS_FILE
@@ -195,6 +221,19 @@ def load_trainable_weights(vlm, path: str | Path) -> list[str]:
     tensors = load_file(str(file))
     for alias, name in ckpt.get("tied", {}).items():
         tensors[alias] = tensors[name]
+    return tensors
+
+
+def load_trainable_weights(vlm, path: str | Path) -> list[str]:
+    """Load a checkpoint's tensors into an existing VLM (resume); returns the keys it did not cover.
+    Every stored tensor must exist in the model; a "full" checkpoint must cover every key."""
+    file = Path(path) / WEIGHTS_FILE
+    _, ckpt = read_vlm_config(path)
+    tensors = read_weights(path)
+    if any(".weight.quant_state." in k for k in tensors):  # QLoRA: 4-bit codes + their quantisation state
+        from model.quant import load_4bit_tensors
+
+        tensors = load_4bit_tensors(vlm, tensors)
     missing, unexpected = vlm.load_state_dict(tensors, strict=False)
     if unexpected:
         raise ValueError(f"{file}: {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:5]}")

@@ -76,7 +76,7 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # "auto" or a checkpoint path
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     deepspeed: str | None = None
-    fsdp: str = ""
+    fsdp: bool | str = ""  # true (configured by fsdp_config), or transformers' legacy string form
     fsdp_config: str | None = None
     save_full_model: bool = False  # the final model with every weight, not only the trainable ones
     ddp_timeout: int = 1800  # seconds a collective may wait before a stuck rank fails the run

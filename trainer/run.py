@@ -219,6 +219,10 @@ def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
     look for unused parameters."""
     from transformers import TrainingArguments
 
+    if cfg.deepspeed:
+        from trainer.engines import prepare_deepspeed_on_cpu
+
+        prepare_deepspeed_on_cpu()
     has_eval = bool(cfg.eval_data_path)
     return TrainingArguments(
         output_dir=str(out),
@@ -247,7 +251,7 @@ def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
         prediction_loss_only=True,
         deepspeed=cfg.deepspeed,
         # `fsdp=true` turns FSDP on (configured by fsdp_config); other strings are transformers' legacy form.
-        fsdp=True if cfg.fsdp.strip().lower() in ("true", "1", "yes") else cfg.fsdp,
+        fsdp=_fsdp_flag(cfg.fsdp),
         fsdp_config=cfg.fsdp_config,
         # The LM and projector are always used (see VLM.forward); only a training tower can leave some unused.
         ddp_find_unused_parameters=towers_train,
@@ -256,6 +260,16 @@ def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
         disable_tqdm=False,
         **precision_flags(cfg),
     )
+
+
+def _fsdp_flag(value: bool | str) -> bool | str:
+    """`fsdp=true` (YAML bool or string) turns FSDP on; `false`/empty turns it off; other strings pass on."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    return False if text in ("", "false", "0", "no") else value
 
 
 @dataclass
@@ -354,12 +368,13 @@ def train(cfg: TrainConfig) -> RunResult:
             f"the data, then resume with resume_from_checkpoint=auto"
         )
 
+    gathered = trainer.gathered_state_dict()  # FSDP / ZeRO-3: every rank takes part in gathering the shards
     if trainer.args.should_save:
         from trainer.checkpoints import make_tmp_dir
 
         final = out / "final"
         staging = make_tmp_dir(out, "final")  # renamed once complete
-        vlm.save_pretrained(staging, trainable_only=not cfg.save_full_model)
+        trainer.write_vlm(staging, trainable_only=not cfg.save_full_model, state_dict=gathered)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
