@@ -386,8 +386,14 @@ class VLM(nn.Module):
             self.lm.gradient_checkpointing_enable()
 
     def merge_lora(self) -> None:
-        """Fold peft LoRA adapters into the LM weights (no-op without adapters)."""
+        """Fold peft LoRA adapters into the LM weights (no-op without adapters); 4-bit (QLoRA) base weights
+        are dequantised first, so the adapters fold into float weights and nothing is re-quantised."""
         from peft import PeftModel
+
+        from model.quant import dequantize_lm, has_4bit
+
+        if has_4bit(self.lm):
+            dequantize_lm(self)
 
         if isinstance(self.lm, PeftModel):
             self.lm = self.lm.merge_and_unload()
