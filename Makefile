@@ -5,14 +5,14 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench gpu-check clean
 
 setup: $(STAMP)
 
 # Reinstall only when the pins or the project metadata change; torch is pinned in the same command.
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,deepspeed,qlora]"
 	touch $(STAMP)
 
 test: setup
@@ -36,6 +36,11 @@ bench: setup
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/data.py
+
+# On a CUDA machine after `make setup`: kernel numerics tests compiled for the GPU, the kernel self-test, the
+# real-shape LoRA step in bf16, a QLoRA step, the step and attention benchmarks; one report, docs/gpu-check.md.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
