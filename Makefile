@@ -5,14 +5,14 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup test lint demo bench smoke-real clean
+.PHONY: setup test lint demo bench smoke-real gpu-check clean
 
 setup: $(STAMP)
 
 # Reinstall only when the pins or the project metadata change; torch is pinned in the same command.
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,eval,lmms]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,eval,lmms,deepspeed,qlora]"
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt lmms-eval
 	touch $(STAMP)
 
@@ -46,6 +46,11 @@ bench: setup
 # Needs ~12 GB of RAM and minutes on a CPU, so it is not part of `make test` (docs/scale.md).
 smoke-real: setup
 	$(BIN)/python benchmarks/smoke_real.py
+
+# On a CUDA machine after `make setup`: kernel numerics tests compiled for the GPU, the kernel self-test, the
+# real-shape LoRA step in bf16, a QLoRA step, the step and attention benchmarks; one report, docs/gpu-check.md.
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from peft import LoraConfig, get_peft_model
 
 from dataset.sample import UserError
@@ -39,6 +40,7 @@ from model.llava import import_llava
 from model.model import LM_BACKBONES, VLM, lm_width, resolve_config
 from model.parts import build_towers, named_source
 from model.projector import build_projector
+from model.quant import QUANT_FILE, quantize_lm_4bit
 
 
 def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM:
@@ -95,10 +97,21 @@ def load_vlm(path: str | Path, **overrides: Any) -> VLM:
         for spec, tp in zip(config.towers, paths):
             spec["name_or_path"] = str(tp)
     vlm = build_vlm(config, **overrides)
+    _quantize_like(vlm, p)
     if (p / LORA_DIR / "adapter_config.json").is_file():
         vlm.lm = get_peft_model(vlm.lm, LoraConfig.from_pretrained(str(p / LORA_DIR)))
     load_trainable_weights(vlm, p)
     return vlm.eval()  # inference mode, as transformers' from_pretrained; training calls .train()
+
+
+def _quantize_like(vlm: VLM, path: Path) -> None:
+    """A QLoRA checkpoint: quantise the rebuilt LM as the run did (the adapters were trained on top of it)."""
+    file = path / LORA_DIR / QUANT_FILE
+    if not file.is_file():
+        return
+    settings = json.loads(file.read_text())
+    quantize_lm_4bit(vlm, compute_dtype=getattr(torch, settings["compute_dtype"]),
+                     quant_type=settings["quant_type"], double_quant=settings["double_quant"])
 
 
 VLM.loader = load_vlm  # VLM.from_pretrained: model.py cannot import this module (it sits above it)

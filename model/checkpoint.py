@@ -9,7 +9,9 @@ A directory written by `save_vlm(vlm, dir, trainable_only)` holds:
   stored once and listed under "tied".
 - `tokenizer/` (when the VLM has one) and `processor.json` (the towers' preprocessing facts).
 - `lora/adapter_config.json` when the LM is wrapped with peft LoRA adapters; loading wraps the rebuilt LM
-  with the same peft config before the tensors go in (LoRA only; QLoRA's 4-bit base is not rebuilt).
+  with the same peft config before the tensors go in. QLoRA adds `lora/quantization.json`: loading
+  quantises the rebuilt LM the same way first (4-bit NF4, `model/quant.py`); stored 4-bit layers (a
+  scratch LM) keep their codes and quantisation state and load bit for bit.
 
 The resolved placeholder id, trainable tokens and chat template are written into the config, so a
 rebuilt model is the same model. Loading (rebuilding from the config, then these tensors on top) is
@@ -17,6 +19,8 @@ rebuilt model is the same model. Loading (rebuilding from the config, then these
 `load_trainable_weights(vlm, dir)` loads a checkpoint's tensors into an existing VLM (loading, resuming):
 a "full" checkpoint must cover every key, a "trainable" one only its own keys.
 `read_vlm_config(dir) -> (VLMConfig, checkpoint facts)`.
+`read_weights(dir)` returns a checkpoint's tensors (tied aliases included) for a caller that places them
+itself (FSDP shards). QLoRA checkpoints hold 4-bit codes with their quantisation state (model/quant.py).
 `resolve_model_dir(path)`: a model directory as is; a run directory -> its `final/`, else its newest
 `checkpoint-N/` holding a model.
 """
@@ -31,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from dataset.sample import UserError
 from model.config import VLMConfig
+from model.quant import QUANT_FILE, load_4bit_tensors, quant_settings
 
 CONFIG_FILE = "vlm_config.json"
 LORA_DIR = "lora"
@@ -107,7 +112,16 @@ def save_vlm(vlm, out_dir: str | Path, trainable_only: bool = False) -> Path:
         if list(peft_config) != ["default"]:
             raise ValueError(f"save: only one LoRA adapter named 'default' is supported, got {list(peft_config)}")
         peft_config["default"].save_pretrained(str(out / LORA_DIR))
+    _save_quant_settings(vlm, out)
     return out
+
+
+def _save_quant_settings(vlm, out: Path) -> None:
+    """QLoRA: record the 4-bit quantisation, so loading quantises the rebuilt LM before the adapters go on."""
+    settings = quant_settings(vlm.lm)
+    if settings is not None:
+        (out / LORA_DIR).mkdir(exist_ok=True)
+        (out / LORA_DIR / QUANT_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def is_model_dir(path: Path) -> bool:
@@ -169,9 +183,8 @@ def read_vlm_config(path: str | Path) -> tuple[VLMConfig, dict]:
         raise ModelDirError(f"{file}: {e}") from None
 
 
-def load_trainable_weights(vlm, path: str | Path) -> list[str]:
-    """Load a checkpoint's tensors into an existing VLM (resume); returns the keys it did not cover.
-    Every stored tensor must exist in the model; a "full" checkpoint must cover every key."""
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors by state-dict name, tied aliases included."""
     p = Path(path)
     _, ckpt = read_vlm_config(p)
     file = p / WEIGHTS_FILE
@@ -180,6 +193,17 @@ def load_trainable_weights(vlm, path: str | Path) -> list[str]:
     tensors = load_file(str(file))
     for alias, name in ckpt.get("tied", {}).items():
         tensors[alias] = tensors[name]
+    return tensors
+
+
+def load_trainable_weights(vlm, path: str | Path) -> list[str]:
+    """Load a checkpoint's tensors into an existing VLM (loading, resuming); returns the keys it did not
+    cover. Every stored tensor must exist in the model; a "full" checkpoint must cover every key."""
+    file = Path(path) / WEIGHTS_FILE
+    _, ckpt = read_vlm_config(path)
+    tensors = read_weights(path)
+    if any(".weight.quant_state." in k for k in tensors):  # QLoRA: 4-bit codes + their quantisation state
+        tensors = load_4bit_tensors(vlm, tensors)
     missing, unexpected = vlm.load_state_dict(tensors, strict=False)
     if unexpected:
         raise ModelDirError(f"{file}: {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:5]}; "

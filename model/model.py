@@ -56,6 +56,7 @@ from model.checkpoint import save_vlm
 from model.config import VLMConfig
 from model.dtypes import torch_dtype
 from model.projector import Projector
+from model.quant import dequantize_lm, has_4bit
 from model.token_rows import TokenRows
 from qwen.loss import DEFAULT_CHUNK_SIZE, full_logits_loss, supervised_loss
 from qwen.placeholders import embed_with_placeholders, scatter_image_features
@@ -428,7 +429,10 @@ class VLM(nn.Module):
         self.backbone.gradient_checkpointing_enable(self.lm)
 
     def merge_lora(self) -> None:
-        """Fold peft LoRA adapters into the LM weights (no-op without adapters)."""
+        """Fold peft LoRA adapters into the LM weights (no-op without adapters); 4-bit (QLoRA) base weights
+        are dequantised first, so the adapters fold into float weights and nothing is re-quantised."""
+        if has_4bit(self.lm):
+            dequantize_lm(self)
         if isinstance(self.lm, PeftModel):
             self.lm = self.lm.merge_and_unload()
         self.config.lora = None

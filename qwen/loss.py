@@ -18,8 +18,10 @@ Contract
   - a plain `nn.Linear` head (the usual `lm_head`, tied or not) goes through `_FusedLinearCE`: each
     chunk's gradient (softmax - onehot) is turned into the head's and the hidden states' gradients
     right in forward, so the head costs 3 matmuls per target row instead of 4 (no recompute);
-  - any other head (LoRA-wrapped, sharded by DeepSpeed ZeRO-3 / FSDP2, `FUSED = False`) runs each
-    chunk under `torch.utils.checkpoint`: its logits are recomputed in backward.
+  - any other head (LoRA-wrapped, sharded by FSDP2, `FUSED = False`) runs each
+    chunk under `torch.utils.checkpoint`: its logits are recomputed in backward;
+  - a head with DeepSpeed ZeRO-3 parameters is called once for all target rows (`[N, V]` logits kept):
+    each call gathers its weight collectively, so the number of calls must not depend on a rank's targets.
   With no target at all it returns a zero that is still connected to `hidden` and `head` (so every
   parameter gets a (zero) gradient, which DDP needs) instead of the NaN of an empty mean.
 """
@@ -144,6 +146,11 @@ def supervised_loss(
     if n == 0:
         # No target: a zero still wired to the graph (DDP expects a gradient for every used parameter).
         return (head(hidden[:, :1].reshape(-1, hidden.shape[-1])).float().sum() * 0.0)
+    if any(hasattr(p, "ds_id") for p in getattr(head, "parameters", lambda: [])()):
+        # DeepSpeed ZeRO-3 gathers a partitioned head at each call of the module (a collective), and ranks
+        # hold different numbers of targets: one call per forward keeps them in step; its backward
+        # re-gathers through ZeRO-3's module hooks (a checkpointed recompute would not).
+        return _chunk_ce_sum(head, h, y) / n
     recompute = torch.is_grad_enabled() and (h.requires_grad or any(
         p.requires_grad for p in getattr(head, "parameters", lambda: [])()))
     if _fusable(head):

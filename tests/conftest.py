@@ -1,6 +1,9 @@
 """Test setup: offline hubs, the Triton interpreter, and tiny local fixtures.
 
 Environment variables are set before anything imports torch, transformers or a kernel module.
+`make gpu-check` runs the kernel tests on a GPU with TRITON_INTERPRET=0 (kept: only a missing value
+becomes 1, so Triton compiles for the GPU) and QWENVL_TEST_DEVICE=cuda (tensors a test creates without
+naming a device are created there).
 """
 
 import os
@@ -22,6 +25,8 @@ SHARED_QWEN1 = SHARED / "data" / "qwen1"
 SHARED_IMAGES = SHARED / "data" / "images"
 
 torch.set_num_threads(2)
+if os.environ.get("QWENVL_TEST_DEVICE"):
+    torch.set_default_device(os.environ["QWENVL_TEST_DEVICE"])
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""Engines: every trainable vision part is in the graph even without images; FSDP / ZeRO configs are valid.
+"""Engines: every trainable vision part is in the graph even without images; FSDP / ZeRO configs are valid
+(the engines themselves run in tests/test_engines_run.py).
 
 A training step over a batch without images must still use the projector (and trainable towers), or
 DDP without unused-parameter detection, FSDP and ZeRO-3 wait forever on the ranks that did use them.
@@ -71,7 +72,7 @@ def test_fsdp_config_is_valid_for_the_trainer(tmp_path, data):
 
 @pytest.mark.parametrize("name,stage", [("zero2.json", 2), ("zero3.json", 3)])
 def test_deepspeed_configs(name, stage):
-    """deepspeed is not installed here: the JSON is what can be checked."""
+    """The JSON itself (tests/test_engines_run.py runs both configs with 2 CPU processes)."""
     conf = json.loads((ENGINES / name).read_text())
     assert conf["zero_optimization"]["stage"] == stage
     # Batch sizes and accumulation come from the Trainer ("auto"), i.e. from global_batch_size.

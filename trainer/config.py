@@ -88,7 +88,7 @@ class TrainConfig:
     # loggers: tensorboard, wandb, or [] for none
     report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     deepspeed: str | None = None  # a DeepSpeed JSON config (configs/engines/zero2.json, zero3.json)
-    fsdp: str = ""  # true turns FSDP on (configured by fsdp_config)
+    fsdp: bool | str = ""  # true (configured by fsdp_config), or transformers' legacy string form
     fsdp_config: str | None = None  # an FSDP JSON config (configs/engines/fsdp.json)
     save_full_model: bool = False  # the final model with every weight, not only the trainable ones
     ddp_timeout: int = 1800  # seconds a collective may wait before a stuck rank fails the run

@@ -43,6 +43,7 @@ from transformers.trainer_utils import rotate_checkpoints
 from qwen.loss import count_targets
 from trainer import state_io
 from trainer.checkpoints import make_tmp_dir
+from trainer.engines import enable_fsdp_on_cpu, retie
 from trainer.optim import describe_groups, param_groups
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,12 @@ class VLMTrainer(Trainer):
         # the accumulation window (shifted, as the LM's loss is) and must not divide by the step count.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+
+    # ---- FSDP on a CPU ----------------------------------------------------------------------------
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.args.fsdp_plugin_args is not None and not self.is_fsdp_enabled:
+            self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, self.args.fsdp_plugin_args)
 
     # ---- optimizer -------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -226,42 +233,81 @@ class VLMTrainer(Trainer):
 
     # ---- checkpoints -----------------------------------------------------------------------------
     def _save(self, output_dir=None, state_dict=None):
-        output_dir = output_dir or self.args.output_dir
+        self.write_vlm(output_dir or self.args.output_dir, trainable_only=True, state_dict=state_dict)
+
+    def write_vlm(self, output_dir, trainable_only: bool, state_dict: dict | None = None) -> None:
+        """Rank 0 writes the VLM; `state_dict`: the gathered full tensors under FSDP / ZeRO-3 (the
+        module's own are shards then), see `gathered_state_dict`."""
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
         vlm = unwrap(self.model)
         if state_dict is None:
-            vlm.save_pretrained(output_dir, trainable_only=True)
+            vlm.save_pretrained(output_dir, trainable_only=trainable_only)
             return
-        # FSDP / DeepSpeed hand over the gathered full tensors (the module's own are shards): save those.
+        state_dict = retie(vlm, dict(state_dict))
         vlm.state_dict = lambda *a, **k: state_dict
         try:
-            vlm.save_pretrained(output_dir, trainable_only=True)
+            vlm.save_pretrained(output_dir, trainable_only=trainable_only)
         finally:
             del vlm.state_dict  # back to nn.Module.state_dict
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from model.checkpoint import load_trainable_weights
+    def gathered_state_dict(self) -> dict | None:
+        """Every rank must call this: under FSDP or ZeRO-3 the full tensors gathered from the shards (on
+        rank 0; the others may get an empty dict); None where each rank holds whole weights."""
+        if self.is_fsdp_enabled:
+            return self.accelerator.get_state_dict(self.model)
+        if self.is_deepspeed_enabled and self.accelerator.deepspeed_config["zero_optimization"]["stage"] == 3:
+            return self.accelerator.get_state_dict(self.model_wrapped)
+        return None
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from model.checkpoint import load_trainable_weights, read_weights
+
+        if self.is_fsdp_enabled:
+            # Parameters are shards (DTensors): every rank reads the full tensors and keeps its shard.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            tensors = read_weights(resume_from_checkpoint)
+            set_model_state_dict(model or self.model, tensors,
+                                 options=StateDictOptions(full_state_dict=True, strict=False))
+            return
         load_trainable_weights(unwrap(model or self.model), resume_from_checkpoint)
 
-    def _plain_state_backend(self) -> bool:
-        return not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+    def _inner_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper -> torch's
 
     def _save_optimizer_and_scheduler(self, output_dir):
-        if not self._plain_state_backend():
-            return super()._save_optimizer_and_scheduler(output_dir)
+        if self.is_deepspeed_enabled:
+            # The engine writes its own partitioned optimizer files (DeepSpeed's format, one per rank).
+            self.model_wrapped.save_checkpoint(output_dir)
+            optim_state = None
+        elif self.is_fsdp_enabled:
+            # One full optimizer state keyed by parameter name (collective; rank 0 gets the tensors), so a
+            # resume may use another number of processes.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optim_state = get_optimizer_state_dict(self.model, self._inner_optimizer(),
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optim_state = self.optimizer.state_dict()
         if self.args.should_save:
-            state_io.save_state(self.optimizer.state_dict(), output_dir, OPTIMIZER_STATE)
+            if optim_state is not None:
+                state_io.save_state(optim_state, output_dir, OPTIMIZER_STATE)
             state_io.save_state(self.lr_scheduler.state_dict(), output_dir, SCHEDULER_STATE)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None:
             return
-        if not self._plain_state_backend() or not state_io.has_state(checkpoint, OPTIMIZER_STATE):
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        self.optimizer.load_state_dict(state_io.load_state(checkpoint, OPTIMIZER_STATE))
+        if not state_io.has_state(checkpoint, SCHEDULER_STATE):
+            return super()._load_optimizer_and_scheduler(checkpoint)  # a checkpoint in the Trainer's format
+        if self.is_fsdp_enabled:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.model, self._inner_optimizer(), state_io.load_state(checkpoint, OPTIMIZER_STATE),
+                                     options=StateDictOptions(full_state_dict=True))
+        elif not self.is_deepspeed_enabled:  # DeepSpeed's engine has loaded its own files already
+            self.optimizer.load_state_dict(state_io.load_state(checkpoint, OPTIMIZER_STATE))
         self.lr_scheduler.load_state_dict(state_io.load_state(checkpoint, SCHEDULER_STATE))
 
     def _save_rng_state(self, output_dir):

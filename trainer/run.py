@@ -40,6 +40,7 @@ from trainer.checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_t
 from trainer.cli import writable_dir
 from trainer.config import TrainConfig
 from trainer.config_io import ConfigError, save_config
+from trainer.engines import prepare_deepspeed_on_cpu
 from trainer.eval_tasks import EvalTasksCallback
 from trainer.hf_trainer import VLMTrainer, gather_objects
 from trainer.stages import apply_lora, set_trainable
@@ -235,6 +236,8 @@ def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
     """The Trainer's arguments. `towers_train`: some tower parameters take gradients; a tower read at an
     inner `feature_layer` leaves its later blocks (and e.g. CLIP's post-norm) unused, so DDP must then
     look for unused parameters."""
+    if cfg.deepspeed:
+        prepare_deepspeed_on_cpu()
     has_eval = bool(cfg.eval_data_path)
     return TrainingArguments(
         output_dir=str(out),
@@ -263,7 +266,7 @@ def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
         prediction_loss_only=True,
         deepspeed=cfg.deepspeed,
         # `fsdp=true` turns FSDP on (configured by fsdp_config); other strings are transformers' legacy form.
-        fsdp=True if cfg.fsdp.strip().lower() in ("true", "1", "yes") else cfg.fsdp,
+        fsdp=_fsdp_flag(cfg.fsdp),
         fsdp_config=cfg.fsdp_config,
         # The LM and projector are always used (see VLM.forward); only a training tower can leave some unused.
         ddp_find_unused_parameters=towers_train,
@@ -272,6 +275,16 @@ def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
         disable_tqdm=False,
         **precision_flags(cfg),
     )
+
+
+def _fsdp_flag(value: bool | str) -> bool | str:
+    """`fsdp=true` (YAML bool or string) turns FSDP on; `false`/empty turns it off; other strings pass on."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    return False if text in ("", "false", "0", "no") else value
 
 
 @dataclass
@@ -379,10 +392,11 @@ def train(cfg: TrainConfig) -> RunResult:
             f"the data, then resume with resume_from_checkpoint=auto"
         )
 
+    gathered = trainer.gathered_state_dict()  # FSDP / ZeRO-3: every rank takes part in gathering the shards
     if trainer.args.should_save:
         final = out / "final"
         staging = make_tmp_dir(out, "final")  # renamed once complete
-        vlm.save_pretrained(staging, trainable_only=not cfg.save_full_model)
+        trainer.write_vlm(staging, trainable_only=not cfg.save_full_model, state_dict=gathered)
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)

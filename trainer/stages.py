@@ -17,7 +17,6 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -77,20 +76,16 @@ def resolve_lora_targets(vlm: nn.Module, targets: str) -> str:
 
 
 def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
-    """Wrap `vlm.lm` with peft LoRA adapters (QLoRA: 4-bit base weights, needs bitsandbytes and a GPU)."""
+    """Wrap `vlm.lm` with peft LoRA adapters (QLoRA: 4-bit base weights first, needs bitsandbytes)."""
     from peft import LoraConfig, get_peft_model
 
     if lora.qlora:
-        if not torch.cuda.is_available():
-            raise RuntimeError("QLoRA needs a CUDA GPU (bitsandbytes 4-bit kernels); none is present. "
-                               "Use lora.qlora=false for LoRA on this machine.")
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise RuntimeError("QLoRA needs bitsandbytes: pip install bitsandbytes") from None
+        # 4-bit NF4 base weights; bitsandbytes quantises on the GPU when there is one, else with its CPU
+        # backend (it raises a clear error when missing).
         from model.quant import quantize_lm_4bit  # imported lazily: only QLoRA needs it
 
-        quantize_lm_4bit(vlm)
+        n4 = quantize_lm_4bit(vlm)
+        log.info("QLoRA: %d linear layers of the LM hold 4-bit NF4 weights", n4)
     targets = resolve_lora_targets(vlm, lora.targets)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
