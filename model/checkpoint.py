@@ -138,6 +138,10 @@ class ModelDirError(UserError, FileNotFoundError):
     """A model directory that does not exist or holds no model."""
 
 
+class CheckpointError(UserError, ValueError):
+    """A model directory whose files are damaged or do not match the model's config."""
+
+
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory, or the model inside a run directory (`final/`, else the newest `checkpoint-N/`)."""
     p = Path(path)
@@ -174,13 +178,13 @@ def read_vlm_config(path: str | Path) -> tuple[VLMConfig, dict]:
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelDirError(f"{file}: not valid JSON ({e}); the model directory is damaged") from None
+        raise CheckpointError(f"{file}: not valid JSON ({e}); the model directory is damaged") from None
     if not isinstance(meta, dict) or "config" not in meta or "checkpoint" not in meta:
-        raise ModelDirError(f"{file}: expected the keys 'config' and 'checkpoint'; the model directory is damaged")
+        raise CheckpointError(f"{file}: expected the keys 'config' and 'checkpoint'; the model directory is damaged")
     try:
         return VLMConfig.from_dict(meta["config"]), meta["checkpoint"]
     except (ValueError, TypeError) as e:
-        raise ModelDirError(f"{file}: {e}") from None
+        raise CheckpointError(f"{file}: {e}") from None
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -206,8 +210,8 @@ def load_trainable_weights(vlm, path: str | Path) -> list[str]:
         tensors = load_4bit_tensors(vlm, tensors)
     missing, unexpected = vlm.load_state_dict(tensors, strict=False)
     if unexpected:
-        raise ModelDirError(f"{file}: {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:5]}; "
+        raise CheckpointError(f"{file}: {len(unexpected)} tensor(s) the model does not have, e.g. {unexpected[:5]}; "
                             f"the weights do not belong to this model's config")
     if ckpt.get("kind") == "full" and missing:
-        raise ModelDirError(f"{file}: a full checkpoint misses {len(missing)} tensor(s), e.g. {missing[:5]}")
+        raise CheckpointError(f"{file}: a full checkpoint misses {len(missing)} tensor(s), e.g. {missing[:5]}")
     return missing
