@@ -63,7 +63,7 @@ def _sync(device: torch.device) -> None:
 
 def build(args: argparse.Namespace, device: torch.device):
     from model import build_vlm
-    from model.config import TINY_LM
+    from model.model import TINY_LM
     from trainer.stages import LoraSettings, apply_lora, set_trainable
 
     lm_config = dict(TINY_LM) if args.quick else dict(QWEN_1_8B)
