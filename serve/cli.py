@@ -39,7 +39,7 @@ def add_server_args(ap: argparse.ArgumentParser, port: int) -> None:
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
-def _fail(message: str) -> None:
+def fail(message: str) -> None:
     print(f"serve: {message}", file=sys.stderr)
     raise SystemExit(2)
 
@@ -62,15 +62,15 @@ def build(args: argparse.Namespace):
 
     for flag in ("max_batch_size", "max_tokens", "default_max_tokens", "max_images", "max_pixels"):
         if getattr(args, flag) < 1:
-            _fail(f"--{flag.replace('_', '-')} must be >= 1")
+            fail(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_queue < 0 or args.max_body_mb <= 0 or args.request_timeout <= 0:
-        _fail("--max-queue must be >= 0, --max-body-mb and --request-timeout > 0")
+        fail("--max-queue must be >= 0, --max-body-mb and --request-timeout > 0")
     if args.image_folder is not None and not Path(args.image_folder).is_dir():
-        _fail(f"--image-folder {args.image_folder}: not a directory")
+        fail(f"--image-folder {args.image_folder}: not a directory")
     try:
         model_dir = resolve_model_dir(args.model)
     except FileNotFoundError as e:
-        _fail(str(e))
+        fail(str(e))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vlm = VLM.from_pretrained(model_dir).to(device).eval()
     name = args.served_model_name or Path(args.model).resolve().name

@@ -1,0 +1,83 @@
+"""Step-wise batched decoding (serve/decode.py) and streamed text (serve/text.py), in process: greedy rows
+give `vlm.chat`'s answers for both LM backends, also when rows join a running batch mid-way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from serve.decode import DecodeBatch, Row, SamplingParams, generate_rows, sample_token
+from serve.text import TextStream
+from tests.tiny_model import build_tiny_vlm, randomize_
+from tests.tiny_serve import image
+
+N_TOKENS = 4
+
+
+def _convs():
+    # Different prompt lengths and image counts, so rows are padded differently.
+    return [([image(i)] * (1 + i % 2), [{"role": "user", "content": "<image>" * (1 + i % 2) + "\nwhat" + " is it" * i}])
+            for i in range(3)]
+
+
+@pytest.mark.parametrize("backend", ["qwen", "hf"])
+def test_greedy_rows_equal_chat_alone_and_when_joining_mid_batch(tmp_path, backend):
+    vlm = build_tiny_vlm(tmp_path, lm_backend=backend)
+    randomize_(vlm, seed=3)
+    vlm.eval()
+    convs = _convs()
+    expect = [vlm.chat(imgs, msgs, max_new_tokens=N_TOKENS, stop_token_ids=[]) for imgs, msgs in convs]
+
+    def rows():
+        return [Row(vlm.chat_ids(m, len(im)), vlm.image_processor(im), SamplingParams(max_tokens=N_TOKENS))
+                for im, m in convs]
+
+    together = generate_rows(vlm, rows(), stop_token_ids=[])
+    assert [vlm.decode(t) for t in together] == expect
+    assert all(len(t) == N_TOKENS for t in together)
+
+    # Row 2 joins after 2 steps of rows 0 and 1; rows leave as they finish.
+    pending, batch, step = rows(), DecodeBatch(vlm), 0
+    batch.add(pending[:2])
+    joins = {2: pending[2]}
+    while batch.rows or step <= 2:
+        if step in joins:
+            batch.add([joins[step]])
+        tokens = batch.next_tokens()
+        for r, t in zip(batch.rows, tokens):
+            r.tokens.append(t)
+        batch.advance(tokens, [len(r.tokens) < N_TOKENS for r in batch.rows])
+        step += 1
+    assert [vlm.decode(r.tokens) for r in pending] == expect
+    assert batch.can_merge
+
+
+def test_sampling_follows_its_seed_and_filters():
+    logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    p = SamplingParams(max_tokens=1, temperature=1.0, seed=0)
+    draws = [sample_token(logits, p, torch.Generator().manual_seed(7)) for _ in range(3)]
+    assert len(set(draws)) == 1  # the same generator state draws the same token
+    g = torch.Generator().manual_seed(0)
+    assert {sample_token(logits, SamplingParams(1, 1.0, top_k=1), g) for _ in range(20)} == {0}
+    # top_p 0.5: token 0 alone holds ~0.61 of the mass, so it is the only one kept
+    assert {sample_token(logits, SamplingParams(1, 1.0, top_p=0.5), g) for _ in range(20)} == {0}
+    assert sample_token(logits, SamplingParams(1, 0.0), None) == 0  # temperature 0 is argmax
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings():
+    pieces = {1: b"Hel", 2: b"lo ", 3: "é".encode()[:1], 4: "é".encode()[1:], 5: b" EN", 6: b"D more"}
+
+    def decode(ids):
+        return b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+    s = TextStream(decode, stops=["END"])
+    deltas = [s.push(i) for i in range(1, 7)]
+    assert deltas[2] == ("", False)  # half of "é": nothing sent yet
+    assert deltas[3][0].endswith("é")
+    assert deltas[4] == (" ", False)  # " EN" could start "END": "EN" is held back
+    assert deltas[5] == ("", True)
+    assert s.text == "Hello é " and "".join(d for d, _ in deltas) + s.finish() == s.text
+
+    plain = TextStream(decode)
+    out = "".join(plain.push(i)[0] for i in range(1, 7)) + plain.finish()
+    assert out == decode(list(range(1, 7))) == plain.text
