@@ -1,7 +1,7 @@
 """Fixtures for serving and export tests: a tiny random VLM whose greedy answer ends with end-of-turn.
 
 `stopping_vlm(tmp_path, **build_kw) -> VLM`: `tests.tiny_model.build_tiny_vlm` (CLIP tower + Qwen2 LM by
-default) with random weights, edited so that its greedy answer to `QUESTION` about `image(0)` stops with
+default) with random weights, edited so that its greedy answer to `QUESTION` about `image(0, size)` stops with
 the end-of-turn token after a few tokens: the end-of-turn row of the output head becomes 1.01 x the row of
 the answer's first token that appears only once so far, so at that step the end-of-turn logit just beats
 it (and nowhere earlier, where that token was not the argmax). No training needed, and the stop is what a
@@ -58,9 +58,10 @@ def _greedy(vlm, ids, img, n: int) -> list[int]:
                             stop_token_ids=[])[0]
 
 
-def stopping_vlm(tmp_path, seed: int = 3, **build_kw):
+def stopping_vlm(tmp_path, seed: int = 3, size: tuple[int, int] = (40, 30), **build_kw):
+    """See the module docstring; `size` is the size of `image(0)` that the stop is tuned on."""
     vlm = build_tiny_vlm(tmp_path, **build_kw)
-    img, msgs = image(0), messages()
+    img, msgs = image(0, size), messages()
     ids = vlm.chat_ids(msgs, 1)
     head = vlm.lm.get_output_embeddings()
     end_of_turn = vlm.stop_token_ids[0]
