@@ -221,3 +221,16 @@ def test_full_queue_gets_503_and_clients_that_leave_stop_their_generation(setup)
     assert now["running"] == 0 and now["waiting"] == 0, now
     assert now["cancelled"] - before["cancelled"] == 32
     assert now["finished"] == before["finished"]  # none ran to its 3000 tokens
+
+
+def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
+    from serve.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "missing")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("serve: ") and "missing" in err[0]
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path), "--max-batch-size", "0"])
+    assert e.value.code == 2 and "--max-batch-size" in capsys.readouterr().err

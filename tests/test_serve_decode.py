@@ -81,3 +81,58 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
     plain = TextStream(decode)
     out = "".join(plain.push(i)[0] for i in range(1, 7)) + plain.finish()
     assert out == decode(list(range(1, 7))) == plain.text
+
+
+def test_serve_benchmark_quick_keeps_greedy_answers(capsys):
+    from benchmarks import serve as bench
+
+    res = bench.main(["--quick"])
+    out = capsys.readouterr().out
+    for mode in ("one_at_a_time", "concurrency=1", "concurrency=3"):
+        assert f"{mode} " in out and res[mode]["tokens_per_s"] > 0
+        assert res[mode]["match"] == 1.0  # batched greedy tokens equal one-at-a-time's
+    assert res["concurrency=3"]["max_batch"] > 1
+
+
+def test_engine_queue_limit_timeout_and_cancel(tmp_path):
+    import time
+
+    from serve.engine import Engine, Job, QueueFull
+
+    vlm = build_tiny_vlm(tmp_path, lm_backend="hf")
+    randomize_(vlm, seed=3)
+    vlm.eval()
+    imgs, msgs = _convs()[0]
+    ids, pix = vlm.chat_ids(msgs, len(imgs)), vlm.image_processor(imgs)
+    events: dict[int, list] = {}
+
+    def job(i: int, **kw) -> Job:
+        events[i] = []
+        return Job(ids, pix, SamplingParams(max_tokens=kw.pop("max_tokens", 3), ignore_eos=True),
+                   emit=lambda kind, data: events[i].append(kind), **kw)
+
+    engine = Engine(vlm, max_batch_size=1, max_queue=1)
+    late, gone, ok = job(0, deadline=time.monotonic() - 1), job(1, max_tokens=10_000), job(2)
+    engine.submit(late)
+    engine.submit(gone)
+    with pytest.raises(QueueFull):  # 1 batch slot + 1 waiting, none running yet
+        engine.submit(ok)
+    gone.cancel()
+    engine.start()
+    try:
+        for _ in range(600):  # the engine thread ends the expired and the cancelled job first
+            if engine.stats()["waiting"] == 0:
+                break
+            time.sleep(0.05)
+        engine.submit(ok)
+        for _ in range(600):
+            if ok.finish_reason is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        engine.stop()
+    assert (late.finish_reason, gone.finish_reason, ok.finish_reason) == ("timeout", "cancelled", "length")
+    assert events[0] == ["done"] and events[1] == ["done"] and events[2][-1] == "done"
+    assert len(ok.tokens) == 3 and ok.text == vlm.decode(ok.tokens)
+    stats = engine.stats()
+    assert stats["timed_out"] == 1 and stats["cancelled"] == 1 and stats["finished"] == 1
