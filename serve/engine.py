@@ -9,7 +9,8 @@ Contract:
   running job, and runs one forward step for the jobs still going.
 - A job ends with `finish_reason` "stop" (a stop token or stop string), "length" (`max_tokens`),
   "timeout" (its deadline passed), "cancelled" (`job.cancel()`, e.g. the client went away) or "error"
-  (the forward failed: the message goes to the job, the traceback to the log, the engine goes on).
+  (the forward failed: the message goes to the job, the traceback to the log, the engine goes on; a
+  prefill that fails is retried request by request, so only the request that cannot be prefilled fails).
 - Events go to `job.emit(kind, data)` from the engine thread: ("delta", str) as text becomes final,
   then exactly one ("done", job) or ("error", message). `job.text`, `job.tokens`, `job.finish_reason`
   hold the result.
@@ -118,15 +119,27 @@ class Engine:
                 admit = self._take_waiting()
             try:
                 self._admit(admit)
+            except Exception:  # the new rows' prefill runs before the running batch changes
+                for job in admit:  # one by one: only a request that cannot be prefilled fails
+                    try:
+                        self._admit([job])
+                    except Exception as e:
+                        self._fail([job], e)
+                with self.cv:
+                    self.admitting = []
+            try:
                 if self.jobs:
                     self._step()
-            except Exception as e:  # a bug or an impossible input: fail these jobs, keep serving
-                log.error("decoding failed:\n%s", traceback.format_exc())
-                for job in self.jobs + admit:
-                    if job.finish_reason is None:
-                        self._end(job, "error", f"generation failed: {type(e).__name__}: {e}")
+            except Exception as e:  # a bug or an impossible input: fail the batch, keep serving
+                self._fail(self.jobs, e)
                 with self.cv:
-                    self.jobs, self.admitting, self.batch = [], [], DecodeBatch(self.vlm)
+                    self.jobs, self.batch = [], DecodeBatch(self.vlm)
+
+    def _fail(self, jobs: list[Job], e: Exception) -> None:
+        log.error("decoding failed:\n%s", traceback.format_exc())
+        for job in jobs:
+            if job.finish_reason is None:
+                self._end(job, "error", f"generation failed: {type(e).__name__}: {e}")
 
     def _take_waiting(self) -> list[Job]:
         """Expire cancelled / timed-out waiting jobs, then take as many as the batch has room for."""

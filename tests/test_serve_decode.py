@@ -94,7 +94,7 @@ def test_serve_benchmark_quick_keeps_greedy_answers(capsys):
     assert res["concurrency=3"]["max_batch"] > 1
 
 
-def test_engine_queue_limit_timeout_and_cancel(tmp_path):
+def test_engine_queue_limit_timeout_cancel_and_a_failing_request(tmp_path):
     import time
 
     from serve.engine import Engine, Job, QueueFull
@@ -106,33 +106,35 @@ def test_engine_queue_limit_timeout_and_cancel(tmp_path):
     ids, pix = vlm.chat_ids(msgs, len(imgs)), vlm.image_processor(imgs)
     events: dict[int, list] = {}
 
-    def job(i: int, **kw) -> Job:
+    def job(i: int, pixels=pix, **kw) -> Job:
         events[i] = []
-        return Job(ids, pix, SamplingParams(max_tokens=kw.pop("max_tokens", 3), ignore_eos=True),
+        return Job(ids, pixels, SamplingParams(max_tokens=kw.pop("max_tokens", 3), ignore_eos=True),
                    emit=lambda kind, data: events[i].append(kind), **kw)
 
-    engine = Engine(vlm, max_batch_size=1, max_queue=1)
-    late, gone, ok = job(0, deadline=time.monotonic() - 1), job(1, max_tokens=10_000), job(2)
-    engine.submit(late)
-    engine.submit(gone)
-    with pytest.raises(QueueFull):  # 1 batch slot + 1 waiting, none running yet
-        engine.submit(ok)
+    full = Engine(vlm, max_batch_size=1, max_queue=1)  # never started: nothing leaves the queue
+    full.submit(job(9))
+    full.submit(job(9))
+    with pytest.raises(QueueFull):  # 1 batch slot + 1 waiting
+        full.submit(job(9))
+
+    engine = Engine(vlm, max_batch_size=4, max_queue=4)
+    late, gone = job(0, deadline=time.monotonic() - 1), job(1, max_tokens=10_000)
+    bad = job(2, pixels=torch.zeros(1, 3, 8, 8))  # the tower refuses this size in the prefill
+    ok = job(3)
+    for j in (late, gone, bad, ok):
+        engine.submit(j)
     gone.cancel()
     engine.start()
     try:
-        for _ in range(600):  # the engine thread ends the expired and the cancelled job first
-            if engine.stats()["waiting"] == 0:
-                break
-            time.sleep(0.05)
-        engine.submit(ok)
         for _ in range(600):
-            if ok.finish_reason is not None:
+            if ok.finish_reason is not None and bad.finish_reason is not None:
                 break
             time.sleep(0.05)
     finally:
         engine.stop()
-    assert (late.finish_reason, gone.finish_reason, ok.finish_reason) == ("timeout", "cancelled", "length")
-    assert events[0] == ["done"] and events[1] == ["done"] and events[2][-1] == "done"
+    assert (late.finish_reason, gone.finish_reason, bad.finish_reason, ok.finish_reason) == (
+        "timeout", "cancelled", "error", "length")
+    assert events[0] == events[1] == ["done"] and events[2] == ["error"] and events[3][-1] == "done"
     assert len(ok.tokens) == 3 and ok.text == vlm.decode(ok.tokens)
     stats = engine.stats()
-    assert stats["timed_out"] == 1 and stats["cancelled"] == 1 and stats["finished"] == 1
+    assert (stats["timed_out"], stats["cancelled"], stats["errors"], stats["finished"]) == (1, 1, 1, 1)
