@@ -9,6 +9,11 @@ our model's logits. Requirements, checked with a clear error: one transformers C
 `mlp2x_gelu` projector without token reduction, and a Qwen2/Qwen3 LM (a Qwen-1 LM is converted on the way
 with `qwen.convert`) or a generic transformers LM. LoRA adapters are merged first.
 
+Generation stops where ours does: `generation_config.json` and `text_config` carry the end ids read from
+the VLM (`vlm.stop_token_ids`, end of turn first, plus the end-of-text / padding id `vlm.pad_token_id`), and
+`pad_token_id`; `image_seq_length` is the model's real tokens per image, so transformers' `generate` and
+vLLM serve the export without extra settings.
+
 Image spans: our template writes `image_start + N x placeholder + image_end`; the exported chat template
 writes `image_start + placeholder + image_end` for each image and the Llava processor expands the single
 placeholder to N, so the same conversation gives the same ids.
@@ -78,8 +83,13 @@ def _check_exportable(vlm):
     return backend, tower
 
 
+def end_ids(vlm) -> list[int]:
+    """The ids that end an answer, end of turn first (what `VLM.chat` stops at, plus end of text)."""
+    return list(dict.fromkeys([int(t) for t in vlm.stop_token_ids] + [int(vlm.pad_token_id)]))
+
+
 def export_llava_hf(vlm, dst: str | Path) -> Path:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     backend, tower = _check_exportable(vlm)
     dst = Path(dst)
@@ -93,15 +103,21 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
             strategy = "default" if has_cls else "full"
         else:
             strategy = "full"
+        eos, pad = end_ids(vlm), int(vlm.pad_token_id)
+        text_config = lm.config.to_dict()
+        text_config.update(eos_token_id=eos, pad_token_id=pad)  # a converted LM's own may be None
+        # vLLM picks the language model's class by this name (a scratch transformers LM has none).
+        text_config["architectures"] = text_config.get("architectures") or [type(lm).__name__]
         config = LlavaConfig(
             vision_config=vision.config.to_dict(),
-            text_config=lm.config.to_dict(),
+            text_config=text_config,
             image_token_id=int(vlm.image_token_id),
             vision_feature_layer=int(tower.feature_layer),
             vision_feature_select_strategy=strategy,
             projector_hidden_act="gelu",
             multimodal_projector_bias=True,
             tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+            image_seq_length=int(vlm.tokens_per_image),
         )
         with torch.device("meta"):
             llava = LlavaForConditionalGeneration(config)
@@ -111,6 +127,7 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
         proj = vlm.projector.mlp
         mm = llava.model.multi_modal_projector
         mm.linear_1, mm.linear_2 = proj[0], proj[2]
+        llava.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=None)
         llava.save_pretrained(str(dst))
 
         # Tokenizer (with the ChatML template) and the image processor.

@@ -87,3 +87,97 @@ def test_export_refuses_what_llava_cannot_hold(tmp_path):
     vlm = build_tiny_vlm(tmp_path, tower="timm_cnn")
     with pytest.raises(ValueError, match="CLIP or SigLIP"):
         export_llava_hf(vlm, tmp_path / "x")
+
+
+# ----- the export generates like our model and carries what vLLM reads ---------------------------------
+SQUARE = (32, 32)  # the tiny CLIP's input size: our resize and CLIP's resize + centre crop give the same pixels
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from model.export import main as export_main
+    from tests.tiny_serve import image, stopping_vlm
+
+    tmp = tmp_path_factory.mktemp("export_gen")
+    vlm = stopping_vlm(tmp, size=SQUARE)
+    vlm.save_pretrained(tmp / "model")
+    image(0, SQUARE).save(tmp / "q.png")
+    assert export_main(["--src", str(tmp / "model"), "--dst", str(tmp / "llava")]) == 0
+    return vlm, tmp
+
+
+def test_export_generate_stops_at_end_of_turn_and_equals_test_py(exported, capsys):
+    import importlib.util
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tests.tiny_serve import QUESTION, image, messages
+    from tests.tiny_server import ROOT
+
+    vlm, tmp = exported
+    spec = importlib.util.spec_from_file_location("entry_test", ROOT / "test.py")
+    test_entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(test_entry)
+    capsys.readouterr()
+    assert test_entry.main(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt", QUESTION,
+                            "--max-new-tokens", "8"]) == 0
+    expect = capsys.readouterr().out[:-1]
+    assert expect
+
+    hf = AutoModelForImageTextToText.from_pretrained(str(tmp / "llava"), dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(str(tmp / "llava"))
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + QUESTION}]}]
+    enc = proc(images=[image(0, SQUARE)], text=proc.apply_chat_template(chat, add_generation_prompt=True),
+               return_tensors="pt")
+    assert enc["input_ids"][0].tolist() == vlm.chat_ids(messages(), 1)
+    with torch.no_grad():
+        out = hf.generate(**enc, max_new_tokens=8, do_sample=False)  # no eos given: the export's own
+    new = out[0, enc["input_ids"].shape[1]:].tolist()
+    end_of_turn = vlm.stop_token_ids[0]
+    assert new[-1] == end_of_turn and len(new) < 8, new  # it stopped, at <|im_end|>
+    assert proc.tokenizer.decode(new[:-1], skip_special_tokens=True) == expect
+
+
+def test_export_config_holds_every_field_vllm_llava_reads(exported):
+    """The fields vLLM's LLaVA loader (vllm/model_executor/models/llava.py and the CLIP/SigLIP encoder
+    info it calls) and its OpenAI server read; vLLM cannot run here (no GPU), so this is the contract."""
+    import json
+
+    from transformers import AutoConfig, AutoProcessor
+
+    vlm, tmp = exported
+    dst = tmp / "llava"
+    raw = json.loads((dst / "config.json").read_text())
+    assert raw["architectures"] == ["LlavaForConditionalGeneration"] and raw["model_type"] == "llava"
+    cfg = AutoConfig.from_pretrained(str(dst))  # vLLM reads the config through transformers
+    assert cfg.image_token_index == vlm.image_token_id
+    assert cfg.vision_feature_select_strategy in ("default", "full")
+    assert isinstance(cfg.vision_feature_layer, int)
+    assert cfg.projector_hidden_act == "gelu" and cfg.multimodal_projector_bias is True
+    v = cfg.vision_config
+    assert v.model_type in ("clip_vision_model", "siglip_vision_model")
+    for key in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                "intermediate_size", "hidden_act", "layer_norm_eps"):
+        assert getattr(v, key, None) is not None, key
+    t = raw["text_config"]
+    assert t["architectures"] == ["Qwen2ForCausalLM"]  # vLLM builds the LM from this name
+    for key in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "intermediate_size", "max_position_embeddings", "rms_norm_eps",
+                "tie_word_embeddings"):
+        assert t.get(key) is not None, key
+    assert "rope_theta" in t or "rope_parameters" in t
+    # vLLM's count of image tokens: patches (+1 CLS for CLIP), minus the CLS for strategy "default".
+    n = (v.image_size // v.patch_size) ** 2 + (v.model_type == "clip_vision_model")
+    n -= cfg.vision_feature_select_strategy == "default"
+    assert n == vlm.tokens_per_image == raw["image_seq_length"]
+    # Generation stops at end of turn, in both places vLLM and transformers look.
+    eos = [vlm.stop_token_ids[0], vlm.pad_token_id]
+    gen = json.loads((dst / "generation_config.json").read_text())
+    for ids in (gen["eos_token_id"], t["eos_token_id"]):
+        assert ids[0] == eos[0] and set(eos) <= set(ids)
+    assert gen["pad_token_id"] == vlm.pad_token_id
+    # The processor vLLM loads: the placeholder token, patch size and strategy, and a chat template.
+    proc = AutoProcessor.from_pretrained(str(dst))
+    assert proc.tokenizer.convert_tokens_to_ids(proc.image_token) == vlm.image_token_id
+    assert proc.patch_size == v.patch_size and proc.vision_feature_select_strategy == cfg.vision_feature_select_strategy
+    assert proc.chat_template and "<|im_start|>" in proc.chat_template

@@ -1,0 +1,11 @@
+"""Serving a trained VLM: an OpenAI-compatible HTTP API with batching and streaming, and a web chat.
+
+    python -m serve --model RUN_OR_MODEL_DIR [--host 127.0.0.1] [--port 8000]
+    python -m serve.web --model RUN_OR_MODEL_DIR [--port 7860]
+
+Modules: `decode` (step-wise batched decoding over the VLM's forward), `kvcache` (row selection and
+merging of KV caches), `text` (incremental detokenisation and stop strings), `engine` (the queue and
+the decoding thread), `requests` (OpenAI request parsing, images, limits), `app` (the FastAPI routes),
+`web` (the chat page). Only the VLM's public API is used (`vlm(...)`, `chat_ids`, `stop_token_ids`,
+`pad_token_id`, `decode`, `image_processor`).
+"""

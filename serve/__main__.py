@@ -1,0 +1,8 @@
+"""`python -m serve --model RUN_OR_MODEL_DIR [--host 127.0.0.1] [--port 8000]`: see serve/cli.py."""
+
+import sys
+
+from serve.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Command-line entry points of the server (`python -m serve`) and the web chat (`python -m serve.web`).
+
+`add_server_args(parser, port)` declares the shared flags; `build(args) -> (app, engine)` loads the model
+(`--model` takes a run directory or a model directory, as test.py does) and wires the engine and the
+routes; `run(app, engine, args)` serves until interrupted. A missing model or a bad flag is one line on
+stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from dataset.images import MAX_PIXELS
+
+
+def add_server_args(ap: argparse.ArgumentParser, port: int) -> None:
+    ap.add_argument("--model", required=True, help="run directory or saved model directory")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it)")
+    ap.add_argument("--port", type=int, default=port)
+    ap.add_argument("--served-model-name", default=None, help="the model id clients send (default: the "
+                    "directory's name)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond the batch; more get 503")
+    ap.add_argument("--max-tokens", type=int, default=2048, help="the largest max_tokens a request may ask")
+    ap.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="prompt + max_tokens limit (default: the LM's max_position_embeddings)")
+    ap.add_argument("--max-images", type=int, default=8, help="images per request")
+    ap.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="pixels per image (width x height)")
+    ap.add_argument("--max-body-mb", type=float, default=32.0, help="request body size limit")
+    ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request ends (504)")
+    ap.add_argument("--image-folder", default=None, help="allow image paths inside this folder")
+    ap.add_argument("--allow-remote-images", action="store_true",
+                    help="fetch http(s) image URLs (the server then makes requests on clients' behalf)")
+    ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def fail(message: str) -> None:
+    print(f"serve: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _model_len(vlm, given: int | None) -> int | None:
+    if given is not None:
+        return given
+    # Both LM backends keep the context length in their config under the transformers name.
+    return getattr(getattr(vlm.lm, "config", None), "max_position_embeddings", None)
+
+
+def build(args: argparse.Namespace):
+    import torch
+
+    from model.checkpoint import resolve_model_dir
+    from model.model import VLM
+    from serve.app import create_app
+    from serve.engine import Engine
+    from serve.protocol import Limits
+
+    for flag in ("max_batch_size", "max_tokens", "default_max_tokens", "max_images", "max_pixels"):
+        if getattr(args, flag) < 1:
+            fail(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_queue < 0 or args.max_body_mb <= 0 or args.request_timeout <= 0:
+        fail("--max-queue must be >= 0, --max-body-mb and --request-timeout > 0")
+    if args.image_folder is not None and not Path(args.image_folder).is_dir():
+        fail(f"--image-folder {args.image_folder}: not a directory")
+    try:
+        model_dir = resolve_model_dir(args.model)
+    except FileNotFoundError as e:
+        fail(str(e))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vlm = VLM.from_pretrained(model_dir).to(device).eval()
+    name = args.served_model_name or Path(args.model).resolve().name
+    limits = Limits(max_images=args.max_images, max_pixels=args.max_pixels, max_tokens=args.max_tokens,
+                    default_max_tokens=min(args.default_max_tokens, args.max_tokens),
+                    max_model_len=_model_len(vlm, args.max_model_len), image_folder=args.image_folder,
+                    allow_remote_images=args.allow_remote_images)
+    engine = Engine(vlm, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    app = create_app(vlm, engine, name, limits, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                     request_timeout_s=args.request_timeout)
+    return app, engine, name
+
+
+def run(app, engine, args: argparse.Namespace, what: str) -> int:
+    import uvicorn
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s: %(message)s")
+    engine.start()
+    print(f"{what} on http://{args.host}:{args.port}", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.stop()
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m serve", description="OpenAI-compatible server for a trained VLM.")
+    add_server_args(ap, port=8000)
+    args = ap.parse_args(argv)
+    app, engine, name = build(args)
+    return run(app, engine, args, f"serving {name!r} (OpenAI API at /v1)")

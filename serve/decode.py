@@ -1,0 +1,168 @@
+"""Step-wise batched decoding over the VLM's public forward, with per-row settings and rows joining and
+leaving between steps (continuous batching).
+
+Contract:
+- `SamplingParams(max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None, ignore_eos=False)`:
+  temperature 0 is greedy (argmax, exactly as `vlm.chat`); otherwise temperature, then top-k, then top-p
+  filtering and a draw from the row's own `torch.Generator` (seeded with `seed`, else at random).
+- `Row(prompt_ids, pixel_values [n_images, 3, H, W] | None, params)`: one sequence; `.tokens` collects
+  what was picked for it.
+- `DecodeBatch(vlm)`: `add(rows)` prefills the new rows together (left-padded; their images through the
+  towers) and appends them to the running rows: the two KV caches are left-padded to one length and
+  concatenated. `next_tokens() -> [token per row]` picks from each row's pending logits;
+  `advance(tokens, keep)` drops the rows whose `keep` is False and runs one forward step for the others
+  (callers append accepted tokens to `Row.tokens`).
+  Positions are `cumsum(mask) - 1`, so padding never shifts a row: a row's greedy tokens are the ones
+  `vlm.chat` gives (bit-identical when it runs alone; equal up to float rounding in a batch).
+- `generate_rows(vlm, rows, stop_token_ids) -> [[token, ...]]`: the plain loop (stop token excluded,
+  up to `max_tokens`), for tests and benchmarks.
+Both LM backends work (our Qwen LM and a transformers causal LM) as long as the cache is one that
+`serve.kvcache` can edit; otherwise `can_merge` is False and callers add rows only to an empty batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from serve import kvcache
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, load tests)
+
+
+@dataclass(eq=False)
+class Row:
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor | None
+    params: SamplingParams
+    tokens: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.temperature > 0:
+            seed = self.params.seed if self.params.seed is not None else random.SystemRandom().getrandbits(63)
+            self.generator = torch.Generator().manual_seed(int(seed))
+
+
+def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from fp32 logits `[V]` (see SamplingParams)."""
+    if params.temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token when the better ones already do.
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        logits = logits.scatter(0, order[drop], float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+class DecodeBatch:
+    def __init__(self, vlm: Any) -> None:
+        self.vlm = vlm
+        self.device = next(vlm.parameters()).device
+        self.rows: list[Row] = []
+        self.cache: Any = None
+        self.mask: torch.Tensor | None = None  # [B, T] 1 = real token (in the cache or pending input)
+        self.logits: torch.Tensor | None = None  # [B, V] fp32, the pending next-token logits per row
+        self.can_merge = True  # False once a cache type is met that kvcache cannot edit
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor | None,
+                 cache: Any) -> tuple[torch.Tensor, Any]:
+        T = input_ids.shape[1]
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # [B, T]; padding never shifts a row
+        out = self.vlm(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
+                       past_key_values=cache, use_cache=True, position_ids=positions, logits_to_keep=1)
+        return out.logits[:, -1].float(), out.past_key_values  # [B, V]
+
+    @torch.no_grad()
+    def add(self, rows: list[Row]) -> None:
+        """Prefill `rows` together and append them to the batch."""
+        if not rows:
+            return
+        if self.rows and not self.can_merge:
+            raise RuntimeError("this LM's KV cache cannot take new rows mid-batch; add rows to an empty batch")
+        width = max(len(r.prompt_ids) for r in rows)
+        pad = self.vlm.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows],
+                           device=self.device)  # [n, T]
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
+                            device=self.device)
+        pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
+        pixel_values = torch.cat(pixels).to(self.device) if pixels else None  # [n_images, 3, H, W]
+        logits, cache = self._forward(ids, mask, pixel_values, None)
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.logits = list(rows), cache, mask, logits
+            self.can_merge = kvcache.can_merge(cache)
+            return
+        t_old, t_new = self.mask.shape[1], mask.shape[1]
+        t = max(t_old, t_new)
+        self.cache = kvcache.merge(self.cache, cache, t - t_old, t - t_new)
+        self.mask = torch.cat([torch.nn.functional.pad(self.mask, (t - t_old, 0)),
+                               torch.nn.functional.pad(mask, (t - t_new, 0))])  # [B_old + n, t]
+        self.logits = torch.cat([self.logits, logits])
+        self.rows += rows
+
+    def next_tokens(self) -> list[int]:
+        """One token per row from its pending logits (greedy rows share one argmax)."""
+        greedy = self.logits.argmax(dim=-1).tolist()  # [B]
+        return [g if r.params.temperature <= 0 else sample_token(self.logits[i], r.params, r.generator)
+                for i, (r, g) in enumerate(zip(self.rows, greedy))]
+
+    @torch.no_grad()
+    def advance(self, tokens: list[int], keep: list[bool]) -> None:
+        """Drop the rows whose `keep` is False and feed `tokens` to the rest (one forward step). Callers
+        record accepted tokens in `Row.tokens` themselves (a stop token is picked but never recorded)."""
+        if not all(keep):
+            index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
+            self.rows = [r for r, k in zip(self.rows, keep) if k]
+            tokens = [t for t, k in zip(tokens, keep) if k]
+            if not self.rows:
+                self.cache = self.mask = self.logits = None
+                return
+            kvcache.select_rows(self.cache, index)
+            self.mask = self.mask[index]
+            # Columns that are padding in every remaining row are dropped (a finished long prompt).
+            first = int(self.mask.any(dim=0).long().argmax())
+            if first > 0 and self.can_merge:
+                kvcache.crop_left(self.cache, first)
+                self.mask = self.mask[:, first:]
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
+        nxt = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
+        self.logits, self.cache = self._forward(nxt, self.mask, None, self.cache)
+
+
+def generate_rows(vlm: Any, rows: list[Row], stop_token_ids: list[int] | None = None) -> list[list[int]]:
+    """Run `rows` to completion in one batch: new tokens per row, the stop token excluded."""
+    stops = set(vlm.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    batch = DecodeBatch(vlm)
+    batch.add(rows)
+    while batch.rows:
+        tokens = batch.next_tokens()
+        keep = []
+        for r, t in zip(batch.rows, tokens):
+            stopped = t in stops and not r.params.ignore_eos
+            if not stopped:
+                r.tokens.append(t)
+            keep.append(not stopped and len(r.tokens) < r.params.max_tokens)
+        batch.advance(tokens, keep)
+    return [r.tokens for r in rows]
