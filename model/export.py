@@ -3,7 +3,7 @@
     python -m model.export --src RUN_OR_MODEL_DIR --dst DIR --format llava-hf
 
 `llava-hf` writes transformers' `LlavaForConditionalGeneration` layout (config.json, safetensors), the
-tokenizer with a ChatML chat template, and the image-processor / processor files, so
+tokenizer with the LM's chat template (ChatML, Llama-3, Mistral, Gemma, Phi-3: `export_chat_template`), and the image-processor / processor files, so
 `AutoModelForImageTextToText.from_pretrained(DIR)` and `AutoProcessor.from_pretrained(DIR)` load it and give
 our model's logits. Requirements, checked with a clear error: one transformers CLIP or SigLIP tower, an
 `mlp2x_gelu` projector without token reduction, and a Qwen2/Qwen3 LM (a Qwen-1 LM is converted on the way
@@ -22,42 +22,79 @@ placeholder to N, so the same conversation gives the same ids.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    GenerationConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    SiglipImageProcessor,
+)
+
+from dataset.chat_templates import ChatTemplate
+from dataset.sample import UserError
+from model.build import load_vlm
+from model.checkpoint import resolve_model_dir
+from qwen.convert import convert, convert_tokenizer
+from trainer.cli import run_cli, writable_dir
 
 FORMATS = ("llava-hf",)
 TOWER_TYPES = {"hf_clip": "clip", "hf_siglip": "siglip"}
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}{{ '__START__' + '__IMAGE__' + '__END__' }}"
-    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "{{ '<|im_end|>\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
+def _lit(text: str) -> str:
+    """A Jinja string literal (JSON's escaping is Jinja's)."""
+    return json.dumps(text)
+
+
+def export_chat_template(template: ChatTemplate, image: str) -> str:
+    """A Jinja chat template that writes what `dataset.template.render` writes for `template`, with `image`
+    (image start + placeholder + image end, as text) for each image content item; transformers' Llava
+    processor then expands the placeholder to the tokens per image. Content may be a string or a list of
+    {"type": "image"} / {"type": "text", "text": ...} items."""
+    h, s = template.header, template.suffix
+    content = ("{% macro content(c) %}{% if c is string %}{{ c }}{% else %}{% for item in c %}"
+               "{% if item['type'] == 'image' %}{{ " + _lit(image) + " }}{% elif item['type'] == 'text' %}"
+               "{{ item['text'] }}{% endif %}{% endfor %}{% endif %}{% endmacro %}")
+    if template.folds_system:  # the system text goes in front of the first user turn
+        before, after = template.system.split("{content}")[0].split("{system}")
+        system = "{% set ns.sys = " + _lit(before) + " + content(m['content']) + " + _lit(after) + " %}"
+    else:
+        system = "{{ " + _lit(h["system"]) + " + content(m['content']) + " + _lit(s["system"]) + " }}"
+    parts = [content, "{% set ns = namespace(sys='') %}"]
+    if template.bos:
+        parts.append("{{ " + _lit(template.bos) + " }}")
+    parts += [
+        "{% for m in messages %}",
+        "{% if m['role'] == 'system' %}" + system,
+        "{% elif m['role'] == 'user' %}{{ " + _lit(h["user"]) + " + ns.sys + content(m['content']) + "
+        + _lit(s["user"]) + " }}{% set ns.sys = '' %}",
+        "{% elif m['role'] == 'assistant' %}{{ " + _lit(h["assistant"]) + " + content(m['content']) + "
+        + _lit(s["assistant"]) + " }}",
+        "{% endif %}{% endfor %}",
+        "{% if add_generation_prompt %}{{ " + _lit(h["assistant"]) + " }}",
+    ]
+    if template.closing:
+        parts.append("{% else %}{{ " + _lit(template.closing) + " }}")
+    parts.append("{% endif %}")
+    return "".join(parts)
 
 
 def _lm_as_transformers(vlm, tmp: Path):
     """The VLM's LM as a transformers causal LM (through its native on-disk format)."""
-    from transformers import AutoModelForCausalLM
-
     lm = vlm.lm
     if vlm.config.lm_backend != "qwen":
         return lm
     src = tmp / "lm_native"
     lm.save_pretrained(str(src))
     if lm.config.arch == "qwen1":
-        from qwen.convert import convert
-
         if vlm.tokenizer is not None:
             vlm.tokenizer.save_pretrained(src)  # the converter turns qwen.tiktoken into tokenizer.json
         src_converted = tmp / "lm_qwen2"
@@ -89,8 +126,6 @@ def end_ids(vlm) -> list[int]:
 
 
 def export_llava_hf(vlm, dst: str | Path) -> Path:
-    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
-
     backend, tower = _check_exportable(vlm)
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
@@ -130,12 +165,13 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
         llava.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=None)
         llava.save_pretrained(str(dst))
 
-        # Tokenizer (with the ChatML template) and the image processor.
+        # Tokenizer (with the LM's chat template) and the image processor.
         tok = _hf_tokenizer(vlm, tmp)
-        start, placeholder, end = (tok.convert_ids_to_tokens(i) for i in (
-            vlm.tokenizer.image_start_id, vlm.image_token_id, vlm.tokenizer.image_end_id))
-        tok.chat_template = (CHAT_TEMPLATE.replace("__START__", start).replace("__IMAGE__", placeholder)
-                             .replace("__END__", end))
+        fmt = vlm.chat_format
+        placeholder = tok.convert_ids_to_tokens(vlm.image_token_id)
+        start, end = ("" if i is None else tok.convert_ids_to_tokens(i) for i in (fmt.image_start_id,
+                                                                                  fmt.image_end_id))
+        tok.chat_template = export_chat_template(fmt.template, start + placeholder + end)
         pp = tower.preprocess_config()
         image_processor = _image_processor(backend, pp)
         n_patches = tower.grid[0] * tower.grid[1]
@@ -154,8 +190,6 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
 
 def _image_processor(backend: str, pp: dict):
     """The transformers image processor matching our tower's preprocessing facts."""
-    from transformers import CLIPImageProcessor, SiglipImageProcessor
-
     size, mean, std = pp["size"], list(pp["mean"]), list(pp["std"])
     if backend == "hf_siglip":
         return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
@@ -165,8 +199,6 @@ def _image_processor(backend: str, pp: dict):
 
 def _hf_tokenizer(vlm, tmp: Path):
     """A transformers tokenizer for the export: the LM's own, or Qwen-1's as converted by qwen.convert."""
-    from transformers import AutoTokenizer
-
     tok = vlm.tokenizer
     if tok is None:
         raise ValueError("the model has no tokenizer; set VLMConfig.tokenizer before exporting")
@@ -175,8 +207,6 @@ def _hf_tokenizer(vlm, tmp: Path):
         return inner
     converted = tmp / "lm_qwen2"  # written by _lm_as_transformers for a Qwen-1 LM
     if not (converted / "tokenizer.json").is_file():
-        from qwen.convert import convert_tokenizer
-
         convert_tokenizer(tok, converted)
     return AutoTokenizer.from_pretrained(str(converted))
 
@@ -187,19 +217,18 @@ def main(argv=None) -> int:
     ap.add_argument("--dst", required=True)
     ap.add_argument("--format", default="llava-hf", choices=FORMATS)
     args = ap.parse_args(argv)
-    from model.checkpoint import resolve_model_dir
-    from model.model import VLM
-
-    vlm = VLM.from_pretrained(resolve_model_dir(args.src)).float().eval()
+    src = resolve_model_dir(args.src)  # a bad source fails before the destination is made
+    writable_dir(args.dst, "--dst")
+    vlm = load_vlm(src).float().eval()
     vlm.merge_lora()
+    vlm.fold_token_rows()  # trained token rows go into the embedding table the export carries
     try:
         out = export_llava_hf(vlm, args.dst)
-    except ValueError as e:  # the model does not fit the format: say why, no traceback
-        print(f"export error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # the model does not fit the format: say why
+        raise UserError(f"export: {e}") from None
     print(f"exported {args.src} -> {out} ({args.format})")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -181,3 +181,41 @@ def test_export_config_holds_every_field_vllm_llava_reads(exported):
     assert proc.tokenizer.convert_tokens_to_ids(proc.image_token) == vlm.image_token_id
     assert proc.patch_size == v.patch_size and proc.vision_feature_select_strategy == cfg.vision_feature_select_strategy
     assert proc.chat_template and "<|im_start|>" in proc.chat_template
+
+
+@pytest.mark.parametrize("family", ["llama3", "gemma"])
+def test_export_of_another_lm_family_keeps_its_chat_template_ids_and_logits(tmp_path, family):
+    """A Llama-3 / Gemma LM (its own template, `<image>` added by us): the exported processor renders a
+    conversation with images to exactly our ids, and the Llava model gives our logits."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from model import build_vlm
+    from model.export import export_llava_hf
+    from tests.tiny_lms import write_tiny_family
+    from tests.tiny_model import tiny_tower_spec
+
+    lm = write_tiny_family(tmp_path / family, family)
+    vlm = build_vlm(dict(lm=str(lm), lm_backend="hf", towers=[tiny_tower_spec(tmp_path, "clip")],
+                         image_mode="resize")).eval()
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "<image>\nhello there"},
+            {"role": "assistant", "content": "a hat"}, {"role": "user", "content": "and <image> this?"}]
+    ids = torch.tensor([vlm.chat_ids(msgs, 2)])
+    img = Image.new("RGB", (32, 32), (200, 10, 10))
+    pixels = vlm.image_processor([img, img])
+    with torch.no_grad():
+        ours = vlm(input_ids=ids, pixel_values=pixels).logits
+    export_llava_hf(vlm, tmp_path / "llava")
+    proc = AutoProcessor.from_pretrained(str(tmp_path / "llava"))
+    hf_msgs = [{"role": "system", "content": "Be brief."},
+               {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nhello there"}]},
+               {"role": "assistant", "content": "a hat"},
+               {"role": "user", "content": [{"type": "text", "text": "and "}, {"type": "image"},
+                                            {"type": "text", "text": " this?"}]}]
+    text = proc.apply_chat_template(hf_msgs, add_generation_prompt=True)
+    enc = proc(images=[img, img], text=text, return_tensors="pt", add_special_tokens=False)
+    assert enc["input_ids"][0].tolist() == ids[0].tolist()
+    hf = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "llava"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, pixel_values=pixels).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
