@@ -3,6 +3,7 @@
 import sys
 
 from serve.cli import main
+from trainer.cli import run_cli
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

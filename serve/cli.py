@@ -2,18 +2,19 @@
 
 `add_server_args(parser, port)` declares the shared flags; `build(args) -> (app, engine)` loads the model
 (`--model` takes a run directory or a model directory, as test.py does) and wires the engine and the
-routes; `run(app, engine, args)` serves until interrupted. A missing model or a bad flag is one line on
-stderr and exit status 2.
+routes; `run(app, engine, args)` serves until interrupted. A missing model, a bad flag or a port in use
+is one line `error: ...` on stderr and exit status 2 (`trainer.cli.run_cli`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
+import socket
 from pathlib import Path
 
 from dataset.images import MAX_PIXELS
+from dataset.sample import UserError
 
 
 def add_server_args(ap: argparse.ArgumentParser, port: int) -> None:
@@ -40,8 +41,17 @@ def add_server_args(ap: argparse.ArgumentParser, port: int) -> None:
 
 
 def fail(message: str) -> None:
-    print(f"serve: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    raise UserError(f"serve: {message}")
+
+
+def check_port(host: str, port: int) -> None:
+    """A port already taken is a user mistake: say so before the model loads."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            fail(f"cannot listen on {host}:{port} ({e.strerror or e}); pick another --port")
 
 
 def _model_len(vlm, given: int | None) -> int | None:
@@ -67,10 +77,8 @@ def build(args: argparse.Namespace):
         fail("--max-queue must be >= 0, --max-body-mb and --request-timeout > 0")
     if args.image_folder is not None and not Path(args.image_folder).is_dir():
         fail(f"--image-folder {args.image_folder}: not a directory")
-    try:
-        model_dir = resolve_model_dir(args.model)
-    except FileNotFoundError as e:
-        fail(str(e))
+    model_dir = resolve_model_dir(args.model)
+    check_port(args.host, args.port)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vlm = VLM.from_pretrained(model_dir).to(device).eval()
     name = args.served_model_name or Path(args.model).resolve().name

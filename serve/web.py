@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from serve.cli import add_server_args, build, fail, run
+from trainer.cli import run_cli
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 DEMO_EXAMPLES = Path("data/shapes/images/val")
@@ -68,4 +69,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

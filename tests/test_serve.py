@@ -225,12 +225,10 @@ def test_full_queue_gets_503_and_clients_that_leave_stop_their_generation(setup)
 
 def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
     from serve.cli import main
+    from trainer.cli import run_cli
 
-    with pytest.raises(SystemExit) as e:
-        main(["--model", str(tmp_path / "missing")])
-    assert e.value.code == 2
+    assert run_cli(main, ["--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("serve: ") and "missing" in err[0]
-    with pytest.raises(SystemExit) as e:
-        main(["--model", str(tmp_path), "--max-batch-size", "0"])
-    assert e.value.code == 2 and "--max-batch-size" in capsys.readouterr().err
+    assert len(err) == 1 and err[0].startswith("error: ") and "missing" in err[0]
+    assert run_cli(main, ["--model", str(tmp_path), "--max-batch-size", "0"]) == 2
+    assert "--max-batch-size" in capsys.readouterr().err

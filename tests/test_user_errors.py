@@ -155,6 +155,8 @@ def test_model_tools_and_evaluation(tmp_path, files, model_dir):
                                        "--data", "d", "--output", str(tmp_path / "ev")], ["nowhere", "does not exist"]),
         "evaluation: unknown task": (["-m", "evaluation", "--model", str(model_dir), "--task", "vqa3", "--data", "d",
                                       "--output", str(tmp_path / "ev")], ["vqa3"]),
+        "serve: missing model": (["-m", "serve", "--model", str(files / "nowhere")], ["nowhere", "does not exist"]),
+        "serve.web: no model": (["-m", "serve.web", "--model", str(files / "no_model")], ["no_model", "holds no model"]),
         "plan: unknown key": (["-m", "model.plan", "configs/qwen7b_siglip_lora.yaml", "lora.rr=1", "--gpus", "1",
                                "--gpu-mem", "80"], ["lora.rr"]),
     }
