@@ -23,7 +23,9 @@ import sys
 from pathlib import Path
 
 # Light modules only at the top, so `--help` answers before torch loads; heavy ones load where used.
+from dataset.formats import read_records
 from dataset.sample import IMAGE_MARKER, UserError
+from model.paths import resolve_model_dir
 from trainer.cli import run_cli, writable_dir
 
 LEGACY_PLACEHOLDER = "<|extra_0|>"
@@ -49,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--repetition-penalty", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stream", action="store_true", help="print the answer token by token")
-    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     # the original repo's flags
     ap.add_argument("--base_language_model", help=argparse.SUPPRESS)
     ap.add_argument("--base_value_model", help=argparse.SUPPRESS)
@@ -64,26 +66,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _cuda() -> bool:
-    import torch  # heavy: only when the default device is needed
+def load_model(args, model_dir: Path):
+    import torch  # heavy: after the arguments and files are checked
 
-    return torch.cuda.is_available()
+    from model import VLM
 
-
-def load_model(args):
-    from model import VLM  # heavy: after argument parsing
-    from model.checkpoint import resolve_model_dir
-
+    overrides = {}
     if args.model_weights:
-        overrides = {}
         if args.base_language_model:
             overrides["lm"] = args.base_language_model
         if args.base_value_model:
             overrides["tower_path"] = args.base_value_model
-        vlm = VLM.from_pretrained(resolve_model_dir(args.model_weights), **overrides)
-    else:
-        vlm = VLM.from_pretrained(resolve_model_dir(args.model))
-    return vlm.to(args.device).eval()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return VLM.from_pretrained(model_dir, **overrides).to(device).eval()
 
 
 def gen_kwargs(args) -> dict:
@@ -169,13 +164,16 @@ def interactive(vlm, images, args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch  # heavy: after argument parsing
+    # Everything the user named is checked before the model loads: a wrong path fails in a second.
+    images = load_images(args.image)
+    model_dir = resolve_model_dir(args.model_weights or args.model)
+    if args.input:
+        read_records(args.input)  # not JSON / JSONL, not UTF-8: one line now rather than after the model
+        writable_dir(Path(args.output).resolve().parent, "--output's directory")
+    vlm = load_model(args, model_dir)
+    import torch  # loaded by now
 
     torch.manual_seed(args.seed)
-    images = load_images(args.image)  # before the model loads: a bad path fails fast
-    if args.input:
-        writable_dir(Path(args.output).resolve().parent, "--output's directory")
-    vlm = load_model(args)
     if args.input:
         run_batch_file(vlm, args)
         return 0

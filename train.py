@@ -32,10 +32,12 @@ def main(argv: list[str]) -> int:
         print(usage())
         return 0
     config_path = argv.pop(0) if argv and "=" not in argv[0] else None
-    from trainer.config import load_train_config
-    from trainer.run import train
+    from trainer.config import check_paths, load_train_config
 
     cfg = load_train_config(config_path, argv)
+    check_paths(cfg)  # before torch and the model load: a wrong path fails in a second
+    from trainer.run import train  # heavy: after the config and its paths are checked
+
     try:
         train(cfg)
     except BaseException:

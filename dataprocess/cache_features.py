@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from model import VLM
-    from model.checkpoint import resolve_model_dir
+    from model.paths import resolve_model_dir
 
     vlm = VLM.from_pretrained(resolve_model_dir(args.model))
     vlm.towers.to(args.device)

@@ -18,6 +18,7 @@ from dataset.sample import UserError
 from evaluation.report import format_table
 from evaluation.runner import MC_MODES, run_task
 from evaluation.tasks import TASKS
+from model.paths import resolve_model_dir
 from trainer.cli import run_cli, writable_dir
 
 
@@ -57,13 +58,11 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"evaluation: unknown task {args.task!r}; choose one of {', '.join(sorted(TASKS))}")
     if args.prompt is not None and "{question}" not in args.prompt and TASKS[args.task].kind != "caption":
         raise UserError(f"evaluation: --prompt {args.prompt!r} has no {{question}} placeholder")
+    model_dir = resolve_model_dir(args.model)
+    writable_dir(args.output, "--output")
     import torch  # heavy: after the arguments are checked
 
     from model import VLM
-    from model.checkpoint import resolve_model_dir
-
-    model_dir = resolve_model_dir(args.model)
-    writable_dir(args.output, "--output")
     weights = sorted(model_dir.glob("*.safetensors"))
     model_id = f"{model_dir.resolve()}@{max((w.stat().st_mtime_ns for w in weights), default=0)}"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

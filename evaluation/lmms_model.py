@@ -44,8 +44,8 @@ class QwenVLLab(lmms):
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
                  max_new_tokens: int | None = None, dtype: str | None = None, **ignored: Any) -> None:
         super().__init__()
-        from model.checkpoint import resolve_model_dir
         from model.model import VLM
+        from model.paths import resolve_model_dir
 
         if device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from dataset.sample import UserError
 from model.checkpoint import (
@@ -99,6 +98,9 @@ def load_vlm(path: str | Path, **overrides: Any) -> VLM:
     vlm = build_vlm(config, **overrides)
     _quantize_like(vlm, p)
     if (p / LORA_DIR / "adapter_config.json").is_file():
+        # peft is heavy (it loads bitsandbytes and parts of inductor): imported only for a LoRA checkpoint.
+        from peft import LoraConfig, get_peft_model
+
         vlm.lm = get_peft_model(vlm.lm, LoraConfig.from_pretrained(str(p / LORA_DIR)))
     load_trainable_weights(vlm, p)
     return vlm.eval()  # inference mode, as transformers' from_pretrained; training calls .train()

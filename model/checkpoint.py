@@ -21,8 +21,7 @@ a "full" checkpoint must cover every key, a "trainable" one only its own keys.
 `read_vlm_config(dir) -> (VLMConfig, checkpoint facts)`.
 `read_weights(dir)` returns a checkpoint's tensors (tied aliases included) for a caller that places them
 itself (FSDP shards). QLoRA checkpoints hold 4-bit codes with their quantisation state (model/quant.py).
-`resolve_model_dir(path)`: a model directory as is; a run directory -> its `final/`, else its newest
-`checkpoint-N/` holding a model.
+Finding a model directory (`resolve_model_dir`) is model/paths.py's job (light: no torch).
 """
 
 from __future__ import annotations
@@ -35,9 +34,9 @@ from safetensors.torch import load_file, save_file
 
 from dataset.sample import UserError
 from model.config import VLMConfig
+from model.paths import CONFIG_FILE, ModelDirError
 from model.quant import QUANT_FILE, load_4bit_tensors, quant_settings
 
-CONFIG_FILE = "vlm_config.json"
 LORA_DIR = "lora"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
@@ -124,46 +123,8 @@ def _save_quant_settings(vlm, out: Path) -> None:
         (out / LORA_DIR / QUANT_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def is_model_dir(path: Path) -> bool:
-    if (path / CONFIG_FILE).is_file():
-        return True
-    native = path / "config.json"
-    try:
-        return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava"
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False  # some other config.json: not a model of ours
-
-
-class ModelDirError(UserError, FileNotFoundError):
-    """A model directory that does not exist or holds no model."""
-
-
 class CheckpointError(UserError, ValueError):
     """A model directory whose files are damaged or do not match the model's config."""
-
-
-def resolve_model_dir(path: str | Path) -> Path:
-    """A model directory, or the model inside a run directory (`final/`, else the newest `checkpoint-N/`)."""
-    p = Path(path)
-    if not p.exists():
-        raise ModelDirError(f"model directory {p} does not exist; give a run directory (its final/ or newest "
-                            f"checkpoint-N/ is used) or a directory written by save_pretrained / model.merge")
-    if not p.is_dir():
-        raise ModelDirError(f"{p} is a file, not a model directory")
-    if is_model_dir(p):
-        return p
-    if is_model_dir(p / "final"):
-        return p / "final"
-    ckpts = sorted(
-        (c for c in p.glob("checkpoint-*") if c.name.split("-")[-1].isdigit() and is_model_dir(c)),
-        key=lambda c: int(c.name.split("-")[-1]),
-    )
-    if ckpts:
-        return ckpts[-1]
-    raise ModelDirError(
-        f"{p} holds no model: expected {CONFIG_FILE} (or a Llava config.json) in it, in {p}/final or in a "
-        f"{p}/checkpoint-N (a run that has not saved yet has none)"
-    )
 
 
 def _processor_facts(towers) -> dict:

@@ -42,7 +42,7 @@ from transformers import (
 from dataset.chat_templates import ChatTemplate
 from dataset.sample import UserError
 from model.build import load_vlm
-from model.checkpoint import resolve_model_dir
+from model.paths import resolve_model_dir
 from qwen.convert import convert, convert_tokenizer
 from trainer.cli import run_cli, writable_dir
 

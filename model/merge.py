@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.build import load_vlm
-from model.checkpoint import resolve_model_dir
+from model.paths import resolve_model_dir
 from trainer.cli import run_cli, writable_dir
 
 
 def merge(src: str | Path, dst: str | Path) -> Path:
+    from model.build import load_vlm  # heavy (torch, transformers): after the paths are checked in main
+
     vlm = load_vlm(resolve_model_dir(src))
     vlm.merge_lora()
     vlm.save_pretrained(dst, trainable_only=False)

@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from peft import PeftModel
 from torch import nn
 
 from dataset.sample import IMAGE_MARKER, Sample
@@ -433,7 +432,7 @@ class VLM(nn.Module):
         are dequantised first, so the adapters fold into float weights and nothing is re-quantised."""
         if has_4bit(self.lm):
             dequantize_lm(self)
-        if isinstance(self.lm, PeftModel):
+        if hasattr(self.lm, "merge_and_unload"):  # a peft model (peft itself is imported only where LoRA is)
             self.lm = self.lm.merge_and_unload()
         self.config.lora = None
 

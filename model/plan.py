@@ -60,9 +60,10 @@ from torch import nn
 
 from dataset.sample import UserError
 from model.build import build_vlm
-from model.checkpoint import read_vlm_config, resolve_model_dir
+from model.checkpoint import read_vlm_config
 from model.config import VLMConfig
 from model.dtypes import auto_decision, upcast_trainable
+from model.paths import resolve_model_dir
 from qwen import QWenConfig
 from trainer.cli import run_cli
 from trainer.config import TrainConfig

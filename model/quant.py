@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import torch
-from peft import PeftModel, get_peft_model
 from torch import nn
 
 from dataset.sample import UserError
@@ -111,6 +110,9 @@ def load_4bit_tensors(vlm, tensors: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def dequantize_lm(vlm) -> int:
     """Replace every 4-bit layer of the LM by an `nn.Linear` with its dequantised weights; LoRA adapters stay."""
+    # peft is heavy (it loads bitsandbytes and parts of inductor): imported only when merging a QLoRA run.
+    from peft import PeftModel, get_peft_model
+
     bnb = _bnb()
     lm = vlm.lm
     adapters = None

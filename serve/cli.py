@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dataset.images import MAX_PIXELS
 from dataset.sample import UserError
+from model.paths import resolve_model_dir
 
 
 def add_server_args(ap: argparse.ArgumentParser, port: int) -> None:
@@ -62,14 +63,6 @@ def _model_len(vlm, given: int | None) -> int | None:
 
 
 def build(args: argparse.Namespace):
-    import torch
-
-    from model.checkpoint import resolve_model_dir
-    from model.model import VLM
-    from serve.app import create_app
-    from serve.engine import Engine
-    from serve.protocol import Limits
-
     for flag in ("max_batch_size", "max_tokens", "default_max_tokens", "max_images", "max_pixels"):
         if getattr(args, flag) < 1:
             fail(f"--{flag.replace('_', '-')} must be >= 1")
@@ -79,6 +72,14 @@ def build(args: argparse.Namespace):
         fail(f"--image-folder {args.image_folder}: not a directory")
     model_dir = resolve_model_dir(args.model)
     check_port(args.host, args.port)
+    # Heavy (torch, transformers, FastAPI): after every argument is checked, so a mistake fails in a second.
+    import torch
+
+    from model import VLM
+    from serve.app import create_app
+    from serve.engine import Engine
+    from serve.protocol import Limits
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vlm = VLM.from_pretrained(model_dir).to(device).eval()
     name = args.served_model_name or Path(args.model).resolve().name

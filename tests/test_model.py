@@ -369,7 +369,7 @@ def test_lora_checkpoint_round_trip_and_merge(tmp_path, lm_backend):
         ref = vlm(**batch).logits
     vlm.save_pretrained(tmp_path / "run" / "checkpoint-2", trainable_only=True)
     (tmp_path / "run" / "checkpoint-10").mkdir()  # not a model: skipped
-    from model.checkpoint import resolve_model_dir
+    from model.paths import resolve_model_dir
 
     ck = resolve_model_dir(tmp_path / "run")
     assert ck.name == "checkpoint-2" and (ck / "lora" / "adapter_config.json").is_file()
@@ -395,7 +395,7 @@ def test_tower_path_override_and_missing_model_dir(tmp_path):
     shutil.move(vlm.config.towers[0]["name_or_path"], moved)
     loaded = VLM.from_pretrained(tmp_path / "ck", tower_path=str(moved))
     assert loaded.config.towers[0]["name_or_path"] == str(moved)
-    from model.checkpoint import resolve_model_dir
+    from model.paths import resolve_model_dir
 
     with pytest.raises(FileNotFoundError, match="checkpoint-N"):
         resolve_model_dir(tmp_path / "nothing")

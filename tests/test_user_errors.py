@@ -59,6 +59,7 @@ def files(tmp_path_factory):
     (d / "no_model").mkdir()
     (d / "no_model" / "readme.txt").write_text("nothing here")
     (d / "not_a_list.json").write_text('{"a": 1}')
+    (d / "questions.jsonl").write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     return d
 
 
@@ -122,7 +123,7 @@ def test_test_py(tmp_path, files, model_dir):
                               "--prompt", "q"], [HUB_ID, "HF_HUB_OFFLINE"]),
         "input not JSON": (["test.py", "--model", str(model_dir), "--input", str(files / "not_json.json"),
                             "--output", str(tmp_path / "a.jsonl")], ["not_json.json", "invalid JSON"]),
-        "output unwritable": (["test.py", "--model", str(model_dir), "--input", str(files / "not_json.json"),
+        "output unwritable": (["test.py", "--model", str(model_dir), "--input", str(files / "questions.jsonl"),
                                "--output", str(files / "a_file" / "a.jsonl")], ["--output", "a_file"]),
     }
     _check_all(cases)

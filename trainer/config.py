@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
+from model.paths import resolve_model_dir
 from trainer.config_io import ConfigError, load_config
 from trainer.stages import LoraSettings
 
@@ -145,6 +147,32 @@ class TrainConfig:
             return resolve_config(self.preset or {}, **self.model)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"model: {e}") from None
+
+
+def nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Paths a run reads or writes, checked before anything heavy loads (no file is created here): the
+    data files exist, the image folder too, init_from holds a model, output_dir can be made and written."""
+    for key in ("data_path", "eval_data_path"):
+        for p in getattr(cfg, key) or []:
+            if not Path(p).is_file():
+                raise ConfigError(f"{key}: {p}: data file not found")
+    for key in ("image_folder", "video_folder"):
+        folder = getattr(cfg, key)
+        if folder and not Path(folder).is_dir():
+            raise ConfigError(f"{key}: {folder} is not a directory")
+    if cfg.init_from:
+        resolve_model_dir(cfg.init_from)
+    out = Path(cfg.output_dir).resolve()
+    base = nearest_existing(out)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {cfg.output_dir} cannot be made: {base} is "
+                          f"{'not a directory' if not base.is_dir() else 'not writable'}; choose another path")
 
 
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:

@@ -15,13 +15,10 @@ import string
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from dataset.formats import normalize, read_records
 from dataset.images import load_image
 from dataset.sample import IMAGE_MARKER
-from model import VLM
-from model.checkpoint import resolve_model_dir
+from model.paths import resolve_model_dir
 from trainer.cli import run_cli, writable_dir
 
 
@@ -39,7 +36,6 @@ def _prompt_and_reference(sample) -> tuple[list[dict], str | None, int]:
     return msgs, reference, n_images
 
 
-@torch.no_grad()
 def answer_samples(vlm, samples: list, batch_size: int = 8, system: str | None = None, **gen_kw) -> list[str]:
     """Greedy (by default) answers for normalised samples, batched with left padding (`VLM.chat_batch`)."""
     gen_kw.setdefault("max_new_tokens", 32)
@@ -110,6 +106,8 @@ def main(argv=None) -> int:
     out = args.output or str(Path(model_dir) / "eval_answers.jsonl")
     writable_dir(Path(out).resolve().parent, "--output's directory")
     load_samples(args.data, args.image_folder, args.allow_absolute_paths)  # a bad file fails before the model loads
+    from model import VLM  # heavy: after the arguments and the data file are checked
+
     vlm = VLM.from_pretrained(model_dir).eval()
     answer_file(vlm, args.data, out, args.image_folder, args.batch_size,
                 allow_absolute_paths=args.allow_absolute_paths, max_new_tokens=args.max_new_tokens)

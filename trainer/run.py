@@ -34,11 +34,12 @@ from dataset.packing import PackedDataset, PackingCollator, PackingSampler
 from dataset.sample import UserError
 from model import VLM, build_vlm, dtypes
 from model.backbones import unwrap
-from model.checkpoint import _select_keys, resolve_model_dir
+from model.checkpoint import _select_keys
+from model.paths import resolve_model_dir
 from trainer.callbacks import JsonlLogger, plot_loss
 from trainer.checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
 from trainer.cli import writable_dir
-from trainer.config import TrainConfig
+from trainer.config import TrainConfig, check_paths
 from trainer.config_io import ConfigError, save_config
 from trainer.engines import prepare_deepspeed_on_cpu
 from trainer.eval_tasks import EvalTasksCallback
@@ -360,6 +361,7 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int):
 
 
 def train(cfg: TrainConfig) -> RunResult:
+    check_paths(cfg)
     out = Path(cfg.output_dir)
     rank = int(os.environ.get("RANK", "0"))
     # A run that fails before its first step leaves no half-made run directory behind.

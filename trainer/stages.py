@@ -16,8 +16,10 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import nn
+if TYPE_CHECKING:  # annotations only: the config (which holds LoraSettings) loads without torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,56 @@
+"""Where a model lives on disk: light (no torch), so entry points check a path before loading anything.
+
+Contract:
+- `CONFIG_FILE` ("vlm_config.json") marks a directory written by `VLM.save_pretrained`.
+- `is_model_dir(path)`: such a directory, or a transformers Llava directory (config.json, model_type llava).
+- `resolve_model_dir(path) -> Path`: a model directory as is; a run directory -> its `final/`, else its
+  newest `checkpoint-N/` holding a model. A path that does not exist, or holds no model, raises
+  `ModelDirError` (a UserError) saying which and what to give instead.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dataset.sample import UserError
+
+CONFIG_FILE = "vlm_config.json"
+
+
+def is_model_dir(path: Path) -> bool:
+    if (path / CONFIG_FILE).is_file():
+        return True
+    native = path / "config.json"
+    try:
+        return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava"
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False  # some other config.json: not a model of ours
+
+
+class ModelDirError(UserError, FileNotFoundError):
+    """A model directory that does not exist or holds no model."""
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model directory, or the model inside a run directory (`final/`, else the newest `checkpoint-N/`)."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelDirError(f"model directory {p} does not exist; give a run directory (its final/ or newest "
+                            f"checkpoint-N/ is used) or a directory written by save_pretrained / model.merge")
+    if not p.is_dir():
+        raise ModelDirError(f"{p} is a file, not a model directory")
+    if is_model_dir(p):
+        return p
+    if is_model_dir(p / "final"):
+        return p / "final"
+    ckpts = sorted(
+        (c for c in p.glob("checkpoint-*") if c.name.split("-")[-1].isdigit() and is_model_dir(c)),
+        key=lambda c: int(c.name.split("-")[-1]),
+    )
+    if ckpts:
+        return ckpts[-1]
+    raise ModelDirError(
+        f"{p} holds no model: expected {CONFIG_FILE} (or a Llava config.json) in it, in {p}/final or in a "
+        f"{p}/checkpoint-N (a run that has not saved yet has none)"
+    )
