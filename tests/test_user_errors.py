@@ -92,7 +92,7 @@ def test_train_py(tmp_path, files, data):
         "data not UTF-8": ({"data_path": [str(files / "latin1.jsonl")]}, ["latin1.jsonl", "UTF-8"]),
         "every sample too long": ({"max_length": 20}, ["no usable sample", "too_long", "longest sample has",
                                                        "max_length", "frames_per_video"]),
-        "images missing": ({"image_folder": str(files / "no_model")}, ["no usable sample", "missing_file"]),
+        "image folder missing": ({"image_folder": str(files / "no_images")}, ["image_folder", "no_images"]),
         "output_dir unwritable": ({"output_dir": str(files / "a_file" / "run")}, ["output_dir", "a_file"]),
         "hub name offline": ({"model": dict(tiny_model_section(data), lm=HUB_ID, lm_backend="hf", tokenizer=None)},
                              [HUB_ID, "HF_HUB_OFFLINE", "--local-dir"]),
