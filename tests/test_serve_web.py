@@ -29,7 +29,6 @@ from tests.tiny_server import ROOT, start_server
 
 pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install .[serve])")
 gr = pytest.importorskip("gradio", reason="the web chat needs gradio (pip install .[serve])")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip install .[dev])")
 
 from serve.engine import Engine  # noqa: E402  (after the skips: serve.webui imports gradio)
 from serve.protocol import Limits  # noqa: E402
@@ -87,6 +86,7 @@ def _wait_status(page, n: int) -> None:
 
 
 def test_web_chat_in_a_real_browser(web, capsys):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip install .[dev])")
     vlm, server, tmp = web
     expect = _test_py_answer(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt", QUESTION,
                               "--max-new-tokens", str(MAX_TOKENS)], capsys)
