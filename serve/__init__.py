@@ -6,6 +6,6 @@
 Modules: `decode` (step-wise batched decoding over the VLM's forward), `kvcache` (row selection and
 merging of KV caches), `text` (incremental detokenisation and stop strings), `engine` (the queue and
 the decoding thread), `requests` (OpenAI request parsing, images, limits), `app` (the FastAPI routes),
-`web` (the chat page). Only the VLM's public API is used (`vlm(...)`, `chat_ids`, `stop_token_ids`,
-`pad_token_id`, `decode`, `image_processor`).
+`web` (the web chat command) and `webui` (its Gradio page). Only the VLM's public API is used (`vlm(...)`,
+`chat_ids`, `stop_token_ids`, `pad_token_id`, `decode`, `image_processor`).
 """

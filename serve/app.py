@@ -78,6 +78,7 @@ def create_app(vlm: Any, engine: Engine, served_model: str, limits: Limits, max_
                request_timeout_s: float = 600.0) -> FastAPI:
     app = FastAPI(title="qwenvl-lab serve", docs_url=None, redoc_url=None)
     app.state.engine = engine
+    app.state.limits = limits
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError) -> JSONResponse:

@@ -1,58 +1,58 @@
 """The web chat: `python -m serve.web --model RUN_OR_MODEL_DIR [--port 7860] [--examples DIR]`.
 
-One process serves the chat page at `/` next to the whole OpenAI API of `python -m serve` (same flags,
-same engine): multi-image upload, multi-turn conversations, streamed answers, sampling controls
-(temperature 0 = greedy by default, top_p, max tokens, seed) and example images to click.
-`--examples DIR` names the example images (default: the demo's held-out shapes images,
-`data/shapes/images/val`, when present); `GET /web/examples` lists up to `MAX_EXAMPLES` of them and
-`GET /web/examples/NAME` serves one (only names from that list).
+One process serves a Gradio chat page at `/` (serve/webui.py: multi-image upload, multi-turn
+conversations, streamed answers, sampling controls with temperature 0 = greedy by default, example
+images) next to the whole OpenAI API of `python -m serve` at `/v1` and `/health`; both go through the
+same batching engine. The flags are `python -m serve`'s, plus `--examples DIR`: example images (default:
+the demo's held-out shapes images, `data/shapes/images/val`, when present; the first `MAX_EXAMPLES`).
 
-The page is `serve/static/chat.html`, plain HTML and JavaScript with no external files, so it works offline.
+Nothing leaves the machine: gradio's analytics are off, no share link is made, the page loads only files
+this server serves, and its Content-Security-Policy (`PAGE_POLICY`, on every response) makes the browser
+refuse any other address. A mistake (a missing model, a bad flag, a port in use, gradio not installed)
+is one line `error: ...` and exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
+import os
 import sys
 from pathlib import Path
-
-from fastapi import FastAPI
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 
 from serve.cli import add_server_args, build, fail, run
 from trainer.cli import run_cli
 
-PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
 DEMO_EXAMPLES = Path("data/shapes/images/val")
 MAX_EXAMPLES = 8
+# The page may load and connect only to this server (inline code and data:/blob: URLs are gradio's own);
+# a browser then refuses anything else (gradio's "share" buttons upload to the hub when run in a Space).
+PAGE_POLICY = "default-src 'self' 'unsafe-inline' 'unsafe-eval' data: blob:; connect-src 'self'"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 
 
-def example_images(folder: Path | None) -> dict[str, Path]:
+class ContentSecurityPolicy:
+    """ASGI middleware: every response carries `policy` as its Content-Security-Policy header."""
+
+    def __init__(self, app, policy: str) -> None:
+        self.app, self.header = app, (b"content-security-policy", policy.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_policy(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), self.header]
+            await send(message)
+
+        return await self.app(scope, receive, send_with_policy)
+
+
+def example_images(folder: Path | None) -> list[Path]:
     if folder is None or not folder.is_dir():
-        return {}
+        return []
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    return {p.name: p for p in files[:MAX_EXAMPLES]}
-
-
-def add_web_routes(app: FastAPI, model_name: str, examples: dict[str, Path], default_max_tokens: int) -> None:
-    page = (PAGE.read_text(encoding="utf-8").replace("__MODEL__", html.escape(model_name))
-            .replace("__MAX_TOKENS__", str(default_max_tokens)))
-
-    @app.get("/", response_class=HTMLResponse)
-    async def chat_page() -> str:
-        return page
-
-    @app.get("/web/examples")
-    async def example_list() -> list[str]:
-        return list(examples)
-
-    @app.get("/web/examples/{name}")
-    async def example_file(name: str):
-        if name not in examples:  # only the listed files: no path from the client reaches the disk
-            return JSONResponse({"error": {"message": f"no example named {name!r}"}}, status_code=404)
-        return FileResponse(examples[name])
+    return [p.resolve() for p in files[:MAX_EXAMPLES]]
 
 
 def main(argv=None) -> int:
@@ -62,9 +62,21 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.examples is not None and not Path(args.examples).is_dir():
         fail(f"--examples {args.examples}: not a directory")
+    # Before gradio is imported anywhere: its telemetry reads this variable.
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    try:  # heavy and optional: imported after the arguments are checked
+        import gradio as gr
+
+        from serve.webui import CSS, build_ui
+    except ImportError as e:
+        fail(f"the web chat needs gradio ({e}); install it with pip install -c constraints.txt '.[serve]'")
     app, engine, name = build(args)
     examples = example_images(Path(args.examples) if args.examples else DEMO_EXAMPLES)
-    add_web_routes(app, name, examples, min(args.default_max_tokens, args.max_tokens))
+    ui = build_ui(engine.vlm, engine, name, app.state.limits, examples, request_timeout_s=args.request_timeout)
+    gr.mount_gradio_app(app, ui, path="/", server_name=args.host, server_port=args.port, footer_links=[],
+                        run_history=False, ssr_mode=False, mcp_server=False, show_error=True, css=CSS,
+                        max_file_size=int(args.max_body_mb * (1 << 20)))
+    app.add_middleware(ContentSecurityPolicy, policy=PAGE_POLICY)
     return run(app, engine, args, f"web chat with {name!r}")
 
 

@@ -1,14 +1,26 @@
-"""The web chat (`python -m serve.web`) in a real headless browser: Chromium from the system packages,
-driven by Playwright's Python package. Upload an image, ask, read the streamed answer (equal to test.py's),
-ask a follow-up (equal to the two-turn `vlm.chat`), and take a screenshot.
+"""The web chat (`python -m serve.web`, a Gradio page over the batching engine).
+
+In a real headless browser (Chromium from the system packages, driven by Playwright's Python package):
+upload an image, ask, read the streamed answer (equal to test.py's greedy answer), ask a follow-up (equal
+to the two-turn `vlm.chat`), check the example images, and that neither the page nor the server process
+reaches anything outside this machine (the server runs under `tests.offline_guard`). In-process: the
+handler streams (one update per decoded token when the engine is held to one step per update),
+a stopped answer cancels its job, and mistakes are one message before anything is generated; command-line
+mistakes (a missing model or examples folder, a port in use, gradio missing) are one line, exit status 2.
 
 Set WEB_CHAT_SCREENSHOT=PATH to keep the screenshot (docs/web_chat.png was made that way)."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -16,12 +28,18 @@ from tests.tiny_serve import QUESTION, image, messages, stopping_vlm
 from tests.tiny_server import ROOT, start_server
 
 pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install .[serve])")
-sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip install .[dev])")
+gr = pytest.importorskip("gradio", reason="the web chat needs gradio (pip install .[serve])")
+
+from serve.engine import Engine  # noqa: E402  (after the skips: serve.webui imports gradio)
+from serve.protocol import Limits  # noqa: E402
+from serve.webui import Conversation, make_respond  # noqa: E402
+from tests.offline_guard import MARK as OUTBOUND  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 FOLLOW_UP = "And the colour?"
 MAX_TOKENS = 8
+WAIT_MS = 120_000  # a loaded 2-core machine
 
 
 def _chromium() -> str:
@@ -42,7 +60,7 @@ def web(tmp_path_factory):
         image(i).save(tmp / "examples" / f"example_{i}.png")
     image(0).save(tmp / "q.png")
     server = start_server("serve.web", tmp / "model", "--examples", str(tmp / "examples"),
-                          "--default-max-tokens", str(MAX_TOKENS), log_dir=tmp)
+                          "--default-max-tokens", str(MAX_TOKENS), log_dir=tmp, offline_guard=True)
     yield vlm, server, tmp
     server.stop()
 
@@ -56,13 +74,27 @@ def _test_py_answer(args: list[str], capsys) -> str:
     return capsys.readouterr().out[:-1]  # the answer, without print's newline
 
 
+def _note_outside(url: str, origin: str, outside: list[str]) -> None:
+    parts = urlsplit(url)  # data: and blob: URLs stay in the page
+    if parts.scheme in ("http", "https", "ws", "wss") and parts.netloc != origin:
+        outside.append(url)
+
+
+def _wait_status(page, n: int) -> None:
+    page.wait_for_function(f"(document.querySelector('#status') || {{}}).innerText?.includes('answer {n}:')",
+                           timeout=WAIT_MS)
+
+
 def test_web_chat_in_a_real_browser(web, capsys):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip install .[dev])")
     vlm, server, tmp = web
     expect = _test_py_answer(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt", QUESTION,
                               "--max-new-tokens", str(MAX_TOKENS)], capsys)
     assert expect
     follow = vlm.chat([image(0)], messages() + [{"role": "assistant", "content": expect},
                                                 {"role": "user", "content": FOLLOW_UP}], max_new_tokens=MAX_TOKENS)
+    server_origin = urlsplit(server.url).netloc
+    outside: list[str] = []
 
     with sync_api.sync_playwright() as p:
         try:
@@ -70,35 +102,169 @@ def test_web_chat_in_a_real_browser(web, capsys):
         except sync_api.Error as e:
             pytest.skip(f"Chromium is installed but cannot start here: {str(e).splitlines()[0]}")
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 700})
-            page.goto(server.url + "/")
-            page.wait_for_selector("#examples img.example")
-            assert page.locator("#examples img.example").count() == 3  # the --examples folder
-            assert page.text_content("#model") == "model"
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            page.on("request", lambda r: _note_outside(r.url, server_origin, outside))
+            response = page.goto(server.url + "/")
+            assert "connect-src 'self'" in response.headers["content-security-policy"]  # enforced by the browser
+            page.wait_for_selector("#prompt textarea", timeout=WAIT_MS)
+            assert "model" in page.text_content("#model-name")
+            examples = page.locator("#examples .gallery-item")
+            examples.first.wait_for(timeout=WAIT_MS)
+            assert examples.count() == 3  # the --examples folder
 
-            page.set_input_files("#files", str(tmp / "q.png"))
-            page.wait_for_selector("#pending img")
-            page.fill("#prompt", QUESTION)
-            page.click("#send")
-            first = page.locator(".msg.assistant").nth(0)
-            page.wait_for_selector(".msg.assistant[data-done='true']", timeout=120_000)
-            assert first.locator(".error").count() == 0, first.text_content()
-            assert first.locator(".text").text_content() == expect
-            assert int(first.get_attribute("data-chunks")) >= 1  # it arrived as a stream of deltas
-            assert page.locator(".msg.user img").count() == 1
-
-            page.fill("#prompt", FOLLOW_UP)  # multi-turn: the page sends the whole conversation
+            page.set_input_files("#prompt input[type=file]", str(tmp / "q.png"))
+            page.wait_for_selector("#prompt .thumbnail-image", timeout=WAIT_MS)  # uploaded
+            page.fill("#prompt textarea", QUESTION)
             page.keyboard.press("Enter")
-            page.wait_for_function("document.querySelectorAll(\".msg.assistant[data-done='true']\").length == 2",
-                                   timeout=120_000)
-            second = page.locator(".msg.assistant").nth(1)
-            assert second.locator(".text").text_content() == follow
+            _wait_status(page, 1)
+            bot = page.locator("#chat .message.bot .message-content")
+            assert bot.count() == 1
+            assert bot.nth(0).text_content() == expect
+            assert page.locator("#chat .message.user img").count() == 1  # the image is shown in the user's turn
+            assert page.locator("#prompt .thumbnail-image").count() == 0  # the input box was emptied
 
+            page.fill("#prompt textarea", FOLLOW_UP)  # multi-turn: the server keeps the conversation
+            page.keyboard.press("Enter")
+            _wait_status(page, 2)
+            assert bot.count() == 2
+            assert bot.nth(1).text_content() == follow
+
+            page.wait_for_selector("#prompt [data-testid=submit-button]", timeout=WAIT_MS)  # idle again
+            page.wait_for_function("document.querySelector('#prompt [data-testid=status-tracker]').classList"
+                                   ".contains('hide')", timeout=WAIT_MS)
             shot = tmp / "web_chat.png"
-            page.screenshot(path=str(shot))
+            page.screenshot(path=str(shot), full_page=True)
             assert shot.stat().st_size > 1000
             if os.environ.get("WEB_CHAT_SCREENSHOT"):
                 shutil.copy(shot, os.environ["WEB_CHAT_SCREENSHOT"])
+
+            assert page.locator("#chat button[aria-label=Share]").first.is_hidden()
+            examples.first.click()  # an example puts its image in the input box
+            page.wait_for_selector("#prompt .thumbnail-image", timeout=WAIT_MS)
         finally:
             browser.close()
-    assert server.get("/health")["finished"] >= 2
+    assert outside == [], f"the page requested files from elsewhere: {outside[:5]}"
+    assert server.get("/health")["finished"] >= 2  # both answers came through the engine
+    assert server.get("/v1/models")["data"][0]["id"] == "model"  # the OpenAI API in the same process
+    assert OUTBOUND not in server.output(), server.output()
+
+
+def _run(agen) -> list[tuple]:
+    async def collect():
+        return [update async for update in agen]
+
+    return asyncio.run(collect())
+
+
+def test_answers_stream_token_by_token_stop_and_equal_chat(web):
+    vlm, _, tmp = web
+    engine = Engine(vlm, max_batch_size=2)
+    gate = threading.Semaphore(0)
+    next_tokens = engine.batch.next_tokens
+
+    def one_step_per_update():  # the engine waits until the page has shown the previous update
+        assert gate.acquire(timeout=60)
+        return next_tokens()
+
+    engine.batch.next_tokens = one_step_per_update
+    respond = make_respond(vlm, engine, Limits(max_tokens=16))
+    ask = {"text": QUESTION, "files": [str(tmp / "q.png")]}
+
+    async def scenario():  # one event loop for the whole conversation, as in the server
+        first = []
+        async for update in respond(ask, Conversation(), 0.0, 1.0, MAX_TOKENS, None):
+            first.append(update)
+            gate.release()  # the next step runs after this update was taken
+        stopped = respond(ask, Conversation(), 0.0, 1.0, 4, None)
+        await stopped.__anext__()
+        await stopped.aclose()  # the stop button, or a closed page
+        gate.release()
+        for _ in range(200):  # the engine drops the job at its next step
+            if engine.stats()["cancelled"]:
+                break
+            await asyncio.sleep(0.05)
+        del engine.batch.next_tokens  # the follow-up runs freely
+        second = [u async for u in respond({"text": FOLLOW_UP, "files": []}, first[-1][2], 0.0, 1.0, MAX_TOKENS,
+                                           None)]
+        return first, second
+
+    engine.start()
+    try:
+        first, second = asyncio.run(scenario())
+    finally:
+        gate.release(100)
+        engine.stop()
+
+    assert engine.stats()["cancelled"] == 1 and engine.stats()["errors"] == 0
+    conv = first[-1][2]
+    answers = [u[2].messages[-1]["content"] for u in first]
+    expect = vlm.chat([image(0)], messages(), max_new_tokens=MAX_TOKENS)
+    assert answers[-1] == expect
+    assert answers[0] == ""  # the question is shown before the first token
+    partial = [a for a in dict.fromkeys(answers) if a]
+    assert len(partial) >= 2 and all(expect.startswith(a) for a in partial), answers  # grew in steps
+    assert first[-1][3].startswith("answer 1:") and "end of turn" in first[-1][3]
+    assert conv.messages == messages() + [{"role": "assistant", "content": expect}]
+    follow = vlm.chat([image(0)], conv.messages + [{"role": "user", "content": FOLLOW_UP}], max_new_tokens=MAX_TOKENS)
+    assert second[-1][2].messages[-1]["content"] == follow
+    assert len(second[-1][2].images) == 1 and second[-1][2].answers == 2
+
+
+def test_mistakes_are_one_message_and_generate_nothing(web, tmp_path):
+    vlm, _, tmp = web
+    engine = Engine(vlm)  # not started: nothing may reach it
+    n_prompt = len(vlm.chat_ids([{"role": "user", "content": "<image>\n?"}], 1))
+    respond = make_respond(vlm, engine, Limits(max_images=1, max_tokens=16, max_model_len=n_prompt + 10))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    q = str(tmp / "q.png")
+    cases = {
+        "empty": ({"text": " ", "files": []}, Conversation(), 16, "type a question"),
+        "too many images": ({"text": "?", "files": [q, q]}, Conversation(), 16, "limit is 1"),
+        "images over turns": ({"text": "?", "files": [q]}, Conversation(images=[image(1)]), 16, "limit is 1"),
+        "bad image": ({"text": "?", "files": [str(tmp_path / "broken.png")]}, Conversation(), 16, "broken.png"),
+        "too long": ({"text": "?", "files": [q]}, Conversation(), 16 * 4, "max tokens"),
+        "over the model length": ({"text": "?", "files": [q]}, Conversation(), 16, f"model length {n_prompt + 10}"),
+    }
+    for name, (message, conv, max_tokens, words) in cases.items():
+        with pytest.raises(gr.Error) as e:
+            _run(respond(message, conv, 0.0, 1.0, max_tokens, None))
+        assert words in str(e.value.message), (name, e.value.message)
+    assert engine.stats()["waiting"] == 0 and engine.stats()["admitted"] == 0
+
+
+def test_offline_guard_refuses_and_reports_outside_requests(tmp_path):
+    script = tmp_path / "fetch.py"  # 192.0.2.1 is a documentation address: never routed
+    script.write_text("import socket, urllib.request\n"
+                      "for attempt in (lambda: urllib.request.urlopen('http://192.0.2.1/', timeout=2),\n"
+                      "                lambda: socket.socket().connect(('192.0.2.1', 443))):\n"
+                      "    try:\n        attempt()\n    except OSError as e:\n        print('refused:', e)\n")
+    out = subprocess.run([sys.executable, "-m", "tests.offline_guard", str(script)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert f"{OUTBOUND} socket.getaddrinfo ('192.0.2.1', 80)" in out.stderr, out.stderr
+    assert f"{OUTBOUND} socket.connect ('192.0.2.1', 443)" in out.stderr, out.stderr
+    assert out.stdout.count("refused (this process must stay offline)") == 2, out.stdout
+
+
+def test_command_line_mistakes_are_one_line(web, tmp_path, capsys, monkeypatch):
+    from serve.web import main
+    from trainer.cli import run_cli
+
+    _, _, tmp = web
+    model = str(tmp / "model")
+
+    def error(argv: list[str]) -> str:
+        assert run_cli(main, argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+        return err
+
+    assert "nowhere" in error(["--model", str(tmp_path / "nowhere"), "--port", "0"])
+    assert "--examples" in error(["--model", model, "--examples", str(tmp_path / "no_dir")])
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert f"127.0.0.1:{port}" in error(["--model", model, "--port", str(port)])
+    monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed
+    monkeypatch.delitem(sys.modules, "serve.webui")
+    assert "needs gradio" in error(["--model", model])

@@ -1,8 +1,11 @@
 """Starting the real server in a subprocess for tests (`python -m serve` or `python -m serve.web`).
 
-`start_server(module, model_dir, *flags) -> Server` picks a free port on 127.0.0.1, starts the server and
-waits until `GET /health` answers (failing with the server's output when it exits or takes too long);
-`Server.url`, `Server.get(path) -> dict`, `Server.stop()`.
+`start_server(module, model_dir, *flags, offline_guard=False) -> Server` picks a free port on 127.0.0.1,
+starts the server and waits until `GET /health` answers (failing with the server's output when it exits or
+takes too long); `Server.url`, `Server.get(path) -> dict`, `Server.output()`, `Server.stop()`. With
+`offline_guard` the server runs under `tests.offline_guard`: any attempt to reach another machine is
+refused and logged as an `OUTBOUND ...` line of its output; the hub's offline variables are then left
+unset, so that the guard also sees requests they would have hidden.
 """
 
 from __future__ import annotations
@@ -48,12 +51,15 @@ class Server:
                 self.proc.wait()
 
 
-def start_server(module: str, model_dir: Path, *flags: str, log_dir: Path) -> Server:
+def start_server(module: str, model_dir: Path, *flags: str, log_dir: Path, offline_guard: bool = False) -> Server:
     port = free_port()
     log = Path(log_dir) / f"{module.replace('.', '_')}_{port}.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", module, "--model", str(model_dir), "--port", str(port),
-           "--log-level", "warning", *flags]
+    if offline_guard:  # the guard keeps it offline; without these variables it also sees calls they would hide
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "GRADIO_ANALYTICS_ENABLED"):
+            env.pop(name, None)
+    run = ["-m", "tests.offline_guard", module] if offline_guard else ["-m", module]
+    cmd = [sys.executable, *run, "--model", str(model_dir), "--port", str(port), "--log-level", "warning", *flags]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     server = Server(proc, port, log)
