@@ -20,6 +20,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qwen import load_tokenizer
+from qwen.tokenizer import encode_as_text
 
 TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 QWEN_VISION_PLACEHOLDERS = ("<|image_pad|>", "<|extra_0|>")  # Qwen2-VL's, Qwen-1's
@@ -56,15 +57,7 @@ class HFTokenizer:
         return self._tok.get_vocab()
 
     def encode(self, text: str) -> list[int]:
-        backend = getattr(self._tok, "backend_tokenizer", None)
-        if backend is None:  # a slow (Python) tokenizer
-            return self._tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        # encode_special_tokens=True: special-token strings in the text are split like normal text.
-        backend.encode_special_tokens = True
-        try:
-            return backend.encode(text, add_special_tokens=False).ids
-        finally:
-            backend.encode_special_tokens = False
+        return encode_as_text(self._tok, text)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)

@@ -218,13 +218,7 @@ class HFQwenTokenizer(QwenTokenizerBase):
         return len(self._tok)
 
     def encode(self, text: str) -> list[int]:
-        backend = self._tok.backend_tokenizer
-        # encode_special_tokens=True: special-token strings in user text are split like normal text.
-        backend.encode_special_tokens = True
-        try:
-            return backend.encode(text, add_special_tokens=False).ids
-        finally:
-            backend.encode_special_tokens = False
+        return encode_as_text(self._tok, text)
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids]
@@ -235,6 +229,19 @@ class HFQwenTokenizer(QwenTokenizerBase):
 
     def save_pretrained(self, out_dir: str | Path) -> None:
         self._tok.save_pretrained(str(out_dir))
+
+
+def encode_as_text(tok, text: str) -> list[int]:
+    """Ids of `text` with a transformers tokenizer, no BOS/EOS added, and special-token strings in the
+    text split like ordinary text: user text never becomes a control token."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:  # a slow (Python) tokenizer
+        return tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    backend.encode_special_tokens = True
+    try:
+        return backend.encode(text, add_special_tokens=False).ids
+    finally:
+        backend.encode_special_tokens = False
 
 
 def load_tokenizer(path: str | Path) -> QwenTokenizerBase:

@@ -5,7 +5,6 @@ a client that goes away. One server for the module (a start costs the imports an
 from __future__ import annotations
 
 import http.client
-import importlib.util
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -13,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from tests.tiny_serve import QUESTION, data_url, image, messages, stopping_vlm
-from tests.tiny_server import ROOT, start_server
+from tests.tiny_server import answer_of_test_py, start_server
 
 openai = pytest.importorskip("openai", reason="the serve tests need the openai client (pip install .[dev])")
 pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install .[serve])")
@@ -42,22 +41,11 @@ def _user(question: str, images: list, text_first: bool = False) -> list[dict]:
     return [{"role": "user", "content": text + parts if text_first else parts + text}]
 
 
-def _test_py_answer(args: list[str], capsys) -> str:
-    spec = importlib.util.spec_from_file_location("entry_test", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    capsys.readouterr()
-    assert module.main(args) == 0
-    out = capsys.readouterr().out
-    assert out.endswith("\n")
-    return out[:-1]  # test.py prints the answer and a newline
-
-
 def test_plain_and_streamed_answers_equal_test_py(setup, capsys):
     vlm, server, client, tmp = setup
     model = client.models.list().data[0].id
     assert model == "model"
-    expect = _test_py_answer(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt", QUESTION,
+    expect = answer_of_test_py(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt", QUESTION,
                               "--max-new-tokens", "8"], capsys)
     assert expect  # the fixture's model answers a few tokens and stops with end-of-turn
 

@@ -13,7 +13,6 @@ Set WEB_CHAT_SCREENSHOT=PATH to keep the screenshot (docs/web_chat.png was made 
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import shutil
 import socket
@@ -25,7 +24,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.tiny_serve import QUESTION, image, messages, stopping_vlm
-from tests.tiny_server import ROOT, start_server
+from tests.tiny_server import ROOT, answer_of_test_py, start_server
 
 pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install .[serve])")
 gr = pytest.importorskip("gradio", reason="the web chat needs gradio (pip install .[serve])")
@@ -65,15 +64,6 @@ def web(tmp_path_factory):
     server.stop()
 
 
-def _test_py_answer(args: list[str], capsys) -> str:
-    spec = importlib.util.spec_from_file_location("entry_test", ROOT / "test.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    capsys.readouterr()
-    assert module.main(args) == 0
-    return capsys.readouterr().out[:-1]  # the answer, without print's newline
-
-
 def _note_outside(url: str, origin: str, outside: list[str]) -> None:
     parts = urlsplit(url)  # data: and blob: URLs stay in the page
     if parts.scheme in ("http", "https", "ws", "wss") and parts.netloc != origin:
@@ -88,7 +78,7 @@ def _wait_status(page, n: int) -> None:
 def test_web_chat_in_a_real_browser(web, capsys):
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip install .[dev])")
     vlm, server, tmp = web
-    expect = _test_py_answer(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt", QUESTION,
+    expect = answer_of_test_py(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt", QUESTION,
                               "--max-new-tokens", str(MAX_TOKENS)], capsys)
     assert expect
     follow = vlm.chat([image(0)], messages() + [{"role": "assistant", "content": expect},

@@ -1,5 +1,6 @@
 """Starting the real server in a subprocess for tests (`python -m serve` or `python -m serve.web`).
 
+`answer_of_test_py(args, capsys) -> str`: what `python test.py ARGS` prints as its answer (run in-process).
 `start_server(module, model_dir, *flags, offline_guard=False) -> Server` picks a free port on 127.0.0.1,
 starts the server and waits until `GET /health` answers (failing with the server's output when it exits or
 takes too long); `Server.url`, `Server.get(path) -> dict`, `Server.output()`, `Server.stop()`. With
@@ -10,6 +11,7 @@ unset, so that the guard also sees requests they would have hidden.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -74,3 +76,14 @@ def start_server(module: str, model_dir: Path, *flags: str, log_dir: Path, offli
             time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"{' '.join(cmd)} did not answer /health within {START_TIMEOUT_S} s:\n{server.output()}")
+
+
+def answer_of_test_py(args: list[str], capsys) -> str:
+    spec = importlib.util.spec_from_file_location("entry_test", ROOT / "test.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    assert module.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("\n")
+    return out[:-1]  # test.py prints the answer and a newline
