@@ -7,7 +7,15 @@ Contract
   (Qwen3 only), `.ln_2`, `.mlp.w1` (up), `.mlp.w2` (gate), `.mlp.c_proj`, `transformer.ln_f`, `lm_head`.
   MLP = c_proj(w1(x) * silu(w2(x))).
 * RMSNorm and rotary run in fp32 and cast back (as the original). Attention goes only through
-  `kernels.attention(..., impl=config.attn_impl)`.
+  `kernels.attention(..., impl=config.attn_impl)`; RMSNorm, rotary and the SwiGLU activation through
+  `kernels.rms_norm / apply_rotary / swiglu(..., impl=config.fused_impl)` (`set_fused_impl` changes it).
+* Speed (training): a right-padded batch without a KV cache (every row = real tokens, then padding)
+  attends causally WITHOUT the padding mask: under causal attention real positions never see the padding
+  that follows them, so their outputs are unchanged, and the mask-free path is the fast one (only the
+  hidden states AT padded positions differ, and nothing reads them). With tied embeddings that train and
+  labels given, the embedding lookup's gradient is sparse (`QWenModel.sparse_embedding_grad`): it is
+  added into the head's dense gradient of the same weight instead of materialising a second
+  `[V, H]` tensor. `compile_blocks()` runs the decoder blocks through `torch.compile` (opt-in).
 * KV cache: `QWenCache`, per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill.
 * `attention_mask` is the `[B, T_cache + T_new]` 0/1 padding mask. Positions are
   `cumsum(attention_mask) - 1` for every arch: a left-padded row then sees positions 0, 1, ... from its
@@ -28,6 +36,7 @@ Contract
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +46,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention
+from kernels import apply_rotary, attention, rms_norm, swiglu
+from kernels._log import log_once
 from qwen.config import QWenConfig
 from qwen.loss import full_logits_loss, supervised_loss
 
 IGNORE_INDEX = -100
+log = logging.getLogger(__name__)
 
 
 class QWenCache:
@@ -107,15 +118,16 @@ class QWenOutput:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """`weight * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype)` via `kernels.rms_norm(impl=self.impl)`."""
+
+    def __init__(self, dim: int, eps: float, impl: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.impl = impl
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, impl=self.impl)
 
 
 def ntk_alpha_for_length(length: int, seq_length: int) -> float:
@@ -143,16 +155,10 @@ def rope_cos_sin(
     return emb.cos(), emb.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[B, H, T, D]`, cos/sin `[B, T, D]`; rotation done in fp32, result cast back."""
-    xf = x.float()
-    out = xf * cos[:, None] + _rotate_half(xf) * sin[:, None]
-    return out.to(x.dtype)
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of the 0/1 mask `[B, T]` is ones then zeros (no 0 -> 1 step anywhere)."""
+    m = attention_mask.bool()
+    return not bool((m[:, 1:] & ~m[:, :-1]).any())
 
 
 class QWenAttention(nn.Module):
@@ -165,8 +171,8 @@ class QWenAttention(nn.Module):
         self.c_attn = nn.Linear(config.hidden_size, config.q_dim + 2 * config.kv_dim, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.q_dim, config.hidden_size, bias=False)
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.fused_impl)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.fused_impl)
 
     def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens):
         B, T, _ = x.shape
@@ -178,7 +184,8 @@ class QWenAttention(nn.Module):
         if cfg.qk_norm:  # Qwen3: per-head RMSNorm before rotary
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        impl = cfg.fused_impl
+        q, k = apply_rotary(q, cos, sin, impl=impl), apply_rotary(k, cos, sin, impl=impl)  # [B, H, T, D]
         if logn is not None:
             q = q * logn[:, None, :, None].to(q.dtype)  # [B, 1, T, 1]
         if cache is not None:
@@ -197,20 +204,21 @@ class QWenAttention(nn.Module):
 class QWenMLP(nn.Module):
     def __init__(self, config: QWenConfig):
         super().__init__()
+        self.config = config
         self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # gate
         self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+        return self.c_proj(swiglu(self.w1(x), self.w2(x), impl=self.config.fused_impl))  # [B, T, H]
 
 
 class QWenBlock(nn.Module):
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ln_1 = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_impl)
         self.attn = QWenAttention(config, layer_idx)
-        self.ln_2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ln_2 = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_impl)
         self.mlp = QWenMLP(config)
 
     def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens):
@@ -221,13 +229,18 @@ class QWenBlock(nn.Module):
 class QWenModel(nn.Module):
     """Embeddings + blocks + final norm. `forward` returns `QWenModelOutput`."""
 
+    # Speed switches (see the module docstring); class defaults, settable per instance.
+    mask_free_right_padding: bool = True
+    sparse_embedding_grad: bool = True
+
     def __init__(self, config: QWenConfig):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
-        self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_impl)
         self.gradient_checkpointing = False
+        self.compiled_blocks: list | None = None  # set by compile_blocks(); used in training mode
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -272,14 +285,22 @@ class QWenModel(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        sparse_embedding_grad: bool = False,
     ) -> QWenModelOutput:
+        """`sparse_embedding_grad=True` (set by QWenLMHeadModel only when a dense gradient of the same tied
+        weight comes from the head in the same backward) makes the lookup's gradient sparse."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("QWenModel.forward: give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             if int(input_ids.max()) >= cfg.vocab_size or int(input_ids.min()) < 0:
                 raise ValueError(f"input_ids hold ids outside [0, vocab_size={cfg.vocab_size})")
-            inputs_embeds = self.wte(input_ids)  # [B, T, H]
+            if sparse_embedding_grad:
+                # Only the looked-up rows get a gradient: added into the head's dense [V, H] gradient in
+                # place by autograd, instead of a zero-filled [V, H] tensor and a second full-size add.
+                inputs_embeds = F.embedding(input_ids, self.wte.weight, sparse=True)  # [B, T, H]
+            else:
+                inputs_embeds = self.wte(input_ids)  # [B, T, H]
         if image_features is not None:
             if input_ids is None:
                 raise ValueError("image_features need input_ids to locate the placeholder tokens")
@@ -318,11 +339,13 @@ class QWenModel(nn.Module):
                                torch.ones_like(p)).float()
 
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and not (past == 0 and self.mask_free_right_padding
+                                               and _right_padded(attention_mask)):
             mask = attention_mask.bool()[:, None, None, :].expand(B, 1, T, past + T)  # [B, 1, Tq, Tk]
 
         h = inputs_embeds
-        for block in self.h:
+        blocks = self.compiled_blocks if (self.compiled_blocks and self.training) else self.h
+        for block in blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, cos, sin, logn, mask, cache, cu_seqlens, use_reentrant=False)
             else:
@@ -366,6 +389,41 @@ class QWenLMHeadModel(nn.Module):
     def gradient_checkpointing_enable(self, **_: object) -> None:
         self.transformer.gradient_checkpointing = True
 
+    def set_fused_impl(self, impl: str) -> None:
+        """RMSNorm / rotary / SwiGLU implementation for every layer (`kernels.fused`: auto | torch | triton |
+        compile)."""
+        from kernels.fused import FUSED_IMPLS
+
+        if impl not in FUSED_IMPLS:
+            raise ValueError(f"fused_impl={impl!r}; valid: {', '.join(FUSED_IMPLS)}")
+        self.config.fused_impl = impl
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.impl = impl
+
+    def compile_blocks(self, **compile_kw) -> bool:
+        """Run the decoder blocks through `torch.compile` (inductor, dynamic shapes) in training mode.
+
+        A small forward + backward probe compiles at once; if that fails (no C++ compiler, an unsupported
+        op), the blocks stay eager, the reason is logged once and False is returned."""
+        blocks = [torch.compile(b, dynamic=True, **compile_kw) for b in self.transformer.h]
+        cfg, ref = self.config, self.transformer.h[0]
+        p = next(ref.parameters())
+        try:
+            x = torch.randn(2, 3, cfg.hidden_size, device=p.device, dtype=p.dtype, requires_grad=True)
+            pos = torch.arange(3, device=p.device)[None].expand(2, 3)
+            cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, None)
+            with torch.enable_grad():
+                out = blocks[0](x, cos, sin, None, None, None, None)
+                torch.autograd.grad(out.float().sum(), [x])  # compiles the backward; leaves .grad alone
+        except Exception as e:  # noqa: BLE001 - any compile failure means "stay eager"
+            log_once(log, "compile_blocks", logging.WARNING, "compile_blocks failed, the blocks stay eager: %s: %s",
+                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.transformer.compiled_blocks = None
+            return False
+        self.transformer.compiled_blocks = blocks
+        return True
+
     def gradient_checkpointing_disable(self) -> None:
         self.transformer.gradient_checkpointing = False
 
@@ -388,10 +446,16 @@ class QWenLMHeadModel(nn.Module):
         `return_logits=True` (or no labels) the full `[B, T, V]` logits are computed here.
         `logits_to_keep=n > 0` (no labels) computes logits for the last n positions only, as generation
         needs: a prefill then never builds the prompt x vocabulary matrix."""
+        w = self.transformer.wte.weight
+        # Sparse lookup gradient only when the head adds a dense gradient of the same weight (see the
+        # module docstring) and the weight is an ordinary local tensor (not a ZeRO-3 / FSDP shard).
+        sparse = (labels is not None and self.transformer.sparse_embedding_grad and self.training
+                  and torch.is_grad_enabled() and w.requires_grad and self.lm_head.weight is w
+                  and type(w) is nn.Parameter and not hasattr(w, "ds_id"))
         out = self.transformer(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
             inputs_embeds=inputs_embeds, image_features=image_features, use_cache=use_cache,
-            position_ids=position_ids, cu_seqlens=cu_seqlens,
+            position_ids=position_ids, cu_seqlens=cu_seqlens, sparse_embedding_grad=sparse,
         )
         hidden = out.last_hidden_state  # [B, T, H]
         if labels is not None and return_logits is not True:
