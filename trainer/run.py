@@ -287,6 +287,9 @@ def train(cfg: TrainConfig) -> RunResult:
 
     set_seed(cfg.seed)
     vlm = build_model(cfg)
+    from trainer.speed import apply_speed_settings
+
+    apply_speed_settings(cfg, vlm)
     if rank == 0 and cfg.check_disk_space:
         preflight_disk_space(out, vlm)
     train_ds, eval_ds = build_datasets(cfg, vlm)
