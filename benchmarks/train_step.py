@@ -204,10 +204,13 @@ def _profile(side: Side, batch: dict, n: int) -> tuple[str, dict[str, float]]:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         side.step(batch)
-    key = "self_device_time_total" if side.device.type == "cuda" else "self_cpu_time_total"
+    gpu = side.device.type == "cuda"
+    key = "self_device_time_total" if gpu else "self_cpu_time_total"
     out: dict[str, float] = {}
     for e in prof.events():
-        t = getattr(e, key) / 1e6  # GPU: kernel time; CPU: op time
+        if gpu and str(getattr(e, "device_type", "")).endswith("CUDA"):
+            continue  # a kernel's own event: its time is already its launching op's self device time
+        t = getattr(e, key) / 1e6  # GPU: kernel time of the op; CPU: op time
         if not t:
             continue
         cat, part, backward = _category(e)

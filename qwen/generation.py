@@ -11,6 +11,8 @@ inputs_embeds=None, use_cache=True, generator=None) -> list[list[int]]`
   positive logit is divided by the penalty, a negative one multiplied.
 * `streamer(batch_index, token_id)` is called once per emitted token.
 * `use_cache=False` recomputes the whole sequence every step (the reference the cache is tested against).
+* Speed: the KV cache is static (`QWenCache(max_length=prompt + max_new_tokens)`: written in place, never
+  concatenated), and each step computes the logits of the last position only (`logits_to_keep=1`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from qwen.modeling import QWenCache
 
 
 def left_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,9 +103,10 @@ def generate(
         seen.scatter_(1, input_ids.clamp(0, V - 1), attention_mask.bool())  # real prompt tokens only
 
     # Only the last position's logits are ever read (logits_to_keep=1).
+    cache = QWenCache(model.config.num_hidden_layers, max_length=T + max_new_tokens) if use_cache else None
     out = model(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask, image_features=image_features, use_cache=use_cache,
-                logits_to_keep=1)
+                past_key_values=cache, logits_to_keep=1)
     results: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     full_ids, full_embeds = input_ids, inputs_embeds

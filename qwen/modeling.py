@@ -16,7 +16,15 @@ Contract
   labels given, the embedding lookup's gradient is sparse (`QWenModel.sparse_embedding_grad`): it is
   added into the head's dense gradient of the same weight instead of materialising a second
   `[V, H]` tensor. `compile_blocks()` runs the decoder blocks through `torch.compile` (opt-in).
-* KV cache: `QWenCache`, per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill.
+* KV cache: `QWenCache`, per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill. With
+  `max_length` (generation knows prompt + new tokens) it is static: each layer's buffer is allocated once
+  at `[B, Hkv, max_length, D]` and every step writes in place (no concatenation of the whole cache per
+  token); it grows like the dynamic one if a step would overflow it.
+* Decoding (no gradient, a few rows, CPU): the logits of `logits_to_keep` positions are computed as
+  `W @ h^T` (each vocabulary row streamed once against the few hidden states) instead of `h @ W^T`,
+  which the CPU BLAS runs about 2x slower at this shape; the same fp32 dot products, summed in another
+  order (differences ~1e-6). A one-token step with grouped KV heads folds the query heads that share a
+  KV head into the query axis (plain multi-head attention over the cache, which is never expanded).
 * `attention_mask` is the `[B, T_cache + T_new]` 0/1 padding mask. Positions are
   `cumsum(attention_mask) - 1` for every arch: a left-padded row then sees positions 0, 1, ... from its
   first real token, exactly as when run alone. (The original Qwen-1 uses 0..kv_len-1 including padding,
@@ -56,12 +64,17 @@ log = logging.getLogger(__name__)
 
 
 class QWenCache:
-    """Per-layer keys/values `[B, Hkv, T, D]` and the per-row NTK alpha `[B]` fixed at prefill."""
+    """Per-layer keys/values `[B, Hkv, T, D]` and the per-row NTK alpha `[B]` fixed at prefill.
 
-    def __init__(self, num_layers: int):
+    `max_length`: preallocate each layer's buffer to that many positions and write in place (a static
+    cache); `keys[i]` / `values[i]` are then views of the filled part."""
+
+    def __init__(self, num_layers: int, max_length: int | None = None):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.ntk_alpha: torch.Tensor | None = None
+        self.max_length = max_length
+        self._bufs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -70,16 +83,35 @@ class QWenCache:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)  # [B, Hkv, T_cache + T, D]
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        past = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+        n = past + k.shape[2]
+        if self.max_length is None or n > self.max_length:
+            if self.keys[layer] is not None:
+                k = torch.cat([self.keys[layer], k], dim=2)  # [B, Hkv, T_cache + T, D]
+                v = torch.cat([self.values[layer], v], dim=2)
+            self.keys[layer], self.values[layer], self._bufs[layer] = k, v, None
+            return k, v
+        if self._bufs[layer] is None:
+            B, H, _, D = k.shape
+            kb = k.new_empty(B, H, self.max_length, D)  # [B, Hkv, max_length, D], filled as tokens come
+            vb = v.new_empty(B, H, self.max_length, D)
+            if past:
+                kb[:, :, :past], vb[:, :, :past] = self.keys[layer], self.values[layer]
+            self._bufs[layer] = (kb, vb)
+        kb, vb = self._bufs[layer]
+        kb[:, :, past:n], vb[:, :, past:n] = k, v
+        self.keys[layer], self.values[layer] = kb[:, :, :n], vb[:, :, :n]
+        return self.keys[layer], self.values[layer]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only batch rows `index` (e.g. drop finished sequences)."""
-        self.keys = [None if k is None else k[index] for k in self.keys]
-        self.values = [None if v is None else v[index] for v in self.values]
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if self._bufs[i] is not None:
+                kb, vb = self._bufs[i][0][index], self._bufs[i][1][index]
+                self._bufs[i] = (kb, vb)
+                self.keys[i], self.values[i] = kb[:, :, :k.shape[2]], vb[:, :, :v.shape[2]]
+            elif k is not None:
+                self.keys[i], self.values[i] = k[index], v[index]
         if self.ntk_alpha is not None:
             self.ntk_alpha = self.ntk_alpha[index]
 
@@ -162,6 +194,8 @@ def _right_padded(attention_mask: torch.Tensor) -> bool:
 
 
 class QWenAttention(nn.Module):
+    fold_gqa_decode: bool = True  # see the module docstring (speed); a class switch for measurements
+
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
         self.config = config
@@ -190,7 +224,17 @@ class QWenAttention(nn.Module):
             q = q * logn[:, None, :, None].to(q.dtype)  # [B, 1, T, 1]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, T_total, D]
-        if cu_seqlens is not None:
+        if (self.fold_gqa_decode and cu_seqlens is None and T == 1 and self.n_heads != self.n_kv
+                and q.device.type == "cpu"):
+            # A decode step with grouped KV heads: the single query attends every cached key (causal is
+            # moot), so the n_rep query heads that share a KV head fold into the query axis and the call
+            # is plain multi-head attention: no [B, Hq, T_cache, D] copy of the cache per step.
+            n_rep = self.n_heads // self.n_kv
+            qf = q.reshape(B, self.n_kv, n_rep, self.head_dim)  # [B, Hkv, n_rep, D]
+            m = None if mask is None else mask.expand(B, 1, n_rep, mask.shape[-1])  # [B, 1, n_rep, Tk]
+            out = attention(qf, k, v, causal=False, attention_mask=m, impl=cfg.attn_impl)  # [B, Hkv, n_rep, D]
+            out = out.reshape(B, self.n_heads, 1, self.head_dim).transpose(1, 2)  # [B, 1, Hq, D]
+        elif cu_seqlens is not None:
             # Packed sequences: [1, H, total, D] -> [total, H, D]
             out = attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), causal=True,
                             cu_seqlens=cu_seqlens, impl=cfg.attn_impl)
@@ -354,6 +398,20 @@ class QWenModel(nn.Module):
         return QWenModelOutput(last_hidden_state=h, past_key_values=cache)
 
 
+def _decode_head(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """`head(hidden)` for a few rows `[B, n, H]`; on a CPU without gradient computed as `W @ h^T` (see the
+    module docstring), otherwise as the head itself computes it."""
+    rows = hidden.shape[0] * hidden.shape[1]
+    if (type(head) is not nn.Linear or hidden.device.type != "cpu" or torch.is_grad_enabled() or rows > 64
+            or hidden.dtype != head.weight.dtype):
+        return head(hidden)
+    h = hidden.reshape(rows, hidden.shape[-1])  # [rows, H]
+    out = torch.matmul(head.weight, h.t()).t()  # [rows, V], a transposed view of [V, rows]
+    if head.bias is not None:
+        out = out + head.bias
+    return out.reshape(*hidden.shape[:-1], out.shape[-1])
+
+
 class QWenLMHeadModel(nn.Module):
     """`transformer` (QWenModel) + `lm_head`; see module docstring for the contract."""
 
@@ -465,7 +523,9 @@ class QWenLMHeadModel(nn.Module):
                               logits_fn=lambda: self.lm_head(hidden))
         if logits_to_keep > 0 and labels is None:
             hidden = hidden[:, -logits_to_keep:]  # [B, n, H]
-        logits = self.lm_head(hidden)  # [B, T, V]
+            logits = _decode_head(hidden, self.lm_head)  # [B, n, V]
+        else:
+            logits = self.lm_head(hidden)  # [B, T, V]
         loss = None if labels is None else full_logits_loss(logits, labels, cu_seqlens)
         return QWenOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
 

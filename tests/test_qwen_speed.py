@@ -151,3 +151,63 @@ def test_compile_blocks_falls_back(monkeypatch, caplog):
     assert m.transformer.compiled_blocks is None and "inductor unavailable" in caplog.text
     batch = _right_padded_batch(m.config.vocab_size)
     assert torch.isfinite(m(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss)
+
+
+def test_static_cache_matches_dynamic_cache_and_overflows():
+    from qwen.modeling import QWenCache
+
+    m = _model().eval()
+    ids = torch.randint(0, m.config.vocab_size, (3, 9))
+    with torch.no_grad():
+        for max_length in (None, 11, 10):  # dynamic, static with room, static overflowing at the 2nd step
+            cache = QWenCache(m.config.num_hidden_layers, max_length=max_length)
+            out = m(input_ids=ids[:, :8], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            steps = [out.logits[:, -1]]
+            for t in (8,):
+                out = m(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                steps.append(out.logits[:, -1])
+            cache.reorder(torch.tensor([2, 0]))
+            out = m(input_ids=ids[[2, 0], 8:9], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            steps.append(out.logits[:, -1])
+            if max_length is None:
+                ref = steps
+            else:
+                assert cache.get_seq_length() == 10
+                for a, b in zip(steps, ref):
+                    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        full = m(input_ids=torch.cat([ids[[2, 0], :9], ids[[2, 0], 8:9]], 1)).logits[:, -1]
+        torch.testing.assert_close(steps[-1], full, rtol=0, atol=1e-4)
+
+
+def test_decode_head_matches_the_head():
+    from qwen.modeling import _decode_head
+
+    head = torch.nn.Linear(32, 300, bias=True)
+    h = torch.randn(4, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(_decode_head(h, head), head(h), rtol=0, atol=1e-5)
+    assert _decode_head(h, head).requires_grad  # with gradient enabled it is the head's own call
+
+
+def test_gqa_decode_fold_matches_uncached_generation():
+    """One-token steps with grouped KV heads fold the query heads (no cache expansion): same tokens and
+    logits as recomputing the whole left-padded sequence every step."""
+    torch.manual_seed(0)
+    m = QWenLMHeadModel(tiny_qwen_config("qwen2", attn_impl="torch", num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "ln" not in n:
+                p.normal_(0, 0.1)
+    prompts = [[5, 17, 99, 230, 41, 8, 77], [12, 250], [3, 3, 60, 70]]
+    assert m.generate(prompts, max_new_tokens=6) == m.generate(prompts, max_new_tokens=6, use_cache=False)
+    from qwen.generation import left_pad
+
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=mask, use_cache=True)
+        nxt = torch.tensor([[7], [9], [11]])
+        step = m(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
+                 past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        full = m(input_ids=torch.cat([ids, nxt], 1),
+                 attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
