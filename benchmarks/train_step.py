@@ -23,7 +23,8 @@ transformers' Trainer uses, `adamw_torch_fused`):
   `fused_compile` / `fused_triton` (RMSNorm, rotary and SwiGLU through `kernels.fused` with
   impl=compile / triton), `copies` (ours WITHOUT the copy savings, i.e. with the padding mask and the dense
   embedding gradient: shows what they give), `malloc` (ours with glibc's default allocator instead of
-  the retained heap: shows what `trainer/cpu_malloc.py` gives; switched before each of its steps).
+  the retained heap: shows what `trainer/cpu_malloc.py` gives; switched before each of its steps),
+  `baseline` (both of the last two: the training step as it was before them).
 - bf16 (skipped by `--no-bf16`, and on a CPU without native bf16, saying why): ours and reference_sup
   again, each step under `torch.autocast(bfloat16)`.
 
@@ -70,7 +71,7 @@ from benchmarks import common  # noqa: E402
 from qwen.loss import supervised_loss  # noqa: E402
 
 OPTIMIZERS = {"adamw_fused": {"fused": True}, "adamw": {}}  # name -> torch.optim.AdamW keywords
-LEVERS = ("compile", "fused_compile", "fused_triton", "copies", "malloc")
+LEVERS = ("compile", "fused_compile", "fused_triton", "copies", "malloc", "baseline")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -270,7 +271,7 @@ def _lever_model(lever: str, ours: torch.nn.Module, device: torch.device) -> tor
             return None
         lm.set_fused_impl(impl)
         return m
-    if lever == "copies":
+    if lever in ("copies", "baseline"):
         lm.transformer.mask_free_right_padding = False
         lm.transformer.sparse_embedding_grad = False
         return m
@@ -326,7 +327,8 @@ def main(argv=None) -> dict:
     for lever in args.levers:
         m = _lever_model(lever, ours_model, device)
         if m is not None:
-            sides[lever] = Side(lever, m, kind="ours", malloc="default" if lever == "malloc" else None, **mk)
+            malloc = "default" if lever in ("malloc", "baseline") and device.type == "cpu" else None
+            sides[lever] = Side(lever, m, kind="ours", malloc=malloc, **mk)
             inputs[lever] = data
 
     print(f"train_step: device={device} threads={torch.get_num_threads()} batch={args.batch_size} "
