@@ -211,3 +211,34 @@ def test_gqa_decode_fold_matches_uncached_generation():
         full = m(input_ids=torch.cat([ids, nxt], 1),
                  attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+
+
+def test_screened_greedy_head_picks_the_fp32_argmax():
+    """The fp16 screen + fp32 recomputation returns exactly the fp32 argmax, also for near-ties."""
+    from qwen.generation import ScreenedHead
+
+    head = torch.nn.Linear(48, 3000, bias=False)
+    if not ScreenedHead.usable(head, torch.device("cpu")):
+        pytest.skip("torch built without FBGEMM: the screened head is not used")
+    h = torch.randn(6, 48)
+    with torch.no_grad():
+        head.weight[7] = head.weight[5] + 1e-7  # a near-tie the fp16 copy cannot separate
+        h[0] = head.weight[5] * 50  # row 0's best tokens are 5 and 7
+        screen = ScreenedHead.for_head(head)
+        got = screen.argmax(h, head.weight)
+        assert torch.equal(got, (h @ head.weight.t()).argmax(1))
+        assert ScreenedHead.for_head(head) is screen  # cached while the weight is unchanged
+        head.weight.mul_(2)
+        assert ScreenedHead.for_head(head) is not screen  # rebuilt after an in-place update
+
+
+def test_screened_generation_equals_plain_greedy():
+    m = _model(tie_word_embeddings=True).eval()
+    m.tie_weights()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = [[5, 17, 99, 230, 41, 8, 77], [12, 250], [3, 3, 60, 70]]
+    fast = m.generate(prompts, max_new_tokens=8)
+    assert fast == m.generate(prompts, max_new_tokens=8, screen_head=False)
+    assert fast == m.generate(prompts, max_new_tokens=8, use_cache=False)
