@@ -33,7 +33,7 @@ demo: setup
 	sh test.sh
 
 bench: setup
-	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/train_step.py --levers baseline,copies,malloc,fused_compile,compile
 	$(BIN)/python benchmarks/generate.py
 	$(BIN)/python benchmarks/data.py
 
