@@ -395,6 +395,8 @@ def main(argv=None) -> dict:
 
     keys = ("samples_per_s", "target_tokens_per_s", "tokens_per_s", "step_s", "cpu_s", "mfu", "mfu_cpu",
             "peak_mb", "step_peak_mb")
+    if device.type != "cpu":  # host CPU time says nothing about a GPU step
+        keys = tuple(k for k in keys if k not in ("cpu_s", "mfu_cpu"))
     for key in keys:
         if key in results["ours"]:
             vals = {k: results[k][key] for k in ("ours", "reference_sup", "reference") if k in results}
@@ -403,7 +405,7 @@ def main(argv=None) -> dict:
         if name in ("ours", "reference_sup", "reference"):
             continue
         for key in ("samples_per_s", "step_s", "cpu_s", "mfu", "peak_mb"):
-            if key in results[name]:
+            if key in results[name] and key in keys:
                 vals = {name: results[name][key], "reference_sup": results["reference_sup"][key],
                         "ours": results["ours"][key]}
                 print(_line(f"{name}_{key}", vals, "reference_sup", ("ours",), _fmt(key)))
@@ -456,7 +458,7 @@ def bf16_lines(sides: dict, data: list[dict], args, device: torch.device) -> dic
     n = args.steps * args.batch_size
     out = {k: {"samples_per_s": n / sum(s.times), "step_s": sum(s.times) / len(s.times),
                "cpu_s": sum(s.cpu_times) / len(s.cpu_times)} for k, s in pair.items()}
-    for key in ("samples_per_s", "step_s", "cpu_s"):
+    for key in ("samples_per_s", "step_s") + (("cpu_s",) if device.type == "cpu" else ()):
         print(_line(f"bf16_{key}", {k: out[k][key] for k in out}, "reference_sup"))
     return out
 
@@ -501,8 +503,9 @@ def stage1(args, device: torch.device) -> dict:
     print(f"stage1 shape: {spec.image_size} px / patch {spec.patch_size} -> {spec.tokens_per_image} tokens, "
           f"tower {spec.vision_layers} x {spec.vision_hidden} (frozen), LM {spec.lm_layers} x {spec.lm_hidden} "
           f"(frozen), projector trains; tower share of model FLOPs {share:.2f}")
-    print(f"stage1_samples_per_s     cached={c:.3f} pixels={p:.3f} ratio={c / p:.2f} (cpu-time ratio "
-          f"{cpu_ratio:.2f}) flop_bound={bound:.2f} of_bound={c / p / bound:.2f}")
+    cpu_note = f" (cpu-time ratio {cpu_ratio:.2f})" if device.type == "cpu" else ""
+    print(f"stage1_samples_per_s     cached={c:.3f} pixels={p:.3f} ratio={c / p:.2f}{cpu_note} "
+          f"flop_bound={bound:.2f} of_bound={c / p / bound:.2f}")
     out.update(tower_flop_share=share, bound=bound, ratio=c / p, cpu_ratio=cpu_ratio)
     return out
 
