@@ -1,9 +1,11 @@
 """Shared parts of the benchmarks: the benchmark model pair, the synthetic LLaVA-like mix, memory probes.
 
 Contract:
-- `SPECS`: `"full"` (the issue's shape: CLIP-like 224 px / patch 16 tower -> 196 tokens, hidden 384,
+- `SPECS`: `"full"` (the benchmark shape: CLIP-like 224 px / patch 16 tower -> 196 tokens, hidden 384,
   4 layers; a 4-layer 512-wide Qwen2 LM, 8 heads / 2 KV heads, the real 151,936-row vocabulary, tied
-  embeddings as the small Qwen2 models) and `"quick"` (a tiny version for tests).
+  embeddings as the small Qwen2 models), `"quick"` (a tiny version for tests), and the stage-1 shapes
+  `"stage1"` (LLaVA-1.5's pretraining scaled down: a CLIP-L/336-like tower, 336 px / patch 14 -> 576
+  tokens, 12 layers of 384, in front of the same LM, captions of 8-32 tokens) and `"stage1_quick"`.
 - `make_plain_mix(spec, n, seed)`: stage-1 items (one image, a caption; plain mode).
 - `build_pair(spec, workdir, seed) -> (ours, reference)`: a transformers `LlavaForConditionalGeneration`
   built from `spec` with a fixed seed and written with `save_pretrained`; the reference is that
@@ -17,6 +19,13 @@ Contract:
   before it (CUDA: the caching allocator's peak; CPU: the running sum of the allocations and frees the
   torch profiler records per op, in op start order); `resident_bytes(model, optimizer)`: parameters,
   gradients and optimizer state currently held.
+- `matmul_peak(device, dtype)`: (wall FLOP/s, CPU-time FLOP/s) of the best of a few square matmuls, for
+  MFU; measured again between timed rounds so that it sees the same machine load as the steps.
+- `bf16_native(device) -> (bool, reason)`: whether bf16 matmuls run natively (CUDA with bf16; a CPU
+  with AMX or AVX512-BF16), and why not.
+- `set_malloc(mode)`: glibc's allocator on Linux, `"retain"` (freed memory kept for reuse: no page
+  faults on the next large tensor; what `train.py` uses on a CPU) or `"default"` (glibc's defaults, freed
+  memory handed back to the system); a no-op elsewhere.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the CPU profiler quiet; s
 
 import torch  # noqa: E402
 
-IGNORE_INDEX = -100
+from qwen.loss import IGNORE_INDEX  # noqa: E402  (after the environment above)
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,20 @@ SPECS: dict[str, BenchSpec] = {
         lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=128,
         vocab_size=512, n_text=480, im_start=481, im_end=482, image_start=483, image_end=484,
         image_token=485, eod=480, turns=(1, 2), user_len=(2, 8), answer_len=(2, 10),
+    ),
+    # LLaVA-1.5 stage 1 scaled down: CLIP-L/336's geometry (336 px, patch 14, 576 tokens, read at layer -2)
+    # with 12 layers of 384 instead of 24 of 1024; the frozen LM of "full"; BLIP-like short captions.
+    "stage1": BenchSpec(
+        image_size=336, patch_size=14, vision_hidden=384, vision_layers=12, vision_heads=6,
+        lm_hidden=512, lm_layers=4, lm_heads=8, lm_kv_heads=2, lm_intermediate=2048,
+        vocab_size=151936, n_text=151643, im_start=151644, im_end=151645, image_start=151652,
+        image_end=151653, image_token=151655, eod=151643, answer_len=(8, 32),
+    ),
+    "stage1_quick": BenchSpec(
+        image_size=56, patch_size=14, vision_hidden=32, vision_layers=3, vision_heads=2,
+        lm_hidden=64, lm_layers=2, lm_heads=4, lm_kv_heads=2, lm_intermediate=128,
+        vocab_size=512, n_text=480, im_start=481, im_end=482, image_start=483, image_end=484,
+        image_token=485, eod=480, answer_len=(2, 10),
     ),
 }
 
@@ -318,3 +341,49 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
 
 def fmt_mb(n: float) -> str:
     return f"{n / 2**20:.1f}"
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 3) -> tuple[float, float]:
+    """(best wall FLOP/s, best CPU-time FLOP/s) of `repeats` square matmuls (1024 on a CPU, 4096 on a GPU)."""
+    n = 4096 if device.type == "cuda" else 1024
+    g = torch.Generator(device=device).manual_seed(0)  # private: the benchmark's RNG streams stay untouched
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    torch.mm(a, b)  # warm-up
+    sync(device)
+    wall = cpu = float("inf")
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        torch.mm(a, b)
+        sync(device)
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, max(time.process_time() - c0, 1e-9))
+    return 2 * n**3 / wall, 2 * n**3 / cpu
+
+
+def bf16_native(device: torch.device) -> tuple[bool, str]:
+    """(runs bf16 matmuls natively, reason when not)."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, "" if ok else f"{torch.cuda.get_device_name(device)} has no bf16"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    if amx or avx512_bf16:
+        return True, ""
+    cap = torch.backends.cpu.get_cpu_capability()
+    return False, (f"this CPU has no native bf16 matmul (no AMX, no AVX512-BF16; torch's CPU capability: {cap}): "
+                   "bf16 would run emulated, many times slower than fp32")
+
+
+_MALLOC_MODE = ["default"]
+
+
+def set_malloc(mode: str) -> bool:
+    """Switch glibc's allocator between `retain` and `default` (see the module docstring); False if not glibc."""
+    from trainer.cpu_malloc import retain_freed_memory
+
+    if mode == _MALLOC_MODE[0]:
+        return True
+    ok = retain_freed_memory(mode == "retain")
+    if ok:
+        _MALLOC_MODE[0] = mode
+    return ok

@@ -11,7 +11,10 @@ transformers gets `eos_token_id=None`), greedy, with its KV cache. After one war
 `--repeats` calls per side run alternately; the figures are
 - `tokens_per_s`: new tokens of the whole batch / wall time of the call (prefill included);
 - `prefill_s`: wall time of a call with one new token (images through the tower + the prompt);
-- `decode_tokens_per_s`: batch * (new_tokens - 1) / (full call - prefill call).
+- `decode_tokens_per_s`: batch * (new_tokens - 1) / (full call - prefill call);
+- `cpu_tokens_per_s`, `cpu_decode_tokens_per_s`: the same from process CPU time instead of wall time
+  (steadier on a shared machine, with `--threads 1`).
+Each figure is the best of the repeats (the least disturbed call).
 `--profile N` prints the top-N ops of one prefill call per side. `match` is the fraction of rows whose generated tokens are identical on both sides (a check that the
 two compute the same thing; fp32 ties can rarely flip a token).
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
@@ -87,11 +91,17 @@ def main(argv=None) -> dict:
             outputs[name] = fn(args.new_tokens)
         full = {k: [] for k in run}
         prefill = {k: [] for k in run}
+        cpu_full = {k: [] for k in run}
+        cpu_prefill = {k: [] for k in run}
         for r in range(args.repeats):
             order = list(run) if r % 2 == 0 else list(reversed(list(run)))
             for name in order:
+                c0 = time.process_time()
                 full[name].append(common.timed(lambda f=run[name]: f(args.new_tokens), device))
+                c1 = time.process_time()
                 prefill[name].append(common.timed(lambda f=run[name]: f(1), device))
+                cpu_full[name].append(c1 - c0)
+                cpu_prefill[name].append(time.process_time() - c1)
 
     lengths = {k: {len(o) for o in v} for k, v in outputs.items()}
     assert lengths == {"ours": {args.new_tokens}, "reference": {args.new_tokens}}, lengths
@@ -100,15 +110,22 @@ def main(argv=None) -> dict:
     results: dict[str, dict[str, float]] = {}
     for name in run:
         t_full, t_pre = min(full[name]), min(prefill[name])  # best of the repeats: least disturbed
+        c_full, c_pre = min(cpu_full[name]), min(cpu_prefill[name])
+        decoded = args.batch_size * (args.new_tokens - 1)
         results[name] = {
             "tokens_per_s": new / t_full,
             "prefill_s": t_pre,
-            "decode_tokens_per_s": args.batch_size * (args.new_tokens - 1) / max(t_full - t_pre, 1e-9),
+            "decode_tokens_per_s": decoded / max(t_full - t_pre, 1e-9),
+            "cpu_tokens_per_s": new / max(c_full, 1e-9),
+            "cpu_decode_tokens_per_s": decoded / max(c_full - c_pre, 1e-9),
         }
-    for key in ("tokens_per_s", "prefill_s", "decode_tokens_per_s"):
+    keys = ("tokens_per_s", "prefill_s", "decode_tokens_per_s")
+    if device.type == "cpu":  # host CPU time says nothing about GPU work
+        keys += ("cpu_tokens_per_s", "cpu_decode_tokens_per_s")
+    for key in keys:
         o, r = results["ours"][key], results["reference"][key]
-        print(f"{key:<20} ours={o:.3f} reference={r:.3f} ratio={o / r:.2f}")
-    print(f"match                rows with identical tokens: {match:.2f}")
+        print(f"{key:<24} ours={o:.3f} reference={r:.3f} ratio={o / r:.2f}")
+    print(f"match                    rows with identical tokens: {match:.2f}")
     results["ratio"] = {k: results["ours"][k] / results["reference"][k] for k in results["ours"]}
     results["match"] = match
     if args.profile:

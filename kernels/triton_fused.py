@@ -1,4 +1,4 @@
-"""Triton RMSNorm and rotary embedding (forward and backward kernels), fp32 math inside.
+"""Triton RMSNorm, rotary embedding and SwiGLU (forward and backward kernels), fp32 math inside.
 
 Contract
 --------
@@ -7,6 +7,8 @@ Contract
 * `apply_rotary(x [B, H, T, D], cos, sin)` with cos/sin fp32 `[B, T, D]` or `[T, D]` (halves
   duplicated, as `cat([freqs, freqs])`): rotate-half in fp32, cast back to x's dtype; differentiable
   in x (cos/sin are position tables and get no gradient).
+* `swiglu(up, gate)` -> `up * silu(gate)` computed in fp32 and rounded once to the inputs' dtype;
+  differentiable in both (the backward recomputes the sigmoid instead of saving it).
 * CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1`. Callers go through `kernels/fused.py`.
 """
 
@@ -133,3 +135,55 @@ class _Rotary(torch.autograd.Function):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return _Rotary.apply(x, cos, sin)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(UP, GATE, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    u = tl.load(UP + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(GATE + offs, mask=ok, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(Y + offs, (u * g * s).to(Y.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(DY, UP, GATE, DUP, DGATE, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    dy = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32)
+    u = tl.load(UP + offs, mask=ok, other=0.0).to(tl.float32)
+    g = tl.load(GATE + offs, mask=ok, other=0.0).to(tl.float32)
+    s = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(DUP + offs, (dy * g * s).to(DUP.dtype.element_ty), mask=ok)
+    # d silu(g) / dg = s * (1 + g * (1 - s))
+    tl.store(DGATE + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(DGATE.dtype.element_ty), mask=ok)
+
+
+_SWIGLU_BLOCK = 1024
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, up, gate):
+        up, gate = up.contiguous(), gate.contiguous()
+        y = torch.empty_like(up)
+        n = up.numel()
+        if n:
+            _swiglu_fwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](up, gate, y, n, BLOCK=_SWIGLU_BLOCK)
+        ctx.save_for_backward(up, gate)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        up, gate = ctx.saved_tensors
+        dy = dy.contiguous()
+        dup, dgate = torch.empty_like(up), torch.empty_like(gate)
+        n = up.numel()
+        if n:
+            _swiglu_bwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](dy, up, gate, dup, dgate, n, BLOCK=_SWIGLU_BLOCK)
+        return dup, dgate
+
+
+def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    return _SwiGLU.apply(up, gate)

@@ -70,6 +70,9 @@ class QWenConfig:
     use_logn_attn: bool = False
     image_token_id: int | None = None  # None -> DEFAULT_IMAGE_TOKEN_ID[arch]
     attn_impl: str = "auto"
+    # RMSNorm / rotary / SwiGLU: kernels.fused impls (auto | torch | triton | compile); torch until the
+    # fused kernels are measured on a GPU (docs/benchmarks.md), opt-in with `fused_impl=...`.
+    fused_impl: str = "torch"
     initializer_range: float = 0.02
 
     def __post_init__(self) -> None:

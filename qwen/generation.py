@@ -4,20 +4,84 @@ Contract
 --------
 `generate(model, input_ids, attention_mask=None, max_new_tokens=32, do_sample=False, temperature=1.0,
 top_p=1.0, top_k=0, repetition_penalty=1.0, stop_token_ids=None, streamer=None, image_features=None,
-inputs_embeds=None, use_cache=True, generator=None) -> list[list[int]]`
+inputs_embeds=None, use_cache=True, generator=None, screen_head=True) -> list[list[int]]`
 * `input_ids`: `[B, T]` tensor (left-padded, with `attention_mask`) or a list of id lists (left-padded
   here). Returns the new tokens of each row, the stop token excluded.
 * Repetition penalty as in CTRL / transformers: over the prompt's real tokens and generated tokens, a
   positive logit is divided by the penalty, a negative one multiplied.
 * `streamer(batch_index, token_id)` is called once per emitted token.
 * `use_cache=False` recomputes the whole sequence every step (the reference the cache is tested against).
+* Speed: the KV cache is static (`QWenCache(max_length=prompt + max_new_tokens)`: written in place, never
+  concatenated), and each step computes the logits of the last position only (`logits_to_keep=1`).
+* Greedy decoding on a CPU (no sampling, no repetition penalty, an fp32 bias-free `nn.Linear` head, torch
+  built with FBGEMM; `screen_head=False` turns it off) picks each token with `ScreenedHead`: the logits
+  are first computed against an fp16 copy of the head (half the bytes of the memory-bound head read),
+  every token whose logit could still be the maximum given a rigorous bound on that approximation's
+  error is a candidate (almost always one), and the candidates' logits are recomputed in fp32 from the
+  real weight. The token is the argmax of fp32 logits, as without screening; the copy costs
+  2 bytes per head weight and is rebuilt when the weight changes.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
+from torch import nn
+
+from qwen.modeling import QWenCache
+
+
+class ScreenedHead:
+    """Exact greedy argmax of `hidden @ W^T` (fp32) reading W mostly in fp16 (see the module docstring).
+
+    Bound: with u = 2^-24 and gamma = K u / (1 - K u) (K = hidden size), every fp32 dot product of `h` with
+    a row is within gamma |h| |w| of the true value, and the fp16 row w^ adds |h| |w - w^|; so a token v
+    can hold the fp32 maximum only if approx_v + b_v >= max_u (approx_u - b_u), b = |h| (|w - w^| +
+    2 gamma |w|). Only those candidates are recomputed in fp32."""
+
+    def __init__(self, weight: torch.Tensor):
+        w = weight.detach()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch marks the fbgemm fp16 ops deprecated; 2.14 has them
+            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(w)
+        K = w.shape[1]
+        gamma = K * 2.0**-24 / (1 - K * 2.0**-24)
+        self.slack = (w - w.half().float()).norm(dim=1) + 2 * gamma * w.norm(dim=1)  # [V]
+        self.zero = w.new_zeros(w.shape[0])
+        self.key = (w.data_ptr(), w._version, tuple(w.shape))
+
+    @staticmethod
+    def usable(head: nn.Module, device: torch.device) -> bool:
+        return (type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32
+                and device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
+                and hasattr(torch, "fbgemm_linear_fp16_weight"))
+
+    @classmethod
+    def for_head(cls, head: nn.Linear) -> ScreenedHead:
+        """The head's screen, built once and rebuilt when the weight changes (training, loading)."""
+        w = head.weight
+        cur = getattr(head, "_screened_head", None)
+        if cur is None or cur.key != (w.data_ptr(), w._version, tuple(w.shape)):
+            cur = cls(w)
+            head._screened_head = cur  # a plain attribute: not a parameter, never saved
+        return cur
+
+    def argmax(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] fp32 -> [B] token ids of the fp32 logits' maxima."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            approx = torch.fbgemm_linear_fp16_weight(hidden, self.packed, self.zero)  # [B, V]
+        bound = hidden.norm(dim=1, keepdim=True) * self.slack[None]  # [B, V]
+        floor = (approx - bound).max(dim=1, keepdim=True).values  # [B, 1]
+        cand = (approx + bound) >= floor  # [B, V], almost always one True per row
+        out = []
+        for b in range(hidden.shape[0]):
+            idx = cand[b].nonzero()[:, 0]  # [n]
+            exact = weight[idx] @ hidden[b]  # [n] fp32 logits of the candidates
+            out.append(idx[exact.argmax()])
+        return torch.stack(out)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +135,7 @@ def generate(
     inputs_embeds: torch.Tensor | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
+    screen_head: bool = True,
 ) -> list[list[int]]:
     if do_sample and temperature <= 0:
         raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
@@ -98,20 +163,36 @@ def generate(
         input_ids = input_ids.to(device)
         seen.scatter_(1, input_ids.clamp(0, V - 1), attention_mask.bool())  # real prompt tokens only
 
-    # Only the last position's logits are ever read (logits_to_keep=1).
-    out = model(input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask, image_features=image_features, use_cache=use_cache,
-                logits_to_keep=1)
+    head = model.get_output_embeddings()
+    screen = None
+    if screen_head and not do_sample and repetition_penalty == 1.0 and ScreenedHead.usable(head, device):
+        screen = ScreenedHead.for_head(head)
+
+    def forward(**kw):
+        """(past_key_values, last position's logits [B, V] or None, its hidden state [B, H] or None)."""
+        if screen is None:
+            o = model(**kw, logits_to_keep=1)  # only the last position's logits are ever read
+            return o.past_key_values, o.logits[:, -1].float(), None
+        o = model.transformer(**kw)  # the screened head picks the token from the hidden state
+        return o.past_key_values, None, o.last_hidden_state[:, -1]
+
+    cache = QWenCache(model.config.num_hidden_layers, max_length=T + max_new_tokens) if use_cache else None
+    past, last_logits, last_hidden = forward(
+        input_ids=None if inputs_embeds is not None else input_ids, inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask, image_features=image_features, use_cache=use_cache, past_key_values=cache)
     results: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     full_ids, full_embeds = input_ids, inputs_embeds
     for step in range(max_new_tokens):
-        logits = process_logits(out.logits[:, -1].float(), seen, temperature if do_sample else 1.0,
-                                top_k if do_sample else 0, top_p if do_sample else 1.0, repetition_penalty)
-        if do_sample:
-            nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+        if screen is not None:
+            nxt = screen.argmax(last_hidden.float(), head.weight)  # [B]
         else:
-            nxt = logits.argmax(dim=-1)  # [B]
+            logits = process_logits(last_logits, seen, temperature if do_sample else 1.0,
+                                    top_k if do_sample else 0, top_p if do_sample else 1.0, repetition_penalty)
+            if do_sample:
+                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+            else:
+                nxt = logits.argmax(dim=-1)  # [B]
         for b, tok in enumerate(nxt.tolist()):
             if done[b]:
                 continue
@@ -126,15 +207,15 @@ def generate(
         seen[torch.arange(B, device=device), nxt] = True
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((B, 1))], dim=1)
         if use_cache:
-            out = model(input_ids=nxt[:, None], attention_mask=attention_mask,
-                        past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+            past, last_logits, last_hidden = forward(input_ids=nxt[:, None], attention_mask=attention_mask,
+                                                     past_key_values=past, use_cache=True)
         elif full_embeds is not None:
             new = model.get_input_embeddings()(nxt[:, None]).to(full_embeds.dtype)
             full_embeds = torch.cat([full_embeds, new], dim=1)
-            out = model(inputs_embeds=full_embeds, attention_mask=attention_mask, logits_to_keep=1)
+            past, last_logits, last_hidden = forward(inputs_embeds=full_embeds, attention_mask=attention_mask)
         else:
             full_ids = torch.cat([full_ids, nxt[:, None]], dim=1)
-            out = model(input_ids=full_ids, attention_mask=attention_mask, image_features=image_features,
-                        logits_to_keep=1)
+            past, last_logits, last_hidden = forward(input_ids=full_ids, attention_mask=attention_mask,
+                                                     image_features=image_features)
     model.train(was_training)
     return results

@@ -17,7 +17,11 @@ Contract
   `[chunk_size, V]` logits (plus their fp32 copy), never `N x V`. Two ways to get the gradients:
   - a plain `nn.Linear` head (the usual `lm_head`, tied or not) goes through `_FusedLinearCE`: each
     chunk's gradient (softmax - onehot) is turned into the head's and the hidden states' gradients
-    right in forward, so the head costs 3 matmuls per target row instead of 4 (no recompute);
+    right in forward, so the head costs 3 matmuls per target row instead of 4 (no recompute). An fp32
+    weight's `[V, H]` gradient is written by the first chunk's matmul and accumulated in place by the
+    others (no zero-filled buffer, no temporary per chunk); backward scales it in place and hands that
+    same tensor to autograd (which can then make it `.grad` without a copy), so a second backward
+    through the same graph (`retain_graph=True`) is refused with a clear error;
   - any other head (LoRA-wrapped, sharded by FSDP2, `FUSED = False`) runs each
     chunk under `torch.utils.checkpoint`: its logits are recomputed in backward;
   - a head with DeepSpeed ZeRO-3 parameters is called once for all target rows (`[N, V]` logits kept):
@@ -92,7 +96,7 @@ class _FusedLinearCE(torch.autograd.Function):
         # h [N, H], weight [V, H], bias [V] | None, y [N]; need = which of h / weight / bias want a gradient
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need[0] else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need[1] else None
+        grad_w = None  # [V, H] fp32, created by the first chunk (see the module docstring)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need[2] else None
         need_grad = any(need)
         for start in range(0, h.shape[0], chunk_size):
@@ -106,24 +110,38 @@ class _FusedLinearCE(torch.autograd.Function):
                 g = g.to(weight.dtype)
                 if grad_h is not None:
                     grad_h[start:start + chunk_size] = g @ weight  # [c, H]
-                if grad_w is not None:
-                    grad_w += (g.t() @ hc).float()  # [V, H], accumulated in fp32 over the chunks
+                if need[1]:
+                    if grad_w is None:
+                        grad_w = (g.t() @ hc).float()  # [V, H]; fp32 weights: no copy
+                    elif weight.dtype == torch.float32:
+                        grad_w.addmm_(g.t(), hc)  # accumulated in place, no [V, H] temporary
+                    else:
+                        grad_w += (g.t() @ hc).float()  # [V, H], accumulated in fp32 over the chunks
                 if grad_b is not None:
                     grad_b += g.float().sum(0)
             del logits
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        # Kept as attributes, not saved tensors: backward scales them in place and lets go of them, so
+        # the tensor it returns has no other owner (autograd then uses it as `.grad` without a copy).
+        ctx.grads = [grad_h, grad_w, grad_b]
         ctx.dtypes = (h.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        h_dt, w_dt, b_dt = ctx.dtypes
+        if ctx.grads is None:
+            raise RuntimeError("supervised_loss: the fused head's gradients were already used by a previous "
+                               "backward (retain_graph=True is not supported); set qwen.loss.FUSED = False")
+        grads, ctx.grads = ctx.grads, None
         scale = grad_out.float()  # the gradients above are of the SUM; scale by d(loss)/d(sum)
-        gh = None if grad_h is None else (grad_h.float() * scale).to(h_dt)
-        gw = None if grad_w is None else (grad_w * scale).to(w_dt)
-        gb = None if grad_b is None else (grad_b * scale).to(b_dt)
-        return gh, gw, gb, None, None, None
+        out = []
+        for g, dt in zip(grads, ctx.dtypes):
+            if g is None:
+                out.append(None)
+            elif g.dtype == dt == torch.float32:
+                out.append(g.mul_(scale))  # in place: the buffer is ours alone
+            else:
+                out.append((g.float() * scale).to(dt))
+        return out[0], out[1], out[2], None, None, None
 
 
 def supervised_loss(

@@ -7,8 +7,24 @@ Contract
   (Qwen3 only), `.ln_2`, `.mlp.w1` (up), `.mlp.w2` (gate), `.mlp.c_proj`, `transformer.ln_f`, `lm_head`.
   MLP = c_proj(w1(x) * silu(w2(x))).
 * RMSNorm and rotary run in fp32 and cast back (as the original). Attention goes only through
-  `kernels.attention(..., impl=config.attn_impl)`.
-* KV cache: `QWenCache`, per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill.
+  `kernels.attention(..., impl=config.attn_impl)`; RMSNorm, rotary and the SwiGLU activation through
+  `kernels.rms_norm / apply_rotary / swiglu(..., impl=config.fused_impl)` (`set_fused_impl` changes it).
+* Speed (training): a right-padded batch without a KV cache (every row = real tokens, then padding)
+  attends causally WITHOUT the padding mask: under causal attention real positions never see the padding
+  that follows them, so their outputs are unchanged, and the mask-free path is the fast one (only the
+  hidden states AT padded positions differ, and nothing reads them). With tied embeddings that train and
+  labels given, the embedding lookup's gradient is sparse (`QWenModel.sparse_embedding_grad`): it is
+  added into the head's dense gradient of the same weight instead of materialising a second
+  `[V, H]` tensor. `compile_blocks()` runs the decoder blocks through `torch.compile` (opt-in).
+* KV cache: `QWenCache`, per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill. With
+  `max_length` (generation knows prompt + new tokens) it is static: each layer's buffer is allocated once
+  at `[B, Hkv, max_length, D]` and every step writes in place (no concatenation of the whole cache per
+  token); it grows like the dynamic one if a step would overflow it.
+* Decoding (no gradient, a few rows, CPU): the logits of `logits_to_keep` positions are computed as
+  `W @ h^T` (each vocabulary row streamed once against the few hidden states) instead of `h @ W^T`,
+  which the CPU BLAS runs about 2x slower at this shape; the same fp32 dot products, summed in another
+  order (differences ~1e-6). A one-token step with grouped KV heads folds the query heads that share a
+  KV head into the query axis (plain multi-head attention over the cache, which is never expanded).
 * `attention_mask` is the `[B, T_cache + T_new]` 0/1 padding mask. Positions are
   `cumsum(attention_mask) - 1` for every arch: a left-padded row then sees positions 0, 1, ... from its
   first real token, exactly as when run alone. (The original Qwen-1 uses 0..kv_len-1 including padding,
@@ -28,6 +44,7 @@ Contract
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,19 +54,27 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import attention
+from kernels import apply_rotary, attention, rms_norm, swiglu
+from kernels._log import log_once
 from qwen.config import QWenConfig
 from qwen.loss import full_logits_loss, supervised_loss
 from qwen.placeholders import scatter_image_features
 
+log = logging.getLogger(__name__)
+
 
 class QWenCache:
-    """Per-layer keys/values `[B, Hkv, T, D]` and the per-row NTK alpha `[B]` fixed at prefill."""
+    """Per-layer keys/values `[B, Hkv, T, D]` and the per-row NTK alpha `[B]` fixed at prefill.
 
-    def __init__(self, num_layers: int):
+    `max_length`: preallocate each layer's buffer to that many positions and write in place (a static
+    cache); `keys[i]` / `values[i]` are then views of the filled part."""
+
+    def __init__(self, num_layers: int, max_length: int | None = None):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.ntk_alpha: torch.Tensor | None = None
+        self.max_length = max_length
+        self._bufs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -58,16 +83,35 @@ class QWenCache:
         return 0 if self.keys[0] is None else self.keys[0].shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)  # [B, Hkv, T_cache + T, D]
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        past = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
+        n = past + k.shape[2]
+        if self.max_length is None or n > self.max_length:
+            if self.keys[layer] is not None:
+                k = torch.cat([self.keys[layer], k], dim=2)  # [B, Hkv, T_cache + T, D]
+                v = torch.cat([self.values[layer], v], dim=2)
+            self.keys[layer], self.values[layer], self._bufs[layer] = k, v, None
+            return k, v
+        if self._bufs[layer] is None:
+            B, H, _, D = k.shape
+            kb = k.new_empty(B, H, self.max_length, D)  # [B, Hkv, max_length, D], filled as tokens come
+            vb = v.new_empty(B, H, self.max_length, D)
+            if past:
+                kb[:, :, :past], vb[:, :, :past] = self.keys[layer], self.values[layer]
+            self._bufs[layer] = (kb, vb)
+        kb, vb = self._bufs[layer]
+        kb[:, :, past:n], vb[:, :, past:n] = k, v
+        self.keys[layer], self.values[layer] = kb[:, :, :n], vb[:, :, :n]
+        return self.keys[layer], self.values[layer]
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only batch rows `index` (e.g. drop finished sequences)."""
-        self.keys = [None if k is None else k[index] for k in self.keys]
-        self.values = [None if v is None else v[index] for v in self.values]
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if self._bufs[i] is not None:
+                kb, vb = self._bufs[i][0][index], self._bufs[i][1][index]
+                self._bufs[i] = (kb, vb)
+                self.keys[i], self.values[i] = kb[:, :, :k.shape[2]], vb[:, :, :v.shape[2]]
+            elif k is not None:
+                self.keys[i], self.values[i] = k[index], v[index]
         if self.ntk_alpha is not None:
             self.ntk_alpha = self.ntk_alpha[index]
 
@@ -106,15 +150,16 @@ class QWenOutput:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """`weight * (x_fp32 * rsqrt(mean(x_fp32^2) + eps)).to(x.dtype)` via `kernels.rms_norm(impl=self.impl)`."""
+
+    def __init__(self, dim: int, eps: float, impl: str = "auto"):
         super().__init__()
         self.eps = eps
+        self.impl = impl
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps, impl=self.impl)
 
 
 def ntk_alpha_for_length(length: int, seq_length: int) -> float:
@@ -142,19 +187,15 @@ def rope_cos_sin(
     return emb.cos(), emb.sin()
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x `[B, H, T, D]`, cos/sin `[B, T, D]`; rotation done in fp32, result cast back."""
-    xf = x.float()
-    out = xf * cos[:, None] + _rotate_half(xf) * sin[:, None]
-    return out.to(x.dtype)
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of the 0/1 mask `[B, T]` is ones then zeros (no 0 -> 1 step anywhere)."""
+    m = attention_mask.bool()
+    return not bool((m[:, 1:] & ~m[:, :-1]).any())
 
 
 class QWenAttention(nn.Module):
+    fold_gqa_decode: bool = True  # see the module docstring (speed); a class switch for measurements
+
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
         self.config = config
@@ -164,8 +205,8 @@ class QWenAttention(nn.Module):
         self.c_attn = nn.Linear(config.hidden_size, config.q_dim + 2 * config.kv_dim, bias=config.qkv_bias)
         self.c_proj = nn.Linear(config.q_dim, config.hidden_size, bias=False)
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.fused_impl)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.fused_impl)
 
     def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens):
         B, T, _ = x.shape
@@ -177,12 +218,23 @@ class QWenAttention(nn.Module):
         if cfg.qk_norm:  # Qwen3: per-head RMSNorm before rotary
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        impl = cfg.fused_impl
+        q, k = apply_rotary(q, cos, sin, impl=impl), apply_rotary(k, cos, sin, impl=impl)  # [B, H, T, D]
         if logn is not None:
             q = q * logn[:, None, :, None].to(q.dtype)  # [B, 1, T, 1]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, T_total, D]
-        if cu_seqlens is not None:
+        if (self.fold_gqa_decode and cu_seqlens is None and T == 1 and self.n_heads != self.n_kv
+                and q.device.type == "cpu"):
+            # A decode step with grouped KV heads: the single query attends every cached key (causal is
+            # moot), so the n_rep query heads that share a KV head fold into the query axis and the call
+            # is plain multi-head attention: no [B, Hq, T_cache, D] copy of the cache per step.
+            n_rep = self.n_heads // self.n_kv
+            qf = q.reshape(B, self.n_kv, n_rep, self.head_dim)  # [B, Hkv, n_rep, D]
+            m = None if mask is None else mask.expand(B, 1, n_rep, mask.shape[-1])  # [B, 1, n_rep, Tk]
+            out = attention(qf, k, v, causal=False, attention_mask=m, impl=cfg.attn_impl)  # [B, Hkv, n_rep, D]
+            out = out.reshape(B, self.n_heads, 1, self.head_dim).transpose(1, 2)  # [B, 1, Hq, D]
+        elif cu_seqlens is not None:
             # Packed sequences: [1, H, total, D] -> [total, H, D]
             out = attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), causal=True,
                             cu_seqlens=cu_seqlens, impl=cfg.attn_impl)
@@ -196,20 +248,21 @@ class QWenAttention(nn.Module):
 class QWenMLP(nn.Module):
     def __init__(self, config: QWenConfig):
         super().__init__()
+        self.config = config
         self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # up
         self.w2 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # gate
         self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+        return self.c_proj(swiglu(self.w1(x), self.w2(x), impl=self.config.fused_impl))  # [B, T, H]
 
 
 class QWenBlock(nn.Module):
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
-        self.ln_1 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ln_1 = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_impl)
         self.attn = QWenAttention(config, layer_idx)
-        self.ln_2 = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ln_2 = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_impl)
         self.mlp = QWenMLP(config)
 
     def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens):
@@ -220,13 +273,18 @@ class QWenBlock(nn.Module):
 class QWenModel(nn.Module):
     """Embeddings + blocks + final norm. `forward` returns `QWenModelOutput`."""
 
+    # Speed switches (see the module docstring); class defaults, settable per instance.
+    mask_free_right_padding: bool = True
+    sparse_embedding_grad: bool = True
+
     def __init__(self, config: QWenConfig):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.h = nn.ModuleList(QWenBlock(config, i) for i in range(config.num_hidden_layers))
-        self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ln_f = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_impl)
         self.gradient_checkpointing = False
+        self.compiled_blocks: list | None = None  # set by compile_blocks(); used in training mode
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -259,14 +317,22 @@ class QWenModel(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        sparse_embedding_grad: bool = False,
     ) -> QWenModelOutput:
+        """`sparse_embedding_grad=True` (set by QWenLMHeadModel only when a dense gradient of the same tied
+        weight comes from the head in the same backward) makes the lookup's gradient sparse."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("QWenModel.forward: give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             if int(input_ids.max()) >= cfg.vocab_size or int(input_ids.min()) < 0:
                 raise ValueError(f"input_ids hold ids outside [0, vocab_size={cfg.vocab_size})")
-            inputs_embeds = self.wte(input_ids)  # [B, T, H]
+            if sparse_embedding_grad:
+                # Only the looked-up rows get a gradient: added into the head's dense [V, H] gradient in
+                # place by autograd, instead of a zero-filled [V, H] tensor and a second full-size add.
+                inputs_embeds = F.embedding(input_ids, self.wte.weight, sparse=True)  # [B, T, H]
+            else:
+                inputs_embeds = self.wte(input_ids)  # [B, T, H]
         if image_features is not None:
             if input_ids is None:
                 raise ValueError("image_features need input_ids to locate the placeholder tokens")
@@ -305,17 +371,33 @@ class QWenModel(nn.Module):
                                torch.ones_like(p)).float()
 
         mask = None
-        if attention_mask is not None:
+        if attention_mask is not None and not (past == 0 and self.mask_free_right_padding
+                                               and _right_padded(attention_mask)):
             mask = attention_mask.bool()[:, None, None, :].expand(B, 1, T, past + T)  # [B, 1, Tq, Tk]
 
         h = inputs_embeds
-        for block in self.h:
+        blocks = self.compiled_blocks if (self.compiled_blocks and self.training) else self.h
+        for block in blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, cos, sin, logn, mask, cache, cu_seqlens, use_reentrant=False)
             else:
                 h = block(h, cos, sin, logn, mask, cache, cu_seqlens)
         h = self.ln_f(h)
         return QWenModelOutput(last_hidden_state=h, past_key_values=cache)
+
+
+def _decode_head(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """`head(hidden)` for a few rows `[B, n, H]`; on a CPU without gradient computed as `W @ h^T` (see the
+    module docstring), otherwise as the head itself computes it."""
+    rows = hidden.shape[0] * hidden.shape[1]
+    if (type(head) is not nn.Linear or hidden.device.type != "cpu" or torch.is_grad_enabled() or rows > 64
+            or hidden.dtype != head.weight.dtype):
+        return head(hidden)
+    h = hidden.reshape(rows, hidden.shape[-1])  # [rows, H]
+    out = torch.matmul(head.weight, h.t()).t()  # [rows, V], a transposed view of [V, rows]
+    if head.bias is not None:
+        out = out + head.bias
+    return out.reshape(*hidden.shape[:-1], out.shape[-1])
 
 
 class QWenLMHeadModel(nn.Module):
@@ -353,6 +435,41 @@ class QWenLMHeadModel(nn.Module):
     def gradient_checkpointing_enable(self, **_: object) -> None:
         self.transformer.gradient_checkpointing = True
 
+    def set_fused_impl(self, impl: str) -> None:
+        """RMSNorm / rotary / SwiGLU implementation for every layer (`kernels.fused`: auto | torch | triton |
+        compile)."""
+        from kernels.fused import FUSED_IMPLS
+
+        if impl not in FUSED_IMPLS:
+            raise ValueError(f"fused_impl={impl!r}; valid: {', '.join(FUSED_IMPLS)}")
+        self.config.fused_impl = impl
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.impl = impl
+
+    def compile_blocks(self, **compile_kw) -> bool:
+        """Run the decoder blocks through `torch.compile` (inductor, dynamic shapes) in training mode.
+
+        A small forward + backward probe compiles at once; if that fails (no C++ compiler, an unsupported
+        op), the blocks stay eager, the reason is logged once and False is returned."""
+        blocks = [torch.compile(b, dynamic=True, **compile_kw) for b in self.transformer.h]
+        cfg, ref = self.config, self.transformer.h[0]
+        p = next(ref.parameters())
+        try:
+            x = torch.randn(2, 3, cfg.hidden_size, device=p.device, dtype=p.dtype, requires_grad=True)
+            pos = torch.arange(3, device=p.device)[None].expand(2, 3)
+            cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, None)
+            with torch.enable_grad():
+                out = blocks[0](x, cos, sin, None, None, None, None)
+                torch.autograd.grad(out.float().sum(), [x])  # compiles the backward; leaves .grad alone
+        except Exception as e:  # noqa: BLE001 - any compile failure means "stay eager"
+            log_once(log, "compile_blocks", logging.WARNING, "compile_blocks failed, the blocks stay eager: %s: %s",
+                     type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            self.transformer.compiled_blocks = None
+            return False
+        self.transformer.compiled_blocks = blocks
+        return True
+
     def gradient_checkpointing_disable(self) -> None:
         self.transformer.gradient_checkpointing = False
 
@@ -375,10 +492,16 @@ class QWenLMHeadModel(nn.Module):
         `return_logits=True` (or no labels) the full `[B, T, V]` logits are computed here.
         `logits_to_keep=n > 0` (no labels) computes logits for the last n positions only, as generation
         needs: a prefill then never builds the prompt x vocabulary matrix."""
+        w = self.transformer.wte.weight
+        # Sparse lookup gradient only when the head adds a dense gradient of the same weight (see the
+        # module docstring) and the weight is an ordinary local tensor (not a ZeRO-3 / FSDP shard).
+        sparse = (labels is not None and self.transformer.sparse_embedding_grad and self.training
+                  and torch.is_grad_enabled() and w.requires_grad and self.lm_head.weight is w
+                  and type(w) is nn.Parameter and not hasattr(w, "ds_id"))
         out = self.transformer(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
             inputs_embeds=inputs_embeds, image_features=image_features, use_cache=use_cache,
-            position_ids=position_ids, cu_seqlens=cu_seqlens,
+            position_ids=position_ids, cu_seqlens=cu_seqlens, sparse_embedding_grad=sparse,
         )
         hidden = out.last_hidden_state  # [B, T, H]
         if labels is not None and return_logits is not True:
@@ -388,7 +511,9 @@ class QWenLMHeadModel(nn.Module):
                               logits_fn=lambda: self.lm_head(hidden))
         if logits_to_keep > 0 and labels is None:
             hidden = hidden[:, -logits_to_keep:]  # [B, n, H]
-        logits = self.lm_head(hidden)  # [B, T, V]
+            logits = _decode_head(hidden, self.lm_head)  # [B, n, V]
+        else:
+            logits = self.lm_head(hidden)  # [B, T, V]
         loss = None if labels is None else full_logits_loss(logits, labels, cu_seqlens)
         return QWenOutput(loss=loss, logits=logits, past_key_values=out.past_key_values)
 

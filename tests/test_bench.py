@@ -21,23 +21,54 @@ def _figures(out: str, name: str) -> dict[str, float]:
     return {"ours": float(m.group(1)), "reference": float(m.group(2)), "ratio": float(m.group(3))}
 
 
+def _sup_figures(out: str, name: str, side: str = "ours") -> dict[str, float]:
+    m = re.search(rf"^{name}\s+{side}={NUM} reference_sup={NUM} ratio={NUM}", out, re.M)
+    assert m, f"no '{name} {side}=.. reference_sup=.. ratio=..' line in:\n{out}"
+    return {"ours": float(m.group(1)), "reference_sup": float(m.group(2)), "ratio": float(m.group(3))}
+
+
 def test_train_step_quick(capsys):
     from benchmarks import train_step
 
-    res = train_step.main(["--quick"])
+    res = train_step.main(["--quick", "--levers", "copies"])
     out = capsys.readouterr().out
-    for name in ("samples_per_s", "target_tokens_per_s", "peak_mb", "step_s"):
-        f = _figures(out, name)
-        assert f["ours"] > 0 and f["reference"] > 0 and f["ratio"] > 0, (name, f)
-    # Same weights and the same first batch: the two implementations must agree on the loss.
+    for name in ("samples_per_s", "target_tokens_per_s", "peak_mb", "step_s", "cpu_s", "mfu"):
+        f = _sup_figures(out, name)
+        assert f["ours"] > 0 and f["reference_sup"] > 0 and f["ratio"] > 0, (name, f)
+    assert re.search(rf"^samples_per_s\s.* reference={NUM} ratio_ref={NUM}", out, re.M), out
+    # Same weights and the same first batch: every side agrees on the loss (padded, supervised-only,
+    # full logits, packed, and ours without the copy savings).
     first = res["first_loss"]
-    assert abs(first["ours"] - first["reference"]) < 1e-4 * max(1.0, abs(first["reference"])), first
-    # Packing the same samples into one row changes no target: the same mean loss.
-    assert abs(first["packed"] - first["ours"]) < 1e-4 * max(1.0, abs(first["ours"])), first
-    f = _figures(out, "packed_samples_per_s")
-    assert f["ours"] > 0 and f["reference"] > 0, f
-    assert res["stage1"]["cached"]["samples_per_s"] > 0 and res["stage1"]["pixels"]["samples_per_s"] > 0
-    assert re.search(rf"^stage1_samples_per_s\s+cached={NUM} pixels={NUM} ratio={NUM}", out, re.M), out
+    assert set(first) == {"ours", "reference_sup", "reference", "packed", "copies"}, first
+    for loss in first.values():
+        assert abs(loss - first["reference_sup"]) < 1e-4 * max(1.0, abs(loss)), first
+    f = _sup_figures(out, "packed_samples_per_s", "packed")
+    assert f["ours"] > 0 and f["reference_sup"] > 0, f
+    assert re.search(rf"^copies_step_s\s+copies={NUM} reference_sup={NUM} ratio={NUM} ours={NUM}", out, re.M)
+    # The profile splits the elementwise time and compares it.
+    assert "the \"other\" (elementwise) time by part" in out
+    assert re.search(rf"^other_s \(elementwise\) ours={NUM} reference_sup={NUM}", out, re.M), out
+    assert res["profile"]["ours"]["matmul"] > 0
+    # bf16: measured where native, otherwise one line saying why.
+    from benchmarks.common import bf16_native
+
+    if not bf16_native(torch.device("cpu"))[0]:
+        assert re.search(r"^bf16: skipped: this CPU has no native bf16", out, re.M), out
+    s1 = res["stage1"]
+    assert s1["cached"]["samples_per_s"] > 0 and s1["pixels"]["samples_per_s"] > 0 and 0 < s1["tower_flop_share"] < 1
+    assert re.search(rf"^stage1_samples_per_s\s+cached={NUM} pixels={NUM} ratio={NUM} .*flop_bound={NUM} "
+                     rf"of_bound={NUM}", out, re.M), out
+
+
+def test_train_step_flags_skip_cleanly(capsys):
+    """--no-stage1 --no-memory (a KeyError once) and the other skips still print the throughput lines."""
+    from benchmarks import train_step
+
+    res = train_step.main(["--quick", "--no-stage1", "--no-memory", "--no-profile", "--no-packing",
+                           "--no-reference", "--no-bf16", "--steps", "1"])
+    out = capsys.readouterr().out
+    assert _sup_figures(out, "samples_per_s")["ratio"] > 0
+    assert "peak_mb" not in out and "stage1" not in res and "profile" not in res
 
 
 def test_generate_quick(capsys):

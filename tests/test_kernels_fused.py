@@ -1,5 +1,5 @@
-"""Fused RMSNorm / rotary: torch references against transformers and first principles, and the Triton
-kernels (interpreter) against the references, forward and backward."""
+"""Fused RMSNorm / rotary / SwiGLU: torch references against transformers and first principles, the Triton
+kernels (interpreter) and the inductor-compiled ops against the references, forward and backward."""
 
 import logging
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 
-from kernels import _log
-from kernels.fused import apply_rotary, apply_rotary_torch, rms_norm, rms_norm_torch
+from kernels import _log, fused
+from kernels.fused import apply_rotary, apply_rotary_torch, rms_norm, rms_norm_torch, swiglu, swiglu_torch
 
 pytest.importorskip("kernels.triton_fused")
 
@@ -116,3 +116,61 @@ def test_auto_on_cpu_uses_torch_and_bad_inputs_raise(monkeypatch, caplog):
         y = rms_norm(x, w, 1e-5, impl="triton")
     torch.testing.assert_close(y, rms_norm_torch(x, w, 1e-5))
     assert "unavailable, using torch" in caplog.text
+
+
+def test_swiglu_reference_matches_transformers_mlp_activation():
+    from transformers.activations import ACT2FN
+
+    up, gate = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    torch.testing.assert_close(swiglu_torch(up, gate), up * ACT2FN["silu"](gate), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 48), (1000,), (2, 1500)])
+def test_triton_swiglu_fwd_bwd(shape):
+    up = torch.randn(*shape, requires_grad=True)
+    gate = (torch.randn(*shape) * 4).requires_grad_()  # large |gate| exercises both sigmoid tails
+    g = torch.randn(*shape)
+    y, y_ref = swiglu(up, gate, impl="triton"), swiglu(up, gate, impl="torch")
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5)
+    grads = torch.autograd.grad(y, (up, gate), g)
+    grads_ref = torch.autograd.grad(y_ref, (up, gate), g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_swiglu_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="swiglu"):
+        swiglu(torch.randn(2, 4), torch.randn(2, 5))
+
+
+def test_compile_impl_matches_reference_fwd_bwd():
+    """impl="compile" (inductor's generated kernels) against the eager references, fp32, within 1e-5."""
+    torch._dynamo.reset()
+    fused._PROBED.clear()
+    x = torch.randn(2, 3, 7, 16, requires_grad=True)
+    cos, sin = _cos_sin(2, 7, 16)
+    w = torch.randn(16, requires_grad=True)
+    up, gate = torch.randn(2, 7, 24, requires_grad=True), torch.randn(2, 7, 24, requires_grad=True)
+    cases = [
+        ("rms_norm", lambda impl: rms_norm(x, w, 1e-6, impl=impl), (x, w)),
+        ("apply_rotary", lambda impl: apply_rotary(x, cos, sin, impl=impl), (x,)),
+        ("swiglu", lambda impl: swiglu(up, gate, impl=impl), (up, gate)),
+    ]
+    for op, call, wrt in cases:
+        y, y_ref = call("compile"), call("torch")
+        assert fused._PROBED[(op, "cpu", torch.float32)], f"{op}: the compiled path fell back"
+        torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-5, msg=op)
+        g = torch.randn_like(y)
+        for a, b in zip(torch.autograd.grad(y, wrt, g), torch.autograd.grad(y_ref, wrt, g)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=op)
+
+
+def test_compile_impl_falls_back_when_compiling_fails(monkeypatch, caplog):
+    fused._PROBED.clear()
+    monkeypatch.setitem(fused._COMPILED, "swiglu", lambda *a: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    up, gate = torch.randn(4, 8), torch.randn(4, 8)
+    with caplog.at_level(logging.WARNING, logger="kernels.fused"):
+        y = swiglu(up, gate, impl="compile")
+    torch.testing.assert_close(y, swiglu_torch(up, gate))
+    assert "impl=compile failed" in caplog.text and "no compiler" in caplog.text
+    fused._PROBED.clear()

@@ -316,6 +316,9 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int):
             log.warning("removed %s: an unfinished checkpoint of an earlier run", stale)
     set_seed(cfg.seed)
     vlm = build_model(cfg)
+    from trainer.speed import apply_speed_settings
+
+    apply_speed_settings(cfg, vlm)
     if rank == 0 and cfg.check_disk_space:
         preflight_disk_space(out, vlm)
     train_ds, eval_ds = build_datasets(cfg, vlm)

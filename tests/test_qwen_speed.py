@@ -1,0 +1,244 @@
+"""The LM's speed paths compute what the plain path computes: right-padded batches without the padding
+mask, the sparse lookup gradient of tied embeddings, compiled blocks, fused kernels (fp32, within 1e-5)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qwen import QWenLMHeadModel
+from tests.tiny_qwen import tiny_qwen_config
+
+
+def _model(**over) -> QWenLMHeadModel:
+    torch.manual_seed(0)
+    m = QWenLMHeadModel(tiny_qwen_config("qwen2", attn_impl="torch", **over)).train()
+    with torch.no_grad():  # non-trivial norms so a wrong RMSNorm weight gradient would show
+        for n, p in m.named_parameters():
+            if "ln" in n:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def _right_padded_batch(vocab: int, lengths=(11, 7, 9)):
+    T = max(lengths)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    labels = torch.full((len(lengths), T), -100)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+        labels[b, n // 2:n] = ids[b, n // 2:n]
+    return ids, mask, labels
+
+
+def _loss_and_grads(m, ids, mask, labels):
+    m.zero_grad(set_to_none=True)
+    loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return float(loss.detach()), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _assert_same(a, b, atol=1e-5):
+    (la, ga), (lb, gb) = a, b
+    assert abs(la - lb) <= atol, (la, lb)
+    assert ga.keys() == gb.keys()
+    for n in ga:
+        assert ga[n].layout == torch.strided and gb[n].layout == torch.strided, n
+        torch.testing.assert_close(ga[n], gb[n], rtol=0, atol=atol, msg=n)
+
+
+def _plain(m):
+    """The same model without the speed switches (padding mask always built, dense lookup gradient)."""
+    p = copy.deepcopy(m)
+    p.transformer.mask_free_right_padding = False
+    p.transformer.sparse_embedding_grad = False
+    return p
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_right_padding_and_sparse_lookup_grad_match_plain(tied):
+    m = _model(tie_word_embeddings=tied)
+    if tied:
+        m.tie_weights()
+    batch = _right_padded_batch(m.config.vocab_size)
+    _assert_same(_loss_and_grads(m, *batch), _loss_and_grads(_plain(m), *batch))
+    # Hidden states at real positions are the same with and without the mask.
+    m.eval()
+    ids, mask, _ = batch
+    fast = m.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+    slow = _plain(m).transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+    for b, n in enumerate(mask.sum(1).tolist()):
+        torch.testing.assert_close(fast[b, :n], slow[b, :n], rtol=0, atol=1e-5)
+
+
+def test_left_padding_keeps_the_mask():
+    m = _model().eval()
+    ids, mask, _ = _right_padded_batch(m.config.vocab_size)
+    mask = mask.flip(1)  # left padding: the mask matters for the real tokens
+    fast = m.transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+    slow = _plain(m).transformer(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+
+
+def test_sparse_lookup_grad_accumulates_and_steps():
+    """Two micro-batches accumulate into a dense .grad; AdamW (fused) steps on it like the plain model."""
+    m = _model(tie_word_embeddings=True)
+    m.tie_weights()
+    p = _plain(m)
+    batch = _right_padded_batch(m.config.vocab_size)
+    for model in (m, p):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        for _ in range(2):
+            model(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss.backward()
+        assert model.transformer.wte.weight.grad.layout == torch.strided
+        opt.step()
+    for (n, a), (_, b) in zip(m.named_parameters(), p.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
+def test_fused_head_refuses_a_second_backward():
+    m = _model()
+    ids, mask, labels = _right_padded_batch(m.config.vocab_size)
+    loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_fused_impl_triton_model_matches_eager():
+    pytest.importorskip("kernels.triton_fused")
+    m = _model()
+    f = copy.deepcopy(m)
+    f.set_fused_impl("triton")
+    batch = _right_padded_batch(m.config.vocab_size)
+    _assert_same(_loss_and_grads(f, *batch), _loss_and_grads(m, *batch))
+    with pytest.raises(ValueError, match="fused_impl"):
+        f.set_fused_impl("fast")
+
+
+def test_compiled_blocks_match_eager():
+    """torch.compile (inductor's CPU code generation) of the decoder blocks: same loss and gradients in fp32.
+    Slow-ish (one C++ compile of a block's forward and backward): the only test of the compiled model."""
+    torch._dynamo.reset()
+    m = _model()
+    c = copy.deepcopy(m)
+    assert c.compile_blocks(), "compile_blocks fell back to eager"
+    batch = _right_padded_batch(m.config.vocab_size)
+    _assert_same(_loss_and_grads(c, *batch), _loss_and_grads(m, *batch))
+    # eval mode (generation) runs the eager blocks
+    c.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(c(input_ids=batch[0]).logits, m.eval()(input_ids=batch[0]).logits)
+
+
+def test_compile_blocks_falls_back(monkeypatch, caplog):
+    import logging
+
+    from kernels import _log
+
+    _log.reset()
+    m = _model()
+
+    def broken(*a, **k):
+        raise RuntimeError("inductor unavailable")
+
+    monkeypatch.setattr(torch, "compile", lambda mod, **kw: broken)
+    with caplog.at_level(logging.WARNING, logger="qwen.modeling"):
+        assert m.compile_blocks() is False
+    assert m.transformer.compiled_blocks is None and "inductor unavailable" in caplog.text
+    batch = _right_padded_batch(m.config.vocab_size)
+    assert torch.isfinite(m(input_ids=batch[0], attention_mask=batch[1], labels=batch[2]).loss)
+
+
+def test_static_cache_matches_dynamic_cache_and_overflows():
+    from qwen.modeling import QWenCache
+
+    m = _model().eval()
+    ids = torch.randint(0, m.config.vocab_size, (3, 9))
+    with torch.no_grad():
+        for max_length in (None, 11, 10):  # dynamic, static with room, static overflowing at the 2nd step
+            cache = QWenCache(m.config.num_hidden_layers, max_length=max_length)
+            out = m(input_ids=ids[:, :8], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            steps = [out.logits[:, -1]]
+            for t in (8,):
+                out = m(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                steps.append(out.logits[:, -1])
+            cache.reorder(torch.tensor([2, 0]))
+            out = m(input_ids=ids[[2, 0], 8:9], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            steps.append(out.logits[:, -1])
+            if max_length is None:
+                ref = steps
+            else:
+                assert cache.get_seq_length() == 10
+                for a, b in zip(steps, ref):
+                    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        full = m(input_ids=torch.cat([ids[[2, 0], :9], ids[[2, 0], 8:9]], 1)).logits[:, -1]
+        torch.testing.assert_close(steps[-1], full, rtol=0, atol=1e-4)
+
+
+def test_decode_head_matches_the_head():
+    from qwen.modeling import _decode_head
+
+    head = torch.nn.Linear(32, 300, bias=True)
+    h = torch.randn(4, 1, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(_decode_head(h, head), head(h), rtol=0, atol=1e-5)
+    assert _decode_head(h, head).requires_grad  # with gradient enabled it is the head's own call
+
+
+def test_gqa_decode_fold_matches_uncached_generation():
+    """One-token steps with grouped KV heads fold the query heads (no cache expansion): same tokens and
+    logits as recomputing the whole left-padded sequence every step."""
+    torch.manual_seed(0)
+    m = QWenLMHeadModel(tiny_qwen_config("qwen2", attn_impl="torch", num_key_value_heads=2)).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "ln" not in n:
+                p.normal_(0, 0.1)
+    prompts = [[5, 17, 99, 230, 41, 8, 77], [12, 250], [3, 3, 60, 70]]
+    assert m.generate(prompts, max_new_tokens=6) == m.generate(prompts, max_new_tokens=6, use_cache=False)
+    from qwen.generation import left_pad
+
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        out = m(input_ids=ids, attention_mask=mask, use_cache=True)
+        nxt = torch.tensor([[7], [9], [11]])
+        step = m(input_ids=nxt, attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1),
+                 past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        full = m(input_ids=torch.cat([ids, nxt], 1),
+                 attention_mask=torch.cat([mask, torch.ones(3, 1, dtype=torch.long)], 1)).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+
+
+def test_screened_greedy_head_picks_the_fp32_argmax():
+    """The fp16 screen + fp32 recomputation returns exactly the fp32 argmax, also for near-ties."""
+    from qwen.generation import ScreenedHead
+
+    head = torch.nn.Linear(48, 3000, bias=False)
+    if not ScreenedHead.usable(head, torch.device("cpu")):
+        pytest.skip("torch built without FBGEMM: the screened head is not used")
+    h = torch.randn(6, 48)
+    with torch.no_grad():
+        head.weight[7] = head.weight[5] + 1e-7  # a near-tie the fp16 copy cannot separate
+        h[0] = head.weight[5] * 50  # row 0's best tokens are 5 and 7
+        screen = ScreenedHead.for_head(head)
+        got = screen.argmax(h, head.weight)
+        assert torch.equal(got, (h @ head.weight.t()).argmax(1))
+        assert ScreenedHead.for_head(head) is screen  # cached while the weight is unchanged
+        head.weight.mul_(2)
+        assert ScreenedHead.for_head(head) is not screen  # rebuilt after an in-place update
+
+
+def test_screened_generation_equals_plain_greedy():
+    m = _model(tie_word_embeddings=True).eval()
+    m.tie_weights()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prompts = [[5, 17, 99, 230, 41, 8, 77], [12, 250], [3, 3, 60, 70]]
+    fast = m.generate(prompts, max_new_tokens=8)
+    assert fast == m.generate(prompts, max_new_tokens=8, screen_head=False)
+    assert fast == m.generate(prompts, max_new_tokens=8, use_cache=False)
