@@ -5,6 +5,7 @@
 - the pixel count is checked from the header (before any pixel is decoded) against `max_pixels`, so a
   decompression bomb (e.g. a 30000x30000 PNG) is refused without allocating it; PIL's own limit is off
   while the header is read (`open_header`), so the refusal is always ours, naming max_pixels;
+- decoding refuses a cut-off file even where another library turned PIL's `LOAD_TRUNCATED_IMAGES` on;
 - EXIF orientation is applied (`ImageOps.exif_transpose`);
 - every mode becomes RGB: transparent modes (RGBA, LA, PA, P with transparency) are composited over white,
   16/32-bit grayscale (I;16*, I, F) is scaled to 8 bits, CMYK / 1 / L / YCbCr are converted.
@@ -20,7 +21,7 @@ import threading
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from dataset.sample import BadSampleError
 
@@ -46,7 +47,7 @@ def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
         if w == 0 or h == 0:
             raise BadSampleError(f"{path}: image has size {w}x{h}", "bad_image")
         try:
-            img.load()  # decodes; a truncated or corrupt stream fails here
+            decode_strict(img)  # a truncated or corrupt stream fails here
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -66,6 +67,21 @@ def open_header(path: str) -> Image.Image:
             return Image.open(path)
         finally:
             Image.MAX_IMAGE_PIXELS = saved
+
+
+_TRUNCATED_FLAG = threading.Lock()
+
+
+def decode_strict(img: Image.Image) -> None:
+    """`img.load()` with PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` off for the call: a library imported in the
+    same process may turn that global on (lmms-eval does at import), and a cut-off file would then decode
+    silently with grey rows instead of being refused."""
+    with _TRUNCATED_FLAG:
+        saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+        try:
+            img.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def too_large_message(path: str, w: int, h: int, max_pixels: int) -> str:

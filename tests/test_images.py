@@ -27,6 +27,17 @@ def test_bad_images_raise_bad_sample_error_naming_the_file(tmp_path, name):
     assert ei.value.kind == kind
 
 
+@pytest.mark.parametrize("name", ["truncated", "corrupt_jpeg"])
+def test_cut_off_files_are_refused_even_when_another_library_allows_them(tmp_path, monkeypatch, name):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # what lmms-eval does when imported
+    path = td.write_bad_images(tmp_path)[name]
+    with pytest.raises(BadSampleError, match=BAD[name][0]):
+        load_image(path)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the other library's setting is left as it was
+
+
 def test_bomb_header_is_refused_by_our_own_limit(tmp_path):
     # 3000 x 3000 is under PIL's own bomb limit, so this is our header check (before any decoding).
     p = td.write_png_header_only(tmp_path / "big.png", 3000, 3000)
