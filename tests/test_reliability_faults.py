@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dataset.sample import UserError
 from tests.tiny_train import make_tiny_data, tiny_train_config
 from trainer.callbacks import read_log
 from trainer.checkpoints import is_complete, latest_checkpoint, stale_tmp_dirs
@@ -79,7 +80,7 @@ def test_sigkill_during_save_then_resume_reproduces_losses(tmp_path, data):
     assert half
     from trainer.run import resolve_resume
 
-    with pytest.raises(FileNotFoundError, match="unfinished checkpoint"):
+    with pytest.raises(UserError, match="unfinished checkpoint"):
         resolve_resume(tiny_train_config(tmp_path / "x", data, resume_from_checkpoint=str(half[0])), run)
 
     train(tiny_train_config(tmp_path / "killed", data, resume_from_checkpoint="auto", **common))
@@ -141,7 +142,7 @@ def test_unwritable_output_dir_fails_before_building_anything(tmp_path, data, mo
     built = []
     monkeypatch.setattr(run_mod, "build_model", lambda cfg: built.append(cfg))
     cfg = tiny_train_config(tmp_path, data, output_dir=str(blocker / "run"))
-    with pytest.raises(RuntimeError, match=r"output_dir .*a_file/run is not writable"):
+    with pytest.raises(UserError, match=r"output_dir .*a_file/run cannot be made: .*a_file is not a directory"):
         run_mod.train(cfg)
     assert built == []
 
@@ -154,7 +155,7 @@ def test_full_disk_fails_before_the_first_step(tmp_path, data, monkeypatch):
     monkeypatch.setattr(VLMTrainer, "train", lambda self, **kw: started.append(1))
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(run_mod.shutil, "disk_usage", lambda path: usage(10 << 20, 10 << 20, 4096))
-    with pytest.raises(RuntimeError, match=r"MiB free on its disk.*check_disk_space=false"):
+    with pytest.raises(UserError, match=r"MiB free on its disk.*check_disk_space=false"):
         run_mod.train(tiny_train_config(tmp_path, data))
     assert started == []
 
