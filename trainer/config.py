@@ -75,12 +75,11 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping norm
     # recompute activations in backward (less memory, about a third more compute)
     gradient_checkpointing: bool = False
-    # Speed (trainer/speed.py): glibc keeps freed memory on a CPU; the qwen LM's fused-op implementation
-    # (torch | triton | compile | auto; "keep" leaves the model's own, torch) and torch.compile of its
-    # blocks (both opt-in: see docs/benchmarks.md).
-    retain_freed_memory: bool = True
+    # Speed (trainer/speed.py; the two LM keys are opt-in, measured in docs/benchmarks.md):
+    retain_freed_memory: bool = True  # on a CPU, glibc keeps freed memory for reuse (no page faults)
+    # qwen LM's RMSNorm / rotary / SwiGLU: torch | triton | compile | auto; keep = the model's own (torch)
     fused_impl: str = "keep"
-    compile_lm: bool = False
+    compile_lm: bool = False  # torch.compile the qwen LM's decoder blocks (eager again if it fails)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it
     seed: int = 42  # seed of the model init, data order and dropout
     # ---- the run ---------------------------------------------------------------------------------
