@@ -19,7 +19,7 @@ Contract:
   before it (CUDA: the caching allocator's peak; CPU: the running sum of the allocations and frees the
   torch profiler records per op, in op start order); `resident_bytes(model, optimizer)`: parameters,
   gradients and optimizer state currently held.
-- `matmul_peak(device, dtype)`: (wall FLOP/s, CPU-time FLOP/s) of the best of a few square matmuls, for
+- `matmul_peak(device, dtype)`: (wall FLOP/s, CPU-time FLOP/s) of the best of square matmuls (two sizes), for
   MFU; measured again between timed rounds so that it sees the same machine load as the steps.
 - `bf16_native(device) -> (bool, reason)`: whether bf16 matmuls run natively (CUDA with bf16; a CPU
   with AMX or AVX512-BF16), and why not.
@@ -344,20 +344,25 @@ def fmt_mb(n: float) -> str:
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 3) -> tuple[float, float]:
-    """(best wall FLOP/s, best CPU-time FLOP/s) of `repeats` square matmuls (1024 on a CPU, 4096 on a GPU)."""
-    n = 4096 if device.type == "cuda" else 1024
+    """(best wall FLOP/s, best CPU-time FLOP/s) of `repeats` square matmuls of each size in
+    `trainer.throughput.PEAK_SIZES` (1024 and 2048 on a CPU, 4096 and 8192 on a GPU)."""
+    from trainer.throughput import PEAK_SIZES
+
     g = torch.Generator(device=device).manual_seed(0)  # private: the benchmark's RNG streams stay untouched
-    a = torch.randn(n, n, device=device, generator=g).to(dtype)
-    b = torch.randn(n, n, device=device, generator=g).to(dtype)
-    torch.mm(a, b)  # warm-up
-    sync(device)
-    wall = cpu = float("inf")
-    for _ in range(repeats):
-        t0, c0 = time.perf_counter(), time.process_time()
-        torch.mm(a, b)
+    wall = cpu = 0.0
+    for n in PEAK_SIZES.get(device.type, PEAK_SIZES["cpu"]):
+        a = torch.randn(n, n, device=device, generator=g).to(dtype)
+        b = torch.randn(n, n, device=device, generator=g).to(dtype)
+        torch.mm(a, b)  # warm-up
         sync(device)
-        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, max(time.process_time() - c0, 1e-9))
-    return 2 * n**3 / wall, 2 * n**3 / cpu
+        for _ in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            torch.mm(a, b)
+            sync(device)
+            flop = 2 * n**3
+            wall = max(wall, flop / (time.perf_counter() - t0))
+            cpu = max(cpu, flop / max(time.process_time() - c0, 1e-9))
+    return wall, cpu
 
 
 def bf16_native(device: torch.device) -> tuple[bool, str]:

@@ -3,6 +3,7 @@
     python benchmarks/data.py                                # 192 samples, 0/1/2 workers + a training probe
     python benchmarks/data.py --train-samples-per-s 0.8      # skip the training probe, use this figure
     python benchmarks/data.py --quick                        # tiny shapes (tests)
+    python benchmarks/data.py --device cuda                  # the training probe's step on a GPU
 
 What runs: `--samples` LLaVA-format records (1-3 turns of English-like text, 0-3 images each, as in
 benchmarks/common.py's mix) pointing at `--images` distinct JPEGs of `--jpeg-size` (default 640x480,
@@ -57,6 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="training consumption; measured here when not given")
     ap.add_argument("--train-steps", type=int, default=3, help="timed training steps of the probe")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--device", default="cpu", help="where the training probe's step runs (cpu, cuda)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (for tests)")
     args = ap.parse_args(argv)
@@ -158,12 +160,14 @@ def train_rate(tok, dataset, args, tmp: Path) -> float:
     # The model's placeholder and ChatML ids must be the tokenizer's (a real or a generated vocabulary).
     spec = dataclasses.replace(base, image_token=tok.image_token_id, im_start=tok.im_start_id,
                                im_end=tok.im_end_id, eod=tok.eod_id, vocab_size=max(base.vocab_size, len(tok)))
-    vlm = common.load_ours(common.save_llava(spec, tmp / "llava", args.seed)).train()
+    device = torch.device(args.device)
+    vlm = common.load_ours(common.save_llava(spec, tmp / "llava", args.seed)).to(device).train()
     assert vlm.tokens_per_image == dataset.tokens_per_image
     optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-5)
     collate = Collator(pad_id=tok.eod_id)
     n = args.batch_size
-    data = [dict(collate([dataset[j] for j in range(i * n, (i + 1) * n)])) for i in range(args.train_steps + 1)]
+    data = [common.to_device(dict(collate([dataset[j] for j in range(i * n, (i + 1) * n)])), device)
+            for i in range(args.train_steps + 1)]
 
     def step(batch):
         vlm(**batch).loss.backward()
@@ -171,7 +175,7 @@ def train_rate(tok, dataset, args, tmp: Path) -> float:
         optimizer.zero_grad(set_to_none=True)
 
     step(data[0])  # warm-up
-    t = sum(common.timed(lambda b=b: step(b), torch.device("cpu")) for b in data[1:])
+    t = sum(common.timed(lambda b=b: step(b), device) for b in data[1:])
     return args.train_steps * n / t
 
 
@@ -204,7 +208,7 @@ def main(argv=None) -> dict:
         if args.train_samples_per_s is not None:
             train, how = float(args.train_samples_per_s), "given by --train-samples-per-s"
         else:
-            train, how = train_rate(tok, ds, args, tmp), "our training step on the benchmark model"
+            train, how = train_rate(tok, ds, args, tmp), f"our training step on the benchmark model, {args.device}"
     results["train_samples_per_s"] = train
     print(f"train_samples_per_s  {train:.3f} ({how})")
     for w, rate in results["pipeline"].items():
