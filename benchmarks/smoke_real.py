@@ -111,7 +111,7 @@ def make_sample(n_image: int, text_tokens: int, answer_tokens: int, image_id: in
     return prompt, torch.tensor([ids]), torch.tensor([labels])
 
 
-# The step's matmuls are large (1.8B LM, 793 tokens): on a CPU they reach 0.64 (under load) to 0.78 (idle)
+# The step's matmuls are large (1.8B LM, 793 tokens): on a CPU they reached 0.59 to 0.78 (idle) and 0.64 (loaded)
 # of the square-matmul peak measured in the same run (2-core AVX2 EPYC, docs/scale.md); on a GPU the
 # plan's usual assumption, with the attention and elementwise work that do not scale.
 DEFAULT_MFU = {"cpu": 0.7, "cuda": 0.5}
