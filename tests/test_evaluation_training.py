@@ -43,8 +43,16 @@ def test_eval_tasks_logged_every_eval_steps(tmp_path):
     ({"eval_tasks": [{"task": "nope", "data": "d"}], "eval_steps": 2}, "task 'nope'"),
     ({"eval_tasks": [{"task": "pope"}], "eval_steps": 2}, "`data`"),
     ({"eval_tasks": [{"task": "pope", "data": "d", "limt": 3}], "eval_steps": 2}, "unknown key"),
+    ({"eval_tasks": [{"task": "vqav2", "data": "d"}], "eval_steps": 2, "fsdp": True}, "does not run with FSDP"),
+    ({"eval_tasks": [{"task": "vqav2", "data": "d"}], "eval_steps": 2, "fsdp": "true"}, "does not run with FSDP"),
 ])
 def test_eval_tasks_config_errors(tmp_path, overrides, message):
     data = make_tiny_data(tmp_path / "shapes")
     with pytest.raises(ConfigError, match=message):
         tiny_train_config(tmp_path, data, **overrides)
+
+
+def test_eval_tasks_accept_fsdp_off_as_a_yaml_bool(tmp_path):
+    data = make_tiny_data(tmp_path / "shapes")
+    cfg = tiny_train_config(tmp_path, data, eval_tasks=[{"task": "vqav2", "data": "d"}], eval_steps=2, fsdp=False)
+    assert cfg.fsdp is False and cfg.eval_tasks[0]["task"] == "vqav2"

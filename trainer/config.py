@@ -154,6 +154,17 @@ class TrainConfig:
             raise ConfigError(f"model: {e}") from None
 
 
+def fsdp_flag(value: bool | str) -> bool | str:
+    """`fsdp=true` (YAML bool or string) turns FSDP on; `false`/empty turns it off; other strings (the
+    Trainer's FSDP options) pass on."""
+    if isinstance(value, bool):
+        return value
+    text = value.strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    return False if text in ("", "false", "0", "no") else value
+
+
 def nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent

@@ -20,6 +20,7 @@ from transformers import TrainerCallback
 
 from evaluation.runner import MC_MODES, run_task
 from evaluation.tasks import TASKS
+from trainer.config import fsdp_flag
 from trainer.config_io import ConfigError
 
 log = logging.getLogger("trainer")
@@ -27,13 +28,14 @@ KEYS = {"task", "data", "images", "limit", "name", "prompt", "split", "annotatio
         "max_new_tokens"}
 
 
-def check_eval_tasks(specs: list[dict], eval_steps: int | None, fsdp: str = "", deepspeed: str | None = None) -> None:
+def check_eval_tasks(specs: list[dict], eval_steps: int | None, fsdp: bool | str = False,
+                     deepspeed: str | None = None) -> None:
     """Raise ConfigError naming the entry and key that cannot work (before anything is built)."""
     if not specs:
         return
     if not eval_steps or eval_steps < 1:
         raise ConfigError("eval_tasks needs eval_steps (how many optimizer steps between evaluations)")
-    if fsdp.strip().lower() not in ("", "false", "0", "no"):
+    if fsdp_flag(fsdp):
         raise ConfigError("eval_tasks answers on rank 0 with whole weights; it does not run with FSDP")
     if deepspeed and Path(deepspeed).is_file():
         stage = json.loads(Path(deepspeed).read_text()).get("zero_optimization", {}).get("stage")

@@ -39,7 +39,7 @@ from model.paths import resolve_model_dir
 from trainer.callbacks import JsonlLogger, plot_loss
 from trainer.checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
 from trainer.cli import writable_dir
-from trainer.config import TrainConfig, check_paths
+from trainer.config import TrainConfig, check_paths, fsdp_flag
 from trainer.config_io import ConfigError, save_config
 from trainer.engines import prepare_deepspeed_on_cpu
 from trainer.eval_tasks import EvalTasksCallback
@@ -267,7 +267,7 @@ def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
         prediction_loss_only=True,
         deepspeed=cfg.deepspeed,
         # `fsdp=true` turns FSDP on (configured by fsdp_config); other strings are transformers' legacy form.
-        fsdp=_fsdp_flag(cfg.fsdp),
+        fsdp=fsdp_flag(cfg.fsdp),
         fsdp_config=cfg.fsdp_config,
         # The LM and projector are always used (see VLM.forward); only a training tower can leave some unused.
         ddp_find_unused_parameters=towers_train,
@@ -276,16 +276,6 @@ def training_arguments(cfg: TrainConfig, out: Path, towers_train: bool = False):
         disable_tqdm=False,
         **precision_flags(cfg),
     )
-
-
-def _fsdp_flag(value: bool | str) -> bool | str:
-    """`fsdp=true` (YAML bool or string) turns FSDP on; `false`/empty turns it off; other strings pass on."""
-    if isinstance(value, bool):
-        return value
-    text = value.strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    return False if text in ("", "false", "0", "no") else value
 
 
 @dataclass
