@@ -273,7 +273,6 @@ def _lever_model(lever: str, ours: torch.nn.Module, device: torch.device) -> tor
         return m
     if lever in ("copies", "baseline"):
         lm.transformer.mask_free_right_padding = False
-        lm.transformer.sparse_embedding_grad = False
         return m
     if lever == "malloc":
         if device.type != "cpu":

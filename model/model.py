@@ -57,7 +57,7 @@ from model.dtypes import torch_dtype
 from model.projector import Projector
 from model.quant import dequantize_lm, has_4bit
 from model.token_rows import TokenRows
-from qwen.loss import DEFAULT_CHUNK_SIZE, full_logits_loss, supervised_loss
+from qwen.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, supervised_loss
 from qwen.placeholders import embed_with_placeholders, scatter_image_features
 
 __all__ = ["LM_BACKBONES", "PRESETS", "VLM", "VLMConfig", "VLMOutput", "resolve_config"]
@@ -327,7 +327,9 @@ class VLM(nn.Module):
             return VLMOutput(loss, past_key_values=pkv, logits_fn=lambda: head(hidden))
         if logits_to_keep > 0 and labels is None:
             hidden = hidden[:, -logits_to_keep:]  # [B, n, D]: generation reads the last position only
-        logits = head(hidden)  # [B, T, V]
+            logits = decode_logits(hidden, head)  # [B, n, V]
+        else:
+            logits = head(hidden)  # [B, T, V]
         loss = None if labels is None else full_logits_loss(logits, labels, kw.get("cu_seqlens"))
         return VLMOutput(loss, logits, pkv)
 

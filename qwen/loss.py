@@ -28,6 +28,8 @@ Contract
     each call gathers its weight collectively, so the number of calls must not depend on a rank's targets.
   With no target at all it returns a zero that is still connected to `hidden` and `head` (so every
   parameter gets a (zero) gradient, which DDP needs) instead of the NaN of an empty mean.
+- `decode_logits(hidden [B, n, H], head) -> [B, n, V]`: the logits generation reads (`logits_to_keep`),
+  used by both the qwen LM and the VLM (on a CPU without gradient as `W @ h^T`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
@@ -185,3 +188,19 @@ def supervised_loss(
         else:
             total = total + _chunk_ce_sum(head, hc, yc)
     return total / n
+
+
+def decode_logits(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    """`head(hidden)` for the few positions generation reads (`[B, n, H]`, `logits_to_keep`). On a CPU without
+    gradient it is computed as `W @ h^T`: each vocabulary row is streamed once against the few hidden states,
+    which the CPU BLAS runs about 2x faster than `h @ W^T` at this shape (the same fp32 dot products summed in
+    another order, differences ~1e-6). Every other case is the head's own call."""
+    rows = hidden.shape[0] * hidden.shape[1]
+    if (type(head) is not nn.Linear or hidden.device.type != "cpu" or torch.is_grad_enabled() or rows > 64
+            or hidden.dtype != head.weight.dtype):
+        return head(hidden)
+    h = hidden.reshape(rows, hidden.shape[-1])  # [rows, H]
+    out = torch.matmul(head.weight, h.t()).t()  # [rows, V], a transposed view of [V, rows]
+    if head.bias is not None:
+        out = out + head.bias
+    return out.reshape(*hidden.shape[:-1], out.shape[-1])

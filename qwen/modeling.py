@@ -12,18 +12,13 @@ Contract
 * Speed (training): a right-padded batch without a KV cache (every row = real tokens, then padding)
   attends causally WITHOUT the padding mask: under causal attention real positions never see the padding
   that follows them, so their outputs are unchanged, and the mask-free path is the fast one (only the
-  hidden states AT padded positions differ, and nothing reads them). With tied embeddings that train and
-  labels given, the embedding lookup's gradient is sparse (`QWenModel.sparse_embedding_grad`): it is
-  added into the head's dense gradient of the same weight instead of materialising a second
-  `[V, H]` tensor. `compile_blocks()` runs the decoder blocks through `torch.compile` (opt-in).
+  hidden states AT padded positions differ, and nothing reads them). `compile_blocks()` runs the decoder blocks through `torch.compile` (opt-in).
 * KV cache: `QWenCache`, per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill. With
   `max_length` (generation knows prompt + new tokens) it is static: each layer's buffer is allocated once
   at `[B, Hkv, max_length, D]` and every step writes in place (no concatenation of the whole cache per
   token); it grows like the dynamic one if a step would overflow it.
-* Decoding (no gradient, a few rows, CPU): the logits of `logits_to_keep` positions are computed as
-  `W @ h^T` (each vocabulary row streamed once against the few hidden states) instead of `h @ W^T`,
-  which the CPU BLAS runs about 2x slower at this shape; the same fp32 dot products, summed in another
-  order (differences ~1e-6). A one-token step with grouped KV heads folds the query heads that share a
+* Decoding: the logits of `logits_to_keep` positions go through `qwen.loss.decode_logits` (on a CPU
+  `W @ h^T`, as the VLM's own decoding does). A one-token step with grouped KV heads folds the query heads that share a
   KV head into the query axis (plain multi-head attention over the cache, which is never expanded).
 * `attention_mask` is the `[B, T_cache + T_new]` 0/1 padding mask. Positions are
   `cumsum(attention_mask) - 1` for every arch: a left-padded row then sees positions 0, 1, ... from its
@@ -50,14 +45,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels import apply_rotary, attention, rms_norm, swiglu
 from kernels._log import log_once
 from qwen.config import QWenConfig
-from qwen.loss import full_logits_loss, supervised_loss
+from qwen.loss import decode_logits, full_logits_loss, supervised_loss
 from qwen.placeholders import scatter_image_features
 
 log = logging.getLogger(__name__)
@@ -67,7 +61,8 @@ class QWenCache:
     """Per-layer keys/values `[B, Hkv, T, D]` and the per-row NTK alpha `[B]` fixed at prefill.
 
     `max_length`: preallocate each layer's buffer to that many positions and write in place (a static
-    cache); `keys[i]` / `values[i]` are then views of the filled part."""
+    cache); `keys[i]` / `values[i]` are then views of the filled part (lists replaced from outside, e.g.
+    rows selected by serve/kvcache.py, are noticed and copied into a new buffer at the next update)."""
 
     def __init__(self, num_layers: int, max_length: int | None = None):
         self.keys: list[torch.Tensor | None] = [None] * num_layers
@@ -91,6 +86,8 @@ class QWenCache:
                 v = torch.cat([self.values[layer], v], dim=2)
             self.keys[layer], self.values[layer], self._bufs[layer] = k, v, None
             return k, v
+        if self._bufs[layer] is not None and past and self.keys[layer].data_ptr() != self._bufs[layer][0].data_ptr():
+            self._bufs[layer] = None  # the rows were edited from outside (serve/kvcache.py): rebuild the buffer
         if self._bufs[layer] is None:
             B, H, _, D = k.shape
             kb = k.new_empty(B, H, self.max_length, D)  # [B, Hkv, max_length, D], filled as tokens come
@@ -102,18 +99,6 @@ class QWenCache:
         kb[:, :, past:n], vb[:, :, past:n] = k, v
         self.keys[layer], self.values[layer] = kb[:, :, :n], vb[:, :, :n]
         return self.keys[layer], self.values[layer]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only batch rows `index` (e.g. drop finished sequences)."""
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            if self._bufs[i] is not None:
-                kb, vb = self._bufs[i][0][index], self._bufs[i][1][index]
-                self._bufs[i] = (kb, vb)
-                self.keys[i], self.values[i] = kb[:, :, :k.shape[2]], vb[:, :, :v.shape[2]]
-            elif k is not None:
-                self.keys[i], self.values[i] = k[index], v[index]
-        if self.ntk_alpha is not None:
-            self.ntk_alpha = self.ntk_alpha[index]
 
 
 @dataclass
@@ -275,7 +260,6 @@ class QWenModel(nn.Module):
 
     # Speed switches (see the module docstring); class defaults, settable per instance.
     mask_free_right_padding: bool = True
-    sparse_embedding_grad: bool = True
 
     def __init__(self, config: QWenConfig):
         super().__init__()
@@ -317,22 +301,14 @@ class QWenModel(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        sparse_embedding_grad: bool = False,
     ) -> QWenModelOutput:
-        """`sparse_embedding_grad=True` (set by QWenLMHeadModel only when a dense gradient of the same tied
-        weight comes from the head in the same backward) makes the lookup's gradient sparse."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("QWenModel.forward: give exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             if int(input_ids.max()) >= cfg.vocab_size or int(input_ids.min()) < 0:
                 raise ValueError(f"input_ids hold ids outside [0, vocab_size={cfg.vocab_size})")
-            if sparse_embedding_grad:
-                # Only the looked-up rows get a gradient: added into the head's dense [V, H] gradient in
-                # place by autograd, instead of a zero-filled [V, H] tensor and a second full-size add.
-                inputs_embeds = F.embedding(input_ids, self.wte.weight, sparse=True)  # [B, T, H]
-            else:
-                inputs_embeds = self.wte(input_ids)  # [B, T, H]
+            inputs_embeds = self.wte(input_ids)  # [B, T, H]
         if image_features is not None:
             if input_ids is None:
                 raise ValueError("image_features need input_ids to locate the placeholder tokens")
@@ -384,20 +360,6 @@ class QWenModel(nn.Module):
                 h = block(h, cos, sin, logn, mask, cache, cu_seqlens)
         h = self.ln_f(h)
         return QWenModelOutput(last_hidden_state=h, past_key_values=cache)
-
-
-def _decode_head(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    """`head(hidden)` for a few rows `[B, n, H]`; on a CPU without gradient computed as `W @ h^T` (see the
-    module docstring), otherwise as the head itself computes it."""
-    rows = hidden.shape[0] * hidden.shape[1]
-    if (type(head) is not nn.Linear or hidden.device.type != "cpu" or torch.is_grad_enabled() or rows > 64
-            or hidden.dtype != head.weight.dtype):
-        return head(hidden)
-    h = hidden.reshape(rows, hidden.shape[-1])  # [rows, H]
-    out = torch.matmul(head.weight, h.t()).t()  # [rows, V], a transposed view of [V, rows]
-    if head.bias is not None:
-        out = out + head.bias
-    return out.reshape(*hidden.shape[:-1], out.shape[-1])
 
 
 class QWenLMHeadModel(nn.Module):
@@ -492,16 +454,10 @@ class QWenLMHeadModel(nn.Module):
         `return_logits=True` (or no labels) the full `[B, T, V]` logits are computed here.
         `logits_to_keep=n > 0` (no labels) computes logits for the last n positions only, as generation
         needs: a prefill then never builds the prompt x vocabulary matrix."""
-        w = self.transformer.wte.weight
-        # Sparse lookup gradient only when the head adds a dense gradient of the same weight (see the
-        # module docstring) and the weight is an ordinary local tensor (not a ZeRO-3 / FSDP shard).
-        sparse = (labels is not None and self.transformer.sparse_embedding_grad and self.training
-                  and torch.is_grad_enabled() and w.requires_grad and self.lm_head.weight is w
-                  and type(w) is nn.Parameter and not hasattr(w, "ds_id"))
         out = self.transformer(
             input_ids=input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
             inputs_embeds=inputs_embeds, image_features=image_features, use_cache=use_cache,
-            position_ids=position_ids, cu_seqlens=cu_seqlens, sparse_embedding_grad=sparse,
+            position_ids=position_ids, cu_seqlens=cu_seqlens,
         )
         hidden = out.last_hidden_state  # [B, T, H]
         if labels is not None and return_logits is not True:
@@ -511,7 +467,7 @@ class QWenLMHeadModel(nn.Module):
                               logits_fn=lambda: self.lm_head(hidden))
         if logits_to_keep > 0 and labels is None:
             hidden = hidden[:, -logits_to_keep:]  # [B, n, H]
-            logits = _decode_head(hidden, self.lm_head)  # [B, n, V]
+            logits = decode_logits(hidden, self.lm_head)  # [B, n, V]
         else:
             logits = self.lm_head(hidden)  # [B, T, V]
         loss = None if labels is None else full_logits_loss(logits, labels, cu_seqlens)
