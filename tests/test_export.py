@@ -151,14 +151,16 @@ def test_export_config_holds_every_field_vllm_llava_reads(exported):
     assert raw["architectures"] == ["LlavaForConditionalGeneration"] and raw["model_type"] == "llava"
     cfg = AutoConfig.from_pretrained(str(dst))  # vLLM reads the config through transformers
     assert cfg.image_token_index == vlm.image_token_id
-    assert cfg.vision_feature_select_strategy in ("default", "full")
-    assert isinstance(cfg.vision_feature_layer, int)
-    assert cfg.projector_hidden_act == "gelu" and cfg.multimodal_projector_bias is True
-    v = cfg.vision_config
-    assert v.model_type in ("clip_vision_model", "siglip_vision_model")
-    for key in ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                "intermediate_size", "hidden_act", "layer_norm_eps"):
-        assert getattr(v, key, None) is not None, key
+    tower = vlm.towers
+    # Values equal to the exported model's (a class default would pass a mere presence check).
+    assert cfg.vision_feature_layer == tower.feature_layer
+    assert cfg.vision_feature_select_strategy == ("default" if tower.has_cls else "full")  # patch tokens only
+    v, own = cfg.vision_config, tower.model.config
+    assert v.model_type == own.model_type
+    keys = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "hidden_act", "layer_norm_eps")
+    assert {k: getattr(v, k) for k in keys} == {k: getattr(own, k) for k in keys}
+    assert own.image_size != 336 and own.hidden_size != 1024  # not LlavaConfig's default CLIP-L tower
     t = raw["text_config"]
     assert t["architectures"] == ["Qwen2ForCausalLM"]  # vLLM builds the LM from this name
     for key in ("model_type", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
