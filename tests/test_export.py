@@ -107,21 +107,14 @@ def exported(tmp_path_factory):
 
 
 def test_export_generate_stops_at_end_of_turn_and_equals_test_py(exported, capsys):
-    import importlib.util
-
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from tests.tiny_serve import QUESTION, image, messages
-    from tests.tiny_server import ROOT
+    from tests.tiny_server import answer_of_test_py
 
     vlm, tmp = exported
-    spec = importlib.util.spec_from_file_location("entry_test", ROOT / "test.py")
-    test_entry = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(test_entry)
-    capsys.readouterr()
-    assert test_entry.main(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt", QUESTION,
-                            "--max-new-tokens", "8"]) == 0
-    expect = capsys.readouterr().out[:-1]
+    expect = answer_of_test_py(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt",
+                                QUESTION, "--max-new-tokens", "8"], capsys)
     assert expect
 
     hf = AutoModelForImageTextToText.from_pretrained(str(tmp / "llava"), dtype=torch.float32).eval()

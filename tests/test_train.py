@@ -9,20 +9,9 @@ import shutil
 import pytest
 import torch
 
+from tests.tiny_server import entry
 from tests.tiny_train import make_tiny_data, tiny_train_config
 from trainer.callbacks import read_log
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
-
-
-def _entry(name: str):
-    """Load train.py / test.py by path (a bare `import test` could find the standard library's package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"entry_{name}", ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -160,32 +149,30 @@ def test_gradient_accumulation_is_token_normalised(tmp_path, data):
 def test_train_cli_rejects_bad_configs(tmp_path, data, capsys):
     from trainer.cli import run_cli
 
-    main = _entry("train").main
+    main = entry("train").main
 
-    class train_entry:  # noqa: N801 - the entry point as the command line runs it
-        @staticmethod
-        def main(argv):
-            return run_cli(main, argv)
+    def cli(argv):  # the entry point as the command line runs it
+        return run_cli(main, argv)
 
     good = tmp_path / "tiny_config.yaml"
     tiny_train_config(tmp_path, data)  # writes the YAML
-    assert train_entry.main([str(good), "learning_rat=1e-3"]) == 2
+    assert cli([str(good), "learning_rat=1e-3"]) == 2
     err = capsys.readouterr().err
     assert "learning_rat" in err and "learning_rate" in err  # names the bad key and lists valid ones
-    assert train_entry.main([str(good), "stage=pretrain"]) == 2
+    assert cli([str(good), "stage=pretrain"]) == 2
     assert "'align', 'sft', 'full'" in capsys.readouterr().err
-    assert train_entry.main([str(good), "max_steps=many"]) == 2
+    assert cli([str(good), "max_steps=many"]) == 2
     assert "max_steps" in capsys.readouterr().err
-    assert train_entry.main([str(good), "model.projektor=linear"]) == 2
+    assert cli([str(good), "model.projektor=linear"]) == 2
     assert "projektor" in capsys.readouterr().err
-    assert train_entry.main([str(good), "data_weights=[1.0, 2.0]"]) == 2
+    assert cli([str(good), "data_weights=[1.0, 2.0]"]) == 2
     assert "data_weights" in capsys.readouterr().err
-    assert train_entry.main([str(tmp_path / "missing.yaml")]) == 2
+    assert cli([str(tmp_path / "missing.yaml")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
 def test_test_cli_answers_like_chat(tmp_path, data, capsys):
-    test_entry = _entry("test")
+    test_entry = entry("test")
     from model import VLM
     from trainer.run import train
 

@@ -78,10 +78,16 @@ def start_server(module: str, model_dir: Path, *flags: str, log_dir: Path, offli
     raise RuntimeError(f"{' '.join(cmd)} did not answer /health within {START_TIMEOUT_S} s:\n{server.output()}")
 
 
-def answer_of_test_py(args: list[str], capsys) -> str:
-    spec = importlib.util.spec_from_file_location("entry_test", ROOT / "test.py")
+def entry(name: str):
+    """train.py / test.py loaded by path (a bare `import test` could find the standard library's package)."""
+    spec = importlib.util.spec_from_file_location(f"entry_{name}", ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def answer_of_test_py(args: list[str], capsys) -> str:
+    module = entry("test")
     capsys.readouterr()
     assert module.main(args) == 0
     out = capsys.readouterr().out
