@@ -23,7 +23,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests import tiny_data as td
-from tests.tiny_train import make_tiny_data, tiny_train_config
+from tests.tiny_train import make_tiny_data, run_losses, tiny_train_config
 from trainer.callbacks import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,10 +115,6 @@ def _settings(data: Path) -> dict:
                 save_total_limit=1, ddp_timeout=60, group_by_length=True)
 
 
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_log(run / "log.jsonl") if "loss" in r}
-
-
 def test_two_processes_match_one(tmp_path):
     data = _mixed_data(tmp_path)
     from trainer.run import train
@@ -156,7 +152,7 @@ def test_two_processes_match_one(tmp_path):
         report = json.loads((run / "data_report.json").read_text())
         assert [r["id"] for r in report["samples"]] == ["corrupt"], (run, report)
 
-    la, lb = _losses(one), _losses(two)
+    la, lb = run_losses(one), run_losses(two)
     assert sorted(la) == sorted(lb) == [1, 2, 3], (la, lb)
     for step in la:
         assert abs(la[step] - lb[step]) < 1e-5, (step, la[step], lb[step])
@@ -224,4 +220,4 @@ def test_two_processes_with_a_training_tower_read_at_an_inner_layer(tmp_path):
     proc = subprocess.run(["sh", str(ROOT / "train.sh"), str(tmp_path / "two" / "tiny_config.yaml")], env=env,
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(_losses(Path(cfg.output_dir))) == [1, 2]
+    assert sorted(run_losses(Path(cfg.output_dir))) == [1, 2]

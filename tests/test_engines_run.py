@@ -26,18 +26,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.tiny_train import make_tiny_data, tiny_train_config
-from trainer.callbacks import read_log
+from tests.tiny_train import make_tiny_data, run_losses, tiny_train_config
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "configs" / "engines"
 SETTINGS = dict(per_device_train_batch_size=2, global_batch_size=4, max_steps=3, save_steps=2, vision_lr=0.0,
                 learning_rate=1e-2, ddp_timeout=120)
 STAGES = {"full": {"stage": "full"}, "sft": {"stage": "sft", "lora": {"r": 8, "dropout": 0.0}}}  # sft: LoRA
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_log(run / "log.jsonl") if "loss" in r}
 
 
 def _weights(run: Path) -> dict[str, torch.Tensor]:
@@ -83,14 +78,14 @@ def _launch(tmp: Path, data: Path, *overrides: str, stage: str = "full") -> tupl
 
 
 def _check_against_reference(run: Path, resumed: Path, reference: Path, tol: float) -> None:
-    ref, got = _losses(reference), _losses(run)
+    ref, got = run_losses(reference), run_losses(run)
     assert sorted(ref) == sorted(got) == [1, 2, 3], (ref, got)
     for step in ref:
         assert abs(ref[step] - got[step]) < tol, (step, ref[step], got[step])
     assert _max_diff(_weights(reference), _weights(run)) < tol
 
     # Exact resume: the resumed run starts at step 3 from checkpoint-2 and ends where the first one did.
-    again = _losses(resumed)
+    again = run_losses(resumed)
     assert sorted(again) == [3], again
     assert abs(again[3] - got[3]) < 1e-6, (again[3], got[3])
     assert _max_diff(_weights(run), _weights(resumed)) < 1e-6

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from dataset.sample import UserError
-from tests.tiny_train import make_tiny_data, tiny_train_config
+from tests.tiny_train import make_tiny_data, run_losses, tiny_train_config
 from trainer.callbacks import read_log
 from trainer.checkpoints import is_complete, latest_checkpoint, stale_tmp_dirs
 
@@ -29,10 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_tiny_data(tmp_path_factory.mktemp("shapes"))
-
-
-def _losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_log(run / "log.jsonl") if "loss" in r}  # last row per step wins
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -85,7 +81,7 @@ def test_sigkill_during_save_then_resume_reproduces_losses(tmp_path, data):
 
     train(tiny_train_config(tmp_path / "killed", data, resume_from_checkpoint="auto", **common))
     assert not stale_tmp_dirs(run)  # cleaned at the start of the resumed run
-    a, b = _losses(reference), _losses(run)
+    a, b = run_losses(reference), run_losses(run)
     assert sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in (3, 4, 5, 6):  # written by the resumed run
         assert a[step] == b[step], (step, a[step], b[step])
@@ -131,7 +127,7 @@ def test_too_many_nan_steps_stop_with_a_usable_checkpoint(tmp_path, data):
     assert _same(_weights(run / "checkpoint-1"), _weights(run / "checkpoint-3"))
     # The run continues from it once the cause is gone.
     result = train(tiny_train_config(tmp_path, data, max_steps=5, save_steps=100, resume_from_checkpoint="auto"))
-    assert sorted(_losses(result.output_dir))[-2:] == [4, 5] and result.nan_steps == []
+    assert sorted(run_losses(result.output_dir))[-2:] == [4, 5] and result.nan_steps == []
 
 
 def test_unwritable_output_dir_fails_before_building_anything(tmp_path, data, monkeypatch):

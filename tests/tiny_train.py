@@ -67,3 +67,10 @@ def tiny_train_config(tmp: str | Path, data: str | Path, **overrides) -> TrainCo
     path = Path(tmp) / "tiny_config.yaml"
     path.write_text(yaml.safe_dump(base))
     return load_train_config(str(path))
+
+
+def run_losses(run: Path) -> dict[int, float]:
+    """Logged loss per optimizer step of a run directory (the last row of a step wins)."""
+    from trainer.callbacks import read_log
+
+    return {r["step"]: r["loss"] for r in read_log(Path(run) / "log.jsonl") if "loss" in r}
