@@ -34,6 +34,7 @@ Contract
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -114,6 +115,23 @@ def _varlen_to_padded(fn, q, k, v, cu_seqlens, causal, scale):
         qs, ks, vs = (x[s:e].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
         outs.append(fn(qs, ks, vs, causal=causal, scale=scale)[0].transpose(0, 1))
     return torch.cat(outs, dim=0)
+
+
+@functools.cache
+def _load_torch_varlen():
+    """torch's flash varlen function, imported once (raises ImportError on a torch without it)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+def torch_varlen_attention(q, k, v, cu_seqlens, causal=False, scale=None):
+    """torch's flash varlen kernel on packed [total, H, D] tensors (GQA in-kernel, no k/v copies)."""
+    # The longest sequence, read where cu_seqlens lives: no device sync when the caller kept it on the host.
+    n = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return _load_torch_varlen()(q, k, v, cu, cu, n, n, scale=scale, window_size=(-1, 0) if causal else (-1, -1),
+                                enable_gqa=q.shape[1] != k.shape[1])
 
 
 _IMPL_FNS = {"torch": sdpa_attention, "eager": eager_attention}
@@ -225,9 +243,7 @@ def attention(
     if requested == "auto" and cu_seqlens is not None and _is_gpu(q):
         path = _auto_varlen(q)
         if path == "torch_varlen":
-            from kernels.selftest import _torch_varlen
-
-            return _torch_varlen()[1](q, k, v, cu_seqlens, causal, scale)
+            return torch_varlen_attention(q, k, v, cu_seqlens, causal, scale)
         impl = path
     if impl == "triton":
         tri = _load_triton()
