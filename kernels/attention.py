@@ -201,30 +201,28 @@ def _resolve(impl: str, q: torch.Tensor) -> str:
     return chosen
 
 
-def _auto_gpu(q: torch.Tensor) -> tuple[str, str]:
-    """(impl, reason) of `auto` for GPU tensors like q: SDPA unless a kernel verified itself here."""
+def _auto_choice(q: torch.Tensor):
+    """(the self-test's `Choice` for GPU tensors like q, "") or (None, why auto keeps SDPA without a self-test)."""
     if q.dtype not in KERNEL_DTYPES or q.shape[-1] > KERNEL_MAX_HEAD_DIM:
-        return "torch", f"dtype {q.dtype} / head dim {q.shape[-1]} not supported by the custom kernels"
+        return None, f"dtype {q.dtype} / head dim {q.shape[-1]} not supported by the custom kernels"
     if os.environ.get(SELFTEST_ENV, "1") == "0":
-        return "torch", f"{SELFTEST_ENV}=0: custom kernels are not self-tested, so not used"
-    choice = _verified(q)
-    return choice.impl, choice.reason
-
-
-def _verified(q: torch.Tensor):
+        return None, f"{SELFTEST_ENV}=0: custom kernels are not self-tested, so not used"
     # Imported here: kernels.selftest imports this module (it tests the kernels through it).
     from kernels import selftest
 
-    return selftest.verify(q.device, q.dtype, q.shape[-1])
+    return selftest.verify(q.device, q.dtype, q.shape[-1]), ""
+
+
+def _auto_gpu(q: torch.Tensor) -> tuple[str, str]:
+    """(impl, reason) of `auto` for GPU tensors like q: SDPA unless a kernel verified itself here."""
+    choice, why = _auto_choice(q)
+    return ("torch", why) if choice is None else (choice.impl, choice.reason)
 
 
 def _auto_varlen(q: torch.Tensor) -> str:
     """The verified path for packed GPU batches under auto (see the module docstring)."""
-    if not _is_gpu(q) or q.dtype not in KERNEL_DTYPES or q.shape[-1] > KERNEL_MAX_HEAD_DIM:
-        return "torch"
-    if os.environ.get(SELFTEST_ENV, "1") == "0":
-        return "torch"
-    return _verified(q).varlen
+    choice = _auto_choice(q)[0] if _is_gpu(q) else None
+    return "torch" if choice is None else choice.varlen
 
 
 def attention(
