@@ -21,8 +21,6 @@ Contract:
   gradients and optimizer state currently held.
 - `matmul_peak(device, dtype)`: (wall FLOP/s, CPU-time FLOP/s) of the best of square matmuls (two sizes), for
   MFU; measured again between timed rounds so that it sees the same machine load as the steps.
-- `bf16_native(device) -> (bool, reason)`: whether bf16 matmuls run natively (CUDA with bf16; a CPU
-  with AMX or AVX512-BF16), and why not.
 - `set_malloc(mode)`: glibc's allocator on Linux, `"retain"` (freed memory kept for reuse: no page
   faults on the next large tensor; what `train.py` uses on a CPU) or `"default"` (glibc's defaults, freed
   memory handed back to the system); a no-op elsewhere.
@@ -363,20 +361,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeat
             wall = max(wall, flop / (time.perf_counter() - t0))
             cpu = max(cpu, flop / max(time.process_time() - c0, 1e-9))
     return wall, cpu
-
-
-def bf16_native(device: torch.device) -> tuple[bool, str]:
-    """(runs bf16 matmuls natively, reason when not)."""
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return ok, "" if ok else f"{torch.cuda.get_device_name(device)} has no bf16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    if amx or avx512_bf16:
-        return True, ""
-    cap = torch.backends.cpu.get_cpu_capability()
-    return False, (f"this CPU has no native bf16 matmul (no AMX, no AVX512-BF16; torch's CPU capability: {cap}): "
-                   "bf16 would run emulated, many times slower than fp32")
 
 
 _MALLOC_MODE = ["default"]

@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from model import dtypes  # noqa: E402
 from qwen.loss import supervised_loss  # noqa: E402
 
 OPTIMIZERS = {"adamw_fused": {"fused": True}, "adamw": {}}  # name -> torch.optim.AdamW keywords
@@ -427,11 +428,11 @@ def main(argv=None) -> dict:
 
     results["ratio"] = {k: results["ours"][k] / results["reference_sup"][k] for k in results["ours"]}
     results["first_loss"] = first
-    bf16_ok, why = common.bf16_native(device)
+    bf16_ok, why = dtypes.cuda_native_bf16(device.index) if device.type == "cuda" else dtypes.cpu_native_bf16()
     if args.no_bf16:
         pass
     elif not bf16_ok:
-        print(f"bf16: skipped: {why}")
+        print(f"bf16: skipped: no native bf16 matmul on this {'GPU' if device.type == 'cuda' else 'CPU'}: {why}")
     else:
         results["bf16"] = bf16_lines(sides, data, args, device)
     for name in list(sides):

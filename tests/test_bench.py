@@ -50,10 +50,13 @@ def test_train_step_quick(capsys):
     assert re.search(rf"^other_s \(elementwise\) ours={NUM} reference_sup={NUM}", out, re.M), out
     assert res["profile"]["ours"]["matmul"] > 0
     # bf16: measured where native, otherwise one line saying why.
-    from benchmarks.common import bf16_native
+    from model.dtypes import cpu_native_bf16
 
-    if not bf16_native(torch.device("cpu"))[0]:
-        assert re.search(r"^bf16: skipped: this CPU has no native bf16", out, re.M), out
+    if not cpu_native_bf16()[0]:
+        assert re.search(r"^bf16: skipped: no native bf16 matmul on this CPU: the CPU has neither AMX nor "
+                         r"AVX512-BF16", out, re.M), out
+    else:
+        assert "bf16" in res and "bf16: skipped" not in out, out
     s1 = res["stage1"]
     assert s1["cached"]["samples_per_s"] > 0 and s1["pixels"]["samples_per_s"] > 0 and 0 < s1["tower_flop_share"] < 1
     assert re.search(rf"^stage1_samples_per_s\s+cached={NUM} pixels={NUM} ratio={NUM} .*flop_bound={NUM} "
