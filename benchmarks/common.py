@@ -19,8 +19,6 @@ Contract:
   before it (CUDA: the caching allocator's peak; CPU: the running sum of the allocations and frees the
   torch profiler records per op, in op start order); `resident_bytes(model, optimizer)`: parameters,
   gradients and optimizer state currently held.
-- `matmul_peak(device, dtype)`: (wall FLOP/s, CPU-time FLOP/s) of the best of square matmuls (two sizes), for
-  MFU; measured again between timed rounds so that it sees the same machine load as the steps.
 - `set_malloc(mode)`: glibc's allocator on Linux, `"retain"` (freed memory kept for reuse: no page
   faults on the next large tensor; what `train.py` uses on a CPU) or `"default"` (glibc's defaults, freed
   memory handed back to the system); a no-op elsewhere.
@@ -339,28 +337,6 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
 
 def fmt_mb(n: float) -> str:
     return f"{n / 2**20:.1f}"
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 3) -> tuple[float, float]:
-    """(best wall FLOP/s, best CPU-time FLOP/s) of `repeats` square matmuls of each size in
-    `trainer.throughput.PEAK_SIZES` (1024 and 2048 on a CPU, 4096 and 8192 on a GPU)."""
-    from trainer.throughput import PEAK_SIZES
-
-    g = torch.Generator(device=device).manual_seed(0)  # private: the benchmark's RNG streams stay untouched
-    wall = cpu = 0.0
-    for n in PEAK_SIZES.get(device.type, PEAK_SIZES["cpu"]):
-        a = torch.randn(n, n, device=device, generator=g).to(dtype)
-        b = torch.randn(n, n, device=device, generator=g).to(dtype)
-        torch.mm(a, b)  # warm-up
-        sync(device)
-        for _ in range(repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            torch.mm(a, b)
-            sync(device)
-            flop = 2 * n**3
-            wall = max(wall, flop / (time.perf_counter() - t0))
-            cpu = max(cpu, flop / max(time.process_time() - c0, 1e-9))
-    return wall, cpu
 
 
 _MALLOC_MODE = ["default"]

@@ -351,7 +351,7 @@ def main(argv=None) -> dict:
         print("first-step loss: " + " ".join(f"{k}={v:.6f}" for k, v in first.items())
               + f" max|diff|={max(abs(v - ref_loss) for v in first.values()):.2e}")
 
-    from trainer.throughput import ModelDims, batch_stats, step_flops
+    from trainer.throughput import ModelDims, batch_stats, measure_matmul_peak, step_flops
 
     dims = ModelDims.from_model(ours_model)  # the same model on every side: the same model FLOPs
     flops = [step_flops(dims, batch_stats(b))["total"] for b in data]
@@ -361,7 +361,8 @@ def main(argv=None) -> dict:
     for i in range(args.steps):
         if device.type == "cpu":
             common.set_malloc(args.malloc)
-        peaks.append(common.matmul_peak(device))
+        # Measured again every round, so that the peak sees the same machine load as the steps.
+        peaks.append(measure_matmul_peak(device, repeats=3))
         order = names[i % len(names):] + names[:i % len(names)]  # who goes first rotates every round
         for name in order:
             sides[name].timed_step(inputs[name][i % len(data)], args.malloc)

@@ -180,6 +180,15 @@ def test_peak_matmul_flops_cached():
     assert a > 0 and peak_matmul_flops("cpu", torch.float64) == a  # measured once per device/dtype
 
 
+def test_measure_matmul_peak_gives_wall_and_cpu_rates():
+    from trainer.throughput import measure_matmul_peak
+
+    rng = torch.get_rng_state()
+    wall, cpu = measure_matmul_peak("cpu", torch.float64, sizes=(32, 64), repeats=2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert wall > 0 and cpu > 0
+
+
 def test_throughput_callback_logs(tmp_path):
     from transformers import TrainingArguments
 
