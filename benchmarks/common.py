@@ -37,7 +37,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the CPU profiler quiet; s
 
 import torch  # noqa: E402
 
-from qwen.loss import IGNORE_INDEX  # noqa: E402  (after the environment above)
+from qwen.loss import IGNORE_INDEX, count_targets  # noqa: E402  (after the environment above)
 
 
 @dataclass(frozen=True)
@@ -273,11 +273,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def batch_counts(batch: dict) -> dict:
-    """samples, real tokens, target tokens (labels after the shift) and images of a collated batch."""
+    """samples, real tokens, target tokens (labels after the shift, within each packed sequence) and images of
+    a collated batch."""
     return {
         "samples": int(batch["input_ids"].shape[0]),
         "tokens": int(batch["attention_mask"].sum()),
-        "targets": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        "targets": int(count_targets(batch["labels"], batch.get("cu_seqlens"))),
         "images": 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0]),
     }
 

@@ -122,6 +122,7 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
     """Build, step once, answer; returns the measured figures and the plan's predictions."""
     from model import dtypes
     from model import plan as P
+    from qwen.loss import count_targets
     from trainer.optim import param_groups
     from trainer.run import build_model
     from trainer.throughput import peak_matmul_flops
@@ -182,7 +183,7 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
 
     with contextlib.redirect_stdout(io.StringIO()):
         plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=1e6, device=dev.type, seq=ids.shape[1], images=1,
-                           targets=int((labels[:, 1:] != -100).sum()), micro_batch=1)
+                           targets=int(count_targets(labels)), micro_batch=1)
     predicted_mem = plan.engines["DDP"]["total"] + plan.activation_per_gpu()
     peak_flops = peak_matmul_flops(dev, base)
     predicted_step = plan.flops["total"] / (peak_flops * mfu)

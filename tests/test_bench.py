@@ -242,3 +242,14 @@ def test_train_run_logs_throughput(tmp_path):
     for r in rows:
         assert r["mfu"] > 0 and r["tokens_per_s"] > 0 and r["images_per_s"] > 0 and r["peak_mem_gb"] > 0, r
         assert 0 <= r["data_wait_frac"] <= 1, r
+
+
+def test_batch_counts_stop_targets_at_packed_boundaries():
+    from benchmarks.common import batch_counts
+
+    labels = torch.tensor([[5, 6, 7, 8, 9, -100]])
+    batch = {"input_ids": labels.clamp(min=0), "attention_mask": torch.ones_like(labels), "labels": labels}
+    assert batch_counts(batch)["targets"] == 4
+    # Two packed sequences of 3: the last token of the first has no target across the boundary.
+    packed = dict(batch, cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32))
+    assert batch_counts(packed)["targets"] == 3
