@@ -18,7 +18,8 @@ Contract:
 - `peak_step_bytes(fn, device)`: peak bytes allocated while `fn()` runs, above what was allocated
   before it (CUDA: the caching allocator's peak; CPU: the running sum of the allocations and frees the
   torch profiler records per op, in op start order); `resident_bytes(model, optimizer)`: parameters,
-  gradients and optimizer state currently held.
+  gradients and optimizer state currently held; `rss_bytes()` / `peak_rss_bytes()`: the process's resident
+  set now / at its peak (CPU memory).
 - `set_malloc(mode)`: glibc's allocator on Linux, `"retain"` (freed memory kept for reuse: no page
   faults on the next large tensor; what `train.py` uses on a CPU) or `"default"` (glibc's defaults, freed
   memory handed back to the system); a no-op elsewhere.
@@ -296,6 +297,22 @@ def timed(fn, device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def rss_bytes() -> int:
+    """The process's resident set now (Linux /proc), or 0 where unavailable."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def peak_step_bytes(fn, device: torch.device) -> int:

@@ -29,7 +29,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.common import peak_rss_bytes, rss_bytes  # noqa: E402
+
 RECIPE = ROOT / "configs" / "qwen7b_siglip_lora.yaml"
 LM_CONFIG = ROOT / "configs" / "hub" / "Qwen--Qwen-1_8B-Chat.json"
 TOWER_CONFIG = ROOT / "configs" / "hub" / "google--siglip-so400m-patch14-384.json"
@@ -50,19 +51,6 @@ DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
 IM_START, IM_END, NL, USER, ASSISTANT = 151644, 151645, 198, 872, 77091  # Qwen-1 ChatML ids
 IMG_START, IMG_END = 151647, 151648  # <|extra_1|>, <|extra_2|>
 TOLERANCE = 0.25
-
-
-def rss_bytes() -> int:
-    """The process's resident set now (Linux /proc), or 0 where unavailable."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _tiny_files(tmp: Path) -> tuple[Path, Path]:
