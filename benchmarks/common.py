@@ -18,11 +18,8 @@ Contract:
 - `peak_step_bytes(fn, device)`: peak bytes allocated while `fn()` runs, above what was allocated
   before it (CUDA: the caching allocator's peak; CPU: the running sum of the allocations and frees the
   torch profiler records per op, in op start order); `resident_bytes(model, optimizer)`: parameters,
-  gradients and optimizer state currently held.
-- `matmul_peak(device, dtype)`: (wall FLOP/s, CPU-time FLOP/s) of the best of square matmuls (two sizes), for
-  MFU; measured again between timed rounds so that it sees the same machine load as the steps.
-- `bf16_native(device) -> (bool, reason)`: whether bf16 matmuls run natively (CUDA with bf16; a CPU
-  with AMX or AVX512-BF16), and why not.
+  gradients and optimizer state currently held; `rss_bytes()` / `peak_rss_bytes()`: the process's resident
+  set now / at its peak (CPU memory).
 - `set_malloc(mode)`: glibc's allocator on Linux, `"retain"` (freed memory kept for reuse: no page
   faults on the next large tensor; what `train.py` uses on a CPU) or `"default"` (glibc's defaults, freed
   memory handed back to the system); a no-op elsewhere.
@@ -41,7 +38,7 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the CPU profiler quiet; s
 
 import torch  # noqa: E402
 
-from qwen.loss import IGNORE_INDEX  # noqa: E402  (after the environment above)
+from qwen.loss import IGNORE_INDEX, count_targets  # noqa: E402  (after the environment above)
 
 
 @dataclass(frozen=True)
@@ -277,11 +274,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 def batch_counts(batch: dict) -> dict:
-    """samples, real tokens, target tokens (labels after the shift) and images of a collated batch."""
+    """samples, real tokens, target tokens (labels after the shift, within each packed sequence) and images of
+    a collated batch."""
     return {
         "samples": int(batch["input_ids"].shape[0]),
         "tokens": int(batch["attention_mask"].sum()),
-        "targets": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+        "targets": int(count_targets(batch["labels"], batch.get("cu_seqlens"))),
         "images": 0 if batch.get("pixel_values") is None else int(batch["pixel_values"].shape[0]),
     }
 
@@ -299,6 +297,22 @@ def timed(fn, device: torch.device) -> float:
     fn()
     sync(device)
     return time.perf_counter() - t0
+
+
+def rss_bytes() -> int:
+    """The process's resident set now (Linux /proc), or 0 where unavailable."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set so far."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def peak_step_bytes(fn, device: torch.device) -> int:
@@ -341,42 +355,6 @@ def resident_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer | No
 
 def fmt_mb(n: float) -> str:
     return f"{n / 2**20:.1f}"
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, repeats: int = 3) -> tuple[float, float]:
-    """(best wall FLOP/s, best CPU-time FLOP/s) of `repeats` square matmuls of each size in
-    `trainer.throughput.PEAK_SIZES` (1024 and 2048 on a CPU, 4096 and 8192 on a GPU)."""
-    from trainer.throughput import PEAK_SIZES
-
-    g = torch.Generator(device=device).manual_seed(0)  # private: the benchmark's RNG streams stay untouched
-    wall = cpu = 0.0
-    for n in PEAK_SIZES.get(device.type, PEAK_SIZES["cpu"]):
-        a = torch.randn(n, n, device=device, generator=g).to(dtype)
-        b = torch.randn(n, n, device=device, generator=g).to(dtype)
-        torch.mm(a, b)  # warm-up
-        sync(device)
-        for _ in range(repeats):
-            t0, c0 = time.perf_counter(), time.process_time()
-            torch.mm(a, b)
-            sync(device)
-            flop = 2 * n**3
-            wall = max(wall, flop / (time.perf_counter() - t0))
-            cpu = max(cpu, flop / max(time.process_time() - c0, 1e-9))
-    return wall, cpu
-
-
-def bf16_native(device: torch.device) -> tuple[bool, str]:
-    """(runs bf16 matmuls natively, reason when not)."""
-    if device.type == "cuda":
-        ok = torch.cuda.is_bf16_supported()
-        return ok, "" if ok else f"{torch.cuda.get_device_name(device)} has no bf16"
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    if amx or avx512_bf16:
-        return True, ""
-    cap = torch.backends.cpu.get_cpu_capability()
-    return False, (f"this CPU has no native bf16 matmul (no AMX, no AVX512-BF16; torch's CPU capability: {cap}): "
-                   "bf16 would run emulated, many times slower than fp32")
 
 
 _MALLOC_MODE = ["default"]

@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never download anything
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
 
 # Qwen-1.8B's LM shape (Qwen-1 `intermediate_size` 11008 = two branches of 5504).
 QWEN_1_8B = {"arch": "qwen2", "vocab_size": 151936, "hidden_size": 2048, "num_hidden_layers": 24,
@@ -53,12 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return common.peak_rss_bytes() / 2**20
 
 
 def build(args: argparse.Namespace, device: torch.device):
@@ -101,16 +96,17 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     losses, times = [], []
-    for _ in range(args.steps):
-        _sync(device)
-        t0 = time.perf_counter()
+
+    def step():
         loss = vlm(**batch).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+        losses.append(loss.detach())
+
+    for _ in range(args.steps):
+        times.append(common.timed(step, device))
+    losses = [float(x) for x in losses]
     step_s = statistics.median(times[1:] or times)
     res = {
         "device": device.type, "layers_4bit": n4, "base_4bit_mb": nbytes / 2**20, "base_bf16_mb": 2 * numel / 2**20,

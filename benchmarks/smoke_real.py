@@ -29,7 +29,6 @@ import contextlib
 import io
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -43,6 +42,8 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from benchmarks.common import peak_rss_bytes, rss_bytes  # noqa: E402
+
 RECIPE = ROOT / "configs" / "qwen7b_siglip_lora.yaml"
 LM_CONFIG = ROOT / "configs" / "hub" / "Qwen--Qwen-1_8B-Chat.json"
 TOWER_CONFIG = ROOT / "configs" / "hub" / "google--siglip-so400m-patch14-384.json"
@@ -50,19 +51,6 @@ DTYPES = {"auto": "auto", "bf16": "bfloat16", "fp32": "float32"}
 IM_START, IM_END, NL, USER, ASSISTANT = 151644, 151645, 198, 872, 77091  # Qwen-1 ChatML ids
 IMG_START, IMG_END = 151647, 151648  # <|extra_1|>, <|extra_2|>
 TOLERANCE = 0.25
-
-
-def rss_bytes() -> int:
-    """The process's resident set now (Linux /proc), or 0 where unavailable."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _tiny_files(tmp: Path) -> tuple[Path, Path]:
@@ -122,6 +110,7 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
     """Build, step once, answer; returns the measured figures and the plan's predictions."""
     from model import dtypes
     from model import plan as P
+    from qwen.loss import count_targets
     from trainer.optim import param_groups
     from trainer.run import build_model
     from trainer.throughput import peak_matmul_flops
@@ -182,7 +171,7 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
 
     with contextlib.redirect_stdout(io.StringIO()):
         plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=1e6, device=dev.type, seq=ids.shape[1], images=1,
-                           targets=int((labels[:, 1:] != -100).sum()), micro_batch=1)
+                           targets=int(count_targets(labels)), micro_batch=1)
     predicted_mem = plan.engines["DDP"]["total"] + plan.activation_per_gpu()
     peak_flops = peak_matmul_flops(dev, base)
     predicted_step = plan.flops["total"] / (peak_flops * mfu)

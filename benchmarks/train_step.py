@@ -68,6 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
+from model import dtypes  # noqa: E402
 from qwen.loss import supervised_loss  # noqa: E402
 
 OPTIMIZERS = {"adamw_fused": {"fused": True}, "adamw": {}}  # name -> torch.optim.AdamW keywords
@@ -349,7 +350,7 @@ def main(argv=None) -> dict:
         print("first-step loss: " + " ".join(f"{k}={v:.6f}" for k, v in first.items())
               + f" max|diff|={max(abs(v - ref_loss) for v in first.values()):.2e}")
 
-    from trainer.throughput import ModelDims, batch_stats, step_flops
+    from trainer.throughput import ModelDims, batch_stats, measure_matmul_peak, step_flops
 
     dims = ModelDims.from_model(ours_model)  # the same model on every side: the same model FLOPs
     flops = [step_flops(dims, batch_stats(b))["total"] for b in data]
@@ -359,7 +360,8 @@ def main(argv=None) -> dict:
     for i in range(args.steps):
         if device.type == "cpu":
             common.set_malloc(args.malloc)
-        peaks.append(common.matmul_peak(device))
+        # Measured again every round, so that the peak sees the same machine load as the steps.
+        peaks.append(measure_matmul_peak(device, repeats=3))
         order = names[i % len(names):] + names[:i % len(names)]  # who goes first rotates every round
         for name in order:
             sides[name].timed_step(inputs[name][i % len(data)], args.malloc)
@@ -426,11 +428,11 @@ def main(argv=None) -> dict:
 
     results["ratio"] = {k: results["ours"][k] / results["reference_sup"][k] for k in results["ours"]}
     results["first_loss"] = first
-    bf16_ok, why = common.bf16_native(device)
+    bf16_ok, why = dtypes.cuda_native_bf16(device.index) if device.type == "cuda" else dtypes.cpu_native_bf16()
     if args.no_bf16:
         pass
     elif not bf16_ok:
-        print(f"bf16: skipped: {why}")
+        print(f"bf16: skipped: no native bf16 matmul on this {'GPU' if device.type == 'cuda' else 'CPU'}: {why}")
     else:
         results["bf16"] = bf16_lines(sides, data, args, device)
     for name in list(sides):

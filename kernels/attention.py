@@ -34,6 +34,7 @@ Contract
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -116,6 +117,23 @@ def _varlen_to_padded(fn, q, k, v, cu_seqlens, causal, scale):
     return torch.cat(outs, dim=0)
 
 
+@functools.cache
+def _load_torch_varlen():
+    """torch's flash varlen function, imported once (raises ImportError on a torch without it)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+def torch_varlen_attention(q, k, v, cu_seqlens, causal=False, scale=None):
+    """torch's flash varlen kernel on packed [total, H, D] tensors (GQA in-kernel, no k/v copies)."""
+    # The longest sequence, read where cu_seqlens lives: no device sync when the caller kept it on the host.
+    n = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
+    return _load_torch_varlen()(q, k, v, cu, cu, n, n, scale=scale, window_size=(-1, 0) if causal else (-1, -1),
+                                enable_gqa=q.shape[1] != k.shape[1])
+
+
 _IMPL_FNS = {"torch": sdpa_attention, "eager": eager_attention}
 
 
@@ -183,30 +201,28 @@ def _resolve(impl: str, q: torch.Tensor) -> str:
     return chosen
 
 
-def _auto_gpu(q: torch.Tensor) -> tuple[str, str]:
-    """(impl, reason) of `auto` for GPU tensors like q: SDPA unless a kernel verified itself here."""
+def _auto_choice(q: torch.Tensor):
+    """(the self-test's `Choice` for GPU tensors like q, "") or (None, why auto keeps SDPA without a self-test)."""
     if q.dtype not in KERNEL_DTYPES or q.shape[-1] > KERNEL_MAX_HEAD_DIM:
-        return "torch", f"dtype {q.dtype} / head dim {q.shape[-1]} not supported by the custom kernels"
+        return None, f"dtype {q.dtype} / head dim {q.shape[-1]} not supported by the custom kernels"
     if os.environ.get(SELFTEST_ENV, "1") == "0":
-        return "torch", f"{SELFTEST_ENV}=0: custom kernels are not self-tested, so not used"
-    choice = _verified(q)
-    return choice.impl, choice.reason
-
-
-def _verified(q: torch.Tensor):
+        return None, f"{SELFTEST_ENV}=0: custom kernels are not self-tested, so not used"
     # Imported here: kernels.selftest imports this module (it tests the kernels through it).
     from kernels import selftest
 
-    return selftest.verify(q.device, q.dtype, q.shape[-1])
+    return selftest.verify(q.device, q.dtype, q.shape[-1]), ""
+
+
+def _auto_gpu(q: torch.Tensor) -> tuple[str, str]:
+    """(impl, reason) of `auto` for GPU tensors like q: SDPA unless a kernel verified itself here."""
+    choice, why = _auto_choice(q)
+    return ("torch", why) if choice is None else (choice.impl, choice.reason)
 
 
 def _auto_varlen(q: torch.Tensor) -> str:
     """The verified path for packed GPU batches under auto (see the module docstring)."""
-    if not _is_gpu(q) or q.dtype not in KERNEL_DTYPES or q.shape[-1] > KERNEL_MAX_HEAD_DIM:
-        return "torch"
-    if os.environ.get(SELFTEST_ENV, "1") == "0":
-        return "torch"
-    return _verified(q).varlen
+    choice = _auto_choice(q)[0] if _is_gpu(q) else None
+    return "torch" if choice is None else choice.varlen
 
 
 def attention(
@@ -225,9 +241,7 @@ def attention(
     if requested == "auto" and cu_seqlens is not None and _is_gpu(q):
         path = _auto_varlen(q)
         if path == "torch_varlen":
-            from kernels.selftest import _torch_varlen
-
-            return _torch_varlen()[1](q, k, v, cu_seqlens, causal, scale)
+            return torch_varlen_attention(q, k, v, cu_seqlens, causal, scale)
         impl = path
     if impl == "triton":
         tri = _load_triton()

@@ -152,8 +152,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "aut
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     _check_rotary(x, cos, sin)
-    if _resolve(impl, x, "apply_rotary") == "triton" and cos.dim() == 3 and cos.shape[0] != x.shape[0]:
-        cos, sin = cos[0], sin[0]  # a [1, T, D] table: drop the batch axis for the kernel
     return _dispatch("apply_rotary", impl, (x, cos, sin))
 
 

@@ -97,15 +97,8 @@ def _cuda(build: bool):
 
 
 def _torch_varlen():
-    from torch.nn.attention.varlen import varlen_attn
-
-    def varlen(q, k, v, cu, causal, scale=None):
-        cu = cu.to(device=q.device, dtype=torch.int32)
-        n = int((cu[1:] - cu[:-1]).max())
-        return varlen_attn(q, k, v, cu, cu, n, n, scale=scale, window_size=(-1, 0) if causal else (-1, -1),
-                           enable_gqa=q.shape[1] != k.shape[1])
-
-    return None, varlen, False
+    A._load_torch_varlen()  # raises on a torch without the varlen kernel
+    return None, A.torch_varlen_attention, False
 
 
 def candidates(build: bool) -> dict[str, Callable]:

@@ -84,11 +84,12 @@ FUSED = True  # set False to force the checkpointed path everywhere
 
 
 def _fusable(head) -> bool:
-    """A plain nn.Linear whose weight is an ordinary local tensor (not a ZeRO-3 / FSDP2 shard)."""
+    """A plain nn.Linear whose weight is an ordinary local tensor (not an FSDP2 shard; ZeRO-3 heads are
+    handled before this is asked)."""
     if not FUSED or type(head) is not torch.nn.Linear:
         return False
     w = head.weight
-    return type(w) is torch.nn.Parameter and not hasattr(w, "ds_id") and w.numel() > 0
+    return type(w) is torch.nn.Parameter and w.numel() > 0
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -167,13 +168,13 @@ def supervised_loss(
     if n == 0:
         # No target: a zero still wired to the graph (DDP expects a gradient for every used parameter).
         return (head(hidden[:, :1].reshape(-1, hidden.shape[-1])).float().sum() * 0.0)
-    if any(hasattr(p, "ds_id") for p in getattr(head, "parameters", lambda: [])()):
+    params = list(getattr(head, "parameters", lambda: [])())
+    if any(hasattr(p, "ds_id") for p in params):
         # DeepSpeed ZeRO-3 gathers a partitioned head at each call of the module (a collective), and ranks
         # hold different numbers of targets: one call per forward keeps them in step; its backward
         # re-gathers through ZeRO-3's module hooks (a checkpointed recompute would not).
         return _chunk_ce_sum(head, h, y) / n
-    recompute = torch.is_grad_enabled() and (h.requires_grad or any(
-        p.requires_grad for p in getattr(head, "parameters", lambda: [])()))
+    recompute = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params))
     if _fusable(head):
         grad_on = torch.is_grad_enabled()
         need = (grad_on and h.requires_grad, grad_on and head.weight.requires_grad,

@@ -50,10 +50,13 @@ def test_train_step_quick(capsys):
     assert re.search(rf"^other_s \(elementwise\) ours={NUM} reference_sup={NUM}", out, re.M), out
     assert res["profile"]["ours"]["matmul"] > 0
     # bf16: measured where native, otherwise one line saying why.
-    from benchmarks.common import bf16_native
+    from model.dtypes import cpu_native_bf16
 
-    if not bf16_native(torch.device("cpu"))[0]:
-        assert re.search(r"^bf16: skipped: this CPU has no native bf16", out, re.M), out
+    if not cpu_native_bf16()[0]:
+        assert re.search(r"^bf16: skipped: no native bf16 matmul on this CPU: the CPU has neither AMX nor "
+                         r"AVX512-BF16", out, re.M), out
+    else:
+        assert "bf16" in res and "bf16: skipped" not in out, out
     s1 = res["stage1"]
     assert s1["cached"]["samples_per_s"] > 0 and s1["pixels"]["samples_per_s"] > 0 and 0 < s1["tower_flop_share"] < 1
     assert re.search(rf"^stage1_samples_per_s\s+cached={NUM} pixels={NUM} ratio={NUM} .*flop_bound={NUM} "
@@ -177,6 +180,15 @@ def test_peak_matmul_flops_cached():
     assert a > 0 and peak_matmul_flops("cpu", torch.float64) == a  # measured once per device/dtype
 
 
+def test_measure_matmul_peak_gives_wall_and_cpu_rates():
+    from trainer.throughput import measure_matmul_peak
+
+    rng = torch.get_rng_state()
+    wall, cpu = measure_matmul_peak("cpu", torch.float64, sizes=(32, 64), repeats=2)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert wall > 0 and cpu > 0
+
+
 def test_throughput_callback_logs(tmp_path):
     from transformers import TrainingArguments
 
@@ -230,3 +242,14 @@ def test_train_run_logs_throughput(tmp_path):
     for r in rows:
         assert r["mfu"] > 0 and r["tokens_per_s"] > 0 and r["images_per_s"] > 0 and r["peak_mem_gb"] > 0, r
         assert 0 <= r["data_wait_frac"] <= 1, r
+
+
+def test_batch_counts_stop_targets_at_packed_boundaries():
+    from benchmarks.common import batch_counts
+
+    labels = torch.tensor([[5, 6, 7, 8, 9, -100]])
+    batch = {"input_ids": labels.clamp(min=0), "attention_mask": torch.ones_like(labels), "labels": labels}
+    assert batch_counts(batch)["targets"] == 4
+    # Two packed sequences of 3: the last token of the first has no target across the boundary.
+    packed = dict(batch, cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32))
+    assert batch_counts(packed)["targets"] == 3

@@ -98,7 +98,9 @@ def test_packed_batches_follow_the_verified_varlen_path(monkeypatch):
         used.append(int(cu.numel()))
         return attn_mod._varlen_to_padded(eager_attention, q, k, v, cu, causal, scale)
 
-    monkeypatch.setattr(selftest, "_torch_varlen", lambda: (None, fake_varlen, False))
+    # The self-test verifies the very function attention() calls for packed batches.
+    assert selftest._torch_varlen()[1] is attn_mod.torch_varlen_attention
+    monkeypatch.setattr(attn_mod, "torch_varlen_attention", fake_varlen)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     q, k, v = torch.randn(8, 2, 16), torch.randn(8, 1, 16), torch.randn(8, 1, 16)
     out = attention(q, k, v, causal=True, cu_seqlens=cu, impl="auto")

@@ -62,29 +62,39 @@ _PEAK_CACHE: dict[tuple[str, str], float] = {}
 PEAK_SIZES = {"cpu": (1024, 2048), "cuda": (4096, 8192)}
 
 
-def peak_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                      size: int | None = None, repeats: int = 4) -> float:
-    """Best FLOP/s of square matmuls (`size`, else each of `PEAK_SIZES`) on `device` in `dtype`
-    (measured once per process, then cached)."""
+def measure_matmul_peak(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                        sizes: tuple[int, ...] | None = None, repeats: int = 4) -> tuple[float, float]:
+    """(best wall FLOP/s, best CPU-time FLOP/s) of `repeats` square matmuls of each of `sizes` (default
+    `PEAK_SIZES` for the device type) on `device` in `dtype`, measured now. CPU time tells a busy machine
+    (wall time well above it) from a slow one."""
     device = torch.device(device)
-    key = (str(device), str(dtype))
-    if key in _PEAK_CACHE:
-        return _PEAK_CACHE[key]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator(device=device).manual_seed(0)  # private: training's RNG streams stay untouched
-    best = 0.0
-    for n in ((size,) if size else PEAK_SIZES.get(device.type, PEAK_SIZES["cpu"])):
+    wall = cpu = 0.0
+    for n in sizes or PEAK_SIZES.get(device.type, PEAK_SIZES["cpu"]):
         a = torch.randn(n, n, device=device, generator=g).to(dtype)
         b = torch.randn(n, n, device=device, generator=g).to(dtype)
         torch.mm(a, b)  # warm-up (BLAS threads, kernels)
         sync()
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             torch.mm(a, b)
             sync()
-            best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    _PEAK_CACHE[key] = best
-    return best
+            flop = 2 * n**3
+            wall = max(wall, flop / (time.perf_counter() - t0))
+            cpu = max(cpu, flop / max(time.process_time() - c0, 1e-9))
+    return wall, cpu
+
+
+def peak_matmul_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                      size: int | None = None, repeats: int = 4) -> float:
+    """Best wall FLOP/s of `measure_matmul_peak` (`size`, else each of `PEAK_SIZES`) on `device` in `dtype`,
+    measured once per process, then cached."""
+    device = torch.device(device)
+    key = (str(device), str(dtype))
+    if key not in _PEAK_CACHE:
+        _PEAK_CACHE[key] = measure_matmul_peak(device, dtype, (size,) if size else None, repeats)[0]
+    return _PEAK_CACHE[key]
 
 
 # ----- the model --------------------------------------------------------------------------------------
