@@ -5,7 +5,8 @@ Contract
 `attention(q, k, v, causal=..., attention_mask=None, cu_seqlens=None, scale=None, impl="auto")`
 
 * Padded layout: q `[B, Hq, Tq, D]`, k/v `[B, Hkv, Tk, D]` with `Hq % Hkv == 0` (GQA is handled
-  here). Returns `[B, Hq, Tq, D]`.
+  here; SDPA gets a one-query decode step with the query heads folded onto their KV head instead of a
+  copy of the cache expanded to Hq heads). Returns `[B, Hq, Tq, D]`.
 * `causal=True` with `Tq < Tk` is bottom-right aligned: query i sits at absolute position
   `Tk - Tq + i` (a chunk fed on top of a KV cache).
 * `attention_mask`: optional bool `[B, 1 or Hq, Tq, Tk]`, True = may attend. It is combined with
@@ -104,6 +105,21 @@ def sdpa_attention(q, k, v, causal=False, attention_mask=None, scale=None):
         empty = ~mask.any(dim=-1, keepdim=True)  # [B, 1|H, Tq, 1]
         out = out.masked_fill(empty, 0.0)
     return out
+
+
+def _grouped_decode(fn, q, k, v, attention_mask, scale):
+    """One query position with grouped KV heads: the n_rep query heads that share a KV head become n_rep
+    query rows of that head (with one query, causal is moot: it sees every key), so `fn` runs plain
+    multi-head attention and the KV cache is never expanded to `[B, Hq, Tk, D]` for a decode step."""
+    B, Hq, _, D = q.shape
+    Hkv, tk = k.shape[1], k.shape[2]
+    n_rep = Hq // Hkv
+    mask = attention_mask
+    if mask is not None:  # [B, 1|Hq, 1, Tk] -> [B, 1|Hkv, n_rep, Tk]
+        mask = (mask.expand(B, 1, n_rep, tk) if mask.shape[1] == 1 else
+                mask.reshape(B, Hkv, n_rep, tk))
+    out = fn(q.reshape(B, Hkv, n_rep, D), k, v, causal=False, attention_mask=mask, scale=scale)
+    return out.reshape(B, Hq, 1, D)
 
 
 def _varlen_to_padded(fn, q, k, v, cu_seqlens, causal, scale):
@@ -262,4 +278,6 @@ def attention(
     fn = _IMPL_FNS[impl]
     if cu_seqlens is not None:
         return _varlen_to_padded(fn, q, k, v, cu_seqlens, causal, scale)
+    if impl == "torch" and q.shape[2] == 1 and q.shape[1] != k.shape[1]:
+        return _grouped_decode(fn, q, k, v, attention_mask, scale)
     return fn(q, k, v, causal=causal, attention_mask=attention_mask, scale=scale)

@@ -18,8 +18,8 @@ Contract
   at `[B, Hkv, max_length, D]` and every step writes in place (no concatenation of the whole cache per
   token); it grows like the dynamic one if a step would overflow it.
 * Decoding: the logits of `logits_to_keep` positions go through `qwen.loss.decode_logits` (on a CPU
-  `W @ h^T`, as the VLM's own decoding does). A one-token step with grouped KV heads folds the query heads that share a
-  KV head into the query axis (plain multi-head attention over the cache, which is never expanded).
+  `W @ h^T`, as the VLM's own decoding does); a one-token step with grouped KV heads never expands the
+  cache (`kernels.attention` folds the query heads for SDPA).
 * `attention_mask` is the `[B, T_cache + T_new]` 0/1 padding mask. Positions are
   `cumsum(attention_mask) - 1` for every arch: a left-padded row then sees positions 0, 1, ... from its
   first real token, exactly as when run alone. (The original Qwen-1 uses 0..kv_len-1 including padding,
@@ -179,8 +179,6 @@ def _right_padded(attention_mask: torch.Tensor) -> bool:
 
 
 class QWenAttention(nn.Module):
-    fold_gqa_decode: bool = True  # see the module docstring (speed); a class switch for measurements
-
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
         self.config = config
@@ -209,17 +207,7 @@ class QWenAttention(nn.Module):
             q = q * logn[:, None, :, None].to(q.dtype)  # [B, 1, T, 1]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, T_total, D]
-        if (self.fold_gqa_decode and cu_seqlens is None and T == 1 and self.n_heads != self.n_kv
-                and q.device.type == "cpu"):
-            # A decode step with grouped KV heads: the single query attends every cached key (causal is
-            # moot), so the n_rep query heads that share a KV head fold into the query axis and the call
-            # is plain multi-head attention: no [B, Hq, T_cache, D] copy of the cache per step.
-            n_rep = self.n_heads // self.n_kv
-            qf = q.reshape(B, self.n_kv, n_rep, self.head_dim)  # [B, Hkv, n_rep, D]
-            m = None if mask is None else mask.expand(B, 1, n_rep, mask.shape[-1])  # [B, 1, n_rep, Tk]
-            out = attention(qf, k, v, causal=False, attention_mask=m, impl=cfg.attn_impl)  # [B, Hkv, n_rep, D]
-            out = out.reshape(B, self.n_heads, 1, self.head_dim).transpose(1, 2)  # [B, 1, Hq, D]
-        elif cu_seqlens is not None:
+        if cu_seqlens is not None:
             # Packed sequences: [1, H, total, D] -> [total, H, D]
             out = attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), causal=True,
                             cu_seqlens=cu_seqlens, impl=cfg.attn_impl)

@@ -178,3 +178,25 @@ def test_auto_sends_unsupported_inputs_to_sdpa(monkeypatch, caplog):
         out = attention(q, k, v, causal=True, impl="auto")
     assert "head dim 160 not supported" in caplog.text
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_heads", [None, 1, 8])
+def test_grouped_decode_step_matches_the_reference_without_expanding_the_cache(monkeypatch, mask_heads):
+    """A one-query step with GQA (8 query heads on 2 KV heads) through SDPA folds the query heads onto their
+    KV head: the same output as the fp32 reference, and no [B, Hq, Tk, D] copy of the cache."""
+    A = importlib.import_module("kernels.attention")  # the module (the package exports the function)
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k, v = torch.randn(3, 2, 7, 16, generator=g), torch.randn(3, 2, 7, 16, generator=g)
+    mask = None
+    if mask_heads:
+        mask = torch.rand(3, mask_heads, 1, 7, generator=g) > 0.3
+        mask[..., -1] = True  # every row keeps a key
+    ref = A.eager_attention(q, k, v, causal=True, attention_mask=mask)
+    expanded = []
+    real = A._expand_kv
+    monkeypatch.setattr(A, "_expand_kv", lambda t, n: expanded.append(n) or real(t, n))
+    out = A.attention(q, k, v, causal=True, attention_mask=mask, impl="torch")
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert expanded == [1, 1]  # keys and values went in as they are
