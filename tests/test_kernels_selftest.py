@@ -48,7 +48,7 @@ def test_triton_kernel_passes_the_real_self_test_on_the_interpreter():
     assert set(errors) == {"causal_gqa", "padding_mask", "varlen_causal"} and max(errors.values()) < 1e-4
 
 
-def test_a_wrong_kernel_fails_and_auto_keeps_sdpa(monkeypatch, caplog):
+def test_a_wrong_kernel_fails_and_auto_picks_the_verified_one(monkeypatch, caplog):
     from kernels.attention import eager_attention
 
     def wrong(q, k, v, causal, mask):  # ignores causality: right shape, wrong numbers
