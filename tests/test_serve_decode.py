@@ -83,6 +83,37 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
     assert out == decode(list(range(1, 7))) == plain.text
 
 
+def test_text_stream_keeps_context_and_decodes_a_short_window(tmp_path):
+    # SentencePiece-style: a word's leading space is dropped at the start of a decode, so a token decoded
+    # alone would lose it; the stream's text must still be the decode of every token.
+    words = {1: "\u2581Hello", 2: ",", 3: "\u2581world", 4: "\u2581END", 5: "\u2581x"}
+
+    def sp_decode(ids):
+        return "".join(words[i] for i in ids).replace("\u2581", " ").lstrip(" ")
+
+    s = TextStream(sp_decode, stops=["END"])
+    deltas = [s.push(i)[0] for i in (1, 2, 3, 5, 4, 5)]
+    assert s.stopped and s.text == "Hello, world x " and "".join(deltas) + s.finish() == s.text
+
+    # The tiny model's real tokenizer, with multi-byte characters split across tokens: after every token
+    # the text equals decoding everything, while each decode sees only a few tokens.
+    vlm = build_tiny_vlm(tmp_path)
+    text = "Grüße, 世界! " * 30 + "naïve café 🙂 end"
+    ids = vlm.tokenizer.encode(text)
+    seen: list[int] = []
+
+    def decode(part):
+        seen.append(len(part))
+        return vlm.decode(part)
+
+    s, out = TextStream(decode), ""
+    for k, t in enumerate(ids, 1):
+        out += s.push(t)[0]
+        assert s.text == vlm.decode(ids[:k])
+    assert out + s.finish() == s.text == vlm.decode(ids) == text
+    assert len(ids) > 200 and max(seen) <= 8
+
+
 def test_serve_benchmark_quick_keeps_greedy_answers(capsys):
     from benchmarks import serve as bench
 
