@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from qwen.generation import process_logits
 from serve import kvcache
 
 
@@ -56,21 +57,11 @@ class Row:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from fp32 logits `[V]` (see SamplingParams)."""
+    """One token from fp32 logits `[V]` (see SamplingParams), filtered as `vlm.chat(do_sample=True)` does."""
     if params.temperature <= 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token when the better ones already do.
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    logits = process_logits(logits[None], None, params.temperature, params.top_k, params.top_p, 1.0)[0]
+    return int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator))
 
 
 class DecodeBatch:

@@ -61,6 +61,8 @@ def test_sampling_follows_its_seed_and_filters():
     assert {sample_token(logits, SamplingParams(1, 1.0, top_k=1), g) for _ in range(20)} == {0}
     # top_p 0.5: token 0 alone holds ~0.61 of the mass, so it is the only one kept
     assert {sample_token(logits, SamplingParams(1, 1.0, top_p=0.5), g) for _ in range(20)} == {0}
+    # At an exact tie the better tokens' mass equals top_p: kept, as vlm.chat(do_sample=True) keeps it.
+    assert {sample_token(torch.zeros(2), SamplingParams(1, 1.0, top_p=0.5), g) for _ in range(40)} == {0, 1}
     assert sample_token(logits, SamplingParams(1, 0.0), None) == 0  # temperature 0 is argmax
 
 
