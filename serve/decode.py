@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from qwen.generation import process_logits
+from qwen.generation import left_pad, process_logits
 from serve import kvcache
 
 
@@ -92,12 +92,8 @@ class DecodeBatch:
             return
         if self.rows and not self.can_merge:
             raise RuntimeError("this LM's KV cache cannot take new rows mid-batch; add rows to an empty batch")
-        width = max(len(r.prompt_ids) for r in rows)
-        pad = self.vlm.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows],
-                           device=self.device)  # [n, T]
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
-                            device=self.device)
+        ids, mask = left_pad([r.prompt_ids for r in rows], self.vlm.pad_token_id)  # [n, T] each
+        ids, mask = ids.to(self.device), mask.to(self.device)
         pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
         pixel_values = torch.cat(pixels).to(self.device) if pixels else None  # [n_images, 3, H, W]
         logits, cache = self._forward(ids, mask, pixel_values, None)
