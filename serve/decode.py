@@ -14,8 +14,6 @@ Contract:
   (callers append accepted tokens to `Row.tokens`).
   Positions are `cumsum(mask) - 1`, so padding never shifts a row: a row's greedy tokens are the ones
   `vlm.chat` gives (bit-identical when it runs alone; equal up to float rounding in a batch).
-- `generate_rows(vlm, rows, stop_token_ids) -> [[token, ...]]`: the plain loop (stop token excluded,
-  up to `max_tokens`), for tests and benchmarks.
 Both LM backends work (our Qwen LM and a transformers causal LM) as long as the cache is one that
 `serve.kvcache` can edit; otherwise `can_merge` is False and callers add rows only to an empty batch.
 """
@@ -136,20 +134,3 @@ class DecodeBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         nxt = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
         self.logits, self.cache = self._forward(nxt, self.mask, None, self.cache)
-
-
-def generate_rows(vlm: Any, rows: list[Row], stop_token_ids: list[int] | None = None) -> list[list[int]]:
-    """Run `rows` to completion in one batch: new tokens per row, the stop token excluded."""
-    stops = set(vlm.stop_token_ids if stop_token_ids is None else stop_token_ids)
-    batch = DecodeBatch(vlm)
-    batch.add(rows)
-    while batch.rows:
-        tokens = batch.next_tokens()
-        keep = []
-        for r, t in zip(batch.rows, tokens):
-            stopped = t in stops and not r.params.ignore_eos
-            if not stopped:
-                r.tokens.append(t)
-            keep.append(not stopped and len(r.tokens) < r.params.max_tokens)
-        batch.advance(tokens, keep)
-    return [r.tokens for r in rows]

@@ -3,15 +3,35 @@ give `vlm.chat`'s answers for both LM backends, also when rows join a running ba
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from serve.decode import DecodeBatch, Row, SamplingParams, generate_rows, sample_token
+from serve.decode import DecodeBatch, Row, SamplingParams, sample_token
 from serve.text import TextStream
 from tests.tiny_model import build_tiny_vlm, randomize_
 from tests.tiny_serve import image
 
 N_TOKENS = 4
+
+
+def generate_rows(vlm: Any, rows: list[Row], stop_token_ids: list[int] | None = None) -> list[list[int]]:
+    """Run `rows` to completion in one batch (the plain loop, up to `max_tokens`): new tokens per row, the
+    stop token excluded."""
+    stops = set(vlm.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    batch = DecodeBatch(vlm)
+    batch.add(rows)
+    while batch.rows:
+        tokens = batch.next_tokens()
+        keep = []
+        for r, t in zip(batch.rows, tokens):
+            stopped = t in stops and not r.params.ignore_eos
+            if not stopped:
+                r.tokens.append(t)
+            keep.append(not stopped and len(r.tokens) < r.params.max_tokens)
+        batch.advance(tokens, keep)
+    return [r.tokens for r in rows]
 
 
 def _convs():
