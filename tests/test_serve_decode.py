@@ -74,9 +74,16 @@ def test_greedy_rows_equal_chat_alone_and_when_joining_mid_batch(tmp_path, backe
 
 def test_sampling_follows_its_seed_and_filters():
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
-    p = SamplingParams(max_tokens=1, temperature=1.0, seed=0)
-    draws = [sample_token(logits, p, torch.Generator().manual_seed(7)) for _ in range(3)]
-    assert len(set(draws)) == 1  # the same generator state draws the same token
+    flat = torch.zeros(1000)  # 1000 equally likely tokens: unseeded rows repeat each other only by chance
+
+    def draws(params: SamplingParams) -> list[int]:
+        row = Row([1], None, params)  # the row seeds its own generator from params.seed
+        return [sample_token(flat, params, row.generator) for _ in range(20)]
+
+    seeded = SamplingParams(max_tokens=1, temperature=1.0, seed=0)
+    assert draws(seeded) == draws(seeded) != draws(SamplingParams(max_tokens=1, temperature=1.0, seed=1))
+    unseeded = SamplingParams(max_tokens=1, temperature=1.0)
+    assert draws(unseeded) != draws(unseeded)
     g = torch.Generator().manual_seed(0)
     assert {sample_token(logits, SamplingParams(1, 1.0, top_k=1), g) for _ in range(20)} == {0}
     # top_p 0.5: token 0 alone holds ~0.61 of the mass, so it is the only one kept
