@@ -34,10 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from dataset.images import MAX_PIXELS, load_image
-from dataset.sample import BadSampleError
+from dataset.sample import IMAGE_MARKER, BadSampleError
 from serve.decode import SamplingParams
 
-IMAGE_MARKER = "<image>"
 REFUSED = {  # parameters whose meaning we cannot honour: refused rather than silently ignored
     "tools": "tool calling is not supported",
     "functions": "function calling is not supported",
