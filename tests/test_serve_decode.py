@@ -198,3 +198,25 @@ def test_engine_queue_limit_timeout_cancel_and_a_failing_request(tmp_path):
     assert len(ok.tokens) == 3 and ok.text == vlm.decode(ok.tokens)
     stats = engine.stats()
     assert (stats["timed_out"], stats["cancelled"], stats["errors"], stats["finished"]) == (1, 1, 1, 1)
+
+
+def test_a_job_whose_event_loop_has_closed_is_cancelled_not_raised():
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve.engine import Engine
+    from serve.session import submit
+
+    engine = Engine(SimpleNamespace(stop_token_ids=[], parameters=lambda: iter([torch.zeros(1)])))  # never started
+
+    async def queue():
+        return submit(engine, [1], None, SamplingParams(max_tokens=1), [], 60.0)
+
+    loop = asyncio.new_event_loop()
+    job, events = loop.run_until_complete(queue())
+    job.emit("delta", "x")  # as the engine thread does
+    loop.run_until_complete(asyncio.sleep(0))
+    assert events.get_nowait() == ("delta", "x") and not job.cancelled
+    loop.close()
+    job.emit("delta", "y")  # the engine thread's next event after the server's loop closed
+    assert job.cancelled and engine.stats()["waiting"] == 1
