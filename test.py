@@ -162,6 +162,19 @@ def interactive(vlm, images, args) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
+def single_prompt(prompt: str, n_images: int) -> str:
+    """--prompt with one image marker per --image (all first when it has none); a mismatch is a UserError,
+    which `vlm.chat_ids` would only raise once the model has loaded."""
+    if LEGACY_PLACEHOLDER in prompt:
+        prompt = prompt.replace(LEGACY_PLACEHOLDER, IMAGE_MARKER)
+    elif n_images and IMAGE_MARKER not in prompt:
+        prompt = IMAGE_MARKER * n_images + "\n" + prompt
+    if prompt.count(IMAGE_MARKER) != n_images:
+        raise UserError(f"--prompt has {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) for {n_images} "
+                        f"--image file(s); give one marker per image, or none to put them all first")
+    return prompt
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Everything the user named is checked before the model loads: a wrong path fails in a second.
@@ -170,6 +183,7 @@ def main(argv=None) -> int:
     if args.input:
         read_records(args.input)  # not JSON / JSONL, not UTF-8: one line now rather than after the model
         writable_dir(Path(args.output).resolve().parent, "--output's directory")
+    prompt = None if args.input or args.prompt is None else single_prompt(args.prompt, len(images))
     vlm = load_model(args, model_dir)
     import torch  # loaded by now
 
@@ -177,17 +191,9 @@ def main(argv=None) -> int:
     if args.input:
         run_batch_file(vlm, args)
         return 0
-    if args.prompt is None:
+    if prompt is None:
         interactive(vlm, images, args)
         return 0
-    prompt = args.prompt
-    if LEGACY_PLACEHOLDER in prompt:
-        prompt = prompt.replace(LEGACY_PLACEHOLDER, IMAGE_MARKER)
-    elif images and IMAGE_MARKER not in prompt:
-        prompt = IMAGE_MARKER * len(images) + "\n" + prompt
-    if prompt.count(IMAGE_MARKER) != len(images):
-        raise UserError(f"--prompt has {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) for {len(images)} "
-                        f"--image file(s); give one marker per image, or none to put them all first")
     reply = answer(vlm, images, with_system([{"role": "user", "content": prompt}], args.system), args)
     if not args.stream:
         print(reply)
