@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 # Light modules only at the top, so `--help` answers before torch loads; heavy ones load where used.
-from dataset.formats import read_records
 from dataset.sample import IMAGE_MARKER, UserError
 from model.paths import resolve_model_dir
 from trainer.cli import run_cli, writable_dir
@@ -126,12 +125,10 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + messages
 
 
-def run_batch_file(vlm, args) -> None:
-    from trainer.evaluate import answer_file  # heavy: after argument parsing
+def run_batch_file(vlm, pairs: list, args) -> None:
+    from trainer.evaluate import write_answers  # heavy: after argument parsing
 
-    n = answer_file(vlm, args.input, args.output, image_folder=args.image_folder,
-                    batch_size=args.batch_size, system=args.system,
-                    allow_absolute_paths=args.allow_absolute_paths, **gen_kwargs(args))
+    n = write_answers(vlm, pairs, args.output, batch_size=args.batch_size, system=args.system, **gen_kwargs(args))
     print(f"answered {n} samples -> {args.output}")
 
 
@@ -162,32 +159,41 @@ def interactive(vlm, images, args) -> None:
         messages.append({"role": "assistant", "content": reply})
 
 
+def single_prompt(prompt: str, n_images: int) -> str:
+    """--prompt with one image marker per --image (all first when it has none); a mismatch is a UserError,
+    which `vlm.chat_ids` would only raise once the model has loaded."""
+    if LEGACY_PLACEHOLDER in prompt:
+        prompt = prompt.replace(LEGACY_PLACEHOLDER, IMAGE_MARKER)
+    elif n_images and IMAGE_MARKER not in prompt:
+        prompt = IMAGE_MARKER * n_images + "\n" + prompt
+    if prompt.count(IMAGE_MARKER) != n_images:
+        raise UserError(f"--prompt has {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) for {n_images} "
+                        f"--image file(s); give one marker per image, or none to put them all first")
+    return prompt
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Everything the user named is checked before the model loads: a wrong path fails in a second.
     images = load_images(args.image)
     model_dir = resolve_model_dir(args.model_weights or args.model)
     if args.input:
-        read_records(args.input)  # not JSON / JSONL, not UTF-8: one line now rather than after the model
+        from trainer.evaluate import load_samples  # PIL, numpy: after argument parsing
+
+        # Not JSON / JSONL, not UTF-8, a bad sample: one line now rather than after the model.
+        pairs = load_samples(args.input, args.image_folder, args.allow_absolute_paths)
         writable_dir(Path(args.output).resolve().parent, "--output's directory")
+    prompt = None if args.input or args.prompt is None else single_prompt(args.prompt, len(images))
     vlm = load_model(args, model_dir)
     import torch  # loaded by now
 
     torch.manual_seed(args.seed)
     if args.input:
-        run_batch_file(vlm, args)
+        run_batch_file(vlm, pairs, args)
         return 0
-    if args.prompt is None:
+    if prompt is None:
         interactive(vlm, images, args)
         return 0
-    prompt = args.prompt
-    if LEGACY_PLACEHOLDER in prompt:
-        prompt = prompt.replace(LEGACY_PLACEHOLDER, IMAGE_MARKER)
-    elif images and IMAGE_MARKER not in prompt:
-        prompt = IMAGE_MARKER * len(images) + "\n" + prompt
-    if prompt.count(IMAGE_MARKER) != len(images):
-        raise UserError(f"--prompt has {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) for {len(images)} "
-                        f"--image file(s); give one marker per image, or none to put them all first")
     reply = answer(vlm, images, with_system([{"role": "user", "content": prompt}], args.system), args)
     if not args.stream:
         print(reply)

@@ -1,6 +1,7 @@
 """Load images and video frames as RGB PIL images, turning every bad file into `BadSampleError`.
 
-`load_image(path, max_pixels=MAX_PIXELS)`:
+`load_image(source, max_pixels=MAX_PIXELS, name=None)`, `source` a path or an image file's bytes (an upload,
+with no temporary file); messages name the file as `name` (by default the path, or "the image" for bytes):
 - a missing, 0-byte, unrecognised, truncated or corrupt file raises `BadSampleError` naming the file;
 - the pixel count is checked from the header (before any pixel is decoded) against `max_pixels`, so a
   decompression bomb (e.g. a 30000x30000 PNG) is refused without allocating it; PIL's own limit is off
@@ -16,9 +17,11 @@ with fewer than `k` frames repeats frames so the count is always `k` (the render
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -29,35 +32,58 @@ MAX_PIXELS = 64 * 1024 * 1024  # ~8k x 8k; far above any vision tower input, far
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-def load_image(path: str, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """An RGB PIL image from `path` (see the module docstring for the checks)."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise BadSampleError(f"{path}: image file not found", "missing_file")
-    if os.path.getsize(path) == 0:
-        raise BadSampleError(f"{path}: image file is empty (0 bytes)", "bad_image")
+def load_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, name: str | None = None
+               ) -> Image.Image:
+    """An RGB PIL image from a path or from a file's bytes (see the module docstring for the checks)."""
+    if isinstance(source, bytes):
+        shown = name or "the image"
+        if not source:
+            raise BadSampleError(f"{shown}: image file is empty (0 bytes)", "bad_image")
+        fp: str | io.BytesIO = _NamedBytes(source, shown)
+    else:
+        fp = str(source)
+        shown = name or fp
+        if not os.path.isfile(fp):
+            raise BadSampleError(f"{shown}: image file not found", "missing_file")
+        if os.path.getsize(fp) == 0:
+            raise BadSampleError(f"{shown}: image file is empty (0 bytes)", "bad_image")
+
+    def detail(e: Exception) -> str:  # PIL's own message names the path too
+        return str(e).replace(fp, shown) if isinstance(fp, str) else str(e)
+
     try:
-        img = open_header(path)  # reads the header only
+        img = open_header(fp)  # reads the header only
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadSampleError(f"{path}: not a readable image ({e})", "bad_image") from e
+        raise BadSampleError(f"{shown}: not a readable image ({detail(e)})", "bad_image") from e
     with img:
         w, h = img.size
         if w * h > max_pixels:
-            raise BadSampleError(too_large_message(path, w, h, max_pixels), "too_large")
+            raise BadSampleError(too_large_message(shown, w, h, max_pixels), "too_large")
         if w == 0 or h == 0:
-            raise BadSampleError(f"{path}: image has size {w}x{h}", "bad_image")
+            raise BadSampleError(f"{shown}: image has size {w}x{h}", "bad_image")
         try:
             decode_strict(img)  # a truncated or corrupt stream fails here
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BadSampleError(f"{path}: corrupt or truncated image ({e})", "bad_image") from e
+            raise BadSampleError(f"{shown}: corrupt or truncated image ({detail(e)})", "bad_image") from e
+
+
+class _NamedBytes(io.BytesIO):
+    """An in-memory file that PIL's messages call `name` (PIL quotes a file object's repr)."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self._shown = name
+
+    def __repr__(self) -> str:
+        return repr(self._shown)
 
 
 _PIL_LIMIT = threading.Lock()
 
 
-def open_header(path: str) -> Image.Image:
+def open_header(path: str | IO[bytes]) -> Image.Image:
     """`Image.open` (header only) with PIL's own decompression-bomb limit off: the caller checks the size
     against `max_pixels` itself, so every refusal is ours, with our message, whatever PIL's limit is."""
     with _PIL_LIMIT, warnings.catch_warnings():

@@ -5,7 +5,9 @@
 
 Modules: `decode` (step-wise batched decoding over the VLM's forward), `kvcache` (row selection and
 merging of KV caches), `text` (incremental detokenisation and stop strings), `engine` (the queue and
-the decoding thread), `requests` (OpenAI request parsing, images, limits), `app` (the FastAPI routes),
+the decoding thread), `protocol` (OpenAI request parsing, images, limits), `session` (a chat to an
+engine job, shared by the API and the web chat), `app` (the FastAPI routes),
 `web` (the web chat command) and `webui` (its Gradio page). Only the VLM's public API is used (`vlm(...)`,
-`chat_ids`, `stop_token_ids`, `pad_token_id`, `decode`, `image_processor`).
+`chat_ids`, `stop_token_ids`, `pad_token_id`, `decode`, `image_processor`), with `qwen.generation`'s
+logit filtering and left padding.
 """

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.engine import Engine, Job, QueueFull
 from serve.protocol import ApiError, ChatRequest, Limits, load_images, parse_chat
+from serve.session import RequestError, prepare, submit
 
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25
@@ -53,14 +54,9 @@ def _prepare(vlm: Any, req: ChatRequest, limits: Limits) -> tuple[list[int], Any
     """Prompt ids (the chat template with image spans) and pixel values; blocking."""
     images = load_images(req.images, limits)
     try:
-        ids = vlm.chat_ids(req.messages, len(images))
-    except ValueError as e:
-        raise ApiError(400, f"messages: {e}", "messages") from e
-    if limits.max_model_len is not None and len(ids) + req.params.max_tokens > limits.max_model_len:
-        raise ApiError(400, f"the prompt has {len(ids)} tokens and max_tokens is {req.params.max_tokens}: "
-                            f"over the model length {limits.max_model_len}; ask for fewer tokens", "max_tokens")
-    pixel_values = vlm.image_processor(images) if images else None  # [n_images, 3, H, W]
-    return ids, pixel_values
+        return prepare(vlm, req.messages, images, req.params.max_tokens, limits)
+    except RequestError as e:
+        raise ApiError(400, e.message, e.param) from e
 
 
 def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None = None) -> str:
@@ -100,16 +96,8 @@ def create_app(vlm: Any, engine: Engine, served_model: str, limits: Limits, max_
         req = parse_chat(body, served_model, limits)
         ids, pixel_values = await asyncio.to_thread(_prepare, vlm, req, limits)
 
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emit(kind: str, data: Any) -> None:  # called from the engine thread
-            loop.call_soon_threadsafe(events.put_nowait, (kind, data))
-
-        job = Job(ids, pixel_values, req.params, emit, stop=req.stop,
-                  deadline=time.monotonic() + request_timeout_s)
         try:
-            engine.submit(job)
+            job, events = submit(engine, ids, pixel_values, req.params, req.stop, request_timeout_s)
         except QueueFull as e:
             raise ApiError(503, f"the server is busy ({e}); retry after {RETRY_AFTER_S} s") from e
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

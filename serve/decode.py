@@ -14,8 +14,6 @@ Contract:
   (callers append accepted tokens to `Row.tokens`).
   Positions are `cumsum(mask) - 1`, so padding never shifts a row: a row's greedy tokens are the ones
   `vlm.chat` gives (bit-identical when it runs alone; equal up to float rounding in a batch).
-- `generate_rows(vlm, rows, stop_token_ids) -> [[token, ...]]`: the plain loop (stop token excluded,
-  up to `max_tokens`), for tests and benchmarks.
 Both LM backends work (our Qwen LM and a transformers causal LM) as long as the cache is one that
 `serve.kvcache` can edit; otherwise `can_merge` is False and callers add rows only to an empty batch.
 """
@@ -28,6 +26,7 @@ from typing import Any
 
 import torch
 
+from qwen.generation import left_pad, process_logits
 from serve import kvcache
 
 
@@ -56,21 +55,11 @@ class Row:
 
 
 def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """One token from fp32 logits `[V]` (see SamplingParams)."""
+    """One token from fp32 logits `[V]` (see SamplingParams), filtered as `vlm.chat(do_sample=True)` does."""
     if params.temperature <= 0:
         return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p: drop a token when the better ones already do.
-        drop = (probs.cumsum(-1) - probs) >= params.top_p
-        logits = logits.scatter(0, order[drop], float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    logits = process_logits(logits[None], None, params.temperature, params.top_k, params.top_p, 1.0)[0]
+    return int(torch.multinomial(torch.softmax(logits, dim=-1).cpu(), 1, generator=generator))
 
 
 class DecodeBatch:
@@ -101,12 +90,8 @@ class DecodeBatch:
             return
         if self.rows and not self.can_merge:
             raise RuntimeError("this LM's KV cache cannot take new rows mid-batch; add rows to an empty batch")
-        width = max(len(r.prompt_ids) for r in rows)
-        pad = self.vlm.pad_token_id
-        ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows],
-                           device=self.device)  # [n, T]
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows],
-                            device=self.device)
+        ids, mask = left_pad([r.prompt_ids for r in rows], self.vlm.pad_token_id)  # [n, T] each
+        ids, mask = ids.to(self.device), mask.to(self.device)
         pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
         pixel_values = torch.cat(pixels).to(self.device) if pixels else None  # [n_images, 3, H, W]
         logits, cache = self._forward(ids, mask, pixel_values, None)
@@ -149,20 +134,3 @@ class DecodeBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         nxt = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
         self.logits, self.cache = self._forward(nxt, self.mask, None, self.cache)
-
-
-def generate_rows(vlm: Any, rows: list[Row], stop_token_ids: list[int] | None = None) -> list[list[int]]:
-    """Run `rows` to completion in one batch: new tokens per row, the stop token excluded."""
-    stops = set(vlm.stop_token_ids if stop_token_ids is None else stop_token_ids)
-    batch = DecodeBatch(vlm)
-    batch.add(rows)
-    while batch.rows:
-        tokens = batch.next_tokens()
-        keep = []
-        for r, t in zip(batch.rows, tokens):
-            stopped = t in stops and not r.params.ignore_eos
-            if not stopped:
-                r.tokens.append(t)
-            keep.append(not stopped and len(r.tokens) < r.params.max_tokens)
-        batch.advance(tokens, keep)
-    return [r.tokens for r in rows]

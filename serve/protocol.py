@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -34,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from dataset.images import MAX_PIXELS, load_image
-from dataset.sample import BadSampleError
+from dataset.sample import IMAGE_MARKER, BadSampleError
 from serve.decode import SamplingParams
 
-IMAGE_MARKER = "<image>"
 REFUSED = {  # parameters whose meaning we cannot honour: refused rather than silently ignored
     "tools": "tool calling is not supported",
     "functions": "function calling is not supported",
@@ -235,13 +232,12 @@ def _local_path(src: ImageSource, limits: Limits) -> str:
     return str(path)
 
 
-def _load(src: ImageSource, path: str, limits: Limits, shown: str):
+def _load(src: ImageSource, source: str | bytes, limits: Limits, name: str):
     try:
-        return load_image(path, max_pixels=limits.max_pixels)
+        return load_image(source, max_pixels=limits.max_pixels, name=name)
     except BadSampleError as e:
-        message = str(e).replace(path, shown)
         status = 413 if e.kind == "too_large" else 400
-        raise ApiError(status, f"{src.where}: {message}", src.where) from e
+        raise ApiError(status, f"{src.where}: {e}", src.where) from e
 
 
 def load_image_source(src: ImageSource, limits: Limits):
@@ -249,22 +245,12 @@ def load_image_source(src: ImageSource, limits: Limits):
     url = src.url
     scheme = url.split(":", 1)[0].lower() if ":" in url[:12] else ""
     if scheme == "data":
-        data = _decode_data_url(src)
-    elif scheme in ("http", "https"):
-        data = _fetch(src, limits)
-    elif scheme in ("", "file"):
-        path = _local_path(src, limits)
-        return _load(src, path, limits, shown=url)
-    else:
-        raise _bad(f"{src.where}: unsupported image URL scheme {scheme!r} (data:, a path, or http(s))", src.where)
-    # Bytes go through the training loader's checks by way of a temporary file.
-    fd, path = tempfile.mkstemp(prefix="serve_img_")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return _load(src, path, limits, shown="the image")
-    finally:
-        os.unlink(path)
+        return _load(src, _decode_data_url(src), limits, name="the image")
+    if scheme in ("http", "https"):
+        return _load(src, _fetch(src, limits), limits, name="the image")
+    if scheme in ("", "file"):
+        return _load(src, _local_path(src, limits), limits, name=url)
+    raise _bad(f"{src.where}: unsupported image URL scheme {scheme!r} (data:, a path, or http(s))", src.where)
 
 
 def load_images(sources: list[ImageSource], limits: Limits) -> list:

@@ -33,8 +33,9 @@ import gradio as gr
 from dataset.images import load_image
 from dataset.sample import IMAGE_MARKER, UserError
 from serve.decode import SamplingParams
-from serve.engine import Engine, Job, QueueFull
+from serve.engine import Engine, QueueFull
 from serve.protocol import Limits
+from serve.session import RequestError, prepare, submit
 
 FINISH_WORDS = {"stop": "end of turn", "length": "max tokens reached", "cancelled": "stopped",
                 "timeout": "timed out"}
@@ -100,24 +101,13 @@ def make_respond(vlm: Any, engine: Engine, limits: Limits, request_timeout_s: fl
         new_images = await asyncio.to_thread(_load, files, limits.max_pixels)
         messages = conv.messages + [{"role": "user", "content": _user_turn(text, len(new_images))}]
         images = conv.images + new_images
-        ids = await asyncio.to_thread(vlm.chat_ids, messages, len(images))
-        if limits.max_model_len is not None and len(ids) + params.max_tokens > limits.max_model_len:
-            raise gr.Error(f"the conversation has {len(ids)} tokens and max tokens is {params.max_tokens}: over "
-                           f"the model length {limits.max_model_len}. Ask for fewer tokens or clear the chat.")
-        pixel_values = await asyncio.to_thread(vlm.image_processor, images) if images else None  # [n, 3, H, W]
-
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def emit(kind: str, data: Any) -> None:  # called from the engine thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, (kind, data))
-            except RuntimeError:  # the loop is closed (shutting down): nobody waits for this job any more
-                job.cancel()
-
-        job = Job(ids, pixel_values, params, emit, deadline=time.monotonic() + request_timeout_s)
         try:
-            engine.submit(job)
+            ids, pixel_values = await asyncio.to_thread(prepare, vlm, messages, images, params.max_tokens, limits)
+        except RequestError as e:
+            hint = " or clear the chat" if e.param == "max_tokens" else ""
+            raise gr.Error(f"{e.message}{hint}") from e
+        try:
+            job, events = submit(engine, ids, pixel_values, params, [], request_timeout_s)
         except QueueFull as e:
             raise gr.Error(f"the server is busy ({e}); try again in a moment") from e
 

@@ -121,3 +121,23 @@ def test_real_photos_load_as_rgb(shared_images):
         with Image.open(p) as raw:
             w, h = raw.size
         assert img.mode == "RGB" and sorted(img.size) == sorted((w, h))
+
+
+@pytest.mark.parametrize("name", sorted(set(BAD) - {"missing"}))
+def test_bytes_get_the_same_checks_and_messages_name_the_upload(tmp_path, name):
+    path = td.write_bad_images(tmp_path)[name]
+    pattern, kind = BAD[name]
+    with pytest.raises(BadSampleError, match=pattern) as ei:
+        load_image(path.read_bytes(), name="upload.png")
+    assert str(ei.value).startswith("upload.png: ") and str(tmp_path) not in str(ei.value)
+    assert ei.value.kind == kind
+    with pytest.raises(BadSampleError, match=f"^the image: .*{pattern}"):
+        load_image(path.read_bytes())  # no name: "the image"
+
+
+def test_bytes_load_like_the_file(tmp_path):
+    path = td.write_exif_rotated(tmp_path / "rot.jpg")
+    a, b = load_image(path), load_image(path.read_bytes())
+    assert b.mode == "RGB" and b.size == a.size == (2, 6) and a.tobytes() == b.tobytes()
+    with pytest.raises(BadSampleError, match=r"^photo\.jpg: image is 6x2 = 12 pixels, above max_pixels=11"):
+        load_image(path.read_bytes(), max_pixels=11, name="photo.jpg")

@@ -3,15 +3,35 @@ give `vlm.chat`'s answers for both LM backends, also when rows join a running ba
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
-from serve.decode import DecodeBatch, Row, SamplingParams, generate_rows, sample_token
+from serve.decode import DecodeBatch, Row, SamplingParams, sample_token
 from serve.text import TextStream
 from tests.tiny_model import build_tiny_vlm, randomize_
 from tests.tiny_serve import image
 
 N_TOKENS = 4
+
+
+def generate_rows(vlm: Any, rows: list[Row], stop_token_ids: list[int] | None = None) -> list[list[int]]:
+    """Run `rows` to completion in one batch (the plain loop, up to `max_tokens`): new tokens per row, the
+    stop token excluded."""
+    stops = set(vlm.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    batch = DecodeBatch(vlm)
+    batch.add(rows)
+    while batch.rows:
+        tokens = batch.next_tokens()
+        keep = []
+        for r, t in zip(batch.rows, tokens):
+            stopped = t in stops and not r.params.ignore_eos
+            if not stopped:
+                r.tokens.append(t)
+            keep.append(not stopped and len(r.tokens) < r.params.max_tokens)
+        batch.advance(tokens, keep)
+    return [r.tokens for r in rows]
 
 
 def _convs():
@@ -54,13 +74,22 @@ def test_greedy_rows_equal_chat_alone_and_when_joining_mid_batch(tmp_path, backe
 
 def test_sampling_follows_its_seed_and_filters():
     logits = torch.tensor([2.0, 1.0, 0.5, -1.0])
-    p = SamplingParams(max_tokens=1, temperature=1.0, seed=0)
-    draws = [sample_token(logits, p, torch.Generator().manual_seed(7)) for _ in range(3)]
-    assert len(set(draws)) == 1  # the same generator state draws the same token
+    flat = torch.zeros(1000)  # 1000 equally likely tokens: unseeded rows repeat each other only by chance
+
+    def draws(params: SamplingParams) -> list[int]:
+        row = Row([1], None, params)  # the row seeds its own generator from params.seed
+        return [sample_token(flat, params, row.generator) for _ in range(20)]
+
+    seeded = SamplingParams(max_tokens=1, temperature=1.0, seed=0)
+    assert draws(seeded) == draws(seeded) != draws(SamplingParams(max_tokens=1, temperature=1.0, seed=1))
+    unseeded = SamplingParams(max_tokens=1, temperature=1.0)
+    assert draws(unseeded) != draws(unseeded)
     g = torch.Generator().manual_seed(0)
     assert {sample_token(logits, SamplingParams(1, 1.0, top_k=1), g) for _ in range(20)} == {0}
     # top_p 0.5: token 0 alone holds ~0.61 of the mass, so it is the only one kept
     assert {sample_token(logits, SamplingParams(1, 1.0, top_p=0.5), g) for _ in range(20)} == {0}
+    # At an exact tie the better tokens' mass equals top_p: kept, as vlm.chat(do_sample=True) keeps it.
+    assert {sample_token(torch.zeros(2), SamplingParams(1, 1.0, top_p=0.5), g) for _ in range(40)} == {0, 1}
     assert sample_token(logits, SamplingParams(1, 0.0), None) == 0  # temperature 0 is argmax
 
 
@@ -81,6 +110,37 @@ def test_text_stream_holds_back_partial_characters_and_stop_strings():
     plain = TextStream(decode)
     out = "".join(plain.push(i)[0] for i in range(1, 7)) + plain.finish()
     assert out == decode(list(range(1, 7))) == plain.text
+
+
+def test_text_stream_keeps_context_and_decodes_a_short_window(tmp_path):
+    # SentencePiece-style: a word's leading space is dropped at the start of a decode, so a token decoded
+    # alone would lose it; the stream's text must still be the decode of every token.
+    words = {1: "\u2581Hello", 2: ",", 3: "\u2581world", 4: "\u2581END", 5: "\u2581x"}
+
+    def sp_decode(ids):
+        return "".join(words[i] for i in ids).replace("\u2581", " ").lstrip(" ")
+
+    s = TextStream(sp_decode, stops=["END"])
+    deltas = [s.push(i)[0] for i in (1, 2, 3, 5, 4, 5)]
+    assert s.stopped and s.text == "Hello, world x " and "".join(deltas) + s.finish() == s.text
+
+    # The tiny model's real tokenizer, with multi-byte characters split across tokens: after every token
+    # the text equals decoding everything, while each decode sees only a few tokens.
+    vlm = build_tiny_vlm(tmp_path)
+    text = "Grüße, 世界! " * 30 + "naïve café 🙂 end"
+    ids = vlm.tokenizer.encode(text)
+    seen: list[int] = []
+
+    def decode(part):
+        seen.append(len(part))
+        return vlm.decode(part)
+
+    s, out = TextStream(decode), ""
+    for k, t in enumerate(ids, 1):
+        out += s.push(t)[0]
+        assert s.text == vlm.decode(ids[:k])
+    assert out + s.finish() == s.text == vlm.decode(ids) == text
+    assert len(ids) > 200 and max(seen) <= 8
 
 
 def test_serve_benchmark_quick_keeps_greedy_answers(capsys):
@@ -138,3 +198,25 @@ def test_engine_queue_limit_timeout_cancel_and_a_failing_request(tmp_path):
     assert len(ok.tokens) == 3 and ok.text == vlm.decode(ok.tokens)
     stats = engine.stats()
     assert (stats["timed_out"], stats["cancelled"], stats["errors"], stats["finished"]) == (1, 1, 1, 1)
+
+
+def test_a_job_whose_event_loop_has_closed_is_cancelled_not_raised():
+    import asyncio
+    from types import SimpleNamespace
+
+    from serve.engine import Engine
+    from serve.session import submit
+
+    engine = Engine(SimpleNamespace(stop_token_ids=[], parameters=lambda: iter([torch.zeros(1)])))  # never started
+
+    async def queue():
+        return submit(engine, [1], None, SamplingParams(max_tokens=1), [], 60.0)
+
+    loop = asyncio.new_event_loop()
+    job, events = loop.run_until_complete(queue())
+    job.emit("delta", "x")  # as the engine thread does
+    loop.run_until_complete(asyncio.sleep(0))
+    assert events.get_nowait() == ("delta", "x") and not job.cancelled
+    loop.close()
+    job.emit("delta", "y")  # the engine thread's next event after the server's loop closed
+    assert job.cancelled and engine.stats()["waiting"] == 1

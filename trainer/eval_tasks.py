@@ -63,7 +63,7 @@ def check_eval_tasks(specs: list[dict], eval_steps: int | None, fsdp: bool | str
 class EvalTasksCallback(TrainerCallback):
     """Answers `specs` every `eval_steps` steps and logs the scores through `trainer.log`."""
 
-    def __init__(self, specs: list[dict], eval_steps: int, output_dir: str | Path, trainer=None):
+    def __init__(self, specs: list[dict], eval_steps: int, output_dir: str | Path, trainer):
         self.specs, self.eval_steps, self.output_dir, self.trainer = list(specs), int(eval_steps), Path(output_dir), trainer
 
     def evaluate(self, model, step: int) -> dict[str, float]:
@@ -85,5 +85,5 @@ class EvalTasksCallback(TrainerCallback):
         if state.global_step % self.eval_steps or not state.is_world_process_zero:
             return
         scores = self.evaluate(model, state.global_step)
-        if scores and self.trainer is not None:
+        if scores:
             self.trainer.log(scores)  # -> every logger callback: log.jsonl, TensorBoard, wandb

@@ -62,6 +62,13 @@ def answer_file(vlm, input_path: str, output_path: str, image_folder: str | None
                 batch_size: int = 8, system: str | None = None, allow_absolute_paths: bool = False,
                 **gen_kw) -> int:
     pairs = load_samples(input_path, image_folder, allow_absolute_paths)
+    return write_answers(vlm, pairs, output_path, batch_size, system, **gen_kw)
+
+
+def write_answers(vlm, pairs: list[tuple[dict, object]], output_path: str, batch_size: int = 8,
+                  system: str | None = None, **gen_kw) -> int:
+    """Answers `load_samples`' pairs into JSONL (id, answer, reference, type): a caller that checked the file
+    before loading the model passes the pairs it has, rather than reading the file again."""
     answers = answer_samples(vlm, [s for _, s in pairs], batch_size, system, **gen_kw)
     with open(output_path, "w", encoding="utf-8") as f:
         for (rec, s), ans in zip(pairs, answers):
@@ -105,12 +112,11 @@ def main(argv=None) -> int:
     model_dir = resolve_model_dir(args.model)
     out = args.output or str(Path(model_dir) / "eval_answers.jsonl")
     writable_dir(Path(out).resolve().parent, "--output's directory")
-    load_samples(args.data, args.image_folder, args.allow_absolute_paths)  # a bad file fails before the model loads
+    pairs = load_samples(args.data, args.image_folder, args.allow_absolute_paths)  # a bad file fails before the model
     from model import VLM  # heavy: after the arguments and the data file are checked
 
     vlm = VLM.from_pretrained(model_dir).eval()
-    answer_file(vlm, args.data, out, args.image_folder, args.batch_size,
-                allow_absolute_paths=args.allow_absolute_paths, max_new_tokens=args.max_new_tokens)
+    write_answers(vlm, pairs, out, args.batch_size, max_new_tokens=args.max_new_tokens)
     rows = [json.loads(line) for line in Path(out).read_text(encoding="utf-8").splitlines() if line]
     table = format_table(score(rows))
     print(table)
