@@ -25,6 +25,19 @@ log = logging.getLogger(__name__)
 
 STAGES = ("align", "sft", "full")
 
+# Parts that always train, at the projector's rate: the projector and trainable token embedding rows.
+# One list for what trains (set_trainable), its learning rate (optim) and what a trainable-only save keeps.
+PROJECTOR_PREFIXES = ("projector.", "token_rows.")
+
+
+def part_of(name: str) -> str:
+    """The part of a VLM parameter name: projector | vision | lm (everything else)."""
+    if name.startswith(PROJECTOR_PREFIXES):
+        return "projector"
+    if name.startswith("towers."):
+        return "vision"
+    return "lm"
+
 
 @dataclass
 class LoraSettings:
@@ -116,11 +129,12 @@ def set_trainable(
     freeze_re = [re.compile(p) for p in (freeze or [])]
     unfreeze_re = [re.compile(p) for p in (unfreeze or [])]
     for name, p in vlm.named_parameters():
-        if name.startswith(("projector.", "token_rows.")):
-            train = True  # trainable token rows learn with the projector
-        elif name.startswith("towers."):
+        part = part_of(name)
+        if part == "projector":
+            train = True
+        elif part == "vision":
             train = vision_lr > 0
-        elif name.startswith("lm."):
+        elif name.startswith("lm."):  # part_of calls every other name "lm"; those stay frozen
             train = stage == "full" or (stage == "sft" and "lora_" in name)
         else:
             train = False
