@@ -44,7 +44,7 @@ from trainer.config_io import ConfigError, save_config
 from trainer.engines import prepare_deepspeed_on_cpu
 from trainer.eval_tasks import EvalTasksCallback
 from trainer.hf_trainer import VLMTrainer, gather_objects
-from trainer.stages import apply_lora, set_trainable
+from trainer.stages import apply_stage
 from trainer.throughput import ThroughputCallback
 
 log = logging.getLogger("trainer")
@@ -141,14 +141,8 @@ def build_model(cfg: TrainConfig):
     else:
         vlm = build_vlm(cfg.vlm_config())
     if cfg.stage == "sft" and cfg.lora.r > 0:
-        # Starting from a LoRA run: fold its adapters in, then add fresh ones for this stage.
-        vlm.merge_lora()
-        apply_lora(vlm, cfg.lora)
-    set_trainable(vlm, cfg.stage, cfg.vision_lr, cfg.freeze, cfg.unfreeze)
-    check_optimisation_keys(cfg, vlm)
-    if vlm.config.tower_dtype is not None:
-        vlm.cast_frozen_towers()  # tower_dtype applies to frozen towers only (decided by the stage above)
-    moved = dtypes.upcast_trainable(vlm)  # fp32 master weights for what trains; frozen bases keep their dtype
+        vlm.merge_lora()  # starting from a LoRA run: fold its adapters in; apply_stage adds fresh ones
+    moved = apply_stage(vlm, cfg, cfg.lora, check=lambda m: check_optimisation_keys(cfg, m))
     log.info("parameter dtypes and bytes per part (%d trainable tensors moved to fp32):\n%s", moved,
              dtypes.describe_parts(vlm))
     if cfg.gradient_checkpointing:

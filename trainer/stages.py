@@ -19,7 +19,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the config (which holds LoraSettings) loads without torch
+    from collections.abc import Callable
+
     from torch import nn
+
+    from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,24 @@ def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
     if n == 0:
         raise ValueError(f"LoRA targets {targets!r} matched no module of the LM")
     log.info("LoRA r=%d alpha=%d on %d modules (targets %s)", lora.r, lora.alpha, n, targets)
+
+
+def apply_stage(vlm: nn.Module, cfg: TrainConfig, lora: LoraSettings,
+                check: Callable[[nn.Module], None] | None = None) -> int:
+    """The stage on a built VLM: LoRA adapters (sft with lora.r > 0), the trainable set, frozen towers in
+    tower_dtype and fp32 master weights for what trains. The run and the memory plan (model/plan.py) both
+    call it, so the plan models exactly what trains. `check` sees the trainable set before any cast.
+    Returns how many trainable tensors moved to fp32."""
+    from model.dtypes import upcast_trainable  # lazily: this module loads with the config, without torch
+
+    if cfg.stage == "sft" and lora.r > 0:
+        apply_lora(vlm, lora)
+    set_trainable(vlm, cfg.stage, cfg.vision_lr, cfg.freeze, cfg.unfreeze)
+    if check is not None:
+        check(vlm)
+    if vlm.config.tower_dtype is not None:
+        vlm.cast_frozen_towers()  # tower_dtype applies to frozen towers only (decided by the stage above)
+    return upcast_trainable(vlm)  # frozen bases keep their dtype
 
 
 def set_trainable(
