@@ -348,7 +348,7 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int):
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    check_paths(cfg)
+    check_paths(cfg)  # for library callers; train.py checks before importing this module (a few stat calls)
     out = Path(cfg.output_dir)
     rank = int(os.environ.get("RANK", "0"))
     # A run that fails before its first step leaves no half-made run directory behind.
