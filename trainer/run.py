@@ -74,11 +74,6 @@ def _setup_logging(out: Path, rank0: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def preflight_output_dir(out: Path) -> None:
-    """Fail before training when the run directory cannot be written."""
-    writable_dir(out, "output_dir")
-
-
 def checkpoint_bytes(vlm) -> int:
     """About the size of one checkpoint: the saved weights plus AdamW's two moments per trainable weight."""
 
@@ -292,7 +287,7 @@ def _remove_run_dir(out: Path) -> None:
 def _prepare(cfg: TrainConfig, out: Path, rank: int):
     """Everything before the first step: the run directory, the model, the data, the Trainer."""
     if rank == 0:
-        preflight_output_dir(out)
+        writable_dir(out, "output_dir")  # fail before training when the run directory cannot be written
     _setup_logging(out, rank == 0)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
