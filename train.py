@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
     from trainer.config import check_paths, load_train_config
 
     cfg = load_train_config(config_path, argv)
-    check_paths(cfg)  # before torch and the model load: a wrong path fails in a second
+    check_paths(cfg)  # before trainer.run (~10 s to import) and the model load: a wrong path fails fast
     from trainer.run import train  # heavy: after the config and its paths are checked
 
     try:

@@ -20,9 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataset.sample import IMAGE_MARKER, UserError
-
-ROLES = ("system", "user", "assistant")
+from dataset.sample import IMAGE_MARKER, ROLES, UserError
 
 # English brief-caption prompts for stage-1 alignment (one is drawn per sample, deterministically).
 BRIEF_PROMPTS_EN = [

@@ -54,7 +54,7 @@ def square(img: Image.Image, size: int, mode: str = "pad",
            fill: tuple[int, int, int] = CLIP_MEAN_RGB) -> Image.Image:
     """Make a `size` x `size` RGB image from `img` by `mode` (pad | resize | crop)."""
     if mode not in MODES:
-        raise SourceError(f"unknown mode {mode!r}; choose from {MODES}")
+        raise ValueError(f"unknown mode {mode!r}; choose from {MODES}")  # a bug: the CLI offers MODES only
     assert size > 0, f"size must be positive, got {size}"
     w, h = img.size
     if mode == "pad":

@@ -107,7 +107,7 @@ def convert_image_map(image_map: dict[str, str], captions: dict[str, list[str]],
                       lang: str = "en", seed: int = 0) -> tuple[Converted, int]:
     """(samples + skips, number of mapped images that have no caption)."""
     if lang not in PROMPTS:
-        raise SourceError(f"unknown --lang {lang!r}; choose from {sorted(PROMPTS)}")
+        raise ValueError(f"unknown --lang {lang!r}; choose from {sorted(PROMPTS)}")  # a bug: argparse has choices
     out = Converted()
     for key, caps in captions.items():
         for k, cap in enumerate(caps):

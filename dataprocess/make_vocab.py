@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import base64
-import json
 import unicodedata
 from collections import Counter
 from pathlib import Path
 
 import regex
 
-from dataprocess.common import SourceError, read_text
+from dataset.formats import read_records
 from dataset.sample import IMAGE_MARKER, VIDEO_MARKER
 from trainer.cli import run_cli
 
@@ -34,15 +33,9 @@ SPLIT = regex.compile(
 
 
 def _texts_from_jsonl(path: Path) -> list[str]:
+    """The message texts of a data file (our JSONL or a `.json` list), markers blanked out."""
     texts = []
-    for lineno, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SourceError(f"{path} line {lineno}: invalid JSON ({e.msg}); give our JSONL (one sample per "
-                              f"line)") from None
+    for _, rec in read_records(str(path)):
         for m in rec.get("messages", []):
             if isinstance(m.get("content"), str):
                 texts.append(m["content"].replace(IMAGE_MARKER, " ").replace(VIDEO_MARKER, " "))
@@ -94,7 +87,7 @@ def write_tiktoken(vocab: list[bytes], out_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", nargs="+", required=True, help="JSONL files in our format (messages)")
+    ap.add_argument("--data", nargs="+", required=True, help="data files in our format (messages): JSONL or a .json list")
     ap.add_argument("--merges", type=int, default=300, help="number of BPE merges to learn")
     ap.add_argument("--out", required=True, help="directory for qwen.tiktoken")
     args = ap.parse_args(argv)

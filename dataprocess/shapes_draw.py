@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from PIL import Image, ImageDraw
 
-from dataprocess.common import SourceError
-
 BACKGROUND = (255, 255, 255)
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -38,7 +36,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: int, cy: 
         draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
         draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
     else:
-        raise SourceError(f"unknown shape {shape!r}; choose from {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")  # a bug: shapes come from SHAPES
 
 
 def render(size: int, items: list[tuple[str, str, int, int, int]]) -> Image.Image:

@@ -221,14 +221,6 @@ class VLMDataset(torch.utils.data.Dataset):
         self._note_truncation(s, r)
         return r
 
-    def _full_length(self, s: Sample) -> int:
-        """The sample's length without max_length (for the too-long report); 0 when it cannot render."""
-        try:
-            return len(render(s, self.tokenizer, self.tokens_per_image, self.mode, None, self.frames_per_video,
-                              self.system_prompt, image_token_id=self.image_token_id).input_ids)
-        except BadSampleError:
-            return 0
-
     def _cached_features(self, s: Sample, media: list) -> torch.Tensor | None:
         """`[n_spans, T, C]` tower outputs of the sample's images from the feature cache (or None)."""
         rows = []
@@ -323,7 +315,7 @@ class VLMDataset(torch.utils.data.Dataset):
                     raise
                 rec = self._record(s.id, s.source, e)
                 if rec is not None and rec["kind"] == "too_long":
-                    rec["length"] = self._full_length(s)
+                    rec["length"] = getattr(e, "length", 0)  # the full length, from render
                 bad.add(k)
         self.index = [k for k in self.index if k not in bad]
         if not self.index:

@@ -252,6 +252,19 @@ def _count(pieces: list[_Piece], frames_per_video: int) -> tuple[int, int]:
     return sum(kind == "image" for kind, _ in media), frames_per_video * sum(kind == "video" for kind, _ in media)
 
 
+def _too_long(message: str, fmt: ChatFormat, prefix: _Piece, pairs: list[_Piece], mode: str,
+              add_generation_prompt: bool) -> BadSampleError:
+    """A too_long error carrying `length`, the sample's full rendered length (what max_length=None gives:
+    every turn plus the closing or the generation header), so a skip report needs no second render."""
+    t = fmt.template
+    tail = t.header["assistant"] if add_generation_prompt else t.closing if mode == "chat" else ""
+    w = _Writer(fmt, [], 0, None)
+    w.template(tail)
+    e = BadSampleError(message, "too_long")
+    e.length = len(prefix.ids) + sum(len(p.ids) for p in pairs) + len(w.done().ids)
+    return e
+
+
 def render(
     sample: Sample,
     tokenizer,
@@ -333,23 +346,23 @@ def render(
             total += len(p.ids)
         if add_generation_prompt and len(kept) != len(pairs) + 1:
             # Dropping trailing turns would drop the question being asked; shorten the history instead.
-            raise BadSampleError(f"{sample.where}: too long: the prompt exceeds max_length {max_length}",
-                                 "too_long")
+            raise _too_long(f"{sample.where}: too long: the prompt exceeds max_length {max_length}",
+                            fmt, prefix, pairs, mode, add_generation_prompt)
 
     out = _Piece()
     for p in kept:
         out.extend(p)
     if max_length is not None and len(out.ids) > max_length:
-        raise BadSampleError(f"{sample.where}: too long: {len(out.ids)} tokens > max_length {max_length}",
-                             "too_long")
+        raise _too_long(f"{sample.where}: too long: {len(out.ids)} tokens > max_length {max_length}",
+                        fmt, prefix, pairs, mode, add_generation_prompt)
     if add_generation_prompt:
         # Inference: the prompt ends with an open assistant header; nothing is supervised.
         w = _Writer(fmt, span, k, cursor)
         w.template(t.header["assistant"])
         out.extend(w.done())
         if max_length is not None and len(out.ids) > max_length:
-            raise BadSampleError(f"{sample.where}: too long: prompt of {len(out.ids)} tokens > max_length "
-                                 f"{max_length}", "too_long")
+            raise _too_long(f"{sample.where}: too long: prompt of {len(out.ids)} tokens > max_length "
+                            f"{max_length}", fmt, prefix, pairs, mode, add_generation_prompt)
     else:
         if mode == "chat" and t.closing:
             w = _Writer(fmt, span, k, cursor)
@@ -358,8 +371,8 @@ def render(
         if not any(lab != IGNORE_INDEX for lab in out.labels):
             if mode == "chat" and len(kept) == 1 and pairs:
                 first = len(prefix.ids) + len(pairs[0].ids)
-                raise BadSampleError(f"{sample.where}: too long: the first turn alone ({first} tokens) exceeds "
-                                     f"max_length {max_length}", "too_long")
+                raise _too_long(f"{sample.where}: too long: the first turn alone ({first} tokens) exceeds "
+                                f"max_length {max_length}", fmt, prefix, pairs, mode, add_generation_prompt)
             raise BadSampleError(f"{sample.where}: no supervised (assistant) token", "no_target")
     n_img, n_frames = _count([out], k)
     dropped = pairs[len(kept) - 1:] if mode == "chat" else []

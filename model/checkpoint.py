@@ -36,6 +36,7 @@ from dataset.sample import UserError
 from model.config import VLMConfig
 from model.paths import CONFIG_FILE, ModelDirError
 from model.quant import QUANT_FILE, load_4bit_tensors, quant_settings
+from trainer.stages import PROJECTOR_PREFIXES
 
 LORA_DIR = "lora"
 WEIGHTS_FILE = "model.safetensors"
@@ -65,7 +66,7 @@ def _select_keys(vlm, trainable_only: bool) -> list[str]:
         # Buffers of a trained module (batch-norm statistics) change with it, so they travel with it.
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             keep |= {f"{name}.{b}" if name else b for b in module._buffers}
-    prefixes = ["projector.", "token_rows."] + _base_free_prefixes(vlm)
+    prefixes = list(PROJECTOR_PREFIXES) + _base_free_prefixes(vlm)
     return [k for k in state if k in keep or k.startswith(tuple(prefixes))]
 
 

@@ -62,13 +62,13 @@ from dataset.sample import UserError
 from model.build import build_vlm
 from model.checkpoint import read_vlm_config
 from model.config import VLMConfig
-from model.dtypes import auto_decision, upcast_trainable
+from model.dtypes import auto_decision
 from model.paths import resolve_model_dir
 from qwen import QWenConfig
 from trainer.cli import run_cli
 from trainer.config import TrainConfig
 from trainer.config_io import load_config
-from trainer.stages import apply_lora, set_trainable
+from trainer.stages import apply_stage
 from trainer.throughput import BatchStats, ModelDims, _config, _tower_list, _vit_attention, step_flops
 
 HUB_DIR = Path(__file__).resolve().parents[1] / "configs" / "hub"
@@ -153,14 +153,9 @@ def meta_model(cfg, device: str = "cuda") -> tuple[nn.Module, str]:
     try:
         with torch.device("meta"):
             vlm = build_vlm(_meta_vlm_config(vcfg, base))
-            if cfg.stage == "sft" and cfg.lora.r > 0:
-                lora = copy.copy(cfg.lora)
-                lora.qlora = False  # 4-bit bases are not modelled; the plan counts bf16 bases
-                apply_lora(vlm, lora)
-        set_trainable(vlm, cfg.stage, cfg.vision_lr, cfg.freeze, cfg.unfreeze)
-        if vlm.config.tower_dtype is not None:
-            vlm.cast_frozen_towers()
-        upcast_trainable(vlm)
+            lora = copy.copy(cfg.lora)
+            lora.qlora = False  # 4-bit bases are not modelled; the plan counts bf16 bases
+            apply_stage(vlm, cfg, lora)  # the run's own sequence (trainer/run.py build_model)
     finally:
         for lg, lv in zip(quiet, levels):
             lg.setLevel(lv)

@@ -297,3 +297,19 @@ def test_outputs_read_back_by_dataset_reader(tmp_path):
             assert [m["role"] for m in sample.messages] == [m["role"] for m in row["messages"]]
             assert len(sample.images) == len(row["images"])
             assert [p.endswith(r) for p, r in zip(sample.images, row["images"])] == [True] * len(row["images"])
+
+
+def test_make_vocab_reads_jsonl_and_json_lists_alike(tmp_path):
+    from dataprocess.make_vocab import _texts_from_jsonl
+    from dataset.formats import DataFileError
+
+    recs = [{"messages": [{"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": "red"}]},
+            {"messages": [{"role": "user", "content": "<video> and?"}, {"role": "assistant", "content": "blue"}]}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs), encoding="utf-8")
+    (tmp_path / "d.json").write_text(json.dumps(recs), encoding="utf-8")
+    texts = _texts_from_jsonl(tmp_path / "d.jsonl")
+    assert texts == [" \nwhat?", "red", "  and?", "blue"]
+    assert _texts_from_jsonl(tmp_path / "d.json") == texts
+    (tmp_path / "bad.jsonl").write_text(json.dumps(recs[0]) + "\n{broken\n", encoding="utf-8")
+    with pytest.raises(DataFileError, match=r"bad\.jsonl line 2: invalid JSON"):
+        _texts_from_jsonl(tmp_path / "bad.jsonl")

@@ -11,6 +11,7 @@ from PIL import Image
 
 from dataprocess import process_image
 from dataprocess.image_io import ImageError, load_rgb, parse_fill, square
+from dataset.sample import UserError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 
@@ -106,8 +107,9 @@ def test_pad_resize_crop_geometry():
     assert close(resized.getpixel((1, 10)), BLUE) and close(resized.getpixel((18, 10)), GREEN)
     cropped = square(img, 20, "crop")  # shortest side already 20: the centre 20 columns are all red
     assert all(close(cropped.getpixel((x, 10)), RED) for x in (0, 10, 19))
-    with pytest.raises(ValueError, match="unknown mode"):
+    with pytest.raises(ValueError, match="unknown mode") as e:
         square(img, 20, "stretch")
+    assert not isinstance(e.value, UserError)  # unreachable from the CLI: a bug, so a traceback
 
 
 def test_parse_fill():

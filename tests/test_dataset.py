@@ -160,6 +160,38 @@ def test_validate_prescans_and_removes_bad_samples(tmp_path, tok, images):
     assert ds.skip_report()["skipped"] == len(kinds) + 1
 
 
+def test_too_long_carries_the_full_rendered_length(tmp_path, tok, images):
+    """Every too_long skip knows the length render gives without max_length, so validate() need not
+    render the sample again to report the longest one."""
+    from dataset.sample import Sample
+
+    def sample(msgs, images=()):
+        return Sample(id="s", messages=msgs, images=list(images), source=("d.jsonl", 1))
+
+    long_q = {"role": "user", "content": "<image>" + " word" * 40}
+    answer = {"role": "assistant", "content": "fine"}
+    cases = [  # (sample, mode, system prompt, generation prompt)
+        (sample([long_q, answer, {"role": "user", "content": "more?"}, answer], ["red.png"]), "chat", None, False),
+        (sample([{"role": "user", "content": "hi"}, answer]), "chat", "be brief" + " please" * 40, False),
+        (sample([long_q, {"role": "assistant", "content": "fine" * 40}], ["red.png"]), "plain", None, False),
+        (sample([long_q, answer, {"role": "user", "content": "and?"}], ["red.png"]), "chat", None, True),
+    ]
+    for s, mode, system, gen in cases:
+        full = len(render(s, tok, N, mode, None, system_prompt=system, add_generation_prompt=gen).input_ids)
+        assert full > 20
+        with pytest.raises(BadSampleError) as e:
+            render(s, tok, N, mode, 20, system_prompt=system, add_generation_prompt=gen)
+        assert e.value.kind == "too_long" and e.value.length == full, (mode, system, gen)
+    # validate() records it for the no-usable-sample message.
+    rec = {"id": "long", "images": ["red.png"], "messages": [long_q, answer]}
+    path = td.write_jsonl(tmp_path / "long.jsonl", [rec])
+    ds = _ds(path, tok, images, max_length=20)
+    with pytest.raises(Exception, match="the longest sample has"):
+        ds.validate()
+    (skip,) = ds.skipped.values()
+    assert skip["length"] == len(render(ds.samples[0], tok, N).input_ids)
+
+
 def test_collator_right_and_left_padding(tok):
     items = [
         {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7]),

@@ -11,6 +11,8 @@ import logging
 
 from torch import nn
 
+from trainer.stages import part_of
+
 log = logging.getLogger(__name__)
 
 
@@ -18,14 +20,6 @@ def _no_decay(name: str, p: nn.Parameter) -> bool:
     # Biases, norm gains and any other 1-D parameter (embedding rows are 2-D and do decay).
     lname = name.lower()
     return p.ndim < 2 or "norm" in lname or ".ln_" in lname or lname.endswith(".bias")
-
-
-def part_of(name: str) -> str:
-    if name.startswith(("projector.", "token_rows.")):  # trainable token rows: the projector's rate
-        return "projector"
-    if name.startswith("towers."):
-        return "vision"
-    return "lm"
 
 
 def param_groups(

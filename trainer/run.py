@@ -44,7 +44,7 @@ from trainer.config_io import ConfigError, save_config
 from trainer.engines import prepare_deepspeed_on_cpu
 from trainer.eval_tasks import EvalTasksCallback
 from trainer.hf_trainer import VLMTrainer, gather_objects
-from trainer.stages import apply_lora, set_trainable
+from trainer.stages import apply_stage
 from trainer.throughput import ThroughputCallback
 
 log = logging.getLogger("trainer")
@@ -72,11 +72,6 @@ def _setup_logging(out: Path, rank0: bool) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if rank0 else logging.WARNING)
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def preflight_output_dir(out: Path) -> None:
-    """Fail before training when the run directory cannot be written."""
-    writable_dir(out, "output_dir")
 
 
 def checkpoint_bytes(vlm) -> int:
@@ -141,14 +136,8 @@ def build_model(cfg: TrainConfig):
     else:
         vlm = build_vlm(cfg.vlm_config())
     if cfg.stage == "sft" and cfg.lora.r > 0:
-        # Starting from a LoRA run: fold its adapters in, then add fresh ones for this stage.
-        vlm.merge_lora()
-        apply_lora(vlm, cfg.lora)
-    set_trainable(vlm, cfg.stage, cfg.vision_lr, cfg.freeze, cfg.unfreeze)
-    check_optimisation_keys(cfg, vlm)
-    if vlm.config.tower_dtype is not None:
-        vlm.cast_frozen_towers()  # tower_dtype applies to frozen towers only (decided by the stage above)
-    moved = dtypes.upcast_trainable(vlm)  # fp32 master weights for what trains; frozen bases keep their dtype
+        vlm.merge_lora()  # starting from a LoRA run: fold its adapters in; apply_stage adds fresh ones
+    moved = apply_stage(vlm, cfg, cfg.lora, check=lambda m: check_optimisation_keys(cfg, m))
     log.info("parameter dtypes and bytes per part (%d trainable tensors moved to fp32):\n%s", moved,
              dtypes.describe_parts(vlm))
     if cfg.gradient_checkpointing:
@@ -298,7 +287,7 @@ def _remove_run_dir(out: Path) -> None:
 def _prepare(cfg: TrainConfig, out: Path, rank: int):
     """Everything before the first step: the run directory, the model, the data, the Trainer."""
     if rank == 0:
-        preflight_output_dir(out)
+        writable_dir(out, "output_dir")  # fail before training when the run directory cannot be written
     _setup_logging(out, rank == 0)
     if rank == 0:
         save_config(cfg, out / "config.yaml")
@@ -354,7 +343,7 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int):
 
 
 def train(cfg: TrainConfig) -> RunResult:
-    check_paths(cfg)
+    check_paths(cfg)  # for library callers; train.py checks before importing this module (a few stat calls)
     out = Path(cfg.output_dir)
     rank = int(os.environ.get("RANK", "0"))
     # A run that fails before its first step leaves no half-made run directory behind.

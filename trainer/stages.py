@@ -19,11 +19,28 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # annotations only: the config (which holds LoraSettings) loads without torch
+    from collections.abc import Callable
+
     from torch import nn
+
+    from trainer.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 STAGES = ("align", "sft", "full")
+
+# Parts that always train, at the projector's rate: the projector and trainable token embedding rows.
+# One list for what trains (set_trainable), its learning rate (optim) and what a trainable-only save keeps.
+PROJECTOR_PREFIXES = ("projector.", "token_rows.")
+
+
+def part_of(name: str) -> str:
+    """The part of a VLM parameter name: projector | vision | lm (everything else)."""
+    if name.startswith(PROJECTOR_PREFIXES):
+        return "projector"
+    if name.startswith("towers."):
+        return "vision"
+    return "lm"
 
 
 @dataclass
@@ -100,6 +117,24 @@ def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
     log.info("LoRA r=%d alpha=%d on %d modules (targets %s)", lora.r, lora.alpha, n, targets)
 
 
+def apply_stage(vlm: nn.Module, cfg: TrainConfig, lora: LoraSettings,
+                check: Callable[[nn.Module], None] | None = None) -> int:
+    """The stage on a built VLM: LoRA adapters (sft with lora.r > 0), the trainable set, frozen towers in
+    tower_dtype and fp32 master weights for what trains. The run and the memory plan (model/plan.py) both
+    call it, so the plan models exactly what trains. `check` sees the trainable set before any cast.
+    Returns how many trainable tensors moved to fp32."""
+    from model.dtypes import upcast_trainable  # lazily: this module loads with the config, without torch
+
+    if cfg.stage == "sft" and lora.r > 0:
+        apply_lora(vlm, lora)
+    set_trainable(vlm, cfg.stage, cfg.vision_lr, cfg.freeze, cfg.unfreeze)
+    if check is not None:
+        check(vlm)
+    if vlm.config.tower_dtype is not None:
+        vlm.cast_frozen_towers()  # tower_dtype applies to frozen towers only (decided by the stage above)
+    return upcast_trainable(vlm)  # frozen bases keep their dtype
+
+
 def set_trainable(
     vlm: nn.Module,
     stage: str,
@@ -116,11 +151,12 @@ def set_trainable(
     freeze_re = [re.compile(p) for p in (freeze or [])]
     unfreeze_re = [re.compile(p) for p in (unfreeze or [])]
     for name, p in vlm.named_parameters():
-        if name.startswith(("projector.", "token_rows.")):
-            train = True  # trainable token rows learn with the projector
-        elif name.startswith("towers."):
+        part = part_of(name)
+        if part == "projector":
+            train = True
+        elif part == "vision":
             train = vision_lr > 0
-        elif name.startswith("lm."):
+        elif name.startswith("lm."):  # part_of calls every other name "lm"; those stay frozen
             train = stage == "full" or (stage == "sft" and "lora_" in name)
         else:
             train = False
