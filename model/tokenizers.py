@@ -62,14 +62,20 @@ class HFTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def _id_or_none(self, token: str) -> int | None:
+        """The fast tokenizer's own lookup: `get_vocab()` copies the whole vocabulary on every call."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        i = backend.token_to_id(token) if backend is not None else self._tok.get_vocab().get(token)
+        return None if i is None else int(i)
+
     def token_to_id(self, token: str) -> int:
-        vocab = self._tok.get_vocab()
-        if token not in vocab:
+        i = self._id_or_none(token)
+        if i is None:
             raise KeyError(f"{token!r} is not in this tokenizer's vocabulary")
-        return int(vocab[token])
+        return i
 
     def add_special_tokens(self, tokens: list[str]) -> list[str]:
-        missing = [t for t in tokens if t not in self._tok.get_vocab()]
+        missing = [t for t in tokens if self._id_or_none(t) is None]
         if missing:
             self._tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
                                  special_tokens=True)
