@@ -82,6 +82,11 @@ class ChatFormat:
                    eos_id=tokenizer.eod_id, image_start_id=tokenizer.image_start_id,
                    image_end_id=tokenizer.image_end_id)
 
+    @property
+    def missing_specials(self) -> list[str]:
+        """The template's special tokens this tokenizer lacks (looked up once, in `__post_init__`)."""
+        return [t for t in self.template.specials if t not in self._ids]
+
     def special_id(self, token: str) -> int:
         if token not in self._ids:
             raise ValueError(f"chat template {self.template.name!r} needs the token {token!r}, which the "

@@ -131,18 +131,20 @@ class LMBackbone:
         if config.chat_template is not None and config.chat_template not in TEMPLATES:
             raise UserError(f"chat_template={config.chat_template!r}; valid: {', '.join(TEMPLATES)}")
         if tokenizer is not None:
+            # Logits need no template: a missing one's error waits for whoever renders text.
             try:
                 template = TEMPLATES[self._template_name(lm)]
-                missing = [t for t in template.specials if _token_id(tokenizer, t) is None]
-                if missing:
-                    raise UserError(f"chat template {template.name!r} needs the token(s) {missing}, which the "
-                                     f"tokenizer of {self.config.lm} lacks; set chat_template to the LM's own "
-                                     f"({', '.join(TEMPLATES)})")
-            except UserError as e:  # logits need no template: the error waits for whoever renders text
+            except UserError as e:
                 self._no_format = str(e)
             else:
-                self.chat_format = ChatFormat(tokenizer, template, self.image_token_id, eos_id=self._eos_id(),
-                                              image_start_id=start, image_end_id=end)
+                fmt = ChatFormat(tokenizer, template, self.image_token_id, eos_id=self._eos_id(),
+                                 image_start_id=start, image_end_id=end)
+                if fmt.missing_specials:
+                    self._no_format = (f"chat template {template.name!r} needs the token(s) "
+                                       f"{fmt.missing_specials}, which the tokenizer of {self.config.lm} lacks; "
+                                       f"set chat_template to the LM's own ({', '.join(TEMPLATES)})")
+                else:
+                    self.chat_format = fmt
         self.trainable_tokens = self._trainable_tokens()
         self.trainable_token_ids = [int(tokenizer.token_to_id(t)) for t in self.trainable_tokens]
 
