@@ -420,3 +420,14 @@ def test_load_trainable_weights_into_a_live_model(tmp_path):
     other = build_tiny_vlm(tmp_path, tower="clip")
     with pytest.raises(ValueError, match="does not have"):
         load_trainable_weights(other, tmp_path / "ck2")
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "bert"}', "[1, 2]", "{not json"])
+def test_load_vlm_on_a_foreign_config_json_says_so(tmp_path, text):
+    """Some other (or broken) config.json is neither of the two model kinds: one ModelDirError, no traceback."""
+    from model.build import load_vlm
+    from model.paths import ModelDirError
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ModelDirError, match="neither a VLM checkpoint"):
+        load_vlm(tmp_path)
