@@ -76,11 +76,10 @@ class ChatFormat:
                 pass  # a template token this tokenizer lacks: an error only if a rendering needs it
 
     @classmethod
-    def for_qwen(cls, tokenizer, image_token_id: int | None = None) -> ChatFormat:
+    def for_qwen(cls, tokenizer) -> ChatFormat:
         """ChatML with a Qwen tokenizer's ids (qwen/tokenizer.py)."""
-        return cls(tokenizer, CHATML, tokenizer.image_token_id if image_token_id is None else image_token_id,
-                   eos_id=tokenizer.eod_id, image_start_id=tokenizer.image_start_id,
-                   image_end_id=tokenizer.image_end_id)
+        return cls(tokenizer, CHATML, tokenizer.image_token_id, eos_id=tokenizer.eod_id,
+                   image_start_id=tokenizer.image_start_id, image_end_id=tokenizer.image_end_id)
 
     @property
     def missing_specials(self) -> list[str]:
@@ -107,18 +106,20 @@ class ChatFormat:
         return list(dict.fromkeys(stops + [self.eos_id]))
 
     def image_span(self, tokens_per_image: int, image_token_id: int | None = None) -> list[int]:
+        """One image's ids: `[image_start] + N x placeholder + [image_end]`; the placeholder is the format's
+        unless the model was built with another one (e.g. an imported Llava checkpoint)."""
         pad = self.image_token_id if image_token_id is None else image_token_id
         start = [] if self.image_start_id is None else [self.image_start_id]
         end = [] if self.image_end_id is None else [self.image_end_id]
         return start + [pad] * tokens_per_image + end
 
 
-def as_chat_format(fmt, image_token_id: int | None = None) -> ChatFormat:
+def as_chat_format(fmt) -> ChatFormat:
     """A ChatFormat as is, or ChatML for a Qwen tokenizer."""
     if isinstance(fmt, ChatFormat):
         return fmt
     if hasattr(fmt, "im_start_id"):
-        return ChatFormat.for_qwen(fmt, image_token_id)
+        return ChatFormat.for_qwen(fmt)
     raise TypeError(f"render needs a ChatFormat (VLM.chat_format) or a Qwen tokenizer, got {type(fmt).__name__}")
 
 
@@ -181,12 +182,6 @@ class _MediaCursor:
         if self.i_img != len(s.images) or self.i_vid != len(s.videos):
             raise BadSampleError(f"{s.where}: {self.i_img} <image> / {self.i_vid} <video> markers for "
                                  f"{len(s.images)} images / {len(s.videos)} videos")
-
-
-def image_span(tokenizer, tokens_per_image: int, image_token_id: int | None = None) -> list[int]:
-    """One image's ids: `[image_start] + N x placeholder + [image_end]`; the placeholder is the format's
-    unless the model was built with another one (e.g. an imported Llava checkpoint)."""
-    return as_chat_format(tokenizer).image_span(tokens_per_image, image_token_id)
 
 
 class _Writer:
