@@ -95,16 +95,6 @@ def auto_decision(device: str | torch.device | None = None) -> DtypeDecision:
     return DtypeDecision(torch.bfloat16 if native else torch.float32, what)
 
 
-def native_bf16(device: str | torch.device | None = None) -> bool:
-    """Whether bf16 compute is native on `device` (CUDA when available, else the CPU), ignoring overrides."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        return cuda_native_bf16(device.index)[0]
-    return cpu_native_bf16()[0]
-
-
 def torch_dtype(name: str) -> torch.dtype:
     """A dtype name (or `auto`) -> torch dtype; the `auto` decision is logged once per process."""
     if name == AUTO:
