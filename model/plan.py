@@ -76,7 +76,6 @@ ENGINES = ("DDP", "ZeRO-2", "ZeRO-3", "FSDP")
 GIB = 2**30
 CONTEXT_BYTES = int(1.5 * GIB)  # CUDA context, cuBLAS / NCCL workspaces
 FRAGMENTATION = 1.1  # caching allocator slack over what is live
-LOSS_CHUNK = 1024  # rows of logits the chunked loss holds at once (qwen.loss)
 
 
 class PlanError(UserError, ValueError):
@@ -275,7 +274,7 @@ def activation_bytes(vlm: nn.Module, shape: Shape, c: int, checkpointing: bool, 
     s = shape.seq
     layer = per_token * s
     lm = d.layers * c * d.hidden * s + layer if checkpointing else d.layers * layer
-    head = min(shape.targets * samples, LOSS_CHUNK) * d.vocab * (c + 8) + shape.targets * samples * d.hidden * c
+    head = min(shape.targets * samples, vlm.loss_chunk_size) * d.vocab * (c + 8) + shape.targets * samples * d.hidden * c
     proj_in = int(vlm.projector.in_dim)
     projector = shape.image_tokens * c * (proj_in + 2 * int(vlm.projector.out_dim))
     towers = 0
