@@ -308,8 +308,6 @@ class QwenBackbone(LMBackbone):
         return self.config.chat_template or "chatml"
 
     def hidden_states(self, lm, embeds, attention_mask, **kw):
-        kw.pop("return_logits", None)
-        kw.pop("logits_to_keep", None)
         out = unwrap(lm).transformer(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
         return out.last_hidden_state, out.past_key_values
 
@@ -360,8 +358,6 @@ class HFCausalLMBackbone(LMBackbone):
         if kw.pop("cu_seqlens", None) is not None:
             raise ValueError("packed sequences (cu_seqlens) need lm_backend='qwen'; the hf LM path takes "
                              "padded batches only (set packing=false)")
-        kw.pop("return_logits", None)
-        kw.pop("logits_to_keep", None)
         out = unwrap(lm).get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
         return out.last_hidden_state, getattr(out, "past_key_values", None)
 
@@ -376,7 +372,6 @@ class HFCausalLMBackbone(LMBackbone):
     def full_logits(self, lm, embeds, attention_mask, **kw):
         if kw.pop("cu_seqlens", None) is not None:
             raise ValueError("packed sequences (cu_seqlens) need lm_backend='qwen' (set packing=false)")
-        kw.pop("return_logits", None)
         out = lm(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
         return out.logits, getattr(out, "past_key_values", None)
 
