@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dataset.chat_templates import CHATML, ChatTemplate
-from dataset.sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample
+from dataset.sample import IMAGE_MARKER, ROLES, VIDEO_MARKER, BadSampleError, Sample
 from qwen.loss import IGNORE_INDEX
 
 MODES = ("chat", "plain")
@@ -252,6 +252,19 @@ def _count(pieces: list[_Piece], frames_per_video: int) -> tuple[int, int]:
     return sum(kind == "image" for kind, _ in media), frames_per_video * sum(kind == "video" for kind, _ in media)
 
 
+def _check_messages(sample: Sample) -> None:
+    """Each message a dict with a known role and str content: the one check for every caller of render."""
+    for i, m in enumerate(sample.messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadSampleError(f"{sample.where}: messages[{i}]: expected a dict with 'role' and 'content', "
+                                 f"got {m!r}")
+        if m["role"] not in ROLES:
+            raise BadSampleError(f"{sample.where}: messages[{i}]: role {m['role']!r} is not one of {ROLES}")
+        if not isinstance(m["content"], str):
+            raise BadSampleError(f"{sample.where}: messages[{i}]: content must be a string, got "
+                                 f"{type(m['content']).__name__}")
+
+
 def render(
     sample: Sample,
     tokenizer,
@@ -297,6 +310,7 @@ def render(
         prefix.extend(w.piece)
         kept, pairs = [prefix], []
     else:
+        _check_messages(sample)
         body = list(msgs)
         system = None
         if body[0]["role"] == "system":

@@ -296,6 +296,10 @@ def test_chat_renders_image_span_and_answers_greedily(tmp_path):
     assert isinstance(answer, str)
     with pytest.raises(ValueError, match=r"2 <image> marker.*1 image"):
         vlm.chat_ids([{"role": "user", "content": "<image><image>"}], n_images=1)
+    with pytest.raises(ValueError, match=r"messages\[0\]: role 'robot'"):
+        vlm.chat_ids([{"role": "robot", "content": "hi"}], n_images=0)
+    with pytest.raises(ValueError, match=r"messages\[1\]: content must be a string"):
+        vlm.chat_ids([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": 3}], n_images=1)
 
 
 def test_chat_batch_equals_each_chat_alone(tmp_path):
