@@ -120,9 +120,9 @@ class LMBackbone:
                                  "and the LM config has none)")
             self.image_token_id = int(lm_id)
         else:
-            self.image_token_id, start, end = self._image_tokens(lm, tokenizer, config.image_token_id)
+            self.image_token_id, start, end = self._image_tokens(tokenizer, config.image_token_id)
         if config.image_delimiters and tokenizer is not None and start is None:
-            self._add_tokens(lm, list(IMAGE_DELIMITERS))
+            self._add_tokens(list(IMAGE_DELIMITERS))
             start, end = (tokenizer.token_to_id(t) for t in IMAGE_DELIMITERS)
         if tokenizer is not None:
             self._fit_embeddings(lm)
@@ -148,7 +148,7 @@ class LMBackbone:
         self.trainable_tokens = self._trainable_tokens()
         self.trainable_token_ids = [int(tokenizer.token_to_id(t)) for t in self.trainable_tokens]
 
-    def _image_tokens(self, lm: nn.Module, tokenizer, forced: int | None) -> tuple[int, int | None, int | None]:
+    def _image_tokens(self, tokenizer, forced: int | None) -> tuple[int, int | None, int | None]:
         """(placeholder, start, end) ids: `forced` (VLMConfig.image_token_id) or the tokenizer's own, else
         `<image>` added. Start/end come from the tokenizer's triple of that placeholder, if any."""
         if hasattr(tokenizer, "image_token_id"):  # the Qwen interface names its vision tokens
@@ -160,10 +160,10 @@ class LMBackbone:
                 return pad_id, _token_id(tokenizer, start), _token_id(tokenizer, end)
         if forced is not None:
             return int(forced), None, None
-        self._add_tokens(lm, [IMAGE_TOKEN])
+        self._add_tokens([IMAGE_TOKEN])
         return tokenizer.token_to_id(IMAGE_TOKEN), None, None
 
-    def _add_tokens(self, lm: nn.Module, tokens: list[str]) -> None:
+    def _add_tokens(self, tokens: list[str]) -> None:
         added = self.tokenizer.add_special_tokens(tokens)
         if added:
             self.added_tokens += added
