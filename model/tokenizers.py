@@ -14,6 +14,7 @@ Contract:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import AddedToken
@@ -94,10 +95,19 @@ def load_lm_tokenizer(path: str | Path):
     """The Qwen interface for a Qwen vocabulary (`qwen.tiktoken`, or ChatML plus Qwen's own vision tokens),
     else HFTokenizer (a ChatML tokenizer such as SmolLM's keeps its own tokens: nothing Qwen's is added)."""
     p = Path(path)
-    if (p / "qwen.tiktoken").is_file():
+    if (p / "qwen.tiktoken").is_file() or _is_qwen_vocab(p / "tokenizer.json"):
         return load_tokenizer(p)
-    tok = HFTokenizer(p)
-    vocab = tok.get_vocab()
-    if "<|im_start|>" in vocab and any(t in vocab for t in QWEN_VISION_PLACEHOLDERS):
-        return load_tokenizer(p)
-    return tok
+    return HFTokenizer(p)
+
+
+def _is_qwen_vocab(file: Path) -> bool:
+    """ChatML's `<|im_start|>` and one of Qwen's vision placeholders among `tokenizer.json`'s tokens: read
+    from the file, so a Qwen vocabulary is not loaded twice (once to look, once by `load_tokenizer`)."""
+    if not file.is_file():
+        return False
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    vocab = (spec.get("model") or {}).get("vocab")
+    names = {t.get("content") for t in spec.get("added_tokens") or []}
+    if isinstance(vocab, (dict, list)):  # BPE / WordPiece: {token: id}; Unigram: [[token, score], ...]
+        names |= set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab}
+    return "<|im_start|>" in names and any(t in names for t in QWEN_VISION_PLACEHOLDERS)
