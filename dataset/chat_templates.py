@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-ROLES = ("system", "user", "assistant")
+from dataset.sample import ROLES
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dataset.chat_templates import CHATML, ChatTemplate
-from dataset.sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample
+from dataset.sample import IMAGE_MARKER, ROLES, VIDEO_MARKER, BadSampleError, Sample
 from qwen.loss import IGNORE_INDEX
 
 MODES = ("chat", "plain")
@@ -76,11 +76,15 @@ class ChatFormat:
                 pass  # a template token this tokenizer lacks: an error only if a rendering needs it
 
     @classmethod
-    def for_qwen(cls, tokenizer, image_token_id: int | None = None) -> ChatFormat:
+    def for_qwen(cls, tokenizer) -> ChatFormat:
         """ChatML with a Qwen tokenizer's ids (qwen/tokenizer.py)."""
-        return cls(tokenizer, CHATML, tokenizer.image_token_id if image_token_id is None else image_token_id,
-                   eos_id=tokenizer.eod_id, image_start_id=tokenizer.image_start_id,
-                   image_end_id=tokenizer.image_end_id)
+        return cls(tokenizer, CHATML, tokenizer.image_token_id, eos_id=tokenizer.eod_id,
+                   image_start_id=tokenizer.image_start_id, image_end_id=tokenizer.image_end_id)
+
+    @property
+    def missing_specials(self) -> list[str]:
+        """The template's special tokens this tokenizer lacks (looked up once, in `__post_init__`)."""
+        return [t for t in self.template.specials if t not in self._ids]
 
     def special_id(self, token: str) -> int:
         if token not in self._ids:
@@ -102,18 +106,20 @@ class ChatFormat:
         return list(dict.fromkeys(stops + [self.eos_id]))
 
     def image_span(self, tokens_per_image: int, image_token_id: int | None = None) -> list[int]:
+        """One image's ids: `[image_start] + N x placeholder + [image_end]`; the placeholder is the format's
+        unless the model was built with another one (e.g. an imported Llava checkpoint)."""
         pad = self.image_token_id if image_token_id is None else image_token_id
         start = [] if self.image_start_id is None else [self.image_start_id]
         end = [] if self.image_end_id is None else [self.image_end_id]
         return start + [pad] * tokens_per_image + end
 
 
-def as_chat_format(fmt, image_token_id: int | None = None) -> ChatFormat:
+def as_chat_format(fmt) -> ChatFormat:
     """A ChatFormat as is, or ChatML for a Qwen tokenizer."""
     if isinstance(fmt, ChatFormat):
         return fmt
     if hasattr(fmt, "im_start_id"):
-        return ChatFormat.for_qwen(fmt, image_token_id)
+        return ChatFormat.for_qwen(fmt)
     raise TypeError(f"render needs a ChatFormat (VLM.chat_format) or a Qwen tokenizer, got {type(fmt).__name__}")
 
 
@@ -176,12 +182,6 @@ class _MediaCursor:
         if self.i_img != len(s.images) or self.i_vid != len(s.videos):
             raise BadSampleError(f"{s.where}: {self.i_img} <image> / {self.i_vid} <video> markers for "
                                  f"{len(s.images)} images / {len(s.videos)} videos")
-
-
-def image_span(tokenizer, tokens_per_image: int, image_token_id: int | None = None) -> list[int]:
-    """One image's ids: `[image_start] + N x placeholder + [image_end]`; the placeholder is the format's
-    unless the model was built with another one (e.g. an imported Llava checkpoint)."""
-    return as_chat_format(tokenizer).image_span(tokens_per_image, image_token_id)
 
 
 class _Writer:
@@ -265,6 +265,19 @@ def _too_long(message: str, fmt: ChatFormat, prefix: _Piece, pairs: list[_Piece]
     return e
 
 
+def _check_messages(sample: Sample) -> None:
+    """Each message a dict with a known role and str content: the one check for every caller of render."""
+    for i, m in enumerate(sample.messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise BadSampleError(f"{sample.where}: messages[{i}]: expected a dict with 'role' and 'content', "
+                                 f"got {m!r}")
+        if m["role"] not in ROLES:
+            raise BadSampleError(f"{sample.where}: messages[{i}]: role {m['role']!r} is not one of {ROLES}")
+        if not isinstance(m["content"], str):
+            raise BadSampleError(f"{sample.where}: messages[{i}]: content must be a string, got "
+                                 f"{type(m['content']).__name__}")
+
+
 def render(
     sample: Sample,
     tokenizer,
@@ -310,6 +323,7 @@ def render(
         prefix.extend(w.piece)
         kept, pairs = [prefix], []
     else:
+        _check_messages(sample)
         body = list(msgs)
         system = None
         if body[0]["role"] == "system":

@@ -120,9 +120,9 @@ class LMBackbone:
                                  "and the LM config has none)")
             self.image_token_id = int(lm_id)
         else:
-            self.image_token_id, start, end = self._image_tokens(lm, tokenizer, config.image_token_id)
+            self.image_token_id, start, end = self._image_tokens(tokenizer, config.image_token_id)
         if config.image_delimiters and tokenizer is not None and start is None:
-            self._add_tokens(lm, list(IMAGE_DELIMITERS))
+            self._add_tokens(list(IMAGE_DELIMITERS))
             start, end = (tokenizer.token_to_id(t) for t in IMAGE_DELIMITERS)
         if tokenizer is not None:
             self._fit_embeddings(lm)
@@ -131,22 +131,24 @@ class LMBackbone:
         if config.chat_template is not None and config.chat_template not in TEMPLATES:
             raise UserError(f"chat_template={config.chat_template!r}; valid: {', '.join(TEMPLATES)}")
         if tokenizer is not None:
+            # Logits need no template: a missing one's error waits for whoever renders text.
             try:
                 template = TEMPLATES[self._template_name(lm)]
-                missing = [t for t in template.specials if _token_id(tokenizer, t) is None]
-                if missing:
-                    raise UserError(f"chat template {template.name!r} needs the token(s) {missing}, which the "
-                                     f"tokenizer of {self.config.lm} lacks; set chat_template to the LM's own "
-                                     f"({', '.join(TEMPLATES)})")
-            except UserError as e:  # logits need no template: the error waits for whoever renders text
+            except UserError as e:
                 self._no_format = str(e)
             else:
-                self.chat_format = ChatFormat(tokenizer, template, self.image_token_id, eos_id=self._eos_id(),
-                                              image_start_id=start, image_end_id=end)
+                fmt = ChatFormat(tokenizer, template, self.image_token_id, eos_id=self._eos_id(),
+                                 image_start_id=start, image_end_id=end)
+                if fmt.missing_specials:
+                    self._no_format = (f"chat template {template.name!r} needs the token(s) "
+                                       f"{fmt.missing_specials}, which the tokenizer of {self.config.lm} lacks; "
+                                       f"set chat_template to the LM's own ({', '.join(TEMPLATES)})")
+                else:
+                    self.chat_format = fmt
         self.trainable_tokens = self._trainable_tokens()
         self.trainable_token_ids = [int(tokenizer.token_to_id(t)) for t in self.trainable_tokens]
 
-    def _image_tokens(self, lm: nn.Module, tokenizer, forced: int | None) -> tuple[int, int | None, int | None]:
+    def _image_tokens(self, tokenizer, forced: int | None) -> tuple[int, int | None, int | None]:
         """(placeholder, start, end) ids: `forced` (VLMConfig.image_token_id) or the tokenizer's own, else
         `<image>` added. Start/end come from the tokenizer's triple of that placeholder, if any."""
         if hasattr(tokenizer, "image_token_id"):  # the Qwen interface names its vision tokens
@@ -158,10 +160,10 @@ class LMBackbone:
                 return pad_id, _token_id(tokenizer, start), _token_id(tokenizer, end)
         if forced is not None:
             return int(forced), None, None
-        self._add_tokens(lm, [IMAGE_TOKEN])
+        self._add_tokens([IMAGE_TOKEN])
         return tokenizer.token_to_id(IMAGE_TOKEN), None, None
 
-    def _add_tokens(self, lm: nn.Module, tokens: list[str]) -> None:
+    def _add_tokens(self, tokens: list[str]) -> None:
         added = self.tokenizer.add_special_tokens(tokens)
         if added:
             self.added_tokens += added
@@ -197,9 +199,7 @@ class LMBackbone:
                 f"no chat template for {self.config.lm}: its tokenizer has no recognisable chat_template and "
                 f"the model type {self._model_type(lm)!r} names none; set chat_template to one of "
                 f"{', '.join(TEMPLATES)}")
-        if name not in TEMPLATES:
-            raise UserError(f"chat_template={name!r}; valid: {', '.join(TEMPLATES)}")
-        return name
+        return name  # a known name: config.chat_template is checked in __init__, detect_template's are all TEMPLATES
 
     @staticmethod
     def _model_type(lm: nn.Module) -> str | None:
@@ -306,8 +306,6 @@ class QwenBackbone(LMBackbone):
         return self.config.chat_template or "chatml"
 
     def hidden_states(self, lm, embeds, attention_mask, **kw):
-        kw.pop("return_logits", None)
-        kw.pop("logits_to_keep", None)
         out = unwrap(lm).transformer(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
         return out.last_hidden_state, out.past_key_values
 
@@ -358,8 +356,6 @@ class HFCausalLMBackbone(LMBackbone):
         if kw.pop("cu_seqlens", None) is not None:
             raise ValueError("packed sequences (cu_seqlens) need lm_backend='qwen'; the hf LM path takes "
                              "padded batches only (set packing=false)")
-        kw.pop("return_logits", None)
-        kw.pop("logits_to_keep", None)
         out = unwrap(lm).get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
         return out.last_hidden_state, getattr(out, "past_key_values", None)
 
@@ -374,7 +370,6 @@ class HFCausalLMBackbone(LMBackbone):
     def full_logits(self, lm, embeds, attention_mask, **kw):
         if kw.pop("cu_seqlens", None) is not None:
             raise ValueError("packed sequences (cu_seqlens) need lm_backend='qwen' (set packing=false)")
-        kw.pop("return_logits", None)
         out = lm(inputs_embeds=embeds, attention_mask=attention_mask, **kw)
         return out.logits, getattr(out, "past_key_values", None)
 

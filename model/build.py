@@ -38,6 +38,7 @@ from model.dtypes import torch_dtype
 from model.llava import import_llava
 from model.model import LM_BACKBONES, VLM, lm_width, resolve_config
 from model.parts import build_towers, named_source
+from model.paths import is_llava_dir
 from model.projector import build_projector
 from model.quant import QUANT_FILE, quantize_lm_4bit
 
@@ -70,15 +71,10 @@ def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM
     return vlm
 
 
-def _is_llava_dir(p: Path) -> bool:
-    native = p / "config.json"
-    return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava"
-
-
 def load_vlm(path: str | Path, **overrides: Any) -> VLM:
     p = Path(path)
     if not (p / CONFIG_FILE).is_file():
-        if _is_llava_dir(p):
+        if is_llava_dir(p):
             return import_llava(p, overrides or None).eval()
         raise ModelDirError(
             f"{p}: neither a VLM checkpoint ({CONFIG_FILE}) nor a transformers Llava directory "

@@ -151,8 +151,11 @@ def read_vlm_config(path: str | Path) -> tuple[VLMConfig, dict]:
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors by state-dict name, tied aliases included."""
-    p = Path(path)
-    _, ckpt = read_vlm_config(p)
+    return _read_weights(Path(path), read_vlm_config(path)[1])
+
+
+def _read_weights(p: Path, ckpt: dict) -> dict[str, torch.Tensor]:
+    """`read_weights` with the checkpoint metadata already read (vlm_config.json parsed once)."""
     file = p / WEIGHTS_FILE
     if not file.is_file():
         raise ModelDirError(f"{file}: missing weights file; the model directory is incomplete")
@@ -167,7 +170,7 @@ def load_trainable_weights(vlm, path: str | Path) -> list[str]:
     cover. Every stored tensor must exist in the model; a "full" checkpoint must cover every key."""
     file = Path(path) / WEIGHTS_FILE
     _, ckpt = read_vlm_config(path)
-    tensors = read_weights(path)
+    tensors = _read_weights(Path(path), ckpt)
     if any(".weight.quant_state." in k for k in tensors):  # QLoRA: 4-bit codes + their quantisation state
         tensors = load_4bit_tensors(vlm, tensors)
     missing, unexpected = vlm.load_state_dict(tensors, strict=False)

@@ -12,7 +12,7 @@ Contract:
   goes to fp32 (the master weights; compute may still run under bf16 autocast); returns how many
   parameters moved.
 - `part_report(vlm) -> list[PartDtype]` and `describe_parts(vlm) -> str`: per top-level part (towers,
-  projector, lm) its dtype(s), bytes and trainable/frozen bytes, for the run log.
+  projector, lm, token_rows) its dtype(s), bytes and trainable/frozen bytes, for the run log.
 """
 
 from __future__ import annotations
@@ -95,16 +95,6 @@ def auto_decision(device: str | torch.device | None = None) -> DtypeDecision:
     return DtypeDecision(torch.bfloat16 if native else torch.float32, what)
 
 
-def native_bf16(device: str | torch.device | None = None) -> bool:
-    """Whether bf16 compute is native on `device` (CUDA when available, else the CPU), ignoring overrides."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda":
-        return cuda_native_bf16(device.index)[0]
-    return cpu_native_bf16()[0]
-
-
 def torch_dtype(name: str) -> torch.dtype:
     """A dtype name (or `auto`) -> torch dtype; the `auto` decision is logged once per process."""
     if name == AUTO:
@@ -136,25 +126,20 @@ class PartDtype:
     params: int
 
 
-def part_report(vlm: nn.Module, parts: tuple[str, ...] = ("towers", "projector", "lm")) -> list[PartDtype]:
-    """Per top-level part: its parameter dtypes, bytes (tied tensors once) and the trainable share."""
-    out = []
-    seen: set[int] = set()
-    for part in parts:
-        module = getattr(vlm, part, None)
-        if module is None:
-            continue
-        dts, total, train, n = set(), 0, 0, 0
-        for p in module.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            size = p.numel() * p.element_size()
-            dts.add(str(p.dtype).replace("torch.", ""))
-            total, n = total + size, n + p.numel()
-            train += size if p.requires_grad else 0
-        out.append(PartDtype(part, sorted(dts), total, train, n))
-    return out
+def part_report(vlm: nn.Module) -> list[PartDtype]:
+    """Per top-level part (towers, projector, lm, token_rows, ...): its parameter dtypes, bytes (tied tensors
+    once) and the trainable share. Parts come from the parameter names, so a new part is never left out."""
+    out: dict[str, PartDtype] = {}
+    for name, p in vlm.named_parameters():  # tied tensors are yielded once
+        part = name.split(".")[0]
+        r = out.setdefault(part, PartDtype(part, [], 0, 0, 0))
+        dt = str(p.dtype).replace("torch.", "")
+        if dt not in r.dtypes:
+            r.dtypes = sorted(r.dtypes + [dt])
+        size = p.numel() * p.element_size()
+        r.bytes, r.params = r.bytes + size, r.params + p.numel()
+        r.trainable_bytes += size if p.requires_grad else 0
+    return list(out.values())
 
 
 def describe_parts(vlm: nn.Module) -> str:

@@ -120,11 +120,6 @@ def _check_exportable(vlm):
     return backend, tower
 
 
-def end_ids(vlm) -> list[int]:
-    """The ids that end an answer, end of turn first (what `VLM.chat` stops at, plus end of text)."""
-    return list(dict.fromkeys([int(t) for t in vlm.stop_token_ids] + [int(vlm.pad_token_id)]))
-
-
 def export_llava_hf(vlm, dst: str | Path) -> Path:
     backend, tower = _check_exportable(vlm)
     dst = Path(dst)
@@ -138,7 +133,8 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
             strategy = "default" if has_cls else "full"
         else:
             strategy = "full"
-        eos, pad = end_ids(vlm), int(vlm.pad_token_id)
+        # What `VLM.chat` stops at: end of turn first, end of text last (ChatFormat.stop_token_ids).
+        eos, pad = [int(t) for t in vlm.stop_token_ids], int(vlm.pad_token_id)
         text_config = lm.config.to_dict()
         text_config.update(eos_token_id=eos, pad_token_id=pad)  # a converted LM's own may be None
         # vLLM picks the language model's class by this name (a scratch transformers LM has none).

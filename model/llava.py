@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlavaForConditionalGeneration
+from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
 
 from model.config import VLMConfig
 from model.dtypes import torch_dtype
 from model.model import VLM
 from model.projector import build_projector
-from model.tokenizers import HFTokenizer
+from model.tokenizers import has_tokenizer_files, load_lm_tokenizer
 from qwen import QWenLMHeadModel, load_tokenizer
 from visual.registry import build_tower
 
@@ -49,13 +49,11 @@ def _select(backend: str, strategy: str) -> str:
 
 
 def _load_tokenizer(path: Path, backend: str):
-    has_files = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "qwen.tiktoken"))
-    if not has_files:
+    """The same tokenizer class `build_vlm` gives this backend, so an import and its reload agree."""
+    if not has_tokenizer_files(path):
         return None
     try:
-        if backend == "qwen":
-            return load_tokenizer(path)
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(path)))
+        return load_tokenizer(path) if backend == "qwen" else load_lm_tokenizer(path)
     except (ValueError, FileNotFoundError, OSError) as e:  # logits do not need it; say why it is missing
         warnings.warn(f"{path}: tokenizer not loaded ({e}); set VLMConfig.tokenizer to use chat()", stacklevel=2)
         return None

@@ -2,7 +2,8 @@
 
 Contract:
 - `CONFIG_FILE` ("vlm_config.json") marks a directory written by `VLM.save_pretrained`.
-- `is_model_dir(path)`: such a directory, or a transformers Llava directory (config.json, model_type llava).
+- `is_model_dir(path)`: such a directory, or a transformers Llava directory (`is_llava_dir`: config.json,
+  model_type llava).
 - `resolve_model_dir(path) -> Path`: a model directory as is; a run directory -> its `final/`, else its
   newest `checkpoint-N/` holding a model. A path that does not exist, or holds no model, raises
   `ModelDirError` (a UserError) saying which and what to give instead.
@@ -19,8 +20,11 @@ CONFIG_FILE = "vlm_config.json"
 
 
 def is_model_dir(path: Path) -> bool:
-    if (path / CONFIG_FILE).is_file():
-        return True
+    return (path / CONFIG_FILE).is_file() or is_llava_dir(path)
+
+
+def is_llava_dir(path: Path) -> bool:
+    """A transformers Llava directory; any other (or unreadable) config.json is not one."""
     native = path / "config.json"
     try:
         return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava"

@@ -29,7 +29,7 @@ Contract:
   heads + per LoRA-wrapped linear its input twice (dropout mask and output) and its rank; plus 8H bytes
   of fp32 norm inputs under bf16. With gradient checkpointing only each layer's input (c·H) stays, plus
   one layer recomputed. The loss head keeps the supervised rows' hidden states and, transiently, one
-  chunk of logits (min(targets, 1024) x V in c + 8 bytes). Memory-efficient attention
+  chunk of logits (min(targets, the VLM's loss_chunk_size) x V in c + 8 bytes). Memory-efficient attention
   (SDPA flash / the custom kernels) keeps no T² scores. Frozen towers run under no_grad (no activations);
   a training tower holds c·(10 D + 2 I_v) per token and layer.
 - FLOPs: `trainer.throughput` counting (6·N·tokens for what trains, 4·N where only the gradient passes,
@@ -76,7 +76,6 @@ ENGINES = ("DDP", "ZeRO-2", "ZeRO-3", "FSDP")
 GIB = 2**30
 CONTEXT_BYTES = int(1.5 * GIB)  # CUDA context, cuBLAS / NCCL workspaces
 FRAGMENTATION = 1.1  # caching allocator slack over what is live
-LOSS_CHUNK = 1024  # rows of logits the chunked loss holds at once (qwen.loss)
 
 
 class PlanError(UserError, ValueError):
@@ -270,7 +269,7 @@ def activation_bytes(vlm: nn.Module, shape: Shape, c: int, checkpointing: bool, 
     s = shape.seq
     layer = per_token * s
     lm = d.layers * c * d.hidden * s + layer if checkpointing else d.layers * layer
-    head = min(shape.targets * samples, LOSS_CHUNK) * d.vocab * (c + 8) + shape.targets * samples * d.hidden * c
+    head = min(shape.targets * samples, vlm.loss_chunk_size) * d.vocab * (c + 8) + shape.targets * samples * d.hidden * c
     proj_in = int(vlm.projector.in_dim)
     projector = shape.image_tokens * c * (proj_in + 2 * int(vlm.projector.out_dim))
     towers = 0

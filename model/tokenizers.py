@@ -14,6 +14,7 @@ Contract:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tokenizers import AddedToken
@@ -62,14 +63,20 @@ class HFTokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def _id_or_none(self, token: str) -> int | None:
+        """The fast tokenizer's own lookup: `get_vocab()` copies the whole vocabulary on every call."""
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        i = backend.token_to_id(token) if backend is not None else self._tok.get_vocab().get(token)
+        return None if i is None else int(i)
+
     def token_to_id(self, token: str) -> int:
-        vocab = self._tok.get_vocab()
-        if token not in vocab:
+        i = self._id_or_none(token)
+        if i is None:
             raise KeyError(f"{token!r} is not in this tokenizer's vocabulary")
-        return int(vocab[token])
+        return i
 
     def add_special_tokens(self, tokens: list[str]) -> list[str]:
-        missing = [t for t in tokens if t not in self._tok.get_vocab()]
+        missing = [t for t in tokens if self._id_or_none(t) is None]
         if missing:
             self._tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing],
                                  special_tokens=True)
@@ -88,10 +95,19 @@ def load_lm_tokenizer(path: str | Path):
     """The Qwen interface for a Qwen vocabulary (`qwen.tiktoken`, or ChatML plus Qwen's own vision tokens),
     else HFTokenizer (a ChatML tokenizer such as SmolLM's keeps its own tokens: nothing Qwen's is added)."""
     p = Path(path)
-    if (p / "qwen.tiktoken").is_file():
+    if (p / "qwen.tiktoken").is_file() or _is_qwen_vocab(p / "tokenizer.json"):
         return load_tokenizer(p)
-    tok = HFTokenizer(p)
-    vocab = tok.get_vocab()
-    if "<|im_start|>" in vocab and any(t in vocab for t in QWEN_VISION_PLACEHOLDERS):
-        return load_tokenizer(p)
-    return tok
+    return HFTokenizer(p)
+
+
+def _is_qwen_vocab(file: Path) -> bool:
+    """ChatML's `<|im_start|>` and one of Qwen's vision placeholders among `tokenizer.json`'s tokens: read
+    from the file, so a Qwen vocabulary is not loaded twice (once to look, once by `load_tokenizer`)."""
+    if not file.is_file():
+        return False
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    vocab = (spec.get("model") or {}).get("vocab")
+    names = {t.get("content") for t in spec.get("added_tokens") or []}
+    if isinstance(vocab, (dict, list)):  # BPE / WordPiece: {token: id}; Unigram: [[token, score], ...]
+        names |= set(vocab) if isinstance(vocab, dict) else {v[0] for v in vocab}
+    return "<|im_start|>" in names and any(t in names for t in QWEN_VISION_PLACEHOLDERS)

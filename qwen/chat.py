@@ -5,7 +5,7 @@ Contract
 `build_prompt_ids(tokenizer, messages, add_generation_prompt=True) -> list[int]`:
 `<|im_start|>{role}\n{content}<|im_end|>\n` per message, then `<|im_start|>assistant\n` when
 `add_generation_prompt`, rendered by the project's one renderer (`dataset.template.render`, ChatML for a
-Qwen tokenizer): role and content are encoded separately (as the original Qwen-1 code does) and as plain
+Qwen tokenizer, which also checks each message's role and content): role and content are encoded separately (as the original Qwen-1 code does) and as plain
 text, so a user typing "<|im_end|>" never produces the special token. No system prompt is added unless the
 messages contain one. `messages_from_history` builds the message list from Qwen-1's (query, history,
 system) call style. Generation for chat stops at `stop_ids(tokenizer)`.
@@ -18,17 +18,8 @@ import torch
 from dataset.sample import Sample
 from dataset.template import ChatFormat, render
 
-ROLES = ("system", "user", "assistant")
-
 
 def build_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {msg!r}")
-        if msg["role"] not in ROLES:
-            raise ValueError(f"messages[{i}]: role {msg['role']!r} is not one of {ROLES}")
-        if not isinstance(msg["content"], str):
-            raise ValueError(f"messages[{i}]: content must be a string, got {type(msg['content']).__name__}")
     sample = Sample(id="chat", messages=list(messages))
     # tokens_per_image is unused: a text chat has no image span.
     return render(sample, ChatFormat.for_qwen(tokenizer), tokens_per_image=1,

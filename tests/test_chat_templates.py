@@ -141,6 +141,10 @@ def test_template_is_detected_from_the_tokenizer_or_the_model_type():
         assert detect_template(tiny_family_tokenizer(family).chat_template, None) == TEMPLATE_OF[family]
     assert detect_template(None, "gemma2") == "gemma" and detect_template(None, "qwen2") == "chatml"
     assert detect_template("{{ messages }}", "llama") is None  # neither says: the config must
+    # LMBackbone uses a detected name as is: each one detect_template can give must be a template.
+    from dataset import chat_templates as ct
+
+    assert {name for _, name in ct._MARKERS} | set(ct._BY_MODEL_TYPE.values()) <= set(TEMPLATES)
 
 
 def test_a_template_token_the_tokenizer_lacks_is_a_clear_error():

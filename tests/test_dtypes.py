@@ -97,6 +97,16 @@ def test_upcast_trainable_and_part_report():
     assert "projector" in dtypes.describe_parts(m)
 
 
+def test_part_report_lists_every_top_level_part():
+    """A part beyond towers/projector/lm (the VLM's trained token rows) is reported too."""
+    m = nn.Module()
+    m.lm = nn.Linear(2, 2)
+    m.token_rows = nn.Linear(2, 3, bias=False)
+    rep = {r.part: r for r in dtypes.part_report(m)}
+    assert list(rep) == ["lm", "token_rows"] and rep["token_rows"].params == 6
+    assert "token_rows" in dtypes.describe_parts(m)
+
+
 def test_precision_flags_follow_the_decision(monkeypatch):
     from trainer.config import TrainConfig
     from trainer.config_io import ConfigError

@@ -169,7 +169,7 @@ def test_export_config_holds_every_field_vllm_llava_reads(exported):
     eos = [vlm.stop_token_ids[0], vlm.pad_token_id]
     gen = json.loads((dst / "generation_config.json").read_text())
     for ids in (gen["eos_token_id"], t["eos_token_id"]):
-        assert ids[0] == eos[0] and set(eos) <= set(ids)
+        assert ids[0] == eos[0] and set(eos) <= set(ids) and ids == list(vlm.stop_token_ids)
     assert gen["pad_token_id"] == vlm.pad_token_id
     # The processor vLLM loads: the placeholder token, patch size and strategy, and a chat template.
     proc = AutoProcessor.from_pretrained(str(dst))

@@ -157,3 +157,20 @@ def test_trains_through_train_py_with_default_lora_then_answers_through_test_py(
     answer = answer_of_test_py(["--model", out, "--image", str(img), "--prompt", "What colour is it?",
                                 "--max-new-tokens", "4"], capsys)
     assert answer.endswith(expect)  # test.py prints the reply last
+
+
+def test_load_lm_tokenizer_picks_the_qwen_interface_by_the_vocabulary(tmp_path):
+    """Qwen2's ChatML + <|image_pad|> -> the Qwen interface; ChatML alone (SmolLM) or Qwen2's without its
+    vision tokens stays a plain HFTokenizer."""
+    from model.tokenizers import HFTokenizer, load_lm_tokenizer
+    from qwen import HFQwenTokenizer
+    from tests.tiny_lms import tiny_family_tokenizer
+    from tests.tiny_qwen import write_tiny_hf_tokenizer
+
+    write_tiny_hf_tokenizer(tmp_path / "qwen2")
+    write_tiny_hf_tokenizer(tmp_path / "no_vl", with_vl_tokens=False)
+    tiny_family_tokenizer("smollm").save_pretrained(str(tmp_path / "smollm"))
+    assert isinstance(load_lm_tokenizer(tmp_path / "qwen2"), HFQwenTokenizer)
+    for name in ("no_vl", "smollm"):
+        tok = load_lm_tokenizer(tmp_path / name)
+        assert type(tok) is HFTokenizer and tok.token_to_id("<|im_start|>") >= 0

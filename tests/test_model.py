@@ -296,6 +296,10 @@ def test_chat_renders_image_span_and_answers_greedily(tmp_path):
     assert isinstance(answer, str)
     with pytest.raises(ValueError, match=r"2 <image> marker.*1 image"):
         vlm.chat_ids([{"role": "user", "content": "<image><image>"}], n_images=1)
+    with pytest.raises(ValueError, match=r"messages\[0\]: role 'robot'"):
+        vlm.chat_ids([{"role": "robot", "content": "hi"}], n_images=0)
+    with pytest.raises(ValueError, match=r"messages\[1\]: content must be a string"):
+        vlm.chat_ids([{"role": "user", "content": "<image>"}, {"role": "assistant", "content": 3}], n_images=1)
 
 
 def test_chat_batch_equals_each_chat_alone(tmp_path):
@@ -420,3 +424,14 @@ def test_load_trainable_weights_into_a_live_model(tmp_path):
     other = build_tiny_vlm(tmp_path, tower="clip")
     with pytest.raises(ValueError, match="does not have"):
         load_trainable_weights(other, tmp_path / "ck2")
+
+
+@pytest.mark.parametrize("text", ['{"model_type": "bert"}', "[1, 2]", "{not json"])
+def test_load_vlm_on_a_foreign_config_json_says_so(tmp_path, text):
+    """Some other (or broken) config.json is neither of the two model kinds: one ModelDirError, no traceback."""
+    from model.build import load_vlm
+    from model.paths import ModelDirError
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(ModelDirError, match="neither a VLM checkpoint"):
+        load_vlm(tmp_path)

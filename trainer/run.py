@@ -121,9 +121,8 @@ def precision_flags(cfg: TrainConfig) -> dict:
         p = "bf16" if dtypes.auto_decision().dtype == torch.bfloat16 else "fp32"
     if p == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision=fp16 needs a GPU here; use precision=fp32 (or auto) on a CPU")
-    if p == "bf16" and not torch.cuda.is_available() and not dtypes.native_bf16("cpu"):
-        raise ConfigError(f"precision=bf16 on this CPU: {dtypes.cpu_native_bf16()[1]}; use precision=fp32 "
-                          f"(or auto)")
+    if p == "bf16" and not torch.cuda.is_available() and not (cpu := dtypes.cpu_native_bf16())[0]:
+        raise ConfigError(f"precision=bf16 on this CPU: {cpu[1]}; use precision=fp32 (or auto)")
     return {"bf16": p == "bf16", "fp16": p == "fp16"}
 
 
