@@ -38,8 +38,8 @@ def test_lm_keys_need_the_qwen_lm(tmp_path):
         apply_speed_settings(_cfg(compile_lm=True, retain_freed_memory=False), vlm)
 
 
-def _mmapped_bytes() -> int:
-    """glibc's `mallinfo2().hblkhd`: bytes currently held in mmap-ed blocks."""
+def _mallinfo():
+    """glibc's `mallinfo2()`: `hblkhd` = bytes held in mmap-ed blocks, `fordblks` = free bytes in the heap."""
     import ctypes
 
     class MallInfo2(ctypes.Structure):
@@ -48,24 +48,28 @@ def _mmapped_bytes() -> int:
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallinfo2.restype = MallInfo2
-    return int(libc.mallinfo2().hblkhd)
+    return libc.mallinfo2()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 def test_retain_freed_memory_round_trip():
     from trainer.cpu_malloc import retain_freed_memory
 
-    def grows() -> int:  # mmap-ed bytes a fresh 4 MB tensor adds
-        before = _mmapped_bytes()
-        x = torch.empty(1 << 20)
-        grown = _mmapped_bytes() - before
+    def grows() -> tuple[int, int]:  # (mmap-ed bytes a fresh large tensor adds, its size)
+        before = _mallinfo()
+        # Larger than all free heap memory, so no free chunk can serve it: glibc either extends its heap or
+        # maps a fresh block, whichever the setting says (earlier tests may have left big free chunks).
+        n = max(4 << 20, int(before.fordblks) + (4 << 20))
+        x = torch.empty(n // 4)
+        grown = int(_mallinfo().hblkhd) - int(before.hblkhd)
         del x
-        return grown
+        return grown, n
 
     try:
         assert retain_freed_memory(True)
-        assert grows() == 0  # served from the heap
+        assert grows()[0] == 0  # served from the heap
         assert retain_freed_memory(False)
-        assert grows() >= 4 << 20  # glibc's default: a large block is a fresh mmap again
+        grown, n = grows()
+        assert grown >= n  # glibc's default: a large block is a fresh mmap again
     finally:
         retain_freed_memory(False)
