@@ -3,7 +3,8 @@
 Dotted keys set nested fields (`model.projector=mlp3x_gelu`, `lora.r=16`); unknown keys are an error
 listing the valid ones. The work happens in `trainer.run`; this file only parses the command line.
 A mistake in the config, the data or a path ends with one line `error: ...` (exit status 2); `--debug`
-shows the traceback.
+shows the traceback. `python train.py --check CONFIG.yaml [key=value ...]` checks the config and its paths
+only (what train.sh does once before it launches several processes; WORLD_SIZE sets the process count).
 """
 
 import sys
@@ -18,7 +19,7 @@ def usage() -> str:
 
     rows = describe_fields(TrainConfig) + describe_fields(VLMConfig, prefix="model.")
     width = max(len(k) for k, _, _ in rows)
-    lines = [__doc__.strip(), "", "usage: python train.py CONFIG.yaml [key=value ...] [--debug]", "",
+    lines = [__doc__.strip(), "", "usage: python train.py [--check] CONFIG.yaml [key=value ...] [--debug]", "",
              "Config keys (default, then what it does; `model.*` keys override the preset's):"]
     for key, default, note in rows:
         if key == "model":
@@ -31,11 +32,16 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    check_only = bool(argv) and argv[0] == "--check"
+    if check_only:
+        argv = argv[1:]
     config_path = argv.pop(0) if argv and "=" not in argv[0] else None
     from trainer.config import check_paths, load_train_config
 
     cfg = load_train_config(config_path, argv)
     check_paths(cfg)  # before trainer.run (~10 s to import) and the model load: a wrong path fails fast
+    if check_only:  # train.sh runs this once before torchrun starts N processes that would each fail alike
+        return 0
     from trainer.run import train  # heavy: after the config and its paths are checked
 
     try:

@@ -15,6 +15,10 @@ case "$1" in
 esac
 NPROC=${NPROC:-1}
 NNODES=${NNODES:-1}
+if [ "$NPROC" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
+  # A config mistake answers once, in one line, instead of from every process and again from torchrun.
+  WORLD_SIZE=$((NPROC * NNODES)) "$PY" train.py --check "$CONFIG" "$@" || exit $?
+fi
 if [ "$NNODES" -gt 1 ]; then
   : "${MASTER_ADDR:?set MASTER_ADDR (the rank-0 machine) when NNODES > 1}"
   : "${NODE_RANK:?set NODE_RANK (0..NNODES-1) when NNODES > 1}"

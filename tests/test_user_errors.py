@@ -196,3 +196,15 @@ def _coco(tmp: Path) -> Path:
     p.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
                              "annotations": [{"image_id": 1, "caption": "A cat."}]}))
     return p
+
+
+def test_train_sh_with_several_processes_answers_a_config_mistake_once(tmp_path, data):
+    """NPROC=2: the config is checked once before torchrun starts (not by each rank, then torchrun's trace)."""
+    path, _ = _train_config(tmp_path, data, "ddp")
+    env = dict(os.environ, NPROC="2", PY=sys.executable, HF_HUB_OFFLINE="1", QWENVL_DEBUG="")
+    p = subprocess.run(["sh", "train.sh", path, "global_batch_size=7"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=240)
+    err = p.stderr.strip()
+    assert p.returncode == 2 and "Traceback" not in err and "torch.distributed" not in err, err[-1500:]
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [err.splitlines()[-1]]
+    assert "global_batch_size=7" in err and "2 process(es)" in err
