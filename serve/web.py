@@ -9,7 +9,9 @@ the demo's held-out shapes images, `data/shapes/images/val`, when present; the f
 Nothing leaves the machine: gradio's analytics are off, no share link is made, the page loads only files
 this server serves, and its Content-Security-Policy (`PAGE_POLICY`, on every response) makes the browser
 refuse any other address. A mistake (a missing model, a bad flag, a port in use, gradio not installed)
-is one line `error: ...` and exit status 2.
+is one line `error: ...` and exit status 2. Once it runs, a question the page cannot answer (a file that is
+not an image, too many images, a prompt too long) is one note in the chat and one line in the log
+(serve/webui.py); tracebacks are for bugs.
 """
 
 from __future__ import annotations

@@ -13,8 +13,15 @@ Contract:
   engine and yields (chat, input box, conversation, status) as text arrives. Temperature 0 is greedy, so
   its answers equal `vlm.chat`'s. A stopped or abandoned generation cancels its job; the partial answer
   stays in the conversation, as shown.
-- Mistakes (a bad image, too many images, a prompt too long, a full queue) are one message in the page
-  (`gr.Error`); nothing is generated and the input stays in the box.
+- A question that gets no answer is one update: the chat as it was plus one note (an assistant message
+  titled `NOT_ANSWERED`, shown until the next question, never part of the conversation, which is
+  unchanged), and one log line (logger "serve.webui"). Never a raised `gr.Error`: its overlays stay over
+  the chat and the input box and block the next question, and gradio logs its traceback. Its kinds:
+  * the user's mistakes (no question, an unreadable image, too many images, a prompt too long, a full
+    queue): a warning line; nothing is generated and the input stays in the box, less the unreadable files
+    (named in the note), so that sending again works;
+  * a failed generation (the engine has logged its traceback): an error line, the question stays in view;
+  * a bug in the handler: the traceback in the log, "internal error" in the note.
 - Answers and questions are shown verbatim (plain text, HTML-escaped, spaces kept: `CSS`, which the page
   needs). Nothing is fetched from outside: analytics are off, the theme's fonts are the ones gradio ships.
 """
@@ -22,7 +29,9 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +46,8 @@ from serve.engine import Engine, QueueFull
 from serve.protocol import Limits
 from serve.session import RequestError, prepare, submit
 
+log = logging.getLogger("serve.webui")
+NOT_ANSWERED = "Not answered"
 FINISH_WORDS = {"stop": "end of turn", "length": "max tokens reached", "cancelled": "stopped",
                 "timeout": "timed out"}
 # The chat shows text as it is: spaces kept (gradio's plain-text messages collapse them otherwise). The
@@ -53,6 +64,17 @@ class Conversation:
     answers: int = 0
 
 
+class Refused(Exception):
+    """Why a question gets no answer (see the module docstring). `box`: the input box's new value (None: left
+    as it is); `turn`: the question as the chat showed it, when it had already left the box; `level`: the log
+    line's level."""
+
+    def __init__(self, message: str, box: dict | None = None, turn: dict | None = None,
+                 level: int = logging.WARNING) -> None:
+        super().__init__(message)
+        self.message, self.box, self.turn, self.level = message, box, turn, level
+
+
 def _shown(text: str) -> dict:
     """A Chatbot text part that displays `text` verbatim: plain text (no Markdown), and HTML-escaped because
     gradio inserts even plain-text messages as (sanitised) HTML, which would swallow `<...>`."""
@@ -67,49 +89,86 @@ def _user_turn(text: str, n_new_images: int) -> str:
     return IMAGE_MARKER * n_new_images + ("\n" if n_new_images else "") + text
 
 
-def _load(paths: list[str], max_pixels: int) -> list:
-    images = []
+def _load(paths: list[str], max_pixels: int, text: str) -> list:
+    images, problems, kept = [], [], []
     for p in paths:
         try:
             images.append(load_image(p, max_pixels))
+            kept.append(p)
         except UserError as e:  # the message names gradio's cache path: name the file the user chose
-            raise gr.Error(str(e).replace(str(p), Path(p).name)) from e
+            problems.append(str(e).replace(str(p), Path(p).name))
+    if problems:
+        raise Refused(f"{'; '.join(problems)}. Taken out of the input box: upload an image file (PNG, JPEG, "
+                      "WebP, ...) and send again", box={"text": text, "files": kept})
     return images
 
 
 def _sampling(temperature: float, top_p: float, max_tokens: float, seed: float | None,
               limits: Limits) -> SamplingParams:
     if not 0 <= temperature <= 2 or not 0 < top_p <= 1 or not 1 <= max_tokens <= limits.max_tokens:
-        raise gr.Error(f"temperature must be in [0, 2], top-p in (0, 1] and max tokens in [1, {limits.max_tokens}]")
+        raise Refused(f"temperature must be in [0, 2], top-p in (0, 1] and max tokens in [1, {limits.max_tokens}]")
     return SamplingParams(max_tokens=int(max_tokens), temperature=float(temperature), top_p=float(top_p),
                           seed=None if seed is None or seed < 0 else int(seed))
 
 
+def _note(message: str) -> dict:
+    """The chat's note for a question that got no answer."""
+    return {"role": "assistant", "content": [_shown(message)], "metadata": {"title": NOT_ANSWERED}}
+
+
+def _refusal(conv: Conversation, message: str, e: Exception | None) -> tuple:
+    """The one update after a question got no answer: the conversation as it was, the question (when it had
+    left the input box) and the note; the conversation state itself is unchanged."""
+    turn = [e.turn] if isinstance(e, Refused) and e.turn else []
+    box = gr.MultimodalTextbox(value=e.box) if isinstance(e, Refused) and e.box is not None else gr.skip()
+    return conv.shown + turn + [_note(message)], box, conv, ""
+
+
 def make_respond(vlm: Any, engine: Engine, limits: Limits, request_timeout_s: float = 600.0):
     """The submit handler (see the module docstring)."""
+    answer = _make_answer(vlm, engine, limits, request_timeout_s)
 
     async def respond(message: dict | None, conv: Conversation, temperature: float, top_p: float,
                       max_tokens: float, seed: float | None):
+        try:  # aclosing: the stop button or a closed page closes `answer` too, which cancels its job
+            async with contextlib.aclosing(answer(message, conv, temperature, top_p, max_tokens, seed)) as updates:
+                async for update in updates:
+                    yield update
+        except Refused as e:
+            log.log(e.level, "not answered: %s", " ".join(e.message.split()))
+            yield _refusal(conv, e.message, e)
+        except Exception as e:  # a bug: its traceback goes to the log, the page stays usable
+            log.exception("the answer failed")
+            yield _refusal(conv, f"internal error ({type(e).__name__}); the server's log has the details", e)
+
+    return respond
+
+
+def _make_answer(vlm: Any, engine: Engine, limits: Limits, request_timeout_s: float):
+    """`respond` without its error handling: raises `Refused` for a question that gets no answer."""
+
+    async def answer_updates(message: dict | None, conv: Conversation, temperature: float, top_p: float,
+                             max_tokens: float, seed: float | None):
         text = ((message or {}).get("text") or "").strip()
         files = list((message or {}).get("files") or [])
         if not text and not files:
-            raise gr.Error("type a question (and upload images with the clip button)")
+            raise Refused("type a question (and upload images with the clip button)")
         params = _sampling(temperature, top_p, max_tokens, seed, limits)
         if len(conv.images) + len(files) > limits.max_images:
-            raise gr.Error(f"this conversation would hold {len(conv.images) + len(files)} images; the limit is "
-                           f"{limits.max_images} (--max-images). Clear the chat to start a new one.")
-        new_images = await asyncio.to_thread(_load, files, limits.max_pixels)
+            raise Refused(f"this conversation would hold {len(conv.images) + len(files)} images; the limit is "
+                          f"{limits.max_images} (--max-images). Clear the chat to start a new one.")
+        new_images = await asyncio.to_thread(_load, files, limits.max_pixels, (message or {}).get("text") or "")
         messages = conv.messages + [{"role": "user", "content": _user_turn(text, len(new_images))}]
         images = conv.images + new_images
         try:
             ids, pixel_values = await asyncio.to_thread(prepare, vlm, messages, images, params.max_tokens, limits)
         except RequestError as e:
             hint = " or clear the chat" if e.param == "max_tokens" else ""
-            raise gr.Error(f"{e.message}{hint}") from e
+            raise Refused(f"{e.message}{hint}") from e
         try:
             job, events = submit(engine, ids, pixel_values, params, [], request_timeout_s)
         except QueueFull as e:
-            raise gr.Error(f"the server is busy ({e}); try again in a moment") from e
+            raise Refused(f"the server is busy ({e}); try again in a moment") from e
 
         # gr.Image rather than a bare file: its own buttons, without the share-to-the-hub one.
         user = {"role": "user", "content": [gr.Image(p, buttons=["fullscreen"], show_label=False) for p in files]
@@ -133,8 +192,8 @@ def make_respond(vlm: Any, engine: Engine, limits: Limits, request_timeout_s: fl
                 for kind, data in batch:
                     if kind == "delta":
                         answer += data
-                    elif kind == "error":
-                        raise gr.Error(str(data))
+                    elif kind == "error":  # the engine has logged the traceback
+                        raise Refused(str(data), turn=user, level=logging.ERROR)
                     else:
                         done = True
                 if not done:
@@ -146,7 +205,7 @@ def make_respond(vlm: Any, engine: Engine, limits: Limits, request_timeout_s: fl
             if job.finish_reason is None:
                 job.cancel()  # the stop button or a closed page: free the batch row
 
-    return respond
+    return answer_updates
 
 
 def build_ui(vlm: Any, engine: Engine, name: str, limits: Limits, examples: list[Path],

@@ -5,14 +5,18 @@ upload an image, ask, read the streamed answer (equal to test.py's greedy answer
 to the two-turn `vlm.chat`), check the example images, and that neither the page nor the server process
 reaches anything outside this machine (the server runs under `tests.offline_guard`). In-process: the
 handler streams (one update per decoded token when the engine is held to one step per update),
-a stopped answer cancels its job, and mistakes are one message before anything is generated; command-line
-mistakes (a missing model or examples folder, a port in use, gradio missing) are one line, exit status 2.
+a stopped answer cancels its job, and mistakes are one note in the chat and one log line before anything is
+generated (a failed generation: one note; a bug: its traceback in the log). In the browser, a bad upload is one
+note, no error overlay stays, and the next question is answered. Command-line mistakes (a missing model or
+examples folder, a port in use, gradio missing) are one line, exit status 2.
 
-Set WEB_CHAT_SCREENSHOT=PATH to keep the screenshot (docs/web_chat.png was made that way)."""
+Set WEB_CHAT_SCREENSHOT=PATH to keep the screenshot (docs/web_chat.png was made that way), and
+WEB_CHAT_BAD_UPLOAD_SCREENSHOT=PATH for the page after the bad upload."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -31,7 +35,7 @@ gr = pytest.importorskip("gradio", reason="the web chat needs gradio (pip instal
 
 from serve.engine import Engine  # noqa: E402  (after the skips: serve.webui imports gradio)
 from serve.protocol import Limits  # noqa: E402
-from serve.webui import Conversation, make_respond  # noqa: E402
+from serve.webui import NOT_ANSWERED, Conversation, make_respond  # noqa: E402
 from tests.offline_guard import MARK as OUTBOUND  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -75,8 +79,27 @@ def _wait_status(page, n: int) -> None:
                            timeout=WAIT_MS)
 
 
-def test_web_chat_in_a_real_browser(web, capsys):
+@contextlib.contextmanager
+def _chat_page(url: str, on_request=None):
+    """(page, response) of the chat at `url` in headless Chromium, closed afterwards."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (pip install .[dev])")
+    with sync_api.sync_playwright() as p:
+        try:
+            browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
+        except sync_api.Error as e:
+            pytest.skip(f"Chromium is installed but cannot start here: {str(e).splitlines()[0]}")
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            if on_request is not None:
+                page.on("request", on_request)
+            response = page.goto(url + "/")
+            page.wait_for_selector("#prompt textarea", timeout=WAIT_MS)
+            yield page, response
+        finally:
+            browser.close()
+
+
+def test_web_chat_in_a_real_browser(web, capsys):
     vlm, server, tmp = web
     expect = answer_of_test_py(["--model", str(tmp / "model"), "--image", str(tmp / "q.png"), "--prompt", QUESTION,
                               "--max-new-tokens", str(MAX_TOKENS)], capsys)
@@ -86,58 +109,87 @@ def test_web_chat_in_a_real_browser(web, capsys):
     server_origin = urlsplit(server.url).netloc
     outside: list[str] = []
 
-    with sync_api.sync_playwright() as p:
-        try:
-            browser = p.chromium.launch(executable_path=_chromium(), args=CHROMIUM_ARGS)
-        except sync_api.Error as e:
-            pytest.skip(f"Chromium is installed but cannot start here: {str(e).splitlines()[0]}")
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 1000})
-            page.on("request", lambda r: _note_outside(r.url, server_origin, outside))
-            response = page.goto(server.url + "/")
-            assert "connect-src 'self'" in response.headers["content-security-policy"]  # enforced by the browser
-            page.wait_for_selector("#prompt textarea", timeout=WAIT_MS)
-            assert "model" in page.text_content("#model-name")
-            examples = page.locator("#examples .gallery-item")
-            examples.first.wait_for(timeout=WAIT_MS)
-            assert examples.count() == 3  # the --examples folder
+    with _chat_page(server.url, lambda r: _note_outside(r.url, server_origin, outside)) as (page, response):
+        assert "connect-src 'self'" in response.headers["content-security-policy"]  # enforced by the browser
+        assert "model" in page.text_content("#model-name")
+        examples = page.locator("#examples .gallery-item")
+        examples.first.wait_for(timeout=WAIT_MS)
+        assert examples.count() == 3  # the --examples folder
 
-            page.set_input_files("#prompt input[type=file]", str(tmp / "q.png"))
-            page.wait_for_selector("#prompt .thumbnail-image", timeout=WAIT_MS)  # uploaded
-            page.fill("#prompt textarea", QUESTION)
-            page.keyboard.press("Enter")
-            _wait_status(page, 1)
-            bot = page.locator("#chat .message.bot .message-content")
-            assert bot.count() == 1
-            assert bot.nth(0).text_content() == expect
-            assert page.locator("#chat .message.user img").count() == 1  # the image is shown in the user's turn
-            assert page.locator("#prompt .thumbnail-image").count() == 0  # the input box was emptied
+        page.set_input_files("#prompt input[type=file]", str(tmp / "q.png"))
+        page.wait_for_selector("#prompt .thumbnail-image", timeout=WAIT_MS)  # uploaded
+        page.fill("#prompt textarea", QUESTION)
+        page.keyboard.press("Enter")
+        _wait_status(page, 1)
+        bot = page.locator("#chat .message.bot .message-content")
+        assert bot.count() == 1
+        assert bot.nth(0).text_content() == expect
+        assert page.locator("#chat .message.user img").count() == 1  # the image is shown in the user's turn
+        assert page.locator("#prompt .thumbnail-image").count() == 0  # the input box was emptied
 
-            page.fill("#prompt textarea", FOLLOW_UP)  # multi-turn: the server keeps the conversation
-            page.keyboard.press("Enter")
-            _wait_status(page, 2)
-            assert bot.count() == 2
-            assert bot.nth(1).text_content() == follow
+        page.fill("#prompt textarea", FOLLOW_UP)  # multi-turn: the server keeps the conversation
+        page.keyboard.press("Enter")
+        _wait_status(page, 2)
+        assert bot.count() == 2
+        assert bot.nth(1).text_content() == follow
 
-            page.wait_for_selector("#prompt [data-testid=submit-button]", timeout=WAIT_MS)  # idle again
-            page.wait_for_function("document.querySelector('#prompt [data-testid=status-tracker]').classList"
-                                   ".contains('hide')", timeout=WAIT_MS)
-            shot = tmp / "web_chat.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 1000
-            if os.environ.get("WEB_CHAT_SCREENSHOT"):
-                shutil.copy(shot, os.environ["WEB_CHAT_SCREENSHOT"])
+        page.wait_for_selector("#prompt [data-testid=submit-button]", timeout=WAIT_MS)  # idle again
+        page.wait_for_function("document.querySelector('#prompt [data-testid=status-tracker]').classList"
+                               ".contains('hide')", timeout=WAIT_MS)
+        shot = tmp / "web_chat.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 1000
+        if os.environ.get("WEB_CHAT_SCREENSHOT"):
+            shutil.copy(shot, os.environ["WEB_CHAT_SCREENSHOT"])
 
-            assert page.locator("#chat button[aria-label=Share]").first.is_hidden()
-            examples.first.click()  # an example puts its image in the input box
-            page.wait_for_selector("#prompt .thumbnail-image", timeout=WAIT_MS)
-        finally:
-            browser.close()
+        assert page.locator("#chat button[aria-label=Share]").first.is_hidden()
+        examples.first.click()  # an example puts its image in the input box
+        page.wait_for_selector("#prompt .thumbnail-image", timeout=WAIT_MS)
     assert outside == [], f"the page requested files from elsewhere: {outside[:5]}"
     assert server.get("/health")["finished"] >= 2  # both answers came through the engine
     assert server.get("/v1/models")["data"][0]["id"] == "model"  # the OpenAI API in the same process
     assert OUTBOUND not in server.output(), server.output()
 
+
+
+def test_a_bad_upload_is_one_note_and_the_next_question_works(web):
+    """A file that is not an image (text under an image's name, so the page's own file-type check lets it
+    through) gets one note in the chat and one line in the server's log; no error overlay stays over the
+    page, and the next question, with a good image, is answered."""
+    vlm, server, tmp = web
+    (tmp / "notes.png").write_text("some notes, not an image\n")
+    expect = vlm.chat([image(0)], messages(), max_new_tokens=MAX_TOKENS)
+    with _chat_page(server.url) as (page, _):
+        page.set_input_files("#prompt input[type=file]", str(tmp / "notes.png"))
+        page.wait_for_selector("#prompt .thumbnail-item", timeout=WAIT_MS)  # uploaded
+        page.fill("#prompt textarea", QUESTION)
+        page.keyboard.press("Enter")
+        # Whichever comes: a note in the chat or an error toast (a raised gr.Error, whose overlays stay).
+        page.wait_for_function("document.querySelector('#chat .message.bot, .toast-body')", timeout=WAIT_MS)
+        page.get_by_text("not a readable image").first.wait_for(timeout=WAIT_MS)  # drawn
+        assert page.get_by_text("Error", exact=True).count() == 0  # no error toast or overlay ...
+        assert page.get_by_text("not a readable image").count() == 1  # ... one message
+        page.wait_for_function("document.querySelector('#prompt [data-testid=status-tracker]').classList"
+                               ".contains('hide')", timeout=WAIT_MS)  # idle
+        shot = tmp / "bad_upload.png"
+        page.screenshot(path=str(shot), full_page=True)
+        if os.environ.get("WEB_CHAT_BAD_UPLOAD_SCREENSHOT"):
+            shutil.copy(shot, os.environ["WEB_CHAT_BAD_UPLOAD_SCREENSHOT"])
+        note = page.locator("#chat .message.bot")
+        assert note.count() == 1 and NOT_ANSWERED in note.inner_text() and "notes.png" in note.inner_text()
+        assert page.input_value("#prompt textarea") == QUESTION  # the question stays; the bad file left the box
+        assert page.locator("#prompt .thumbnail-item").count() == 0
+
+        page.set_input_files("#prompt input[type=file]", str(tmp / "q.png"))
+        page.wait_for_selector("#prompt .thumbnail-image", timeout=WAIT_MS)
+        page.focus("#prompt textarea")
+        page.keyboard.press("Enter")
+        _wait_status(page, 1)
+        answers = page.locator("#chat .message.bot .message-content")
+        assert answers.count() == 1 and answers.nth(0).text_content() == expect  # the note made way for it
+    log = server.log.read_text(errors="replace")
+    assert len([line for line in log.splitlines() if "notes.png" in line]) == 1, log[-4000:]
+    assert "Traceback" not in log, log[-4000:]
 
 def _run(agen) -> list[tuple]:
     async def collect():
@@ -200,26 +252,79 @@ def test_answers_stream_token_by_token_stop_and_equal_chat(web):
     assert len(second[-1][2].images) == 1 and second[-1][2].answers == 2
 
 
-def test_mistakes_are_one_message_and_generate_nothing(web, tmp_path):
+def _refused(update: tuple, conv: Conversation) -> str:
+    """The note of a question that got no answer (the update's chat ends with it; the conversation is unchanged)."""
+    chat, _, new_conv, _ = update
+    assert new_conv is conv and chat[:-1] == conv.shown, chat
+    assert chat[-1]["role"] == "assistant" and chat[-1]["metadata"]["title"] == NOT_ANSWERED, chat[-1]
+    return chat[-1]["content"][0]["text"]
+
+
+def _log_lines(caplog) -> list:
+    return [r for r in caplog.records if r.name == "serve.webui"]
+
+
+def test_mistakes_are_one_message_and_generate_nothing(web, tmp_path, caplog):
     vlm, _, tmp = web
     engine = Engine(vlm)  # not started: nothing may reach it
     n_prompt = len(vlm.chat_ids([{"role": "user", "content": "<image>\n?"}], 1))
-    respond = make_respond(vlm, engine, Limits(max_images=1, max_tokens=16, max_model_len=n_prompt + 10))
+    respond = make_respond(vlm, engine, Limits(max_images=2, max_tokens=16, max_model_len=n_prompt + 10))
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    q = str(tmp / "q.png")
+    q, broken = str(tmp / "q.png"), str(tmp_path / "broken.png")
     cases = {
         "empty": ({"text": " ", "files": []}, Conversation(), 16, "type a question"),
-        "too many images": ({"text": "?", "files": [q, q]}, Conversation(), 16, "limit is 1"),
-        "images over turns": ({"text": "?", "files": [q]}, Conversation(images=[image(1)]), 16, "limit is 1"),
-        "bad image": ({"text": "?", "files": [str(tmp_path / "broken.png")]}, Conversation(), 16, "broken.png"),
+        "too many images": ({"text": "?", "files": [q, q, q]}, Conversation(), 16, "limit is 2"),
+        "images over turns": ({"text": "?", "files": [q, q]}, Conversation(images=[image(1)]), 16, "limit is 2"),
+        "bad image": ({"text": " ? ", "files": [q, broken]}, Conversation(), 16, "broken.png: not a readable"),
         "too long": ({"text": "?", "files": [q]}, Conversation(), 16 * 4, "max tokens"),
         "over the model length": ({"text": "?", "files": [q]}, Conversation(), 16, f"model length {n_prompt + 10}"),
     }
     for name, (message, conv, max_tokens, words) in cases.items():
-        with pytest.raises(gr.Error) as e:
-            _run(respond(message, conv, 0.0, 1.0, max_tokens, None))
-        assert words in str(e.value.message), (name, e.value.message)
+        caplog.clear()
+        updates = _run(respond(message, conv, 0.0, 1.0, max_tokens, None))
+        assert len(updates) == 1, (name, updates)
+        assert words in _refused(updates[0], conv), (name, updates[0][0])
+        lines = _log_lines(caplog)  # one warning line, no traceback
+        assert [(r.levelname, r.exc_info) for r in lines] == [("WARNING", None)], (name, lines)
+        assert words in lines[0].getMessage() and "\n" not in lines[0].getMessage(), name
+        box = updates[0][1]
+        if name == "bad image":  # the unreadable file leaves the input box, the question and the good image stay
+            assert box.value["text"] == " ? " and [f["orig_name"] for f in box.value["files"]] == ["q.png"]
+        else:  # the input box is left as it is
+            assert box == gr.skip(), (name, box)
     assert engine.stats()["waiting"] == 0 and engine.stats()["admitted"] == 0
+
+
+def test_failures_are_one_note_and_bugs_keep_their_traceback(web, caplog, monkeypatch):
+    vlm, _, tmp = web
+    engine = Engine(vlm)
+    ask = {"text": QUESTION, "files": [str(tmp / "q.png")]}
+
+    def broken_step():
+        raise RuntimeError("a broken decoding step")
+
+    engine.batch.next_tokens = broken_step  # the engine logs the traceback and fails the job
+    conv = Conversation()
+    engine.start()
+    try:
+        updates = _run(make_respond(vlm, engine, Limits())(ask, conv, 0.0, 1.0, MAX_TOKENS, None))
+    finally:
+        engine.stop()
+    chat, _, new_conv, _ = updates[-1]
+    assert new_conv is conv and [m["role"] for m in chat] == ["user", "assistant"]  # the question stays in view
+    assert chat[-1]["metadata"]["title"] == NOT_ANSWERED and "a broken decoding step" in chat[-1]["content"][0]["text"]
+    lines = _log_lines(caplog)
+    assert [(r.levelname, r.exc_info) for r in lines] == [("ERROR", None)], lines  # the engine logged the traceback
+
+    def bug(*args):
+        raise KeyError("a bug")
+
+    caplog.clear()
+    monkeypatch.setattr("serve.webui.prepare", bug)
+    updates = _run(make_respond(vlm, Engine(vlm), Limits())(ask, conv, 0.0, 1.0, MAX_TOKENS, None))
+    assert len(updates) == 1 and "internal error (KeyError)" in _refused(updates[0], conv)
+    lines = _log_lines(caplog)
+    assert len(lines) == 1 and lines[0].levelname == "ERROR" and lines[0].exc_info[0] is KeyError  # the traceback
 
 
 def test_offline_guard_refuses_and_reports_outside_requests(tmp_path):
