@@ -32,8 +32,6 @@ import pytest
 from tests.readme_commands import README, Worker, expand_optional, readme_commands
 from tests.tiny_server import free_port
 
-pytestmark = pytest.mark.slow
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -78,7 +76,7 @@ TABLE = [
     Entry(r"python train\.py CONFIG\.yaml", creates=("runs/config_yaml/final",)),
     Entry(r"NPROC=2 sh train\.sh ", skip=PROCS.format(2)),
     Entry(r"sh test\.sh$", prints=r"answer: "),
-    Entry(r"python test\.py --model \S+ --image .* --prompt ", extra=SHORT, prints=r"\S"),
+    Entry(r"python test\.py --model \S+ --image .* --prompt ", extra=SHORT),
     Entry(r"python test\.py --model RUN_DIR --image a\.jpg$", extra=SHORT, prints=r"image\(s\) loaded",
           stdin="What colour is the shape?\n/image b.jpg\nAnd this one?\n\n"),
     Entry(r"python test\.py --model RUN_DIR --input ", extra=SHORT, creates=("{--output}",)),
@@ -231,7 +229,9 @@ def _probe(cmd: str, entry: Entry) -> None:
     assert re.search(pattern, body), f"GET {path}: {body[:300]}"
 
 
-@pytest.mark.parametrize("cmd", COMMANDS, ids=[f"{i:02d}-{c[:48]}" for i, c in enumerate(COMMANDS)])
+@pytest.mark.slow  # one worker for the module: ~35 s of CPU in all (imports, a tiny training run, the commands)
+@pytest.mark.parametrize("cmd", COMMANDS, ids=[f"{i:02d}-" + re.sub(r"[^\w.=/-]+", "_", c[:48])
+                                              for i, c in enumerate(COMMANDS)])
 def test_readme_command(worker, cmd):
     entry = FOUND.get(cmd)
     assert entry, f"no single TABLE entry for: {cmd}"
@@ -263,6 +263,7 @@ PLANTED = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pattern, old, new", PLANTED, ids=[p[2] for p in PLANTED])
 def test_a_planted_mistake_fails(worker, pattern, old, new):
     cmd = next(c for c in COMMANDS if re.match(pattern, c))
