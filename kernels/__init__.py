@@ -5,10 +5,15 @@
 * `rms_norm(x, weight, eps, impl="auto")`, `apply_rotary(x, cos, sin, impl="auto")`,
   `swiglu(up, gate, impl="auto")` (`kernels/fused.py`; impls `auto | torch | triton | compile`).
 
-Triton and the CUDA extension are imported/built lazily, on first use.
+* `prepare_attention(device, dtype, head_dim, impl="auto")` (`kernels/prepare.py`): resolves `auto` (the
+  self-test on a GPU) once, outside any forward; call it after the model is on its device.
+
+Triton and the CUDA extension are imported lazily; the CUDA extension is built by `prepare_attention` or
+`python -m kernels.selftest`, or on first use of an explicit `impl="cuda"`.
 """
 
 from kernels.attention import attention
 from kernels.fused import apply_rotary, rms_norm, swiglu
+from kernels.prepare import prepare_attention
 
-__all__ = ["attention", "rms_norm", "apply_rotary", "swiglu"]
+__all__ = ["attention", "rms_norm", "apply_rotary", "swiglu", "prepare_attention"]

@@ -72,7 +72,8 @@ class Choice:
     results: list[KernelResult] = field(default_factory=list)
 
 
-_CHOICES: dict[tuple[str, str, int], Choice] = {}
+# The choices, by (device, dtype, head dim): the dispatcher's own table, which `auto` reads.
+_CHOICES: dict[tuple[str, str, int], Choice] = A.VERIFIED  # type: ignore[assignment]
 
 
 # ----- candidates ---------------------------------------------------------------------------------------
@@ -229,9 +230,8 @@ def verify(device: torch.device | str, dtype: torch.dtype, head_dim: int, build:
            cases=None, bench_shape: dict | None = None) -> Choice:
     """Self-test and time every candidate once per (device, dtype, head_dim) in this process."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), str(dtype), int(head_dim))
+    key = A.verified_key(device, dtype, head_dim)
+    device = torch.device(key[0])
     if key in _CHOICES:
         return _CHOICES[key]
     results = []

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from kernels import _log, attention, cuda_ext, selftest
+from kernels import _log, attention, cuda_ext, prepare_attention, selftest
 from kernels.attention import eager_attention
 
 # `kernels.attention` the attribute is the function; the module is fetched by name.
@@ -95,6 +95,7 @@ def test_auto_on_gpu_without_any_verified_kernel_uses_sdpa(monkeypatch, caplog):
     monkeypatch.setattr(attn_mod, "_load_triton", no_triton)
     q, k, v = _qkv()
     with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        assert prepare_attention(q.device, q.dtype, q.shape[-1]) == "torch"
         out = attention(q, k, v, causal=True, impl="auto")
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
     text = caplog.text
@@ -149,6 +150,7 @@ def test_routing_when_the_cuda_kernel_is_verified(monkeypatch, caplog):
     monkeypatch.setattr(selftest, "verify", lambda *a, **kw: selftest.Choice("cuda", "cuda", "verified (test)"))
     q, k, v = _qkv(t=10)
     with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        assert prepare_attention(q.device, q.dtype, q.shape[-1]) == "cuda"
         out = attention(q, k, v, causal=True, impl="auto")
     assert len(cuda_calls) == 1 and "impl=auto -> cuda (verified (test))" in caplog.text
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
