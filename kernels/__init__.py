@@ -5,8 +5,9 @@
 * `rms_norm(x, weight, eps, impl="auto")`, `apply_rotary(x, cos, sin, impl="auto")`,
   `swiglu(up, gate, impl="auto")` (`kernels/fused.py`; impls `auto | torch | triton | compile`).
 
-* `prepare_attention(device, dtype, head_dim, impl="auto")` (`kernels/prepare.py`): resolves `auto` (the
-  self-test on a GPU) once, outside any forward; call it after the model is on its device.
+* `kernels.prepare.prepare_attention(device, dtype, head_dim, impl="auto")`: resolves `auto` (the self-test
+  on a GPU) once, outside any forward; call it after the model is on its device. Not imported here, so
+  `python -m kernels.selftest` runs as a fresh module.
 
 Triton and the CUDA extension are imported lazily; the CUDA extension is built by `prepare_attention` or
 `python -m kernels.selftest`, or on first use of an explicit `impl="cuda"`.
@@ -14,6 +15,5 @@ Triton and the CUDA extension are imported lazily; the CUDA extension is built b
 
 from kernels.attention import attention
 from kernels.fused import apply_rotary, rms_norm, swiglu
-from kernels.prepare import prepare_attention
 
-__all__ = ["attention", "rms_norm", "apply_rotary", "swiglu", "prepare_attention"]
+__all__ = ["attention", "rms_norm", "apply_rotary", "swiglu"]

@@ -46,7 +46,7 @@ from transformers.generation.streamers import BaseStreamer
 from dataset.chat_templates import TEMPLATES, detect_template
 from dataset.sample import IMAGE_MARKER, UserError
 from dataset.template import ChatFormat
-from kernels import prepare_attention
+from kernels.prepare import prepare_attention
 from model.config import VLMConfig
 from model.dtypes import torch_dtype
 from model.tokenizers import TOKENIZER_FILES, has_tokenizer_files, load_lm_tokenizer

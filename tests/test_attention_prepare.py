@@ -14,7 +14,8 @@ import logging
 import pytest
 import torch
 
-from kernels import _log, prepare_attention, selftest
+from kernels import _log, selftest
+from kernels.prepare import prepare_attention
 from tests.tiny_train import make_tiny_data, tiny_train_config
 
 A = importlib.import_module("kernels.attention")

@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from kernels import _log, attention, prepare_attention, selftest
+from kernels import _log, attention, selftest
+from kernels.prepare import prepare_attention
 from kernels.selftest import Choice, KernelResult, decide
 
 attn_mod = importlib.import_module("kernels.attention")
