@@ -106,7 +106,8 @@ DEFAULT_MFU = {"cpu": 0.7, "cuda": 0.5}
 
 
 def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: int = 128, text_tokens: int = 64,
-        new_tokens: int = 4, mfu: float | None = None) -> dict:
+        new_tokens: int = 4, mfu: float | None = None, lm_config: Path | None = None, steps: int = 1,
+        batch: int = 1) -> dict:
     """Build, step once, answer; returns the measured figures and the plan's predictions."""
     from model import dtypes
     from model import plan as P
@@ -120,7 +121,7 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("smoke_real: --device cuda but torch sees no CUDA device")
     tmp = tempfile.TemporaryDirectory()
-    lm_file, tower_file = _tiny_files(Path(tmp.name)) if tiny else (LM_CONFIG, TOWER_CONFIG)
+    lm_file, tower_file = _tiny_files(Path(tmp.name)) if tiny else (Path(lm_config or LM_CONFIG), TOWER_CONFIG)
     if tiny:
         lora_r = min(lora_r, 8)
     cfg = train_config(dtype, lm_file, tower_file, lora_r)
@@ -137,9 +138,9 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
 
     prompt, ids, labels = make_sample(vlm.tokens_per_image, text_tokens, 8,
                                       vlm.image_token_id, vlm.lm.get_input_embeddings().weight.shape[0])
-    ids, labels = ids.to(dev), labels.to(dev)
+    ids, labels = ids.to(dev).repeat(batch, 1), labels.to(dev).repeat(batch, 1)  # [batch, T]
     size = int(vlm.towers.image_size)
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev)
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev).repeat(batch, 1, 1, 1)
     groups = param_groups(vlm, learning_rate=cfg.learning_rate, projector_lr=cfg.projector_lr, vision_lr=0.0,
                           weight_decay=cfg.weight_decay)
     opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=dev.type in ("cpu", "cuda"))
@@ -149,29 +150,31 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
         torch.cuda.reset_peak_memory_stats()
 
     vlm.train()
-    sync()
-    t0 = time.perf_counter()
-    with autocast:
-        loss = vlm(input_ids=ids, labels=labels, pixel_values=pixels, image_counts=[1]).loss
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    sync()
-    step_s = time.perf_counter() - t0
+    vlm.prepare_attention(torch.bfloat16 if base == torch.bfloat16 else None)  # as the trainer: before step 1
+    for _ in range(steps):  # the last step is timed (on a GPU the first one pays for warm-up)
+        sync()
+        t0 = time.perf_counter()
+        with autocast:
+            loss = vlm(input_ids=ids, labels=labels, pixel_values=pixels, image_counts=[1] * batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        step_s = time.perf_counter() - t0
     step_peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss_bytes()
 
     vlm.eval()
     t0 = time.perf_counter()
     with autocast:
-        answer = vlm.generate(torch.tensor([prompt], device=dev), pixel_values=pixels, max_new_tokens=new_tokens,
+        answer = vlm.generate(torch.tensor([prompt], device=dev), pixel_values=pixels[:1], max_new_tokens=new_tokens,
                               do_sample=False, stop_token_ids=[])[0]
     sync()
     answer_s = time.perf_counter() - t0
 
     with contextlib.redirect_stdout(io.StringIO()):
         plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=1e6, device=dev.type, seq=ids.shape[1], images=1,
-                           targets=int(count_targets(labels)), micro_batch=1)
+                           targets=int(count_targets(labels[:1])), micro_batch=batch)
     predicted_mem = plan.engines["DDP"]["total"] + plan.activation_per_gpu()
     peak_flops = peak_matmul_flops(dev, base)
     predicted_step = plan.flops["total"] / (peak_flops * mfu)
@@ -179,7 +182,8 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
     tmp.cleanup()
     return {
         "device": str(dev), "dtype": str(base).replace("torch.", ""), "decision": decision.reason,
-        "parts": parts, "tokens": int(ids.shape[1]), "image_tokens": int(vlm.tokens_per_image),
+        "parts": parts, "tokens": int(ids.shape[1]), "image_tokens": int(vlm.tokens_per_image), "batch": batch,
+        "lm_name": Path(lm_file).stem.replace("--", "/"), "tokens_per_s": batch * int(ids.shape[1]) / step_s,
         "loss": loss.item(), "answer": answer, "build_s": build_s, "step_s": step_s, "answer_s": answer_s,
         "trainable": trainable, "plan_trainable": plan.trainable, "rss_before": rss_before,
         "peak": step_peak, "peak_rss_total": peak_rss_bytes() if dev.type == "cpu" else None,
@@ -199,9 +203,9 @@ def _line(name: str, measured: float, predicted: float, unit: str) -> str:
 def report(r: dict, new_tokens: int) -> str:
     gib = 2**30
     out = [
-        f"smoke_real: Qwen-1.8B-Chat config + SigLIP so400m/14-384 shape, random weights, device {r['device']}",
+        f"smoke_real: {r['lm_name']} config + SigLIP so400m/14-384 shape, random weights, device {r['device']}",
         f"dtype: {r['dtype']} ({r['decision']})",
-        f"sample: {r['tokens']} tokens ({r['image_tokens']} image tokens); LoRA r{r['lora_r']} on {r['targets']}, "
+        f"batch: {r['batch']} x {r['tokens']} tokens ({r['image_tokens']} image tokens each); LoRA r{r['lora_r']} on {r['targets']}, "
         f"lr {r['lr']:.1e}, projector lr {r['projector_lr']:.1e}; gradient checkpointing on",
         "parameter dtypes and bytes per part:",
         r["parts"],
@@ -218,6 +222,7 @@ def report(r: dict, new_tokens: int) -> str:
     else:
         out.append(_line("memory (max allocated)", r["measured_mem"] / gib, r["plan_mem"] / gib, "GiB"))
     out.append(_line("step_s", r["step_s"], r["plan_step_s"], "s"))
+    out.append(f"tokens_per_s           {r['tokens_per_s']:,.0f}")
     out.append(f"step_flops             {r['step_tflop']:.2f} TFLOP (plan, recompute included); matmul peak here "
                f"{r['peak_tflops'] * 1e3:.1f} GFLOP/s in {r['dtype']}; plan assumes MFU {r['mfu_assumed']:.2f}, "
                f"achieved {r['achieved_mfu']:.2f}")
@@ -229,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="auto")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes, the same code path (tests)")
+    ap.add_argument("--lm-config", type=Path, default=None,
+                    help="a published LM config.json instead of Qwen-1.8B-Chat's (e.g. configs/hub/Qwen--Qwen2.5-1.5B-Instruct.json)")
+    ap.add_argument("--steps", type=int, default=1, help="training steps; the last one is timed")
+    ap.add_argument("--batch", type=int, default=1, help="samples per step (the same sample repeated)")
     ap.add_argument("--lora-r", type=int, default=128)
     ap.add_argument("--text-tokens", type=int, default=64, help="text tokens of the sample (besides the image)")
     ap.add_argument("--new-tokens", type=int, default=4)
@@ -236,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"MFU the plan's step time assumes (default: {DEFAULT_MFU['cpu']} on a CPU, "
                          f"{DEFAULT_MFU['cuda']} on a GPU)")
     args = ap.parse_args(argv)
-    r = run(args.device, args.dtype, args.tiny, args.lora_r, args.text_tokens, args.new_tokens, args.mfu)
+    r = run(args.device, args.dtype, args.tiny, args.lora_r, args.text_tokens, args.new_tokens, args.mfu,
+            args.lm_config, args.steps, args.batch)
     print(report(r, args.new_tokens), flush=True)
     ok = bool(torch.isfinite(torch.tensor(r["loss"]))) and len(r["answer"]) == args.new_tokens
     return 0 if ok else 1

@@ -50,6 +50,7 @@ def reply_logprobs(vlm, images: list, messages: list[dict], replies: list[str]) 
     if n_img:
         pixels = vlm.image_processor(list(images) * len(rows)).to(device)  # [R * n_img, 3, H, W]
         batch.update(pixel_values=pixels, image_counts=[n_img] * len(rows))
+    vlm.prepare_attention()  # outside the forward (cheap after the first call)
     logits = vlm(**batch, return_logits=True).logits  # [R, T, V]
     out = []
     start = len(base) - 1  # the position whose logits predict the first reply token

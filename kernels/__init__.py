@@ -5,7 +5,12 @@
 * `rms_norm(x, weight, eps, impl="auto")`, `apply_rotary(x, cos, sin, impl="auto")`,
   `swiglu(up, gate, impl="auto")` (`kernels/fused.py`; impls `auto | torch | triton | compile`).
 
-Triton and the CUDA extension are imported/built lazily, on first use.
+* `kernels.prepare.prepare_attention(device, dtype, head_dim, impl="auto")`: resolves `auto` (the self-test
+  on a GPU) once, outside any forward; call it after the model is on its device. Not imported here, so
+  `python -m kernels.selftest` runs as a fresh module.
+
+Triton and the CUDA extension are imported lazily; the CUDA extension is built by `prepare_attention` or
+`python -m kernels.selftest`, or on first use of an explicit `impl="cuda"`.
 """
 
 from kernels.attention import attention

@@ -22,13 +22,18 @@ Contract
     varlen loops over the packed sequences.
   - `auto`: SDPA (torch's flash / memory-efficient backends) unless a custom kernel passed its self-test
     on that device in this process (forward and backward against an fp32 reference with masks, GQA and
-    varlen) and beat SDPA in a quick micro-benchmark: `kernels/selftest.py`'s `verify`, run once per
-    (device, dtype, head dim) on the first GPU call (the CUDA extension only takes part when already
-    built; `QWENVL_ATTN_SELFTEST=0` skips the self-test, so auto is SDPA). CPU tensors, other dtypes and
-    head dims > 128 -> SDPA. The choice and its reason are logged once. Masked calls that picked the
-    CUDA extension (which has no mask input) go to SDPA. Packed (varlen) calls take the path the
-    self-test verified for them: the chosen kernel's varlen, else torch's flash varlen kernel when it
-    passed and is faster, else SDPA one sequence at a time.
+    varlen) and beat SDPA in a quick micro-benchmark. The self-test (`kernels/selftest.py`'s `verify`)
+    never runs inside this function, so never inside a model's forward, a checkpointed region or a
+    compiled graph: `kernels.prepare_attention(device, dtype, head_dim)` runs it once per
+    (device, dtype, head dim), after the model is on its device and before the first step or generate
+    (the trainer, `VLM.generate`, the server and evaluation call it through `VLM.prepare_attention`),
+    and stores the choice in `VERIFIED`, which this function only reads. A GPU call with no stored
+    choice uses SDPA and says so once. The CUDA extension only takes part when already built;
+    `QWENVL_ATTN_SELFTEST=0` skips the self-test, so auto is SDPA. CPU tensors, other dtypes and head
+    dims > 128 -> SDPA. The choice and its reason are logged once. Masked calls that picked the CUDA
+    extension (which has no mask input) go to SDPA. Packed (varlen) calls take the path the self-test
+    verified for them: the chosen kernel's varlen, else torch's flash varlen kernel when it passed and
+    is faster, else SDPA one sequence at a time.
 * A kernel that fails to build or import never stops a run: the call falls back to SDPA and the
   reason is logged once (warning). Wrong devices or arguments raise.
 """
@@ -52,6 +57,15 @@ SELFTEST_ENV = "QWENVL_ATTN_SELFTEST"  # "0": auto never runs the self-test on a
 # What the Triton and CUDA kernels accept; `auto` sends anything else to SDPA.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_MAX_HEAD_DIM = 128
+# (device, dtype, head dim) -> the self-test's choice (`kernels.selftest.Choice`: impl, varlen, reason),
+# written by `kernels.selftest.verify` (through `kernels.prepare_attention`), read by `auto` below.
+VERIFIED: dict[tuple[str, str, int], object] = {}
+
+
+def verified_key(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, str, int]:
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device), str(dtype), int(head_dim)
 
 
 def _expand_kv(k: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -157,8 +171,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _is_gpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cuda"
+def _is_gpu(x: torch.Tensor | torch.device) -> bool:
+    """Whether a tensor (or a device) is a GPU's; tests replace this one function to force the GPU branches."""
+    return getattr(x, "device", x).type == "cuda"
 
 
 def _load_triton():
@@ -186,14 +201,14 @@ def _fallback(impl: str, err: Exception) -> str:
     return "torch"
 
 
-def _resolve(impl: str, q: torch.Tensor) -> str:
-    """Turn the requested impl into one that can run on q's device (see the module docstring)."""
+def _resolve(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """Turn the requested impl into one that can run on `device` (see the module docstring)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; valid: {', '.join(IMPLS)}")
-    on_gpu = _is_gpu(q)
+    on_gpu = _is_gpu(device)
     if impl == "cuda":
         if not on_gpu:
-            raise RuntimeError(f"attention impl='cuda' needs CUDA tensors, got {q.device}; "
+            raise RuntimeError(f"attention impl='cuda' needs CUDA tensors, got {device}; "
                                "use impl='auto' or 'torch' on CPU")
         try:
             _load_cuda()
@@ -202,7 +217,7 @@ def _resolve(impl: str, q: torch.Tensor) -> str:
         return "cuda"
     if impl == "triton":
         if not on_gpu and not _interpreting():
-            raise RuntimeError(f"attention impl='triton' needs CUDA tensors (got {q.device}), or "
+            raise RuntimeError(f"attention impl='triton' needs CUDA tensors (got {device}), or "
                                "TRITON_INTERPRET=1 set before triton is imported")
         try:
             _load_triton()
@@ -211,33 +226,38 @@ def _resolve(impl: str, q: torch.Tensor) -> str:
         return "triton"
     if impl != "auto":
         return impl
-    chosen, why = _auto_gpu(q) if on_gpu else ("torch", "tensors are not on a GPU")
-    log_once(log, f"auto:{q.device}:{q.dtype}:{chosen}:{why}", logging.INFO, "attention impl=auto -> %s (%s)",
+    choice, why = _auto_choice(device, dtype, head_dim) if on_gpu else (None, "tensors are not on a GPU")
+    chosen, why = ("torch", why) if choice is None else (choice.impl, choice.reason)
+    log_once(log, f"auto:{device}:{dtype}:{chosen}:{why}", logging.INFO, "attention impl=auto -> %s (%s)",
              chosen, why)
     return chosen
 
 
-def _auto_choice(q: torch.Tensor):
-    """(the self-test's `Choice` for GPU tensors like q, "") or (None, why auto keeps SDPA without a self-test)."""
-    if q.dtype not in KERNEL_DTYPES or q.shape[-1] > KERNEL_MAX_HEAD_DIM:
-        return None, f"dtype {q.dtype} / head dim {q.shape[-1]} not supported by the custom kernels"
+def auto_unsupported(dtype: torch.dtype, head_dim: int) -> str:
+    """Why `auto` keeps SDPA for these inputs without a self-test ("" when a kernel may take them)."""
+    if dtype not in KERNEL_DTYPES or head_dim > KERNEL_MAX_HEAD_DIM:
+        return f"dtype {dtype} / head dim {head_dim} not supported by the custom kernels"
     if os.environ.get(SELFTEST_ENV, "1") == "0":
-        return None, f"{SELFTEST_ENV}=0: custom kernels are not self-tested, so not used"
-    # Imported here: kernels.selftest imports this module (it tests the kernels through it).
-    from kernels import selftest
-
-    return selftest.verify(q.device, q.dtype, q.shape[-1]), ""
+        return f"{SELFTEST_ENV}=0: custom kernels are not self-tested, so not used"
+    return ""
 
 
-def _auto_gpu(q: torch.Tensor) -> tuple[str, str]:
-    """(impl, reason) of `auto` for GPU tensors like q: SDPA unless a kernel verified itself here."""
-    choice, why = _auto_choice(q)
-    return ("torch", why) if choice is None else (choice.impl, choice.reason)
+def _auto_choice(device: torch.device, dtype: torch.dtype, head_dim: int):
+    """(the stored self-test `Choice` for GPU inputs like these, "") or (None, why auto keeps SDPA)."""
+    why = auto_unsupported(dtype, head_dim)
+    if why:
+        return None, why
+    choice = VERIFIED.get(verified_key(device, dtype, head_dim))
+    if choice is None:
+        return None, (f"no kernel was self-tested for {device} / {str(dtype).replace('torch.', '')} / head dim "
+                      f"{head_dim} before this call (kernels.prepare_attention runs the self-test outside any "
+                      "forward; VLM.prepare_attention calls it)")
+    return choice, ""
 
 
 def _auto_varlen(q: torch.Tensor) -> str:
     """The verified path for packed GPU batches under auto (see the module docstring)."""
-    choice = _auto_choice(q)[0] if _is_gpu(q) else None
+    choice = _auto_choice(q.device, q.dtype, q.shape[-1])[0] if _is_gpu(q) else None
     return "torch" if choice is None else choice.varlen
 
 
@@ -253,7 +273,7 @@ def attention(
 ) -> torch.Tensor:
     if cu_seqlens is not None and attention_mask is not None:
         raise ValueError("attention: give either attention_mask or cu_seqlens, not both")
-    requested, impl = impl, _resolve(impl, q)
+    requested, impl = impl, _resolve(impl, q.device, q.dtype, q.shape[-1])
     if requested == "auto" and cu_seqlens is not None and _is_gpu(q):
         path = _auto_varlen(q)
         if path == "torch_varlen":

@@ -17,7 +17,12 @@ Contract:
 - Errors are max |kernel - reference| / max(1, max |reference|) over the output and dq, dk, dv;
   tolerances per dtype in `TOLERANCE`. A kernel that raises fails with the exception as its reason.
 - The command line prints per kernel: available, pass/fail, max errors per case, timings, speedup, and
-  the choice `auto` makes; without a CUDA device it prints one line and exits 2.
+  the choice `auto` makes (SDPA, saying why, when a kernel failed). Exit status: 0 when every available
+  kernel passed, 1 when one failed its numerics (auto then keeps SDPA or another kernel that passed), 2
+  without a CUDA device. `--device cpu` runs the same check on the CPU where Triton interprets
+  (`TRITON_INTERPRET=1` set before it is imported): small cases, no timing — the GPU check's `--dry-run`.
+- `QWENVL_SELFTEST_BREAK=<kernel>` plants a fault (that kernel's output is scaled by 1.01) so a harness
+  can prove it notices a broken kernel; never set it otherwise.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +52,8 @@ CASES = [
     ("padding_mask", 2, 4, 2, 50, 50, True, True),
 ]
 VARLEN = ("varlen_causal", 4, 2, [13, 64, 1, 30])
+DRY_CASES = [("causal_gqa", 1, 2, 1, 9, 9, True, False), ("padding_mask", 2, 2, 2, 8, 8, True, True)]
+DRY_VARLEN = ("varlen_causal", 2, 1, [3, 7, 1])
 BENCH = dict(batch=4, heads=16, kv_heads=16, seq=1024)  # fwd + bwd, causal
 
 
@@ -72,7 +80,8 @@ class Choice:
     results: list[KernelResult] = field(default_factory=list)
 
 
-_CHOICES: dict[tuple[str, str, int], Choice] = {}
+# The choices, by (device, dtype, head dim): the dispatcher's own table, which `auto` reads.
+_CHOICES: dict[tuple[str, str, int], Choice] = A.VERIFIED  # type: ignore[assignment]
 
 
 # ----- candidates ---------------------------------------------------------------------------------------
@@ -101,9 +110,28 @@ def _torch_varlen():
     return None, A.torch_varlen_attention, False
 
 
-def candidates(build: bool) -> dict[str, Callable]:
-    """name -> loader returning (padded fn or None, varlen fn, takes masks); a loader raises when unavailable."""
-    return {"triton": _triton, "cuda": lambda: _cuda(build), "torch_varlen": _torch_varlen}
+BREAK_ENV = "QWENVL_SELFTEST_BREAK"  # a planted fault for harness tests: "<kernel name>"
+
+
+def _broken(loader: Callable) -> Callable:
+    """The loader's kernels with every output scaled by 1.01: wrong numbers, right shapes."""
+    def load():
+        padded, varlen, masks = loader()
+        wrap = lambda fn: None if fn is None else (lambda *a, **kw: fn(*a, **kw) * 1.01)  # noqa: E731
+        return wrap(padded), wrap(varlen), masks
+    return load
+
+
+def candidates(build: bool, device: torch.device | None = None) -> dict[str, Callable]:
+    """name -> loader returning (padded fn or None, varlen fn, takes masks); a loader raises when unavailable.
+    torch's flash varlen kernel is a GPU kernel: it is not a candidate on a CPU."""
+    found = {"triton": _triton, "cuda": lambda: _cuda(build), "torch_varlen": _torch_varlen}
+    if device is not None and device.type != "cuda":
+        found.pop("torch_varlen")
+    broken = os.environ.get(BREAK_ENV, "")
+    if broken in found:
+        found[broken] = _broken(found[broken])
+    return found
 
 
 # ----- checking -----------------------------------------------------------------------------------------
@@ -213,8 +241,12 @@ def decide(results: list[KernelResult]) -> Choice:
         impl, reason = best.name, f"{best.name} passed its self-test and is {best.speedup:.2f}x SDPA"
     else:
         impl = "torch"
-        why = [f"{r.name}: {r.reason if not (r.available and r.passed) else f'passed but {r.speedup or 0:.2f}x SDPA'}"
-               for r in results if r.name != "torch_varlen"]
+        def why_not(r: KernelResult) -> str:
+            if not (r.available and r.passed):
+                return r.reason
+            return f"passed but {r.speedup:.2f}x SDPA" if r.speedup else "passed (not timed)"
+
+        why = [f"{r.name}: {why_not(r)}" for r in results if r.name != "torch_varlen"]
         reason = "SDPA (" + ("; ".join(why) or "no custom kernel") + ")"
     if impl != "torch":
         varlen = impl
@@ -226,27 +258,27 @@ def decide(results: list[KernelResult]) -> Choice:
 
 
 def verify(device: torch.device | str, dtype: torch.dtype, head_dim: int, build: bool = False,
-           cases=None, bench_shape: dict | None = None) -> Choice:
+           cases=None, bench_shape: dict | None | bool = None, varlen_case=None) -> Choice:
     """Self-test and time every candidate once per (device, dtype, head_dim) in this process."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (str(device), str(dtype), int(head_dim))
+    key = A.verified_key(device, dtype, head_dim)
+    device = torch.device(key[0])
     if key in _CHOICES:
         return _CHOICES[key]
     results = []
     # Fresh tensors with their own graph: no autocast, grad on, outside any inference mode of the caller.
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        for name, loader in candidates(build).items():
+        for name, loader in _candidates(build, device).items():
             try:
                 padded, varlen, masks = loader()
             except Exception as e:  # noqa: BLE001 - unavailable, with the reason
                 first = str(e).splitlines()[0] if str(e) else type(e).__name__
                 results.append(KernelResult(name, False, f"unavailable: {first}"))
                 continue
-            passed, errors, why = check(padded, varlen, masks, device, dtype, head_dim, cases=cases)
+            passed, errors, why = check(padded, varlen, masks, device, dtype, head_dim, cases=cases,
+                                        varlen_case=varlen_case)
             r = KernelResult(name, True, why, passed, errors)
-            if passed:
+            if passed and bench_shape is not False:
                 try:
                     r.ms, r.ref_ms = bench(padded, varlen, device, dtype, head_dim, bench_shape)
                 except Exception as e:  # noqa: BLE001
@@ -254,6 +286,18 @@ def verify(device: torch.device | str, dtype: torch.dtype, head_dim: int, build:
             results.append(r)
     _CHOICES[key] = decide(results)
     return _CHOICES[key]
+
+
+def _candidates(build: bool, device: torch.device) -> dict[str, Callable]:
+    try:
+        return candidates(build, device)
+    except TypeError:  # a replacement (tests) that takes `build` only
+        return candidates(build)
+
+
+def failed(choice: Choice) -> list[KernelResult]:
+    """The kernels that were available and failed their numerics (or raised)."""
+    return [r for r in choice.results if r.available and not r.passed]
 
 
 def reset() -> None:
@@ -282,12 +326,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-build", action="store_true", help="do not build the CUDA extension (test it only if built)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    if device.type != "cuda" or not torch.cuda.is_available():
+    dry = device.type == "cpu" and A._interpreting()
+    if not dry and (device.type != "cuda" or not torch.cuda.is_available()):
         print(f"kernels.selftest: no CUDA device here (device {args.device!r}, torch.cuda.is_available()="
-              f"{torch.cuda.is_available()}); the custom attention kernels are GPU kernels, auto uses SDPA")
+              f"{torch.cuda.is_available()}); the custom attention kernels are GPU kernels, auto uses SDPA "
+              "(--device cpu checks them under TRITON_INTERPRET=1)")
         return 2
-    choice = verify(device, DTYPES[args.dtype], args.head_dim, build=not args.no_build)
-    print(format_choice(choice, device, DTYPES[args.dtype], args.head_dim))
+    dtype = DTYPES[args.dtype]
+    if dry:  # the interpreter is slow: small cases in fp32, no timing
+        choice = verify(device, torch.float32, 16, build=False, cases=DRY_CASES, bench_shape=False,
+                        varlen_case=DRY_VARLEN)
+        dtype, head_dim = torch.float32, 16
+    else:
+        choice = verify(device, dtype, args.head_dim, build=not args.no_build)
+        head_dim = args.head_dim
+    print(format_choice(choice, device, dtype, head_dim))
+    bad = failed(choice)
+    if bad:
+        print(f"kernels.selftest: FAILED: {', '.join(r.name for r in bad)} (auto keeps {choice.impl})")
+        return 1
     return 0
 
 

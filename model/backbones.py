@@ -26,6 +26,9 @@ Contract (`LMBackbone`):
   repetition_penalty, stop_token_ids, streamer(batch_index, token_id).
 - `default_lora_targets(lm)`: module-name suffixes joined by "|", or "all-linear";
   `all_linear_targets(lm)`: every Linear of the LM but its output head. `gradient_checkpointing_enable(lm)`.
+- `prepare_attention(lm, device, dtypes) -> str | None`: resolves the LM's attention implementation for
+  each compute dtype once the LM is on `device` (our Qwen: `kernels.prepare_attention`, the GPU
+  self-test for `auto`); None for LMs whose attention is not ours (transformers picks its own).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from transformers.generation.streamers import BaseStreamer
 from dataset.chat_templates import TEMPLATES, detect_template
 from dataset.sample import IMAGE_MARKER, UserError
 from dataset.template import ChatFormat
+from kernels.prepare import prepare_attention
 from model.config import VLMConfig
 from model.dtypes import torch_dtype
 from model.tokenizers import TOKENIZER_FILES, has_tokenizer_files, load_lm_tokenizer
@@ -280,6 +284,9 @@ class LMBackbone:
     def gradient_checkpointing_enable(self, lm: nn.Module) -> None:
         unwrap(lm).gradient_checkpointing_enable()
 
+    def prepare_attention(self, lm: nn.Module, device: torch.device, dtypes: list[torch.dtype]) -> str | None:
+        return None  # transformers LMs run their own attention (`attn_implementation`)
+
 
 class QwenBackbone(LMBackbone):
     """Our Qwen family (qwen/): Qwen-1 names for every generation, ChatML, `<|extra_0|>` / `<|image_pad|>`."""
@@ -315,6 +322,11 @@ class QwenBackbone(LMBackbone):
 
     def default_lora_targets(self, lm: nn.Module) -> str:
         return "c_attn|attn.c_proj|w1|w2|mlp.c_proj"  # every Linear of a Qwen block
+
+    def prepare_attention(self, lm: nn.Module, device: torch.device, dtypes: list[torch.dtype]) -> str | None:
+        cfg = unwrap(lm).config
+        chosen = [prepare_attention(device, dt, cfg.head_dim, cfg.attn_impl) for dt in dtypes]
+        return ", ".join(f"{str(dt).replace('torch.', '')}: {c}" for dt, c in zip(dtypes, chosen))
 
 
 class _CallbackStreamer(BaseStreamer):

@@ -62,6 +62,11 @@ from qwen.placeholders import embed_with_placeholders, scatter_image_features
 
 __all__ = ["LM_BACKBONES", "PRESETS", "VLM", "VLMConfig", "VLMOutput", "resolve_config"]
 
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast computes in on `device` right now, or None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
 # ----- registries ----------------------------------------------------------------------------------
 LM_BACKBONES: dict[str, type[LMBackbone]] = {
     "qwen": QwenBackbone,  # our qwen/ (Qwen-1, Qwen2/2.5, Qwen3)
@@ -342,6 +347,7 @@ class VLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         **gen_kw: Any,
     ) -> list[list[int]]:
+        self.prepare_attention(_autocast_dtype(input_ids.device))
         rows = self._image_rows(input_ids, pixel_values, None)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -423,6 +429,18 @@ class VLM(nn.Module):
         gen_kw.setdefault("max_new_tokens", 128)
         gen_kw.setdefault("stop_token_ids", self.stop_token_ids)
         return self.decode(self.generate(input_ids, torch.ones_like(input_ids), pixel_values, **gen_kw)[0])
+
+    # ----- attention -----------------------------------------------------------------------------------
+    def prepare_attention(self, compute_dtype: torch.dtype | None = None) -> str | None:
+        """Resolve the LM's attention implementation for its device and dtypes: the LM's weight dtype and
+        `compute_dtype` (autocast's) when given. Call it once the model is on its device, before the first
+        step or generate, never inside a forward (the GPU self-test runs its own backward). Cheap after the
+        first call: the choice is kept per (device, dtype, head dim). Returns what was chosen, per dtype."""
+        param = next((p for p in self.lm.parameters() if p.is_floating_point()), None)
+        if param is None:
+            return None
+        dtypes = list(dict.fromkeys(d for d in (param.dtype, compute_dtype) if d is not None))
+        return self.backbone.prepare_attention(self.lm, param.device, dtypes)
 
     # ----- training helpers --------------------------------------------------------------------------
     def gradient_checkpointing_enable(self) -> None:

@@ -66,6 +66,7 @@ class DecodeBatch:
     def __init__(self, vlm: Any) -> None:
         self.vlm = vlm
         self.device = next(vlm.parameters()).device
+        vlm.prepare_attention()  # resolved once here, never inside the decode steps' forwards
         self.rows: list[Row] = []
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [B, T] 1 = real token (in the cache or pending input)

@@ -85,17 +85,66 @@ def test_a_real_timeout_is_reported_not_raised(tmp_path):
 
 
 def test_default_checks_name_every_gpu_check_and_report_absent_scripts_as_missing(tmp_path):
+    names = ["selftest", "kernel-tests", "attention", "real-step", "train-step", "generate", "demo", "qlora-step"]
     checks = gpu_check.default_checks()
-    assert [c.name for c in checks] == ["kernel-tests", "selftest", "smoke-real", "qlora-step", "train-step",
-                                        "attention"]
-    kernel = checks[0]
-    assert kernel.env["TRITON_INTERPRET"] == "0" and "tests/test_kernels_cuda.py" in kernel.argv
-    assert all("--device" in c.argv and "cuda" in c.argv for c in checks[1:])
-    assert sum(c.timeout_s for c in checks) <= 8 * 60
+    assert [c.name for c in checks] == names
+    assert [c.name for c in gpu_check.default_checks(dry_run=True)] == names
+    kernel = checks[1]
+    assert kernel.env["TRITON_INTERPRET"] == "0" and kernel.env["QWENVL_TEST_DEVICE"] == "cuda"
+    assert "tests/test_kernels_cuda.py" in kernel.argv and "tests/test_attention_prepare.py" in kernel.argv
+    assert all("cuda" in c.argv for c in checks if c.name not in ("kernel-tests", "demo"))
+    assert "--seqlens" in checks[2].argv and checks[2].argv[checks[2].argv.index("--seqlens") + 1:][:3] == [
+        "1024", "4096", "8192"]
     results = gpu_check.run_checks(checks, tmp_path / "r.md", budget_s=10_000, runner=lambda a, e, t: (0, "fake"))
     for check, result in zip(checks, results):
         absent = any(not (ROOT / p).exists() for p in check.needs)
         assert (result.status == "missing") == absent, (check.name, result.status)
+
+
+def test_exit_status_fails_on_missing_not_run_and_failed_checks_and_passes_skipped_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU branch of main(), with fake checks
+    outcome = {}
+
+    def fake_checks(dry_run=False):
+        return [gpu_check.Check("good", ["python", "good"], 10, min_s=0),
+                gpu_check.Check("optional", ["python", "opt"], 10, min_s=0, requires=["no_such_module_xyz"]),
+                *outcome["extra"]]
+
+    monkeypatch.setattr(gpu_check, "default_checks", fake_checks)
+    monkeypatch.setattr(gpu_check, "subprocess_runner", lambda a, e, t: (0, "fine"))
+    monkeypatch.setattr(gpu_check, "_machine", lambda: ["- machine: (test)"])
+    outcome["extra"] = []
+    assert gpu_check.main(["--out", str(tmp_path / "a.md")]) == 0
+    assert "| skipped (no_such_module_xyz not installed) |" in (tmp_path / "a.md").read_text()
+    for extra in ([gpu_check.Check("gone", ["python", "x.py"], 10, needs=["benchmarks/not_here.py"])],
+                  [gpu_check.Check("late", ["python", "x.py"], 10, min_s=1e9)]):
+        outcome["extra"] = extra
+        assert gpu_check.main(["--out", str(tmp_path / "b.md")]) == 1, extra[0].name
+
+
+@pytest.mark.slow
+def test_dry_run_runs_the_whole_harness_on_this_cpu_and_catches_a_broken_kernel(tmp_path):
+    """Every check's CPU form through the real scripts (Triton interpreted, CUDA emulated): a wrong flag or a
+    missing script fails here, not on the GPU machine. Then a planted fault in the Triton kernel fails it."""
+    out = tmp_path / "dry.md"
+    env = dict(__import__("os").environ, HF_HUB_OFFLINE="1")
+    env.pop("QWENVL_TEST_DEVICE", None)
+    proc = subprocess.run([PY, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out),
+                           "--budget-s", "2400"], cwd=ROOT, capture_output=True, text=True, timeout=2700, env=env)
+    text = out.read_text()
+    assert proc.returncode == 0, proc.stdout[-3000:] + text[-6000:]
+    rows = {ln.split("|")[1].strip(): ln for ln in text.splitlines() if ln.startswith("| ") and "`" in ln}
+    assert set(rows) == {c.name for c in gpu_check.default_checks(dry_run=True)}
+    assert all("| ok |" in r or "| skipped (" in r for r in rows.values()), rows
+    assert "triton       PASS" in text and "demo_run: test.py: exit 0" in text
+
+    broken = subprocess.run([PY, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--only", "selftest",
+                             "--out", str(tmp_path / "broken.md")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=dict(env, QWENVL_SELFTEST_BREAK="triton"))
+    assert broken.returncode == 1, broken.stdout
+    report = (tmp_path / "broken.md").read_text()
+    assert "| selftest |" in report and "| failed (exit 1) |" in report
+    assert "triton       FAIL  errors above" in report and "FAILED: triton (auto keeps torch)" in report
 
 
 def test_qlora_step_benchmark_quick_on_cpu(capsys):

@@ -48,7 +48,7 @@ def test_extension_compiles_and_loads(flash_ext):
     assert flash_ext.max_head_dim() == 128  # a host call into the compiled library
     assert (cuda_ext.cache_dir() / f"{cuda_ext.EXT_NAME}.so").is_file()
     # The binding's own argument checks run on the host and name the problem.
-    q = torch.randn(1, 2, 4, 16)
+    q = torch.randn(1, 2, 4, 16, device="cpu")  # a CPU tensor on purpose, whatever the default device
     with pytest.raises(RuntimeError, match="must be CUDA tensors"):
         flash_ext.fwd(q, q, q, True, 0.25)
 

@@ -9,6 +9,7 @@ import torch
 
 from kernels import _log, attention, cuda_ext, selftest
 from kernels.attention import eager_attention
+from kernels.prepare import prepare_attention
 
 # `kernels.attention` the attribute is the function; the module is fetched by name.
 attn_mod = importlib.import_module("kernels.attention")
@@ -25,7 +26,10 @@ def _fresh_state(monkeypatch, tmp_path):
 
 
 def _qkv(b=2, hq=4, hkv=2, t=9, d=16):
-    return torch.randn(b, hq, t, d), torch.randn(b, hkv, t, d), torch.randn(b, hkv, t, d)
+    # CPU tensors even under the GPU check's QWENVL_TEST_DEVICE=cuda: these tests check the CPU dispatch
+    # (and force the GPU branches on it with stand-ins).
+    cpu = dict(device="cpu")
+    return torch.randn(b, hq, t, d, **cpu), torch.randn(b, hkv, t, d, **cpu), torch.randn(b, hkv, t, d, **cpu)
 
 
 def _failing_build(*args, **kwargs):
@@ -95,6 +99,7 @@ def test_auto_on_gpu_without_any_verified_kernel_uses_sdpa(monkeypatch, caplog):
     monkeypatch.setattr(attn_mod, "_load_triton", no_triton)
     q, k, v = _qkv()
     with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        assert prepare_attention(q.device, q.dtype, q.shape[-1]) == "torch"
         out = attention(q, k, v, causal=True, impl="auto")
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
     text = caplog.text
@@ -149,6 +154,7 @@ def test_routing_when_the_cuda_kernel_is_verified(monkeypatch, caplog):
     monkeypatch.setattr(selftest, "verify", lambda *a, **kw: selftest.Choice("cuda", "cuda", "verified (test)"))
     q, k, v = _qkv(t=10)
     with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        assert prepare_attention(q.device, q.dtype, q.shape[-1]) == "cuda"
         out = attention(q, k, v, causal=True, impl="auto")
     assert len(cuda_calls) == 1 and "impl=auto -> cuda (verified (test))" in caplog.text
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
@@ -186,12 +192,13 @@ def test_grouped_decode_step_matches_the_reference_without_expanding_the_cache(m
     KV head: the same output as the fp32 reference, and no [B, Hq, Tk, D] copy of the cache."""
     A = importlib.import_module("kernels.attention")  # the module (the package exports the function)
 
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(3, 8, 1, 16, generator=g)
-    k, v = torch.randn(3, 2, 7, 16, generator=g), torch.randn(3, 2, 7, 16, generator=g)
+    dev = torch.get_default_device()  # the test device: the GPU check runs this on CUDA
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, generator=g, device=dev)
+    k, v = torch.randn(3, 2, 7, 16, generator=g, device=dev), torch.randn(3, 2, 7, 16, generator=g, device=dev)
     mask = None
     if mask_heads:
-        mask = torch.rand(3, mask_heads, 1, 7, generator=g) > 0.3
+        mask = torch.rand(3, mask_heads, 1, 7, generator=g, device=dev) > 0.3
         mask[..., -1] = True  # every row keeps a key
     ref = A.eager_attention(q, k, v, causal=True, attention_mask=mask)
     expanded = []

@@ -2,6 +2,7 @@
 kernels (interpreter) and the inductor-compiled ops against the references, forward and backward."""
 
 import logging
+import os
 
 import pytest
 import torch
@@ -98,7 +99,16 @@ def test_triton_rotary_half_keeps_dtype():
 
 
 def test_auto_on_cpu_uses_torch_and_bad_inputs_raise(monkeypatch, caplog):
+    torch.set_default_device("cpu")  # CPU behaviour, also under the GPU check's QWENVL_TEST_DEVICE=cuda
+    try:
+        _auto_on_cpu_uses_torch_and_bad_inputs_raise(monkeypatch, caplog)
+    finally:
+        torch.set_default_device(os.environ.get("QWENVL_TEST_DEVICE") or None)
+
+
+def _auto_on_cpu_uses_torch_and_bad_inputs_raise(monkeypatch, caplog):
     x, w = torch.randn(2, 8), torch.randn(8)
+    assert x.device.type == "cpu"
     torch.testing.assert_close(rms_norm(x, w, 1e-5), rms_norm_torch(x, w, 1e-5))
     with pytest.raises(ValueError, match="unknown rms_norm impl"):
         rms_norm(x, w, 1e-5, impl="cuda")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kernels import _log, attention, selftest
+from kernels.prepare import prepare_attention
 from kernels.selftest import Choice, KernelResult, decide
 
 attn_mod = importlib.import_module("kernels.attention")
@@ -67,6 +68,7 @@ def test_a_wrong_kernel_fails_and_auto_picks_the_verified_one(monkeypatch, caplo
     monkeypatch.setattr(selftest, "CASES", SMALL)
     q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 16)
     with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        prepare_attention(q.device, q.dtype, 16)  # the self-test, outside any forward
         attention(q, k, v, causal=True, impl="auto")
         attention(q, k, v, causal=True, impl="auto")
     choice = selftest.verify(q.device, q.dtype, 16)
@@ -103,6 +105,7 @@ def test_packed_batches_follow_the_verified_varlen_path(monkeypatch):
     monkeypatch.setattr(attn_mod, "torch_varlen_attention", fake_varlen)
     cu = torch.tensor([0, 3, 8], dtype=torch.int32)
     q, k, v = torch.randn(8, 2, 16), torch.randn(8, 1, 16), torch.randn(8, 1, 16)
+    prepare_attention(q.device, q.dtype, 16)
     out = attention(q, k, v, causal=True, cu_seqlens=cu, impl="auto")
     assert used == [3]
     torch.testing.assert_close(out, attention(q, k, v, causal=True, cu_seqlens=cu, impl="eager"), rtol=0, atol=1e-5)

@@ -1,12 +1,34 @@
-"""Run logging: every Trainer log line to `log.jsonl` (rank 0 only) and a loss-curve PNG at the end."""
+"""Trainer callbacks: the attention implementation resolved before the first step (`AttentionSetup`);
+every Trainer log line to `log.jsonl` (rank 0 only) and a loss-curve PNG at the end."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
+import torch
 from transformers import TrainerCallback
+
+log = logging.getLogger(__name__)
+
+
+class AttentionSetup(TrainerCallback):
+    """`on_train_begin` runs after the Trainer has put the model on its device (and wrapped it) and before
+    the first forward: the one place to resolve the attention implementation (`VLM.prepare_attention`,
+    the GPU self-test for `auto`) for the weights' dtype and the autocast dtype of the run. Inside the
+    first forward it would run under gradient checkpointing or a compiled graph (its own backward
+    breaks both)."""
+
+    def __init__(self, vlm):
+        self.vlm = vlm
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        dtype = torch.bfloat16 if args.bf16 else (torch.float16 if args.fp16 else None)
+        chosen = self.vlm.prepare_attention(dtype)
+        if chosen:
+            log.info("attention before the first step: %s", chosen)
 
 
 class JsonlLogger(TrainerCallback):

@@ -36,7 +36,7 @@ from model import VLM, build_vlm, dtypes
 from model.backbones import unwrap
 from model.checkpoint import _select_keys
 from model.paths import resolve_model_dir
-from trainer.callbacks import JsonlLogger, plot_loss
+from trainer.callbacks import AttentionSetup, JsonlLogger, plot_loss
 from trainer.checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
 from trainer.cli import writable_dir
 from trainer.config import TrainConfig, check_paths, fsdp_flag
@@ -328,7 +328,7 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int):
         train_dataset=train_input,
         eval_dataset=eval_ds,
         data_collator=_SkipForwardingCollator(collator),
-        callbacks=[ThroughputCallback(vlm), JsonlLogger(out / "log.jsonl")],  # order: fields reach the log
+        callbacks=[AttentionSetup(vlm), ThroughputCallback(vlm), JsonlLogger(out / "log.jsonl")],  # order matters
         lr_settings=dict(learning_rate=cfg.learning_rate, projector_lr=cfg.projector_lr,
                          vision_lr=cfg.vision_lr),
         length_sampler_fn=sampler_fn,
