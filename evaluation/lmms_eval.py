@@ -14,8 +14,8 @@ Exit status (an evaluation command, i.e. not a subcommand such as `tasks` or a `
   `--output_path` when given);
 - 2 with one line `error: ...`: a user mistake, checked before lmms-eval's slow task index where it can be
   (no `--model` / `--tasks`, an `--include_path` that is not a folder, a `qwenvl_lab` `pretrained=` that
-  holds no model, another model left on CUDA on a machine without one or `llava_hf` without the
-  `device_map` transformers needs, lmms-eval not installed), else taken from the exception lmms-eval would have swallowed:
+  holds no model, `llava_hf` left on CUDA on a machine without one or without the `device_map`
+  transformers needs, lmms-eval not installed), else taken from the exception lmms-eval would have swallowed:
   an unknown task or another argument lmms-eval refuses, a missing model, data or image file (any
   OSError), one of our UserErrors; or an evaluation that ended without results;
 - 1 with the traceback: any other exception (a bug), re-raised after lmms-eval has finished.
@@ -88,15 +88,18 @@ def check_arguments(argv: list[str]) -> None:
 
 
 def _check_device(model: str, device: str | None, model_args: dict) -> None:
-    """lmms-eval's own models run on `--device` (default cuda); ours falls back to the CPU by itself.
-    Its `llava_hf` also passes `device_map` (default "") to transformers, which refuses "" in one process."""
+    """lmms-eval's `llava_hf` (what our llava-hf export runs with) moves itself to `--device` (default cuda)
+    and passes `device_map` (default "") to transformers, which refuses "" in one process. Other lmms-eval
+    models are left alone (some run anywhere, e.g. the API clients); ours falls back to the CPU by itself."""
+    if model != "llava_hf":
+        return
     import torch
 
     if (device or "cuda").startswith("cuda") and not torch.cuda.is_available():
-        extra = " and device_map=cpu to --model_args" if model == "llava_hf" and "device_map" not in model_args else ""
+        extra = " and device_map=cpu to --model_args" if "device_map" not in model_args else ""
         raise UserError(f"lmms-eval: --model {model} runs on {device or 'cuda (the default)'} and this machine has "
                         f"no CUDA device; add --device cpu{extra}")
-    if model == "llava_hf" and not model_args.get("device_map") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if not model_args.get("device_map") and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         raise UserError(f"lmms-eval: --model llava_hf in one process needs device_map={device or 'cuda'} in "
                         f"--model_args (its default '' is refused by transformers)")
 
