@@ -40,7 +40,7 @@ demo: setup
 	$(BIN)/python -m trainer.evaluate --model runs/demo/stage2 --data $(DEMO)/val.jsonl --image-folder $(DEMO)
 	rm -rf runs/demo/eval_vqav2
 	$(BIN)/python -m evaluation.to_vqav2 $(DEMO)/val.jsonl --image-folder $(DEMO) --out $(DEMO)/vqav2
-	$(BIN)/python -m evaluation --model runs/demo/stage2 --task vqav2 --data $(DEMO)/vqav2 --images $(DEMO)/vqav2/images --prompt "{question}" --batch-size 16 --output runs/demo/eval_vqav2
+	$(BIN)/python -m evaluation --model runs/demo/stage2 --task vqav2 --data $(DEMO)/vqav2 --prompt "{question}" --batch-size 16 --output runs/demo/eval_vqav2
 	sh test.sh
 
 bench: setup

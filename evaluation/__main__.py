@@ -6,8 +6,10 @@
     python -m evaluation --list-tasks
 
 Writes `DIR/answers.jsonl` (appended as answers come; a rerun skips what is there), `DIR/results.json`
-and `DIR/results.png`, and prints a per-category table. A user mistake (unknown task, a file not in
-the benchmark's format, no model in the folder) is one line on stderr and exit status 2.
+and `DIR/results.png`, and prints a per-category table. A user mistake (unknown task, a missing file or
+one not in the benchmark's format, no model in the folder) is one line on stderr and exit status 2; so
+is a run that answered no question (no questions, every image missing: the line names the image folder
+and how many were missing there), after the table and results.json are written.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import argparse
 
 from dataset.sample import UserError
 from evaluation.report import format_table
-from evaluation.runner import MC_MODES, run_task
+from evaluation.runner import MC_MODES, check_answered, run_task
 from evaluation.tasks import TASKS
 from model.paths import resolve_model_dir
 from trainer.cli import run_cli, writable_dir
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                        max_new_tokens=args.max_new_tokens, options=options, model_id=model_id)
     print(format_table(results))
     print(f"answers, results.json and results.png in {args.output}")
+    check_answered(results)  # nothing answered (every image missing, ...) is a failure, not a score of 0
     return 0
 
 

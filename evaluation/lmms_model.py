@@ -4,8 +4,8 @@ Needs the optional lmms-eval package (imported here at the top: this module is o
 lmms-eval's registry, or by `evaluation.lmms_eval`, which registers it).
 
 `QwenVLLab(pretrained, device=None, batch_size=1, max_new_tokens=None, dtype=None, **ignored)` loads the
-model with `VLM.from_pretrained` (a run directory resolves to its `final/` or newest checkpoint) and
-answers lmms-eval's requests through the VLM's public API only:
+model with `model.build.load_vlm`, the loader `VLM.from_pretrained` forwards to (a run directory resolves
+to its `final/` or newest checkpoint), and answers lmms-eval's requests through the VLM's public API only:
 - `generate_until`: the context (with one `<image>` per visual unless the context already places them)
   as one user turn, answered in batches of `batch_size` with `vlm.chat_batch` (greedy unless the task asks
   for temperature > 0); each answer is cut at the first of the task's `until` strings;
@@ -44,7 +44,8 @@ class QwenVLLab(lmms):
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
                  max_new_tokens: int | None = None, dtype: str | None = None, **ignored: Any) -> None:
         super().__init__()
-        from model.model import VLM
+        # model.build holds the loader (VLM.from_pretrained only forwards to it once model.build is imported)
+        from model.build import load_vlm
         from model.paths import resolve_model_dir
 
         if device in (None, "", "auto"):
@@ -52,7 +53,7 @@ class QwenVLLab(lmms):
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             device = "cpu"  # lmms-eval passes cuda by default
         self._device = torch.device(device)
-        vlm = VLM.from_pretrained(resolve_model_dir(pretrained))
+        vlm = load_vlm(resolve_model_dir(pretrained))
         if dtype:
             vlm = vlm.to(getattr(torch, dtype))
         self.vlm = vlm.to(self._device).eval()

@@ -17,13 +17,16 @@ mc_mode="generate", max_new_tokens=None, options=None, progress=True) -> results
    model directory and its weights' modification time). Then `results.json` and `results.png`
    (a bar chart per category group) are written.
 The results dict: `task`, `main_metric`, `metrics`, `categories`, `n_items`, `n_answered`, `n_scored`,
-`skipped` ({reason kind: count}), `skipped_examples`, `prompt`, `mc_mode`.
+`skipped` ({reason kind: count}), `skipped_examples`, `missing_images` ({folder: number of distinct image
+files not found there}), `prompt`, `mc_mode`. `check_answered(results)` raises the UserError the command
+line reports when nothing could be answered (no questions, or every item skipped: every image missing, ...).
 Everything is deterministic: items keep the files' order, generation is greedy.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -107,10 +110,13 @@ class _Answerer:
         self.vlm, self.task, self.template, self.mc_mode, self.gen_kw = vlm, task, template, mc_mode, gen_kw
         self.skipped: Counter = Counter()
         self.examples: list[str] = []
+        self.missing: set[str] = set()  # image files not found
 
     def _skip(self, item: EvalItem, err: Exception) -> None:
         kind = getattr(err, "kind", type(err).__name__)
         self.skipped[kind] += 1
+        if kind == "missing_file":
+            self.missing.update(r for r in item.images if not r.startswith("base64:") and not os.path.isfile(r))
         if len(self.examples) < 5:
             self.examples.append(str(err))
 
@@ -147,6 +153,29 @@ class _Answerer:
             except BadSampleError as e:
                 self._skip(it, e)
         return out
+
+
+def _by_folder(paths: set[str]) -> dict[str, int]:
+    return dict(sorted(Counter(str(Path(p).parent) for p in paths).items()))
+
+
+def check_answered(results: dict) -> None:
+    """Raise `EvaluationSetupError` when no question was answered (nothing can be scored): one line naming
+    the image folder(s) and how many images were missing there, or the first reason items were skipped."""
+    task, n = results["task"], results["n_items"]
+    if n == 0:
+        raise EvaluationSetupError(f"{results['data']} gave no {task} questions (an empty file, or --limit 0): "
+                                   f"nothing to score")
+    if results["n_answered"] > 0:
+        return
+    missing = results.get("missing_images") or {}
+    if missing:
+        where = "; ".join(f"{k} images missing from {folder}" for folder, k in missing.items())
+        raise EvaluationSetupError(f"none of the {n} {task} questions could be answered: {where}; pass --images "
+                                   f"with the folder that holds them")
+    why = ", ".join(f"{k} {kind}" for kind, k in results["skipped"].items()) or "no answers"
+    first = f", e.g. {results['skipped_examples'][0]}" if results["skipped_examples"] else ""
+    raise EvaluationSetupError(f"none of the {n} {task} questions could be answered ({why}){first}")
 
 
 @torch.no_grad()
@@ -199,7 +228,7 @@ def run_task(vlm, task: str, data: str, images: str | None = None, output: str |
         "task": task, "main_metric": t.main_metric, "metrics": scored.get("metrics", {}),
         "categories": scored.get("categories", {}), "n_items": len(items), "n_answered": len(answered),
         "n_scored": scored.get("n_scored", 0), "skipped": dict(answerer.skipped),
-        "skipped_examples": answerer.examples, "prompt": template, "mc_mode": mc_mode, "data": str(data),
+        "skipped_examples": answerer.examples, "missing_images": _by_folder(answerer.missing), "prompt": template, "mc_mode": mc_mode, "data": str(data),
     }
     if out_dir is not None:
         from evaluation.report import write_chart

@@ -9,7 +9,12 @@ one question-answer turn: the question is the user's text without its `<image>` 
 Other samples (several images, several turns, no answer) are left out and counted. Writes
 `DIR/questions.json`, `DIR/annotations.json` (`question_type` = the sample's `"type"` when it has one,
 `answer_type` = yes/no | number | other; `source_id` = the sample id) and `DIR/images/
-COCO_{subtype}_{image_id:012d}.{ext}` (hard links when possible, else copies).
+COCO_{subtype}_{image_id:012d}.{ext}` (hard links when possible, else copies), where
+`python -m evaluation --task vqav2 --data DIR` finds them without `--images`.
+
+A missing or unreadable data file, an `--out` that cannot be written, and a file of which no sample
+becomes a question (e.g. every image missing: the line says how many were left out and why) are one line
+on stderr and exit status 2; no questions or annotations file is written then.
 """
 
 from __future__ import annotations
@@ -18,12 +23,12 @@ import argparse
 import json
 import os
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
 from dataset.formats import DataFileError, normalize, read_records
 from dataset.sample import BadSampleError
+from trainer.cli import run_cli, writable_dir
 
 
 def _answer_type(answer: str) -> str:
@@ -45,10 +50,11 @@ def _link_or_copy(src: str, dst: Path) -> None:
 def convert(data: str, out: str | Path, image_folder: str | None = None, subtype: str = "shapes") -> dict:
     """Write the pair (see the module docstring); returns {"questions": n, "skipped": {reason: n}}."""
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    records = read_records(data)
+    writable_dir(out / "images", "--out")
     questions, annotations = [], []
     skipped: Counter = Counter()
-    for pos, rec in read_records(data):
+    for pos, rec in records:
         try:
             s = normalize(rec, pos, data, image_folder=image_folder)
         except BadSampleError as e:
@@ -66,8 +72,8 @@ def convert(data: str, out: str | Path, image_folder: str | None = None, subtype
         ext = Path(s.images[0]).suffix or ".jpg"
         try:
             _link_or_copy(s.images[0], out / "images" / f"COCO_{subtype}_{image_id:012d}{ext}")
-        except OSError:
-            skipped["image not readable"] += 1
+        except OSError as e:
+            skipped["image not found" if isinstance(e, FileNotFoundError) else "image not readable"] += 1
             continue
         question = msgs[0]["content"].replace("<image>", "").strip()
         answer = msgs[1]["content"].strip()
@@ -79,6 +85,10 @@ def convert(data: str, out: str | Path, image_folder: str | None = None, subtype
             "answers": [{"answer": answer, "answer_confidence": "yes", "answer_id": k + 1} for k in range(10)],
             "source_id": s.id,
         })
+    if not questions:
+        left = ", ".join(f"{n} {k}" for k, n in skipped.items()) or "the file holds no samples"
+        hint = " (check --image-folder)" if {"image not found", "image not readable"} & set(skipped) else ""
+        raise DataFileError(f"{data}: no sample became a VQAv2 question (left out: {left}){hint}")
     info = {"description": f"converted from {Path(data).name}"}
     (out / "questions.json").write_text(json.dumps({
         "info": info, "task_type": "Open-Ended", "data_type": "mscoco", "license": {}, "data_subtype": subtype,
@@ -97,15 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image-folder", default=None)
     ap.add_argument("--subtype", default="shapes", help="data_subtype (names the image files)")
     args = ap.parse_args(argv)
-    try:
-        rep = convert(args.data, args.out, args.image_folder, args.subtype)
-    except (DataFileError, FileNotFoundError) as e:
-        print(f"to_vqav2: {e}", file=sys.stderr)
-        return 2
+    rep = convert(args.data, args.out, args.image_folder, args.subtype)  # a UserError: one line, exit 2
     left = ", ".join(f"{n} {k}" for k, n in rep["skipped"].items()) or "none"
     print(f"wrote {rep['questions']} VQAv2 questions to {args.out} (left out: {left})")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_cli(main))

@@ -1,5 +1,6 @@
-"""`python -m evaluation` with a real tiny VLM: the command line, determinism, likelihood scoring, and the
-demo's VQAv2 pair agreeing with `trainer.evaluate`'s exact match."""
+"""`python -m evaluation` with a real tiny VLM: the command line, determinism, likelihood scoring, the
+demo's VQAv2 pair agreeing with `trainer.evaluate`'s exact match (its images found without --images), and
+the planted failures of the command line and of `evaluation.to_vqav2` (one line, exit status 2)."""
 
 import json
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from dataprocess.make_shapes import make_shapes
+from evaluation import to_vqav2
 from evaluation.__main__ import main as cli_main
 from evaluation.likelihood import rank_options, reply_logprobs
 from evaluation.runner import read_answers, run_task
@@ -15,6 +17,7 @@ from evaluation.to_vqav2 import convert
 from tests import tiny_bench as tb
 from tests.tiny_model import build_tiny_vlm, randomize_
 from trainer import evaluate as trainer_eval
+from trainer.cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +93,7 @@ def test_demo_vqa_accuracy_agrees_with_trainer_evaluate(tiny, tmp_path):
 
     rep = convert(str(data / "val.jsonl"), tmp_path / "vqav2", image_folder=str(data))
     assert rep == {"questions": 8, "skipped": {"not one image": 2}}  # the 2 two-image ("multi") samples
-    res = run_task(vlm, "vqav2", str(tmp_path / "vqav2"), images=str(tmp_path / "vqav2" / "images"),
+    res = run_task(vlm, "vqav2", str(tmp_path / "vqav2"),  # no images: to_vqav2's images/ is the default
                    output=tmp_path / "ev", prompt="{question}", max_new_tokens=4, batch_size=3, progress=False)
     ann = json.loads((tmp_path / "vqav2" / "annotations.json").read_text())["annotations"]
     source = {str(a["question_id"]): a["source_id"] for a in ann}
@@ -110,7 +113,59 @@ def test_demo_vqa_accuracy_agrees_with_trainer_evaluate(tiny, tmp_path):
         mixed.append({**te_rows[sid], "answer": ans})
     from evaluation.tasks.vqa import load_vqav2
 
-    items = load_vqav2(str(tmp_path / "vqav2"), str(tmp_path / "vqav2" / "images"), {})
+    items = load_vqav2(str(tmp_path / "vqav2"), None, {})
     correct, total = trainer_eval.score(mixed)["all"]
     assert 0 < correct < total
     assert score_vqa(items, items_answers)["metrics"]["accuracy"] == pytest.approx(correct / total)
+
+
+def _error_line(capsys) -> str:
+    """The last line on stderr (progress bars come before it), checked to be the one error line."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ")
+    return line
+
+
+def test_cli_failures_exit_2_with_one_line(tiny, tmp_path, capsys):
+    """Planted: every image missing (nothing answered is not a score of 0), an unknown task, a missing data
+    file. One image missing of three is skipped and counted, not a failure."""
+    _, model_dir = tiny
+    root, images = tb.write_vqav2(tmp_path / "vqav2")
+    common = ["--model", str(model_dir), "--max-new-tokens", "2"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    args = common + ["--task", "vqav2", "--data", str(root), "--images", str(empty), "--output", str(tmp_path / "a")]
+    assert run_cli(cli_main, args) == 2
+    assert f"none of the 3 vqav2 questions could be answered: 3 images missing from {empty}" in _error_line(capsys)
+
+    args = common + ["--task", "vqav3", "--data", str(root), "--output", str(tmp_path / "b")]
+    assert run_cli(cli_main, args) == 2
+    assert "unknown task 'vqav3'" in _error_line(capsys)
+
+    absent = tmp_path / "absent_questions.json"
+    args = common + ["--task", "vqav2", "--data", str(absent), "--images", str(images), "--output", str(tmp_path / "c")]
+    assert run_cli(cli_main, args) == 2
+    assert f"{absent}: file not found" in _error_line(capsys)
+
+    first = sorted(images.iterdir())[0]
+    first.unlink()
+    args = common + ["--task", "vqav2", "--data", str(root), "--images", str(images), "--output", str(tmp_path / "d")]
+    assert run_cli(cli_main, args) == 0
+    res = json.loads((tmp_path / "d" / "results.json").read_text())
+    assert (res["n_scored"], res["skipped"], res["missing_images"]) == (2, {"missing_file": 1}, {str(images): 1})
+
+
+def test_to_vqav2_failures_exit_2_with_one_line(tmp_path, capsys):
+    data = tmp_path / "shapes"
+    make_shapes(data, n_train=0, n_val=6, seed=0, size=32)
+    assert run_cli(to_vqav2.main, [str(tmp_path / "absent.jsonl"), "--out", str(tmp_path / "a")]) == 2
+    assert f"{tmp_path / 'absent.jsonl'}: data file not found" in _error_line(capsys)
+
+    elsewhere = tmp_path / "elsewhere"  # every image missing: no question, no half-written pair
+    assert run_cli(to_vqav2.main, [str(data / "val.jsonl"), "--image-folder", str(elsewhere),
+                                   "--out", str(tmp_path / "b")]) == 2
+    line = _error_line(capsys)
+    assert "no sample became a VQAv2 question" in line and "image not found" in line and "--image-folder" in line
+    assert not (tmp_path / "b" / "questions.json").exists()

@@ -3,8 +3,10 @@
 - `vqav2`: `--data` the questions JSON (`{"data_subtype", "questions": [{"question_id", "image_id",
   "question"}]}`) or a folder holding one `*questions*.json` and one `*annotations*.json`; the annotations
   (`{"annotations": [{"question_id", "answers": [{"answer"}] x 10, "answer_type", "question_type"}]}`)
-  come from `--annotations` or that folder (without them: answers only). Images: `--images` /
-  `COCO_{data_subtype}_{image_id:012d}.jpg` (.png accepted). VQA accuracy per answer and question type.
+  come from `--annotations` or that folder (without them: answers only). Images: `--images` (default:
+  `images/` beside the questions when there is one, as `evaluation.to_vqav2` writes it, else the questions'
+  folder) / `COCO_{data_subtype}_{image_id:012d}.jpg` (.png accepted). VQA accuracy per answer and
+  question type.
 - `gqa`: a balanced questions JSON (`{qid: {"imageId", "question", "answer", "types": {"structural",
   "semantic"}}}`), images `{imageId}.jpg`; exact match after the VQA normalisation.
 - `textvqa`: `TextVQA_0.5.1_val.json` (`{"data": [{"question_id", "image_id", "question", "answers"}]}`),
@@ -52,7 +54,9 @@ def load_vqav2(data: str, images: str | None, options: dict) -> list[EvalItem]:
     qdoc = read_json(qfile)
     need(qdoc, ("questions",), str(qfile))
     subtype = qdoc.get("data_subtype", "val2014")
-    folder = _image_folder(images, qfile.parent)
+    # python -m evaluation.to_vqav2 writes the images to images/ beside the questions; the released
+    # VQAv2 files are unpacked apart from their images (val2014/), which --images names.
+    folder = _image_folder(images, qfile.parent / "images" if (qfile.parent / "images").is_dir() else qfile.parent)
     anns = {}
     if afile is not None:
         adoc = read_json(afile)
