@@ -54,8 +54,9 @@ bench: setup
 smoke-real: setup
 	$(BIN)/python benchmarks/smoke_real.py
 
-# On a CUDA machine after `make setup`: kernel numerics tests compiled for the GPU, the kernel self-test, the
-# real-shape LoRA step in bf16, a QLoRA step, the step and attention benchmarks; one report, docs/gpu-check.md.
+# On a CUDA machine after `make setup`: the kernel self-test and numerics tests compiled for the GPU, attention
+# at 1k-8k tokens, a real-shape bf16 LoRA step beside the plan, the step / generation benchmarks, the demo through
+# train.py + test.py, a QLoRA step; one report, docs/gpu-check.md (docs/gpu.md). `--dry-run`: the CPU forms.
 gpu-check: setup
 	$(BIN)/python benchmarks/gpu_check.py
 

@@ -7,8 +7,8 @@ It makes the shapes data and its vocabulary, trains `configs/demo/stage1.yaml` a
 and asks `test.py` about a held-out image. Every step is its own process through the entry points, so on
 a GPU machine the Hugging Face Trainer / accelerate placement, autocast and the attention resolution run
 exactly as in a user's run (the device is whatever the Trainer picks). Prints each command's wall time,
-the device the run used, the first and last logged loss of each stage and the answer; exit status 1 when a
-step fails or the answer is empty.
+the device the run used, the first and last logged loss of each stage and the answer (a few steps' model may answer with nothing
+but its end of turn); exit status 1 when a step fails.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
           f"(reference {record['messages'][1]['content']!r})")
     if tmp:
         tmp.cleanup()
-    return 0 if code == 0 and answer else 1
+    return 0 if code == 0 else 1
 
 
 if __name__ == "__main__":

@@ -41,9 +41,14 @@ def forced_gpu(monkeypatch):
     monkeypatch.setattr(A, "_is_gpu", lambda x: True)
     monkeypatch.setattr(selftest, "verify", stand_in_verify)
     monkeypatch.delenv(A.SELFTEST_ENV, raising=False)
-    yield calls
-    selftest.reset()
-    _log.reset()
+    default = torch.get_default_device()
+    torch.set_default_device("cpu")  # the CPU, also under the GPU check's QWENVL_TEST_DEVICE=cuda
+    try:
+        yield calls
+    finally:
+        torch.set_default_device(default)
+        selftest.reset()
+        _log.reset()
 
 
 def test_training_with_checkpointing_and_generate_resolve_auto_before_any_forward(forced_gpu, tmp_path, capfd):
