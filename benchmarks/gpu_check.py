@@ -92,7 +92,8 @@ def default_checks(dry_run: bool = False) -> list[Check]:
     tests = sorted({p for pattern in KERNEL_TESTS for p in glob.glob(pattern, root_dir=ROOT)})
     gpu = not dry_run
     interp = {"TRITON_INTERPRET": "0" if gpu else "1"}
-    pytest_ = ["python", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider"]
+    # -rfEs: failures and skips named in the summary (the report keeps the output's tail), no captured logs
+    pytest_ = ["python", "-m", "pytest", "-q", "-rfEs", "--tb=short", "--show-capture=no", "-p", "no:cacheprovider"]
     real = ["--device", "cuda", "--dtype", "bf16", "--lm-config", "configs/hub/Qwen--Qwen2.5-1.5B-Instruct.json",
             "--steps", "3", "--batch", "4", "--lora-r", "64"] if gpu else ["--device", "cpu", "--dtype", "fp32", "--tiny"]
     checks = [
@@ -185,6 +186,7 @@ def run_checks(checks: list[Check], out: Path = DEFAULT_OUT, budget_s: float = B
         status = "ok" if code == 0 else ("timeout" if code is None else f"failed (exit {code})")
         print(f"gpu-check: {check.name}: {status} in {seconds:.1f} s", flush=True)
         results.append(Result(check, status, seconds, output, shown))
+        write_report(results, out, budget_s, time.monotonic() - start, dry_run)  # kept if the machine goes
     write_report(results, out, budget_s, time.monotonic() - start, dry_run)
     return results
 

@@ -177,7 +177,8 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
                            targets=int(count_targets(labels[:1])), micro_batch=batch)
     predicted_mem = plan.engines["DDP"]["total"] + plan.activation_per_gpu()
     peak_flops = peak_matmul_flops(dev, base)
-    predicted_step = plan.flops["total"] / (peak_flops * mfu)
+    step_flops = plan.flops["total"] * batch  # the plan counts one sample
+    predicted_step = step_flops / (peak_flops * mfu)
     measured_mem = step_peak - rss_before if dev.type == "cpu" else step_peak
     tmp.cleanup()
     return {
@@ -188,8 +189,8 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
         "trainable": trainable, "plan_trainable": plan.trainable, "rss_before": rss_before,
         "peak": step_peak, "peak_rss_total": peak_rss_bytes() if dev.type == "cpu" else None,
         "measured_mem": measured_mem, "plan_mem": predicted_mem, "plan_step_s": predicted_step,
-        "step_tflop": plan.flops["total"] / 1e12, "peak_tflops": peak_flops / 1e12, "mfu_assumed": mfu,
-        "achieved_mfu": plan.flops["total"] / step_s / peak_flops, "plan": plan, "lora_r": lora_r,
+        "step_tflop": step_flops / 1e12, "peak_tflops": peak_flops / 1e12, "mfu_assumed": mfu,
+        "achieved_mfu": step_flops / step_s / peak_flops, "plan": plan, "lora_r": lora_r,
         "targets": cfg.lora.targets, "lr": cfg.learning_rate, "projector_lr": cfg.projector_lr,
     }
 

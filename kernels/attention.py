@@ -149,19 +149,28 @@ def _varlen_to_padded(fn, q, k, v, cu_seqlens, causal, scale):
 
 @functools.cache
 def _load_torch_varlen():
-    """torch's flash varlen function, imported once (raises ImportError on a torch without it)."""
+    """(torch's flash varlen function, whether it takes `enable_gqa`), imported once (raises ImportError on
+    a torch without it). torch 2.11's has no `enable_gqa`: grouped K/V heads are expanded for it."""
+    import inspect
+
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn
+    return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 
 def torch_varlen_attention(q, k, v, cu_seqlens, causal=False, scale=None):
-    """torch's flash varlen kernel on packed [total, H, D] tensors (GQA in-kernel, no k/v copies)."""
+    """torch's flash varlen kernel on packed [total, H, D] tensors (GQA in-kernel where torch has it)."""
     # The longest sequence, read where cu_seqlens lives: no device sync when the caller kept it on the host.
     n = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)
-    return _load_torch_varlen()(q, k, v, cu, cu, n, n, scale=scale, window_size=(-1, 0) if causal else (-1, -1),
-                                enable_gqa=q.shape[1] != k.shape[1])
+    fn, takes_gqa = _load_torch_varlen()
+    window = (-1, 0) if causal else (-1, -1)
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and not takes_gqa:  # [total, Hkv, D] -> [total, Hq, D]
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    extra = {"enable_gqa": gqa} if takes_gqa else {}
+    return fn(q, k, v, cu, cu, n, n, scale=scale, window_size=window, **extra)
 
 
 _IMPL_FNS = {"torch": sdpa_attention, "eager": eager_attention}
