@@ -159,7 +159,7 @@ def test_routing_when_the_cuda_kernel_is_verified(monkeypatch, caplog):
     assert len(cuda_calls) == 1 and "impl=auto -> cuda (verified (test))" in caplog.text
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
 
-    mask = torch.rand(2, 1, 10, 10) > 0.2
+    mask = torch.rand(2, 1, 10, 10, device="cpu") > 0.2
     want = eager_attention(q, k, v, causal=True, attention_mask=mask)
     for impl in ("auto", "cuda"):
         with caplog.at_level(logging.INFO, logger="kernels.attention"):
@@ -168,7 +168,7 @@ def test_routing_when_the_cuda_kernel_is_verified(monkeypatch, caplog):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     assert "calls with attention_mask use SDPA" in caplog.text
     # Varlen loops the packed sequences through the extension.
-    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device="cpu")
     qp, kp, vp = (x[0].transpose(0, 1) for x in (q, k, v))
     got = attention(qp, kp, vp, causal=True, cu_seqlens=cu, impl="auto")
     assert len(cuda_calls) == 3
