@@ -7,6 +7,14 @@
   (default: the weights' own dtype, e.g. bf16 on a GPU, fp32 on a CPU). LoRA adapters go on top
   afterwards (`trainer.stages.apply_lora`); the 4-bit weights never take gradients. Norms, embeddings and
   the head stay in their dtype.
+- Layer widths on a CPU: bitsandbytes' CPU backend packs a 4-bit layer for inference (eval mode: generation,
+  merging, evaluation) on CPUs with AVX512-BF16, and that packing needs `in_features` to be a multiple of
+  64 (the quantisation block) and `out_features` a multiple of 32 (its tile of output rows). The same rule
+  is applied on every CPU (`check_cpu_widths`), so a config that runs on an AVX2 machine also runs on an
+  AVX-512 one: quantising for a CPU refuses, before anything is swapped, with one UserError line naming the
+  first layer that does not fit, its widths and what to do. Real LMs' widths are multiples of 64, so this
+  only bites tiny test models. On a CUDA GPU bitsandbytes' kernels take any width and nothing is checked;
+  such a checkpoint loaded on a CPU later meets the same check there.
 - `has_4bit(module)`: whether any 4-bit layer is inside; `quant_settings(module)` / `QUANT_FILE`: what a
   checkpoint records so that loading quantises the rebuilt LM the same way before the adapters go on.
 - `load_4bit_tensors(vlm, tensors)`: a state dict written from a 4-bit LM stores each layer's packed codes
@@ -60,16 +68,46 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+# bitsandbytes' CPU inference packing (`_convert_weight_packed_for_cpu`) reshapes the per-block scales to
+# [out_features, in_features / 64] and tiles the codes in groups of 32 output rows.
+CPU_IN_MULTIPLE = 64
+CPU_OUT_MULTIPLE = 32
+
+
+def _targets(lm: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The LM's linear layers that 4-bit quantisation swaps (every nn.Linear but the output head)."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return [(name, m) for name, m in lm.named_modules() if type(m) is nn.Linear and m is not head]
+
+
+def check_cpu_widths(vlm) -> None:
+    """Raise a UserError naming the first LM layer whose widths bitsandbytes' CPU 4-bit paths cannot take."""
+    bad = [(name, m) for name, m in _targets(vlm.lm)
+           if m.in_features % CPU_IN_MULTIPLE or m.out_features % CPU_OUT_MULTIPLE]
+    if not bad:
+        return
+    name, m = bad[0]
+    more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+    raise UserError(
+        f"lora.qlora=true on a CPU: LM layer lm.{name} has in_features={m.in_features}, "
+        f"out_features={m.out_features}{more}; bitsandbytes' CPU 4-bit kernels need in_features a multiple of "
+        f"{CPU_IN_MULTIPLE} and out_features a multiple of {CPU_OUT_MULTIPLE}: choose LM widths "
+        f"(hidden_size, intermediate_size, heads x head_dim) that are multiples of 64, or set lora.qlora=false")
+
+
 def quantize_lm_4bit(vlm, compute_dtype: torch.dtype | None = None, quant_type: str = QUANT_TYPE,
                      double_quant: bool = True) -> int:
-    """Quantise the LM's linear layers in place (head excepted); returns how many were swapped."""
-    bnb = _bnb()
+    """Quantise the LM's linear layers in place (head excepted); returns how many were swapped.
+    On a CPU, every layer's widths are checked first (`check_cpu_widths`)."""
     device = _device()
-    head = vlm.lm.get_output_embeddings() if hasattr(vlm.lm, "get_output_embeddings") else None
+    if device.type == "cpu":
+        check_cpu_widths(vlm)  # before bitsandbytes loads: the rule holds whether or not it is installed
+    bnb = _bnb()
+    targets = {id(m) for _, m in _targets(vlm.lm)}
     swapped = 0
     for module in list(vlm.lm.modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Linear or child is head:
+            if id(child) not in targets:
                 continue
             dtype = compute_dtype or child.weight.dtype
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
