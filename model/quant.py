@@ -7,14 +7,14 @@
   (default: the weights' own dtype, e.g. bf16 on a GPU, fp32 on a CPU). LoRA adapters go on top
   afterwards (`trainer.stages.apply_lora`); the 4-bit weights never take gradients. Norms, embeddings and
   the head stay in their dtype.
-- Layer widths on a CPU: bitsandbytes' CPU backend packs a 4-bit layer for inference (eval mode: generation,
-  merging, evaluation) on CPUs with AVX512-BF16, and that packing needs `in_features` to be a multiple of
-  64 (the quantisation block) and `out_features` a multiple of 32 (its tile of output rows). The same rule
-  is applied on every CPU (`check_cpu_widths`), so a config that runs on an AVX2 machine also runs on an
-  AVX-512 one: quantising for a CPU refuses, before anything is swapped, with one UserError line naming the
-  first layer that does not fit, its widths and what to do. Real LMs' widths are multiples of 64, so this
-  only bites tiny test models. On a CUDA GPU bitsandbytes' kernels take any width and nothing is checked;
-  such a checkpoint loaded on a CPU later meets the same check there.
+- Layer widths on a CPU: on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for a bf16 kernel
+  on its first forward in eval mode without gradients (generation, evaluation), and that packing needs
+  `in_features` to be a multiple of 64 (the quantisation block) and `out_features` a multiple of 32 (its
+  tile of output rows). The same rule is applied on every CPU (`check_cpu_widths`), so a config that runs
+  on an AVX2 machine also runs on an AVX-512 one: quantising for a CPU refuses, before anything is swapped,
+  with one UserError line naming the first layer that does not fit, its widths and what to do. Real LMs'
+  widths are multiples of 64, so this only bites tiny test models. On a CUDA GPU bitsandbytes' kernels take
+  any width and nothing is checked; such a checkpoint loaded on a CPU later meets the same check there.
 - `has_4bit(module)`: whether any 4-bit layer is inside; `quant_settings(module)` / `QUANT_FILE`: what a
   checkpoint records so that loading quantises the rebuilt LM the same way before the adapters go on.
 - `load_4bit_tensors(vlm, tensors)`: a state dict written from a 4-bit LM stores each layer's packed codes
