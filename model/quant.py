@@ -15,6 +15,10 @@
   with one UserError line naming the first layer that does not fit, its widths and what to do. Real LMs'
   widths are multiples of 64, so this only bites tiny test models. On a CUDA GPU bitsandbytes' kernels take
   any width and nothing is checked; such a checkpoint loaded on a CPU later meets the same check there.
+- Training after an eval forward: bitsandbytes keeps a layer in that bf16 inference layout, whose kernel has
+  no backward. A hook on every 4-bit layer takes it back off (and keeps it off) before any forward in
+  training mode or with an input that requires grad, so mid-run evaluation leaves training as it was;
+  inference-only models keep bitsandbytes' fast path.
 - `has_4bit(module)`: whether any 4-bit layer is inside; `quant_settings(module)` / `QUANT_FILE`: what a
   checkpoint records so that loading quantises the rebuilt LM the same way before the adapters go on.
 - `load_4bit_tensors(vlm, tensors)`: a state dict written from a 4-bit LM stores each layer's packed codes
@@ -95,6 +99,24 @@ def check_cpu_widths(vlm) -> None:
         f"(hidden_size, intermediate_size, heads x head_dim) that are multiples of 64, or set lora.qlora=false")
 
 
+def _trainable_layout(layer: nn.Module, args: tuple) -> None:
+    """Before a forward that may need gradients (training mode, or an input that requires grad): keep the
+    layer off bitsandbytes' CPU inference layout for good, and undo that layout if an earlier eval forward
+    made it. That layout's bf16 kernel has no backward (a training step after a mid-run evaluation failed,
+    or passed no gradient to the layer's input), and making it rounds the block scales to bf16."""
+    if not (layer.training or (args and isinstance(args[0], torch.Tensor) and args[0].requires_grad)):
+        return  # inference: bitsandbytes may use its packed bf16 kernel (AVX512-BF16 CPUs)
+    layer.support_avx512bf16_for_cpu = False  # the flag bitsandbytes' forward reads before repacking
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes' own inverse (it calls it before saving or moving a repacked layer): best effort,
+        # the block scales keep their bf16 rounding.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+        layer.quant_state = layer.weight.quant_state
+
+
 def quantize_lm_4bit(vlm, compute_dtype: torch.dtype | None = None, quant_type: str = QUANT_TYPE,
                      double_quant: bool = True) -> int:
     """Quantise the LM's linear layers in place (head excepted); returns how many were swapped.
@@ -118,6 +140,7 @@ def quantize_lm_4bit(vlm, compute_dtype: torch.dtype | None = None, quant_type: 
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
             q.to(device)  # bitsandbytes quantises a Params4bit when it is moved to a device
+            q.register_forward_pre_hook(_trainable_layout)
             setattr(module, child_name, q)
             swapped += 1
     if swapped == 0:

@@ -14,6 +14,7 @@ The tiny LMs here have 64-wide layers, so every test runs the same on an AVX2, a
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,44 @@ def test_4bit_base_weights_take_a_quarter_of_bf16(tmp_path, data):
             err = (module.weight - w).abs().mean() / w.abs().mean()
             assert err < 0.15, (name, err.item())
 
+
+def test_4bit_layer_keeps_its_gradient_after_an_eval_forward(data):
+    """Mid-run evaluation (eval mode, no gradients) must not change a later training step. On AVX512-BF16
+    CPUs bitsandbytes repacks a layer for a bf16 kernel without backward on such a forward; elsewhere this
+    holds by itself."""
+    _require_bnb_cpu_4bit()
+    from model import build_vlm
+    from model.quant import quantize_lm_4bit
+
+    def step(layer, x):  # a training forward and backward: (output, gradient at the input)
+        x = x.detach().requires_grad_(True)
+        layer.train()
+        y = layer(x)
+        y.sum().backward()
+        return y.detach(), x.grad
+
+    def evaluate(layer, x):
+        layer.eval()
+        with torch.no_grad():
+            return layer(x)
+
+    vlm = build_vlm(tiny_model_section(data, hidden=QLORA_HIDDEN))
+    quantize_lm_4bit(vlm)
+    layer = vlm.lm.transformer.h[0].attn.c_attn  # it has a bias
+    evaluated_first = copy.deepcopy(layer)
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
+
+    y1, g1 = step(layer, x)
+    evaluate(layer, x)
+    y2, g2 = step(layer, x)  # trained before: the evaluation took the training path, nothing changed
+    assert g2 is not None and torch.equal(y1, y2) and torch.equal(g1, g2)
+
+    evaluate(evaluated_first, x)  # an evaluation before any training step (repacks where bitsandbytes does)
+    y3, g3 = step(evaluated_first, x)
+    assert g3 is not None, "no gradient reached the input of a 4-bit layer trained after an evaluation"
+    scale = y1.abs().max().item()
+    assert (y3 - y1).abs().max().item() < 0.02 * scale  # at most the block scales' bf16 rounding
+    assert (g3 - g1).abs().max().item() < 0.02 * g1.abs().max().item()
 
 def test_qlora_refuses_a_32_wide_layer_on_any_cpu_before_training(tmp_path, data, capsys, monkeypatch):
     import model.quant as quant
