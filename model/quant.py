@@ -18,7 +18,7 @@
 - Training after an eval forward: bitsandbytes keeps a layer in that bf16 inference layout, whose kernel has
   no backward. A hook on every 4-bit layer takes it back off (and keeps it off) before any forward in
   training mode or with an input that requires grad, so mid-run evaluation leaves training as it was;
-  inference-only models keep bitsandbytes' fast path.
+  inference-only models keep bitsandbytes' fast path. `dequantize_lm` undoes that layout first as well.
 - `has_4bit(module)`: whether any 4-bit layer is inside; `quant_settings(module)` / `QUANT_FILE`: what a
   checkpoint records so that loading quantises the rebuilt LM the same way before the adapters go on.
 - `load_4bit_tensors(vlm, tensors)`: a state dict written from a 4-bit LM stores each layer's packed codes
@@ -107,6 +107,12 @@ def _trainable_layout(layer: nn.Module, args: tuple) -> None:
     if not (layer.training or (args and isinstance(args[0], torch.Tensor) and args[0].requires_grad)):
         return  # inference: bitsandbytes may use its packed bf16 kernel (AVX512-BF16 CPUs)
     layer.support_avx512bf16_for_cpu = False  # the flag bitsandbytes' forward reads before repacking
+    _undo_cpu_layout(layer)
+
+
+def _undo_cpu_layout(layer: nn.Module) -> None:
+    """Put a layer that bitsandbytes repacked for its CPU inference kernel back into the ordinary 4-bit
+    layout (codes + quantisation state), which training, dequantising and saving read."""
     state = layer.weight.quant_state
     if getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes' own inverse (it calls it before saving or moving a repacked layer): best effort,
@@ -190,6 +196,7 @@ def dequantize_lm(vlm) -> int:
         for child_name, child in list(module.named_children()):
             if not _is_4bit(child):
                 continue
+            _undo_cpu_layout(child)  # a layer that ran an eval forward on an AVX512-BF16 CPU
             state = child.weight.quant_state
             weight = bnb.functional.dequantize_4bit(child.weight.data, state)  # [out, in], the original dtype
             dense = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,

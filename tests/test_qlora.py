@@ -153,7 +153,7 @@ def test_4bit_layer_keeps_its_gradient_after_an_eval_forward(data):
     holds by itself."""
     _require_bnb_cpu_4bit()
     from model import build_vlm
-    from model.quant import quantize_lm_4bit
+    from model.quant import dequantize_lm, quantize_lm_4bit
 
     def step(layer, x):  # a training forward and backward: (output, gradient at the input)
         x = x.detach().requires_grad_(True)
@@ -169,6 +169,7 @@ def test_4bit_layer_keeps_its_gradient_after_an_eval_forward(data):
 
     vlm = build_vlm(tiny_model_section(data, hidden=QLORA_HIDDEN))
     quantize_lm_4bit(vlm)
+    evaluated_vlm = copy.deepcopy(vlm)
     layer = vlm.lm.transformer.h[0].attn.c_attn  # it has a bias
     evaluated_first = copy.deepcopy(layer)
     x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(0))
@@ -184,6 +185,13 @@ def test_4bit_layer_keeps_its_gradient_after_an_eval_forward(data):
     scale = y1.abs().max().item()
     assert (y3 - y1).abs().max().item() < 0.02 * scale  # at most the block scales' bf16 rounding
     assert (g3 - g1).abs().max().item() < 0.02 * g1.abs().max().item()
+
+    # Dequantising (merging) after an evaluation reads the same weights.
+    evaluate(evaluated_vlm.lm.transformer.h[0].attn.c_attn, x)
+    dequantize_lm(evaluated_vlm)
+    with torch.no_grad():
+        y4 = evaluated_vlm.lm.transformer.h[0].attn.c_attn(x)
+    assert (y4 - y1).abs().max().item() < 0.02 * scale
 
 def test_qlora_refuses_a_32_wide_layer_on_any_cpu_before_training(tmp_path, data, capsys, monkeypatch):
     import model.quant as quant
