@@ -7,6 +7,18 @@
   (default: the weights' own dtype, e.g. bf16 on a GPU, fp32 on a CPU). LoRA adapters go on top
   afterwards (`trainer.stages.apply_lora`); the 4-bit weights never take gradients. Norms, embeddings and
   the head stay in their dtype.
+- Layer widths on a CPU: on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for a bf16 kernel
+  on its first forward in eval mode without gradients (generation, evaluation), and that packing needs
+  `in_features` to be a multiple of 64 (the quantisation block) and `out_features` a multiple of 32 (its
+  tile of output rows). The same rule is applied on every CPU (`check_cpu_widths`), so a config that runs
+  on an AVX2 machine also runs on an AVX-512 one: quantising for a CPU refuses, before anything is swapped,
+  with one UserError line naming the first layer that does not fit, its widths and what to do. Real LMs'
+  widths are multiples of 64, so this only bites tiny test models. On a CUDA GPU bitsandbytes' kernels take
+  any width and nothing is checked; such a checkpoint loaded on a CPU later meets the same check there.
+- Training after an eval forward: bitsandbytes keeps a layer in that bf16 inference layout, whose kernel has
+  no backward. A hook on every 4-bit layer takes it back off (and keeps it off) before any forward in
+  training mode or with an input that requires grad, so mid-run evaluation leaves training as it was;
+  inference-only models keep bitsandbytes' fast path. `dequantize_lm` undoes that layout first as well.
 - `has_4bit(module)`: whether any 4-bit layer is inside; `quant_settings(module)` / `QUANT_FILE`: what a
   checkpoint records so that loading quantises the rebuilt LM the same way before the adapters go on.
 - `load_4bit_tensors(vlm, tensors)`: a state dict written from a 4-bit LM stores each layer's packed codes
@@ -60,16 +72,70 @@ def _device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+# bitsandbytes' CPU inference packing (`_convert_weight_packed_for_cpu`) reshapes the per-block scales to
+# [out_features, in_features / 64] and tiles the codes in groups of 32 output rows.
+CPU_IN_MULTIPLE = 64
+CPU_OUT_MULTIPLE = 32
+
+
+def _targets(lm: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The LM's linear layers that 4-bit quantisation swaps (every nn.Linear but the output head)."""
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return [(name, m) for name, m in lm.named_modules() if type(m) is nn.Linear and m is not head]
+
+
+def check_cpu_widths(vlm) -> None:
+    """Raise a UserError naming the first LM layer whose widths bitsandbytes' CPU 4-bit paths cannot take."""
+    bad = [(name, m) for name, m in _targets(vlm.lm)
+           if m.in_features % CPU_IN_MULTIPLE or m.out_features % CPU_OUT_MULTIPLE]
+    if not bad:
+        return
+    name, m = bad[0]
+    more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+    raise UserError(
+        f"lora.qlora=true on a CPU: LM layer lm.{name} has in_features={m.in_features}, "
+        f"out_features={m.out_features}{more}; bitsandbytes' CPU 4-bit kernels need in_features a multiple of "
+        f"{CPU_IN_MULTIPLE} and out_features a multiple of {CPU_OUT_MULTIPLE}: choose LM widths "
+        f"(hidden_size, intermediate_size, heads x head_dim) that are multiples of 64, or set lora.qlora=false")
+
+
+def _trainable_layout(layer: nn.Module, args: tuple) -> None:
+    """Before a forward that may need gradients (training mode, or an input that requires grad): keep the
+    layer off bitsandbytes' CPU inference layout for good, and undo that layout if an earlier eval forward
+    made it. That layout's bf16 kernel has no backward (a training step after a mid-run evaluation failed,
+    or passed no gradient to the layer's input), and making it rounds the block scales to bf16."""
+    if not (layer.training or (args and isinstance(args[0], torch.Tensor) and args[0].requires_grad)):
+        return  # inference: bitsandbytes may use its packed bf16 kernel (AVX512-BF16 CPUs)
+    layer.support_avx512bf16_for_cpu = False  # the flag bitsandbytes' forward reads before repacking
+    _undo_cpu_layout(layer)
+
+
+def _undo_cpu_layout(layer: nn.Module) -> None:
+    """Put a layer that bitsandbytes repacked for its CPU inference kernel back into the ordinary 4-bit
+    layout (codes + quantisation state), which training, dequantising and saving read."""
+    state = layer.weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        # bitsandbytes' own inverse (it calls it before saving or moving a repacked layer): best effort,
+        # the block scales keep their bf16 rounding.
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        layer.weight.data, layer.weight.quant_state = _convert_weight_packed_for_cpu_inverse(layer.weight.data, state)
+        layer.quant_state = layer.weight.quant_state
+
+
 def quantize_lm_4bit(vlm, compute_dtype: torch.dtype | None = None, quant_type: str = QUANT_TYPE,
                      double_quant: bool = True) -> int:
-    """Quantise the LM's linear layers in place (head excepted); returns how many were swapped."""
-    bnb = _bnb()
+    """Quantise the LM's linear layers in place (head excepted); returns how many were swapped.
+    On a CPU, every layer's widths are checked first (`check_cpu_widths`)."""
     device = _device()
-    head = vlm.lm.get_output_embeddings() if hasattr(vlm.lm, "get_output_embeddings") else None
+    if device.type == "cpu":
+        check_cpu_widths(vlm)  # before bitsandbytes loads: the rule holds whether or not it is installed
+    bnb = _bnb()
+    targets = {id(m) for _, m in _targets(vlm.lm)}
     swapped = 0
     for module in list(vlm.lm.modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is not nn.Linear or child is head:
+            if id(child) not in targets:
                 continue
             dtype = compute_dtype or child.weight.dtype
             q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
@@ -80,6 +146,7 @@ def quantize_lm_4bit(vlm, compute_dtype: torch.dtype | None = None, quant_type: 
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.to(dtype), requires_grad=False)
             q.to(device)  # bitsandbytes quantises a Params4bit when it is moved to a device
+            q.register_forward_pre_hook(_trainable_layout)
             setattr(module, child_name, q)
             swapped += 1
     if swapped == 0:
@@ -129,6 +196,7 @@ def dequantize_lm(vlm) -> int:
         for child_name, child in list(module.named_children()):
             if not _is_4bit(child):
                 continue
+            _undo_cpu_layout(child)  # a layer that ran an eval forward on an AVX512-BF16 CPU
             state = child.weight.quant_state
             weight = bnb.functional.dequantize_4bit(child.weight.data, state)  # [out, in], the original dtype
             dense = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,

@@ -9,11 +9,16 @@ Contract:
   and exit status 2. Anything else is a bug and keeps its traceback. `--debug` on the command line (removed
   before `main` sees it) or `QWENVL_DEBUG=1` shows the traceback of user errors too.
 - `writable_dir(path, what)`: creates `path` (and parents) or raises a UserError naming it.
+- `quiet_third_party()`: drops the start-up messages of third-party libraries that say nothing a user can
+  act on (`NOISE`: a logger name and the prefixes of the messages dropped from it; nothing else from that
+  logger, no warning of ours). It runs when this module is imported, before any entry point's heavy
+  imports (bitsandbytes logs at import time), and is idempotent; handlers set up later keep it.
 This module imports nothing heavy, so converters and `--help` stay fast.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -21,9 +26,40 @@ from pathlib import Path
 
 from dataset.sample import UserError
 
-__all__ = ["UserError", "run_cli", "writable_dir"]
+__all__ = ["UserError", "quiet_third_party", "run_cli", "writable_dir"]
 
 DEBUG_ENV = "QWENVL_DEBUG"
+
+NOISE: dict[str, tuple[str, ...]] = {
+    # bitsandbytes on AVX512-BF16 CPUs tries an optional CPU kernel from the Hugging Face hub through the
+    # `kernels` package and falls back to its own kernel; our top-level `kernels/` package shadows that
+    # name, and nothing may reach the network at run time anyway.
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+    # DeepSpeed's accelerator detection on a machine without CUDA (the run logs its own device choices).
+    "DeepSpeed": ("Setting accelerator to CPU.",),
+}
+
+
+class _DropMessages(logging.Filter):
+    """Drops the records of one logger whose message starts with one of `prefixes`."""
+
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Install the `NOISE` filters on their loggers (once; the loggers need not exist yet)."""
+    for name, prefixes in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
+
+
+quiet_third_party()  # at import: entry points import heavy modules (which log as they load) before run_cli
 
 
 def debug_requested(argv: list[str]) -> bool:

@@ -127,7 +127,7 @@ class VLMTrainer(Trainer):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             groups = param_groups(unwrap(opt_model), weight_decay=self.args.weight_decay, **self.lr_settings)
-            print("optimizer groups:\n" + describe_groups(groups), flush=True)
+            log.info("optimizer groups:\n%s", describe_groups(groups))  # once: param_groups does not log
             # The fused kernel updates every tensor of a group in one pass (CPU and CUDA); it needs
             # floating-point parameters on one of those devices.
             params = [p for g in groups for p in g["params"]]

@@ -3,17 +3,15 @@
 Parts are recognised by the top-level name in the VLM: `projector.*` (and `token_rows.*`, trainable
 token embedding rows), `towers.*` and `lm.*` (LoRA adapters live under `lm.` too). Each part is split into a decay and a no-decay group, so the optimizer
 has up to six groups; every group carries a `name` so logs and tests can find it.
+`param_groups` only builds them; `describe_groups` is the text the Trainer logs once when it makes the
+optimizer.
 """
 
 from __future__ import annotations
 
-import logging
-
 from torch import nn
 
 from trainer.stages import part_of
-
-log = logging.getLogger(__name__)
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
@@ -54,16 +52,13 @@ def param_groups(
     if ("vision", False) in groups or ("vision", True) in groups:
         if vision_lr <= 0:
             raise ValueError("vision tower parameters are trainable but vision_lr is 0; set vision_lr > 0")
-    out = list(groups.values())
-    for g in out:
-        log.info("param group %-20s lr=%.2e wd=%.3g tensors=%d params=%s", g["name"], g["lr"],
-                 g["weight_decay"], len(g["params"]), f"{sum(p.numel() for p in g['params']):,}")
-    return out
+    return list(groups.values())
 
 
 def describe_groups(groups: list[dict]) -> str:
+    """One line per group: name, learning rate, weight decay, tensors and parameters."""
     return "\n".join(
-        f"  {g['name']:<20} lr={g['lr']:.2e} weight_decay={g['weight_decay']} "
+        f"  {g['name']:<20} lr={g['lr']:.2e} weight_decay={g['weight_decay']:g} tensors={len(g['params'])} "
         f"params={sum(p.numel() for p in g['params']):,}"
         for g in groups
     )
