@@ -179,3 +179,84 @@ def test_evil_checkpoint_refused_by_test_py(tmp_path, base):
     assert len(errors) == 1 and "other_params.bin" in errors[0] and "refused" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr and "unpickled" not in proc.stdout + proc.stderr
     assert not (ckpt / "converted").exists()
+
+
+def _image(path: Path, colour) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (36, 32), colour).save(path)
+    return path
+
+
+def test_seed_test_sh_answers(tmp_path, base):
+    from model.bigbro import load_bigbro
+
+    root, lm_dir = base
+    tower_dir = _tower_dir(root, "siglip")
+    ckpt = tmp_path / "weights" / "checkpoint-10000"
+    write_bigbro_checkpoint(ckpt, lm_dir, tower_dir, "siglip")
+    img = _image(tmp_path / "test_img" / "1.jpg", (30, 140, 200))
+    # that repo's test.sh, as its users have it (only the paths are ours)
+    script = tmp_path / "test.sh"
+    script.write_text(f'"{sys.executable}" test.py --base_language_model {lm_dir} --base_value_model {tower_dir} '
+                      f'--model_weights {ckpt}/ --image_path {img} --prompt "{QUESTION[0]}<|extra_0|>{QUESTION[1]}" '
+                      f'--max-new-tokens 5\n')
+    proc = subprocess.run(["sh", str(script)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for flag, ours in (("--base_language_model", "--lm"), ("--base_value_model", "--tower"),
+                       ("--model_weights", "--model"), ("--image_path", "--image")):
+        assert sum(line.startswith(flag) and f"spelt {ours} " in line for line in proc.stderr.splitlines()) == 1
+    from dataset import load_image
+
+    vlm = load_bigbro(ckpt, str(lm_dir), str(tower_dir))  # the conversion test.py made
+    expect = vlm.chat([load_image(str(img))], [{"role": "user", "content": QUESTION[0] + "<image>" + QUESTION[1]}],
+                      max_new_tokens=5)
+    assert proc.stdout.strip().splitlines()[-1] == expect.strip()
+    assert (ckpt / "converted" / "bigbro_import.json").is_file()
+
+
+def test_seed_train_sh_continues_from_the_checkpoint(tmp_path, base, monkeypatch, capsys):
+    from model import VLM
+    from tests.tiny_server import entry
+
+    root, lm_dir = base
+    tower_dir = _tower_dir(root, "siglip")
+    ckpt = tmp_path / "weights" / "checkpoint-10"
+    peft_lm, feature_proj = write_bigbro_checkpoint(ckpt, lm_dir, tower_dir, "siglip")
+    monkeypatch.chdir(tmp_path)  # that repo opened the image_map's paths from the current directory
+    colours = [(200, 20, 20), (20, 200, 20), (20, 20, 200), (200, 200, 20)]
+    image_map = {str(i): f"data/imgs/{i}.png" for i in range(4)}
+    for i, c in enumerate(colours):
+        _image(tmp_path / image_map[str(i)], c)
+    (tmp_path / "data" / "image_map_b.json").write_text(json.dumps(image_map))
+    captions = {str(i): [f"一个{['红', '绿', '蓝', '黄'][i]}色的方块"] for i in range(4)}
+    (tmp_path / "data" / "captions_b.json").write_text(json.dumps(captions, ensure_ascii=False))
+    out = tmp_path / "weights" / "train_V1_6"
+    argv = ("--lora_rank 4 --lora_dropout 0.10 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 "
+            "--num_train_epochs 2 --save_steps 1000 --save_total_limit 5 --learning_rate 3e-5 --seed 42 "
+            "--ddp_find_unused_parameters False --feature_proj_lr 1e-4 --remove_unused_columns false "
+            f"--logging_steps 100 --output_dir {out} --target_modules c_attn|w1|w2 "
+            "--image_map data/image_map_b.json --captions_file data/captions_b.json "
+            f"--base_language_model {lm_dir} --base_value_model {tower_dir} --previous_lora_weights {ckpt} "
+            "--report_to none --max_steps 2").split()
+    assert entry("train").main(argv) == 0
+    said = capsys.readouterr().err.splitlines()
+    for flag, ours in (("--lora_rank 4", "lora.r=4"), ("--feature_proj_lr 1e-4", "projector_lr=1e-4"),
+                       ("--target_modules c_attn|w1|w2", "lora.targets=c_attn|w1|w2"),
+                       (f"--previous_lora_weights {ckpt}", f"init_from={ckpt}")):
+        assert sum(line == f"{flag}: spelt {ours} here" for line in said) == 1, (flag, said)
+    assert any(line.startswith("--ddp_find_unused_parameters False: ignored") for line in said)
+    assert any(line.startswith("--image_map data/image_map_b.json --captions_file") for line in said)
+
+    final = VLM.from_pretrained(out / "final")
+    assert final.config.chat_template == "bigbro" and final.towers.select == "drop_first"
+    # it went on from the checkpoint: its projector and adapters moved a little from the BigBro ones
+    mlp = final.projector.mlp
+    for ours, seed in ((mlp[0].weight, feature_proj[0].weight), (mlp[2].weight, feature_proj[2].weight)):
+        gap = (ours.float() - seed.float()).abs().max().item()
+        assert 0 < gap < 1e-2, gap
+    seed_a = dict(peft_lm.named_parameters())["base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"]
+    ours_a = dict(final.lm.named_parameters())["base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"]
+    gap = (ours_a.float() - seed_a.float()).abs().max().item()
+    assert 0 < gap < 1e-2, gap
