@@ -260,3 +260,36 @@ def test_seed_train_sh_continues_from_the_checkpoint(tmp_path, base, monkeypatch
     ours_a = dict(final.lm.named_parameters())["base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight"]
     gap = (ours_a.float() - seed_a.float()).abs().max().item()
     assert 0 < gap < 1e-2, gap
+
+
+def test_train_flags_in_our_spelling(tmp_path, base, capsys):
+    from dataset.sample import UserError
+    from trainer.bigbro import train_argv
+
+    root, lm_dir = base
+    tower_dir = _tower_dir(root, "clip")
+    got = train_argv(["--bf16", "True", "--gradient_checkpointing", "--report_to", "none", "--output_dir=runs/x",
+                      "--base_language_model", str(lm_dir), "--base_value_model", str(tower_dir), "seed=3"])
+    for want in ("precision=bf16", "gradient_checkpointing=true", "report_to=[]", "output_dir=runs/x", "seed=3",
+                 f"model.lm={lm_dir}", "model.chat_template=bigbro", "model.image_mode=crop"):
+        assert want in got, (want, got)
+    towers = [a for a in got if a.startswith("model.towers=")]
+    assert len(towers) == 1 and '"hf_clip"' in towers[0] and '"drop_first"' in towers[0]
+    assert train_argv(["configs/x.yaml", "lora.r=4"]) == ["configs/x.yaml", "lora.r=4"]  # ours: unchanged
+    with pytest.raises(UserError, match="--warmup_stepz"):
+        train_argv(["--warmup_stepz", "10"])
+    capsys.readouterr()
+
+
+def test_checkpoint_without_base_names_says_so(tmp_path, base, capsys):
+    from tests.tiny_server import entry
+    from trainer.cli import run_cli
+
+    root, lm_dir = base
+    ckpt = tmp_path / "ckpt"
+    write_bigbro_checkpoint(ckpt, lm_dir, _tower_dir(root, "clip"), "clip")
+    img = _image(tmp_path / "a.png", (9, 9, 9))
+    assert run_cli(entry("test").main, ["--model_weights", str(ckpt), "--image_path", str(img), "--prompt", "q"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "BigBro checkpoint" in err[0] and "--base_value_model" in err[0]
+    assert not (ckpt / "converted").exists()
