@@ -17,7 +17,8 @@ line on stderr saying how it is spelt here (`--flag value` and `--flag=value` bo
   are ignored with a line; any other flag is an error listing the known ones. A command line without
   `--flag`s is returned unchanged.
 - `resolve_init_from(cfg)`: `init_from` naming a BigBro checkpoint is converted once (model/bigbro.py)
-  with the base models of `model.lm` / `model.towers[0].name_or_path`, then names the conversion.
+  with the base models of `model.lm` / `model.towers[0].name_or_path` (over the `preset`'s), then names
+  the conversion (and the model keys are dropped: the conversion holds the whole model).
 """
 
 from __future__ import annotations
@@ -216,9 +217,11 @@ def resolve_init_from(cfg):
 
     if not cfg.init_from or not is_bigbro_dir(cfg.init_from):
         return cfg
-    towers = cfg.model.get("towers") or [{}]
-    lm, tower = cfg.model.get("lm"), towers[0].get("name_or_path")
     from model.bigbro import convert_bigbro  # heavy (torch): only for a BigBro checkpoint
+    from model.model import PRESETS
+
+    named = {**(PRESETS.get(cfg.preset, {}) if cfg.preset else {}), **cfg.model}  # base names: preset, model.*
+    lm, tower = named.get("lm"), (named.get("towers") or [{}])[0].get("name_or_path")
 
     cfg.init_from = str(convert_bigbro(cfg.init_from, lm, tower))
     cfg.model, cfg.preset = {}, None  # the conversion holds the whole model
