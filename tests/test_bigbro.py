@@ -293,3 +293,23 @@ def test_checkpoint_without_base_names_says_so(tmp_path, base, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "BigBro checkpoint" in err[0] and "--base_value_model" in err[0]
     assert not (ckpt / "converted").exists()
+
+
+def test_init_from_with_our_keys(tmp_path, base):
+    from model import VLM
+    from trainer.bigbro import resolve_init_from
+    from trainer.config import check_paths, load_train_config
+
+    root, lm_dir = base
+    tower_dir = _tower_dir(root, "clip")
+    ckpt = tmp_path / "ckpt"
+    write_bigbro_checkpoint(ckpt, lm_dir, tower_dir, "clip")
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    over = [f"init_from={ckpt}", f"model.lm={lm_dir}", f"model.towers=[{{backend: hf_clip, name_or_path: {tower_dir}}}]",
+            f"data_path=[{data}]", f"output_dir={tmp_path / 'run'}", "lora.r=4", "lora.targets=c_attn|w1|w2"]
+    cfg = resolve_init_from(load_train_config(None, over))
+    assert cfg.init_from == str(ckpt / "converted") and cfg.model == {}
+    check_paths(cfg)  # a model directory of ours now
+    vlm = VLM.from_pretrained(cfg.init_from)
+    assert vlm.config.chat_template == "bigbro" and vlm.towers.last_hidden_state
