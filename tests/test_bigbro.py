@@ -313,3 +313,12 @@ def test_init_from_with_our_keys(tmp_path, base):
     check_paths(cfg)  # a model directory of ours now
     vlm = VLM.from_pretrained(cfg.init_from)
     assert vlm.config.chat_template == "bigbro" and vlm.towers.last_hidden_state
+    # its adapters train on when lora.* names them; other settings would lose them in a trainable-only model
+    from trainer.config_io import ConfigError
+    from trainer.run import continue_or_fold_adapters
+
+    assert continue_or_fold_adapters(cfg, vlm).r == 0  # no second set of adapters
+    for key, value in (("r", 8), ("targets", "c_attn|w1")):
+        other = load_train_config(None, over + [f"lora.{key}={value}"])
+        with pytest.raises(ConfigError, match="save_full_model=true"):
+            continue_or_fold_adapters(other, vlm)
