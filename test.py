@@ -7,9 +7,11 @@
 `--model` takes a run directory (its `final/` model, else its newest checkpoint) or a saved model
 directory. Decoding is greedy unless `--do-sample` is given. `--stream` prints tokens as they come.
 
-The original repo's command keeps working: `--base_language_model ID --base_value_model ID
---model_weights RUN_DIR --image_path IMG --prompt "...<|extra_0|>..."` (the `<|extra_0|>` in the prompt
-marks where the image goes).
+`--lm` / `--tower` point the model at another copy of its base LM / vision tower (a local directory).
+The original (BigBro) repo's command keeps working: `--base_language_model ID --base_value_model ID
+--model_weights DIR --image_path IMG --prompt "...<|extra_0|>..."` (the `<|extra_0|>` in the prompt
+marks where the image goes); each of its flags is an alias that says its spelling here (trainer/bigbro.py),
+and DIR may be one of its own checkpoints (adapter_model.bin + other_params.bin), converted once beside it.
 
 A mistake (a missing or unreadable image, a model directory without a model, a hub name while offline,
 a data file that is not JSON) ends with one line `error: ...` (exit status 2; `--debug` shows the
@@ -24,7 +26,8 @@ from pathlib import Path
 
 # Light modules only at the top, so `--help` answers before torch loads; heavy ones load where used.
 from dataset.sample import IMAGE_MARKER, UserError
-from model.paths import resolve_model_dir
+from model.paths import is_bigbro_dir, resolve_model_dir
+from trainer.bigbro import test_argv
 from trainer.cli import run_cli, writable_dir
 
 LEGACY_PLACEHOLDER = "<|extra_0|>"
@@ -51,14 +54,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stream", action="store_true", help="print the answer token by token")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    # the original repo's flags
-    ap.add_argument("--base_language_model", help=argparse.SUPPRESS)
-    ap.add_argument("--base_value_model", help=argparse.SUPPRESS)
-    ap.add_argument("--model_weights", help=argparse.SUPPRESS)
-    ap.add_argument("--image_path", action="append", default=[], help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    args.image += args.image_path
-    if not args.model and not args.model_weights:
+    ap.add_argument("--lm", default=None, help="the base LM's hub id or directory (a BigBro checkpoint needs it)")
+    ap.add_argument("--tower", default=None, help="the vision tower's hub id or directory (likewise)")
+    args = ap.parse_args(test_argv(list(sys.argv[1:] if argv is None else argv)))  # BigBro flags: aliases
+    if not args.model:
         ap.error("give --model RUN_OR_MODEL_DIR (or the original --model_weights with the base models)")
     if args.input and not args.output:
         ap.error("--input needs --output")
@@ -70,13 +69,12 @@ def load_model(args, model_dir: Path):
 
     from model import VLM
 
-    overrides = {}
-    if args.model_weights:
-        if args.base_language_model:
-            overrides["lm"] = args.base_language_model
-        if args.base_value_model:
-            overrides["tower_path"] = args.base_value_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if is_bigbro_dir(model_dir):
+        from model.bigbro import load_bigbro  # its .bin files, converted once beside them
+
+        return load_bigbro(model_dir, args.lm, args.tower).to(device).eval()
+    overrides = {k: v for k, v in (("lm", args.lm), ("tower_path", args.tower)) if v}
     return VLM.from_pretrained(model_dir, **overrides).to(device).eval()
 
 
@@ -176,7 +174,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # Everything the user named is checked before the model loads: a wrong path fails in a second.
     images = load_images(args.image)
-    model_dir = resolve_model_dir(args.model_weights or args.model)
+    bigbro = is_bigbro_dir(args.model) and args.lm and args.tower  # else resolve_model_dir says what is missing
+    model_dir = Path(args.model) if bigbro else resolve_model_dir(args.model)
     if args.input:
         from trainer.evaluate import load_samples  # PIL, numpy: after argument parsing
 

@@ -5,6 +5,9 @@ listing the valid ones. The work happens in `trainer.run`; this file only parses
 A mistake in the config, the data or a path ends with one line `error: ...` (exit status 2); `--debug`
 shows the traceback. `python train.py --check CONFIG.yaml [key=value ...]` checks the config and its paths
 only (what train.sh does once before it launches several processes; WORLD_SIZE sets the process count).
+The BigBro repo's train.sh flags (`--lora_rank 128 --feature_proj_lr 1e-4 --image_map ... --output_dir ...`)
+are accepted as aliases of our keys, each saying how it is spelt here (trainer/bigbro.py); `init_from` may
+name one of its checkpoints.
 """
 
 import sys
@@ -32,13 +35,16 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    from trainer.bigbro import resolve_init_from, train_argv
+
+    argv = train_argv(argv)  # the BigBro repo's --flags -> our key=value (a line each); others unchanged
     check_only = bool(argv) and argv[0] == "--check"
     if check_only:
         argv = argv[1:]
     config_path = argv.pop(0) if argv and "=" not in argv[0] else None
     from trainer.config import check_paths, load_train_config
 
-    cfg = load_train_config(config_path, argv)
+    cfg = resolve_init_from(load_train_config(config_path, argv))  # a BigBro checkpoint: converted once
     check_paths(cfg)  # before trainer.run (~10 s to import) and the model load: a wrong path fails fast
     if check_only:  # train.sh runs this once before torchrun starts N processes that would each fail alike
         return 0

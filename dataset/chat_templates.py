@@ -11,14 +11,21 @@ Contract:
   `join_text=True` encodes a header's trailing text together with the following content when both are
   unsupervised (byte-level BPE then gives the same ids as tokenizing the whole string); ChatML keeps
   role, "\\n" and content separate, as Qwen's own code does.
+- A template may also carry a prompt preset: `default_system` (the system message of a conversation that
+  has none and no `system_prompt` is given), `user_prefix` (text put before every user message's content,
+  encoded together with it) and `image_delimiters=False` (an image span is the placeholders alone, even
+  for an LM that has image start/end tokens).
 - `TEMPLATES`: name -> ChatTemplate: `chatml` (Qwen, SmolLM), `llama3`, `mistral` (`[INST]`, Llama-2
-  style without the per-turn BOS), `gemma`, `phi3`.
+  style without the per-turn BOS), `gemma`, `phi3`, and `bigbro`: ChatML with the BigBro repo's prompt
+  (system "你是一位图像理解助手。", user text prefixed "用中文回答：", the image rows bare in place of its
+  `<|extra_0|>`), which its imported checkpoints use (model/bigbro.py).
 - `detect_template(chat_template_text, model_type) -> name | None`: from the tokenizer's own Jinja
   template (its marker tokens), else from the LM's `model_type`; None when neither says.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -36,6 +43,9 @@ class ChatTemplate:
     closing: str = ""  # appended after a training conversation (not after a generation prompt)
     system: str = "native"  # or a format with {system} and {content}: folded into the first user turn
     join_text: bool = True
+    default_system: str | None = None  # the system message when a conversation brings none
+    user_prefix: str = ""  # put before every user message's content (encoded with it)
+    image_delimiters: bool = True  # False: no image start/end ids around an image's placeholders
     _split: re.Pattern = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -85,7 +95,13 @@ PHI3 = ChatTemplate(
     closing="<|endoftext|>",
 )
 
-TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (CHATML, LLAMA3, MISTRAL, GEMMA, PHI3)}
+# The BigBro repo's prompt: its system line, its user prefix, and each image's rows where its <|extra_0|> stood.
+BIGBRO_SYSTEM = "你是一位图像理解助手。"
+BIGBRO_USER_PREFIX = "用中文回答："
+BIGBRO = dataclasses.replace(CHATML, name="bigbro", default_system=BIGBRO_SYSTEM, user_prefix=BIGBRO_USER_PREFIX,
+                             image_delimiters=False)
+
+TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (CHATML, LLAMA3, MISTRAL, GEMMA, PHI3, BIGBRO)}
 
 # A tokenizer's own Jinja template names its marker tokens; the first marker found decides.
 _MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<start_of_turn>", "gemma"),

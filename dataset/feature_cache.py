@@ -59,7 +59,9 @@ def weights_fingerprint(module: torch.nn.Module, per_tensor: int = 4096) -> str:
 def tower_identity(towers: torch.nn.Module, tower_specs: list[dict], image_mode: str) -> dict:
     keep = ("backend", "feature_layer", "select")
     return {
-        "towers": [{k: spec.get(k) for k in keep} for spec in tower_specs],
+        # last_hidden_state (the BigBro features) only when set, so caches written before it still match
+        "towers": [{k: spec.get(k) for k in keep} | ({"last_hidden_state": True} if spec.get("last_hidden_state")
+                                                     else {}) for spec in tower_specs],
         "tower_specs": [dict(spec) for spec in tower_specs],  # informational
         "image_mode": image_mode,
         "image_size": int(towers.image_size),

@@ -18,7 +18,8 @@ chat mode, per message: `header[role] + content + suffix[role]` (ChatML: `<|im_s
   one per frame (K = frames_per_video).
 - labels: the assistant's content tokens and its end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...);
   everything else (headers, trailing newlines, user/system turns, every image span) is IGNORE_INDEX.
-- no system prompt is added unless the sample has one or `system_prompt` is given (the sample wins);
+- no system prompt is added unless the sample has one, `system_prompt` is given (the sample wins) or the
+  template has a `default_system`; a template's `user_prefix` goes before each user message's content;
   templates without a system role fold it into the first user message.
 - a final user turn with no answer is dropped (nothing to learn from it), unless
   `add_generation_prompt=True` (inference): then it is kept and the assistant header is appended
@@ -68,6 +69,8 @@ class ChatFormat:
     image_end_id: int | None = None
 
     def __post_init__(self) -> None:
+        if not self.template.image_delimiters:  # e.g. `bigbro`: the image rows stand alone
+            self.image_start_id = self.image_end_id = None
         self._ids: dict[str, int] = {}
         for tok in self.template.specials:
             try:
@@ -236,7 +239,8 @@ def _message(msg: dict, fmt: ChatFormat, span: list[int], k: int, cursor: _Media
     role = msg["role"]
     w = _Writer(fmt, span, k, cursor)
     w.template(t.header[role])
-    w.content(msg["content"], train=role == "assistant")
+    content = t.user_prefix + msg["content"] if role == "user" else msg["content"]
+    w.content(content, train=role == "assistant")
     suffix = t.suffix[role]
     if role == "assistant":  # the end-of-turn token is learned with the answer: the model learns to stop
         w.template(t.end_of_turn, train=True)
@@ -330,6 +334,8 @@ def render(
             system = body.pop(0)["content"]
         elif system_prompt:
             system = system_prompt
+        elif t.default_system is not None:
+            system = t.default_system
         if system is not None and t.folds_system:
             first = next((i for i, m in enumerate(body) if m["role"] == "user"), None)
             if first is not None:

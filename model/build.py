@@ -1,7 +1,8 @@
 """Building and loading VLMs: the layer above model.py (model.py defines the module; this file makes one).
 
 Import order inside model/ (no cycle; tests/test_model_imports.py checks it):
-config -> projector, token_rows, checkpoint, backbones, parts -> model -> llava -> build -> merge, export, quant.
+config -> projector, token_rows, checkpoint, backbones, parts -> model -> llava -> build -> merge, export, quant,
+bigbro (the BigBro repo's checkpoints).
 
 Contract:
 - `build_vlm(preset_or_config, **overrides) -> VLM` builds every part named by the config (a preset name

@@ -117,6 +117,9 @@ def _check_exportable(vlm):
             f"llava-hf export needs projector=mlp2x_gelu without token reduction; got projector="
             f"{cfg.projector!r} reduce={cfg.reduce!r}"
         )
+    if tower.select == "drop_first" or getattr(tower, "last_hidden_state", False):
+        raise ValueError("llava-hf export: this tower feeds the BigBro repo's features (select=drop_first / "
+                         "last_hidden_state), which Llava's feature selection cannot express")
     return backend, tower
 
 

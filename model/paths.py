@@ -7,6 +7,8 @@ Contract:
 - `resolve_model_dir(path) -> Path`: a model directory as is; a run directory -> its `final/`, else its
   newest `checkpoint-N/` holding a model. A path that does not exist, or holds no model, raises
   `ModelDirError` (a UserError) saying which and what to give instead.
+- `is_bigbro_dir(path)`: a checkpoint of the BigBro repo (`BIGBRO_FILES` + adapter_config.json, no
+  `CONFIG_FILE`), imported by model/bigbro.py once its base models are named; `resolve_model_dir` says so.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from dataset.sample import UserError
 
 CONFIG_FILE = "vlm_config.json"
+BIGBRO_FILES = ("adapter_model.bin", "other_params.bin")  # the BigBro repo's LoRA and projector (torch.save)
 
 
 def is_model_dir(path: Path) -> bool:
@@ -30,6 +33,12 @@ def is_llava_dir(path: Path) -> bool:
         return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava"
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False  # some other config.json: not a model of ours
+
+
+def is_bigbro_dir(path: str | Path) -> bool:
+    p = Path(path)
+    return (not (p / CONFIG_FILE).is_file() and (p / "adapter_config.json").is_file()
+            and all((p / f).is_file() for f in BIGBRO_FILES))
 
 
 class ModelDirError(UserError, FileNotFoundError):
@@ -54,6 +63,10 @@ def resolve_model_dir(path: str | Path) -> Path:
     )
     if ckpts:
         return ckpts[-1]
+    if is_bigbro_dir(p):
+        raise ModelDirError(f"{p} is a BigBro checkpoint ({', '.join(BIGBRO_FILES)}), which does not record its base "
+                            f"models: name them (test.py --lm/--base_language_model and --tower/--base_value_model; "
+                            f"train.py model.lm=... model.towers=[...] or the same two flags) and it is converted once")
     raise ModelDirError(
         f"{p} holds no model: expected {CONFIG_FILE} (or a Llava config.json) in it, in {p}/final or in a "
         f"{p}/checkpoint-N (a run that has not saved yet has none)"

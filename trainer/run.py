@@ -17,6 +17,7 @@ A run stopped by `max_consecutive_nan` raises `TrainingAborted` after saving a c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ from trainer.config_io import ConfigError, save_config
 from trainer.engines import prepare_deepspeed_on_cpu
 from trainer.eval_tasks import EvalTasksCallback
 from trainer.hf_trainer import VLMTrainer, gather_objects
-from trainer.stages import apply_stage
+from trainer.stages import adapters_match, apply_stage
 from trainer.throughput import ThroughputCallback
 
 log = logging.getLogger("trainer")
@@ -134,15 +135,33 @@ def build_model(cfg: TrainConfig):
             log.warning("init_from=%s: the model/preset keys are ignored", cfg.init_from)
     else:
         vlm = build_vlm(cfg.vlm_config())
-    if cfg.stage == "sft" and cfg.lora.r > 0:
-        vlm.merge_lora()  # starting from a LoRA run: fold its adapters in; apply_stage adds fresh ones
-    moved = apply_stage(vlm, cfg, cfg.lora, check=lambda m: check_optimisation_keys(cfg, m))
+    lora = cfg.lora
+    if cfg.stage == "sft" and cfg.lora.r > 0 and getattr(vlm.lm, "peft_config", None):
+        lora = continue_or_fold_adapters(cfg, vlm)
+    moved = apply_stage(vlm, cfg, lora, check=lambda m: check_optimisation_keys(cfg, m))
     log.info("parameter dtypes and bytes per part (%d trainable tensors moved to fp32):\n%s", moved,
              dtypes.describe_parts(vlm))
     if cfg.gradient_checkpointing:
         vlm.gradient_checkpointing_enable()
     warn_max_length(cfg, vlm)
     return vlm
+
+
+def continue_or_fold_adapters(cfg: TrainConfig, vlm):
+    """init_from's LoRA adapters: trained on when lora.r / lora.targets name them (returns settings that add
+    none); else folded into the LM under fresh ones, which only a full final model keeps (save_full_model:
+    a trainable-only checkpoint points at the base LM, without the folded weights)."""
+    if adapters_match(vlm, cfg.lora):
+        a = vlm.lm.peft_config["default"]
+        log.info("init_from=%s: its LoRA adapters (r=%d, alpha=%d) train on", cfg.init_from, a.r, a.lora_alpha)
+        return dataclasses.replace(cfg.lora, r=0)  # no second set: set_trainable trains the `lora_` tensors
+    if not cfg.save_full_model:
+        a = vlm.lm.peft_config["default"]
+        raise ConfigError(f"init_from={cfg.init_from} holds LoRA adapters (r={a.r}) that lora.r={cfg.lora.r} / "
+                          f"lora.targets={cfg.lora.targets!r} do not name: give its rank and targets to train them "
+                          f"on, or set save_full_model=true to fold them into the LM under fresh ones")
+    vlm.merge_lora()  # fold them in; apply_stage adds fresh ones; the full final model keeps both
+    return cfg.lora
 
 
 def warn_max_length(cfg: TrainConfig, vlm) -> None:

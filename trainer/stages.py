@@ -117,6 +117,26 @@ def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
     log.info("LoRA r=%d alpha=%d on %d modules (targets %s)", lora.r, lora.alpha, n, targets)
 
 
+def lora_modules(vlm: nn.Module, targets: str) -> set[str]:
+    """Names (inside the LM) of the modules `targets` would put LoRA adapters on."""
+    from torch.nn import Linear  # lazily: this module loads with the config, without torch
+
+    rx = re.compile(lora_target_regex(resolve_lora_targets(vlm, targets)))
+    base = vlm.lm.get_base_model() if hasattr(vlm.lm, "get_base_model") else vlm.lm
+    return {n for n, m in base.named_modules()
+            if rx.fullmatch(n) and (isinstance(m, Linear) or hasattr(m, "base_layer"))}
+
+
+def adapters_match(vlm: nn.Module, lora: LoraSettings) -> bool:
+    """True when the LM's LoRA adapters (e.g. from init_from) are those `lora` asks for: same rank, same
+    modules. Training then continues them instead of folding them in under a fresh set."""
+    peft_config = getattr(vlm.lm, "peft_config", None) or {}
+    if "default" not in peft_config or peft_config["default"].r != lora.r:
+        return False
+    have = {n for n, m in vlm.lm.get_base_model().named_modules() if hasattr(m, "lora_A")}
+    return have == lora_modules(vlm, lora.targets)
+
+
 def apply_stage(vlm: nn.Module, cfg: TrainConfig, lora: LoraSettings,
                 check: Callable[[nn.Module], None] | None = None) -> int:
     """The stage on a built VLM: LoRA adapters (sft with lora.r > 0), the trainable set, frozen towers in

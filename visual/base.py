@@ -9,7 +9,11 @@ Contract (what `model/` relies on):
   i the output of stage i). `None` at build time means the backend default (-2 for ViTs, -1 for CNNs).
 - `select`: "patch" drops the prefix tokens (the CLS and any register tokens) and keeps every patch;
   "cls_patch" also keeps the CLS token as the first row. A tower without a CLS (SigLIP, CNNs) never drops
-  a row.
+  a row. "drop_first" is the BigBro repo's selection, kept only so its trained checkpoints see the
+  features they were trained on (model/bigbro.py): every token but the first, whatever the first is.
+  For CLIP that is the CLS (the same rows as "patch"); for SigLIP, which has no CLS, it drops a real
+  patch (728 of so400m/14-384's 729 rows). Never the default; `grid` then still names the full patch grid,
+  so token reduction refuses it (its `num_tokens` is not h*w).
 - `grid` = (h, w) of the patch tokens (row-major); with "cls_patch" and `has_cls` the CLS comes first, then
   the h*w grid. `num_tokens` counts what `forward` returns.
 - `preprocess_config()` returns the preprocessing facts (size, mean, std, mode, resample, crop_pct) so a
@@ -26,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from visual.processor import ImageProcessor
 
-SELECT_MODES = ("patch", "cls_patch")
+SELECT_MODES = ("patch", "cls_patch", "drop_first")
 
 
 def resolve_layer(feature_layer: int, n_states: int, what: str) -> int:
@@ -74,6 +78,8 @@ class VisionTower(nn.Module):
     # ----- facts -------------------------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
+        if self.select == "drop_first":
+            return self.num_prefix + self.grid[0] * self.grid[1] - 1
         keep_cls = self.select == "cls_patch" and self.has_cls
         return self.grid[0] * self.grid[1] + int(keep_cls)
 
@@ -131,6 +137,8 @@ class VisionTower(nn.Module):
         assert hidden.shape[2] == self.hidden_size, (
             f"{self.name}: width {hidden.shape[2]} != {self.hidden_size}"
         )
+        if self.select == "drop_first":  # the BigBro repo's rows: token 0 goes, CLS or not
+            return hidden[:, 1:]  # [N, prefix + h*w - 1, D]
         patches = hidden[:, self.num_prefix :]  # [N, h*w, D]
         if self.select == "cls_patch" and self.has_cls:
             return torch.cat([hidden[:, :1], patches], dim=1)  # [N, 1 + h*w, D]

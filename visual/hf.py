@@ -8,6 +8,10 @@ model.safetensors, optionally preprocessor_config.json). A full CLIPModel / Sigl
 - SigLIP2 (naflex) is used at ONE fixed square resolution: the tower patchifies [N, 3, S, S] itself and
   passes an all-ones patch mask and spatial shape (S/p, S/p); S defaults to sqrt(config.num_patches) * p.
   Variable aspect-ratio / variable patch-count inputs are not supported.
+`last_hidden_state=True` takes the model's `last_hidden_state` output instead of
+`hidden_states[feature_layer]` (then `feature_layer` must be the last layer, -1): for SigLIP that is the last
+block after its post-LayerNorm, for CLIP the last block as is. Off by default; it is what the BigBro repo fed
+its projector (with `select="drop_first"`), so its imported checkpoints use it (model/bigbro.py).
 Preprocessing facts come from preprocessor_config.json when present, else from the family's defaults.
 `pretrained=False` builds random weights from the config alone (`name_or_path` may then be a config.json
 file, e.g. `configs/hub/google--siglip-so400m-patch14-384.json`): memory plans and real-shape smoke runs.
@@ -80,6 +84,7 @@ class HFTower(VisionTower):
         dtype: torch.dtype | None = None,
         resample: str | int | None = None,
         pretrained: bool = True,
+        last_hidden_state: bool = False,
         **load_kw,
     ) -> None:
         model_type = transformers.PretrainedConfig.get_config_dict(name_or_path)[0].get("model_type")
@@ -126,6 +131,10 @@ class HFTower(VisionTower):
         )
         self.model = model
         self.patch_size = cfg.patch_size
+        self.last_hidden_state = bool(last_hidden_state)
+        if self.last_hidden_state and self.feature_layer != n_states - 1:
+            raise ValueError(f"{name_or_path}: last_hidden_state=true is the last layer's output; "
+                             f"feature_layer must be -1, got {feature_layer}")
 
     def _image_size(self, cfg) -> int:
         return int(cfg.image_size)
@@ -138,6 +147,8 @@ class HFTower(VisionTower):
         self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.last_hidden_state:  # SigLIP: after the post-LayerNorm (the BigBro repo's features)
+            return self.model(**self._model_inputs(pixel_values)).last_hidden_state  # [N, prefix + h*w, D]
         out = self.model(**self._model_inputs(pixel_values), output_hidden_states=True)
         return out.hidden_states[self.feature_layer]  # [N, prefix + h*w, D]
 
