@@ -65,6 +65,18 @@ def _vllm_serves_our_export(commands: list[str]) -> list[str]:
     return [] if ok else ["no README command exports runs/demo_clip_llava (--format llava-hf) for vllm to serve"]
 
 
+def _bigbro_train_flags_known(commands: list[str]) -> list[str]:
+    """Every flag of the README's BigBro train.py line is one train.py translates (tests/test_bigbro.py runs
+    such a line on tiny models; this one needs the hub's Qwen-7B-Chat and SigLIP)."""
+    from trainer import bigbro
+
+    known = {*bigbro.TRAIN_ALIASES, *bigbro.SAME_KEYS, *bigbro.IGNORED, *bigbro.BOOL_FLAGS,
+             "image_map", "captions_file", "base_language_model", "base_value_model", "report_to"}
+    line = next(c for c in commands if c.startswith("python train.py --lora_rank "))
+    return [f"train.py does not know the BigBro flag {a}" for a in shlex.split(line)
+            if a.startswith("--") and a[2:] not in known]
+
+
 TABLE = [
     # Quickstart
     Entry(r"make demo$", skip="the demo itself: ~5 min of CPU, CI runs it as its own job"),
@@ -86,6 +98,9 @@ TABLE = [
     Entry(r"python -m serve\.web --model ", serve=True, probe=("/", r"(?i)gradio"), needs=(*SERVE, "gradio")),
     Entry(r"python test\.py --base_language_model ", skip=HUB + " (the original Qwen-7B-Chat + SigLIP pair)",
           hidden=("--base_language_model", "--base_value_model", "--model_weights", "--image_path")),
+    Entry(r"python test\.py --lm ", skip=HUB + " (the original pair, a BigBro checkpoint)"),
+    Entry(r"python train\.py --lora_rank ", skip=HUB + " (the original pair, a BigBro checkpoint)",
+          check=_bigbro_train_flags_known),
     Entry(r"python -m trainer\.evaluate ", prints=r"question type +correct"),
     # Evaluate
     Entry(r"python -m evaluation --list-tasks", prints=r"vqav2"),
