@@ -9,8 +9,8 @@ Contract:
 - `torch_dtype(name)`: `"float32" | "bfloat16" | "float16" | "auto"` -> torch dtype; `auto` is decided by
   `auto_decision()` and its reason is logged once per process.
 - `upcast_trainable(module) -> int`: every parameter that requires grad (projector, LoRA, unfrozen parts)
-  goes to fp32 (the master weights; compute may still run under bf16 autocast); returns how many
-  parameters moved.
+  goes to fp32 (the master weights; compute may still run under bf16 autocast), with the floating buffers
+  of the modules that own one (BatchNorm running statistics); returns how many tensors moved.
 - `part_report(vlm) -> list[PartDtype]` and `describe_parts(vlm) -> str`: per top-level part (towers,
   projector, lm, token_rows) its dtype(s), bytes and trainable/frozen bytes, for the run log.
 """
@@ -108,12 +108,21 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def upcast_trainable(module: nn.Module) -> int:
-    """Parameters that require grad -> fp32 in place (fp32 master weights); returns how many moved."""
+    """Parameters that require grad -> fp32 in place (fp32 master weights), and the floating buffers of the
+    modules that own them (a trainable BatchNorm's running statistics: its kernel wants them in its
+    parameters' dtype); returns how many tensors moved."""
     moved = 0
     for p in module.parameters():
         if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
             p.data = p.data.float()  # same Parameter object: references held elsewhere stay valid
             moved += 1
+    for m in module.modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue
+        for name, b in list(m.named_buffers(recurse=False)):
+            if b.is_floating_point() and b.dtype != torch.float32:
+                setattr(m, name, b.float())  # stays a registered buffer
+                moved += 1
     return moved
 
 

@@ -97,6 +97,22 @@ def test_upcast_trainable_and_part_report():
     assert "projector" in dtypes.describe_parts(m)
 
 
+def test_upcast_trainable_moves_a_trainable_batchnorm_s_statistics_and_it_runs_under_bf16_autocast():
+    """dtype=auto (bf16 base weights) with a trainable CNN tower: the BatchNorm's running statistics stayed
+    bf16 beside fp32 weights and the first training step raised a dtype error on the CPU."""
+    tower = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).to(torch.bfloat16)
+    tower[2].requires_grad_(False)
+    tower[3].requires_grad_(False)  # a frozen norm keeps its dtype, statistics included
+    assert dtypes.upcast_trainable(tower) == 2 + 2 + 2  # conv weight/bias, norm weight/bias, mean/var
+    assert tower[1].running_mean.dtype == tower[1].running_var.dtype == torch.float32
+    assert tower[1].num_batches_tracked.dtype == torch.long and "running_mean" in dict(tower[1].named_buffers())
+    assert tower[3].running_mean.dtype == torch.bfloat16
+    tower[3].float()  # the frozen half in fp32 too, so this CPU forward mixes only what autocast allows
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tower.train()(torch.randn(2, 3, 8, 8)).float().sum().backward()
+    assert tower[1].weight.grad is not None
+
+
 def test_part_report_lists_every_top_level_part():
     """A part beyond towers/projector/lm (the VLM's trained token rows) is reported too."""
     m = nn.Module()
