@@ -135,7 +135,11 @@ class HFTower(VisionTower):
 
     def gradient_checkpointing_enable(self) -> None:
         super().gradient_checkpointing_enable()
-        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers < 5.23 has it under its older name only
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.model(**self._model_inputs(pixel_values), output_hidden_states=True)
