@@ -13,6 +13,7 @@ with no temporary file); messages name the file as `name` (by default the path, 
 
 `load_video_frames(path, k)`: `k` frames at uniformly spaced positions (PyAV), as RGB PIL images; a video
 with fewer than `k` frames repeats frames so the count is always `k` (the rendered text has `k` spans).
+PyAV is optional: without it, loading a video raises a UserError that names the package.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from dataset.sample import BadSampleError
+from dataset.sample import BadSampleError, UserError
 
 MAX_PIXELS = 64 * 1024 * 1024  # ~8k x 8k; far above any vision tower input, far below a bomb
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -151,9 +152,20 @@ def uniform_indices(n_frames: int, k: int) -> list[int]:
     return [min(n_frames - 1, int((i + 0.5) * n_frames / k)) for i in range(k)]
 
 
+def _pyav():
+    """PyAV, or a UserError naming the package: an optional dependency only video data needs (not a bad
+    sample: every video would fail the same way, so the run stops with one line)."""
+    try:
+        import av  # imported here: only video datasets need it
+    except ImportError:
+        raise UserError("video data needs the PyAV package (import name av), which is not installed: "
+                        "pip install av") from None
+    return av
+
+
 def load_video_frames(path: str, k: int) -> list[Image.Image]:
     """`k` RGB frames sampled uniformly from the video at `path` (PyAV)."""
-    import av  # imported here: only video datasets need it
+    av = _pyav()
 
     path = str(path)
     if not os.path.isfile(path):

@@ -453,6 +453,10 @@ class VLM(nn.Module):
             dequantize_lm(self)
         if hasattr(self.lm, "merge_and_unload"):  # a peft model (peft itself is imported only where LoRA is)
             self.lm = self.lm.merge_and_unload()
+            if hasattr(self.lm, "peft_config"):
+                # peft < 0.19 leaves the adapter config on the unwrapped LM; saving would then write a lora/
+                # directory, and loading would wrap the merged weights in fresh adapters.
+                del self.lm.peft_config
         self.config.lora = None
 
     def fold_token_rows(self) -> None:

@@ -2,13 +2,15 @@
 
 `add_server_args(parser, port)` declares the shared flags; `build(args) -> (app, engine)` loads the model
 (`--model` takes a run directory or a model directory, as test.py does) and wires the engine and the
-routes; `run(app, engine, args)` serves until interrupted. A missing model, a bad flag or a port in use
-is one line `error: ...` on stderr and exit status 2 (`trainer.cli.run_cli`).
+routes; `run(app, engine, args)` serves until interrupted. A missing model, a bad flag, a port in use or
+a missing fastapi / uvicorn (the `serve` extra) is one line `error: ...` on stderr and exit status 2
+(`trainer.cli.run_cli`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import socket
 from pathlib import Path
@@ -45,6 +47,13 @@ def fail(message: str) -> None:
     raise UserError(f"serve: {message}")
 
 
+def check_server_packages() -> None:
+    """FastAPI and uvicorn are the `serve` extra: say which is missing before the model loads."""
+    missing = [m for m in ("fastapi", "uvicorn") if importlib.util.find_spec(m) is None]
+    if missing:
+        fail(f"the server needs {' and '.join(missing)}, not installed: pip install -c constraints.txt '.[serve]'")
+
+
 def check_port(host: str, port: int) -> None:
     """A port already taken is a user mistake: say so before the model loads."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -72,6 +81,7 @@ def build(args: argparse.Namespace):
         fail(f"--image-folder {args.image_folder}: not a directory")
     model_dir = resolve_model_dir(args.model)
     check_port(args.host, args.port)
+    check_server_packages()
     # Heavy (torch, transformers, FastAPI): after every argument is checked, so a mistake fails in a second.
     import torch
 

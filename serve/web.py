@@ -21,6 +21,7 @@ import os
 import sys
 from pathlib import Path
 
+from model.paths import resolve_model_dir
 from serve.cli import add_server_args, build, fail, run
 from trainer.cli import run_cli
 
@@ -64,6 +65,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.examples is not None and not Path(args.examples).is_dir():
         fail(f"--examples {args.examples}: not a directory")
+    resolve_model_dir(args.model)  # a wrong --model is named first, also where gradio is missing
     # Before gradio is imported anywhere: its telemetry reads this variable.
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     try:  # heavy and optional: imported after the arguments are checked

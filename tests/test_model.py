@@ -390,6 +390,31 @@ def test_lora_checkpoint_round_trip_and_merge(tmp_path, lm_backend):
         torch.testing.assert_close(merged(**batch).logits, ref, rtol=0, atol=1e-5)
 
 
+def test_merge_lora_drops_the_adapter_config_older_peft_leaves(tmp_path, monkeypatch):
+    """peft < 0.19's merge_and_unload keeps `peft_config` on the unwrapped LM; the merged model must still
+    save without a lora/ directory and load without adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    vlm = build_tiny_vlm(tmp_path, tower="clip")
+    vlm.lm = get_peft_model(vlm.lm, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["c_attn"]))
+    vlm.config.lora = {"r": 4, "alpha": 8}
+    peft_model, stock = vlm.lm, vlm.lm.merge_and_unload
+
+    def merge_keeping_config(*args, **kwargs):  # what peft 0.18 does
+        config = peft_model.peft_config
+        base = stock(*args, **kwargs)
+        base.peft_config = config
+        return base
+
+    monkeypatch.setattr(peft_model, "merge_and_unload", merge_keeping_config)
+    vlm.merge_lora()
+    assert not hasattr(vlm.lm, "peft_config")
+    vlm.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged" / "lora").exists()
+    merged = VLM.from_pretrained(tmp_path / "merged")
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
 def test_tower_path_override_and_missing_model_dir(tmp_path):
     vlm = build_tiny_vlm(tmp_path, tower="siglip")
     vlm.save_pretrained(tmp_path / "ck", trainable_only=True)

@@ -7,6 +7,7 @@ and `lora`. Example: `python train.py configs/demo/stage2_sft.yaml stage=sft lor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,7 +174,8 @@ def nearest_existing(path: Path) -> Path:
 
 def check_paths(cfg: TrainConfig) -> None:
     """Paths a run reads or writes, checked before anything heavy loads (no file is created here): the
-    data files exist, the image folder too, init_from holds a model, output_dir can be made and written."""
+    data files exist, the image folder too, init_from holds a model, output_dir can be made and written,
+    and the optional packages the config's keys need are installed."""
     for key in ("data_path", "eval_data_path"):
         for p in getattr(cfg, key) or []:
             if not Path(p).is_file():
@@ -189,6 +191,24 @@ def check_paths(cfg: TrainConfig) -> None:
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise ConfigError(f"output_dir {cfg.output_dir} cannot be made: {base} is "
                           f"{'not a directory' if not base.is_dir() else 'not writable'}; choose another path")
+    check_optional_packages(cfg)
+
+
+# Optional packages a config key needs: (key, is it on?, import name, what to install).
+def _optional_needs(cfg: TrainConfig) -> list[tuple[str, bool, str, str]]:
+    return [
+        ("deepspeed", bool(cfg.deepspeed), "deepspeed", "pip install '.[deepspeed]'"),
+        ("lora.qlora", bool(cfg.lora.qlora), "bitsandbytes", "pip install '.[qlora]'"),
+    ]
+
+
+def check_optional_packages(cfg: TrainConfig) -> None:
+    """A key that needs an optional package which is not installed fails here, naming both (nothing is
+    imported: `find_spec` only looks the package up)."""
+    for key, on, module, install in _optional_needs(cfg):
+        if on and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"{key} needs the {module} package, which is not installed: {install} "
+                              f"(or remove {key} from the config)")
 
 
 def load_train_config(path: str | None, overrides: list[str] | None = None) -> TrainConfig:

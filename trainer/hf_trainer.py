@@ -49,14 +49,16 @@ from trainer.optim import describe_groups, param_groups
 log = logging.getLogger(__name__)
 
 # Private parts of transformers' Trainer this module relies on: the methods it overrides (each calls or
-# replaces the stock one with the same signature) and the attributes it sets. They are not a public API,
-# so tests/test_trainer_private_api.py checks each against the installed transformers; pyproject.toml's
-# transformers range is the range that test ran on.
+# replaces the stock one with the same signature), the private methods it calls (and `save_model`, called
+# with its private `_internal_call`) and the attributes it sets. They are not a public API, so
+# tests/test_trainer_private_api.py checks each against the installed transformers and against the
+# signatures of the declared range; pyproject.toml's transformers range is the range that test ran on.
 PRIVATE_TRAINER_METHODS = (
     "_get_grad_norm", "_maybe_log_save_evaluate", "_get_train_sampler", "_save", "_load_from_checkpoint",
     "_save_optimizer_and_scheduler", "_load_optimizer_and_scheduler", "_save_rng_state", "_save_checkpoint",
     "_load_rng_state",
 )
+PRIVATE_TRAINER_CALLS = ("_get_output_dir", "_save_scaler", "_push_from_checkpoint", "_prepare_inputs", "save_model")
 PRIVATE_TRAINER_ATTRIBUTES = ("model_accepts_loss_kwargs", "_loss_shifts_labels")
 
 OPTIMIZER_STATE = "optimizer_state"

@@ -144,7 +144,11 @@ class HFTower(VisionTower):
 
     def gradient_checkpointing_enable(self) -> None:
         super().gradient_checkpointing_enable()
-        self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers < 5.23 has it under its older name only
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.last_hidden_state:  # SigLIP: after the post-LayerNorm (the BigBro repo's features)

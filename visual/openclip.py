@@ -10,21 +10,32 @@ Only the image tower is kept. Hidden states are numbered like transformers': 0 =
 embeddings after `ln_pre` (open_clip's `_embeds`), i = output of residual block i. open_clip's
 VisionTransformer always prepends one class token, so has_cls=True. Towers built on timm trunks or
 ModifiedResNet are not supported here (load those through the `timm` backend).
+open_clip is an optional dependency, imported when a tower is built: without it, building one raises a
+UserError that names the package (importing this module, and every other backend, still works).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import open_clip
 import torch
-from open_clip.transformer import VisionTransformer
 
+from dataset.sample import UserError
 from visual.base import VisionTower, resolve_layer
 from visual.processor import ImageProcessor
 
 # open_clip's inference resize modes -> ours ("squash" = plain resize, "shortest" = resize + center crop)
 _MODE_OF = {"squash": "resize", "shortest": "crop", "longest": "pad"}
+
+
+def _open_clip():
+    """The open_clip module, or a UserError naming the package when it is not installed."""
+    try:
+        import open_clip  # optional dependency: only the open_clip backend needs it
+    except ImportError:
+        raise UserError("the open_clip vision backend needs the open_clip package: pip install "
+                        "open-clip-torch (or use the hf_clip / hf_siglip / timm backend)") from None
+    return open_clip
 
 
 def model_id(name_or_path: str) -> str:
@@ -54,6 +65,9 @@ class OpenCLIPTower(VisionTower):
         resample: str | None = None,
         **create_kw,
     ) -> None:
+        open_clip = _open_clip()
+        from open_clip.transformer import VisionTransformer  # optional dependency, present once imported
+
         ident = model_id(name_or_path)
         if not ident.startswith(("local-dir:", "hf-hub:")):
             # A built-in architecture name alone would silently give random weights.
