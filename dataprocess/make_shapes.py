@@ -10,7 +10,8 @@ Question types (sample i of a split gets type `types[i % len(types)]`, so counts
     colour    one large shape            "What colour is the shape?"            red|green|blue|yellow
     shape     one large shape            "What shape is this?"                  circle|square|triangle|cross
     count     1-4 shapes, one per quadrant "How many shapes are there?"         1|2|3|4
-    position  the target in one half (+ maybe a distractor of another colour and shape in the other)
+    position  the target in one half (+ with probability `--distractor P`, default 0.5, a distractor of
+              another colour and shape in the other half)
               "Is the red circle on the left or the right?"                   left|right
     multi     two images, one shape each; exactly one is the target
               "Which image has the red circle? Answer first or second."        first|second
@@ -92,7 +93,7 @@ def scene_count(rng: random.Random, size: int) -> tuple[list[list[Item]], str, s
     return [items], "How many shapes are there?", str(n)
 
 
-def scene_position(rng: random.Random, size: int) -> tuple[list[list[Item]], str, str]:
+def scene_position(rng: random.Random, size: int, distractor: float = 0.5) -> tuple[list[list[Item]], str, str]:
     shape, colour = _random_kind(rng)
     side = rng.choice(["left", "right"])
     half = size // 2
@@ -103,7 +104,7 @@ def scene_position(rng: random.Random, size: int) -> tuple[list[list[Item]], str
         return rng.randint(x0 + r, x0 + half - 1 - r), rng.randint(r, size - 1 - r), r
 
     items = [(shape, colour, *place(side))]
-    if rng.random() < 0.5:
+    if rng.random() < distractor:
         # the distractor differs in both colour and shape so "the red circle" names one object
         d_shape = rng.choice([s for s in SHAPES if s != shape])
         d_colour = rng.choice([c for c in COLOURS if c != colour])
@@ -186,11 +187,14 @@ def followups(rng: random.Random, qtype: str, scenes: list[list[Item]], answer: 
     return turns[:rng.randint(1, len(turns))]
 
 
-def make_one(seed: int, split: str, index: int, qtype: str, size: int,
-             followup_p: float = 0.0) -> tuple[dict, list[Image.Image]]:
+def make_one(seed: int, split: str, index: int, qtype: str, size: int, followup_p: float = 0.0,
+             distractor: float = 0.5) -> tuple[dict, list[Image.Image]]:
     """Sample `index` of `split`: (JSONL dict with relative image paths, its images in order)."""
     rng = random.Random(f"{seed}/{split}/{index}")
-    scenes, question, answer = SCENES[qtype](rng, size)
+    if qtype == "position":
+        scenes, question, answer = scene_position(rng, size, distractor)
+    else:
+        scenes, question, answer = SCENES[qtype](rng, size)
     turns: list[Turn] = []
     if followup_p > 0:
         # a stream of its own: the scene (and every sample without follow-ups) is the same for any P
@@ -211,12 +215,12 @@ def make_one(seed: int, split: str, index: int, qtype: str, size: int,
 
 
 def make_split(out: Path, split: str, n: int, seed: int, size: int, types: list[str],
-               followup_p: float = 0.0) -> list[dict]:
+               followup_p: float = 0.0, distractor: float = 0.5) -> list[dict]:
     """Write `n` samples of `split` (images + `{split}.jsonl`) under `out`; returns the samples."""
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     samples = []
     for i in range(n):
-        sample, images = make_one(seed, split, i, types[i % len(types)], size, followup_p)
+        sample, images = make_one(seed, split, i, types[i % len(types)], size, followup_p, distractor)
         for rel, img in zip(sample["images"], images):
             img.save(out / rel, format="PNG")
         samples.append(sample)
@@ -233,19 +237,22 @@ def parse_types(text: str) -> list[str]:
 
 
 def make_shapes(out: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 0, size: int = 64,
-                types: list[str] | None = None, followups: float = 0.0) -> dict[str, list[dict]]:
+                types: list[str] | None = None, followups: float = 0.0,
+                distractor: float = 0.5) -> dict[str, list[dict]]:
     """Generate both splits and meta.json under `out`; returns {"train": samples, "val": samples}.
-    `followups`: the probability that a sample gets 1-2 follow-up turns (see the module docstring)."""
+    `followups`: the probability that a sample gets 1-2 follow-up turns (see the module docstring);
+    `distractor`: the probability that a position scene has a second shape."""
     types = list(types or TYPES)
     assert size >= 32, f"--size {size}: at least 32 pixels are needed to draw 4 distinguishable shapes"
     assert n_train >= 0 and n_val >= 0, "sample counts must be >= 0"
-    if not 0.0 <= followups <= 1.0:
-        raise SourceError(f"--followups {followups}: give a probability between 0 and 1")
+    for name, value in (("--followups", followups), ("--distractor", distractor)):
+        if not 0.0 <= value <= 1.0:
+            raise SourceError(f"{name} {value}: give a probability between 0 and 1")
     out = writable_dir(out, "output folder")
-    result = {split: make_split(out, split, n, seed, size, types, followups)
+    result = {split: make_split(out, split, n, seed, size, types, followups, distractor)
               for split, n in (("train", n_train), ("val", n_val))}
     meta = {"seed": seed, "size": size, "types": types, "n_train": n_train, "n_val": n_val,
-            "followups": followups, "answers": {t: ANSWERS[t] for t in types}}
+            "followups": followups, "distractor": distractor, "answers": {t: ANSWERS[t] for t in types}}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -261,9 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--types", default=",".join(TYPES), help="comma-separated question types")
     ap.add_argument("--followups", type=float, default=0.0,
                     help="probability that a sample gets 1-2 follow-up questions about the same image(s)")
+    ap.add_argument("--distractor", type=float, default=0.5,
+                    help="probability that a position question's picture has a second shape")
     args = ap.parse_args(argv)
     result = make_shapes(args.out, args.n_train, args.n_val, args.seed, args.size, parse_types(args.types),
-                         args.followups)
+                         args.followups, args.distractor)
     print(f"wrote {len(result['train'])} train and {len(result['val'])} val samples to {args.out}")
     return 0
 

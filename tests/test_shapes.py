@@ -307,3 +307,20 @@ def test_followup_answers_are_trained(dialog_dir, tmp_path):
         supervised = tok.decode([t for t in r.labels if t != IGNORE_INDEX])
         answers = [a for _, a in qa_pairs(rec)]
         assert supervised == "".join(f"{a}<|im_end|>" for a in answers), (rec["id"], supervised)
+
+
+def test_distractor_option(tmp_path):
+    """--distractor sets how often a position picture has a second shape; the target stays where it was."""
+    runs = {}
+    for p in (0.0, 1.0):
+        out = tmp_path / f"d{p}"
+        make_shapes.make_shapes(out, n_train=30, n_val=0, seed=5, size=64, types=["position"], distractor=p)
+        runs[p] = (out, read_jsonl(out / "train.jsonl"))
+    for none, every in zip(runs[0.0][1], runs[1.0][1]):
+        assert none["messages"] == every["messages"]  # same target, question and side
+        a0, a1 = pixels(runs[0.0][0] / none["images"][0]), pixels(runs[1.0][0] / every["images"][0])
+        assert len(components(foreground(a0))) == 1 and len(components(foreground(a1))) == 2
+        target = foreground(a0)
+        assert (a1[target] == a0[target]).all()  # the target's pixels are unchanged
+    with pytest.raises(SourceError, match="--distractor"):
+        make_shapes.main([str(tmp_path / "bad"), "--distractor", "-0.1"])
