@@ -33,7 +33,7 @@ lint: setup
 # held-out accuracy per question type, then one answer from `sh test.sh`.
 DEMO := data/shapes
 demo: setup
-	$(BIN)/python -m dataprocess.make_shapes $(DEMO) --n-train 6000 --n-val 300 --seed 0 --size 32 --types colour,shape,count,position,multi,shape
+	$(BIN)/python -m dataprocess.make_shapes $(DEMO) --n-train 6000 --n-val 300 --seed 0 --size 32 --types colour,shape,count,position,multi,shape --followups 0.3
 	$(BIN)/python -m dataprocess.make_vocab --data $(DEMO)/train.jsonl --merges 300 --out $(DEMO)/vocab
 	$(BIN)/python train.py configs/demo/stage1.yaml
 	$(BIN)/python train.py configs/demo/stage2_sft.yaml
