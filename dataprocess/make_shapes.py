@@ -3,7 +3,7 @@
 Writes under `out/`:
     train.jsonl, val.jsonl          our JSONL plus a `"type"` field (the question type)
     images/{split}/{index:06d}.png  (multi-image samples: {index:06d}_0.png and _1.png)
-    meta.json                       seed, size, types and the answer vocabulary of each type
+    meta.json                       seed, size, types, followups, distractor, each type's answer vocabulary
 Image paths in the JSONL are relative to `out/`.
 
 Question types (sample i of a split gets type `types[i % len(types)]`, so counts are balanced):
