@@ -3,19 +3,30 @@
 Writes under `out/`:
     train.jsonl, val.jsonl          our JSONL plus a `"type"` field (the question type)
     images/{split}/{index:06d}.png  (multi-image samples: {index:06d}_0.png and _1.png)
-    meta.json                       seed, size, types and the answer vocabulary of each type
+    meta.json                       seed, size, types, followups, distractor, each type's answer vocabulary
 Image paths in the JSONL are relative to `out/`.
 
 Question types (sample i of a split gets type `types[i % len(types)]`, so counts are balanced):
     colour    one large shape            "What colour is the shape?"            red|green|blue|yellow
     shape     one large shape            "What shape is this?"                  circle|square|triangle|cross
     count     1-4 shapes, one per quadrant "How many shapes are there?"         1|2|3|4
-    position  the target in one half (+ maybe a distractor of another colour and shape in the other)
+    position  the target in one half (+ with probability `--distractor P`, default 0.5, a distractor of
+              another colour and shape in the other half)
               "Is the red circle on the left or the right?"                   left|right
     multi     two images, one shape each; exactly one is the target
               "Which image has the red circle? Answer first or second."        first|second
 Single-shape questions use a shape spanning 40-60% of the image side (>= 1/3 as required for a tiny
 CNN to learn it fast); 4 colours x 4 shapes keep chance at <= 25% for colour and shape.
+
+Follow-ups (`--followups P`: a sample gets them with probability P, default 0): 1-2 more questions about
+the same image(s) in the same conversation, each answered from the image and/or an earlier turn:
+    colour    "What shape is it?" (the shape just named by colour), then "Is it <colour>?"  yes|no
+    shape     "What colour is it?", then "Is it a <shape>?"                                  yes|no
+    count     "Is there a <colour> one?" yes|no, then "And how many with one more?"          2-5
+    position  "And the <colour> <shape>?" (the distractor's side), or "Is there another shape?" yes|no
+              then "What colour is it?" / "What shape is it?" (the other shape)
+    multi     "What colour is the shape in the other image?", then "And what shape is it?"
+The sample's `"type"` stays its first question's type; every later assistant turn is a follow-up.
 
 Deterministic: sample i of split s is drawn from `random.Random(f"{seed}/{s}/{i}")` (string seeds are
 hashed with SHA-512 by Python, independent of PYTHONHASHSEED) and PNG encoding has no timestamps, so
@@ -82,7 +93,7 @@ def scene_count(rng: random.Random, size: int) -> tuple[list[list[Item]], str, s
     return [items], "How many shapes are there?", str(n)
 
 
-def scene_position(rng: random.Random, size: int) -> tuple[list[list[Item]], str, str]:
+def scene_position(rng: random.Random, size: int, distractor: float = 0.5) -> tuple[list[list[Item]], str, str]:
     shape, colour = _random_kind(rng)
     side = rng.choice(["left", "right"])
     half = size // 2
@@ -93,7 +104,7 @@ def scene_position(rng: random.Random, size: int) -> tuple[list[list[Item]], str
         return rng.randint(x0 + r, x0 + half - 1 - r), rng.randint(r, size - 1 - r), r
 
     items = [(shape, colour, *place(side))]
-    if rng.random() < 0.5:
+    if rng.random() < distractor:
         # the distractor differs in both colour and shape so "the red circle" names one object
         d_shape = rng.choice([s for s in SHAPES if s != shape])
         d_colour = rng.choice([c for c in COLOURS if c != colour])
@@ -117,32 +128,99 @@ def scene_multi(rng: random.Random, size: int) -> tuple[list[list[Item]], str, s
 SCENES = {"colour": scene_colour, "shape": scene_shape, "count": scene_count,
           "position": scene_position, "multi": scene_multi}
 
+# ------------------------------------------------------------------------------------------- follow-ups
+Turn = tuple[str, str]  # (question, answer)
 
-def make_one(seed: int, split: str, index: int, qtype: str, size: int) -> tuple[dict, list[Image.Image]]:
+
+def _yes_no(rng: random.Random, truth: str, options: list[str]) -> tuple[str, str]:
+    """(asked value, "yes"|"no"): the truth half of the time, else another option."""
+    if rng.random() < 0.5:
+        return truth, "yes"
+    return rng.choice([o for o in options if o != truth]), "no"
+
+
+def follow_colour(rng: random.Random, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    shape, colour = scenes[0][0][:2]
+    asked, yn = _yes_no(rng, colour, list(COLOURS))
+    return [("What shape is it?", shape), (f"Is it {asked}?", yn)]
+
+
+def follow_shape(rng: random.Random, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    shape, colour = scenes[0][0][:2]
+    asked, yn = _yes_no(rng, shape, list(SHAPES))
+    return [("What colour is it?", colour), (f"Is it a {asked}?", yn)]
+
+
+def follow_count(rng: random.Random, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    present = sorted({item[1] for item in scenes[0]})
+    absent = [c for c in COLOURS if c not in present]
+    yes = not absent or rng.random() < 0.5
+    asked = rng.choice(present if yes else absent)
+    return [(f"Is there a {asked} one?", "yes" if yes else "no"),
+            ("And how many would there be with one more?", str(int(answer) + 1))]
+
+
+def follow_position(rng: random.Random, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    items = scenes[0]
+    if len(items) == 1:
+        return [("Is there another shape?", "no")]
+    other_shape, other_colour = items[1][:2]
+    other_side = "right" if answer == "left" else "left"
+    if rng.random() < 0.5:  # an elliptical question: the earlier one's form, about the other shape
+        return [(f"And the {other_colour} {other_shape}?", other_side)]
+    last = ("What colour is it?", other_colour) if rng.random() < 0.5 else ("What shape is it?", other_shape)
+    return [("Is there another shape?", "yes"), last]
+
+
+def follow_multi(rng: random.Random, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    shape, colour = scenes[1 if answer == "first" else 0][0][:2]  # the image without the target
+    return [("What colour is the shape in the other image?", colour), ("And what shape is it?", shape)]
+
+
+FOLLOWUPS = {"colour": follow_colour, "shape": follow_shape, "count": follow_count,
+             "position": follow_position, "multi": follow_multi}
+
+
+def followups(rng: random.Random, qtype: str, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    """1-2 follow-up turns about the scene of a `qtype` question whose answer was `answer`."""
+    turns = FOLLOWUPS[qtype](rng, scenes, answer)
+    return turns[:rng.randint(1, len(turns))]
+
+
+def make_one(seed: int, split: str, index: int, qtype: str, size: int, followup_p: float = 0.0,
+             distractor: float = 0.5) -> tuple[dict, list[Image.Image]]:
     """Sample `index` of `split`: (JSONL dict with relative image paths, its images in order)."""
     rng = random.Random(f"{seed}/{split}/{index}")
-    scenes, question, answer = SCENES[qtype](rng, size)
+    if qtype == "position":
+        scenes, question, answer = scene_position(rng, size, distractor)
+    else:
+        scenes, question, answer = SCENES[qtype](rng, size)
+    turns: list[Turn] = []
+    if followup_p > 0:
+        # a stream of its own: the scene (and every sample without follow-ups) is the same for any P
+        frng = random.Random(f"{seed}/{split}/{index}/followup")
+        if frng.random() < followup_p:
+            turns = followups(frng, qtype, scenes, answer)
     images = [render(size, items) for items in scenes]
     if len(images) == 1:
         paths = [f"images/{split}/{index:06d}.png"]
     else:
         paths = [f"images/{split}/{index:06d}_{k}.png" for k in range(len(images))]
     markers = "".join("<image>\n" for _ in images)
-    sample = make_sample(
-        f"shapes_{split}_{index:06d}",
-        [{"role": "user", "content": markers + question}, {"role": "assistant", "content": answer}],
-        paths,
-        type=qtype,
-    )
+    messages = [{"role": "user", "content": markers + question}, {"role": "assistant", "content": answer}]
+    for q, a in turns:
+        messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    sample = make_sample(f"shapes_{split}_{index:06d}", messages, paths, type=qtype)
     return sample, images
 
 
-def make_split(out: Path, split: str, n: int, seed: int, size: int, types: list[str]) -> list[dict]:
+def make_split(out: Path, split: str, n: int, seed: int, size: int, types: list[str],
+               followup_p: float = 0.0, distractor: float = 0.5) -> list[dict]:
     """Write `n` samples of `split` (images + `{split}.jsonl`) under `out`; returns the samples."""
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     samples = []
     for i in range(n):
-        sample, images = make_one(seed, split, i, types[i % len(types)], size)
+        sample, images = make_one(seed, split, i, types[i % len(types)], size, followup_p, distractor)
         for rel, img in zip(sample["images"], images):
             img.save(out / rel, format="PNG")
         samples.append(sample)
@@ -159,16 +237,22 @@ def parse_types(text: str) -> list[str]:
 
 
 def make_shapes(out: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 0, size: int = 64,
-                types: list[str] | None = None) -> dict[str, list[dict]]:
-    """Generate both splits and meta.json under `out`; returns {"train": samples, "val": samples}."""
+                types: list[str] | None = None, followups: float = 0.0,
+                distractor: float = 0.5) -> dict[str, list[dict]]:
+    """Generate both splits and meta.json under `out`; returns {"train": samples, "val": samples}.
+    `followups`: the probability that a sample gets 1-2 follow-up turns (see the module docstring);
+    `distractor`: the probability that a position scene has a second shape."""
     types = list(types or TYPES)
     assert size >= 32, f"--size {size}: at least 32 pixels are needed to draw 4 distinguishable shapes"
     assert n_train >= 0 and n_val >= 0, "sample counts must be >= 0"
+    for name, value in (("--followups", followups), ("--distractor", distractor)):
+        if not 0.0 <= value <= 1.0:
+            raise SourceError(f"{name} {value}: give a probability between 0 and 1")
     out = writable_dir(out, "output folder")
-    result = {split: make_split(out, split, n, seed, size, types)
+    result = {split: make_split(out, split, n, seed, size, types, followups, distractor)
               for split, n in (("train", n_train), ("val", n_val))}
     meta = {"seed": seed, "size": size, "types": types, "n_train": n_train, "n_val": n_val,
-            "answers": {t: ANSWERS[t] for t in types}}
+            "followups": followups, "distractor": distractor, "answers": {t: ANSWERS[t] for t in types}}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -182,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--types", default=",".join(TYPES), help="comma-separated question types")
+    ap.add_argument("--followups", type=float, default=0.0,
+                    help="probability that a sample gets 1-2 follow-up questions about the same image(s)")
+    ap.add_argument("--distractor", type=float, default=0.5,
+                    help="probability that a position question's picture has a second shape")
     args = ap.parse_args(argv)
-    result = make_shapes(args.out, args.n_train, args.n_val, args.seed, args.size, parse_types(args.types))
+    result = make_shapes(args.out, args.n_train, args.n_val, args.seed, args.size, parse_types(args.types),
+                         args.followups, args.distractor)
     print(f"wrote {len(result['train'])} train and {len(result['val'])} val samples to {args.out}")
     return 0
 

@@ -1,4 +1,5 @@
-"""make_shapes: determinism, splits, answer vocabulary, per-type counts, and pictures that match answers.
+"""make_shapes: determinism, splits, answer vocabulary, per-type counts, pictures that match answers, and
+the follow-up turns (same images, answers that match the pictures and the earlier turns, trained labels).
 
 The checks on pixels are independent of the generator: colours are recognised by which RGB channels
 dominate, shapes by how much of their bounding box they fill, counts by connected components.
@@ -13,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dataprocess import make_shapes
+from dataprocess.common import SourceError
 
 # The spec's vocabulary, written out here rather than imported, so a change in the generator shows up.
 VOCAB = {
@@ -184,3 +186,141 @@ def test_pictures_match_answers(shapes_dir):
                 kinds.append((dominant_colour(arr, m), shape_name(m)))
             matches = [k == (colour, shape) for k in kinds]
             assert matches == [answer == "first", answer == "second"], (s["id"], kinds)
+
+
+# ------------------------------------------------------------------------------------------- follow-ups
+FOLLOWUP_ANSWERS = VOCAB["colour"] | VOCAB["shape"] | VOCAB["position"] | {"yes", "no", "2", "3", "4", "5"}
+
+
+@pytest.fixture(scope="module")
+def dialog_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shapes_dialog")
+    make_shapes.make_shapes(out, n_train=200, n_val=20, seed=3, size=64, followups=1.0)  # every sample
+    return out
+
+
+def qa_pairs(sample: dict) -> list[tuple[str, str]]:
+    msgs = sample["messages"]
+    assert [m["role"] for m in msgs] == ["user", "assistant"] * (len(msgs) // 2) and len(msgs) % 2 == 0
+    return [(msgs[k]["content"], msgs[k + 1]["content"]) for k in range(0, len(msgs), 2)]
+
+
+def kinds(a: np.ndarray) -> list[tuple[str, str, float]]:
+    """(colour, shape, mean x) of each shape in a picture."""
+    return [(dominant_colour(a, m), shape_name(m), float(np.nonzero(m)[1].mean())) for m in components(foreground(a))]
+
+
+def test_followups_keep_the_scene_and_the_first_turn(shapes_dir, dialog_dir):
+    """Follow-ups are extra turns about the same pictures: the images and the first question-answer pair are
+    byte-for-byte those of the same samples without follow-ups; only the first user turn holds image markers."""
+    plain, dialog = read_jsonl(shapes_dir / "train.jsonl"), read_jsonl(dialog_dir / "train.jsonl")
+    assert len(plain) == len(dialog) == 200
+    turns = Counter()
+    for p, d in zip(plain, dialog):
+        assert p["id"] == d["id"] and p["type"] == d["type"] and p["images"] == d["images"]
+        assert d["messages"][:2] == p["messages"]
+        assert all((shapes_dir / rel).read_bytes() == (dialog_dir / rel).read_bytes() for rel in d["images"])
+        pairs = qa_pairs(d)
+        assert all("<image>" not in q for q, _ in pairs[1:]), d["id"]
+        turns[len(pairs)] += 1
+        assert all(a in FOLLOWUP_ANSWERS and " " not in a for _, a in pairs[1:]), d["id"]
+    assert set(turns) == {2, 3}  # 1-2 follow-ups each (followups=1.0: every sample has some)
+    meta = json.loads((dialog_dir / "meta.json").read_text())
+    assert meta["followups"] == 1.0
+
+
+def _check_followup(qtype: str, first: tuple[str, str], prev: tuple[str, str], q: str, a: str,
+                    arrays: list[np.ndarray], sid: str) -> None:
+    """One follow-up's answer against the pixels and the earlier turns."""
+    shapes = kinds(arrays[0])
+    if qtype == "multi":
+        target = first[0].split("has the ")[1].split("?")[0].split()
+        other = [kinds(x)[0] for x in arrays if kinds(x)[0][:2] != tuple(target)]
+        assert len(other) == 1 and other[0][:2] != tuple(target), sid
+        assert a == (other[0][0] if q.startswith("What colour is the shape in the other image") else other[0][1]), sid
+    elif qtype in ("colour", "shape"):
+        (colour, shape, _), = shapes
+        if q in ("What shape is it?", "What colour is it?"):
+            assert a == (shape if "shape" in q else colour), sid
+        else:  # "Is it <colour>?" / "Is it a <shape>?"
+            asked = q.rstrip("?").split()[-1]
+            assert (a == "yes") == (asked in (colour, shape)), sid
+    elif qtype == "count":
+        if q.startswith("Is there a "):
+            asked = q.split()[3]
+            assert (a == "yes") == any(c == asked for c, _, _ in shapes), sid
+        else:  # one more than the first answer (and than the picture holds)
+            assert int(a) == int(first[1]) + 1 == len(shapes) + 1, sid
+    else:  # position
+        colour, shape = first[0].split("Is the ")[1].split(" on the")[0].split()
+        others = [k for k in shapes if k[:2] != (colour, shape)]
+        if q == "Is there another shape?":
+            assert (a == "yes") == (len(others) == 1), sid
+            return
+        (o_colour, o_shape, o_x), = others
+        size = arrays[0].shape[1]
+        if q.startswith("And the "):
+            assert q == f"And the {o_colour} {o_shape}?" and a == ("left" if o_x < size / 2 else "right"), sid
+            assert a != first[1], sid  # the other shape is on the other side
+        else:
+            assert prev == ("Is there another shape?", "yes"), sid
+            assert a == (o_colour if q == "What colour is it?" else o_shape), sid
+
+
+def test_followup_answers_match_pictures_and_earlier_turns(dialog_dir):
+    seen = Counter()
+    for s in read_jsonl(dialog_dir / "train.jsonl"):
+        arrays = [pixels(dialog_dir / rel) for rel in s["images"]]
+        pairs = qa_pairs(s)
+        for k in range(1, len(pairs)):
+            _check_followup(s["type"], pairs[0], pairs[k - 1], *pairs[k], arrays, s["id"])
+            seen[(s["type"], pairs[k][0].split()[0])] += 1
+    # every type got follow-ups, of more than one kind where it has several
+    assert {t for t, _ in seen} == set(VOCAB)
+    assert len({w for t, w in seen if t == "position"}) == 3 and len({w for t, w in seen if t == "count"}) == 2
+
+
+def test_followup_probability_and_option_errors(tmp_path, shapes_dir):
+    out = tmp_path / "some"
+    assert make_shapes.main([str(out), "--n-train", "200", "--n-val", "0", "--seed", "3", "--followups", "0.3"]) == 0
+    train = read_jsonl(out / "train.jsonl")
+    n_dialog = sum(len(s["messages"]) > 2 for s in train)
+    assert 30 <= n_dialog <= 90  # ~60 of 200
+    plain = read_jsonl(shapes_dir / "train.jsonl")  # the same seed without follow-ups: the same first turns
+    assert [s["messages"][:2] for s in train] == [s["messages"] for s in plain]
+    with pytest.raises(SourceError, match="--followups 1.5"):
+        make_shapes.main([str(tmp_path / "bad"), "--followups", "1.5"])
+
+
+def test_followup_answers_are_trained(dialog_dir, tmp_path):
+    """Rendered with the demo's own vocabulary, a dialog's labels hold every answer, in order, and nothing else."""
+    from dataprocess import make_vocab
+    from dataset.formats import normalize
+    from dataset.template import IGNORE_INDEX, render
+    from qwen.tokenizer import load_tokenizer
+
+    assert make_vocab.main(["--data", str(dialog_dir / "train.jsonl"), "--merges", "200", "--out", str(tmp_path)]) == 0
+    tok = load_tokenizer(tmp_path)
+    for pos, rec in enumerate(read_jsonl(dialog_dir / "val.jsonl")):
+        sample = normalize(rec, pos, "val.jsonl", image_folder=str(dialog_dir))
+        r = render(sample, tok, tokens_per_image=4)
+        supervised = tok.decode([t for t in r.labels if t != IGNORE_INDEX])
+        answers = [a for _, a in qa_pairs(rec)]
+        assert supervised == "".join(f"{a}<|im_end|>" for a in answers), (rec["id"], supervised)
+
+
+def test_distractor_option(tmp_path):
+    """--distractor sets how often a position picture has a second shape; the target stays where it was."""
+    runs = {}
+    for p in (0.0, 1.0):
+        out = tmp_path / f"d{p}"
+        make_shapes.make_shapes(out, n_train=30, n_val=0, seed=5, size=64, types=["position"], distractor=p)
+        runs[p] = (out, read_jsonl(out / "train.jsonl"))
+    for none, every in zip(runs[0.0][1], runs[1.0][1]):
+        assert none["messages"] == every["messages"]  # same target, question and side
+        a0, a1 = pixels(runs[0.0][0] / none["images"][0]), pixels(runs[1.0][0] / every["images"][0])
+        assert len(components(foreground(a0))) == 1 and len(components(foreground(a1))) == 2
+        target = foreground(a0)
+        assert (a1[target] == a0[target]).all()  # the target's pixels are unchanged
+    with pytest.raises(SourceError, match="--distractor"):
+        make_shapes.main([str(tmp_path / "bad"), "--distractor", "-0.1"])

@@ -2,9 +2,13 @@
 
     python -m trainer.evaluate --model RUN_OR_MODEL_DIR --data val.jsonl [--image-folder DIR] [--output OUT]
 
-Each sample's last assistant turn is the reference; the conversation before it is the prompt. Answers
-are greedy. Accuracy is exact match after normalisation (case, surrounding punctuation and spaces),
-reported per question type when samples carry a `"type"` field (the shapes data does), and overall.
+Every assistant turn of a sample is scored (`--last-turn-only`: only the last): its text is the reference,
+and the conversation before it is the prompt, so a later turn is answered with the reference history (the
+earlier turns' reference answers, not the model's own). A sample ending in a user turn is answered
+without a reference. Answers are greedy. Accuracy is exact match after normalisation (case, surrounding
+punctuation and spaces), reported per question type when samples carry a `"type"` field (the shapes data
+does; it is the type of a sample's first question), with every turn after a sample's first in a row of
+its own (`multi-turn`), and overall. The answers JSONL has one row per scored turn (`turn`: 0 = first).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import json
 import string
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from dataset.formats import normalize, read_records
@@ -20,6 +25,8 @@ from dataset.images import load_image
 from dataset.sample import IMAGE_MARKER
 from model.paths import resolve_model_dir
 from trainer.cli import run_cli, writable_dir
+
+FOLLOWUP_ROW = "multi-turn"  # the score row of every assistant turn after a sample's first
 
 
 def _norm(text: str) -> str:
@@ -51,6 +58,19 @@ def answer_samples(vlm, samples: list, batch_size: int = 8, system: str | None =
     return answers
 
 
+def split_turns(pairs: list[tuple[dict, object]]) -> list[tuple[dict, object, int]]:
+    """(record, Sample, turn) per assistant turn: the sample cut just after that turn, so its prompt holds the
+    earlier turns with their reference answers. A sample ending in a user turn also gives the whole sample
+    (no reference) as its last entry; one without any assistant turn gives just that."""
+    out = []
+    for rec, s in pairs:
+        ends = [k for k, m in enumerate(s.messages) if m["role"] == "assistant"]
+        out += [(rec, replace(s, messages=s.messages[:k + 1]), t) for t, k in enumerate(ends)]
+        if not s.messages or s.messages[-1]["role"] != "assistant":
+            out.append((rec, s, len(ends)))
+    return out
+
+
 def load_samples(path: str, image_folder: str | None = None,
                  allow_absolute_paths: bool = False) -> list[tuple[dict, object]]:
     """(record, Sample) pairs; image paths stay inside `image_folder` unless `allow_absolute_paths`."""
@@ -66,14 +86,18 @@ def answer_file(vlm, input_path: str, output_path: str, image_folder: str | None
 
 
 def write_answers(vlm, pairs: list[tuple[dict, object]], output_path: str, batch_size: int = 8,
-                  system: str | None = None, **gen_kw) -> int:
+                  system: str | None = None, every_turn: bool = False, **gen_kw) -> int:
     """Answers `load_samples`' pairs into JSONL (id, answer, reference, type): a caller that checked the file
-    before loading the model passes the pairs it has, rather than reading the file again."""
-    answers = answer_samples(vlm, [s for _, s in pairs], batch_size, system, **gen_kw)
+    before loading the model passes the pairs it has, rather than reading the file again. `every_turn`:
+    one row per assistant turn (`split_turns`; rows carry `turn`), else one per sample (its last turn)."""
+    items = split_turns(pairs) if every_turn else [(rec, s, None) for rec, s in pairs]
+    answers = answer_samples(vlm, [s for _, s, _ in items], batch_size, system, **gen_kw)
     with open(output_path, "w", encoding="utf-8") as f:
-        for (rec, s), ans in zip(pairs, answers):
+        for (rec, s, turn), ans in zip(items, answers):
             _, ref, _ = _prompt_and_reference(s)
             row = {"id": s.id, "answer": ans, "reference": ref}
+            if turn is not None:
+                row["turn"] = turn
             if "type" in rec:
                 row["type"] = rec["type"]
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -81,11 +105,12 @@ def write_answers(vlm, pairs: list[tuple[dict, object]], output_path: str, batch
 
 
 def score(rows: list[dict]) -> dict[str, tuple[int, int]]:
-    """{type: (correct, total)} plus "all"."""
+    """{type: (correct, total)} plus "all"; rows of a turn after the first count under `FOLLOWUP_ROW`."""
     tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for r in rows:
         ok = int(r["reference"] is not None and _norm(r["answer"]) == _norm(r["reference"]))
-        for key in (r.get("type", "all"), "all") if r.get("type") else ("all",):
+        row = FOLLOWUP_ROW if (r.get("turn") or 0) > 0 else r.get("type")
+        for key in (row, "all") if row else ("all",):
             tally[key][0] += ok
             tally[key][1] += 1
     return {k: (v[0], v[1]) for k, v in tally.items()}
@@ -108,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--output", default=None, help="answers JSONL (default: next to the model)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--last-turn-only", action="store_true",
+                    help="score each sample's last assistant turn only (default: every assistant turn)")
     args = ap.parse_args(argv)
     model_dir = resolve_model_dir(args.model)
     out = args.output or str(Path(model_dir) / "eval_answers.jsonl")
@@ -116,7 +143,8 @@ def main(argv=None) -> int:
     from model import VLM  # heavy: after the arguments and the data file are checked
 
     vlm = VLM.from_pretrained(model_dir).eval()
-    write_answers(vlm, pairs, out, args.batch_size, max_new_tokens=args.max_new_tokens)
+    write_answers(vlm, pairs, out, args.batch_size, every_turn=not args.last_turn_only,
+                  max_new_tokens=args.max_new_tokens)
     rows = [json.loads(line) for line in Path(out).read_text(encoding="utf-8").splitlines() if line]
     table = format_table(score(rows))
     print(table)
