@@ -123,21 +123,26 @@ def _phase_peak_rss() -> int:
 
 
 def _step(vlm, groups, opt, autocast, inputs: dict, max_grad_norm: float, sync, phase) -> tuple[float, float, float]:
-    """One optimizer step; `phase(name)` after forward, backward and the optimizer. Returns (loss, wall s, CPU s)."""
+    """One optimizer step; `phase(name, wall s)` after forward, backward and the optimizer. Returns (loss,
+    wall s, CPU s) of the whole step."""
     vlm.train()
     sync()
     t0, c0 = time.perf_counter(), time.process_time()
     with autocast:
         loss = vlm(**inputs).loss
-    phase("forward")
+    sync()
+    t1 = time.perf_counter()
+    phase("forward", t1 - t0)
     loss.backward()
-    phase("backward")
+    sync()
+    t2 = time.perf_counter()
+    phase("backward", t2 - t1)
     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], max_grad_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     sync()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    phase("optimizer")
+    phase("optimizer", time.perf_counter() - t2)
     return loss.item(), wall, cpu
 
 
@@ -162,13 +167,21 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
     decision = dtypes.auto_decision(dev)
     base = decision.dtype if dtype == "auto" else dtypes.NAMES[DTYPES[dtype]]
 
+    dtype_name = DTYPES[dtype] if dtype != "auto" else None
+    timings = []
+    if not mfu:  # the block is timed before the model exists (no RSS of its own) and again after the step
+        with contextlib.redirect_stdout(io.StringIO()):
+            seq = int(P.meta_model(cfg, dev.type, dtype_name)[0].tokens_per_image) + text_tokens  # make_sample's
+        timings.append(P.measure_block(cfg, dev, seq, dtype_name, micro_batch=batch))
     rss_before = rss_bytes()
     phases: dict[str, int] = {}  # CPU: peak RSS growth of each phase over rss_before
+    seconds: dict[str, float] = {}
 
-    def phase(name: str) -> None:
+    def phase(name: str, wall: float = 0.0) -> None:
+        seconds[name] = wall
         if dev.type == "cpu" and _reset_peak_rss():
             phases[name] = max(phases.get(name, 0), _phase_peak_rss() - rss_before)  # over the steps
-            _reset_peak_rss()
+            _reset_peak_rss()  # (this resets ru_maxrss as well: the process peak is the phases' maximum)
 
     _reset_peak_rss()
     t0 = time.perf_counter()
@@ -197,10 +210,16 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
     inputs = {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_counts": [1] * batch}
     for _ in range(steps):  # the last step is timed (on a GPU the first one pays for warm-up)
         loss, step_s, step_cpu_s = _step(vlm, groups, opt, autocast, inputs, cfg.max_grad_norm, sync, phase)
-    step_peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss_bytes()
-    dtype_name = DTYPES[dtype] if dtype != "auto" else None
-    # The MFU the plan assumes: one block of this LM timed now, on this device, under the same load.
-    timing = None if mfu else P.measure_block(cfg, dev, int(ids.shape[1]), dtype_name, micro_batch=batch)
+    if dev.type == "cuda":
+        step_peak = torch.cuda.max_memory_allocated()
+    else:  # VmHWM resets also reset ru_maxrss: the peak is the phases' maximum
+        step_peak = rss_before + max(phases.values()) if phases else peak_rss_bytes()
+    # The MFU the plan assumes: one block of this LM timed on this device before and after the step, so that
+    # a machine shared with other jobs is measured under about the load the step ran under.
+    if not mfu:
+        assert seq == ids.shape[1], (seq, ids.shape)
+        timings.append(P.measure_block(cfg, dev, seq, dtype_name, micro_batch=batch))
+    timing = P.mean_timing(timings) if timings else None
 
     vlm.eval()
     t0 = time.perf_counter()
@@ -209,6 +228,7 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
                               do_sample=False, stop_token_ids=[])[0]
     sync()
     answer_s = time.perf_counter() - t0
+    phase("answer", answer_s)
 
     pred = P.predict_on_device(cfg, dev.type, dtype_name, seq=int(ids.shape[1]), images=1,
                                targets=int(count_targets(labels[:1])), micro_batch=batch, mfu=mfu, timing=timing)
@@ -223,7 +243,8 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
         "loss": loss, "answer": answer, "build_s": build_s, "step_s": step_s, "answer_s": answer_s,
         "step_cpu_s": step_cpu_s, "threads": torch.get_num_threads(), "load": _loadavg(),
         "trainable": trainable, "plan_trainable": plan.trainable, "rss_before": rss_before,
-        "peak": step_peak, "peak_rss_total": peak_rss_bytes() if dev.type == "cpu" else None, "phases": phases,
+        "peak": step_peak, "peak_rss_total": (rss_before + max(phases.values()) if phases else peak_rss_bytes())
+        if dev.type == "cpu" else None, "seconds": seconds, "phases": phases,
         "measured_mem": measured_mem, "plan_mem": pred.memory_bytes, "plan_step_s": pred.step_seconds,
         "plan_states": plan.engines["DDP"], "plan_act": plan.activation_per_gpu(),
         "step_tflop": step_flops / 1e12, "peak_tflops": pred.peak_flops / 1e12, "mfu_assumed": pred.mfu,
@@ -268,14 +289,15 @@ def report(r: dict, new_tokens: int) -> str:
         out.append(_line("memory (RSS growth)", r["measured_mem"] / gib, r["plan_mem"] / gib, "GiB"))
         out.append(f"  plan: {plan_parts} GiB")
         if r["phases"]:
-            out.append("  peak RSS growth per phase: " + ", ".join(f"{k} {v / gib:.2f}" for k, v in r["phases"].items())
-                       + " GiB")
+            out.append("  peak RSS growth per phase: " + ", ".join(f"{k} {v / gib:.2f}" for k, v in r["phases"].items()
+                                                                  if k != "answer") + " GiB")
         out.append(f"peak_rss               {r['peak_rss_total'] / gib:.2f} GiB (of which {r['rss_before'] / gib:.2f} GiB "
                    f"before the model: interpreter and libraries)")
     else:
         out.append(_line("memory (max allocated)", r["measured_mem"] / gib, r["plan_mem"] / gib, "GiB"))
         out.append(f"  plan: {plan_parts} GiB")
     out.append(_line("step_s", r["step_s"], r["plan_step_s"], "s"))
+    out.append("  of which " + ", ".join(f"{k} {r['seconds'][k]:.1f} s" for k in ("forward", "backward", "optimizer")))
     out.append(f"tokens_per_s           {r['tokens_per_s']:,.0f}")
     t = r["timing"]
     if t is not None and r["device"].startswith("cpu") and t.cpu_seconds > 0:

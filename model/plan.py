@@ -20,7 +20,7 @@ Contract:
   measurements on a CPU or a GPU. Without `mfu` the MFU is measured: `measure_block(cfg, device, seq,
   dtype) -> BlockTiming` builds one LM block of the run (a Qwen LM: its LoRA, dtype, bf16 autocast,
   checkpointing) with random weights and times its forward, recompute and backward at `seq` tokens;
-  MFU = the plan's FLOPs of that block / its best time / `trainer.throughput.peak_matmul_flops` in the
+  MFU = the plan's FLOPs of that block / its mean time / `trainer.throughput.peak_matmul_flops` in the
   dtype. A constant does not carry across machines: the real-shape step reached 0.59-0.77 of the matmul
   peak in fp32 on an AVX2 CPU but 0.32 in bf16 on an AMX one, where the matmuls got faster and the
   elementwise work and the small LoRA matmuls did not (docs/scale.md).
@@ -429,8 +429,8 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
 class BlockTiming:
     """One LM block's training work (forward, the recompute under checkpointing, backward) timed on a device."""
 
-    seconds: float  # best wall time of the repeats
-    cpu_seconds: float  # process CPU time of that repeat (CPU devices: tells a loaded machine from a slow one)
+    seconds: float  # mean wall time of the repeats (a single step is compared with it: not the luckiest run)
+    cpu_seconds: float  # their mean process CPU time (CPU devices: tells a loaded machine from a slow one)
     flops: int  # the plan's count for that work (the LM's share per layer)
     peak_flops: float  # the device's measured square-matmul peak in the run's dtype (trainer.throughput)
 
@@ -488,7 +488,7 @@ def measure_block(cfg, device: str | torch.device = "cpu", seq: int | None = Non
     compute = torch.bfloat16 if bdt == torch.bfloat16 else bdt
     prepare_attention(dev, compute, int(lcfg.head_dim), getattr(lcfg, "attn_impl", "auto"))  # as the run does
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    best = (float("inf"), 0.0)
+    walls, cpus = [], []
     for i in range(repeats + 1):  # the first run is a warm-up (kernel selection, thread pools)
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
@@ -498,10 +498,18 @@ def measure_block(cfg, device: str | torch.device = "cpu", seq: int | None = Non
         y.float().square().mean().backward()
         sync()
         t, c = time.perf_counter() - t0, time.process_time() - c0
-        if i and t < best[0]:
-            best = (t, c)
+        if i:
+            walls.append(t)
+            cpus.append(c)
     per_layer = micro_batch * (f["lm"] + f["attention"] + f["recompute"]) // int(lcfg.num_hidden_layers)
-    return BlockTiming(best[0], best[1], per_layer, peak_matmul_flops(dev, bdt))
+    return BlockTiming(sum(walls) / len(walls), sum(cpus) / len(cpus), per_layer, peak_matmul_flops(dev, bdt))
+
+
+def mean_timing(timings: list[BlockTiming]) -> BlockTiming:
+    """Several measurements of the same block (e.g. before and after a step, to bracket its load) as one."""
+    n = len(timings)
+    return BlockTiming(sum(t.seconds for t in timings) / n, sum(t.cpu_seconds for t in timings) / n,
+                       timings[0].flops, max(t.peak_flops for t in timings))
 
 
 @dataclass
