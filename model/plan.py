@@ -72,17 +72,27 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dataset.sample import UserError
+from kernels.prepare import prepare_attention
 from model.build import build_vlm
 from model.checkpoint import read_vlm_config
 from model.config import VLMConfig
 from model.dtypes import auto_decision
 from model.paths import resolve_model_dir
 from qwen import QWenConfig
+from qwen.modeling import rope_cos_sin
 from trainer.cli import run_cli
 from trainer.config import TrainConfig
 from trainer.config_io import load_config
 from trainer.stages import apply_stage
-from trainer.throughput import BatchStats, ModelDims, _config, _tower_list, _vit_attention, step_flops
+from trainer.throughput import (
+    BatchStats,
+    ModelDims,
+    _config,
+    _tower_list,
+    _vit_attention,
+    peak_matmul_flops,
+    step_flops,
+)
 
 HUB_DIR = Path(__file__).resolve().parents[1] / "configs" / "hub"
 ENGINES = ("DDP", "ZeRO-2", "ZeRO-3", "FSDP")
@@ -465,9 +475,6 @@ def measure_block(cfg, device: str | torch.device = "cpu", seq: int | None = Non
     """Time one LM block of the run (its LoRA / trainable set, dtype and bf16 autocast, checkpointing,
     `micro_batch` x `seq` tokens; a Qwen LM) on `device` after one warm-up: the MFU this machine reaches on
     the model's own layer, elementwise work and small LoRA matmuls included, which the step time assumes."""
-    from kernels.prepare import prepare_attention
-    from qwen.modeling import rope_cos_sin
-    from trainer.throughput import peak_matmul_flops
 
     dev = torch.device(device)
     seq = int(seq or cfg.max_length)
@@ -529,7 +536,6 @@ def predict_on_device(cfg, device: str = "cpu", dtype: str | None = None, seq: i
                       timing: BlockTiming | None = None) -> DevicePrediction:
     """Peak memory and step time of `cfg` on one `device` ("cpu" / "cuda") in `dtype` (None: the config's).
     The MFU is `mfu` when given, else measured on that device (`timing`, or `measure_block` now)."""
-    from trainer.throughput import peak_matmul_flops
 
     dev = torch.device(device)
     with contextlib.redirect_stdout(io.StringIO()):
