@@ -15,17 +15,21 @@ one image (729 placeholders) and text, an assistant answer (~64 text tokens in a
 (the trainer's parameter groups), then a 4-token greedy answer to the same prompt.
 
 Printed: the dtype decision, trainable parameters, step and answer times, peak memory (CPU: peak RSS of
-the process and its growth over the RSS before the model was built; CUDA: max_memory_allocated), each
-beside `model.plan`'s prediction for the same shape and dtype (`DDP` on 1 device: weights + gradients +
-AdamW states + activations; step time = the plan's FLOPs at `--mfu` of this device's measured matmul
-peak), with the ratio and whether it is within 25%. Exit status 1 when the loss is not finite or the
-answer is not `--new-tokens` tokens long.
+the process and its growth over the RSS before the model was built, and each phase's own peak — build,
+forward, backward, optimizer — where Linux lets the peak be reset; CUDA: max_memory_allocated), each
+beside `model.plan.predict_on_device` for the same config, device, dtype and shape (`DDP` on 1 device:
+weights + bf16 autocast copies of the trainables + gradients + AdamW states + activations; step time =
+the plan's FLOPs / (this device's matmul peak x the MFU measured on one block of this LM right after the
+step, or `--mfu`)), with the ratio and whether it is within 25%. On a CPU the step's CPU time is compared
+too (against the block's CPU-time rate): a machine shared with other jobs stretches wall time, not CPU
+time. Exit status 1 when the loss is not finite or the answer is not `--new-tokens` tokens long.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -99,10 +103,56 @@ def make_sample(n_image: int, text_tokens: int, answer_tokens: int, image_id: in
     return prompt, torch.tensor([ids]), torch.tensor([labels])
 
 
-# The step's matmuls are large (1.8B LM, 793 tokens): on a CPU they reached 0.59 to 0.78 (idle) and 0.64 (loaded)
-# of the square-matmul peak measured in the same run (2-core AVX2 EPYC, docs/scale.md); on a GPU the
-# plan's usual assumption, with the attention and elementwise work that do not scale.
-DEFAULT_MFU = {"cpu": 0.7, "cuda": 0.5}
+def _reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS count (VmHWM) so that the next phase's peak is its own (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _phase_peak_rss() -> int:
+    """Peak RSS since the last `_reset_peak_rss` (VmHWM), else the process's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def _trim_heap() -> None:
+    """Hand glibc's free heap back to the system (Linux), so that RSS counts what is live."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _step(vlm, groups, opt, autocast, inputs: dict, max_grad_norm: float, sync, phase) -> tuple[float, float, float]:
+    """One optimizer step; `phase(name, wall s)` after forward, backward and the optimizer. Returns (loss,
+    wall s, CPU s) of the whole step."""
+    vlm.train()
+    sync()
+    t0, c0 = time.perf_counter(), time.process_time()
+    with autocast:
+        loss = vlm(**inputs).loss
+    sync()
+    t1 = time.perf_counter()
+    phase("forward", t1 - t0)
+    loss.backward()
+    sync()
+    t2 = time.perf_counter()
+    phase("backward", t2 - t1)
+    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sync()
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    phase("optimizer", time.perf_counter() - t2)
+    return loss.item(), wall, cpu
 
 
 def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: int = 128, text_tokens: int = 64,
@@ -114,10 +164,8 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
     from qwen.loss import count_targets
     from trainer.optim import param_groups
     from trainer.run import build_model
-    from trainer.throughput import peak_matmul_flops
 
     dev = torch.device(device)
-    mfu = mfu or DEFAULT_MFU[dev.type]
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("smoke_real: --device cuda but torch sees no CUDA device")
     tmp = tempfile.TemporaryDirectory()
@@ -128,11 +176,29 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
     decision = dtypes.auto_decision(dev)
     base = decision.dtype if dtype == "auto" else dtypes.NAMES[DTYPES[dtype]]
 
-    rss_before = rss_bytes()
+    dtype_name = DTYPES[dtype] if dtype != "auto" else None
+    timings = []
+    rss_before = rss_bytes()  # before the first block timing: its freed memory must not hide in the baseline
+    if not mfu:  # the block is timed before the model exists and again after the step
+        with contextlib.redirect_stdout(io.StringIO()):
+            seq = int(P.meta_model(cfg, dev.type, dtype_name)[0].tokens_per_image) + text_tokens  # make_sample's
+        timings.append(P.measure_block(cfg, dev, seq, dtype_name, micro_batch=batch))
+        _trim_heap()
+    phases: dict[str, int] = {}  # CPU: peak RSS growth of each phase over rss_before
+    seconds: dict[str, float] = {}
+
+    def phase(name: str, wall: float = 0.0) -> None:
+        seconds[name] = wall
+        if dev.type == "cpu" and _reset_peak_rss():
+            phases[name] = max(phases.get(name, 0), _phase_peak_rss() - rss_before)  # over the steps
+            _reset_peak_rss()  # (this resets ru_maxrss as well: the process peak is the phases' maximum)
+
+    _reset_peak_rss()
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         vlm = build_model(cfg).to(dev)
     build_s = time.perf_counter() - t0
+    phase("build")
     trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
     parts = dtypes.describe_parts(vlm)
 
@@ -151,18 +217,19 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
 
     vlm.train()
     vlm.prepare_attention(torch.bfloat16 if base == torch.bfloat16 else None)  # as the trainer: before step 1
+    inputs = {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_counts": [1] * batch}
     for _ in range(steps):  # the last step is timed (on a GPU the first one pays for warm-up)
-        sync()
-        t0 = time.perf_counter()
-        with autocast:
-            loss = vlm(input_ids=ids, labels=labels, pixel_values=pixels, image_counts=[1] * batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.max_grad_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        step_s = time.perf_counter() - t0
-    step_peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss_bytes()
+        loss, step_s, step_cpu_s = _step(vlm, groups, opt, autocast, inputs, cfg.max_grad_norm, sync, phase)
+    if dev.type == "cuda":
+        step_peak = torch.cuda.max_memory_allocated()
+    else:  # VmHWM resets also reset ru_maxrss: the peak is the phases' maximum
+        step_peak = rss_before + max(phases.values()) if phases else peak_rss_bytes()
+    # The MFU the plan assumes: one block of this LM timed on this device before and after the step, so that
+    # a machine shared with other jobs is measured under about the load the step ran under.
+    if not mfu:
+        assert seq == ids.shape[1], (seq, ids.shape)
+        timings.append(P.measure_block(cfg, dev, seq, dtype_name, micro_batch=batch))
+    timing = P.mean_timing(timings) if timings else None
 
     vlm.eval()
     t0 = time.perf_counter()
@@ -171,28 +238,37 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
                               do_sample=False, stop_token_ids=[])[0]
     sync()
     answer_s = time.perf_counter() - t0
+    phase("answer", answer_s)
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=1e6, device=dev.type, seq=ids.shape[1], images=1,
-                           targets=int(count_targets(labels[:1])), micro_batch=batch)
-    predicted_mem = plan.engines["DDP"]["total"] + plan.activation_per_gpu()
-    peak_flops = peak_matmul_flops(dev, base)
-    step_flops = plan.flops["total"] * batch  # the plan counts one sample
-    predicted_step = step_flops / (peak_flops * mfu)
+    pred = P.predict_on_device(cfg, dev.type, dtype_name, seq=int(ids.shape[1]), images=1,
+                               targets=int(count_targets(labels[:1])), micro_batch=batch, mfu=mfu, timing=timing)
+    plan = pred.plan
+    step_flops = plan.flops["total"] * batch
     measured_mem = step_peak - rss_before if dev.type == "cpu" else step_peak
     tmp.cleanup()
     return {
         "device": str(dev), "dtype": str(base).replace("torch.", ""), "decision": decision.reason,
         "parts": parts, "tokens": int(ids.shape[1]), "image_tokens": int(vlm.tokens_per_image), "batch": batch,
         "lm_name": Path(lm_file).stem.replace("--", "/"), "tokens_per_s": batch * int(ids.shape[1]) / step_s,
-        "loss": loss.item(), "answer": answer, "build_s": build_s, "step_s": step_s, "answer_s": answer_s,
+        "loss": loss, "answer": answer, "build_s": build_s, "step_s": step_s, "answer_s": answer_s,
+        "step_cpu_s": step_cpu_s, "threads": torch.get_num_threads(), "load": _loadavg(),
         "trainable": trainable, "plan_trainable": plan.trainable, "rss_before": rss_before,
-        "peak": step_peak, "peak_rss_total": peak_rss_bytes() if dev.type == "cpu" else None,
-        "measured_mem": measured_mem, "plan_mem": predicted_mem, "plan_step_s": predicted_step,
-        "step_tflop": step_flops / 1e12, "peak_tflops": peak_flops / 1e12, "mfu_assumed": mfu,
-        "achieved_mfu": step_flops / step_s / peak_flops, "plan": plan, "lora_r": lora_r,
+        "peak": step_peak, "peak_rss_total": (rss_before + max(phases.values()) if phases else peak_rss_bytes())
+        if dev.type == "cpu" else None, "seconds": seconds, "phases": phases,
+        "measured_mem": measured_mem, "plan_mem": pred.memory_bytes, "plan_step_s": pred.step_seconds,
+        "plan_states": plan.engines["DDP"], "plan_act": plan.activation_per_gpu(),
+        "step_tflop": step_flops / 1e12, "peak_tflops": pred.peak_flops / 1e12, "mfu_assumed": pred.mfu,
+        "mfu_source": pred.mfu_source, "timing": timing,
+        "achieved_mfu": step_flops / step_s / pred.peak_flops, "plan": plan, "lora_r": lora_r,
         "targets": cfg.lora.targets, "lr": cfg.learning_rate, "projector_lr": cfg.projector_lr,
     }
+
+
+def _loadavg() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def _line(name: str, measured: float, predicted: float, unit: str) -> str:
@@ -216,17 +292,32 @@ def report(r: dict, new_tokens: int) -> str:
         f"trainable_params       measured={r['trainable']:,}  plan={r['plan_trainable']:,}  "
         f"{'equal' if r['trainable'] == r['plan_trainable'] else 'DIFFERENT'}",
     ]
+    st = r["plan_states"]
+    plan_parts = (f"weights {st['weights'] / gib:.2f} + autocast copies {st['casts'] / gib:.2f} + grads "
+                  f"{st['grads'] / gib:.2f} + AdamW {st['optimizer'] / gib:.2f} + activations {r['plan_act'] / gib:.2f}")
     if r["device"].startswith("cpu"):
         out.append(_line("memory (RSS growth)", r["measured_mem"] / gib, r["plan_mem"] / gib, "GiB"))
+        out.append(f"  plan: {plan_parts} GiB")
+        if r["phases"]:
+            out.append("  peak RSS growth per phase: " + ", ".join(f"{k} {v / gib:.2f}" for k, v in r["phases"].items()
+                                                                  if k != "answer") + " GiB")
         out.append(f"peak_rss               {r['peak_rss_total'] / gib:.2f} GiB (of which {r['rss_before'] / gib:.2f} GiB "
                    f"before the model: interpreter and libraries)")
     else:
         out.append(_line("memory (max allocated)", r["measured_mem"] / gib, r["plan_mem"] / gib, "GiB"))
+        out.append(f"  plan: {plan_parts} GiB")
     out.append(_line("step_s", r["step_s"], r["plan_step_s"], "s"))
+    out.append("  of which " + ", ".join(f"{k} {r['seconds'][k]:.1f} s" for k in ("forward", "backward", "optimizer")))
     out.append(f"tokens_per_s           {r['tokens_per_s']:,.0f}")
+    t = r["timing"]
+    if t is not None and r["device"].startswith("cpu") and t.cpu_seconds > 0:
+        # CPU time is what a loaded machine does not stretch: the block's CPU-time rate predicts the step's.
+        out.append(_line("step_cpu_s", r["step_cpu_s"], t.cpu_seconds * r["step_tflop"] * 1e12 / t.flops, "s"))
     out.append(f"step_flops             {r['step_tflop']:.2f} TFLOP (plan, recompute included); matmul peak here "
-               f"{r['peak_tflops'] * 1e3:.1f} GFLOP/s in {r['dtype']}; plan assumes MFU {r['mfu_assumed']:.2f}, "
-               f"achieved {r['achieved_mfu']:.2f}")
+               f"{r['peak_tflops'] * 1e3:.1f} GFLOP/s in {r['dtype']}; plan assumes MFU {r['mfu_assumed']:.2f} "
+               f"({r['mfu_source']}), achieved {r['achieved_mfu']:.2f}")
+    if r["load"] is not None:
+        out.append(f"load average           {r['load']:.1f} ({r['threads']} torch threads)")
     return "\n".join(out)
 
 
@@ -243,8 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-tokens", type=int, default=64, help="text tokens of the sample (besides the image)")
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--mfu", type=float, default=None,
-                    help=f"MFU the plan's step time assumes (default: {DEFAULT_MFU['cpu']} on a CPU, "
-                         f"{DEFAULT_MFU['cuda']} on a GPU)")
+                    help="MFU the plan's step time assumes (default: measured on one LM block of the run, on this "
+                         "device and dtype, right after the step)")
     args = ap.parse_args(argv)
     r = run(args.device, args.dtype, args.tiny, args.lora_r, args.text_tokens, args.new_tokens, args.mfu,
             args.lm_config, args.steps, args.batch)

@@ -48,7 +48,7 @@ from dataset.sample import IMAGE_MARKER, UserError
 from dataset.template import ChatFormat
 from kernels.prepare import prepare_attention
 from model.config import VLMConfig
-from model.dtypes import torch_dtype
+from model.dtypes import built_in, torch_dtype
 from model.tokenizers import TOKENIZER_FILES, has_tokenizer_files, load_lm_tokenizer
 from qwen import QWenConfig, QWenLMHeadModel, load_tokenizer
 
@@ -296,7 +296,8 @@ class QwenBackbone(LMBackbone):
     @classmethod
     def load_lm(cls, config: VLMConfig) -> nn.Module:
         if config.is_scratch_lm:
-            return QWenLMHeadModel(QWenConfig.from_dict(config.scratch_lm_config()))
+            with built_in(torch_dtype(config.dtype)):  # random weights in the base dtype: no fp32 copy first
+                return QWenLMHeadModel(QWenConfig.from_dict(config.scratch_lm_config()))
         return QWenLMHeadModel.from_pretrained(config.lm, dtype=torch_dtype(config.dtype))
 
     @classmethod
@@ -361,7 +362,8 @@ class HFCausalLMBackbone(LMBackbone):
             cfg = dict(config.scratch_lm_config())
             if "model_type" not in cfg:
                 raise UserError("VLMConfig.lm_config for an hf scratch LM needs 'model_type' (e.g. 'llama')")
-            return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+            with built_in(torch_dtype(config.dtype)):  # random weights in the base dtype: no fp32 copy first
+                return AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
         return AutoModelForCausalLM.from_pretrained(config.lm, dtype=torch_dtype(config.dtype))
 
     def hidden_states(self, lm, embeds, attention_mask, **kw):

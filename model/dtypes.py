@@ -8,6 +8,9 @@ Contract:
   variable `QWENVL_AUTO_DTYPE=float32|bfloat16` overrides the detection (the test suite pins float32).
 - `torch_dtype(name)`: `"float32" | "bfloat16" | "float16" | "auto"` -> torch dtype; `auto` is decided by
   `auto_decision()` and its reason is logged once per process.
+- `built_in(dtype)`: a context in which new floating tensors (parameters of a module being constructed)
+  are `dtype`; a random-weight (scratch) LM is built in its base dtype directly, not in fp32 and then cast
+  (which held both copies at once: +2 bytes per parameter of peak host memory for a bf16 build).
 - `upcast_trainable(module) -> int`: every parameter that requires grad (projector, LoRA, unfrozen parts)
   goes to fp32 (the master weights; compute may still run under bf16 autocast), with the floating buffers
   of the modules that own one (BatchNorm running statistics); returns how many tensors moved.
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +110,17 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in NAMES:
         raise ValueError(f"unknown dtype {name!r}; valid: {', '.join([*NAMES, AUTO])}")
     return NAMES[name]
+
+
+@contextmanager
+def built_in(dtype: torch.dtype) -> Iterator[None]:
+    """Floating tensors created inside default to `dtype`; the previous default is restored on exit."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 def upcast_trainable(module: nn.Module) -> int:

@@ -13,9 +13,20 @@ Contract:
   trainable); per-GPU bytes of weights, gradients and optimizer states for DDP, ZeRO-2, ZeRO-3 and FSDP;
   activation memory per sample with and without gradient checkpointing; FLOPs per sample; an estimated
   step time at a stated MFU; whether each engine fits, and the fewest GPUs of that memory it needs.
-  `format_plan(plan) -> str` prints it.
+  `format_plan(plan) -> str` prints it. `dtype` (here and in `meta_model`) replaces the config's model dtype.
+- `predict_on_device(cfg, device, dtype, seq, images, targets, micro_batch, mfu=None) -> DevicePrediction`:
+  what one training step on one device (DDP, 1 process) needs — `memory_bytes` (model states + one
+  micro-batch's activations) and `step_seconds` — the figures `benchmarks/smoke_real.py` prints beside its
+  measurements on a CPU or a GPU. Without `mfu` the MFU is measured: `measure_block(cfg, device, seq,
+  dtype) -> BlockTiming` builds one LM block of the run (a Qwen LM: its LoRA, dtype, bf16 autocast,
+  checkpointing) with random weights and times its forward, recompute and backward at `seq` tokens;
+  MFU = the plan's FLOPs of that block / its mean time / `trainer.throughput.peak_matmul_flops` in the
+  dtype. A constant does not carry across machines: the real-shape step reached 0.59-0.77 of the matmul
+  peak in fp32 on an AVX2 CPU but 0.32 in bf16 on an AMX one, where the matmuls got faster and the
+  elementwise work and the small LoRA matmuls did not (docs/scale.md).
 - Model states (P = all parameters, Pt = trainable, c = 2 bytes under bf16 autocast, else 4):
-  DDP: weights in their own dtypes, fp32 gradients (plus DDP's bucket copy with >1 GPU), AdamW 8·Pt;
+  DDP: weights in their own dtypes, fp32 gradients (plus DDP's bucket copy with >1 GPU), AdamW 8·Pt,
+  and under bf16 autocast 2·Pt of bf16 copies of the fp32 trainables (autocast's cast cache; `casts`);
   ZeRO-2: c·P weights + (2+4)·Pt/N gradients (16-bit and fp32 partitions) + 12·Pt/N (fp32 master and
   moments) = DeepSpeed's `2P + 18P/N` when everything trains; ZeRO-3: c·P/N + 4·(largest module) + 4·Pt/N
   + 12·Pt/N = DeepSpeed's `4L + 18P/N`; FSDP (FULL_SHARD, QWenBlock units): weights, fp32 gradients and
@@ -51,25 +62,37 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from huggingface_hub import hf_hub_download
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dataset.sample import UserError
+from kernels.prepare import prepare_attention
 from model.build import build_vlm
 from model.checkpoint import read_vlm_config
 from model.config import VLMConfig
 from model.dtypes import auto_decision
 from model.paths import resolve_model_dir
 from qwen import QWenConfig
+from qwen.modeling import rope_cos_sin
 from trainer.cli import run_cli
 from trainer.config import TrainConfig
 from trainer.config_io import load_config
 from trainer.stages import apply_stage
-from trainer.throughput import BatchStats, ModelDims, _config, _tower_list, _vit_attention, step_flops
+from trainer.throughput import (
+    BatchStats,
+    ModelDims,
+    _config,
+    _tower_list,
+    _vit_attention,
+    peak_matmul_flops,
+    step_flops,
+)
 
 HUB_DIR = Path(__file__).resolve().parents[1] / "configs" / "hub"
 ENGINES = ("DDP", "ZeRO-2", "ZeRO-3", "FSDP")
@@ -141,10 +164,11 @@ def base_dtype_for(name: str, device: str) -> str:
     return auto_decision("cpu").name
 
 
-def meta_model(cfg, device: str = "cuda") -> tuple[nn.Module, str]:
-    """The run's VLM on the meta device with the stage applied (see the module docstring)."""
+def meta_model(cfg, device: str = "cuda", dtype: str | None = None) -> tuple[nn.Module, str]:
+    """The run's VLM on the meta device with the stage applied (see the module docstring); `dtype` (a
+    `VLMConfig.dtype` name) replaces the config's."""
     vcfg = _vlm_config(cfg)
-    base = base_dtype_for(vcfg.dtype, device)
+    base = base_dtype_for(dtype or vcfg.dtype, device)
     quiet = [logging.getLogger(n) for n in ("trainer", "model", "visual", "qwen", "peft", "transformers")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
@@ -286,12 +310,17 @@ def activation_bytes(vlm: nn.Module, shape: Shape, c: int, checkpointing: bool, 
 
 def model_states(counts: dict[str, PartCount], engine: str, n: int, c: int, largest: int,
                  units: tuple[int, int]) -> dict[str, int]:
-    """Per-GPU bytes of weights, gradients and optimizer states (see the module docstring)."""
+    """Per-GPU bytes of weights, gradients and optimizer states (see the module docstring); `casts`: the
+    bf16 copies autocast makes of the fp32 trainable weights (DDP under bf16 autocast)."""
     p_all = sum(x.total for x in counts.values())
     p_t = sum(x.trainable for x in counts.values())
     w_own = sum(x.bytes for x in counts.values())
+    casts = 0
     if engine == "DDP":
         w, g, o = w_own, 4 * p_t * (2 if n > 1 else 1), 8 * p_t
+        # autocast caches a bf16 copy of each fp32 leaf weight it casts until the forward's autocast exits
+        # (torch.is_autocast_cache_enabled); backward keeps those it saved. Measured: +2 bytes per trainable.
+        casts = 2 * p_t if c == 2 else 0
     elif engine == "ZeRO-2":
         w = c * p_all
         g = ((2 + 4) if c == 2 else 4) * p_t // n
@@ -306,7 +335,7 @@ def model_states(counts: dict[str, PartCount], engine: str, n: int, c: int, larg
         g, o = 4 * p_t // n, 8 * p_t // n
     else:
         raise ValueError(f"unknown engine {engine!r}; valid: {', '.join(ENGINES)}")
-    return {"weights": w, "grads": g, "optimizer": o, "total": w + g + o}
+    return {"weights": w, "casts": casts, "grads": g, "optimizer": o, "total": w + casts + g + o}
 
 
 def flops_per_sample(vlm: nn.Module, shape: Shape, checkpointing: bool) -> dict[str, int]:
@@ -366,11 +395,12 @@ class Plan:
 
 def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu: float = 0.4,
               device: str = "cuda", seq: int | None = None, images: int = 1, targets: int | None = None,
-              micro_batch: int | None = None, source: str = "") -> Plan:
-    """The plan of `cfg` (a TrainConfig) on `gpus` GPUs of `gpu_mem_gib` each (see the module docstring)."""
+              micro_batch: int | None = None, source: str = "", dtype: str | None = None) -> Plan:
+    """The plan of `cfg` (a TrainConfig) on `gpus` GPUs of `gpu_mem_gib` each (see the module docstring);
+    `dtype` replaces the config's model dtype."""
     if gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {gpus}")
-    vlm, base = meta_model(cfg, device)
+    vlm, base = meta_model(cfg, device, dtype)
     c = 2 if base in ("bfloat16", "float16") else 4
     image_tokens = int(vlm.tokens_per_image) * images
     seq = int(seq or cfg.max_length)
@@ -402,6 +432,124 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
     if cfg.lora.qlora:
         plan.notes.append("lora.qlora=true: the 4-bit base is not modelled (bases counted in bf16)")
     return plan
+
+
+# ----- one device, measured: what smoke_real and the GPU check compare ---------------------------------
+@dataclass
+class BlockTiming:
+    """One LM block's training work (forward, the recompute under checkpointing, backward) timed on a device."""
+
+    seconds: float  # mean wall time of the repeats (a single step is compared with it: not the luckiest run)
+    cpu_seconds: float  # their mean process CPU time (CPU devices: tells a loaded machine from a slow one)
+    flops: int  # the plan's count for that work (the LM's share per layer)
+    peak_flops: float  # the device's measured square-matmul peak in the run's dtype (trainer.throughput)
+
+    @property
+    def mfu(self) -> float:
+        return self.flops / self.seconds / self.peak_flops
+
+
+def _lm_block(vlm: nn.Module) -> nn.Module:
+    blocks = [m for m in vlm.lm.modules() if type(m).__name__ == "QWenBlock"]
+    if not blocks:
+        raise PlanError(f"measuring the MFU needs a Qwen LM (model.lm_backend=qwen), this one is "
+                        f"{type(vlm.lm).__name__}; give the MFU instead (--mfu)")
+    return blocks[0]
+
+
+def _materialise(block: nn.Module, device: torch.device) -> nn.Module:
+    """The meta block with random weights on `device` in its own dtypes (garbage would time denormals)."""
+    block = block.to_empty(device=device)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            else:
+                p.fill_(1.0)
+    return block
+
+
+def measure_block(cfg, device: str | torch.device = "cpu", seq: int | None = None, dtype: str | None = None,
+                  repeats: int = 2, micro_batch: int = 1) -> BlockTiming:
+    """Time one LM block of the run (its LoRA / trainable set, dtype and bf16 autocast, checkpointing,
+    `micro_batch` x `seq` tokens; a Qwen LM) on `device` after one warm-up: the MFU this machine reaches on
+    the model's own layer, elementwise work and small LoRA matmuls included, which the step time assumes."""
+
+    dev = torch.device(device)
+    seq = int(seq or cfg.max_length)
+    with contextlib.redirect_stdout(io.StringIO()):
+        vlm, base = meta_model(cfg, dev.type, dtype)
+    ckpt = bool(cfg.gradient_checkpointing)
+    f = flops_per_sample(vlm, Shape(seq, 0, 0, 0, 1, 1), ckpt)
+    grad_flows = ModelDims.from_model(vlm).parts["grad_through_lm"]
+    block, lcfg = _materialise(_lm_block(vlm), dev), _config(vlm.lm)
+    block.train()
+    del vlm
+    bdt = getattr(torch, base)
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(micro_batch, seq, int(lcfg.hidden_size), generator=g) * 0.5).to(dev, bdt)  # [B, T, H]
+    x.requires_grad_(grad_flows)  # the gradient passes through the LM when anything before it trains
+    positions = torch.arange(seq, device=dev)[None].expand(micro_batch, seq)  # [B, T]
+    cos, sin = rope_cos_sin(positions, int(lcfg.head_dim), float(lcfg.rope_theta), None)
+    compute = torch.bfloat16 if bdt == torch.bfloat16 else bdt
+    prepare_attention(dev, compute, int(lcfg.head_dim), getattr(lcfg, "attn_impl", "auto"))  # as the run does
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    walls, cpus = [], []
+    for i in range(repeats + 1):  # the first run is a warm-up (kernel selection, thread pools)
+        sync()
+        t0, c0 = time.perf_counter(), time.process_time()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bdt == torch.bfloat16):
+            args = (x, cos, sin, None, None, None, None)
+            y = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)  # [B, T, H]
+        y.float().square().mean().backward()
+        sync()
+        t, c = time.perf_counter() - t0, time.process_time() - c0
+        if i:
+            walls.append(t)
+            cpus.append(c)
+    per_layer = micro_batch * (f["lm"] + f["attention"] + f["recompute"]) // int(lcfg.num_hidden_layers)
+    return BlockTiming(sum(walls) / len(walls), sum(cpus) / len(cpus), per_layer, peak_matmul_flops(dev, bdt))
+
+
+def mean_timing(timings: list[BlockTiming]) -> BlockTiming:
+    """Several measurements of the same block (e.g. before and after a step, to bracket its load) as one."""
+    n = len(timings)
+    return BlockTiming(sum(t.seconds for t in timings) / n, sum(t.cpu_seconds for t in timings) / n,
+                       timings[0].flops, max(t.peak_flops for t in timings))
+
+
+@dataclass
+class DevicePrediction:
+    """The plan of one training step on one device (DDP with 1 process), as smoke_real compares it."""
+
+    plan: Plan
+    memory_bytes: int  # weights + autocast copies + gradients + AdamW states + one micro-batch's activations
+    step_seconds: float  # FLOPs of the micro-batch / (peak_flops x mfu)
+    peak_flops: float
+    mfu: float
+    mfu_source: str
+
+
+def predict_on_device(cfg, device: str = "cpu", dtype: str | None = None, seq: int | None = None, images: int = 1,
+                      targets: int | None = None, micro_batch: int | None = None, mfu: float | None = None,
+                      timing: BlockTiming | None = None) -> DevicePrediction:
+    """Peak memory and step time of `cfg` on one `device` ("cpu" / "cuda") in `dtype` (None: the config's).
+    The MFU is `mfu` when given, else measured on that device (`timing`, or `measure_block` now)."""
+
+    dev = torch.device(device)
+    with contextlib.redirect_stdout(io.StringIO()):
+        plan = make_plan(cfg, gpus=1, gpu_mem_gib=1e6, device=dev.type, seq=seq, images=images, targets=targets,
+                         micro_batch=micro_batch, dtype=dtype)
+    if mfu is not None:
+        peak, source = peak_matmul_flops(dev, getattr(torch, plan.base_dtype)), "given"
+    else:
+        timing = timing or measure_block(cfg, dev, plan.shape.seq, dtype, micro_batch=plan.shape.micro_batch)
+        mfu, peak = timing.mfu, timing.peak_flops
+        source = f"measured on one LM block ({timing.seconds:.2f} s for {timing.flops / 1e12:.3f} TFLOP)"
+    memory = plan.engines["DDP"]["total"] + plan.activation_per_gpu()
+    step = plan.flops["total"] * plan.shape.micro_batch / (peak * mfu)
+    return DevicePrediction(plan, memory, step, peak, mfu, source)
 
 
 # ----- printing ---------------------------------------------------------------------------------------
@@ -439,10 +587,11 @@ def format_plan(plan: Plan) -> str:
             need_s = "none: the activations alone overflow (smaller micro-batch, checkpointing or --seq)"
         else:
             need_s = "> 256"
-        L.append(f"  {e:<8}{_g(m['weights'])}{_g(m['grads'])}{_g(m['optimizer'])}{_g(act)}{_g(total)}  {ok:<4}"
+        L.append(f"  {e:<8}{_g(m['weights'] + m['casts'])}{_g(m['grads'])}{_g(m['optimizer'])}{_g(act)}{_g(total)}  {ok:<4}"
                  f"{'':>9}{need_s}")
     L.append(f"  (fits = 1.1 x total + {CONTEXT_BYTES / GIB:g} GiB CUDA context/workspaces <= GPU memory; "
-             f"ZeRO-3 holds the largest module, {plan.largest_module:,} params, gathered)")
+             f"ZeRO-3 holds the largest module, {plan.largest_module:,} params, gathered"
+             + ("; DDP's weights include autocast's bf16 copies of the trainables)" if plan.compute_bytes == 2 else ")"))
     L.append("")
     L.append("activation memory per sample (GiB)")
     for k, a in plan.activations.items():

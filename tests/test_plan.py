@@ -192,3 +192,81 @@ def test_cli_prints_the_plan_and_refuses_bad_input(capsys, tmp_path):
     assert run_cli(P.main, [str(bad), "--gpus", "1", "--gpu-mem", "80"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "model.lm '/nowhere/lm'" in err
+
+
+def _tiny_lora_cfg(backend: str = "qwen") -> TrainConfig:
+    """A tiny scratch LM with the LoRA recipe's targets and checkpointing, a tiny tower."""
+    from tests.tiny_train import TINY_TOWER
+
+    lm = {"arch": "qwen2", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 96, "attn_impl": "torch"}
+    if backend == "hf":
+        lm = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96}
+    return _cfg(model={"lm": "scratch", "lm_backend": backend, "lm_config": lm, "towers": [dict(TINY_TOWER)],
+                       "image_token_id": 500}, stage="sft", gradient_checkpointing=True, max_length=64,
+                lora=LoraSettings(r=4, alpha=8, targets="c_attn|w1|w2" if backend == "qwen" else "q_proj|up_proj"))
+
+
+def test_bf16_autocast_copies_of_the_trainables_are_counted_under_ddp():
+    cfg = _tiny_lora_cfg()
+    bf16 = P.make_plan(cfg, gpus=1, gpu_mem_gib=80, device="cpu", dtype="bfloat16", seq=48, images=1)
+    fp32 = P.make_plan(cfg, gpus=1, gpu_mem_gib=80, device="cpu", dtype="float32", seq=48, images=1)
+    assert bf16.base_dtype == "bfloat16" and fp32.base_dtype == "float32"  # dtype= replaces the config's
+    ddp = bf16.engines["DDP"]
+    assert ddp["casts"] == 2 * bf16.trainable > 0 and fp32.engines["DDP"]["casts"] == 0
+    assert ddp["total"] == ddp["weights"] + ddp["casts"] + ddp["grads"] + ddp["optimizer"]
+    assert all(bf16.engines[e]["casts"] == 0 for e in ("ZeRO-2", "ZeRO-3"))  # DeepSpeed's bf16 mode: no autocast
+
+
+def test_autocast_makes_a_bf16_copy_of_each_fp32_trainable_weight():
+    """What the `casts` term stands for, on a real tiny model: in a bf16 autocast forward every fp32 trainable
+    weight of the LM is cast to bf16 once (2 bytes each), and the copy is cached for its next use."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from model import build_vlm
+    from trainer.stages import apply_stage
+
+    cfg = _tiny_lora_cfg()
+    vlm = build_vlm(dict(cfg.model, dtype="bfloat16"))
+    apply_stage(vlm, cfg, cfg.lora)
+    trainable = {p.data_ptr(): p.numel() for p in vlm.lm.parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in vlm.lm.parameters() if p.requires_grad)
+    casts: list[int] = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in trainable:
+                casts.append(args[0].data_ptr())
+                assert out.dtype == torch.bfloat16
+            return out
+
+    vlm.train()
+    ids = torch.randint(0, 400, (1, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        assert torch.is_autocast_cache_enabled()
+        vlm.lm(input_ids=ids, labels=ids)
+        vlm.lm(input_ids=ids, labels=ids)  # same autocast region: served from the cache, no new copies
+    assert sorted(casts) == sorted(trainable)  # each once
+    assert sum(trainable.values()) == P.count_parts(vlm)["lora"].trainable  # the LM trains its adapters only
+
+
+def test_measured_block_gives_the_mfu_the_step_time_uses():
+    cfg = _tiny_lora_cfg()
+    t = P.measure_block(cfg, "cpu", seq=32, dtype="float32", repeats=1)
+    plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=80, device="cpu", dtype="float32", seq=32, images=0, targets=8,
+                       micro_batch=1)
+    f = plan.flops
+    assert t.flops == (f["lm"] + f["attention"] + f["recompute"]) // 2  # the LM's share of one of 2 layers
+    assert t.seconds > 0 and t.peak_flops > 0 and 0 < t.mfu < float("inf")
+    pred = P.predict_on_device(cfg, "cpu", "float32", seq=32, images=0, targets=8, micro_batch=1, timing=t)
+    assert pred.mfu == t.mfu and pred.memory_bytes == plan.engines["DDP"]["total"] + plan.activation_per_gpu()
+    assert abs(pred.step_seconds - f["total"] / (t.peak_flops * t.mfu)) < 1e-9 * pred.step_seconds
+    given = P.predict_on_device(cfg, "cpu", "float32", seq=32, images=0, targets=8, micro_batch=1, mfu=0.5)
+    assert given.mfu == 0.5 and given.mfu_source == "given"
+
+
+def test_measuring_the_mfu_of_a_non_qwen_lm_is_one_clear_error():
+    with pytest.raises(P.PlanError, match="--mfu"):
+        P.measure_block(_tiny_lora_cfg("hf"), "cpu", seq=16, dtype="float32", repeats=1)
