@@ -51,6 +51,9 @@ class _BenchModel:
     def parameters(self):
         return self._vlm.parameters()
 
+    def prepare_attention(self, compute_dtype=None):
+        return self._vlm.prepare_attention(compute_dtype)
+
     @staticmethod
     def decode(ids: list[int]) -> str:
         return " ".join(map(str, ids))

@@ -207,7 +207,8 @@ def test_a_job_whose_event_loop_has_closed_is_cancelled_not_raised():
     from serve.engine import Engine
     from serve.session import submit
 
-    engine = Engine(SimpleNamespace(stop_token_ids=[], parameters=lambda: iter([torch.zeros(1)])))  # never started
+    engine = Engine(SimpleNamespace(stop_token_ids=[], parameters=lambda: iter([torch.zeros(1)]),
+                                    prepare_attention=lambda: None))  # never started
 
     async def queue():
         return submit(engine, [1], None, SamplingParams(max_tokens=1), [], 60.0)
