@@ -1,7 +1,7 @@
 """One command for a CUDA machine: the GPU-only checks, each in its own process, into one markdown report.
 
     make gpu-check                                   # = python benchmarks/gpu_check.py
-    python benchmarks/gpu_check.py --out docs/gpu-check.md --budget-s 300
+    python benchmarks/gpu_check.py --out docs/gpu-check.md --budget-s 450
     python benchmarks/gpu_check.py --dry-run --out /tmp/r.md   # the whole harness on this CPU (tests run it)
     PYTHONPATH=. python3 benchmarks/gpu_check.py     # on a GPU machine with its own python3, no `make setup`
 
@@ -54,7 +54,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "docs" / "gpu-check.md"
-BUDGET_S = 300.0  # the checks' share of 5 minutes on one GPU, a cold CUDA build included
+# The checks' wall-clock budget on one GPU, a cold CUDA build included: the H200's first full run took 418 s
+# of checks (docs/gpu-check.md), most of it the kernel tests' Triton compiles (122 s) and the self-test's build.
+BUDGET_S = 450.0
 KERNEL_TESTS = ["tests/test_kernels_cuda.py", "tests/test_kernels_triton*.py", "tests/test_kernels_fused.py",
                 "tests/test_kernels_dispatch.py", "tests/test_kernels_qwen.py", "tests/test_attention_prepare.py"]
 TAIL_LINES = 40  # output lines kept per check in the report
@@ -116,7 +118,8 @@ def default_checks(dry_run: bool = False) -> list[Check]:
         Check("generate", ["python", "benchmarks/generate.py", *(["--device", "cuda"] if gpu else
                                                                  ["--device", "cpu", "--quick", "--repeats", "1"])], 60,
               needs=["benchmarks/generate.py"]),
-        Check("demo", ["python", "benchmarks/demo_run.py", *([] if gpu else ["--n-train", "40", "--steps", "2"])],
+        Check("demo", ["python", "benchmarks/demo_run.py", *(["--n-train", "200", "--steps", "10"] if gpu else
+                                                             ["--n-train", "40", "--steps", "2"])],
               150, needs=["benchmarks/demo_run.py"], min_s=40),
         Check("qlora-step", ["python", "benchmarks/qlora_step.py", "--device", "cuda" if gpu else "cpu",
                              *([] if gpu else ["--quick", "--steps", "1", "--batch-size", "2", "--seq-len", "16"])],
