@@ -268,7 +268,7 @@ def verify(device: torch.device | str, dtype: torch.dtype, head_dim: int, build:
     results = []
     # Fresh tensors with their own graph: no autocast, grad on, outside any inference mode of the caller.
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
-        for name, loader in _candidates(build, device).items():
+        for name, loader in candidates(build, device).items():
             try:
                 padded, varlen, masks = loader()
             except Exception as e:  # noqa: BLE001 - unavailable, with the reason
@@ -286,13 +286,6 @@ def verify(device: torch.device | str, dtype: torch.dtype, head_dim: int, build:
             results.append(r)
     _CHOICES[key] = decide(results)
     return _CHOICES[key]
-
-
-def _candidates(build: bool, device: torch.device) -> dict[str, Callable]:
-    try:
-        return candidates(build, device)
-    except TypeError:  # a replacement (tests) that takes `build` only
-        return candidates(build)
 
 
 def failed(choice: Choice) -> list[KernelResult]:

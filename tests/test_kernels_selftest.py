@@ -58,7 +58,7 @@ def test_a_wrong_kernel_fails_and_auto_picks_the_verified_one(monkeypatch, caplo
     def right(q, k, v, causal, mask):
         return eager_attention(q, k, v, causal=causal, attention_mask=mask)
 
-    monkeypatch.setattr(selftest, "candidates", lambda build: {"triton": lambda: (wrong, None, True),
+    monkeypatch.setattr(selftest, "candidates", lambda build, device=None: {"triton": lambda: (wrong, None, True),
                                                                "cuda": lambda: (right, None, False)})
     monkeypatch.setattr(selftest, "bench", lambda *a, **kw: (0.5, 1.0))  # the correct one is also "faster"
     monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
