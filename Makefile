@@ -33,14 +33,14 @@ lint: setup
 # held-out accuracy per question type, then one answer from `sh test.sh`.
 DEMO := data/shapes
 demo: setup
-	$(BIN)/python -m dataprocess.make_shapes $(DEMO) --n-train 6000 --n-val 300 --seed 0 --size 32 --types colour,shape,count,position,multi,shape
-	$(BIN)/python -m dataprocess.make_vocab --data $(DEMO)/train.jsonl --merges 300 --out $(DEMO)/vocab
+	$(BIN)/python -m qwenvl_lab.dataprocess.make_shapes $(DEMO) --n-train 6000 --n-val 300 --seed 0 --size 32 --types colour,shape,count,position,multi,shape
+	$(BIN)/python -m qwenvl_lab.dataprocess.make_vocab --data $(DEMO)/train.jsonl --merges 300 --out $(DEMO)/vocab
 	$(BIN)/python train.py configs/demo/stage1.yaml
 	$(BIN)/python train.py configs/demo/stage2_sft.yaml
-	$(BIN)/python -m trainer.evaluate --model runs/demo/stage2 --data $(DEMO)/val.jsonl --image-folder $(DEMO)
+	$(BIN)/python -m qwenvl_lab.trainer.evaluate --model runs/demo/stage2 --data $(DEMO)/val.jsonl --image-folder $(DEMO)
 	rm -rf runs/demo/eval_vqav2
-	$(BIN)/python -m evaluation.to_vqav2 $(DEMO)/val.jsonl --image-folder $(DEMO) --out $(DEMO)/vqav2
-	$(BIN)/python -m evaluation --model runs/demo/stage2 --task vqav2 --data $(DEMO)/vqav2 --prompt "{question}" --batch-size 16 --output runs/demo/eval_vqav2
+	$(BIN)/python -m qwenvl_lab.evaluation.to_vqav2 $(DEMO)/val.jsonl --image-folder $(DEMO) --out $(DEMO)/vqav2
+	$(BIN)/python -m qwenvl_lab.evaluation --model runs/demo/stage2 --task vqav2 --data $(DEMO)/vqav2 --prompt "{question}" --batch-size 16 --output runs/demo/eval_vqav2
 	sh test.sh
 
 bench: setup

@@ -25,10 +25,10 @@ import sys
 from pathlib import Path
 
 # Light modules only at the top, so `--help` answers before torch loads; heavy ones load where used.
-from dataset.sample import IMAGE_MARKER, UserError
-from model.paths import is_bigbro_dir, resolve_model_dir
-from trainer.bigbro import test_argv
-from trainer.cli import run_cli, writable_dir
+from qwenvl_lab.dataset.sample import IMAGE_MARKER, UserError
+from qwenvl_lab.model.paths import is_bigbro_dir, resolve_model_dir
+from qwenvl_lab.trainer.bigbro import test_argv
+from qwenvl_lab.trainer.cli import run_cli, writable_dir
 
 LEGACY_PLACEHOLDER = "<|extra_0|>"
 
@@ -66,12 +66,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_model(args, model_dir: Path):
     import torch  # heavy: after the arguments and files are checked
-
-    from model import VLM
+    from qwenvl_lab.model import VLM
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if is_bigbro_dir(model_dir):
-        from model.bigbro import load_bigbro  # its .bin files, converted once beside them
+        from qwenvl_lab.model.bigbro import load_bigbro  # its .bin files, converted once beside them
 
         return load_bigbro(model_dir, args.lm, args.tower).to(device).eval()
     overrides = {k: v for k, v in (("lm", args.lm), ("tower_path", args.tower)) if v}
@@ -114,7 +113,7 @@ def answer(vlm, images, messages, args) -> str:
 
 
 def load_images(paths: list[str]):
-    from dataset.images import load_image  # PIL, numpy: after argument parsing
+    from qwenvl_lab.dataset.images import load_image  # PIL, numpy: after argument parsing
 
     return [load_image(p) for p in paths]  # a missing or bad file is a BadSampleError (a UserError)
 
@@ -124,7 +123,7 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
 
 
 def run_batch_file(vlm, pairs: list, args) -> None:
-    from trainer.evaluate import write_answers  # heavy: after argument parsing
+    from qwenvl_lab.trainer.evaluate import write_answers  # heavy: after argument parsing
 
     n = write_answers(vlm, pairs, args.output, batch_size=args.batch_size, system=args.system, **gen_kwargs(args))
     print(f"answered {n} samples -> {args.output}")
@@ -177,7 +176,7 @@ def main(argv=None) -> int:
     bigbro = is_bigbro_dir(args.model) and args.lm and args.tower  # else resolve_model_dir says what is missing
     model_dir = Path(args.model) if bigbro else resolve_model_dir(args.model)
     if args.input:
-        from trainer.evaluate import load_samples  # PIL, numpy: after argument parsing
+        from qwenvl_lab.trainer.evaluate import load_samples  # PIL, numpy: after argument parsing
 
         # Not JSON / JSONL, not UTF-8, a bad sample: one line now rather than after the model.
         pairs = load_samples(args.input, args.image_folder, args.allow_absolute_paths)

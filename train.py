@@ -12,13 +12,13 @@ name one of its checkpoints.
 
 import sys
 
-from trainer.cli import run_cli
+from qwenvl_lab.trainer.cli import run_cli
 
 
 def usage() -> str:
-    from model.config import VLMConfig
-    from trainer.config import TrainConfig
-    from trainer.config_io import describe_fields
+    from qwenvl_lab.model.config import VLMConfig
+    from qwenvl_lab.trainer.config import TrainConfig
+    from qwenvl_lab.trainer.config_io import describe_fields
 
     rows = describe_fields(TrainConfig) + describe_fields(VLMConfig, prefix="model.")
     width = max(len(k) for k, _, _ in rows)
@@ -35,20 +35,20 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    from trainer.bigbro import resolve_init_from, train_argv
+    from qwenvl_lab.trainer.bigbro import resolve_init_from, train_argv
 
     argv = train_argv(argv)  # the BigBro repo's --flags -> our key=value (a line each); others unchanged
     check_only = bool(argv) and argv[0] == "--check"
     if check_only:
         argv = argv[1:]
     config_path = argv.pop(0) if argv and "=" not in argv[0] else None
-    from trainer.config import check_paths, load_train_config
+    from qwenvl_lab.trainer.config import check_paths, load_train_config
 
     cfg = resolve_init_from(load_train_config(config_path, argv))  # a BigBro checkpoint: converted once
     check_paths(cfg)  # before trainer.run (~10 s to import) and the model load: a wrong path fails fast
     if check_only:  # train.sh runs this once before torchrun starts N processes that would each fail alike
         return 0
-    from trainer.run import train  # heavy: after the config and its paths are checked
+    from qwenvl_lab.trainer.run import train  # heavy: after the config and its paths are checked
 
     try:
         train(cfg)

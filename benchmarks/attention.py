@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from kernels import attention  # noqa: E402
+from qwenvl_lab.kernels.attention import attention  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,7 +36,7 @@ def _skip_reason(impl: str, device: torch.device) -> str | None:
     if impl in ("triton", "cuda") and device.type != "cuda":
         return f"{impl}: skipped, needs a CUDA GPU (running on {device})"
     if impl == "cuda":
-        from kernels import cuda_ext
+        from qwenvl_lab.kernels import cuda_ext
 
         try:
             cuda_ext.load()
@@ -44,7 +44,7 @@ def _skip_reason(impl: str, device: torch.device) -> str | None:
             return f"cuda: skipped, the extension did not build: {str(e).splitlines()[0]}"
     if impl == "triton":
         try:
-            import kernels.triton_attention  # noqa: F401
+            import qwenvl_lab.kernels.triton_attention  # noqa: F401
         except Exception as e:  # noqa: BLE001
             return f"triton: skipped, import failed: {e}"
     return None

@@ -37,8 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never download anythi
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the CPU profiler quiet; set before torch loads
 
 import torch  # noqa: E402
-
-from qwen.loss import IGNORE_INDEX, count_targets  # noqa: E402  (after the environment above)
+from qwenvl_lab.qwen.loss import IGNORE_INDEX, count_targets  # noqa: E402  (after the environment above)
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ def load_reference(path: Path):
 
 
 def load_ours(path: Path):
-    from model import VLM
+    from qwenvl_lab.model import VLM
 
     return VLM.from_pretrained(path)  # a Llava directory: imported by model/llava.py
 
@@ -259,7 +258,7 @@ def make_plain_mix(spec: BenchSpec, n: int, seed: int = 0) -> list[dict]:
 
 def batches(items: list[dict], batch_size: int, pad_id: int) -> list[dict]:
     """Consecutive items collated exactly as training does (dataset.Collator, right padding)."""
-    from dataset import Collator
+    from qwenvl_lab.dataset import Collator
 
     collate = Collator(pad_id=pad_id)
     out = []
@@ -362,7 +361,7 @@ _MALLOC_MODE = ["default"]
 
 def set_malloc(mode: str) -> bool:
     """Switch glibc's allocator between `retain` and `default` (see the module docstring); False if not glibc."""
-    from trainer.cpu_malloc import retain_freed_memory
+    from qwenvl_lab.trainer.cpu_malloc import retain_freed_memory
 
     if mode == _MALLOC_MODE[0]:
         return True

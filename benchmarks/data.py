@@ -122,11 +122,11 @@ def write_records(path: Path, images: list[str], n: int, seed: int, quick: bool)
 
 def load_vocab(folder: Path, records: list[dict], quick: bool):
     """(tokenizer, where it came from): the real Qwen-1 vocabulary when present, else a trained one."""
-    from qwen import load_tokenizer
+    from qwenvl_lab.qwen import load_tokenizer
 
     if (SHARED_QWEN1 / "qwen.tiktoken").is_file() and not quick:
         return load_tokenizer(SHARED_QWEN1), f"Qwen-1 ({SHARED_QWEN1})"
-    from dataprocess.make_vocab import train_bpe, write_tiktoken
+    from qwenvl_lab.dataprocess.make_vocab import train_bpe, write_tiktoken
 
     texts = [t["value"].replace("<image>", " ") for r in records for t in r["conversations"]]
     merges = 20 if quick else 1000
@@ -137,7 +137,7 @@ def load_vocab(folder: Path, records: list[dict], quick: bool):
 # ----- measurements -----------------------------------------------------------------------------------
 def pipeline_rate(dataset, batch_size: int, workers: int, pad_id: int) -> tuple[float, int]:
     """(steady-state samples/s, batches) of one pass of a DataLoader over `dataset`."""
-    from dataset import Collator
+    from qwenvl_lab.dataset import Collator
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=Collator(pad_id=pad_id), shuffle=False)
@@ -154,7 +154,7 @@ def pipeline_rate(dataset, batch_size: int, workers: int, pad_id: int) -> tuple[
 
 def train_rate(tok, dataset, args, tmp: Path) -> float:
     """Our VLM's training samples/s on the benchmark model, fed by this pipeline."""
-    from dataset import Collator
+    from qwenvl_lab.dataset import Collator
 
     base = common.SPECS["quick" if args.quick else "full"]
     # The model's placeholder and ChatML ids must be the tokenizer's (a real or a generated vocabulary).
@@ -182,8 +182,8 @@ def train_rate(tok, dataset, args, tmp: Path) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.setup_torch(args.threads)
-    from dataset import VLMDataset
-    from visual.processor import ImageProcessor
+    from qwenvl_lab.dataset import VLMDataset
+    from qwenvl_lab.visual.processor import ImageProcessor
 
     spec = common.SPECS["quick" if args.quick else "full"]
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:

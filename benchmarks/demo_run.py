@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     common = [f"data_path=[{data}/train.jsonl]", f"image_folder={data}", f"max_steps={args.steps}",
               "logging_steps=1", "save_steps=100000"]
     steps = [
-        ("data", ["-m", "dataprocess.make_shapes", str(data), "--n-train", str(args.n_train), "--n-val", "20",
+        ("data", ["-m", "qwenvl_lab.dataprocess.make_shapes", str(data), "--n-train", str(args.n_train), "--n-val", "20",
                   "--seed", "0", "--size", "32"]),
-        ("vocab", ["-m", "dataprocess.make_vocab", "--data", f"{data}/train.jsonl", "--merges", "300",
+        ("vocab", ["-m", "qwenvl_lab.dataprocess.make_vocab", "--data", f"{data}/train.jsonl", "--merges", "300",
                    "--out", f"{data}/vocab"]),
         ("stage1", ["train.py", "configs/demo/stage1.yaml", *common, f"model.tokenizer={data}/vocab",
                     f"output_dir={s1}"]),

@@ -11,7 +11,7 @@ tiny shapes), so the harness itself, every script it calls and every flag it pas
 no GPU is. In order, each as a subprocess with its own timeout, all within `--budget-s`
 (a check that would start with less than its minimum left is "not run"):
 
-  selftest     python -m kernels.selftest --device cuda (builds the CUDA extension, cold: the longest step;
+  selftest     python -m qwenvl_lab.kernels.selftest --device cuda (builds the CUDA extension, cold: the longest step;
                exit 1 when a kernel fails its numerics)          dry: --device cpu under TRITON_INTERPRET=1
   kernel-tests pytest on the CUDA and Triton kernel numerics tests, TRITON_INTERPRET=0 (Triton compiles for
                the GPU) and QWENVL_TEST_DEVICE=cuda (tests/conftest.py makes tensors a test creates without
@@ -99,7 +99,7 @@ def default_checks(dry_run: bool = False) -> list[Check]:
     real = ["--device", "cuda", "--dtype", "bf16", "--lm-config", "configs/hub/Qwen--Qwen2.5-1.5B-Instruct.json",
             "--steps", "3", "--batch", "4", "--lora-r", "64"] if gpu else ["--device", "cpu", "--dtype", "fp32", "--tiny"]
     checks = [
-        Check("selftest", ["python", "-m", "kernels.selftest", "--device", "cuda" if gpu else "cpu"], 200,
+        Check("selftest", ["python", "-m", "qwenvl_lab.kernels.selftest", "--device", "cuda" if gpu else "cpu"], 200,
               needs=["kernels/selftest.py"], env=interp, min_s=30),
         Check("kernel-tests", [*pytest_, *tests] if gpu else [*pytest_, "tests/test_kernels_cuda_emulated.py",
                                                              "-k", "match_eager_fp32 and gqa_tq_lt_tk"], 150,

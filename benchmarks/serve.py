@@ -32,10 +32,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import torch  # noqa: E402
+from qwenvl_lab.serve.decode import SamplingParams  # noqa: E402
+from qwenvl_lab.serve.engine import Engine, Job  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from serve.decode import SamplingParams  # noqa: E402
-from serve.engine import Engine, Job  # noqa: E402
 
 
 class _BenchModel:

@@ -66,10 +66,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import torch  # noqa: E402
+from qwenvl_lab.model import dtypes  # noqa: E402
+from qwenvl_lab.qwen.loss import supervised_loss  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from model import dtypes  # noqa: E402
-from qwen.loss import supervised_loss  # noqa: E402
 
 OPTIMIZERS = {"adamw_fused": {"fused": True}, "adamw": {}}  # name -> torch.optim.AdamW keywords
 LEVERS = ("compile", "fused_compile", "fused_triton", "copies", "malloc", "baseline")
@@ -246,7 +246,7 @@ def _print_profile(cats: dict[str, dict[str, float]], device: torch.device) -> N
 def _packed_batches(items: list[dict], batch_size: int, device: torch.device) -> list[dict] | None:
     """The same consecutive items as `common.batches`, each batch packed into one row (or None)."""
     try:
-        from dataset.packing import PackingCollator
+        from qwenvl_lab.dataset.packing import PackingCollator
     except ImportError as e:
         print(f"packed side skipped: {e}")
         return None
@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
         print("first-step loss: " + " ".join(f"{k}={v:.6f}" for k, v in first.items())
               + f" max|diff|={max(abs(v - ref_loss) for v in first.values()):.2e}")
 
-    from trainer.throughput import ModelDims, batch_stats, measure_matmul_peak, step_flops
+    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, measure_matmul_peak, step_flops
 
     dims = ModelDims.from_model(ours_model)  # the same model on every side: the same model FLOPs
     flops = [step_flops(dims, batch_stats(b))["total"] for b in data]
@@ -466,7 +466,7 @@ def bf16_lines(sides: dict, data: list[dict], args, device: torch.device) -> dic
 
 def stage1(args, device: torch.device) -> dict:
     """Projector-only steps on the stage-1 shape: tower on pixels vs cached features (module docstring)."""
-    from trainer.throughput import ModelDims, batch_stats, step_flops
+    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, step_flops
 
     spec = common.SPECS["stage1_quick" if args.quick else "stage1"]
     with tempfile.TemporaryDirectory(prefix="bench_stage1_") as tmp:

@@ -1,6 +1,6 @@
 """Offline data preparation: converters to our JSONL, an image cache builder, a synthetic dataset.
 
-Each module is a command (`python -m dataprocess.NAME --help`) with a `main(argv=None)` and a pure
+Each module is a command (`python -m qwenvl_lab.dataprocess.NAME --help`) with a `main(argv=None)` and a pure
 function that does the work (so tests call it directly):
 
 | module | pure function | does |
@@ -17,3 +17,8 @@ Our JSONL, written by every converter (see `common.py`): one sample per line,
 `{"id", "messages": [{"role", "content"}], "images": [relative paths], "videos": []}` with one
 `<image>` marker per image, in order. `dataset/` reads it like any LLaMA-Factory-style file.
 """
+
+if not __package__.startswith("qwenvl_lab."):  # the old spelling: `python -m dataprocess...` from the checkout
+    from qwenvl_lab._moved import refuse  # (absolute: this is not qwenvl_lab.*)
+
+    refuse(__package__)

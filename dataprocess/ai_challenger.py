@@ -8,7 +8,7 @@ by a hash of (seed, sample id); the answer is the caption with ALL whitespace re
 captions carry stray spaces and newlines inside Chinese text, where no space belongs).
 Sample ids are `aic_{image stem}_{k}` (k = caption index). Empty captions are skipped and counted.
 
-    python -m dataprocess.ai_challenger caption_train_annotations_20170902.json out.jsonl \\
+    python -m qwenvl_lab.dataprocess.ai_challenger caption_train_annotations_20170902.json out.jsonl \\
         --image-prefix ai_challenger/caption_train_images_20170902
 """
 
@@ -20,7 +20,8 @@ import re
 import sys
 from typing import Any
 
-from dataprocess.common import (
+from ..trainer.cli import run_cli
+from .common import (
     BRIEF_PROMPTS_ZH,
     Converted,
     SourceError,
@@ -31,7 +32,6 @@ from dataprocess.common import (
     report,
     write_jsonl,
 )
-from trainer.cli import run_cli
 
 
 def clean_zh(caption: str) -> str:
@@ -68,7 +68,7 @@ def convert_ai_challenger(records: list[Any], image_prefix: str = "", one_per_im
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataprocess.ai_challenger", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.dataprocess.ai_challenger", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="AI Challenger caption annotations JSON")
     ap.add_argument("output", help="output JSONL path")

@@ -1,6 +1,6 @@
 """Run the frozen vision tower(s) once per unique image and cache their output for stage 1.
 
-    python -m dataprocess.cache_features --model MODEL_OR_RUN_DIR --data FILE.jsonl [FILE2.jsonl ...] \
+    python -m qwenvl_lab.dataprocess.cache_features --model MODEL_OR_RUN_DIR --data FILE.jsonl [FILE2.jsonl ...] \
         --image-folder DIR --out CACHE_DIR [--batch-size 32] [--shard-images 1024]
 
 `--model` is a VLM directory (or a run directory: its `final/` or newest checkpoint); only its towers
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from dataset.feature_cache import FORMAT, INDEX_FILE, image_key, tower_identity
-from dataset.formats import normalize, read_records
-from dataset.images import MAX_PIXELS, load_image
-from dataset.sample import BadSampleError
-from trainer.cli import run_cli
+from ..dataset.feature_cache import FORMAT, INDEX_FILE, image_key, tower_identity
+from ..dataset.formats import normalize, read_records
+from ..dataset.images import MAX_PIXELS, load_image
+from ..dataset.sample import BadSampleError
+from ..trainer.cli import run_cli
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def cache_features(vlm, data_paths: list[str], image_folder: str | None, out: st
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataprocess.cache_features", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.dataprocess.cache_features", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a VLM directory or a run directory")
     ap.add_argument("--data", required=True, nargs="+", help="JSON/JSONL data file(s)")
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from model import VLM
-    from model.paths import resolve_model_dir
+    from ..model import VLM
+    from ..model.paths import resolve_model_dir
 
     vlm = VLM.from_pretrained(resolve_model_dir(args.model))
     vlm.towers.to(args.device)

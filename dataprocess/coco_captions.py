@@ -7,7 +7,7 @@ drawn deterministically from `BRIEF_PROMPTS_EN` by a hash of (seed, sample id); 
 the caption with whitespace collapsed. Image paths are `--image-prefix` + `file_name`.
 Annotations naming an unknown image, or with an empty caption, are skipped and counted.
 
-    python -m dataprocess.coco_captions captions_train2017.json out.jsonl --image-prefix coco/train2017
+    python -m qwenvl_lab.dataprocess.coco_captions captions_train2017.json out.jsonl --image-prefix coco/train2017
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import argparse
 import sys
 from typing import Any
 
-from dataprocess.common import (
+from ..trainer.cli import run_cli
+from .common import (
     BRIEF_PROMPTS_EN,
     Converted,
     SourceError,
@@ -28,7 +29,6 @@ from dataprocess.common import (
     report,
     write_jsonl,
 )
-from trainer.cli import run_cli
 
 
 def convert_coco(data: dict[str, Any], image_prefix: str = "", one_per_image: bool = False,
@@ -65,7 +65,7 @@ def convert_coco(data: dict[str, Any], image_prefix: str = "", one_per_image: bo
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataprocess.coco_captions", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.dataprocess.coco_captions", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("captions", help="COCO captions JSON, e.g. annotations/captions_train2017.json")
     ap.add_argument("output", help="output JSONL path")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataset.sample import IMAGE_MARKER, ROLES, UserError
+from ..dataset.sample import IMAGE_MARKER, ROLES, UserError
 
 # English brief-caption prompts for stage-1 alignment (one is drawn per sample, deterministically).
 BRIEF_PROMPTS_EN = [
@@ -43,7 +43,7 @@ BRIEF_PROMPTS_ZH = [
 
 class SourceError(UserError, ValueError):
     """A source file (or an option) a converter cannot use; the message names it and says what is wrong.
-    Every `python -m dataprocess.NAME` answers it with one line `error: ...` (exit status 2)."""
+    Every `python -m qwenvl_lab.dataprocess.NAME` answers it with one line `error: ...` (exit status 2)."""
 
 
 @dataclass

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataprocess.common import SourceError
-from dataset.images import MAX_PIXELS, load_image
-from dataset.sample import BadSampleError
+from ..dataset.images import MAX_PIXELS, load_image
+from ..dataset.sample import BadSampleError
+from .common import SourceError
 
 DEFAULT_MAX_PIXELS = MAX_PIXELS
 MODES = ("pad", "resize", "crop")

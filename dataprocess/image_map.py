@@ -18,7 +18,7 @@ Output: one sample per caption, id `<id>_<k>`, image `--image-prefix` + file nam
 assistant turn the caption (whitespace collapsed). Caption ids with no image in the map, and empty
 captions, are skipped and counted; images without captions are only counted.
 
-    python -m dataprocess.image_map image_map.tsv captions.json out.jsonl --image-prefix images --lang zh
+    python -m qwenvl_lab.dataprocess.image_map image_map.tsv captions.json out.jsonl --image-prefix images --lang zh
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ import json
 import sys
 from pathlib import Path
 
-from dataprocess.common import (
+from ..trainer.cli import run_cli
+from .common import (
     BRIEF_PROMPTS_EN,
     BRIEF_PROMPTS_ZH,
     Converted,
@@ -41,7 +42,6 @@ from dataprocess.common import (
     report,
     write_jsonl,
 )
-from trainer.cli import run_cli
 
 PROMPTS = {"en": BRIEF_PROMPTS_EN, "zh": BRIEF_PROMPTS_ZH}
 
@@ -126,7 +126,7 @@ def convert_image_map(image_map: dict[str, str], captions: dict[str, list[str]],
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataprocess.image_map", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.dataprocess.image_map", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("image_map", help="image_map file (JSON dict or TSV id<TAB>file)")
     ap.add_argument("captions", help="captions file (JSON dict or TSV id<TAB>caption)")

@@ -10,7 +10,7 @@ from its number of images; its conversation is empty, starts with the assistant,
 `from` or a non-string `value`; or, with `--image-root`, its image file does not exist there.
 Record ids repeat in mix665k, so a repeated id gets a `#k` suffix to keep ids unique.
 
-    python -m dataprocess.llava_instruct llava_v1_5_mix665k.json out.jsonl --image-root /data/llava
+    python -m qwenvl_lab.dataprocess.llava_instruct llava_v1_5_mix665k.json out.jsonl --image-root /data/llava
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import os
 import sys
 from typing import Any
 
-from dataprocess.common import (
+from ..trainer.cli import run_cli
+from .common import (
     IMAGE_MARKER,
     Converted,
     SourceError,
@@ -30,7 +31,6 @@ from dataprocess.common import (
     report,
     write_jsonl,
 )
-from trainer.cli import run_cli
 
 ROLE_OF = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -97,7 +97,7 @@ def convert_llava(records: list[Any], image_prefix: str = "", image_root: str | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataprocess.llava_instruct", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.dataprocess.llava_instruct", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("input", help="LLaVA instruct JSON (a list of records)")
     ap.add_argument("output", help="output JSONL path")

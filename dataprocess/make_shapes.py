@@ -32,7 +32,7 @@ Deterministic: sample i of split s is drawn from `random.Random(f"{seed}/{s}/{i}
 hashed with SHA-512 by Python, independent of PYTHONHASHSEED) and PNG encoding has no timestamps, so
 the same arguments give byte-identical files.
 
-    python -m dataprocess.make_shapes runs/shapes --n-train 2000 --n-val 200 --seed 0 --size 64
+    python -m qwenvl_lab.dataprocess.make_shapes runs/shapes --n-train 2000 --n-val 200 --seed 0 --size 64
 """
 
 from __future__ import annotations
@@ -45,9 +45,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataprocess.common import SourceError, make_sample, write_jsonl
-from dataprocess.shapes_draw import COLOURS, SHAPES, render
-from trainer.cli import run_cli, writable_dir
+from ..trainer.cli import run_cli, writable_dir
+from .common import SourceError, make_sample, write_jsonl
+from .shapes_draw import COLOURS, SHAPES, render
 
 TYPES = ("colour", "shape", "count", "position", "multi")
 ANSWERS: dict[str, list[str]] = {
@@ -258,7 +258,7 @@ def make_shapes(out: str | Path, n_train: int = 2000, n_val: int = 200, seed: in
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataprocess.make_shapes", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.dataprocess.make_shapes", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="output folder")
     ap.add_argument("--n-train", type=int, default=2000)

@@ -1,6 +1,6 @@
 """Train a small byte-level BPE vocabulary and write it as a Qwen-1 `qwen.tiktoken` file.
 
-    python -m dataprocess.make_vocab --data data/shapes/train.jsonl --merges 300 --out DIR
+    python -m qwenvl_lab.dataprocess.make_vocab --data data/shapes/train.jsonl --merges 300 --out DIR
 
 Used by the offline demo, whose LM is trained from scratch: a vocabulary learned on the demo's own text
 makes every answer word one token and keeps sequences short. The file has the real format
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import regex
 
-from dataset.formats import read_records
-from dataset.sample import IMAGE_MARKER, VIDEO_MARKER
-from trainer.cli import run_cli
+from ..dataset.formats import read_records
+from ..dataset.sample import IMAGE_MARKER, VIDEO_MARKER
+from ..trainer.cli import run_cli
 
 # Qwen's pre-tokenisation pattern (FACTS.md).
 SPLIT = regex.compile(

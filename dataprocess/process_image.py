@@ -11,7 +11,7 @@ An unreadable file is reported, not fatal: the run processes the rest, then prin
 list of failures (and writes them to `dst/failed.txt`). The exit code is 0 unless `--strict` is given
 and something failed.
 
-    python -m dataprocess.process_image data/coco/train2017 cache/coco336 --size 336 --mode pad --workers 8
+    python -m qwenvl_lab.dataprocess.process_image data/coco/train2017 cache/coco336 --size 336 --mode pad --workers 8
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from dataprocess.common import SourceError
-from dataprocess.image_io import DEFAULT_MAX_PIXELS, MODES, ImageError, load_rgb, parse_fill, square
-from trainer.cli import run_cli
+from ..trainer.cli import run_cli
+from .common import SourceError
+from .image_io import DEFAULT_MAX_PIXELS, MODES, ImageError, load_rgb, parse_fill, square
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 FAILED_LIST = "failed.txt"
@@ -126,7 +126,7 @@ def process_folder(src: str | Path, dst: str | Path, size: int = 336, mode: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dataprocess.process_image", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.dataprocess.process_image", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("src", help="folder of source images (searched recursively)")
     ap.add_argument("dst", help="cache folder; relative paths are kept")

@@ -2,21 +2,26 @@
 
 See `dataset/formats.py` (reading, normalising), `template.py` (rendering; `chat_templates.py` the layouts),
 `images.py` (image/video loading), `dataset.py` (`VLMDataset`, skipping bad samples), `collator.py`,
-`sampler.py`. The names below load on first use (PEP 562), so `import dataset.sample` stays light for
+`sampler.py`. The names below load on first use (PEP 562), so `import qwenvl_lab.dataset.sample` stays light for
 converters and command-line `--help`.
 """
+
+if not __package__.startswith("qwenvl_lab."):  # the old spelling: `python -m dataset...` from the checkout
+    from qwenvl_lab._moved import refuse  # (absolute: this is not qwenvl_lab.*)
+
+    refuse(__package__)
 
 import importlib
 
 _EXPORTS = {
-    "Batch": "dataset.collator", "Collator": "dataset.collator",
-    "VLMDataset": "dataset.dataset",
-    "DataFileError": "dataset.formats", "normalize": "dataset.formats", "read_records": "dataset.formats",
-    "load_image": "dataset.images", "load_video_frames": "dataset.images",
-    "BadSampleError": "dataset.sample", "Sample": "dataset.sample", "UserError": "dataset.sample",
-    "LengthGroupedSampler": "dataset.sampler",
-    "IGNORE_INDEX": "dataset.template", "ChatFormat": "dataset.template", "Rendered": "dataset.template",
-    "estimate_length": "dataset.template", "render": "dataset.template",
+    "Batch": ".collator", "Collator": ".collator",
+    "VLMDataset": ".dataset",
+    "DataFileError": ".formats", "normalize": ".formats", "read_records": ".formats",
+    "load_image": ".images", "load_video_frames": ".images",
+    "BadSampleError": ".sample", "Sample": ".sample", "UserError": ".sample",
+    "LengthGroupedSampler": ".sampler",
+    "IGNORE_INDEX": ".template", "ChatFormat": ".template", "Rendered": ".template",
+    "estimate_length": ".template", "render": ".template",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -24,4 +29,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'dataset' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -29,7 +29,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 
-from dataset.sample import ROLES
+from .sample import ROLES
 
 
 @dataclass(frozen=True)

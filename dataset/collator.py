@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from dataset.template import IGNORE_INDEX
+from .template import IGNORE_INDEX
 
 
 class Batch(dict):

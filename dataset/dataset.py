@@ -35,7 +35,7 @@ recorded in `truncated` and counted in `skip_report()` (`truncated_samples`, `dr
 `dropped_images`, `truncated_examples`). `validate()` meets every sample in this process; without it,
 truncations in DataLoader workers are logged by the workers only.
 
-`feature_cache=DIR` (a directory from `python -m dataprocess.cache_features`): items carry
+`feature_cache=DIR` (a directory from `python -m qwenvl_lab.dataprocess.cache_features`): items carry
 `image_features` FloatTensor [n_spans, T, C] (the frozen towers' output) and `pixel_values` None; no
 image is decoded. An image missing from the cache (or a video) is a bad sample (kind `no_feature`).
 
@@ -55,11 +55,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dataset.feature_cache import FeatureCache
-from dataset.formats import normalize, read_records
-from dataset.images import MAX_PIXELS, load_image, load_video_frames, open_header, too_large_message
-from dataset.sample import BadSampleError, Sample, UserError
-from dataset.template import render
+from .feature_cache import FeatureCache
+from .formats import normalize, read_records
+from .images import MAX_PIXELS, load_image, load_video_frames, open_header, too_large_message
+from .sample import BadSampleError, Sample, UserError
+from .template import render
 
 logger = logging.getLogger(__name__)
 
@@ -325,7 +325,7 @@ class VLMDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """One length per dataset position: exact after validate(), else a cheap estimate."""
-        from dataset.template import estimate_length
+        from .template import estimate_length
 
         return [self._exact_lengths.get(k) or estimate_length(self.samples[k], self.tokens_per_image,
                                                               self.mode, self.frames_per_video)

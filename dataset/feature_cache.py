@@ -1,6 +1,6 @@
 """A cache of frozen vision-tower outputs, so stage 1 never decodes an image nor runs the tower.
 
-Layout of a cache directory (written by `python -m dataprocess.cache_features`):
+Layout of a cache directory (written by `python -m qwenvl_lab.dataprocess.cache_features`):
   features-00000.safetensors, ...   shards; tensor `"<k>"` = one image's tower output `[T, C]`
   feature_cache.json                the index, written last: `{"format": 1, "identity": {...},
                                     "num_tokens": T, "hidden_size": C, "dtype": "float32",
@@ -77,7 +77,7 @@ class FeatureCache:
         index = self.root / INDEX_FILE
         if not index.is_file():
             raise FeatureCacheMismatch(f"feature cache {self.root}: no {INDEX_FILE} (write one with "
-                                       f"`python -m dataprocess.cache_features`, or it did not finish)")
+                                       f"`python -m qwenvl_lab.dataprocess.cache_features`, or it did not finish)")
         meta = json.loads(index.read_text())
         if meta.get("format") != FORMAT:
             raise FeatureCacheMismatch(f"feature cache {index}: format {meta.get('format')!r}, expected {FORMAT}")
@@ -117,4 +117,4 @@ class FeatureCache:
         if diff:
             details = "; ".join(f"{k}: cache {self.identity.get(k)!r} vs model {identity.get(k)!r}" for k in diff)
             raise FeatureCacheMismatch(f"feature cache {self.root} was written for another vision tower "
-                                       f"({details}); rebuild it with `python -m dataprocess.cache_features`")
+                                       f"({details}); rebuild it with `python -m qwenvl_lab.dataprocess.cache_features`")

@@ -35,7 +35,7 @@ import os
 import re
 from typing import Any
 
-from dataset.sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample, UserError, describe_source
+from .sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample, UserError, describe_source
 
 
 class DataFileError(UserError, ValueError):

@@ -27,7 +27,7 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from dataset.sample import BadSampleError, UserError
+from .sample import BadSampleError, UserError
 
 MAX_PIXELS = 64 * 1024 * 1024  # ~8k x 8k; far above any vision tower input, far below a bomb
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

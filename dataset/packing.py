@@ -32,8 +32,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from dataset.collator import Batch
-from dataset.template import IGNORE_INDEX
+from .collator import Batch
+from .template import IGNORE_INDEX
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from dataset.sample import UserError
+from .sample import UserError
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):

@@ -48,9 +48,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataset.chat_templates import CHATML, ChatTemplate
-from dataset.sample import IMAGE_MARKER, ROLES, VIDEO_MARKER, BadSampleError, Sample
-from qwen.loss import IGNORE_INDEX
+from ..qwen.loss import IGNORE_INDEX
+from .chat_templates import CHATML, ChatTemplate
+from .sample import IMAGE_MARKER, ROLES, VIDEO_MARKER, BadSampleError, Sample
 
 MODES = ("chat", "plain")
 _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")

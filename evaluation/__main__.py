@@ -1,9 +1,9 @@
 """Evaluate a model on a standard benchmark read from its released files.
 
-    python -m evaluation --model RUN_OR_MODEL_DIR --task NAME --data PATH [--images DIR] [--limit N]
+    python -m qwenvl_lab.evaluation --model RUN_OR_MODEL_DIR --task NAME --data PATH [--images DIR] [--limit N]
         [--batch-size B] --output DIR [--annotations FILE] [--split NAME] [--prompt TEMPLATE]
         [--mc-mode generate|likelihood] [--no-circular] [--max-new-tokens N]
-    python -m evaluation --list-tasks
+    python -m qwenvl_lab.evaluation --list-tasks
 
 Writes `DIR/answers.jsonl` (appended as answers come; a rerun skips what is there), `DIR/results.json`
 and `DIR/results.png`, and prints a per-category table. A user mistake (unknown task, a missing file or
@@ -16,16 +16,16 @@ from __future__ import annotations
 
 import argparse
 
-from dataset.sample import UserError
-from evaluation.report import format_table
-from evaluation.runner import MC_MODES, check_answered, run_task
-from evaluation.tasks import TASKS
-from model.paths import resolve_model_dir
-from trainer.cli import run_cli, writable_dir
+from ..dataset.sample import UserError
+from ..model.paths import resolve_model_dir
+from ..trainer.cli import run_cli, writable_dir
+from .report import format_table
+from .runner import MC_MODES, check_answered, run_task
+from .tasks import TASKS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.evaluation", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="run directory (its final/ or newest checkpoint) or model directory")
     ap.add_argument("--task", help=f"one of: {', '.join(sorted(TASKS))}")
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     writable_dir(args.output, "--output")
     import torch  # heavy: after the arguments are checked
 
-    from model import VLM
+    from ..model import VLM
     weights = sorted(model_dir.glob("*.safetensors"))
     model_id = f"{model_dir.resolve()}@{max((w.stat().st_mtime_ns for w in weights), default=0)}"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

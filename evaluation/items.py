@@ -22,9 +22,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from dataset.formats import resolve_path
-from dataset.images import load_image, to_rgb
-from dataset.sample import BadSampleError, UserError
+from ..dataset.formats import resolve_path
+from ..dataset.images import load_image, to_rgb
+from ..dataset.sample import BadSampleError, UserError
 
 
 class BenchmarkFormatError(UserError, ValueError):

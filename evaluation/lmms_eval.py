@@ -1,6 +1,6 @@
 """Run lmms-eval with our model registered, without editing lmms-eval; every failure exits non-zero.
 
-    python -m evaluation.lmms_eval --model qwenvl_lab --model_args pretrained=RUN_DIR --tasks TASK \
+    python -m qwenvl_lab.evaluation.lmms_eval --model qwenvl_lab --model_args pretrained=RUN_DIR --tasks TASK \
         [--include_path DIR_OF_LOCAL_TASK_YAMLS] [--batch_size B] [--limit N] [--output_path OUT] ...
 
 Every argument is lmms-eval's own (`lmms-eval --help`). This registers `qwenvl_lab` (the class in
@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-from dataset.sample import UserError
-from trainer.cli import run_cli
+from ..dataset.sample import UserError
+from ..trainer.cli import run_cli
 
 MODEL_ID = "qwenvl_lab"
 CLASS_PATH = "evaluation.lmms_model.QwenVLLab"
@@ -80,7 +80,7 @@ def check_arguments(argv: list[str]) -> None:
     if args.model == MODEL_ID:
         if not model_args.get("pretrained"):
             raise UserError(f"lmms-eval: --model {MODEL_ID} needs --model_args pretrained=RUN_OR_MODEL_DIR")
-        from model.paths import resolve_model_dir
+        from ..model.paths import resolve_model_dir
 
         resolve_model_dir(model_args["pretrained"])  # a ModelDirError (UserError) names the folder
     else:

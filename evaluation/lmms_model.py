@@ -26,7 +26,7 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
-from evaluation.likelihood import reply_logprobs
+from .likelihood import reply_logprobs
 
 
 def _flatten(visuals: Any) -> list:
@@ -45,8 +45,8 @@ class QwenVLLab(lmms):
                  max_new_tokens: int | None = None, dtype: str | None = None, **ignored: Any) -> None:
         super().__init__()
         # model.build holds the loader (VLM.from_pretrained only forwards to it once model.build is imported)
-        from model.build import load_vlm
-        from model.paths import resolve_model_dir
+        from ..model.build import load_vlm
+        from ..model.paths import resolve_model_dir
 
         if device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"

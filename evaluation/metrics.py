@@ -31,7 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from evaluation.normalize import normalize_answer
+from .normalize import normalize_answer
 
 LETTERS = "ABCDEFGHIJ"
 _said: set[str] = set()

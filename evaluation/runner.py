@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dataset.sample import BadSampleError, UserError
-from evaluation.items import EvalItem, load_images
-from evaluation.likelihood import rank_options
-from evaluation.metrics import LETTERS
-from evaluation.tasks import TASKS
+from ..dataset.sample import BadSampleError, UserError
+from .items import EvalItem, load_images
+from .likelihood import rank_options
+from .metrics import LETTERS
+from .tasks import TASKS
 
 ANSWERS_FILE = "answers.jsonl"
 RESULTS_FILE = "results.json"
@@ -231,7 +231,7 @@ def run_task(vlm, task: str, data: str, images: str | None = None, output: str |
         "skipped_examples": answerer.examples, "missing_images": _by_folder(answerer.missing), "prompt": template, "mc_mode": mc_mode, "data": str(data),
     }
     if out_dir is not None:
-        from evaluation.report import write_chart
+        from .report import write_chart
 
         (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
                                             encoding="utf-8")

@@ -1,7 +1,7 @@
-"""Write a data file of ours as a VQAv2 questions + annotations pair, so `python -m evaluation --task vqav2`
+"""Write a data file of ours as a VQAv2 questions + annotations pair, so `python -m qwenvl_lab.evaluation --task vqav2`
 scores it with the official VQA accuracy.
 
-    python -m evaluation.to_vqav2 val.jsonl --out DIR [--image-folder DIR] [--subtype shapes]
+    python -m qwenvl_lab.evaluation.to_vqav2 val.jsonl --out DIR [--image-folder DIR] [--subtype shapes]
 
 Reads any format the dataset reader accepts. A sample becomes one question when it has one image and
 one question-answer turn: the question is the user's text without its `<image>` marker, and all ten
@@ -10,7 +10,7 @@ Other samples (several images, several turns, no answer) are left out and counte
 `DIR/questions.json`, `DIR/annotations.json` (`question_type` = the sample's `"type"` when it has one,
 `answer_type` = yes/no | number | other; `source_id` = the sample id) and `DIR/images/
 COCO_{subtype}_{image_id:012d}.{ext}` (hard links when possible, else copies), where
-`python -m evaluation --task vqav2 --data DIR` finds them without `--images`.
+`python -m qwenvl_lab.evaluation --task vqav2 --data DIR` finds them without `--images`.
 
 A missing or unreadable data file, an `--out` that cannot be written, and a file of which no sample
 becomes a question (e.g. every image missing: the line says how many were left out and why) are one line
@@ -26,9 +26,9 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
-from dataset.formats import DataFileError, normalize, read_records
-from dataset.sample import BadSampleError
-from trainer.cli import run_cli, writable_dir
+from ..dataset.formats import DataFileError, normalize, read_records
+from ..dataset.sample import BadSampleError
+from ..trainer.cli import run_cli, writable_dir
 
 
 def _answer_type(answer: str) -> str:
@@ -100,7 +100,7 @@ def convert(data: str, out: str | Path, image_folder: str | None = None, subtype
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evaluation.to_vqav2", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.evaluation.to_vqav2", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("data", help="our JSONL (or any format the dataset reader accepts)")
     ap.add_argument("--out", required=True)

@@ -48,7 +48,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from kernels._log import log_once
+from ._log import log_once
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _is_gpu(x: torch.Tensor | torch.device) -> bool:
 def _load_triton():
     """The Triton kernel module, or raise ImportError with the reason (no triton, broken install)."""
     try:
-        from kernels import triton_attention
+        from . import triton_attention
     except Exception as e:  # noqa: BLE001 - any import-time failure means "not available"
         raise ImportError(f"triton attention unavailable: {type(e).__name__}: {e}") from e
     return triton_attention
@@ -196,10 +196,10 @@ def _load_triton():
 
 def _load_cuda():
     """Build/import the CUDA extension (raises kernels.cuda_ext.CudaExtensionError with the log tail)."""
-    from kernels import cuda_ext
+    from . import cuda_ext
 
     cuda_ext.load()
-    from kernels import cuda_attention
+    from . import cuda_attention
 
     return cuda_attention
 

@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from kernels import cuda_ext
+from . import cuda_ext
 
 
 class _CudaFlashAttention(torch.autograd.Function):

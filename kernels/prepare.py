@@ -13,13 +13,10 @@ a graph break in a compiled region.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from kernels import selftest
-
-A = importlib.import_module("kernels.attention")  # the module; the package exports the function
+from . import attention as A
+from . import selftest
 
 
 def prepare_attention(device: torch.device | str, dtype: torch.dtype, head_dim: int, impl: str = "auto") -> str:

@@ -1,6 +1,6 @@
 """Self-test and micro-benchmark of the custom attention kernels on one device, and what `auto` picks.
 
-    python -m kernels.selftest [--device cuda] [--dtype bf16] [--head-dim 128] [--no-build]
+    python -m qwenvl_lab.kernels.selftest [--device cuda] [--dtype bf16] [--head-dim 128] [--no-build]
 
 Contract:
 - `verify(device, dtype, head_dim, build=False) -> Choice`: for each candidate kernel — `triton`
@@ -27,8 +27,12 @@ Contract:
 
 from __future__ import annotations
 
+if not (__package__ or "").startswith("qwenvl_lab."):  # the old spelling: `python -m kernels.selftest`
+    from qwenvl_lab._moved import refuse  # (absolute: this is not qwenvl_lab.*)
+
+    refuse("kernels")
+
 import argparse
-import importlib
 import math
 import os
 import sys
@@ -38,8 +42,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-# The module, not the function `kernels.attention` that the package exports under the same name.
-A = importlib.import_module("kernels.attention")
+from . import attention as A
 
 TOLERANCE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -92,10 +95,10 @@ def _triton():
 
 
 def _cuda(build: bool):
-    from kernels import cuda_ext
+    from . import cuda_ext
 
     if not build and not (cuda_ext.is_built() or cuda_ext.prebuilt()):
-        raise RuntimeError("the CUDA extension is not built (python -m kernels.selftest builds it once; auto "
+        raise RuntimeError("the CUDA extension is not built (python -m qwenvl_lab.kernels.selftest builds it once; auto "
                            "never waits for a build)")
     fn = A._load_cuda().cuda_attention
 
@@ -312,7 +315,7 @@ def format_choice(choice: Choice, device, dtype, head_dim: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kernels.selftest", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.kernels.selftest", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
     ap.add_argument("--head-dim", type=int, default=128)

@@ -43,14 +43,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from dataset.chat_templates import TEMPLATES, detect_template
-from dataset.sample import IMAGE_MARKER, UserError
-from dataset.template import ChatFormat
-from kernels.prepare import prepare_attention
-from model.config import VLMConfig
-from model.dtypes import built_in, torch_dtype
-from model.tokenizers import TOKENIZER_FILES, has_tokenizer_files, load_lm_tokenizer
-from qwen import QWenConfig, QWenLMHeadModel, load_tokenizer
+from ..dataset.chat_templates import TEMPLATES, detect_template
+from ..dataset.sample import IMAGE_MARKER, UserError
+from ..dataset.template import ChatFormat
+from ..kernels.prepare import prepare_attention
+from ..qwen import QWenConfig, QWenLMHeadModel, load_tokenizer
+from .config import VLMConfig
+from .dtypes import built_in, torch_dtype
+from .tokenizers import TOKENIZER_FILES, has_tokenizer_files, load_lm_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import torch
 
-from dataset.sample import UserError
-from model.build import build_vlm, load_vlm
-from model.model import VLM
-from model.parts import named_source
-from model.paths import BIGBRO_FILES, CONFIG_FILE, is_bigbro_dir
+from ..dataset.sample import UserError
+from .build import build_vlm, load_vlm
+from .model import VLM
+from .parts import named_source
+from .paths import BIGBRO_FILES, CONFIG_FILE, is_bigbro_dir
 
 __all__ = ["BigBroError", "bigbro_config", "convert_bigbro", "is_bigbro_dir", "load_bigbro", "read_bin"]
 

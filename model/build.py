@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from dataset.sample import UserError
-from model.checkpoint import (
+from ..dataset.sample import UserError
+from .checkpoint import (
     CONFIG_FILE,
     LORA_DIR,
     TOKENIZER_DIR,
@@ -34,14 +34,14 @@ from model.checkpoint import (
     load_trainable_weights,
     read_vlm_config,
 )
-from model.config import VLMConfig
-from model.dtypes import torch_dtype
-from model.llava import import_llava
-from model.model import LM_BACKBONES, VLM, lm_width, resolve_config
-from model.parts import build_towers, named_source
-from model.paths import is_llava_dir
-from model.projector import build_projector
-from model.quant import QUANT_FILE, quantize_lm_4bit
+from .config import VLMConfig
+from .dtypes import torch_dtype
+from .llava import import_llava
+from .model import LM_BACKBONES, VLM, lm_width, resolve_config
+from .parts import build_towers, named_source
+from .paths import is_llava_dir
+from .projector import build_projector
+from .quant import QUANT_FILE, quantize_lm_4bit
 
 
 def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM:

@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dataset.sample import UserError
-from model.config import VLMConfig
-from model.paths import CONFIG_FILE, ModelDirError
-from model.quant import QUANT_FILE, load_4bit_tensors, quant_settings
-from trainer.stages import PROJECTOR_PREFIXES
+from ..dataset.sample import UserError
+from ..trainer.stages import PROJECTOR_PREFIXES
+from .config import VLMConfig
+from .paths import CONFIG_FILE, ModelDirError
+from .quant import QUANT_FILE, load_4bit_tensors, quant_settings
 
 LORA_DIR = "lora"
 WEIGHTS_FILE = "model.safetensors"

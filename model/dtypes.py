@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from kernels._log import log_once
+from ..kernels._log import log_once
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Export a trained VLM to a standard format.
 
-    python -m model.export --src RUN_OR_MODEL_DIR --dst DIR --format llava-hf
+    python -m qwenvl_lab.model.export --src RUN_OR_MODEL_DIR --dst DIR --format llava-hf
 
 `llava-hf` writes transformers' `LlavaForConditionalGeneration` layout (config.json, safetensors), the
 tokenizer with the LM's chat template (ChatML, Llama-3, Mistral, Gemma, Phi-3: `export_chat_template`), and the image-processor / processor files, so
@@ -39,12 +39,12 @@ from transformers import (
     SiglipImageProcessor,
 )
 
-from dataset.chat_templates import ChatTemplate
-from dataset.sample import UserError
-from model.build import load_vlm
-from model.paths import resolve_model_dir
-from qwen.convert import convert, convert_tokenizer
-from trainer.cli import run_cli, writable_dir
+from ..dataset.chat_templates import ChatTemplate
+from ..dataset.sample import UserError
+from ..qwen.convert import convert, convert_tokenizer
+from ..trainer.cli import run_cli, writable_dir
+from .build import load_vlm
+from .paths import resolve_model_dir
 
 FORMATS = ("llava-hf",)
 TOWER_TYPES = {"hf_clip": "clip", "hf_siglip": "siglip"}

@@ -24,13 +24,13 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
 
-from model.config import VLMConfig
-from model.dtypes import torch_dtype
-from model.model import VLM
-from model.projector import build_projector
-from model.tokenizers import has_tokenizer_files, load_lm_tokenizer
-from qwen import QWenLMHeadModel, load_tokenizer
-from visual.registry import build_tower
+from ..qwen import QWenLMHeadModel, load_tokenizer
+from ..visual.registry import build_tower
+from .config import VLMConfig
+from .dtypes import torch_dtype
+from .model import VLM
+from .projector import build_projector
+from .tokenizers import has_tokenizer_files, load_lm_tokenizer
 
 VISION_BACKENDS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
 

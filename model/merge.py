@@ -1,6 +1,6 @@
 """Merge LoRA adapters into the LM and write a standalone model.
 
-    python -m model.merge --src RUN_OR_MODEL_DIR --dst DIR
+    python -m qwenvl_lab.model.merge --src RUN_OR_MODEL_DIR --dst DIR
 
 The result holds every weight (no adapters, no pointer to a base checkpoint for trained parts) and loads
 with `VLM.from_pretrained(DIR)`; it gives the same logits as the adapter model it came from. A missing
@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.paths import resolve_model_dir
-from trainer.cli import run_cli, writable_dir
+from ..trainer.cli import run_cli, writable_dir
+from .paths import resolve_model_dir
 
 
 def merge(src: str | Path, dst: str | Path) -> Path:
-    from model.build import load_vlm  # heavy (torch, transformers): after the paths are checked in main
+    from .build import load_vlm  # heavy (torch, transformers): after the paths are checked in main
 
     vlm = load_vlm(resolve_model_dir(src))
     vlm.merge_lora()

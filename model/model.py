@@ -48,17 +48,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dataset.sample import IMAGE_MARKER, Sample
-from dataset.template import ChatFormat, render
-from model.backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
-from model.checkpoint import save_vlm
-from model.config import VLMConfig
-from model.dtypes import torch_dtype
-from model.projector import Projector
-from model.quant import dequantize_lm, has_4bit
-from model.token_rows import TokenRows
-from qwen.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, supervised_loss
-from qwen.placeholders import embed_with_placeholders, scatter_image_features
+from ..dataset.sample import IMAGE_MARKER, Sample
+from ..dataset.template import ChatFormat, render
+from ..qwen.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, supervised_loss
+from ..qwen.placeholders import embed_with_placeholders, scatter_image_features
+from .backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
+from .checkpoint import save_vlm
+from .config import VLMConfig
+from .dtypes import torch_dtype
+from .projector import Projector
+from .quant import dequantize_lm, has_4bit
+from .token_rows import TokenRows
 
 __all__ = ["LM_BACKBONES", "PRESETS", "VLM", "VLMConfig", "VLMOutput", "resolve_config"]
 
@@ -476,5 +476,5 @@ class VLM(nn.Module):
         """A saved VLM (our format, a run directory's model, or a transformers Llava directory):
         `model.build.load_vlm`, registered when the `model` package is imported."""
         if VLM.loader is None:
-            raise RuntimeError("VLM.from_pretrained needs the model package: `import model` first")
+            raise RuntimeError("VLM.from_pretrained needs the model package: `import qwenvl_lab.model` first")
         return VLM.loader(path, **overrides)

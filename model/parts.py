@@ -19,11 +19,11 @@ from pathlib import Path
 
 from torch import nn
 
-from dataset.sample import UserError
-from model.config import VLMConfig
-from model.dtypes import torch_dtype
-from visual.multi import MultiTower
-from visual.registry import build_tower
+from ..dataset.sample import UserError
+from ..visual.multi import MultiTower
+from ..visual.registry import build_tower
+from .config import VLMConfig
+from .dtypes import torch_dtype
 
 _HUB_HINTS = ("hub", "huggingface", "connect", "offline", "cached", "repo id")
 

@@ -1,6 +1,6 @@
 """Memory and compute of a training run before it starts, from the config files alone (no weights).
 
-    python -m model.plan configs/qwen7b_siglip_lora.yaml [key=value ...] --gpus 8 --gpu-mem 80
+    python -m qwenvl_lab.model.plan configs/qwen7b_siglip_lora.yaml [key=value ...] --gpus 8 --gpu-mem 80
 
 Contract:
 - `meta_model(cfg, device="cuda") -> (VLM on the meta device, base dtype name)`: the run's VLM built from
@@ -71,20 +71,15 @@ from huggingface_hub import hf_hub_download
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dataset.sample import UserError
-from kernels.prepare import prepare_attention
-from model.build import build_vlm
-from model.checkpoint import read_vlm_config
-from model.config import VLMConfig
-from model.dtypes import auto_decision
-from model.paths import resolve_model_dir
-from qwen import QWenConfig
-from qwen.modeling import rope_cos_sin
-from trainer.cli import run_cli
-from trainer.config import TrainConfig
-from trainer.config_io import load_config
-from trainer.stages import apply_stage
-from trainer.throughput import (
+from ..dataset.sample import UserError
+from ..kernels.prepare import prepare_attention
+from ..qwen import QWenConfig
+from ..qwen.modeling import rope_cos_sin
+from ..trainer.cli import run_cli
+from ..trainer.config import TrainConfig
+from ..trainer.config_io import load_config
+from ..trainer.stages import apply_stage
+from ..trainer.throughput import (
     BatchStats,
     ModelDims,
     _config,
@@ -93,6 +88,11 @@ from trainer.throughput import (
     peak_matmul_flops,
     step_flops,
 )
+from .build import build_vlm
+from .checkpoint import read_vlm_config
+from .config import VLMConfig
+from .dtypes import auto_decision
+from .paths import resolve_model_dir
 
 HUB_DIR = Path(__file__).resolve().parents[1] / "configs" / "hub"
 ENGINES = ("DDP", "ZeRO-2", "ZeRO-3", "FSDP")
@@ -169,7 +169,7 @@ def meta_model(cfg, device: str = "cuda", dtype: str | None = None) -> tuple[nn.
     `VLMConfig.dtype` name) replaces the config's."""
     vcfg = _vlm_config(cfg)
     base = base_dtype_for(dtype or vcfg.dtype, device)
-    quiet = [logging.getLogger(n) for n in ("trainer", "model", "visual", "qwen", "peft", "transformers")]
+    quiet = [logging.getLogger(n) for n in ("qwenvl_lab", "peft", "transformers")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
         lg.setLevel(logging.ERROR)  # the stage's per-module report is for training runs
@@ -615,7 +615,7 @@ def format_plan(plan: Plan) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m model.plan", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.model.plan", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", help="a training YAML (configs/...)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, as train.py takes them")
     ap.add_argument("--gpus", type=int, required=True, help="GPUs in the run (data-parallel ranks)")

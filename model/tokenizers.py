@@ -20,8 +20,8 @@ from pathlib import Path
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from qwen import load_tokenizer
-from qwen.tokenizer import encode_as_text
+from ..qwen import load_tokenizer
+from ..qwen.tokenizer import encode_as_text
 
 TOKENIZER_FILES = ("qwen.tiktoken", "tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 QWEN_VISION_PLACEHOLDERS = ("<|image_pad|>", "<|extra_0|>")  # Qwen2-VL's, Qwen-1's

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from dataset.sample import Sample
-from dataset.template import ChatFormat, render
+from ..dataset.sample import Sample
+from ..dataset.template import ChatFormat, render
 
 
 def build_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

@@ -1,6 +1,6 @@
 """Convert a Qwen-1 checkpoint to transformers' Qwen2 format.
 
-Usage: `python -m qwen.convert --src QWEN1_DIR --dst DIR [--dtype bfloat16] [--max-shard-gb 5]`
+Usage: `python -m qwenvl_lab.qwen.convert --src QWEN1_DIR --dst DIR [--dtype bfloat16] [--max-shard-gb 5]`
 
 Contract
 --------
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from qwen.config import QWenConfig
-from qwen.tokenizer import QWEN1_SPECIALS, VOCAB_FILE, read_tiktoken_ranks
+from .config import QWenConfig
+from .tokenizer import QWEN1_SPECIALS, VOCAB_FILE, read_tiktoken_ranks
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def tiktoken_to_hf(ranks: dict[bytes, int], specials: list[str]):
     """A `tokenizers.Tokenizer` equivalent to tiktoken BPE with `ranks` + `specials` (ids n_ranks...)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    from qwen.tokenizer import PAT_STR
+    from .tokenizer import PAT_STR
 
     b2u = bytes_to_unicode()
 
@@ -107,7 +107,7 @@ def convert_tokenizer(src, dst: str | Path) -> int:
 
 def convert(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,
             max_shard_bytes: int | None = 5 * 1024**3) -> Path:
-    from qwen.modeling import QWenLMHeadModel
+    from .modeling import QWenLMHeadModel
 
     src, dst = Path(src), Path(dst)
     cfg = QWenConfig.from_pretrained(src)

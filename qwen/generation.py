@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qwen.modeling import QWenCache
+from .modeling import QWenCache
 
 
 class ScreenedHead:

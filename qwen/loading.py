@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qwen.config import QWenConfig
+from .config import QWenConfig
 
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -181,7 +181,7 @@ def load_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **c
 
 
 def _image_token_id_from_tokenizer(d: Path, default: int) -> int:
-    from qwen.tokenizer import HF_TOKENIZER_FILE, VOCAB_FILE, load_tokenizer
+    from .tokenizer import HF_TOKENIZER_FILE, VOCAB_FILE, load_tokenizer
 
     if not ((d / VOCAB_FILE).is_file() or (d / HF_TOKENIZER_FILE).is_file()):
         return default

@@ -48,11 +48,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import apply_rotary, attention, rms_norm, swiglu
-from kernels._log import log_once
-from qwen.config import QWenConfig
-from qwen.loss import decode_logits, full_logits_loss, supervised_loss
-from qwen.placeholders import scatter_image_features
+from ..kernels._log import log_once
+from ..kernels.attention import attention
+from ..kernels.fused import apply_rotary, rms_norm, swiglu
+from .config import QWenConfig
+from .loss import decode_logits, full_logits_loss, supervised_loss
+from .placeholders import scatter_image_features
 
 log = logging.getLogger(__name__)
 
@@ -388,7 +389,7 @@ class QWenLMHeadModel(nn.Module):
     def set_fused_impl(self, impl: str) -> None:
         """RMSNorm / rotary / SwiGLU implementation for every layer (`kernels.fused`: auto | torch | triton |
         compile)."""
-        from kernels.fused import FUSED_IMPLS
+        from ..kernels.fused import FUSED_IMPLS
 
         if impl not in FUSED_IMPLS:
             raise ValueError(f"fused_impl={impl!r}; valid: {', '.join(FUSED_IMPLS)}")
@@ -463,17 +464,17 @@ class QWenLMHeadModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **config_overrides):
-        from qwen.loading import load_pretrained
+        from .loading import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, **config_overrides)
 
     def save_pretrained(self, out_dir: str | Path, max_shard_bytes: int | None = None) -> None:
-        from qwen.loading import save_pretrained
+        from .loading import save_pretrained
 
         save_pretrained(self, out_dir, max_shard_bytes=max_shard_bytes)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs) -> list[list[int]]:
-        from qwen.generation import generate
+        from .generation import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)

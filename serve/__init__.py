@@ -1,7 +1,7 @@
 """Serving a trained VLM: an OpenAI-compatible HTTP API with batching and streaming, and a web chat.
 
-    python -m serve --model RUN_OR_MODEL_DIR [--host 127.0.0.1] [--port 8000]
-    python -m serve.web --model RUN_OR_MODEL_DIR [--port 7860]
+    python -m qwenvl_lab.serve --model RUN_OR_MODEL_DIR [--host 127.0.0.1] [--port 8000]
+    python -m qwenvl_lab.serve.web --model RUN_OR_MODEL_DIR [--port 7860]
 
 Modules: `decode` (step-wise batched decoding over the VLM's forward), `kvcache` (row selection and
 merging of KV caches), `text` (incremental detokenisation and stop strings), `engine` (the queue and
@@ -11,3 +11,8 @@ engine job, shared by the API and the web chat), `app` (the FastAPI routes),
 `chat_ids`, `stop_token_ids`, `pad_token_id`, `decode`, `image_processor`), with `qwen.generation`'s
 logit filtering and left padding.
 """
+
+if not __package__.startswith("qwenvl_lab."):  # the old spelling: `python -m serve...` from the checkout
+    from qwenvl_lab._moved import refuse  # (absolute: this is not qwenvl_lab.*)
+
+    refuse(__package__)

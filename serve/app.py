@@ -26,9 +26,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from serve.engine import Engine, Job, QueueFull
-from serve.protocol import ApiError, ChatRequest, Limits, load_images, parse_chat
-from serve.session import RequestError, prepare, submit
+from .engine import Engine, Job, QueueFull
+from .protocol import ApiError, ChatRequest, Limits, load_images, parse_chat
+from .session import RequestError, prepare, submit
 
 RETRY_AFTER_S = 1
 DISCONNECT_POLL_S = 0.25

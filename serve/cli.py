@@ -1,4 +1,4 @@
-"""Command-line entry points of the server (`python -m serve`) and the web chat (`python -m serve.web`).
+"""Command-line entry points of the server (`python -m qwenvl_lab.serve`) and the web chat (`python -m qwenvl_lab.serve.web`).
 
 `add_server_args(parser, port)` declares the shared flags; `build(args) -> (app, engine)` loads the model
 (`--model` takes a run directory or a model directory, as test.py does) and wires the engine and the
@@ -15,9 +15,9 @@ import logging
 import socket
 from pathlib import Path
 
-from dataset.images import MAX_PIXELS
-from dataset.sample import UserError
-from model.paths import resolve_model_dir
+from ..dataset.images import MAX_PIXELS
+from ..dataset.sample import UserError
+from ..model.paths import resolve_model_dir
 
 
 def add_server_args(ap: argparse.ArgumentParser, port: int) -> None:
@@ -85,10 +85,10 @@ def build(args: argparse.Namespace):
     # Heavy (torch, transformers, FastAPI): after every argument is checked, so a mistake fails in a second.
     import torch
 
-    from model import VLM
-    from serve.app import create_app
-    from serve.engine import Engine
-    from serve.protocol import Limits
+    from ..model import VLM
+    from .app import create_app
+    from .engine import Engine
+    from .protocol import Limits
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     vlm = VLM.from_pretrained(model_dir).to(device).eval()
@@ -117,7 +117,7 @@ def run(app, engine, args: argparse.Namespace, what: str) -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serve", description="OpenAI-compatible server for a trained VLM.")
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.serve", description="OpenAI-compatible server for a trained VLM.")
     add_server_args(ap, port=8000)
     args = ap.parse_args(argv)
     app, engine, name = build(args)

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from qwen.generation import left_pad, process_logits
-from serve import kvcache
+from ..qwen.generation import left_pad, process_logits
+from . import kvcache
 
 
 @dataclass

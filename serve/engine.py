@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from serve.decode import DecodeBatch, Row, SamplingParams
-from serve.text import TextStream
+from .decode import DecodeBatch, Row, SamplingParams
+from .text import TextStream
 
-log = logging.getLogger("serve.engine")
+log = logging.getLogger("qwenvl_lab.serve.engine")
 
 
 class QueueFull(Exception):

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dataset.images import MAX_PIXELS, load_image
-from dataset.sample import IMAGE_MARKER, BadSampleError
-from serve.decode import SamplingParams
+from ..dataset.images import MAX_PIXELS, load_image
+from ..dataset.sample import IMAGE_MARKER, BadSampleError
+from .decode import SamplingParams
 
 REFUSED = {  # parameters whose meaning we cannot honour: refused rather than silently ignored
     "tools": "tool calling is not supported",

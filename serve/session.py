@@ -20,9 +20,9 @@ import asyncio
 import time
 from typing import Any
 
-from serve.decode import SamplingParams
-from serve.engine import Engine, Job
-from serve.protocol import Limits
+from .decode import SamplingParams
+from .engine import Engine, Job
+from .protocol import Limits
 
 
 class RequestError(Exception):

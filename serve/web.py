@@ -1,9 +1,9 @@
-"""The web chat: `python -m serve.web --model RUN_OR_MODEL_DIR [--port 7860] [--examples DIR]`.
+"""The web chat: `python -m qwenvl_lab.serve.web --model RUN_OR_MODEL_DIR [--port 7860] [--examples DIR]`.
 
 One process serves a Gradio chat page at `/` (serve/webui.py: multi-image upload, multi-turn
 conversations, streamed answers, sampling controls with temperature 0 = greedy by default, example
-images) next to the whole OpenAI API of `python -m serve` at `/v1` and `/health`; both go through the
-same batching engine. The flags are `python -m serve`'s, plus `--examples DIR`: example images (default:
+images) next to the whole OpenAI API of `python -m qwenvl_lab.serve` at `/v1` and `/health`; both go through the
+same batching engine. The flags are `python -m qwenvl_lab.serve`'s, plus `--examples DIR`: example images (default:
 the demo's held-out shapes images, `data/shapes/images/val`, when present; the first `MAX_EXAMPLES`).
 
 Nothing leaves the machine: gradio's analytics are off, no share link is made, the page loads only files
@@ -21,9 +21,9 @@ import os
 import sys
 from pathlib import Path
 
-from model.paths import resolve_model_dir
-from serve.cli import add_server_args, build, fail, run
-from trainer.cli import run_cli
+from ..model.paths import resolve_model_dir
+from ..trainer.cli import run_cli
+from .cli import add_server_args, build, fail, run
 
 DEMO_EXAMPLES = Path("data/shapes/images/val")
 MAX_EXAMPLES = 8
@@ -59,7 +59,7 @@ def example_images(folder: Path | None) -> list[Path]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m serve.web", description="Web chat with a trained VLM.")
+    ap = argparse.ArgumentParser(prog="python -m qwenvl_lab.serve.web", description="Web chat with a trained VLM.")
     add_server_args(ap, port=7860)
     ap.add_argument("--examples", default=None, help=f"folder of example images (default: {DEMO_EXAMPLES} if present)")
     args = ap.parse_args(argv)
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     try:  # heavy and optional: imported after the arguments are checked
         import gradio as gr
 
-        from serve.webui import CSS, build_ui
+        from .webui import CSS, build_ui
     except ImportError as e:
         fail(f"the web chat needs gradio ({e}); install it with pip install -c constraints.txt '.[serve]'")
     app, engine, name = build(args)

@@ -39,14 +39,14 @@ from typing import Any
 
 import gradio as gr
 
-from dataset.images import load_image
-from dataset.sample import IMAGE_MARKER, UserError
-from serve.decode import SamplingParams
-from serve.engine import Engine, QueueFull
-from serve.protocol import Limits
-from serve.session import RequestError, prepare, submit
+from ..dataset.images import load_image
+from ..dataset.sample import IMAGE_MARKER, UserError
+from .decode import SamplingParams
+from .engine import Engine, QueueFull
+from .protocol import Limits
+from .session import RequestError, prepare, submit
 
-log = logging.getLogger("serve.webui")
+log = logging.getLogger("qwenvl_lab.serve.webui")
 NOT_ANSWERED = "Not answered"
 FINISH_WORDS = {"stop": "end of turn", "length": "max tokens reached", "cancelled": "stopped",
                 "timeout": "timed out"}

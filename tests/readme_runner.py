@@ -107,9 +107,10 @@ def build_workspace(ws: Path) -> dict:
     `mmbench_dev_20230712.tsv`, `ScienceQA/data/scienceqa`), the converters' inputs, and links to the
     repository's configs/ and entry points."""
     t0 = time.monotonic()
+    from qwenvl_lab.trainer.run import train
+
     from tests import tiny_bench
     from tests.tiny_train import make_tiny_data, tiny_model_section, tiny_train_config
-    from trainer.run import train
 
     times = {"imports": time.monotonic() - t0}
     ws.mkdir(parents=True, exist_ok=True)

@@ -13,12 +13,12 @@ import logging
 
 import pytest
 import torch
+from qwenvl_lab.kernels import _log, selftest
+from qwenvl_lab.kernels.prepare import prepare_attention
 
-from kernels import _log, selftest
-from kernels.prepare import prepare_attention
 from tests.tiny_train import make_tiny_data, tiny_train_config
 
-A = importlib.import_module("kernels.attention")
+A = importlib.import_module("qwenvl_lab.kernels.attention")
 
 
 @pytest.fixture
@@ -52,7 +52,7 @@ def forced_gpu(monkeypatch):
 
 
 def test_training_with_checkpointing_and_generate_resolve_auto_before_any_forward(forced_gpu, tmp_path, capfd):
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     data = make_tiny_data(tmp_path / "data")
     cfg = tiny_train_config(tmp_path, data, gradient_checkpointing=True, max_steps=2)
@@ -80,7 +80,7 @@ def test_training_with_checkpointing_and_generate_resolve_auto_before_any_forwar
 
 def test_an_unresolved_auto_in_a_forward_uses_sdpa_and_never_self_tests(forced_gpu, caplog):
     q = torch.randn(1, 2, 5, 16)
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+    with caplog.at_level(logging.INFO, logger="qwenvl_lab.kernels.attention"):
         out = A.attention(q, q, q, causal=True, impl="auto")
     assert forced_gpu == []
     torch.testing.assert_close(out, A.eager_attention(q, q, q, causal=True), rtol=0, atol=1e-5)

@@ -50,7 +50,7 @@ def test_train_step_quick(capsys):
     assert re.search(rf"^other_s \(elementwise\) ours={NUM} reference_sup={NUM}", out, re.M), out
     assert res["profile"]["ours"]["matmul"] > 0
     # bf16: measured where native, otherwise one line saying why.
-    from model.dtypes import cpu_native_bf16
+    from qwenvl_lab.model.dtypes import cpu_native_bf16
 
     if not cpu_native_bf16()[0]:
         assert re.search(r"^bf16: skipped: no native bf16 matmul on this CPU: the CPU has neither AMX nor "
@@ -99,7 +99,8 @@ def test_data_quick(capsys):
 
 # ----- MFU -------------------------------------------------------------------------------------------
 def _tiny_vlm(tmp_path, **over):
-    from model import build_vlm
+    from qwenvl_lab.model import build_vlm
+
     from tests.tiny_visual import save_tiny_clip
 
     tower = save_tiny_clip(tmp_path / "clip", image_size=32, patch_size=8, hidden=32, layers=2)
@@ -146,7 +147,7 @@ def _hand_count(tower_trains: bool, proj_trains: bool, lm_trains: bool) -> int:
 
 @pytest.mark.parametrize("stage", ["full", "stage1"])
 def test_step_flops_hand_count(tmp_path, stage):
-    from trainer.throughput import ModelDims, batch_stats, step_flops
+    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, step_flops
 
     vlm = _tiny_vlm(tmp_path)  # towers frozen (default)
     if stage == "stage1":
@@ -160,7 +161,7 @@ def test_step_flops_hand_count(tmp_path, stage):
 
 
 def test_step_flops_cached_features_skip_tower(tmp_path):
-    from trainer.throughput import ModelDims, batch_stats, step_flops
+    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, step_flops
 
     vlm = _tiny_vlm(tmp_path)
     batch = _batch(vlm)
@@ -171,7 +172,7 @@ def test_step_flops_cached_features_skip_tower(tmp_path):
 
 
 def test_peak_matmul_flops_cached():
-    from trainer.throughput import _PEAK_CACHE, peak_matmul_flops
+    from qwenvl_lab.trainer.throughput import _PEAK_CACHE, peak_matmul_flops
 
     _PEAK_CACHE.pop(("cpu", str(torch.float64)), None)
     rng = torch.get_rng_state()
@@ -181,7 +182,7 @@ def test_peak_matmul_flops_cached():
 
 
 def test_measure_matmul_peak_gives_wall_and_cpu_rates():
-    from trainer.throughput import measure_matmul_peak
+    from qwenvl_lab.trainer.throughput import measure_matmul_peak
 
     rng = torch.get_rng_state()
     wall, cpu = measure_matmul_peak("cpu", torch.float64, sizes=(32, 64), repeats=2)
@@ -190,11 +191,10 @@ def test_measure_matmul_peak_gives_wall_and_cpu_rates():
 
 
 def test_throughput_callback_logs(tmp_path):
+    from qwenvl_lab.dataset import Collator
+    from qwenvl_lab.trainer.hf_trainer import VLMTrainer
+    from qwenvl_lab.trainer.throughput import ThroughputCallback
     from transformers import TrainingArguments
-
-    from dataset import Collator
-    from trainer.hf_trainer import VLMTrainer
-    from trainer.throughput import ThroughputCallback
 
     vlm = _tiny_vlm(tmp_path)
     g = torch.Generator().manual_seed(0)
@@ -231,9 +231,10 @@ def test_throughput_callback_logs(tmp_path):
 
 def test_train_run_logs_throughput(tmp_path):
     """trainer/run.py wires the callback: every training log line in log.jsonl carries the figures."""
+    from qwenvl_lab.trainer.callbacks import read_log
+    from qwenvl_lab.trainer.run import train
+
     from tests.tiny_train import make_tiny_data, tiny_train_config
-    from trainer.callbacks import read_log
-    from trainer.run import train
 
     data = make_tiny_data(tmp_path / "shapes", n_train=16, n_val=2)
     out = train(tiny_train_config(tmp_path, data, max_steps=2)).output_dir

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from qwenvl_lab.dataset.chat_templates import BIGBRO_SYSTEM, BIGBRO_USER_PREFIX
 from torch import nn
 
-from dataset.chat_templates import BIGBRO_SYSTEM, BIGBRO_USER_PREFIX
 from tests.tiny_model import tiny_lm_dir
 from tests.tiny_visual import save_tiny_clip, save_tiny_siglip
 
@@ -44,8 +44,7 @@ def _tower_dir(tmp_path: Path, kind: str) -> Path:
 def write_bigbro_checkpoint(out: Path, lm_dir: Path, tower_dir: Path, kind: str, seed: int = 1):
     """The BigBro repo's checkpoint layout; returns (peft-wrapped LM, feature_proj) for the reference."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-
-    from qwen.modeling import QWenLMHeadModel
+    from qwenvl_lab.qwen.modeling import QWenLMHeadModel
 
     g = torch.Generator().manual_seed(seed)
     lm = QWenLMHeadModel.from_pretrained(str(lm_dir))
@@ -103,8 +102,7 @@ def base(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_imported_logits_equal_the_seed_forward(tmp_path, base, kind):
     from PIL import Image
-
-    from model.bigbro import load_bigbro
+    from qwenvl_lab.model.bigbro import load_bigbro
 
     root, lm_dir = base
     tower_dir = _tower_dir(root, kind)
@@ -139,7 +137,7 @@ def test_imported_logits_equal_the_seed_forward(tmp_path, base, kind):
 
 
 def test_pickle_with_more_than_tensors_is_refused(tmp_path, base):
-    from model.bigbro import BigBroError, read_bin
+    from qwenvl_lab.model.bigbro import BigBroError, read_bin
 
     good = tmp_path / "good.bin"
     torch.save({"0.weight": torch.ones(2)}, good)
@@ -190,7 +188,7 @@ def _image(path: Path, colour) -> Path:
 
 
 def test_seed_test_sh_answers(tmp_path, base):
-    from model.bigbro import load_bigbro
+    from qwenvl_lab.model.bigbro import load_bigbro
 
     root, lm_dir = base
     tower_dir = _tower_dir(root, "siglip")
@@ -207,7 +205,7 @@ def test_seed_test_sh_answers(tmp_path, base):
     for flag, ours in (("--base_language_model", "--lm"), ("--base_value_model", "--tower"),
                        ("--model_weights", "--model"), ("--image_path", "--image")):
         assert sum(line.startswith(flag) and f"spelt {ours} " in line for line in proc.stderr.splitlines()) == 1
-    from dataset import load_image
+    from qwenvl_lab.dataset import load_image
 
     vlm = load_bigbro(ckpt, str(lm_dir), str(tower_dir))  # the conversion test.py made
     expect = vlm.chat([load_image(str(img))], [{"role": "user", "content": QUESTION[0] + "<image>" + QUESTION[1]}],
@@ -217,7 +215,8 @@ def test_seed_test_sh_answers(tmp_path, base):
 
 
 def test_seed_train_sh_continues_from_the_checkpoint(tmp_path, base, monkeypatch, capsys):
-    from model import VLM
+    from qwenvl_lab.model import VLM
+
     from tests.tiny_server import entry
 
     root, lm_dir = base
@@ -263,8 +262,8 @@ def test_seed_train_sh_continues_from_the_checkpoint(tmp_path, base, monkeypatch
 
 
 def test_train_flags_in_our_spelling(tmp_path, base, capsys):
-    from dataset.sample import UserError
-    from trainer.bigbro import train_argv
+    from qwenvl_lab.dataset.sample import UserError
+    from qwenvl_lab.trainer.bigbro import train_argv
 
     root, lm_dir = base
     tower_dir = _tower_dir(root, "clip")
@@ -282,8 +281,9 @@ def test_train_flags_in_our_spelling(tmp_path, base, capsys):
 
 
 def test_checkpoint_without_base_names_says_so(tmp_path, base, capsys):
+    from qwenvl_lab.trainer.cli import run_cli
+
     from tests.tiny_server import entry
-    from trainer.cli import run_cli
 
     root, lm_dir = base
     ckpt = tmp_path / "ckpt"
@@ -296,9 +296,9 @@ def test_checkpoint_without_base_names_says_so(tmp_path, base, capsys):
 
 
 def test_init_from_with_our_keys(tmp_path, base):
-    from model import VLM
-    from trainer.bigbro import resolve_init_from
-    from trainer.config import check_paths, load_train_config
+    from qwenvl_lab.model import VLM
+    from qwenvl_lab.trainer.bigbro import resolve_init_from
+    from qwenvl_lab.trainer.config import check_paths, load_train_config
 
     root, lm_dir = base
     tower_dir = _tower_dir(root, "clip")
@@ -314,8 +314,8 @@ def test_init_from_with_our_keys(tmp_path, base):
     vlm = VLM.from_pretrained(cfg.init_from)
     assert vlm.config.chat_template == "bigbro" and vlm.towers.last_hidden_state
     # its adapters train on when lora.* names them; other settings would lose them in a trainable-only model
-    from trainer.config_io import ConfigError
-    from trainer.run import continue_or_fold_adapters
+    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.trainer.run import continue_or_fold_adapters
 
     assert continue_or_fold_adapters(cfg, vlm).r == 0  # no second set of adapters
     for key, value in (("r", 8), ("targets", "c_attn|w1")):

@@ -4,11 +4,11 @@ byte-level BPE tokenizers of each family, checked against the tokenizer's own Ji
 from __future__ import annotations
 
 import pytest
+from qwenvl_lab.dataset.chat_templates import TEMPLATES, detect_template
+from qwenvl_lab.dataset.sample import BadSampleError, Sample
+from qwenvl_lab.dataset.template import IGNORE_INDEX, ChatFormat, render
+from qwenvl_lab.model.tokenizers import HFTokenizer
 
-from dataset.chat_templates import TEMPLATES, detect_template
-from dataset.sample import BadSampleError, Sample
-from dataset.template import IGNORE_INDEX, ChatFormat, render
-from model.tokenizers import HFTokenizer
 from tests.tiny_lms import FAMILIES, TEMPLATE_OF, tiny_family_tokenizer
 
 TEXT_CONV = [
@@ -142,7 +142,7 @@ def test_template_is_detected_from_the_tokenizer_or_the_model_type():
     assert detect_template(None, "gemma2") == "gemma" and detect_template(None, "qwen2") == "chatml"
     assert detect_template("{{ messages }}", "llama") is None  # neither says: the config must
     # LMBackbone uses a detected name as is: each one detect_template can give must be a template.
-    from dataset import chat_templates as ct
+    from qwenvl_lab.dataset import chat_templates as ct
 
     assert {name for _, name in ct._MARKERS} | set(ct._BY_MODEL_TYPE.values()) <= set(TEMPLATES)
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from qwenvl_lab.model.model import PRESETS
+from qwenvl_lab.trainer.config import load_train_config
+from qwenvl_lab.trainer.optim import param_groups
+from qwenvl_lab.trainer.run import build_model
 
-from model.model import PRESETS
 from tests.tiny_model import build_tiny_vlm, tiny_lm_dir, tiny_tower_spec
 from tests.tiny_train import make_tiny_data
-from trainer.config import load_train_config
-from trainer.optim import param_groups
-from trainer.run import build_model
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))

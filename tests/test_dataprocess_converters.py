@@ -6,9 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dataprocess import ai_challenger, coco_captions, image_map, llava_instruct
-from dataprocess.common import BRIEF_PROMPTS_EN, BRIEF_PROMPTS_ZH, read_json, read_text
+from qwenvl_lab.dataprocess import ai_challenger, coco_captions, image_map, llava_instruct
+from qwenvl_lab.dataprocess.common import BRIEF_PROMPTS_EN, BRIEF_PROMPTS_ZH, read_json, read_text
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"id", "messages", "images", "videos"}
@@ -267,7 +266,7 @@ def test_read_json_error_names_file_and_line(tmp_path):
 @pytest.mark.parametrize("name", ["coco_captions", "llava_instruct", "ai_challenger", "image_map",
                                   "process_image", "make_shapes"])
 def test_help_runs_as_module(name):
-    r = subprocess.run([sys.executable, "-m", f"dataprocess.{name}", "--help"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", f"qwenvl_lab.dataprocess.{name}", "--help"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert f"dataprocess.{name}" in r.stdout
@@ -275,10 +274,10 @@ def test_help_runs_as_module(name):
 
 def test_outputs_read_back_by_dataset_reader(tmp_path):
     """Every converter's JSONL (and the shapes set) normalises through dataset/ without an error."""
-    formats = pytest.importorskip("dataset.formats")
+    formats = pytest.importorskip("qwenvl_lab.dataset.formats")
     if not hasattr(formats, "normalize") or not hasattr(formats, "read_records"):
         pytest.skip("dataset.formats has no normalize/read_records yet")
-    from dataprocess import make_shapes
+    from qwenvl_lab.dataprocess import make_shapes
 
     (tmp_path / "coco.json").write_text(json.dumps(COCO), encoding="utf-8")
     (tmp_path / "llava.json").write_text(json.dumps(LLAVA), encoding="utf-8")
@@ -300,8 +299,8 @@ def test_outputs_read_back_by_dataset_reader(tmp_path):
 
 
 def test_make_vocab_reads_jsonl_and_json_lists_alike(tmp_path):
-    from dataprocess.make_vocab import _texts_from_jsonl
-    from dataset.formats import DataFileError
+    from qwenvl_lab.dataprocess.make_vocab import _texts_from_jsonl
+    from qwenvl_lab.dataset.formats import DataFileError
 
     recs = [{"messages": [{"role": "user", "content": "<image>\nwhat?"}, {"role": "assistant", "content": "red"}]},
             {"messages": [{"role": "user", "content": "<video> and?"}, {"role": "assistant", "content": "blue"}]}]

@@ -6,11 +6,10 @@ import pickle
 import pytest
 import tiny_data as td
 import torch
-
-from dataset import Collator, LengthGroupedSampler, VLMDataset
-from dataset.formats import DataFileError
-from dataset.sample import BadSampleError
-from dataset.template import IGNORE_INDEX, render
+from qwenvl_lab.dataset import Collator, LengthGroupedSampler, VLMDataset
+from qwenvl_lab.dataset.formats import DataFileError
+from qwenvl_lab.dataset.sample import BadSampleError
+from qwenvl_lab.dataset.template import IGNORE_INDEX, render
 
 N = 2
 
@@ -163,7 +162,7 @@ def test_validate_prescans_and_removes_bad_samples(tmp_path, tok, images):
 def test_too_long_carries_the_full_rendered_length(tmp_path, tok, images):
     """Every too_long skip knows the length render gives without max_length, so validate() need not
     render the sample again to report the longest one."""
-    from dataset.sample import Sample
+    from qwenvl_lab.dataset.sample import Sample
 
     def sample(msgs, images=()):
         return Sample(id="s", messages=msgs, images=list(images), source=("d.jsonl", 1))

@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from qwenvl_lab.trainer.callbacks import read_log
 from safetensors.torch import load_file
 
 from tests import tiny_data as td
 from tests.tiny_train import make_tiny_data, run_losses, tiny_train_config
-from trainer.callbacks import read_log
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def _settings(data: Path) -> dict:
 
 def test_two_processes_match_one(tmp_path):
     data = _mixed_data(tmp_path)
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     one = train(tiny_train_config(tmp_path / "one", data, **_settings(data))).output_dir  # GA 2 x batch 2
 
@@ -135,8 +135,8 @@ def test_two_processes_match_one(tmp_path):
 
     # Rank 1 really met a batch without any image (the case that hangs without the projector anchor).
     rows = [json.loads(x) for x in (data / "mixed.jsonl").read_text().splitlines()]
-    from dataset import LengthGroupedSampler, VLMDataset
-    from model import VLM
+    from qwenvl_lab.dataset import LengthGroupedSampler, VLMDataset
+    from qwenvl_lab.model import VLM
 
     vlm = VLM.from_pretrained(one / "final")
     ds = VLMDataset([str(data / "mixed.jsonl")], vlm.tokenizer, vlm.image_processor, vlm.tokens_per_image,
@@ -193,8 +193,8 @@ def test_global_batch_size_sets_accumulation(tmp_path, world, per_device, global
 
 
 def test_global_batch_size_not_divisible_is_an_error(tmp_path, monkeypatch):
-    from trainer.config_io import ConfigError
-    from trainer.run import training_arguments
+    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.trainer.run import training_arguments
 
     data = make_tiny_data(tmp_path / "shapes")
     cfg = tiny_train_config(tmp_path, data, per_device_train_batch_size=2, global_batch_size=6)

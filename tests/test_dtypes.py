@@ -5,11 +5,10 @@ import logging
 
 import pytest
 import torch
+from qwenvl_lab.kernels import _log
+from qwenvl_lab.model import dtypes
+from qwenvl_lab.model.config import VLMConfig
 from torch import nn
-
-from kernels import _log
-from model import dtypes
-from model.config import VLMConfig
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +65,7 @@ def test_env_override_and_bad_value(monkeypatch):
 def test_auto_is_the_default_and_is_logged_once(monkeypatch, caplog):
     assert VLMConfig(towers=[{"backend": "timm", "name_or_path": "x"}]).dtype == "auto"
     _cpu(monkeypatch, "avx2")
-    with caplog.at_level(logging.INFO, logger="model.dtypes"):
+    with caplog.at_level(logging.INFO, logger="qwenvl_lab.model.dtypes"):
         assert dtypes.torch_dtype("auto") == torch.float32
         assert dtypes.torch_dtype("auto") == torch.float32
         assert dtypes.torch_dtype("bfloat16") == torch.bfloat16
@@ -124,9 +123,9 @@ def test_part_report_lists_every_top_level_part():
 
 
 def test_precision_flags_follow_the_decision(monkeypatch):
-    from trainer.config import TrainConfig
-    from trainer.config_io import ConfigError
-    from trainer.run import precision_flags
+    from qwenvl_lab.trainer.config import TrainConfig
+    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.trainer.run import precision_flags
 
     _cpu(monkeypatch, "avx2")
     assert precision_flags(TrainConfig(precision="auto")) == {"bf16": False, "fp16": False}
@@ -142,10 +141,11 @@ def test_precision_flags_follow_the_decision(monkeypatch):
 def test_build_model_bf16_base_keeps_trainables_fp32_and_trains(caplog):
     """A bf16 base (what `auto` gives on a GPU): frozen LM and tower in bf16, projector and LoRA in fp32,
     and a training forward/backward runs on the mixed model; the log lists each part's dtype and bytes."""
+    from qwenvl_lab.trainer.config import TrainConfig
+    from qwenvl_lab.trainer.run import build_model
+    from qwenvl_lab.trainer.stages import LoraSettings
+
     from tests.tiny_train import TINY_TOWER
-    from trainer.config import TrainConfig
-    from trainer.run import build_model
-    from trainer.stages import LoraSettings
 
     model = {"lm": "scratch", "lm_backend": "qwen", "dtype": "bfloat16", "towers": [dict(TINY_TOWER)],
              "lm_config": {"arch": "qwen2", "vocab_size": 256, "hidden_size": 32, "num_hidden_layers": 2,
@@ -153,7 +153,7 @@ def test_build_model_bf16_base_keeps_trainables_fp32_and_trains(caplog):
                            "image_token_id": 200},
              "image_mode": "resize"}
     cfg = TrainConfig(model=model, stage="sft", lora=LoraSettings(r=4, alpha=8, dropout=0.0), precision="fp32")
-    with caplog.at_level(logging.INFO, logger="trainer"):
+    with caplog.at_level(logging.INFO, logger="qwenvl_lab.trainer"):
         vlm = build_model(cfg)
     by_kind = {}
     for name, p in vlm.named_parameters():

@@ -52,7 +52,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data):
     """`reference(stage)`: the one-process run (accumulation 2 x batch 2 = the 2-process global batch)."""
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     runs: dict[str, Path] = {}
 
@@ -90,7 +90,7 @@ def _check_against_reference(run: Path, resumed: Path, reference: Path, tol: flo
     assert abs(again[3] - got[3]) < 1e-6, (again[3], got[3])
     assert _max_diff(_weights(run), _weights(resumed)) < 1e-6
 
-    from model import VLM
+    from qwenvl_lab.model import VLM
 
     ref_shapes = {k: tuple(v.shape) for k, v in VLM.from_pretrained(reference / "final").state_dict().items()}
     vlm = VLM.from_pretrained(run / "final")
@@ -104,7 +104,7 @@ def _check_against_reference(run: Path, resumed: Path, reference: Path, tol: flo
 def test_fsdp_two_processes_match_one(tmp_path, data, reference):
     run, resumed = _launch(tmp_path, data, "fsdp=true", f"fsdp_config={ENGINES / 'fsdp.json'}")
     assert "FSDP2 on a CPU process group" in (run / "train.log").read_text()
-    from trainer import state_io
+    from qwenvl_lab.trainer import state_io
 
     # FSDP's full optimizer state is keyed by parameter name (DDP's by position).
     optim = state_io.load_state(run / "checkpoint-2", "optimizer_state")

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from qwenvl_lab.dataprocess.make_shapes import make_shapes
+from qwenvl_lab.dataset.images import load_image
+from qwenvl_lab.trainer import evaluate as ev
 
-from dataprocess.make_shapes import make_shapes
-from dataset.images import load_image
 from tests.tiny_model import build_tiny_vlm, randomize_
-from trainer import evaluate as ev
 
 THREE_TURNS = {
     "id": "d1", "type": "shape", "images": ["a.png"],
@@ -76,7 +76,7 @@ def test_last_turn_only_keeps_one_row_per_sample(three_turns, tmp_path):
 
 
 def test_split_turns_of_an_open_conversation():
-    from dataset.sample import Sample
+    from qwenvl_lab.dataset.sample import Sample
 
     s = Sample(id="o", messages=THREE_TURNS["messages"][:3], images=["a.png"])
     items = ev.split_turns([({}, s)])

@@ -24,13 +24,13 @@ import torch
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (optional extra: pip install '.[lmms]')")
 
 from PIL import Image  # noqa: E402
+from qwenvl_lab.dataset.sample import UserError  # noqa: E402
+from qwenvl_lab.evaluation import lmms_eval as launcher  # noqa: E402
+from qwenvl_lab.evaluation.likelihood import reply_logprobs  # noqa: E402
+from qwenvl_lab.trainer.cli import run_cli  # noqa: E402
 
-from dataset.sample import UserError  # noqa: E402
-from evaluation import lmms_eval as launcher  # noqa: E402
-from evaluation.likelihood import reply_logprobs  # noqa: E402
 from tests import tiny_bench as tb  # noqa: E402
 from tests.tiny_model import build_tiny_vlm, randomize_  # noqa: E402
-from trainer.cli import run_cli  # noqa: E402
 
 COLOURS = ["red", "green", "blue", "yellow"]
 
@@ -150,14 +150,14 @@ def _offline_env(tmp) -> dict:
 
 @pytest.mark.slow
 def test_lmms_eval_cli_runs_our_model_offline(setup):
-    """The README's command in a fresh process (`python -m evaluation.lmms_eval --model qwenvl_lab ...`, i.e.
+    """The README's command in a fresh process (`python -m qwenvl_lab.evaluation.lmms_eval --model qwenvl_lab ...`, i.e.
     lmms-eval's own CLI): nothing imported beforehand, so the model class must load the model by itself. Slow
     (about 30-70 s here) because lmms-eval's CLI indexes its ~340 built-in task folders before it reads ours;
     the model work is a few seconds."""
     tmp, _, tasks = setup
     out = tmp / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "evaluation.lmms_eval", "--model", "qwenvl_lab", "--model_args",
+        [sys.executable, "-m", "qwenvl_lab.evaluation.lmms_eval", "--model", "qwenvl_lab", "--model_args",
          f"pretrained={tmp / 'model'}", "--tasks", "qvl_fixture_gen,qvl_fixture_mc", "--include_path", str(tasks),
          "--batch_size", "2", "--output_path", str(out), "--log_samples"],
         cwd=REPO, env=_offline_env(tmp), capture_output=True, text=True, timeout=600)
@@ -258,7 +258,7 @@ def test_run_without_results_is_an_error():
 def test_llava_hf_export_runs_in_lmms_eval(setup, local_tasks_only, tmp_path):
     """Our llava-hf export through lmms-eval's own `llava_hf` model, with the README's CPU flags
     (`device_map=cpu` and `--device cpu`), gives our model's answers."""
-    from model.export import export_llava_hf
+    from qwenvl_lab.model.export import export_llava_hf
 
     tmp, vlm, tasks = setup
     export_llava_hf(vlm, tmp / "llava")

@@ -3,8 +3,7 @@
 import math
 
 import pytest
-
-from evaluation.metrics import (
+from qwenvl_lab.evaluation.metrics import (
     anls,
     caption_scores,
     exact_match,
@@ -17,7 +16,7 @@ from evaluation.metrics import (
     relaxed_accuracy,
     vqa_accuracy,
 )
-from evaluation.normalize import normalize_answer
+from qwenvl_lab.evaluation.normalize import normalize_answer
 
 
 @pytest.mark.parametrize("raw, norm", [
@@ -137,7 +136,7 @@ def test_caption_scores_ptb_tokenizer():
 
 
 def test_caption_scores_without_java_say_once(monkeypatch, capsys):
-    import evaluation.metrics as m
+    import qwenvl_lab.evaluation.metrics as m
 
     monkeypatch.setattr(m, "_JAVA", False)
     monkeypatch.setattr(m, "_said", set())
@@ -151,8 +150,7 @@ def test_caption_scores_without_java_say_once(monkeypatch, capsys):
 def test_spice_never_downloads(monkeypatch, capsys):
     """SPICE without CoreNLP's jars is skipped with one notice; the downloader is never called."""
     import pycocoevalcap.spice.get_stanford_models as gsm
-
-    import evaluation.metrics as m
+    import qwenvl_lab.evaluation.metrics as m
 
     monkeypatch.setattr(m, "_JAVA", True)
     monkeypatch.setattr(m, "_said", set())

@@ -1,4 +1,4 @@
-"""`python -m evaluation` with a real tiny VLM: the command line, determinism, likelihood scoring, the
+"""`python -m qwenvl_lab.evaluation` with a real tiny VLM: the command line, determinism, likelihood scoring, the
 demo's VQAv2 pair agreeing with `trainer.evaluate`'s exact match (its images found without --images), and
 the planted failures of the command line and of `evaluation.to_vqav2` (one line, exit status 2)."""
 
@@ -6,18 +6,18 @@ import json
 
 import pytest
 import torch
+from qwenvl_lab.dataprocess.make_shapes import make_shapes
+from qwenvl_lab.evaluation import to_vqav2
+from qwenvl_lab.evaluation.__main__ import main as cli_main
+from qwenvl_lab.evaluation.likelihood import rank_options, reply_logprobs
+from qwenvl_lab.evaluation.runner import read_answers, run_task
+from qwenvl_lab.evaluation.tasks.vqa import score_vqa
+from qwenvl_lab.evaluation.to_vqav2 import convert
+from qwenvl_lab.trainer import evaluate as trainer_eval
+from qwenvl_lab.trainer.cli import run_cli
 
-from dataprocess.make_shapes import make_shapes
-from evaluation import to_vqav2
-from evaluation.__main__ import main as cli_main
-from evaluation.likelihood import rank_options, reply_logprobs
-from evaluation.runner import read_answers, run_task
-from evaluation.tasks.vqa import score_vqa
-from evaluation.to_vqav2 import convert
 from tests import tiny_bench as tb
 from tests.tiny_model import build_tiny_vlm, randomize_
-from trainer import evaluate as trainer_eval
-from trainer.cli import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_demo_vqa_accuracy_agrees_with_trainer_evaluate(tiny, tmp_path):
         ans = f"{ref.capitalize()}." if k % 3 else "nothing"
         items_answers[qid] = ans
         mixed.append({**te_rows[sid], "answer": ans})
-    from evaluation.tasks.vqa import load_vqav2
+    from qwenvl_lab.evaluation.tasks.vqa import load_vqav2
 
     items = load_vqav2(str(tmp_path / "vqav2"), None, {})
     correct, total = trainer_eval.score(mixed)["all"]

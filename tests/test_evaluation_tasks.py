@@ -8,13 +8,13 @@ import functools
 import json
 
 import pytest
+import qwenvl_lab.evaluation.tasks.captions as captions_task
+from qwenvl_lab.evaluation.__main__ import main as evaluation_main
+from qwenvl_lab.evaluation.items import BenchmarkFormatError
+from qwenvl_lab.evaluation.metrics import caption_scores
+from qwenvl_lab.evaluation.report import format_table
+from qwenvl_lab.evaluation.runner import EvaluationSetupError, run_task
 
-import evaluation.tasks.captions as captions_task
-from evaluation.__main__ import main as evaluation_main
-from evaluation.items import BenchmarkFormatError
-from evaluation.metrics import caption_scores
-from evaluation.report import format_table
-from evaluation.runner import EvaluationSetupError, run_task
 from tests import tiny_bench as tb
 
 
@@ -233,7 +233,7 @@ def test_format_errors_name_the_file(tmp_path):
 
 
 def test_cli_user_mistakes_exit_2(tmp_path, capsys):
-    from trainer.cli import run_cli
+    from qwenvl_lab.trainer.cli import run_cli
 
     def cli_main(argv):
         return run_cli(evaluation_main, argv)

@@ -4,11 +4,11 @@ import glob
 import json
 
 import pytest
+from qwenvl_lab.evaluation.to_vqav2 import convert
+from qwenvl_lab.trainer.config_io import ConfigError
+from qwenvl_lab.trainer.run import train
 
-from evaluation.to_vqav2 import convert
 from tests.tiny_train import make_tiny_data, tiny_train_config
-from trainer.config_io import ConfigError
-from trainer.run import train
 
 
 def test_eval_tasks_logged_every_eval_steps(tmp_path):

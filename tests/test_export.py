@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qwenvl_lab.trainer.stages import LoraSettings, apply_lora
 
 from tests.tiny_model import build_tiny_vlm, randomize_
-from trainer.stages import LoraSettings, apply_lora
 
 
 def _inputs(vlm, n_images=2, seed=0):
@@ -34,9 +34,8 @@ def _lora_vlm(tmp_path, randomize_base=True, **kw):
 
 @pytest.mark.parametrize("tower,lm_arch", [("clip", "qwen2"), ("siglip", "qwen1")])
 def test_export_llava_hf_matches_logits(tmp_path, tower, lm_arch):
+    from qwenvl_lab.model.export import export_llava_hf
     from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from model.export import export_llava_hf
 
     vlm = _lora_vlm(tmp_path, tower=tower, lm_arch=lm_arch)
     input_ids, pixels = _inputs(vlm)
@@ -63,8 +62,8 @@ def test_export_llava_hf_matches_logits(tmp_path, tower, lm_arch):
 
 
 def test_merge_gives_same_logits_and_standalone_model(tmp_path):
-    from model import VLM
-    from model.merge import merge
+    from qwenvl_lab.model import VLM
+    from qwenvl_lab.model.merge import merge
 
     vlm = _lora_vlm(tmp_path, randomize_base=False, tower="clip", lm_arch="qwen2")
     src = tmp_path / "run_final"
@@ -82,7 +81,7 @@ def test_merge_gives_same_logits_and_standalone_model(tmp_path):
 
 
 def test_export_refuses_what_llava_cannot_hold(tmp_path):
-    from model.export import export_llava_hf
+    from qwenvl_lab.model.export import export_llava_hf
 
     vlm = build_tiny_vlm(tmp_path, tower="timm_cnn")
     with pytest.raises(ValueError, match="CLIP or SigLIP"):
@@ -95,7 +94,8 @@ SQUARE = (32, 32)  # the tiny CLIP's input size: our resize and CLIP's resize + 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from model.export import main as export_main
+    from qwenvl_lab.model.export import main as export_main
+
     from tests.tiny_serve import image, stopping_vlm
 
     tmp = tmp_path_factory.mktemp("export_gen")
@@ -183,10 +183,10 @@ def test_export_of_another_lm_family_keeps_its_chat_template_ids_and_logits(tmp_
     """A Llama-3 / Gemma LM (its own template, `<image>` added by us): the exported processor renders a
     conversation with images to exactly our ids, and the Llava model gives our logits."""
     from PIL import Image
+    from qwenvl_lab.model import build_vlm
+    from qwenvl_lab.model.export import export_llava_hf
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from model import build_vlm
-    from model.export import export_llava_hf
     from tests.tiny_lms import write_tiny_family
     from tests.tiny_model import tiny_tower_spec
 

@@ -5,9 +5,8 @@ import os
 
 import pytest
 import tiny_data as td
-
-from dataset.formats import DataFileError, normalize, read_records
-from dataset.sample import BadSampleError
+from qwenvl_lab.dataset.formats import DataFileError, normalize, read_records
+from qwenvl_lab.dataset.sample import BadSampleError
 
 
 @pytest.mark.parametrize("fmt", sorted(td.records_in_every_format()))

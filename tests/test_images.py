@@ -3,9 +3,8 @@
 import pytest
 import tiny_data as td
 from PIL import Image
-
-from dataset.images import load_image, load_video_frames, to_rgb, uniform_indices
-from dataset.sample import BadSampleError
+from qwenvl_lab.dataset.images import load_image, load_video_frames, to_rgb, uniform_indices
+from qwenvl_lab.dataset.sample import BadSampleError
 
 BAD = {
     "missing": ("image file not found", "missing_file"),

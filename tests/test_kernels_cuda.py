@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from kernels import attention, cuda_ext
-from kernels.attention import eager_attention
+from qwenvl_lab.kernels import cuda_ext
+from qwenvl_lab.kernels.attention import attention, eager_attention
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 

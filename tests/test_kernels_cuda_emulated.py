@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from kernels import cuda_ext
-from kernels.attention import eager_attention
+from qwenvl_lab.kernels import cuda_ext
+from qwenvl_lab.kernels.attention import eager_attention
 
 CSRC = Path(cuda_ext.__file__).resolve().parent / "csrc"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

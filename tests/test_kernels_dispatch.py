@@ -6,13 +6,12 @@ import logging
 
 import pytest
 import torch
-
-from kernels import _log, attention, cuda_ext, selftest
-from kernels.attention import eager_attention
-from kernels.prepare import prepare_attention
+from qwenvl_lab.kernels import _log, cuda_ext, selftest
+from qwenvl_lab.kernels.attention import attention, eager_attention
+from qwenvl_lab.kernels.prepare import prepare_attention
 
 # `kernels.attention` the attribute is the function; the module is fetched by name.
-attn_mod = importlib.import_module("kernels.attention")
+attn_mod = importlib.import_module("qwenvl_lab.kernels.attention")
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +44,7 @@ def test_cpu_impls_match_eager(impl):
 
 def test_auto_on_cpu_logs_choice_once(caplog):
     q, k, v = _qkv()
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+    with caplog.at_level(logging.INFO, logger="qwenvl_lab.kernels.attention"):
         attention(q, k, v, impl="auto")
         attention(q, k, v, impl="auto")
     msgs = [r.getMessage() for r in caplog.records if "impl=auto" in r.getMessage()]
@@ -75,13 +74,13 @@ def test_failing_cuda_build_falls_back_to_sdpa(monkeypatch, caplog):
     monkeypatch.setitem(attn_mod._IMPL_FNS, "torch",
                         lambda *a, **kw: sdpa_calls.append(1) or attn_mod.sdpa_attention(*a, **kw))
     q, k, v = _qkv()
-    with caplog.at_level(logging.WARNING, logger="kernels.attention"):
+    with caplog.at_level(logging.WARNING, logger="qwenvl_lab.kernels.attention"):
         out = attention(q, k, v, causal=True, impl="cuda")
         attention(q, k, v, causal=True, impl="cuda")
     assert sdpa_calls == [1, 1]
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
     warnings = [r.getMessage() for r in caplog.records
-                if r.levelno == logging.WARNING and r.name == "kernels.attention"]
+                if r.levelno == logging.WARNING and r.name == "qwenvl_lab.kernels.attention"]
     assert len(warnings) == 1, warnings  # logged once
     assert "falling back to torch (SDPA)" in warnings[0] and "nvcc fatal: boom" in warnings[0]
 
@@ -98,7 +97,7 @@ def test_auto_on_gpu_without_any_verified_kernel_uses_sdpa(monkeypatch, caplog):
 
     monkeypatch.setattr(attn_mod, "_load_triton", no_triton)
     q, k, v = _qkv()
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+    with caplog.at_level(logging.INFO, logger="qwenvl_lab.kernels.attention"):
         assert prepare_attention(q.device, q.dtype, q.shape[-1]) == "torch"
         out = attention(q, k, v, causal=True, impl="auto")
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
@@ -141,7 +140,7 @@ def test_routing_when_the_cuda_kernel_is_verified(monkeypatch, caplog):
     (it has no mask input), packed calls loop through it; explicit impl='cuda' routes the same way."""
     import types
 
-    from kernels import selftest
+    from qwenvl_lab.kernels import selftest
 
     cuda_calls = []
 
@@ -153,7 +152,7 @@ def test_routing_when_the_cuda_kernel_is_verified(monkeypatch, caplog):
     monkeypatch.setattr(attn_mod, "_load_cuda", lambda: types.SimpleNamespace(cuda_attention=fake_cuda_attention))
     monkeypatch.setattr(selftest, "verify", lambda *a, **kw: selftest.Choice("cuda", "cuda", "verified (test)"))
     q, k, v = _qkv(t=10)
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+    with caplog.at_level(logging.INFO, logger="qwenvl_lab.kernels.attention"):
         assert prepare_attention(q.device, q.dtype, q.shape[-1]) == "cuda"
         out = attention(q, k, v, causal=True, impl="auto")
     assert len(cuda_calls) == 1 and "impl=auto -> cuda (verified (test))" in caplog.text
@@ -162,7 +161,7 @@ def test_routing_when_the_cuda_kernel_is_verified(monkeypatch, caplog):
     mask = torch.rand(2, 1, 10, 10, device="cpu") > 0.2
     want = eager_attention(q, k, v, causal=True, attention_mask=mask)
     for impl in ("auto", "cuda"):
-        with caplog.at_level(logging.INFO, logger="kernels.attention"):
+        with caplog.at_level(logging.INFO, logger="qwenvl_lab.kernels.attention"):
             got = attention(q, k, v, causal=True, attention_mask=mask, impl=impl)
         assert len(cuda_calls) == 1
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -180,7 +179,7 @@ def test_auto_sends_unsupported_inputs_to_sdpa(monkeypatch, caplog):
     monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
     monkeypatch.setattr(attn_mod, "_load_cuda", lambda: pytest.fail("must not try the CUDA extension"))
     q, k, v = _qkv(d=160)
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+    with caplog.at_level(logging.INFO, logger="qwenvl_lab.kernels.attention"):
         out = attention(q, k, v, causal=True, impl="auto")
     assert "head dim 160 not supported" in caplog.text
     torch.testing.assert_close(out, eager_attention(q, k, v, causal=True), rtol=0, atol=1e-5)
@@ -190,7 +189,7 @@ def test_auto_sends_unsupported_inputs_to_sdpa(monkeypatch, caplog):
 def test_grouped_decode_step_matches_the_reference_without_expanding_the_cache(monkeypatch, mask_heads):
     """A one-query step with GQA (8 query heads on 2 KV heads) through SDPA folds the query heads onto their
     KV head: the same output as the fp32 reference, and no [B, Hq, Tk, D] copy of the cache."""
-    A = importlib.import_module("kernels.attention")  # the module (the package exports the function)
+    A = importlib.import_module("qwenvl_lab.kernels.attention")  # the module (the package exports the function)
 
     dev = torch.get_default_device()  # the test device: the GPU check runs this on CUDA
     g = torch.Generator(device=dev).manual_seed(0)

@@ -6,12 +6,18 @@ import os
 
 import pytest
 import torch
+from qwenvl_lab.kernels import _log, fused
+from qwenvl_lab.kernels.fused import (
+    apply_rotary,
+    apply_rotary_torch,
+    rms_norm,
+    rms_norm_torch,
+    swiglu,
+    swiglu_torch,
+)
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, apply_rotary_pos_emb
 
-from kernels import _log, fused
-from kernels.fused import apply_rotary, apply_rotary_torch, rms_norm, rms_norm_torch, swiglu, swiglu_torch
-
-pytest.importorskip("kernels.triton_fused")
+pytest.importorskip("qwenvl_lab.kernels.triton_fused")
 
 
 @pytest.fixture(autouse=True)
@@ -121,8 +127,8 @@ def _auto_on_cpu_uses_torch_and_bad_inputs_raise(monkeypatch, caplog):
         rms_norm(x, w, 1e-5, impl="triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     # A broken Triton install makes the switch fall back to torch with the reason logged.
-    monkeypatch.setitem(__import__("sys").modules, "kernels.triton_fused", None)
-    with caplog.at_level(logging.WARNING, logger="kernels.fused"):
+    monkeypatch.setitem(__import__("sys").modules, "qwenvl_lab.kernels.triton_fused", None)
+    with caplog.at_level(logging.WARNING, logger="qwenvl_lab.kernels.fused"):
         y = rms_norm(x, w, 1e-5, impl="triton")
     torch.testing.assert_close(y, rms_norm_torch(x, w, 1e-5))
     assert "unavailable, using torch" in caplog.text
@@ -180,7 +186,7 @@ def test_compile_impl_falls_back_when_compiling_fails(monkeypatch, caplog):
     fused._PROBED.clear()
     monkeypatch.setitem(fused._COMPILED, "swiglu", lambda *a: (_ for _ in ()).throw(RuntimeError("no compiler")))
     up, gate = torch.randn(4, 8), torch.randn(4, 8)
-    with caplog.at_level(logging.WARNING, logger="kernels.fused"):
+    with caplog.at_level(logging.WARNING, logger="qwenvl_lab.kernels.fused"):
         y = swiglu(up, gate, impl="compile")
     torch.testing.assert_close(y, swiglu_torch(up, gate))
     assert "impl=compile failed" in caplog.text and "no compiler" in caplog.text

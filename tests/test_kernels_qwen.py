@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-triton_attention = pytest.importorskip("kernels.triton_attention")
+triton_attention = pytest.importorskip("qwenvl_lab.kernels.triton_attention")
 tiny_qwen = pytest.importorskip("tests.tiny_qwen")
-qwen = pytest.importorskip("qwen")
+qwen = pytest.importorskip("qwenvl_lab.qwen")
 
 
 def _pair(arch: str):

@@ -6,12 +6,12 @@ import logging
 
 import pytest
 import torch
+from qwenvl_lab.kernels import _log, selftest
+from qwenvl_lab.kernels.attention import attention
+from qwenvl_lab.kernels.prepare import prepare_attention
+from qwenvl_lab.kernels.selftest import Choice, KernelResult, decide
 
-from kernels import _log, attention, selftest
-from kernels.prepare import prepare_attention
-from kernels.selftest import Choice, KernelResult, decide
-
-attn_mod = importlib.import_module("kernels.attention")
+attn_mod = importlib.import_module("qwenvl_lab.kernels.attention")
 SMALL = [("causal_gqa", 1, 2, 1, 9, 9, True, False), ("padding_mask", 2, 2, 2, 8, 8, True, True)]
 
 
@@ -41,7 +41,7 @@ def test_decide_needs_a_pass_and_a_speedup():
 
 
 def test_triton_kernel_passes_the_real_self_test_on_the_interpreter():
-    pytest.importorskip("kernels.triton_attention")
+    pytest.importorskip("qwenvl_lab.kernels.triton_attention")
     padded, varlen, masks = selftest._triton()
     ok, errors, why = selftest.check(padded, varlen, masks, torch.device("cpu"), torch.float32, 16, cases=SMALL,
                                      varlen_case=("varlen_causal", 2, 1, [3, 7, 1]))
@@ -50,7 +50,7 @@ def test_triton_kernel_passes_the_real_self_test_on_the_interpreter():
 
 
 def test_a_wrong_kernel_fails_and_auto_picks_the_verified_one(monkeypatch, caplog):
-    from kernels.attention import eager_attention
+    from qwenvl_lab.kernels.attention import eager_attention
 
     def wrong(q, k, v, causal, mask):  # ignores causality: right shape, wrong numbers
         return eager_attention(q, k, v, causal=False, attention_mask=mask)
@@ -67,7 +67,7 @@ def test_a_wrong_kernel_fails_and_auto_picks_the_verified_one(monkeypatch, caplo
         "cuda_attention": staticmethod(lambda q, k, v, causal=False, scale=None: right(q, k, v, causal, None))}))
     monkeypatch.setattr(selftest, "CASES", SMALL)
     q, k, v = torch.randn(1, 2, 9, 16), torch.randn(1, 1, 9, 16), torch.randn(1, 1, 9, 16)
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+    with caplog.at_level(logging.INFO, logger="qwenvl_lab.kernels.attention"):
         prepare_attention(q.device, q.dtype, 16)  # the self-test, outside any forward
         attention(q, k, v, causal=True, impl="auto")
         attention(q, k, v, causal=True, impl="auto")
@@ -84,13 +84,13 @@ def test_selftest_can_be_switched_off(monkeypatch, caplog):
     monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
     monkeypatch.setattr(selftest, "verify", lambda *a, **kw: pytest.fail("must not self-test"))
     q = torch.randn(1, 2, 5, 16)
-    with caplog.at_level(logging.INFO, logger="kernels.attention"):
+    with caplog.at_level(logging.INFO, logger="qwenvl_lab.kernels.attention"):
         attention(q, q, q, causal=True, impl="auto")
     assert "QWENVL_ATTN_SELFTEST=0" in caplog.text
 
 
 def test_packed_batches_follow_the_verified_varlen_path(monkeypatch):
-    from kernels.attention import eager_attention
+    from qwenvl_lab.kernels.attention import eager_attention
 
     monkeypatch.setattr(attn_mod, "_is_gpu", lambda t: True)
     monkeypatch.setattr(selftest, "verify", lambda *a, **kw: Choice("torch", "torch_varlen", "test"))

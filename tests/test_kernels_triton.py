@@ -6,11 +6,9 @@ each packed sequence separately.
 
 import pytest
 import torch
+from qwenvl_lab.kernels.attention import attention, eager_attention
 
-from kernels import attention
-from kernels.attention import eager_attention
-
-triton_attention_mod = pytest.importorskip("kernels.triton_attention")
+triton_attention_mod = pytest.importorskip("qwenvl_lab.kernels.triton_attention")
 triton_attention = triton_attention_mod.triton_attention
 triton_varlen_attention = triton_attention_mod.triton_varlen_attention
 

@@ -23,7 +23,7 @@ SCRIPT = r"""
 import json, sys, torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import triton_attention as ta
+from qwenvl_lab.kernels import triton_attention as ta
 
 PTRS = {"LSE": "*fp32", "DELTA": "*fp32", "MASK": "*u8", "CU_Q": "*i32", "CU_K": "*i32"}
 DT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -8,18 +8,18 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
+from qwenvl_lab.dataset import Collator, load_image
+from qwenvl_lab.dataset.sample import Sample
+from qwenvl_lab.dataset.template import render
+from qwenvl_lab.model import VLM, build_vlm
+from qwenvl_lab.model.backbones import IMAGE_DELIMITERS, IMAGE_TOKEN
+from qwenvl_lab.trainer.optim import param_groups
+from qwenvl_lab.trainer.stages import LoraSettings, apply_lora, resolve_lora_targets, set_trainable
 
-from dataset import Collator, load_image
-from dataset.sample import Sample
-from dataset.template import render
-from model import VLM, build_vlm
-from model.backbones import IMAGE_DELIMITERS, IMAGE_TOKEN
 from tests.tiny_lms import FAMILIES, TEMPLATE_OF, write_tiny_family
 from tests.tiny_model import tiny_tower_spec
 from tests.tiny_server import answer_of_test_py, entry
 from tests.tiny_train import TINY_TOWER, make_tiny_data, tiny_train_config
-from trainer.optim import param_groups
-from trainer.stages import LoraSettings, apply_lora, resolve_lora_targets, set_trainable
 
 DEFAULT_TARGETS = {"llama3": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
                    "phi3": {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}}
@@ -162,8 +162,9 @@ def test_trains_through_train_py_with_default_lora_then_answers_through_test_py(
 def test_load_lm_tokenizer_picks_the_qwen_interface_by_the_vocabulary(tmp_path):
     """Qwen2's ChatML + <|image_pad|> -> the Qwen interface; ChatML alone (SmolLM) or Qwen2's without its
     vision tokens stays a plain HFTokenizer."""
-    from model.tokenizers import HFTokenizer, load_lm_tokenizer
-    from qwen import HFQwenTokenizer
+    from qwenvl_lab.model.tokenizers import HFTokenizer, load_lm_tokenizer
+    from qwenvl_lab.qwen import HFQwenTokenizer
+
     from tests.tiny_lms import tiny_family_tokenizer
     from tests.tiny_qwen import write_tiny_hf_tokenizer
 

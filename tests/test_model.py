@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 from PIL import Image
+from qwenvl_lab.model import PRESETS, VLM, VLMConfig, build_projector, build_vlm, resolve_config
 
-from model import PRESETS, VLM, VLMConfig, build_projector, build_vlm, resolve_config
 from tests.tiny_model import build_tiny_vlm, save_tiny_llava, tiny_llama_dir, tiny_tower_spec
 
 
@@ -280,7 +280,7 @@ def test_chat_renders_image_span_and_answers_greedily(tmp_path):
     assert ids[0] == tok.im_start_id
     last = len(ids) - 1 - ids[::-1].index(tok.im_start_id)
     assert tok.decode(ids[last:]) == "<|im_start|>assistant\n"
-    from qwen.chat import build_prompt_ids
+    from qwenvl_lab.qwen.chat import build_prompt_ids
 
     text_only = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi there"}]
     assert vlm.chat_ids(text_only, n_images=0) == build_prompt_ids(tok, text_only)  # same ChatML as qwen's
@@ -373,7 +373,7 @@ def test_lora_checkpoint_round_trip_and_merge(tmp_path, lm_backend):
         ref = vlm(**batch).logits
     vlm.save_pretrained(tmp_path / "run" / "checkpoint-2", trainable_only=True)
     (tmp_path / "run" / "checkpoint-10").mkdir()  # not a model: skipped
-    from model.paths import resolve_model_dir
+    from qwenvl_lab.model.paths import resolve_model_dir
 
     ck = resolve_model_dir(tmp_path / "run")
     assert ck.name == "checkpoint-2" and (ck / "lora" / "adapter_config.json").is_file()
@@ -424,14 +424,14 @@ def test_tower_path_override_and_missing_model_dir(tmp_path):
     shutil.move(vlm.config.towers[0]["name_or_path"], moved)
     loaded = VLM.from_pretrained(tmp_path / "ck", tower_path=str(moved))
     assert loaded.config.towers[0]["name_or_path"] == str(moved)
-    from model.paths import resolve_model_dir
+    from qwenvl_lab.model.paths import resolve_model_dir
 
     with pytest.raises(FileNotFoundError, match="checkpoint-N"):
         resolve_model_dir(tmp_path / "nothing")
 
 
 def test_load_trainable_weights_into_a_live_model(tmp_path):
-    from model.checkpoint import load_trainable_weights
+    from qwenvl_lab.model.checkpoint import load_trainable_weights
 
     vlm = build_tiny_vlm(tmp_path, tower="clip").eval()
     fresh = build_tiny_vlm(tmp_path, tower="clip").eval()  # same base, its own random projector
@@ -454,8 +454,8 @@ def test_load_trainable_weights_into_a_live_model(tmp_path):
 @pytest.mark.parametrize("text", ['{"model_type": "bert"}', "[1, 2]", "{not json"])
 def test_load_vlm_on_a_foreign_config_json_says_so(tmp_path, text):
     """Some other (or broken) config.json is neither of the two model kinds: one ModelDirError, no traceback."""
-    from model.build import load_vlm
-    from model.paths import ModelDirError
+    from qwenvl_lab.model.build import load_vlm
+    from qwenvl_lab.model.paths import ModelDirError
 
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(ModelDirError, match="neither a VLM checkpoint"):

@@ -14,7 +14,13 @@ def _imports(path: Path):
     tree = ast.parse(path.read_text())
     top = {id(n) for n in tree.body}
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module:
+        if isinstance(node, ast.ImportFrom) and node.level:  # relative to qwenvl_lab.model
+            base = ["model"][: max(0, 2 - node.level)]
+            for alias in ([] if node.module else node.names):
+                yield ".".join(base + [alias.name]), node.lineno, id(node) in top
+            if node.module:
+                yield ".".join(base + [node.module]), node.lineno, id(node) in top
+        elif isinstance(node, ast.ImportFrom) and node.module:
             yield node.module, node.lineno, id(node) in top
         elif isinstance(node, ast.Import):
             for alias in node.names:

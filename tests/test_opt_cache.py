@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qwenvl_lab.dataset import Collator, VLMDataset
+from qwenvl_lab.dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
+from qwenvl_lab.model import VLM, build_vlm
 
-from dataset import Collator, VLMDataset
-from dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
-from model import VLM, build_vlm
 from tests.tiny_model import randomize_
 from tests.tiny_opt import assert_same_grads, grads, tiny_vlm
 from tests.tiny_train import make_tiny_data, tiny_model_section
@@ -22,7 +22,7 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cached(data, tmp_path_factory):
     """A saved frozen-tower VLM and the feature cache written by the command line entry point."""
-    from dataprocess.cache_features import main
+    from qwenvl_lab.dataprocess.cache_features import main
 
     root = tmp_path_factory.mktemp("cache_run")
     vlm = build_vlm(dict(tiny_model_section(data), freeze_towers=True))
@@ -52,7 +52,7 @@ def test_cached_features_give_the_same_loss_and_grads(data, cached, monkeypatch)
     idx = [i for i in range(len(pix_ds)) if pix_ds.samples[pix_ds.index[i]].images][:4] + [len(pix_ds) - 1]
     batch_pix = Collator(vlm.tokenizer.eod_id)([pix_ds[i] for i in idx])
 
-    import dataset.dataset as dataset_module
+    import qwenvl_lab.dataset.dataset as dataset_module
 
     def no_decode(*a, **k):
         raise AssertionError("a feature-cache dataset decoded an image")
@@ -97,9 +97,10 @@ def test_mismatched_cache_is_refused(data, cached):
 
 
 def test_training_config_checks_and_runs(data, cached, tmp_path):
+    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.trainer.run import build_model, train
+
     from tests.tiny_train import tiny_train_config
-    from trainer.config_io import ConfigError
-    from trainer.run import build_model, train
 
     model_dir, cache_dir = cached
     cfg = tiny_train_config(tmp_path, data, feature_cache=str(cache_dir), vision_lr=1e-3)
@@ -120,7 +121,7 @@ def test_training_config_checks_and_runs(data, cached, tmp_path):
 
 
 def _log(run_dir):
-    from trainer.callbacks import read_log
+    from qwenvl_lab.trainer.callbacks import read_log
 
     return read_log(run_dir / "log.jsonl")
 

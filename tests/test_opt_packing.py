@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from qwenvl_lab.dataset import Collator
+from qwenvl_lab.dataset.packing import PackedDataset, PackingCollator, PackingSampler, first_fit_decreasing
 
-from dataset import Collator
-from dataset.packing import PackedDataset, PackingCollator, PackingSampler, first_fit_decreasing
 from tests.tiny_opt import assert_same_grads, grads, sample_items, tiny_vlm
 
 
@@ -83,11 +83,12 @@ def test_first_fit_decreasing_and_sampler():
 
 
 def test_training_run_with_packing(tmp_path, monkeypatch):
-    import model.model as model_module
+    import qwenvl_lab.model.model as model_module
+    from qwenvl_lab.trainer.callbacks import read_log
+    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.trainer.run import build_model, train
+
     from tests.tiny_train import make_tiny_data, tiny_train_config
-    from trainer.callbacks import read_log
-    from trainer.config_io import ConfigError
-    from trainer.run import build_model, train
 
     seen = []
     forward = model_module.VLM.forward

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from dataset.sample import UserError
+from qwenvl_lab.dataset.sample import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("open_clip", "av", "fastapi", "uvicorn", "gradio", "bitsandbytes", "deepspeed")
-CORE = ("train", "test", "trainer.run", "trainer.hf_trainer", "model", "model.build", "kernels", "visual",
-        "visual.registry", "qwen", "dataset", "evaluation", "serve.cli")
+CORE = ("train", "test") + tuple("qwenvl_lab." + m for m in (
+    "trainer.run", "trainer.hf_trainer", "model", "model.build", "kernels.attention", "visual", "visual.registry",
+    "qwen", "dataset", "evaluation", "serve.cli"))
 
 
 def _hide(monkeypatch, *names: str) -> None:
@@ -36,7 +36,7 @@ def test_core_modules_import_without_the_optional_packages():
 
 
 def test_open_clip_tower_without_open_clip_names_the_package(monkeypatch):
-    from visual import build_tower
+    from qwenvl_lab.visual import build_tower
 
     _hide(monkeypatch, "open_clip", "open_clip.transformer")
     with pytest.raises(UserError, match="open_clip package.*pip install open-clip-torch"):
@@ -44,7 +44,7 @@ def test_open_clip_tower_without_open_clip_names_the_package(monkeypatch):
 
 
 def test_video_without_pyav_names_the_package(monkeypatch, tmp_path):
-    from dataset.images import load_video_frames
+    from qwenvl_lab.dataset.images import load_video_frames
 
     _hide(monkeypatch, "av")
     (tmp_path / "clip.mp4").write_bytes(b"not read")
@@ -53,7 +53,7 @@ def test_video_without_pyav_names_the_package(monkeypatch, tmp_path):
 
 
 def test_server_without_fastapi_names_the_package(monkeypatch):
-    from serve.cli import check_server_packages
+    from qwenvl_lab.serve.cli import check_server_packages
 
     _hide(monkeypatch, "fastapi")
     with pytest.raises(UserError, match=r"needs fastapi\b.*not installed.*\[serve\]"):
@@ -65,9 +65,10 @@ def test_server_without_fastapi_names_the_package(monkeypatch):
     ({"stage": "sft", "lora": {"r": 4, "qlora": True}}, "lora.qlora", "bitsandbytes"),
 ])
 def test_config_key_needing_a_missing_package_is_a_config_error(monkeypatch, tmp_path, overrides, key, package):
+    from qwenvl_lab.trainer.config import check_paths
+    from qwenvl_lab.trainer.config_io import ConfigError
+
     from tests.tiny_train import make_tiny_data, tiny_train_config
-    from trainer.config import check_paths
-    from trainer.config_io import ConfigError
 
     cfg = tiny_train_config(tmp_path, make_tiny_data(tmp_path / "data", n_train=4, n_val=1), **overrides)
     _hide(monkeypatch, package)

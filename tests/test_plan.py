@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from model import plan as P
-from trainer.config import TrainConfig
-from trainer.stages import LoraSettings
+from qwenvl_lab.model import plan as P
+from qwenvl_lab.trainer.config import TrainConfig
+from qwenvl_lab.trainer.stages import LoraSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB = ROOT / "configs" / "hub"
@@ -30,8 +29,8 @@ def qwen7b_full():
 
 
 def test_published_counts_from_the_hub_fixtures():
-    from qwen import QWenConfig, QWenLMHeadModel
-    from visual.registry import build_tower
+    from qwenvl_lab.qwen import QWenConfig, QWenLMHeadModel
+    from qwenvl_lab.visual.registry import build_tower
 
     want_lm = {"Qwen--Qwen-7B-Chat": 7_721_324_544, "Qwen--Qwen-1_8B-Chat": 1_836_828_672,
                "Qwen--Qwen2.5-0.5B-Instruct": 494_032_768}
@@ -58,7 +57,7 @@ def test_shared_qwen_configs_match_the_fixtures_and_count(shared_qwen1):
     assert counts["projector"].trainable == counts["projector"].total == 1152 * 4096 + 4096 + 4096 * 4096 + 4096
     assert counts["projector"].bytes == 4 * counts["projector"].total  # trainable: fp32 master weights
     resaved = shared_qwen1 / "qwen-1_8b-chat" / "config.resaved.json"
-    from qwen import QWenConfig
+    from qwenvl_lab.qwen import QWenConfig
 
     assert QWenConfig.from_pretrained(resaved) == QWenConfig.from_pretrained(HUB / "Qwen--Qwen-1_8B-Chat.json")
 
@@ -141,9 +140,10 @@ def _saved_activation_bytes(vlm, ids):
 @pytest.mark.parametrize("kv_heads, lora", [(4, 0), (2, 8)])
 def test_activation_formula_matches_what_autograd_saves(kv_heads, lora):
     """The per-layer count (fp32, no checkpointing) against a real small LM's saved tensors."""
-    from model import build_vlm
+    from qwenvl_lab.model import build_vlm
+    from qwenvl_lab.trainer.stages import apply_lora, set_trainable
+
     from tests.tiny_train import TINY_TOWER
-    from trainer.stages import apply_lora, set_trainable
 
     T, layers = 256, 3
     lm_cfg = {"arch": "qwen2", "vocab_size": 512, "hidden_size": 256, "num_hidden_layers": layers,
@@ -179,7 +179,7 @@ def test_fits_and_fewest_gpus_are_consistent():
 
 
 def test_cli_prints_the_plan_and_refuses_bad_input(capsys, tmp_path):
-    from trainer.cli import run_cli
+    from qwenvl_lab.trainer.cli import run_cli
 
     rc = P.main(["configs/qwen2.5_0.5b_siglip.yaml", "lora.r=8", "--gpus", "2", "--gpu-mem", "24"])
     out = capsys.readouterr().out
@@ -222,10 +222,9 @@ def test_bf16_autocast_copies_of_the_trainables_are_counted_under_ddp():
 def test_autocast_makes_a_bf16_copy_of_each_fp32_trainable_weight():
     """What the `casts` term stands for, on a real tiny model: in a bf16 autocast forward every fp32 trainable
     weight of the LM is cast to bf16 once (2 bytes each), and the copy is cached for its next use."""
+    from qwenvl_lab.model import build_vlm
+    from qwenvl_lab.trainer.stages import apply_stage
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from model import build_vlm
-    from trainer.stages import apply_stage
 
     cfg = _tiny_lora_cfg()
     vlm = build_vlm(dict(cfg.model, dtype="bfloat16"))

@@ -2,9 +2,8 @@
 
 import pytest
 import torch
+from qwenvl_lab.model.projector import build_projector
 from torch import nn
-
-from model.projector import build_projector
 
 
 def test_mlp2x_gelu_is_llava_layout():

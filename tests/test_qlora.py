@@ -3,7 +3,7 @@
 * a QLoRA run (train.py's path, `lora.qlora=true`) quantises every linear layer of the LM but the head,
   trains only LoRA and the projector, and lowers the loss on a fixed batch;
 * its run directory loads back as the same 4-bit model (bit-for-bit logits);
-* `python -m model.merge` dequantises the base and folds LoRA in: a plain float LM with the logits of
+* `python -m qwenvl_lab.model.merge` dequantises the base and folds LoRA in: a plain float LM with the logits of
   the 4-bit model it came from;
 * 4-bit base weights take about a quarter of their bf16 bytes;
 * on a CPU, an LM layer whose widths bitsandbytes' CPU 4-bit paths cannot take (in_features not a multiple
@@ -47,8 +47,8 @@ def data(tmp_path_factory):
 
 def _fixed_batch(cfg, vlm) -> dict:
     """The first 8 training samples, collated as the run collates them."""
-    from dataset import Collator
-    from trainer.run import build_datasets
+    from qwenvl_lab.dataset import Collator
+    from qwenvl_lab.trainer.run import build_datasets
 
     train_ds, _ = build_datasets(cfg, vlm)
     return dict(Collator(pad_id=vlm.pad_token_id)([train_ds[i] for i in range(8)]))
@@ -71,12 +71,11 @@ def _forward(vlm, batch):
 
 def test_qlora_trains_reloads_and_merges_on_cpu(tmp_path, data):
     _require_bnb_cpu_4bit()
+    from qwenvl_lab.model import VLM
+    from qwenvl_lab.model.merge import main as merge_main
+    from qwenvl_lab.model.quant import has_4bit
+    from qwenvl_lab.trainer.run import build_model, train
     from transformers import set_seed
-
-    from model import VLM
-    from model.merge import main as merge_main
-    from model.quant import has_4bit
-    from trainer.run import build_model, train
 
     cfg = tiny_train_config(tmp_path, data, stage="sft", vision_lr=0.0, learning_rate=2e-2, max_steps=6,
                             model=tiny_model_section(data, hidden=QLORA_HIDDEN),
@@ -125,8 +124,8 @@ def test_qlora_trains_reloads_and_merges_on_cpu(tmp_path, data):
 
 def test_4bit_base_weights_take_a_quarter_of_bf16(tmp_path, data):
     _require_bnb_cpu_4bit()
-    from model import build_vlm
-    from model.quant import base_weight_bytes, dequantize_lm, quantize_lm_4bit
+    from qwenvl_lab.model import build_vlm
+    from qwenvl_lab.model.quant import base_weight_bytes, dequantize_lm, quantize_lm_4bit
 
     model = tiny_model_section(data, hidden=256)
     model["lm_config"].update(intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
@@ -152,8 +151,8 @@ def test_4bit_layer_keeps_its_gradient_after_an_eval_forward(data):
     CPUs bitsandbytes repacks a layer for a bf16 kernel without backward on such a forward; elsewhere this
     holds by itself."""
     _require_bnb_cpu_4bit()
-    from model import build_vlm
-    from model.quant import dequantize_lm, quantize_lm_4bit
+    from qwenvl_lab.model import build_vlm
+    from qwenvl_lab.model.quant import dequantize_lm, quantize_lm_4bit
 
     def step(layer, x):  # a training forward and backward: (output, gradient at the input)
         x = x.detach().requires_grad_(True)
@@ -194,8 +193,8 @@ def test_4bit_layer_keeps_its_gradient_after_an_eval_forward(data):
     assert (y4 - y1).abs().max().item() < 0.02 * scale
 
 def test_qlora_refuses_a_32_wide_layer_on_any_cpu_before_training(tmp_path, data, capsys, monkeypatch):
-    import model.quant as quant
-    from trainer.cli import run_cli
+    import qwenvl_lab.model.quant as quant
+    from qwenvl_lab.trainer.cli import run_cli
 
     def no_bnb():  # the width rule holds without bitsandbytes (or its CPU backend) ever loading
         raise AssertionError("bitsandbytes was reached before the layer widths were checked")
@@ -212,9 +211,9 @@ def test_qlora_refuses_a_32_wide_layer_on_any_cpu_before_training(tmp_path, data
 
 
 def test_qlora_width_rule_accepts_64_wide_layers(data):
-    from dataset.sample import UserError
-    from model import build_vlm
-    from model.quant import check_cpu_widths
+    from qwenvl_lab.dataset.sample import UserError
+    from qwenvl_lab.model import build_vlm
+    from qwenvl_lab.model.quant import check_cpu_widths
 
     with pytest.raises(UserError, match=r"lm\.transformer\.h\.0\.attn\.c_attn has in_features=32"):
         check_cpu_widths(build_vlm(tiny_model_section(data, hidden=32)))

@@ -34,7 +34,7 @@ EMIT = textwrap.dedent(f"""
     logging.getLogger("DeepSpeed").warning("{DS_NOISE} If you have GPU or other accelerator, ...")
     logging.getLogger("bitsandbytes.backends.cpu.ops").warning("planted: another bitsandbytes warning")
     logging.getLogger("DeepSpeed").warning("planted: another DeepSpeed warning")
-    logging.getLogger("model.quant").warning("planted: a warning of ours (logger)")
+    logging.getLogger("qwenvl_lab.model.quant").warning("planted: a warning of ours (logger)")
     warnings.warn("planted: a warning of ours (warnings)")
 """)
 
@@ -42,11 +42,11 @@ EMIT = textwrap.dedent(f"""
 # DeepSpeed (trainer.engines; the Trainer's accelerator detection) inside run_cli's main.
 ENTRY = textwrap.dedent("""
     import sys
-    from trainer.cli import run_cli
+    from qwenvl_lab.trainer.cli import run_cli
 
     def main(argv):
-        from model.quant import _bnb
-        from trainer.engines import prepare_deepspeed_on_cpu
+        from qwenvl_lab.model.quant import _bnb
+        from qwenvl_lab.trainer.engines import prepare_deepspeed_on_cpu
         _bnb()
         prepare_deepspeed_on_cpu()
         from deepspeed.accelerator import get_accelerator

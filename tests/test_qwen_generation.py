@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from qwenvl_lab.qwen import QWenLMHeadModel, load_tokenizer
+from qwenvl_lab.qwen.chat import chat
+from qwenvl_lab.qwen.generation import process_logits
 from tiny_qwen import tiny_qwen_config, write_tiny_vocab
-
-from qwen import QWenLMHeadModel, load_tokenizer
-from qwen.chat import chat
-from qwen.generation import process_logits
 
 
 def _model(arch="qwen1", **kw):

@@ -4,10 +4,9 @@ import json
 
 import pytest
 import torch
+from qwenvl_lab.qwen import QWenConfig, QWenLMHeadModel
 from safetensors.torch import load_file, save_file
 from tiny_qwen import write_tiny_qwen_checkpoint
-
-from qwen import QWenConfig, QWenLMHeadModel
 
 
 def _logits(model, seed=0):
@@ -59,7 +58,7 @@ def test_dtype_and_no_real_allocation_before_load(tmp_path):
 
 def test_from_pretrained_builds_on_meta(tmp_path, monkeypatch):
     # The weights the model ends up with are the very tensors read from disk (assigned, not copied).
-    import qwen.loading as loading
+    import qwenvl_lab.qwen.loading as loading
 
     write_tiny_qwen_checkpoint(tmp_path, "qwen1")
     captured = {}
@@ -159,9 +158,8 @@ def test_config_invariants_raise():
 
 @pytest.mark.parametrize("arch", ["qwen1", "qwen2", "qwen3"])
 def test_tiny_checkpoint_image_token_is_its_tokenizers_placeholder(tmp_path, arch):
+    from qwenvl_lab.qwen import load_tokenizer
     from tiny_qwen import tiny_qwen_config
-
-    from qwen import load_tokenizer
 
     write_tiny_qwen_checkpoint(tmp_path, arch)
     model = QWenLMHeadModel.from_pretrained(tmp_path)

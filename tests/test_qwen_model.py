@@ -5,10 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from qwenvl_lab.qwen import QWenLMHeadModel
+from qwenvl_lab.qwen.modeling import ntk_alpha_for_length
 from tiny_qwen import tiny_qwen_config
-
-from qwen import QWenLMHeadModel
-from qwen.modeling import ntk_alpha_for_length
 
 
 def _model(arch="qwen1", **kw):

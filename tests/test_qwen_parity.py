@@ -4,12 +4,11 @@ import json
 
 import pytest
 import torch
+from qwenvl_lab.qwen import QWenConfig, QWenLMHeadModel, load_tokenizer
+from qwenvl_lab.qwen.convert import convert
+from qwenvl_lab.qwen.loading import to_native_state_dict
 from safetensors import safe_open
 from tiny_qwen import build_hf_reference, tiny_qwen_config, write_tiny_qwen_checkpoint
-
-from qwen import QWenConfig, QWenLMHeadModel, load_tokenizer
-from qwen.convert import convert
-from qwen.loading import to_native_state_dict
 
 TOL = 1e-5
 # The keys of the published Qwen-1 config.json (Qwen-7B).
@@ -111,7 +110,7 @@ def test_qwen1_checkpoint_converts_and_matches_transformers(tmp_path):
         assert q2.encode(t) == q1.encode(t)
     assert (q2.eod_id, q2.im_end_id, q2.image_token_id) == (q1.eod_id, q1.im_end_id, q1.image_token_id)
     # a loaded QWenTokenizer converts the same way as its directory
-    from qwen.convert import convert_tokenizer
+    from qwenvl_lab.qwen.convert import convert_tokenizer
 
     convert_tokenizer(q1, tmp_path / "tok")
     assert load_tokenizer(tmp_path / "tok").encode("the hat") == q1.encode("the hat")
@@ -126,7 +125,7 @@ def test_convert_warns_when_source_uses_ntk(tmp_path):
 
 
 def test_convert_cli(tmp_path):
-    from qwen.convert import main
+    from qwenvl_lab.qwen.convert import main
 
     write_tiny_qwen_checkpoint(tmp_path / "q1", "qwen1")
     main(["--src", str(tmp_path / "q1"), "--dst", str(tmp_path / "q2")])
@@ -134,7 +133,7 @@ def test_convert_cli(tmp_path):
 
 
 def test_real_vocab_converts_like_tiktoken(shared_qwen1, tmp_path):
-    from qwen.convert import convert_tokenizer
+    from qwenvl_lab.qwen.convert import convert_tokenizer
 
     convert_tokenizer(shared_qwen1, tmp_path)
     a, b = load_tokenizer(shared_qwen1), load_tokenizer(tmp_path)

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
+from qwenvl_lab.qwen import QWenLMHeadModel
 
-from qwen import QWenLMHeadModel
 from tests.tiny_qwen import tiny_qwen_config
 
 
@@ -120,7 +120,7 @@ def test_compiled_blocks_match_eager():
 def test_compile_blocks_falls_back(monkeypatch, caplog):
     import logging
 
-    from kernels import _log
+    from qwenvl_lab.kernels import _log
 
     _log.reset()
     m = _model()
@@ -129,7 +129,7 @@ def test_compile_blocks_falls_back(monkeypatch, caplog):
         raise RuntimeError("inductor unavailable")
 
     monkeypatch.setattr(torch, "compile", lambda mod, **kw: broken)
-    with caplog.at_level(logging.WARNING, logger="qwen.modeling"):
+    with caplog.at_level(logging.WARNING, logger="qwenvl_lab.qwen.modeling"):
         assert m.compile_blocks() is False
     assert m.transformer.compiled_blocks is None and "inductor unavailable" in caplog.text
     batch = _right_padded_batch(m.config.vocab_size)
@@ -137,7 +137,7 @@ def test_compile_blocks_falls_back(monkeypatch, caplog):
 
 
 def test_static_cache_matches_dynamic_cache_and_overflows():
-    from qwen.modeling import QWenCache
+    from qwenvl_lab.qwen.modeling import QWenCache
 
     m = _model().eval()
     ids = torch.randint(0, m.config.vocab_size, (3, 10))
@@ -156,8 +156,8 @@ def test_static_cache_matches_dynamic_cache_and_overflows():
 
 def test_static_cache_follows_rows_selected_from_outside():
     """serve/kvcache.py replaces the cache's lists (rows leaving the batch): the next step must use them."""
-    from qwen.modeling import QWenCache
-    from serve.kvcache import select_rows
+    from qwenvl_lab.qwen.modeling import QWenCache
+    from qwenvl_lab.serve.kvcache import select_rows
 
     m = _model().eval()
     ids = torch.randint(0, m.config.vocab_size, (3, 10))
@@ -170,7 +170,7 @@ def test_static_cache_follows_rows_selected_from_outside():
 
 
 def test_decode_logits_match_the_head():
-    from qwen.loss import decode_logits
+    from qwenvl_lab.qwen.loss import decode_logits
 
     head = torch.nn.Linear(32, 300, bias=True)
     calls = []
@@ -195,7 +195,7 @@ def test_gqa_decode_fold_matches_uncached_generation():
                 p.normal_(0, 0.1)
     prompts = [[5, 17, 99, 230, 41, 8, 77], [12, 250], [3, 3, 60, 70]]
     assert m.generate(prompts, max_new_tokens=6) == m.generate(prompts, max_new_tokens=6, use_cache=False)
-    from qwen.generation import left_pad
+    from qwenvl_lab.qwen.generation import left_pad
 
     ids, mask = left_pad(prompts)
     with torch.no_grad():
@@ -210,7 +210,7 @@ def test_gqa_decode_fold_matches_uncached_generation():
 
 def test_screened_greedy_head_picks_the_fp32_argmax():
     """The fp16 screen + fp32 recomputation returns exactly the fp32 argmax, also for near-ties."""
-    from qwen.generation import ScreenedHead
+    from qwenvl_lab.qwen.generation import ScreenedHead
 
     head = torch.nn.Linear(48, 3000, bias=False)
     if not ScreenedHead.usable(head, torch.device("cpu")):

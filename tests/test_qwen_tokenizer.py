@@ -1,10 +1,9 @@
 """Tokenizers: Qwen-1 tiktoken (tiny + real vocabulary) and Qwen2-style tokenizer.json."""
 
 import pytest
+from qwenvl_lab.qwen import HFQwenTokenizer, QWenTokenizer, load_tokenizer
+from qwenvl_lab.qwen.chat import build_prompt_ids, messages_from_history
 from tiny_qwen import TINY_MERGES, tiny_n_ranks, write_tiny_hf_tokenizer, write_tiny_vocab
-
-from qwen import HFQwenTokenizer, QWenTokenizer, load_tokenizer
-from qwen.chat import build_prompt_ids, messages_from_history
 
 TEXTS = ["the cat is in the hat", "Hello,  world!\n\nthe end", "naïve café 123 — ok", ""]
 

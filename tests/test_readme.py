@@ -68,7 +68,7 @@ def _vllm_serves_our_export(commands: list[str]) -> list[str]:
 def _bigbro_train_flags_known(commands: list[str]) -> list[str]:
     """Every flag of the README's BigBro train.py line is one train.py translates (tests/test_bigbro.py runs
     such a line on tiny models; this one needs the hub's Qwen-7B-Chat and SigLIP)."""
-    from trainer import bigbro
+    from qwenvl_lab.trainer import bigbro
 
     known = {*bigbro.TRAIN_ALIASES, *bigbro.SAME_KEYS, *bigbro.IGNORED, *bigbro.BOOL_FLAGS,
              "image_map", "captions_file", "base_language_model", "base_value_model", "report_to"}
@@ -94,19 +94,19 @@ TABLE = [
     Entry(r"python test\.py --model RUN_DIR --input ", extra=SHORT, creates=("{--output}",)),
     Entry(r"python test\.py \.\.\. ", extra=SHORT,
           subs=((r"\.\.\.", "--model RUN_DIR --image a.png --prompt 'What colour is the shape?'"),)),
-    Entry(r"python -m serve --model ", serve=True, probe=("/v1/models", r'"id": ?"stage2"'), needs=SERVE),
-    Entry(r"python -m serve\.web --model ", serve=True, probe=("/", r"(?i)gradio"), needs=(*SERVE, "gradio")),
+    Entry(r"python -m qwenvl_lab.serve --model ", serve=True, probe=("/v1/models", r'"id": ?"stage2"'), needs=SERVE),
+    Entry(r"python -m qwenvl_lab.serve\.web --model ", serve=True, probe=("/", r"(?i)gradio"), needs=(*SERVE, "gradio")),
     Entry(r"python test\.py --base_language_model ", skip=HUB + " (the original Qwen-7B-Chat + SigLIP pair)",
           hidden=("--base_language_model", "--base_value_model", "--model_weights", "--image_path")),
     Entry(r"python test\.py --lm ", skip=HUB + " (the original pair, a BigBro checkpoint)"),
     Entry(r"python train\.py --lora_rank ", skip=HUB + " (the original pair, a BigBro checkpoint)",
           check=_bigbro_train_flags_known),
-    Entry(r"python -m trainer\.evaluate ", prints=r"question type +correct"),
+    Entry(r"python -m qwenvl_lab.trainer\.evaluate ", prints=r"question type +correct"),
     # Evaluate
-    Entry(r"python -m evaluation --list-tasks", prints=r"vqav2"),
-    Entry(r"python -m evaluation --model ", extra="--max-new-tokens 4", creates=("{--output}/results.json",)),
-    Entry(r"python -m evaluation\.to_vqav2 ", creates=("{--out}/annotations.json",)),
-    Entry(r"python -m evaluation\.lmms_eval ", help_prefix=("eval",), needs=("lmms_eval",),
+    Entry(r"python -m qwenvl_lab.evaluation --list-tasks", prints=r"vqav2"),
+    Entry(r"python -m qwenvl_lab.evaluation --model ", extra="--max-new-tokens 4", creates=("{--output}/results.json",)),
+    Entry(r"python -m qwenvl_lab.evaluation\.to_vqav2 ", creates=("{--out}/annotations.json",)),
+    Entry(r"python -m qwenvl_lab.evaluation\.lmms_eval ", help_prefix=("eval",), needs=("lmms_eval",),
           skip="lmms-eval's tasks read their data sets from the hub; tests/test_evaluation_lmms.py runs the "
                "launcher offline on local tasks"),
     # Serve
@@ -117,21 +117,21 @@ TABLE = [
     Entry(r"NPROC=8 sh train\.sh CONFIG (deepspeed|fsdp)=", skip=PROCS.format(8)),
     Entry(r"sh train\.sh CONFIG resume_from_checkpoint=auto$", creates=("runs/config/final",)),
     # Which GPUs: the plan
-    Entry(r"python -m model\.plan ", prints=r"step time"),
+    Entry(r"python -m qwenvl_lab.model\.plan ", prints=r"step time"),
     Entry(r"make smoke-real$", skip="real shapes: ~12 GB of RAM and minutes of CPU (docs/scale.md)"),
-    Entry(r"python -m kernels\.selftest ", skip="needs a CUDA GPU"),
+    Entry(r"python -m qwenvl_lab.kernels\.selftest ", skip="needs a CUDA GPU"),
     # Swap a backbone: the hub recipes above. The model in code: an exportable tiny model.
     Entry(r"python -c \"from transformers import CLIPVisionConfig", creates=("runs/tiny_clip/config.json",)),
     Entry(r"python train\.py configs/demo/stage1\.yaml 'model\.towers=", extra="max_steps=1",
           creates=("{output_dir}/final",)),
-    Entry(r"python -m model\.export ", creates=("{--dst}/config.json",)),
+    Entry(r"python -m qwenvl_lab.model\.export ", creates=("{--dst}/config.json",)),
     # Data converters
-    Entry(r"python -m dataprocess\.(coco_captions|llava_instruct|ai_challenger|image_map) ",
+    Entry(r"python -m qwenvl_lab.dataprocess\.(coco_captions|llava_instruct|ai_challenger|image_map) ",
           creates=("{output}",)),
-    Entry(r"python -m dataprocess\.process_image ", extra="--workers 1", creates=("cache/coco336",)),
-    Entry(r"python -m dataprocess\.make_shapes ", subs=((r"data/shapes\b", "data/shapes_new"),),
+    Entry(r"python -m qwenvl_lab.dataprocess\.process_image ", extra="--workers 1", creates=("cache/coco336",)),
+    Entry(r"python -m qwenvl_lab.dataprocess\.make_shapes ", subs=((r"data/shapes\b", "data/shapes_new"),),
           extra="--n-train 8 --n-val 2", creates=("data/shapes_new/train.jsonl",)),
-    Entry(r"python -m dataprocess\.make_vocab ", subs=((r"data/shapes\b", "data/shapes_new"),),
+    Entry(r"python -m qwenvl_lab.dataprocess\.make_vocab ", subs=((r"data/shapes\b", "data/shapes_new"),),
           extra="--merges 20",
           creates=("data/shapes_new/vocab",)),
 ]
@@ -213,10 +213,10 @@ def test_every_readme_command_has_exactly_one_entry():
 
 
 def test_matching_reports_new_and_stale_lines():
-    extra = COMMANDS + ["python -m model.quantize --src RUN_DIR"]
+    extra = COMMANDS + ["python -m qwenvl_lab.model.quantize --src RUN_DIR"]
     _, problems = match_table(extra, TABLE)
     assert problems == ["README command without an entry in tests/test_readme.py TABLE: "
-                        "python -m model.quantize --src RUN_DIR"]
+                        "python -m qwenvl_lab.model.quantize --src RUN_DIR"]
     _, problems = match_table([c for c in COMMANDS if not c.startswith("vllm ")], TABLE)
     assert problems == ["stale TABLE entry (no README command matches it): vllm serve "]
 
@@ -268,9 +268,9 @@ def test_readme_command(worker, cmd):
 
 # A mistake planted in a real README command (regex of the command, text, its wrong replacement) must fail.
 PLANTED = [
-    (r"python -m evaluation\.to_vqav2 ", "--image-folder", "--image-dir"),  # runs here: argparse refuses it
-    (r"python -m kernels\.selftest ", "--device", "--devices"),  # skipped: not in --help, does not parse
-    (r"python -m evaluation\.lmms_eval ", "--batch_size", "--batchsize"),  # skipped: lmms-eval's own parser
+    (r"python -m qwenvl_lab.evaluation\.to_vqav2 ", "--image-folder", "--image-dir"),  # runs here: argparse refuses it
+    (r"python -m qwenvl_lab.kernels\.selftest ", "--device", "--devices"),  # skipped: not in --help, does not parse
+    (r"python -m qwenvl_lab.evaluation\.lmms_eval ", "--batch_size", "--batchsize"),  # skipped: lmms-eval's own parser
     (r"python test\.py --base_language_model ", "--model_weights", "--model_weigths"),  # hidden from --help
     (r"sh train\.sh configs/qwen2\.5_0\.5b_siglip\.yaml lora", "lora.r=", "lora.rank="),  # train.py --check
     (r"NPROC=2 sh train\.sh configs/", "global_batch_size=", "global_batch="),  # --check under train.sh

@@ -67,7 +67,7 @@ def _salted(data: Path, tmp: Path) -> tuple[Path, dict[str, str]]:
 
 
 def test_salted_dataset_run_reports_exactly_the_salted_samples(tmp_path, data):
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     path, kinds = _salted(data, tmp_path / "elsewhere")
     # One whole epoch, so the images whose header reads fine but whose pixels are broken are met too.
@@ -117,17 +117,17 @@ def test_no_remote_code_and_no_unsafe_torch_load():
 
 
 def test_config_defaults_are_safe():
-    from trainer.config import TrainConfig
+    from qwenvl_lab.trainer.config import TrainConfig
 
     cfg = TrainConfig()
     assert cfg.allow_absolute_paths is False
-    from dataset.images import MAX_PIXELS
+    from qwenvl_lab.dataset.images import MAX_PIXELS
 
     assert cfg.max_pixels == MAX_PIXELS
 
 
 def test_paths_and_pixel_limit_come_from_the_config(tmp_path, data):
-    from trainer.run import build_datasets, build_model
+    from qwenvl_lab.trainer.run import build_datasets, build_model
 
     td.write_rgb(tmp_path / "outside.png", size=(32, 32))
     rows = [json.loads(x) for x in (data / "train.jsonl").read_text().splitlines()][:4]
@@ -163,7 +163,7 @@ def _two_image_conversation(i: int, img: str) -> dict:
 def test_truncation_of_multi_image_conversations_is_counted_and_reported(tmp_path, data):
     """Samples whose later turns (with their images) do not fit max_length lose them whole, and the run says
     so: data_report.json counts the samples, turns and images dropped, with examples."""
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     img = "images/train/000000.png"
     recs = [_two_image_conversation(i, img) for i in range(6)] + \

@@ -35,7 +35,7 @@ def _text_batch(vlm) -> dict:
 
 @pytest.mark.parametrize("vision_lr", [0.0, 1e-3])
 def test_text_only_batch_still_uses_every_trainable_vision_weight(tmp_path, data, vision_lr):
-    from trainer.run import build_model
+    from qwenvl_lab.trainer.run import build_model
 
     vlm = build_model(tiny_train_config(tmp_path, data, stage="full", vision_lr=vision_lr))
     batch = _text_batch(vlm)
@@ -58,7 +58,7 @@ def test_text_only_batch_still_uses_every_trainable_vision_weight(tmp_path, data
 
 
 def test_fsdp_config_is_valid_for_the_trainer(tmp_path, data):
-    from trainer.run import build_model, training_arguments
+    from qwenvl_lab.trainer.run import build_model, training_arguments
 
     cfg = tiny_train_config(tmp_path, data, fsdp="true", fsdp_config=str(ENGINES / "fsdp.json"))
     args = training_arguments(cfg, tmp_path / "run")
@@ -81,7 +81,7 @@ def test_deepspeed_configs(name, stage):
         assert conf[key] == "auto", key
     # The Trainer derives these from `model.config.hidden_size` when "auto"; the VLM's config has none
     # (the LM's width is not the towers'), so they must be numbers.
-    from model.config import VLMConfig
+    from qwenvl_lab.model.config import VLMConfig
 
     assert "hidden_size" not in {f.name for f in dataclasses.fields(VLMConfig)}
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold"):
@@ -94,10 +94,9 @@ def test_save_uses_the_gathered_state_dict_when_given(tmp_path, data):
     """Under FSDP / ZeRO-3 the Trainer passes the gathered full tensors; they, not the shards, are saved."""
     from types import SimpleNamespace
 
+    from qwenvl_lab.trainer.hf_trainer import VLMTrainer
+    from qwenvl_lab.trainer.run import build_model
     from safetensors.torch import load_file
-
-    from trainer.hf_trainer import VLMTrainer
-    from trainer.run import build_model
 
     vlm = build_model(tiny_train_config(tmp_path, data, stage="full", vision_lr=0.0))
     trainer = VLMTrainer.__new__(VLMTrainer)  # only what _save reads

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from qwenvl_lab.dataset.sample import UserError
+from qwenvl_lab.trainer.callbacks import read_log
+from qwenvl_lab.trainer.checkpoints import is_complete, latest_checkpoint, stale_tmp_dirs
 from safetensors.torch import load_file
 
-from dataset.sample import UserError
 from tests.tiny_train import make_tiny_data, run_losses, tiny_train_config
-from trainer.callbacks import read_log
-from trainer.checkpoints import is_complete, latest_checkpoint, stale_tmp_dirs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_sigkill_during_save_then_resume_reproduces_losses(tmp_path, data):
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     common = dict(max_steps=6, save_steps=2, save_total_limit=None)
     reference = train(tiny_train_config(tmp_path / "ref", data, **common)).output_dir
@@ -74,7 +74,7 @@ def test_sigkill_during_save_then_resume_reproduces_losses(tmp_path, data):
     assert latest_checkpoint(run) == run / "checkpoint-2"
     half = stale_tmp_dirs(run)
     assert half
-    from trainer.run import resolve_resume
+    from qwenvl_lab.trainer.run import resolve_resume
 
     with pytest.raises(UserError, match="unfinished checkpoint"):
         resolve_resume(tiny_train_config(tmp_path / "x", data, resume_from_checkpoint=str(half[0])), run)
@@ -91,7 +91,7 @@ def test_sigkill_during_save_then_resume_reproduces_losses(tmp_path, data):
 def test_nan_step_is_skipped_and_counted(tmp_path, data):
     import json
 
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     result = train(tiny_train_config(tmp_path, data, max_steps=4, save_steps=1, save_total_limit=3,
                                      debug_inject_nan_steps=[3]))
@@ -116,7 +116,7 @@ def test_nan_step_is_skipped_and_counted(tmp_path, data):
 
 
 def test_too_many_nan_steps_stop_with_a_usable_checkpoint(tmp_path, data):
-    from trainer.run import TrainingAborted, train
+    from qwenvl_lab.trainer.run import TrainingAborted, train
 
     cfg = tiny_train_config(tmp_path, data, max_steps=8, save_steps=1, save_total_limit=None,
                             debug_inject_nan_steps=[2, 3, 4], max_consecutive_nan=2)
@@ -131,7 +131,7 @@ def test_too_many_nan_steps_stop_with_a_usable_checkpoint(tmp_path, data):
 
 
 def test_unwritable_output_dir_fails_before_building_anything(tmp_path, data, monkeypatch):
-    import trainer.run as run_mod
+    import qwenvl_lab.trainer.run as run_mod
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")  # works as root too: nothing can be created under a file
@@ -144,8 +144,8 @@ def test_unwritable_output_dir_fails_before_building_anything(tmp_path, data, mo
 
 
 def test_full_disk_fails_before_the_first_step(tmp_path, data, monkeypatch):
-    import trainer.run as run_mod
-    from trainer.hf_trainer import VLMTrainer
+    import qwenvl_lab.trainer.run as run_mod
+    from qwenvl_lab.trainer.hf_trainer import VLMTrainer
 
     started = []
     monkeypatch.setattr(VLMTrainer, "train", lambda self, **kw: started.append(1))
@@ -157,7 +157,7 @@ def test_full_disk_fails_before_the_first_step(tmp_path, data, monkeypatch):
 
 
 def test_checkpoint_size_estimate_covers_a_real_checkpoint(tmp_path, data):
-    from trainer.run import checkpoint_bytes, train
+    from qwenvl_lab.trainer.run import checkpoint_bytes, train
 
     result = train(tiny_train_config(tmp_path, data, max_steps=1, save_steps=1))
     ckpt = result.output_dir / "checkpoint-1"

@@ -5,11 +5,10 @@ import re
 
 import pytest
 import tiny_data as td
+from qwenvl_lab.dataset.formats import normalize
+from qwenvl_lab.dataset.sample import BadSampleError, Sample
+from qwenvl_lab.dataset.template import IGNORE_INDEX, estimate_length, render
 from tiny_qwen import tiny_n_ranks
-
-from dataset.formats import normalize
-from dataset.sample import BadSampleError, Sample
-from dataset.template import IGNORE_INDEX, estimate_length, render
 
 N = 3  # tokens per image in the tiny tests
 
@@ -21,7 +20,7 @@ def tok(tmp_path):
 
 @functools.lru_cache(maxsize=1)
 def _real_tokenizer(path):
-    from qwen.tokenizer import load_tokenizer
+    from qwenvl_lab.qwen.tokenizer import load_tokenizer
 
     return load_tokenizer(path)
 

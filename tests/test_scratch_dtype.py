@@ -3,9 +3,9 @@
 
 import pytest
 import torch
+from qwenvl_lab.model.config import VLMConfig
+from qwenvl_lab.model.model import LM_BACKBONES
 
-from model.config import VLMConfig
-from model.model import LM_BACKBONES
 from tests.tiny_opt import LLAMA_LM, QWEN_LM
 
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 import torch
+from qwenvl_lab.serve.decode import DecodeBatch, Row, SamplingParams, sample_token
+from qwenvl_lab.serve.text import TextStream
 
-from serve.decode import DecodeBatch, Row, SamplingParams, sample_token
-from serve.text import TextStream
 from tests.tiny_model import build_tiny_vlm, randomize_
 from tests.tiny_serve import image
 
@@ -157,7 +157,7 @@ def test_serve_benchmark_quick_keeps_greedy_answers(capsys):
 def test_engine_queue_limit_timeout_cancel_and_a_failing_request(tmp_path):
     import time
 
-    from serve.engine import Engine, Job, QueueFull
+    from qwenvl_lab.serve.engine import Engine, Job, QueueFull
 
     vlm = build_tiny_vlm(tmp_path, lm_backend="hf")
     randomize_(vlm, seed=3)
@@ -204,8 +204,8 @@ def test_a_job_whose_event_loop_has_closed_is_cancelled_not_raised():
     import asyncio
     from types import SimpleNamespace
 
-    from serve.engine import Engine
-    from serve.session import submit
+    from qwenvl_lab.serve.engine import Engine
+    from qwenvl_lab.serve.session import submit
 
     engine = Engine(SimpleNamespace(stop_token_ids=[], parameters=lambda: iter([torch.zeros(1)]),
                                     prepare_attention=lambda: None))  # never started

@@ -6,8 +6,8 @@ import http.server
 import threading
 
 import pytest
+from qwenvl_lab.serve.protocol import ApiError, ImageSource, Limits, load_image_source, parse_chat
 
-from serve.protocol import ApiError, ImageSource, Limits, load_image_source, parse_chat
 from tests.tiny_serve import data_url, image
 
 

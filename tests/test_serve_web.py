@@ -1,4 +1,4 @@
-"""The web chat (`python -m serve.web`, a Gradio page over the batching engine).
+"""The web chat (`python -m qwenvl_lab.serve.web`, a Gradio page over the batching engine).
 
 In a real headless browser (Chromium from the system packages, driven by Playwright's Python package):
 upload an image, ask, read the streamed answer (equal to test.py's greedy answer), ask a follow-up (equal
@@ -33,9 +33,10 @@ from tests.tiny_server import ROOT, answer_of_test_py, start_server
 pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install .[serve])")
 gr = pytest.importorskip("gradio", reason="the web chat needs gradio (pip install .[serve])")
 
-from serve.engine import Engine  # noqa: E402  (after the skips: serve.webui imports gradio)
-from serve.protocol import Limits  # noqa: E402
-from serve.webui import NOT_ANSWERED, Conversation, make_respond  # noqa: E402
+from qwenvl_lab.serve.engine import Engine  # noqa: E402  (after the skips: serve.webui imports gradio)
+from qwenvl_lab.serve.protocol import Limits  # noqa: E402
+from qwenvl_lab.serve.webui import NOT_ANSWERED, Conversation, make_respond  # noqa: E402
+
 from tests.offline_guard import MARK as OUTBOUND  # noqa: E402
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -320,7 +321,7 @@ def test_failures_are_one_note_and_bugs_keep_their_traceback(web, caplog, monkey
         raise KeyError("a bug")
 
     caplog.clear()
-    monkeypatch.setattr("serve.webui.prepare", bug)
+    monkeypatch.setattr("qwenvl_lab.serve.webui.prepare", bug)
     updates = _run(make_respond(vlm, Engine(vlm), Limits())(ask, conv, 0.0, 1.0, MAX_TOKENS, None))
     assert len(updates) == 1 and "internal error (KeyError)" in _refused(updates[0], conv)
     lines = _log_lines(caplog)
@@ -341,8 +342,8 @@ def test_offline_guard_refuses_and_reports_outside_requests(tmp_path):
 
 
 def test_command_line_mistakes_are_one_line(web, tmp_path, capsys, monkeypatch):
-    from serve.web import main
-    from trainer.cli import run_cli
+    from qwenvl_lab.serve.web import main
+    from qwenvl_lab.trainer.cli import run_cli
 
     _, _, tmp = web
     model = str(tmp / "model")

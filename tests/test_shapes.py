@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-
-from dataprocess import make_shapes
-from dataprocess.common import SourceError
+from qwenvl_lab.dataprocess import make_shapes
+from qwenvl_lab.dataprocess.common import SourceError
 
 # The spec's vocabulary, written out here rather than imported, so a change in the generator shows up.
 VOCAB = {
@@ -294,10 +293,10 @@ def test_followup_probability_and_option_errors(tmp_path, shapes_dir):
 
 def test_followup_answers_are_trained(dialog_dir, tmp_path):
     """Rendered with the demo's own vocabulary, a dialog's labels hold every answer, in order, and nothing else."""
-    from dataprocess import make_vocab
-    from dataset.formats import normalize
-    from dataset.template import IGNORE_INDEX, render
-    from qwen.tokenizer import load_tokenizer
+    from qwenvl_lab.dataprocess import make_vocab
+    from qwenvl_lab.dataset.formats import normalize
+    from qwenvl_lab.dataset.template import IGNORE_INDEX, render
+    from qwenvl_lab.qwen.tokenizer import load_tokenizer
 
     assert make_vocab.main(["--data", str(dialog_dir / "train.jsonl"), "--merges", "200", "--out", str(tmp_path)]) == 0
     tok = load_tokenizer(tmp_path)

@@ -7,11 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from qwenvl_lab.trainer.config import TrainConfig
+from qwenvl_lab.trainer.config_io import ConfigError
+from qwenvl_lab.trainer.speed import apply_speed_settings
 
 from tests.tiny_opt import tiny_vlm
-from trainer.config import TrainConfig
-from trainer.config_io import ConfigError
-from trainer.speed import apply_speed_settings
 
 
 def _cfg(**kw):
@@ -53,7 +53,7 @@ def _mallinfo():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
 def test_retain_freed_memory_round_trip():
-    from trainer.cpu_malloc import retain_freed_memory
+    from qwenvl_lab.trainer.cpu_malloc import retain_freed_memory
 
     def grows() -> tuple[int, int]:  # (mmap-ed bytes a fresh large tensor adds, its size)
         before = _mallinfo()

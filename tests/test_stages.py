@@ -1,8 +1,7 @@
 """trainer/stages.py: one rule for what trains, shared by the optimizer's groups and trainable-only saves."""
 
+from qwenvl_lab.trainer.stages import part_of, set_trainable
 from torch import nn
-
-from trainer.stages import part_of, set_trainable
 
 
 class _Parts(nn.Module):

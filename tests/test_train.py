@@ -8,10 +8,10 @@ import shutil
 
 import pytest
 import torch
+from qwenvl_lab.trainer.callbacks import read_log
 
 from tests.tiny_server import entry
 from tests.tiny_train import make_tiny_data, tiny_train_config
-from trainer.callbacks import read_log
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def _losses(run_dir):
 
 
 def _first_batch(vlm, data, n=3):
-    from dataset import Collator, VLMDataset
+    from qwenvl_lab.dataset import Collator, VLMDataset
 
     ds = VLMDataset([str(data / "train.jsonl")], vlm.tokenizer, vlm.image_processor, vlm.tokens_per_image,
                     image_folder=str(data))
@@ -33,8 +33,8 @@ def _first_batch(vlm, data, n=3):
 
 
 def test_train_save_load_generate(tmp_path, data):
-    from model import VLM
-    from trainer.run import train
+    from qwenvl_lab.model import VLM
+    from qwenvl_lab.trainer.run import train
 
     result = train(tiny_train_config(tmp_path, data, max_steps=6))
     out = result.output_dir
@@ -53,7 +53,7 @@ def test_train_save_load_generate(tmp_path, data):
         b = loaded(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert torch.equal(a, b)
 
-    from dataset import load_image
+    from qwenvl_lab.dataset import load_image
 
     image = load_image(str(data / "images/val/000000.png"))
     messages = [{"role": "user", "content": "<image>\nWhat colour is the shape?"}]
@@ -63,7 +63,7 @@ def test_train_save_load_generate(tmp_path, data):
 
 
 def test_resume_reproduces_losses_exactly(tmp_path, data):
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     full = train(tiny_train_config(tmp_path / "a", data, max_steps=6, save_steps=3)).output_dir
     # A second run that only has the step-3 checkpoint (as if killed after it) and resumes from it.
@@ -82,8 +82,8 @@ def test_resume_reproduces_losses_exactly(tmp_path, data):
 
 
 def test_optimizer_groups_carry_configured_lrs(tmp_path, data):
-    from trainer.optim import param_groups
-    from trainer.run import build_model
+    from qwenvl_lab.trainer.optim import param_groups
+    from qwenvl_lab.trainer.run import build_model
 
     cfg = tiny_train_config(tmp_path, data, stage="sft", learning_rate=1e-3, projector_lr=5e-4, vision_lr=2e-5,
                             lora={"r": 4, "alpha": 8}, weight_decay=0.1)
@@ -106,7 +106,7 @@ def test_optimizer_groups_carry_configured_lrs(tmp_path, data):
     ("full", 1e-4, {"projector", "lm", "towers"}),
 ])
 def test_trainable_set_per_stage(tmp_path, data, stage, vision_lr, expect):
-    from trainer.run import build_model
+    from qwenvl_lab.trainer.run import build_model
 
     cfg = tiny_train_config(tmp_path, data, stage=stage, vision_lr=vision_lr, lora={"r": 4})
     vlm = build_model(cfg)
@@ -118,7 +118,7 @@ def test_trainable_set_per_stage(tmp_path, data, stage, vision_lr, expect):
 
 
 def test_freeze_and_unfreeze_regexes(tmp_path, data):
-    from trainer.run import build_model
+    from qwenvl_lab.trainer.run import build_model
 
     cfg = tiny_train_config(tmp_path, data, stage="full", vision_lr=0.0, freeze=[r"lm\.transformer\.h\.0\."],
                             unfreeze=[r"towers\..*layer1"])
@@ -132,7 +132,7 @@ def test_freeze_and_unfreeze_regexes(tmp_path, data):
 
 def test_gradient_accumulation_is_token_normalised(tmp_path, data):
     """Batch 4 in one step and 2 x 2 accumulated give the same first-step loss and weights."""
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     # Frozen towers (vision_lr=0): batch-norm statistics of a training tower depend on the micro-batch.
     common = dict(max_steps=1, group_by_length=False, learning_rate=1e-2, vision_lr=0.0)
@@ -147,7 +147,7 @@ def test_gradient_accumulation_is_token_normalised(tmp_path, data):
 
 
 def test_train_cli_rejects_bad_configs(tmp_path, data, capsys):
-    from trainer.cli import run_cli
+    from qwenvl_lab.trainer.cli import run_cli
 
     main = entry("train").main
 
@@ -173,15 +173,15 @@ def test_train_cli_rejects_bad_configs(tmp_path, data, capsys):
 
 def test_test_cli_answers_like_chat(tmp_path, data, capsys):
     test_entry = entry("test")
-    from model import VLM
-    from trainer.run import train
+    from qwenvl_lab.model import VLM
+    from qwenvl_lab.trainer.run import train
 
     out = train(tiny_train_config(tmp_path, data, max_steps=2)).output_dir
     img = data / "images/val/000001.png"
     assert test_entry.main(["--model", str(out), "--image", str(img), "--prompt", "What shape is this?",
                             "--max-new-tokens", "4"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
-    from dataset import load_image
+    from qwenvl_lab.dataset import load_image
 
     vlm = VLM.from_pretrained(out / "final")
     expect = vlm.chat([load_image(str(img))], [{"role": "user", "content": "<image>\nWhat shape is this?"}],
@@ -200,7 +200,7 @@ def test_test_cli_answers_like_chat(tmp_path, data, capsys):
 
 
 def test_evaluation_during_training_logs_eval_loss(tmp_path, data):
-    from trainer.run import train
+    from qwenvl_lab.trainer.run import train
 
     out = train(tiny_train_config(tmp_path, data, max_steps=4, eval_steps=2,
                                   eval_data_path=[str(data / "val.jsonl")])).output_dir
@@ -209,8 +209,8 @@ def test_evaluation_during_training_logs_eval_loss(tmp_path, data):
 
 
 def test_evaluation_files_keep_image_paths_inside_the_folder(tmp_path, data):
-    from dataset import BadSampleError
-    from trainer.evaluate import load_samples
+    from qwenvl_lab.dataset import BadSampleError
+    from qwenvl_lab.trainer.evaluate import load_samples
 
     rec = {"id": "x", "images": ["../outside.png"],
            "messages": [{"role": "user", "content": "<image>\nhi"}, {"role": "assistant", "content": "a"}]}

@@ -13,15 +13,14 @@ from pathlib import Path
 import transformers
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import rotate_checkpoints
-
-from trainer.hf_trainer import (
+from qwenvl_lab.trainer.hf_trainer import (
     PRIVATE_TRAINER_ATTRIBUTES,
     PRIVATE_TRAINER_CALLS,
     PRIVATE_TRAINER_METHODS,
     VLMTrainer,
 )
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import rotate_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from qwenvl_lab.visual import BACKENDS, ImageProcessor, MultiTower, build_tower
 from safetensors.torch import load_file
 
 from tests import tiny_visual as tv
-from visual import BACKENDS, ImageProcessor, MultiTower, build_tower
 
 
 class _Towers(dict):

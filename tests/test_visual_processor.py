@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from PIL import Image
-
-from visual import ImageProcessor
+from qwenvl_lab.visual import ImageProcessor
 
 MEAN, STD = (0.5, 0.25, 0.75), (0.5, 0.5, 0.5)
 

@@ -224,9 +224,8 @@ def simple_record(i: int, image: str | None = "a.png", turns: int = 1, answer: s
 # ------------------------------------------------------------------------------ tokenizer / processor
 def tiny_tokenizer(d: Path):
     """The tiny Qwen-1 vocabulary (tests/tiny_qwen.py) loaded through `qwen.load_tokenizer`."""
+    from qwenvl_lab.qwen.tokenizer import load_tokenizer
     from tiny_qwen import write_tiny_vocab
-
-    from qwen.tokenizer import load_tokenizer
 
     write_tiny_vocab(d)
     return load_tokenizer(d)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from qwenvl_lab.qwen.convert import tiktoken_to_hf
 from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
@@ -28,7 +29,6 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from qwen.convert import tiktoken_to_hf
 from tests.tiny_qwen import _tiny_ranks
 
 _SYS_FOLD = "{% set ns = namespace(sys='') %}"

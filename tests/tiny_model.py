@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from model import VLM, build_vlm
+from qwenvl_lab.model import VLM, build_vlm
+
 from tests.tiny_qwen import write_tiny_qwen_checkpoint
 from tests.tiny_visual import (
     save_tiny_clip,

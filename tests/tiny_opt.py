@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from qwenvl_lab.model import VLM, build_vlm
 
-from model import VLM, build_vlm
 from tests.tiny_model import randomize_, tiny_tower_spec
 
 QWEN_LM = {"arch": "qwen2", "vocab_size": 300, "hidden_size": 32, "num_hidden_layers": 2,

@@ -16,8 +16,7 @@ import base64
 from pathlib import Path
 
 import torch
-
-from qwen.config import QWenConfig
+from qwenvl_lab.qwen.config import QWenConfig
 
 # Common English pairs/words; each is reachable by merging two lower-ranked tokens.
 TINY_MERGES = [
@@ -57,9 +56,8 @@ def write_tiny_vocab(out_dir: str | Path) -> Path:
 
 def write_tiny_hf_tokenizer(out_dir: str | Path, with_vl_tokens: bool = True) -> Path:
     """A Qwen2-style byte-level BPE tokenizer (the tiny ranks + Qwen2 specials) saved with save_pretrained."""
+    from qwenvl_lab.qwen.convert import tiktoken_to_hf
     from transformers import PreTrainedTokenizerFast
-
-    from qwen.convert import tiktoken_to_hf
 
     specials = [s for s in QWEN2_SPECIALS if with_vl_tokens or s not in QWEN2_VL]
     fast = PreTrainedTokenizerFast(tokenizer_object=tiktoken_to_hf(_tiny_ranks(), specials),
@@ -107,7 +105,7 @@ def write_tiny_qwen_checkpoint(out_dir: str | Path, arch: str = "qwen1", seed: i
     out.mkdir(parents=True, exist_ok=True)
     cfg = tiny_qwen_config(arch, **overrides)
     if arch == "qwen1":
-        from qwen.modeling import QWenLMHeadModel
+        from qwenvl_lab.qwen.modeling import QWenLMHeadModel
 
         model = QWenLMHeadModel(cfg)
         _randomize(model, seed)

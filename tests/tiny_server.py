@@ -1,4 +1,4 @@
-"""Starting the real server in a subprocess for tests (`python -m serve` or `python -m serve.web`).
+"""Starting the real server in a subprocess for tests (`python -m qwenvl_lab.serve` or `python -m qwenvl_lab.serve.web`).
 
 `answer_of_test_py(args, capsys) -> str`: what `python test.py ARGS` prints as its answer (run in-process).
 `start_server(module, model_dir, *flags, offline_guard=False) -> Server` picks a free port on 127.0.0.1,

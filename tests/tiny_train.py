@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dataprocess.make_shapes import make_shapes
-from dataprocess.make_vocab import _texts_from_jsonl, train_bpe, write_tiktoken
-from trainer.config import TrainConfig, load_train_config
+from qwenvl_lab.dataprocess.make_shapes import make_shapes
+from qwenvl_lab.dataprocess.make_vocab import _texts_from_jsonl, train_bpe, write_tiktoken
+from qwenvl_lab.trainer.config import TrainConfig, load_train_config
 
 TINY_TOWER = {
     "backend": "timm", "name_or_path": "resnet10t", "pretrained": False, "feature_layer": -1,
@@ -71,6 +71,6 @@ def tiny_train_config(tmp: str | Path, data: str | Path, **overrides) -> TrainCo
 
 def run_losses(run: Path) -> dict[int, float]:
     """Logged loss per optimizer step of a run directory (the last row of a step wins)."""
-    from trainer.callbacks import read_log
+    from qwenvl_lab.trainer.callbacks import read_log
 
     return {r["step"]: r["loss"] for r in read_log(Path(run) / "log.jsonl") if "loss" in r}

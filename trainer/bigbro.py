@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from dataset.sample import UserError
+from ..dataset.sample import UserError
 
 TEST_ALIASES = {"--base_language_model": "--lm", "--base_value_model": "--tower", "--model_weights": "--model",
                 "--image_path": "--image"}
@@ -159,7 +159,9 @@ def _model_overrides(named: dict, overrides: list[str]) -> list[str]:
     if tower is None:
         _say(f"--base_value_model not given: {SEED_TOWER}, as the BigBro repo's train.py")
         tower = SEED_TOWER
-    from model.bigbro import bigbro_config  # torch + transformers: the tower's family is read from its config
+    from ..model.bigbro import (
+        bigbro_config,  # torch + transformers: the tower's family is read from its config
+    )
 
     cfg = bigbro_config(lm, tower)
     spec = cfg["towers"][0]
@@ -186,8 +188,8 @@ def _data_overrides(data: dict, overrides: list[str]) -> list[str]:
         return []
     if set(data) != {"image_map", "captions_file"}:
         raise UserError("--image_map and --captions_file go together (the image files and their captions)")
-    from dataprocess.common import read_text, write_jsonl  # the converters (layer 5): only for these flags
-    from dataprocess.image_map import (  # converters: layer 5
+    from ..dataprocess.common import read_text, write_jsonl  # the converters (layer 5): only for these flags
+    from ..dataprocess.image_map import (  # converters: layer 5
         convert_image_map,
         parse_captions,
         parse_image_map,
@@ -213,12 +215,12 @@ def _data_overrides(data: dict, overrides: list[str]) -> list[str]:
 
 def resolve_init_from(cfg):
     """A BigBro checkpoint in `init_from`: converted once, then `init_from` names the conversion."""
-    from model.paths import is_bigbro_dir
+    from ..model.paths import is_bigbro_dir
 
     if not cfg.init_from or not is_bigbro_dir(cfg.init_from):
         return cfg
-    from model.bigbro import convert_bigbro  # heavy (torch): only for a BigBro checkpoint
-    from model.model import PRESETS
+    from ..model.bigbro import convert_bigbro  # heavy (torch): only for a BigBro checkpoint
+    from ..model.model import PRESETS
 
     named = {**(PRESETS.get(cfg.preset, {}) if cfg.preset else {}), **cfg.model}  # base names: preset, model.*
     lm, tower = named.get("lm"), (named.get("towers") or [{}])[0].get("name_or_path")

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from dataset.sample import UserError
+from ..dataset.sample import UserError
 
 __all__ = ["UserError", "quiet_third_party", "run_cli", "writable_dir"]
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from model.paths import resolve_model_dir
-from trainer.config_io import ConfigError, load_config
-from trainer.stages import LoraSettings
+from ..model.paths import resolve_model_dir
+from .config_io import ConfigError, load_config
+from .stages import LoraSettings
 
 
 @dataclass
@@ -46,7 +46,7 @@ class TrainConfig:
     # Several samples per row up to max_length, attention isolated per sample (qwen LM only);
     # per_device_train_batch_size then counts packs. See dataset/packing.py.
     packing: bool = False
-    # A directory written by `python -m dataprocess.cache_features`: cached tower outputs replace the
+    # A directory written by `python -m qwenvl_lab.dataprocess.cache_features`: cached tower outputs replace the
     # images (frozen towers only, e.g. stage 1). See dataset/feature_cache.py.
     feature_cache: str | None = None
     # ---- what trains -----------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class TrainConfig:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         self.vlm_config()  # unknown model keys / presets fail here, before anything is built
         if self.eval_tasks:
-            from trainer.eval_tasks import check_eval_tasks  # imports the benchmark registry only when used
+            from .eval_tasks import check_eval_tasks  # imports the benchmark registry only when used
 
             check_eval_tasks(self.eval_tasks, self.eval_steps, self.fsdp, self.deepspeed)
 
@@ -145,7 +145,7 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
     def vlm_config(self):
-        from model.model import resolve_config
+        from ..model.model import resolve_config
 
         if self.init_from is not None and not self.preset and not self.model:
             return None  # the model comes whole from init_from

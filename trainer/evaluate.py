@@ -1,6 +1,6 @@
 """Answer a data file in batches and score the answers.
 
-    python -m trainer.evaluate --model RUN_OR_MODEL_DIR --data val.jsonl [--image-folder DIR] [--output OUT]
+    python -m qwenvl_lab.trainer.evaluate --model RUN_OR_MODEL_DIR --data val.jsonl [--image-folder DIR] [--output OUT]
 
 Every assistant turn of a sample is scored (`--last-turn-only`: only the last): its text is the reference,
 and the conversation before it is the prompt, so a later turn is answered with the reference history (the
@@ -20,11 +20,11 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
-from dataset.formats import normalize, read_records
-from dataset.images import load_image
-from dataset.sample import IMAGE_MARKER
-from model.paths import resolve_model_dir
-from trainer.cli import run_cli, writable_dir
+from ..dataset.formats import normalize, read_records
+from ..dataset.images import load_image
+from ..dataset.sample import IMAGE_MARKER
+from ..model.paths import resolve_model_dir
+from .cli import run_cli, writable_dir
 
 FOLLOWUP_ROW = "multi-turn"  # the score row of every assistant turn after a sample's first
 
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     out = args.output or str(Path(model_dir) / "eval_answers.jsonl")
     writable_dir(Path(out).resolve().parent, "--output's directory")
     pairs = load_samples(args.data, args.image_folder, args.allow_absolute_paths)  # a bad file fails before the model
-    from model import VLM  # heavy: after the arguments and the data file are checked
+    from ..model import VLM  # heavy: after the arguments and the data file are checked
 
     vlm = VLM.from_pretrained(model_dir).eval()
     write_answers(vlm, pairs, out, args.batch_size, every_turn=not args.last_turn_only,

@@ -40,11 +40,11 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import rotate_checkpoints
 
-from qwen.loss import count_targets
-from trainer import state_io
-from trainer.checkpoints import make_tmp_dir
-from trainer.engines import enable_fsdp_on_cpu, retie
-from trainer.optim import describe_groups, param_groups
+from ..qwen.loss import count_targets
+from . import state_io
+from .checkpoints import make_tmp_dir
+from .engines import enable_fsdp_on_cpu, retie
+from .optim import describe_groups, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ class VLMTrainer(Trainer):
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from model.checkpoint import load_trainable_weights, read_weights
+        from ..model.checkpoint import load_trainable_weights, read_weights
 
         if self.is_fsdp_enabled:
             # Parameters are shards (DTensors): every rank reads the full tensors and keeps its shard.

@@ -29,26 +29,26 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
-from dataset import Collator, LengthGroupedSampler, VLMDataset
-from dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
-from dataset.packing import PackedDataset, PackingCollator, PackingSampler
-from dataset.sample import UserError
-from model import VLM, build_vlm, dtypes
-from model.backbones import unwrap
-from model.checkpoint import _select_keys
-from model.paths import resolve_model_dir
-from trainer.callbacks import AttentionSetup, JsonlLogger, plot_loss
-from trainer.checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
-from trainer.cli import writable_dir
-from trainer.config import TrainConfig, check_paths, fsdp_flag
-from trainer.config_io import ConfigError, save_config
-from trainer.engines import prepare_deepspeed_on_cpu
-from trainer.eval_tasks import EvalTasksCallback
-from trainer.hf_trainer import VLMTrainer, gather_objects
-from trainer.stages import adapters_match, apply_stage
-from trainer.throughput import ThroughputCallback
+from ..dataset import Collator, LengthGroupedSampler, VLMDataset
+from ..dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
+from ..dataset.packing import PackedDataset, PackingCollator, PackingSampler
+from ..dataset.sample import UserError
+from ..model import VLM, build_vlm, dtypes
+from ..model.backbones import unwrap
+from ..model.checkpoint import _select_keys
+from ..model.paths import resolve_model_dir
+from .callbacks import AttentionSetup, JsonlLogger, plot_loss
+from .checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
+from .cli import writable_dir
+from .config import TrainConfig, check_paths, fsdp_flag
+from .config_io import ConfigError, save_config
+from .engines import prepare_deepspeed_on_cpu
+from .eval_tasks import EvalTasksCallback
+from .hf_trainer import VLMTrainer, gather_objects
+from .stages import adapters_match, apply_stage
+from .throughput import ThroughputCallback
 
-log = logging.getLogger("trainer")
+log = logging.getLogger("qwenvl_lab.trainer")
 
 
 class TrainingAborted(UserError, RuntimeError):
@@ -69,7 +69,7 @@ def _setup_logging(out: Path, rank0: bool) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
     # Our own loggers also write DEBUG detail (e.g. every module's trainable state) to train.log.
-    for name in ("trainer", "model", "dataset"):
+    for name in ("qwenvl_lab.trainer", "qwenvl_lab.model", "qwenvl_lab.dataset"):
         logging.getLogger(name).setLevel(logging.DEBUG if rank0 else logging.WARNING)
     for noisy in ("httpx", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -313,7 +313,7 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int):
             log.warning("removed %s: an unfinished checkpoint of an earlier run", stale)
     set_seed(cfg.seed)
     vlm = build_model(cfg)
-    from trainer.speed import apply_speed_settings
+    from .speed import apply_speed_settings
 
     apply_speed_settings(cfg, vlm)
     if rank == 0 and cfg.check_disk_space:

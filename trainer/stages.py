@@ -23,7 +23,7 @@ if TYPE_CHECKING:  # annotations only: the config (which holds LoraSettings) loa
 
     from torch import nn
 
-    from trainer.config import TrainConfig
+    from .config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
     if lora.qlora:
         # 4-bit NF4 base weights; bitsandbytes quantises on the GPU when there is one, else with its CPU
         # backend (it raises a clear error when missing).
-        from model.quant import quantize_lm_4bit  # imported lazily: only QLoRA needs it
+        from ..model.quant import quantize_lm_4bit  # imported lazily: only QLoRA needs it
 
         n4 = quantize_lm_4bit(vlm)
         log.info("QLoRA: %d linear layers of the LM hold 4-bit NF4 weights", n4)
@@ -143,7 +143,7 @@ def apply_stage(vlm: nn.Module, cfg: TrainConfig, lora: LoraSettings,
     tower_dtype and fp32 master weights for what trains. The run and the memory plan (model/plan.py) both
     call it, so the plan models exactly what trains. `check` sees the trainable set before any cast.
     Returns how many trainable tensors moved to fp32."""
-    from model.dtypes import upcast_trainable  # lazily: this module loads with the config, without torch
+    from ..model.dtypes import upcast_trainable  # lazily: this module loads with the config, without torch
 
     if cfg.stage == "sft" and lora.r > 0:
         apply_lora(vlm, lora)

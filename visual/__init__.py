@@ -1,8 +1,13 @@
 """Vision towers behind one interface (see visual/base.py) and the backend registry."""
 
-from visual.base import VisionTower
-from visual.multi import MultiTower
-from visual.processor import ImageProcessor
-from visual.registry import BACKENDS, build_tower
+if not __package__.startswith("qwenvl_lab."):  # the old spelling: `python -m visual...` from the checkout
+    from qwenvl_lab._moved import refuse  # (absolute: this is not qwenvl_lab.*)
+
+    refuse(__package__)
+
+from .base import VisionTower
+from .multi import MultiTower
+from .processor import ImageProcessor
+from .registry import BACKENDS, build_tower
 
 __all__ = ["BACKENDS", "ImageProcessor", "MultiTower", "VisionTower", "build_tower"]

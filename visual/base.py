@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from visual.processor import ImageProcessor
+from .processor import ImageProcessor
 
 SELECT_MODES = ("patch", "cls_patch", "drop_first")
 

@@ -27,8 +27,8 @@ import torch
 import transformers
 from transformers.utils import cached_file
 
-from visual.base import VisionTower, resolve_layer
-from visual.processor import ImageProcessor
+from .base import VisionTower, resolve_layer
+from .processor import ImageProcessor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

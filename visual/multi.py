@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visual.base import VisionTower
-from visual.processor import ImageProcessor
+from .base import VisionTower
+from .processor import ImageProcessor
 
 
 class MultiTower(nn.Module):

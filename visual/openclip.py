@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dataset.sample import UserError
-from visual.base import VisionTower, resolve_layer
-from visual.processor import ImageProcessor
+from ..dataset.sample import UserError
+from .base import VisionTower, resolve_layer
+from .processor import ImageProcessor
 
 # open_clip's inference resize modes -> ours ("squash" = plain resize, "shortest" = resize + center crop)
 _MODE_OF = {"squash": "resize", "shortest": "crop", "longest": "pad"}

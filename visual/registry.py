@@ -10,10 +10,10 @@ keyword arguments go to the backend (e.g. `dtype`, `resample`, open_clip's `pret
 
 from __future__ import annotations
 
-from visual.base import VisionTower
-from visual.hf import HFCLIPTower, HFSiglip2Tower, HFSiglipTower
-from visual.openclip import OpenCLIPTower
-from visual.timm_tower import TimmTower
+from .base import VisionTower
+from .hf import HFCLIPTower, HFSiglip2Tower, HFSiglipTower
+from .openclip import OpenCLIPTower
+from .timm_tower import TimmTower
 
 BACKENDS: dict[str, type[VisionTower]] = {
     "hf_clip": HFCLIPTower,

@@ -20,8 +20,8 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from visual.base import VisionTower, resolve_layer
-from visual.processor import ImageProcessor
+from .base import VisionTower, resolve_layer
+from .processor import ImageProcessor
 
 
 def model_id(name_or_path: str) -> str:

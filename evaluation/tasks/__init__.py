@@ -1,7 +1,7 @@
 """The benchmark registry: a plain dict from a task name to its `Task` (loader, scorer, prompt)."""
 
-from evaluation.tasks import captions, choice, vqa, yesno
-from evaluation.tasks.common import Task
+from . import captions, choice, vqa, yesno
+from .common import Task
 
 TASKS: dict[str, Task] = {**vqa.TASKS, **choice.TASKS, **yesno.TASKS, **captions.TASKS}
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from evaluation.items import BenchmarkFormatError, EvalItem, image_path, need, read_json
-from evaluation.metrics import caption_scores
-from evaluation.tasks.common import CAPTION, Task
+from ..items import BenchmarkFormatError, EvalItem, image_path, need, read_json
+from ..metrics import caption_scores
+from .common import CAPTION, Task
 
 
 def _from_coco_json(doc: dict, where: str, folder: Path) -> list[EvalItem]:

@@ -21,9 +21,9 @@ import csv
 import sys
 from pathlib import Path
 
-from evaluation.items import BenchmarkFormatError, EvalItem, find_one, image_path, read_json
-from evaluation.metrics import LETTERS, extract_choice
-from evaluation.tasks.common import OPTION_LETTER, Task, mean_by_category, options_block
+from ..items import BenchmarkFormatError, EvalItem, find_one, image_path, read_json
+from ..metrics import LETTERS, extract_choice
+from .common import OPTION_LETTER, Task, mean_by_category, options_block
 
 
 def _missing(value) -> bool:

@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from evaluation.items import EvalItem
+from ..items import EvalItem
 
 SHORT_ANSWER = "{question}\nAnswer the question using a single word or phrase."
 OPTION_LETTER = "{question}\nAnswer with the option's letter from the given choices directly."

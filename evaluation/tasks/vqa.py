@@ -24,10 +24,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evaluation.items import BenchmarkFormatError, EvalItem, find_one, image_path, need, read_json
-from evaluation.metrics import anls, exact_match, relaxed_accuracy, vqa_accuracy
-from evaluation.normalize import normalize_answer
-from evaluation.tasks.common import SHORT_ANSWER, Task, per_item_score
+from ..items import BenchmarkFormatError, EvalItem, find_one, image_path, need, read_json
+from ..metrics import anls, exact_match, relaxed_accuracy, vqa_accuracy
+from ..normalize import normalize_answer
+from .common import SHORT_ANSWER, Task, per_item_score
 
 VIZWIZ_PROMPT = ("{question}\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
                  "Answer the question using a single word or phrase.")
@@ -54,7 +54,7 @@ def load_vqav2(data: str, images: str | None, options: dict) -> list[EvalItem]:
     qdoc = read_json(qfile)
     need(qdoc, ("questions",), str(qfile))
     subtype = qdoc.get("data_subtype", "val2014")
-    # python -m evaluation.to_vqav2 writes the images to images/ beside the questions; the released
+    # python -m qwenvl_lab.evaluation.to_vqav2 writes the images to images/ beside the questions; the released
     # VQAv2 files are unpacked apart from their images (val2014/), which --images names.
     folder = _image_folder(images, qfile.parent / "images" if (qfile.parent / "images").is_dir() else qfile.parent)
     anns = {}

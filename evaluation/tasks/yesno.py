@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from evaluation.items import BenchmarkFormatError, EvalItem, image_path, need, read_jsonl
-from evaluation.metrics import mme_yes_no, pope
-from evaluation.tasks.common import SHORT_ANSWER, Task
+from ..items import BenchmarkFormatError, EvalItem, image_path, need, read_jsonl
+from ..metrics import mme_yes_no, pope
+from .common import SHORT_ANSWER, Task
 
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
                   "artwork", "OCR")
