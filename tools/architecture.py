@@ -22,7 +22,8 @@ NAME = "qwenvl_lab"
 LAYERS: list[tuple[str, ...]] = [
     ("qwenvl_lab", "core"),
     ("kernels",),
-    ("visual", "qwen", "dataset"),
+    ("dataset",),  # samples, chat templates, images, batches: needs no model
+    ("visual", "qwen"),  # the towers and the LM backbones
     ("model",),
     ("trainer", "evaluation"),
     ("serve", "dataprocess"),
@@ -136,9 +137,9 @@ def layer_violations(modules: dict[str, Module]) -> list[str]:
             a, b = mod.package, other.package
             if a == b or LAYER[b] < LAYER[a] or b == NAME:
                 continue
-            why = "the same layer" if LAYER[a] == LAYER[b] else "a higher layer"
+            why = "the same layer as" if LAYER[a] == LAYER[b] else "a higher layer than"
             out.append(f"{mod.path.relative_to(ROOT)}:{line} imports {other.path.relative_to(ROOT)} "
-                       f"({b} is {why} than {a})")
+                       f"({b} is in {why} {a})")
     return out
 
 
