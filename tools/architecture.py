@@ -36,6 +36,9 @@ SCRIPTS = ["train.py", "test.py", "benchmarks", "tools"]
 # only by the feature that needs them.
 OPTIONAL = ("deepspeed", "bitsandbytes", "gradio", "lmms_eval", "triton", "open_clip", "av", "fastapi",
             "uvicorn", "pycocoevalcap", "openai", "playwright", "matplotlib", "tensorboard", "torchvision.io")
+# Functions whose imports are deferred so `--help` / `--check` answer before torch loads (`file:function`; the
+# list is docs/architecture.md's too). Their function-local imports do not count either.
+DEFERRED: set[str] = set()
 MAX_LOCAL_IMPORTS = 15
 MAX_FUNCTION_LINES = 80
 
@@ -95,6 +98,10 @@ def read_modules() -> dict[str, Module]:
         mod = Module(name, path, package, is_pkg)
         tree = ast.parse(path.read_text(), str(path))
         top = _top_level_nodes(tree)
+        rel = path.relative_to(ROOT)
+        for func in ast.walk(tree):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)) and f"{rel}:{func.name}" in DEFERRED:
+                top |= {id(n) for n in ast.walk(func) if isinstance(n, (ast.Import, ast.ImportFrom))}
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 mod.imports += [(a.name, node.lineno, id(node) in top) for a in node.names]
