@@ -8,6 +8,7 @@ def refuse(package: str) -> None:
     argv = sys.orig_argv
     old = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
     if old.split(".")[0] == package:
-        raise SystemExit(f"error: `{old}` is `qwenvl_lab.{old}` now: run `python -m qwenvl_lab.{old} ...` "
-                         "(see the README)")
+        print(f"error: `{old}` is `qwenvl_lab.{old}` now: run `python -m qwenvl_lab.{old} ...` (see the README)",
+              file=sys.stderr)
+        raise SystemExit(2)
     raise ImportError(f"`{package}` is `qwenvl_lab.{package}` now: `from qwenvl_lab.{package} import ...`")
