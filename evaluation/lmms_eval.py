@@ -34,7 +34,7 @@ from ..dataset.sample import UserError
 from ..trainer.cli import run_cli
 
 MODEL_ID = "qwenvl_lab"
-CLASS_PATH = "evaluation.lmms_model.QwenVLLab"
+CLASS_PATH = f"{__package__}.lmms_model.QwenVLLab"
 LISTINGS = ("list", "list_groups", "list_tags", "list_subtasks")
 
 

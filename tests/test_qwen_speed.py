@@ -92,7 +92,7 @@ def test_fused_head_refuses_a_second_backward():
 
 
 def test_fused_impl_triton_model_matches_eager():
-    pytest.importorskip("kernels.triton_fused")
+    pytest.importorskip("qwenvl_lab.kernels.triton_fused")
     m = _model()
     f = copy.deepcopy(m)
     f.set_fused_impl("triton")

@@ -125,6 +125,8 @@ TABLE = [
     Entry(r"python train\.py configs/demo/stage1\.yaml 'model\.towers=", extra="max_steps=1",
           creates=("{output_dir}/final",)),
     Entry(r"python -m qwenvl_lab.model\.export ", creates=("{--dst}/config.json",)),
+    Entry(r"cd /tmp && CHECKOUT/\.venv/bin/python -c \"from qwenvl_lab\.model import VLM", prints=r"\w",
+          subs=((r"cd /tmp && CHECKOUT/\.venv/bin/python", "python"), (r"CHECKOUT/", ""))),
     # Data converters
     Entry(r"python -m qwenvl_lab.dataprocess\.(coco_captions|llava_instruct|ai_challenger|image_map) ",
           creates=("{output}",)),

@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     model_dir = tmp / "model"
     vlm.save_pretrained(model_dir)
     image(0).save(tmp / "q.png")
-    server = start_server("serve", model_dir, *FLAGS, log_dir=tmp)
+    server = start_server("qwenvl_lab.serve", model_dir, *FLAGS, log_dir=tmp)
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
     yield vlm, server, client, tmp
     server.stop()

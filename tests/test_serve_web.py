@@ -63,7 +63,7 @@ def web(tmp_path_factory):
     for i in range(3):
         image(i).save(tmp / "examples" / f"example_{i}.png")
     image(0).save(tmp / "q.png")
-    server = start_server("serve.web", tmp / "model", "--examples", str(tmp / "examples"),
+    server = start_server("qwenvl_lab.serve.web", tmp / "model", "--examples", str(tmp / "examples"),
                           "--default-max-tokens", str(MAX_TOKENS), log_dir=tmp, offline_guard=True)
     yield vlm, server, tmp
     server.stop()
@@ -262,7 +262,7 @@ def _refused(update: tuple, conv: Conversation) -> str:
 
 
 def _log_lines(caplog) -> list:
-    return [r for r in caplog.records if r.name == "serve.webui"]
+    return [r for r in caplog.records if r.name == "qwenvl_lab.serve.webui"]
 
 
 def test_mistakes_are_one_message_and_generate_nothing(web, tmp_path, caplog):
@@ -362,5 +362,5 @@ def test_command_line_mistakes_are_one_line(web, tmp_path, capsys, monkeypatch):
         port = taken.getsockname()[1]
         assert f"127.0.0.1:{port}" in error(["--model", model, "--port", str(port)])
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed
-    monkeypatch.delitem(sys.modules, "serve.webui")
+    monkeypatch.delitem(sys.modules, "qwenvl_lab.serve.webui")
     assert "needs gradio" in error(["--model", model])
