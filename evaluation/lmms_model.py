@@ -4,7 +4,7 @@ Needs the optional lmms-eval package (imported here at the top: this module is o
 lmms-eval's registry, or by `evaluation.lmms_eval`, which registers it).
 
 `QwenVLLab(pretrained, device=None, batch_size=1, max_new_tokens=None, dtype=None, **ignored)` loads the
-model with `model.build.load_vlm`, the loader `VLM.from_pretrained` forwards to (a run directory resolves
+model with `model.model.load_vlm`, the loader `VLM.from_pretrained` forwards to (a run directory resolves
 to its `final/` or newest checkpoint), and answers lmms-eval's requests through the VLM's public API only:
 - `generate_until`: the context (with one `<image>` per visual unless the context already places them)
   as one user turn, answered in batches of `batch_size` with `vlm.chat_batch` (greedy unless the task asks
@@ -26,6 +26,8 @@ from lmms_eval.api.model import lmms
 from PIL import Image
 from tqdm import tqdm
 
+from ..model.model import load_vlm
+from ..model.paths import resolve_model_dir
 from .likelihood import reply_logprobs
 
 
@@ -44,10 +46,6 @@ class QwenVLLab(lmms):
     def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1,
                  max_new_tokens: int | None = None, dtype: str | None = None, **ignored: Any) -> None:
         super().__init__()
-        # model.build holds the loader (VLM.from_pretrained only forwards to it once model.build is imported)
-        from ..model.build import load_vlm
-        from ..model.paths import resolve_model_dir
-
         if device in (None, "", "auto"):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if str(device).startswith("cuda") and not torch.cuda.is_available():

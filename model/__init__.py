@@ -1,8 +1,7 @@
 """The VLM (towers + projector + LM backbone), its registries, building, checkpoints, merge and export.
 
 The names below load on first use (PEP 562): `import qwenvl_lab.model.paths` (finding a model directory) stays
-light, so entry points check their arguments before torch and transformers load. Importing any of them
-loads model/build.py, which also makes `VLM.from_pretrained` work.
+light, so entry points check their arguments before torch and transformers load.
 """
 
 if not __package__.startswith("qwenvl_lab."):  # the old spelling: `python -m model...` from the checkout
@@ -13,10 +12,9 @@ if not __package__.startswith("qwenvl_lab."):  # the old spelling: `python -m mo
 import importlib
 
 _EXPORTS = {
-    "build_vlm": ".build", "load_vlm": ".build",
     "VLMConfig": ".config",
     "LM_BACKBONES": ".model", "PRESETS": ".model", "VLM": ".model", "VLMOutput": ".model",
-    "resolve_config": ".model",
+    "build_vlm": ".model", "load_vlm": ".model", "resolve_config": ".model",
     "build_projector": ".projector",
 }
 __all__ = sorted(_EXPORTS)
@@ -25,5 +23,4 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'model' has no attribute {name!r}")
-    importlib.import_module(".build", __name__)  # registers VLM.from_pretrained's loader
     return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -5,7 +5,10 @@ A backbone holds a family's rules, not its weights: the weights stay in `vlm.lm`
 freeze regexes and checkpoints do not depend on the backbone), and every method takes that module (plain
 or wrapped by peft). `model/model.py`'s `LM_BACKBONES` names the classes.
 
-Contract (`LMBackbone`):
+Contract (`LMBackbone`, an abstract base class): a family subclasses it, sets `name` (its key in
+`LM_BACKBONES`) and must implement the three abstract methods `load_lm`, `hidden_states` and `generate` (a
+family without one of them cannot be instantiated); everything else below has a default here that a family
+may override.
 - `load_lm(config) -> nn.Module` and `load_tokenizer(config) -> tokenizer | None` (classmethods) build the
   LM (a checkpoint, or random from `lm_config` for `lm="scratch"`) and its tokenizer (`config.tokenizer`,
   else the LM directory's, else none for a scratch LM).
@@ -34,6 +37,7 @@ Contract (`LMBackbone`):
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +103,16 @@ def _token_id(tokenizer, token: str | None) -> int | None:
         return None
 
 
-class LMBackbone:
+class LMBackbone(ABC):
+    """Abstract base: one LM family's rules. Subclasses implement `load_lm`, `hidden_states`, `generate`."""
+
     name = "base"
 
     # ----- building --------------------------------------------------------------------------------
     @classmethod
+    @abstractmethod
     def load_lm(cls, config: VLMConfig) -> nn.Module:
-        raise NotImplementedError
+        """The LM of `config.lm` (a checkpoint), or random weights from `lm_config` for `lm="scratch"`."""
 
     @classmethod
     def load_tokenizer(cls, config: VLMConfig):
@@ -253,8 +260,9 @@ class LMBackbone:
     def embedding(self, lm: nn.Module) -> nn.Module:
         return unwrap(lm).get_input_embeddings()
 
+    @abstractmethod
     def hidden_states(self, lm: nn.Module, embeds: torch.Tensor, attention_mask: torch.Tensor | None, **kw):
-        raise NotImplementedError
+        """embeds [B, T, D] -> (last hidden states [B, T, D], past_key_values or None)."""
 
     def output_head(self, lm: nn.Module) -> nn.Module:
         return unwrap(lm).get_output_embeddings()
@@ -266,8 +274,9 @@ class LMBackbone:
         hidden, pkv = self.hidden_states(lm, embeds, attention_mask, **kw)
         return self.output_head(lm)(hidden), pkv
 
+    @abstractmethod
     def generate(self, lm, input_ids, embeds, attention_mask, **gen_kw) -> list[list[int]]:
-        raise NotImplementedError
+        """New token ids per sample (prompt excluded), cut at `stop_token_ids`."""
 
     # ----- training ----------------------------------------------------------------------------------
     def default_lora_targets(self, lm: nn.Module) -> str:

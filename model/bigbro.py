@@ -41,8 +41,7 @@ from pathlib import Path
 import torch
 
 from ..dataset.sample import UserError
-from .build import build_vlm, load_vlm
-from .model import VLM
+from .model import VLM, build_vlm, load_vlm
 from .parts import named_source
 from .paths import BIGBRO_FILES, CONFIG_FILE, is_bigbro_dir
 
@@ -90,7 +89,7 @@ def read_bin(file: str | Path) -> dict[str, torch.Tensor]:
 
 def tower_family(tower: str) -> tuple[str, str]:
     """(backend, image_mode) of a CLIP / SigLIP tower, from its config.json (a hub id or a local directory)."""
-    import transformers  # loaded by model.build already; named here for the config reader
+    import transformers  # loaded by model.model already; named here for the config reader
 
     with named_source(tower, "vision tower (--base_value_model)"):
         model_type = transformers.PretrainedConfig.get_config_dict(tower)[0].get("model_type")

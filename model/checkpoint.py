@@ -15,7 +15,8 @@ A directory written by `save_vlm(vlm, dir, trainable_only)` holds:
 
 The resolved placeholder id, trainable tokens and chat template are written into the config, so a
 rebuilt model is the same model. Loading (rebuilding from the config, then these tensors on top) is
-`model.build.load_vlm`, which sits above model.py; this module only reads and writes the files.
+`model.model.load_vlm` (= `VLM.from_pretrained`), which sits above this module; this one only reads and
+writes the files.
 `load_trainable_weights(vlm, dir)` loads a checkpoint's tensors into an existing VLM (loading, resuming):
 a "full" checkpoint must cover every key, a "trainable" one only its own keys.
 `read_vlm_config(dir) -> (VLMConfig, checkpoint facts)`.

@@ -43,7 +43,7 @@ from ..dataset.chat_templates import ChatTemplate
 from ..dataset.sample import UserError
 from ..qwen.convert import convert, convert_tokenizer
 from ..trainer.cli import run_cli, writable_dir
-from .build import load_vlm
+from .model import load_vlm
 from .paths import resolve_model_dir
 
 FORMATS = ("llava-hf",)

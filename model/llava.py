@@ -1,6 +1,7 @@
 """Import a transformers `LlavaForConditionalGeneration` directory into our parts, logits unchanged.
 
-`import_llava(path, config=None) -> VLM`:
+`llava_parts(path, config=None) -> (VLMConfig, tower, projector, lm, tokenizer, dtype)`: what `VLM(...)`
+is assembled from, then cast to `dtype` (model/model.py does both: this module sits below it):
 - vision tower (CLIP or SigLIP) -> our `hf_clip` / `hf_siglip` tower, with `vision_feature_layer` as
   `feature_layer` and `vision_feature_select_strategy` as `select` ("default" drops CLIP's CLS ->
   "patch"; "full" keeps it -> "cls_patch"; a SigLIP tower has no CLS, so only "full" is exact for it);
@@ -22,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, LlavaForConditionalGeneration
 
 from ..qwen import QWenLMHeadModel, load_tokenizer
 from ..visual.registry import build_tower
 from .config import VLMConfig
 from .dtypes import torch_dtype
-from .model import VLM
-from .projector import build_projector
+from .projector import Projector, build_projector
 from .tokenizers import has_tokenizer_files, load_lm_tokenizer
 
 VISION_BACKENDS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
@@ -59,7 +60,9 @@ def _load_tokenizer(path: Path, backend: str):
         return None
 
 
-def import_llava(path: str | Path, config: VLMConfig | dict | None = None):
+def llava_parts(
+    path: str | Path, config: VLMConfig | dict | None = None
+) -> tuple[VLMConfig, nn.Module, Projector, nn.Module, Any, torch.dtype]:
     path = Path(path)
     base = config.to_dict() if isinstance(config, VLMConfig) else dict(config or {})
     dtype = base.get("dtype", "float32")
@@ -125,8 +128,7 @@ def import_llava(path: str | Path, config: VLMConfig | dict | None = None):
     if vconfig.freeze_towers:
         tower.requires_grad_(False)
         tower.eval()
-    vlm = VLM(vconfig, tower, projector, lm, tokenizer)
-    return vlm.to(torch_dtype(dtype))
+    return vconfig, tower, projector, lm, tokenizer, torch_dtype(dtype)
 
 
 def llava_facts(path: str | Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from .paths import resolve_model_dir
 
 
 def merge(src: str | Path, dst: str | Path) -> Path:
-    from .build import load_vlm  # heavy (torch, transformers): after the paths are checked in main
+    from .model import load_vlm  # heavy (torch, transformers): after the paths are checked in main
 
     vlm = load_vlm(resolve_model_dir(src))
     vlm.merge_lora()

@@ -1,18 +1,33 @@
-"""The VLM: vision tower(s) -> projector -> LM placeholders, and the registries that name its parts.
+"""The VLM: vision tower(s) -> projector -> LM placeholders, the registries that name its parts, and the one
+function that materialises it from a config (`build_vlm`) or a checkpoint (`load_vlm` = `VLM.from_pretrained`).
 
 Swap a backbone with one line:
 - a backbone pair: one entry of `PRESETS` below (`lm`, `lm_backend`, `towers`), or one key in a YAML
   config / on the command line (`model.lm=meta-llama/Llama-3.2-1B-Instruct model.lm_backend=hf`,
   `model.towers=[{backend: hf_siglip, name_or_path: google/siglip-so400m-patch14-384}]`);
-- a new LM family: one line in `LM_BACKBONES` below (a class from model/backbones.py);
-- a new vision backend: one line in `visual.registry.BACKENDS`; projectors: `model.projector.PROJECTOR_KINDS`.
+- a new LM family: one line in `LM_BACKBONES` below (a subclass of the abstract `LMBackbone`,
+  model/backbones.py);
+- a new vision backend: one line in `visual.registry.BACKENDS` (a subclass of the abstract `VisionTower`,
+  visual/base.py); projectors: `model.projector.PROJECTOR_KINDS`.
+Each registry is a plain dict filled where it is written, from explicit imports; importing a module never
+registers anything.
 
 Contract:
 - `VLM(config, towers, projector, lm, tokenizer=None)` assembles given parts, binding the LM to its
   backbone class (`LM_BACKBONES[config.lm_backend]`: special ids, chat template, LoRA defaults), and
   checks that the projector's input width is the towers' width and its output width the LM's embedding
-  width (an error names both). Building from a config and loading checkpoints: model/build.py
-  (`build_vlm`, `load_vlm`), which also backs `VLM.from_pretrained`.
+  width (an error names both).
+- `build_vlm(preset_or_config, **overrides) -> VLM` builds every part named by the config (a preset name
+  from `PRESETS`, a dict of VLMConfig fields or a VLMConfig): the LM and its tokenizer through the backbone
+  class `LM_BACKBONES[lm_backend]`, the towers (`model.parts`, through `visual.registry.BACKENDS`), the
+  projector; frozen towers in `tower_dtype`. `init_from` (a transformers Llava directory) imports that model
+  instead (model/llava.py).
+- `load_vlm(dir, **overrides) -> VLM`, also `VLM.from_pretrained`: a directory written by
+  `VLM.save_pretrained` is rebuilt from its config (base models from their names/paths, the saved
+  tokenizer) with its tensors loaded on top, LoRA adapters re-created from `lora/adapter_config.json`; a
+  transformers Llava directory (config.json with model_type "llava") is imported. Overrides are VLMConfig
+  fields, plus `tower_path` (a path, or a list with one per tower) to point the towers at another copy of
+  their base checkpoints. Returns the model in eval mode.
 - `forward(input_ids [B, T], attention_mask [B, T] | None, pixel_values [n_images, 3, H, W] | None,
   labels [B, T] | None, image_counts [B] | None, image_features [n_images, T, C] | None, **kw)
   -> VLMOutput(loss, logits, past_key_values)`. One path for every LM backbone: token embeddings
@@ -35,32 +50,38 @@ Contract:
 - `save_pretrained(dir, trainable_only=False)` (model/checkpoint.py); `merge_lora()` folds peft adapters
   into the LM; `fold_token_rows()` writes trained token rows into the embedding table;
   `gradient_checkpointing_enable()` forwards to the backbone; `train()` keeps frozen towers in eval mode.
+
+Import order inside model/ (no cycle; tests/test_model_imports.py checks it): config, paths -> projector,
+token_rows, quant, checkpoint, backbones, parts, llava -> model -> merge, export, bigbro, plan.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..dataset.sample import IMAGE_MARKER, Sample
+from ..dataset.sample import IMAGE_MARKER, Sample, UserError
 from ..dataset.template import ChatFormat, render
 from ..qwen.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, supervised_loss
 from ..qwen.placeholders import embed_with_placeholders, scatter_image_features
 from .backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
-from .checkpoint import save_vlm
+from .checkpoint import LORA_DIR, TOKENIZER_DIR, load_trainable_weights, read_vlm_config, save_vlm
 from .config import VLMConfig
 from .dtypes import torch_dtype
-from .projector import Projector
-from .quant import dequantize_lm, has_4bit
+from .llava import llava_parts
+from .parts import build_towers, named_source
+from .paths import CONFIG_FILE, ModelDirError, is_llava_dir
+from .projector import Projector, build_projector
+from .quant import QUANT_FILE, dequantize_lm, has_4bit, quantize_lm_4bit
 from .token_rows import TokenRows
 
-__all__ = ["LM_BACKBONES", "PRESETS", "VLM", "VLMConfig", "VLMOutput", "resolve_config"]
+__all__ = ["LM_BACKBONES", "PRESETS", "VLM", "VLMConfig", "VLMOutput", "build_vlm", "load_vlm", "resolve_config"]
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast computes in on `device` right now, or None outside autocast."""
@@ -170,8 +191,6 @@ def lm_width(lm: nn.Module) -> int:
 
 
 class VLM(nn.Module):
-    # `load_vlm` of model/build.py, which sits above this module (it builds VLMs), registers itself here.
-    loader: ClassVar[Callable[..., VLM] | None] = None
     loss_chunk_size: int = DEFAULT_CHUNK_SIZE  # rows of [rows, V] logits alive at once in the loss
 
     def __init__(
@@ -473,8 +492,82 @@ class VLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **overrides: Any) -> VLM:
-        """A saved VLM (our format, a run directory's model, or a transformers Llava directory):
-        `model.build.load_vlm`, registered when the `model` package is imported."""
-        if VLM.loader is None:
-            raise RuntimeError("VLM.from_pretrained needs the model package: `import qwenvl_lab.model` first")
-        return VLM.loader(path, **overrides)
+        """A saved VLM (our format, a run directory's model, or a transformers Llava directory): `load_vlm`."""
+        return load_vlm(path, **overrides)
+
+
+# ----- building and loading ------------------------------------------------------------------------
+def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM:
+    """Build every part named by the config (a preset name, a dict or a VLMConfig)."""
+    config = resolve_config(preset_or_config, **overrides)
+    if config.init_from is not None:
+        return _import_llava(config.init_from, config)
+    family = LM_BACKBONES[config.lm_backend]
+    with named_source(config.lm, "language model (lm)"):
+        lm = family.load_lm(config)
+    with named_source(config.tokenizer or config.lm, "tokenizer"):
+        tokenizer = family.load_tokenizer(config)
+    towers = build_towers(config)
+    if config.freeze_towers:
+        towers.requires_grad_(False)
+        towers.eval()
+    grid = towers.grid if config.reduce is not None else None
+    projector = build_projector(
+        config.projector, int(towers.hidden_size), lm_width(lm), reduce=config.reduce,
+        reduce_factor=config.reduce_factor, grid=grid,
+    )
+    vlm = VLM(config, towers, projector, lm, tokenizer)
+    vlm = vlm.to(torch_dtype(config.dtype))
+    if vlm.token_rows is not None:
+        vlm.token_rows.float()  # trained rows keep fp32 master weights
+    if config.tower_dtype is not None and config.freeze_towers:
+        vlm.cast_frozen_towers()
+    return vlm
+
+
+def load_vlm(path: str | Path, **overrides: Any) -> VLM:
+    """A directory written by `VLM.save_pretrained` (rebuilt, then its tensors on top) or a Llava directory."""
+    p = Path(path)
+    if not (p / CONFIG_FILE).is_file():
+        if is_llava_dir(p):
+            return _import_llava(p, overrides or None).eval()
+        raise ModelDirError(
+            f"{p}: neither a VLM checkpoint ({CONFIG_FILE}) nor a transformers Llava directory "
+            f"(config.json with model_type 'llava')"
+        )
+    config, _ = read_vlm_config(p)
+    if (p / TOKENIZER_DIR).is_dir() and "tokenizer" not in overrides:
+        config.tokenizer = str(p / TOKENIZER_DIR)
+    overrides = dict(overrides)
+    tower_path = overrides.pop("tower_path", None)
+    if tower_path is not None:
+        paths = [tower_path] if isinstance(tower_path, (str, Path)) else list(tower_path)
+        if len(paths) != len(config.towers):
+            raise UserError(f"tower_path: {len(paths)} path(s) given for {len(config.towers)} tower(s)")
+        for spec, tp in zip(config.towers, paths):
+            spec["name_or_path"] = str(tp)
+    vlm = build_vlm(config, **overrides)
+    _quantize_like(vlm, p)
+    if (p / LORA_DIR / "adapter_config.json").is_file():
+        # peft is heavy (it loads bitsandbytes and parts of inductor): imported only for a LoRA checkpoint.
+        from peft import LoraConfig, get_peft_model
+
+        vlm.lm = get_peft_model(vlm.lm, LoraConfig.from_pretrained(str(p / LORA_DIR)))
+    load_trainable_weights(vlm, p)
+    return vlm.eval()  # inference mode, as transformers' from_pretrained; training calls .train()
+
+
+def _import_llava(path: str | Path, config: VLMConfig | dict | None) -> VLM:
+    """A transformers Llava directory as our VLM, its parts mapped by model/llava.py."""
+    vconfig, towers, projector, lm, tokenizer, dtype = llava_parts(path, config)
+    return VLM(vconfig, towers, projector, lm, tokenizer).to(dtype)
+
+
+def _quantize_like(vlm: VLM, path: Path) -> None:
+    """A QLoRA checkpoint: quantise the rebuilt LM as the run did (the adapters were trained on top of it)."""
+    file = path / LORA_DIR / QUANT_FILE
+    if not file.is_file():
+        return
+    settings = json.loads(file.read_text())
+    quantize_lm_4bit(vlm, compute_dtype=getattr(torch, settings["compute_dtype"]),
+                     quant_type=settings["quant_type"], double_quant=settings["double_quant"])

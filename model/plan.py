@@ -88,10 +88,10 @@ from ..trainer.throughput import (
     peak_matmul_flops,
     step_flops,
 )
-from .build import build_vlm
 from .checkpoint import read_vlm_config
 from .config import VLMConfig
 from .dtypes import auto_decision
+from .model import build_vlm
 from .paths import resolve_model_dir
 
 HUB_DIR = Path(__file__).resolve().parents[1] / "configs" / "hub"

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -269,6 +273,30 @@ def test_from_pretrained_on_a_plain_dir_fails(tmp_path):
         VLM.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_needs_only_the_module_that_defines_vlm(tmp_path):
+    """A fresh interpreter that imported `qwenvl_lab.model.model` and nothing else loads a checkpoint with
+    `VLM.from_pretrained`: no loader is registered as a side effect of importing another module."""
+    from safetensors.torch import load_file, save_file
+
+    vlm = build_vlm("tiny")
+    batch = make_batch(vlm, [1, 0])
+    with torch.no_grad():
+        ref = vlm(**batch).logits
+    vlm.save_pretrained(tmp_path / "ck")
+    save_file(batch, str(tmp_path / "batch.safetensors"))
+    code = ("import sys, torch\nfrom safetensors.torch import load_file, save_file\n"
+            "from qwenvl_lab.model.model import VLM\n"
+            "vlm = VLM.from_pretrained(sys.argv[1])\n"
+            "with torch.no_grad():\n    logits = vlm(**load_file(sys.argv[2])).logits\n"
+            "save_file({'logits': logits.contiguous()}, sys.argv[3])\n")
+    args = [str(tmp_path / f) for f in ("ck", "batch.safetensors", "logits.safetensors")]
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    torch.testing.assert_close(load_file(args[2])["logits"], ref, rtol=0, atol=0)
+
+
 def test_chat_renders_image_span_and_answers_greedily(tmp_path):
     vlm = build_tiny_vlm(tmp_path, tower="clip").eval()
     tok = vlm.tokenizer
@@ -454,7 +482,7 @@ def test_load_trainable_weights_into_a_live_model(tmp_path):
 @pytest.mark.parametrize("text", ['{"model_type": "bert"}', "[1, 2]", "{not json"])
 def test_load_vlm_on_a_foreign_config_json_says_so(tmp_path, text):
     """Some other (or broken) config.json is neither of the two model kinds: one ModelDirError, no traceback."""
-    from qwenvl_lab.model.build import load_vlm
+    from qwenvl_lab.model.model import load_vlm
     from qwenvl_lab.model.paths import ModelDirError
 
     (tmp_path / "config.json").write_text(text)

@@ -16,7 +16,7 @@ from qwenvl_lab.dataset.sample import UserError
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("open_clip", "av", "fastapi", "uvicorn", "gradio", "bitsandbytes", "deepspeed")
 CORE = ("train", "test") + tuple("qwenvl_lab." + m for m in (
-    "trainer.run", "trainer.hf_trainer", "model", "model.build", "kernels.attention", "visual", "visual.registry",
+    "trainer.run", "trainer.hf_trainer", "model", "model.model", "kernels.attention", "visual", "visual.registry",
     "qwen", "dataset", "evaluation", "serve.cli"))
 
 

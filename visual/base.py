@@ -19,10 +19,15 @@ Contract (what `model/` relies on):
 - `preprocess_config()` returns the preprocessing facts (size, mean, std, mode, resample, crop_pct) so a
   checkpoint can store and rebuild the processor with `ImageProcessor(**cfg)`.
 - `freeze()` / `frozen`; `gradient_checkpointing_enable()` for a tower that trains.
-Subclasses implement `_hidden_state(pixel_values) -> [N, num_prefix + h*w, D]` at `feature_layer`.
+`VisionTower` is an abstract base class: a backend subclasses it, sets `backend` (its key in
+`visual.registry.BACKENDS`), passes the facts above to `__init__`, and must implement the one abstract method
+`_hidden_state(pixel_values) -> [N, num_prefix + h*w, D]` at `feature_layer` (a backend without it cannot be
+instantiated). Checking inputs and selecting tokens stay here, the same for every backend.
 """
 
 from __future__ import annotations
+
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -43,8 +48,8 @@ def resolve_layer(feature_layer: int, n_states: int, what: str) -> int:
     return feature_layer % n_states
 
 
-class VisionTower(nn.Module):
-    """Base class: holds the facts, checks inputs, selects tokens. Backends fill in `_hidden_state`."""
+class VisionTower(nn.Module, ABC):
+    """Abstract base: holds the facts, checks inputs, selects tokens. Backends implement `_hidden_state`."""
 
     backend: str = "base"
 
@@ -122,8 +127,9 @@ class VisionTower(nn.Module):
                 f"(use tower.processor to resize)"
             )
 
-    def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] normalised pixels -> [N, num_prefix + h*w, D], the hidden state at `feature_layer`."""
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         self.check_pixels(pixel_values)

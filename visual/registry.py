@@ -1,4 +1,8 @@
-"""Registry of tower backends and `build_tower`, the one entry point `model/` uses.
+"""The one registry of tower backends (`BACKENDS`) and `build_tower`, the one entry point `model/` uses.
+
+`BACKENDS` maps a backend name to its `VisionTower` subclass (visual/base.py, an abstract base class). It is
+filled here and only here, by the explicit imports below: a new backend is a module with one subclass plus
+one line in `BACKENDS`; importing a backend module registers nothing.
 
     tower = build_tower("hf_siglip", "google/siglip-so400m-patch14-384")          # hub id
     tower = build_tower("timm", "/ckpt/my_resnet", feature_layer=-1, dtype=torch.bfloat16)  # local dir
