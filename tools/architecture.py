@@ -135,7 +135,7 @@ def edges(modules: dict[str, Module]) -> dict[str, set[str]]:
 
 def layer_violations(modules: dict[str, Module]) -> list[str]:
     out = []
-    for name, mod in modules.items():
+    for mod in modules.values():
         for target, line, _ in mod.imports:
             own = _own(target, modules)
             if not own:
