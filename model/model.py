@@ -76,7 +76,7 @@ from .config import VLMConfig
 from .dtypes import torch_dtype
 from .llava import llava_parts
 from .parts import build_towers, named_source
-from .paths import CONFIG_FILE, ModelDirError, is_llava_dir
+from .paths import CONFIG_FILE, resolve_model_dir
 from .projector import Projector, build_projector
 from .quant import QUANT_FILE, dequantize_lm, has_4bit, quantize_lm_4bit
 from .token_rows import TokenRows
@@ -526,15 +526,11 @@ def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM
 
 
 def load_vlm(path: str | Path, **overrides: Any) -> VLM:
-    """A directory written by `VLM.save_pretrained` (rebuilt, then its tensors on top) or a Llava directory."""
-    p = Path(path)
-    if not (p / CONFIG_FILE).is_file():
-        if is_llava_dir(p):
-            return _import_llava(p, overrides or None).eval()
-        raise ModelDirError(
-            f"{p}: neither a VLM checkpoint ({CONFIG_FILE}) nor a transformers Llava directory "
-            f"(config.json with model_type 'llava')"
-        )
+    """A directory written by `VLM.save_pretrained` (rebuilt, then its tensors on top), a run directory (its
+    `final/`, else its newest `checkpoint-N/`: `resolve_model_dir`) or a Llava directory."""
+    p = resolve_model_dir(path)
+    if not (p / CONFIG_FILE).is_file():  # resolve_model_dir returns a model directory: ours or a Llava one
+        return _import_llava(p, overrides or None).eval()
     config, _ = read_vlm_config(p)
     if (p / TOKENIZER_DIR).is_dir() and "tokenizer" not in overrides:
         config.tokenizer = str(p / TOKENIZER_DIR)

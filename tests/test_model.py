@@ -405,7 +405,7 @@ def test_lora_checkpoint_round_trip_and_merge(tmp_path, lm_backend):
 
     ck = resolve_model_dir(tmp_path / "run")
     assert ck.name == "checkpoint-2" and (ck / "lora" / "adapter_config.json").is_file()
-    loaded = VLM.from_pretrained(ck).eval()
+    loaded = VLM.from_pretrained(tmp_path / "run").eval()  # the run directory itself: its newest checkpoint
     assert any("lora_A" in n for n, _ in loaded.named_parameters())
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, ref, rtol=0, atol=0)
@@ -486,5 +486,5 @@ def test_load_vlm_on_a_foreign_config_json_says_so(tmp_path, text):
     from qwenvl_lab.model.paths import ModelDirError
 
     (tmp_path / "config.json").write_text(text)
-    with pytest.raises(ModelDirError, match="neither a VLM checkpoint"):
+    with pytest.raises(ModelDirError, match="holds no model: expected vlm_config.json"):
         load_vlm(tmp_path)
