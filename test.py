@@ -24,11 +24,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from qwenvl_lab.core.cli import run_cli, writable_dir
+from qwenvl_lab.core.errors import UserError
+
 # Light modules only at the top, so `--help` answers before torch loads; heavy ones load where used.
-from qwenvl_lab.dataset.sample import IMAGE_MARKER, UserError
+from qwenvl_lab.dataset.sample import IMAGE_MARKER
 from qwenvl_lab.model.paths import is_bigbro_dir, resolve_model_dir
 from qwenvl_lab.trainer.bigbro import test_argv
-from qwenvl_lab.trainer.cli import run_cli, writable_dir
 
 LEGACY_PLACEHOLDER = "<|extra_0|>"
 

@@ -12,13 +12,13 @@ name one of its checkpoints.
 
 import sys
 
-from qwenvl_lab.trainer.cli import run_cli
+from qwenvl_lab.core.cli import run_cli
 
 
 def usage() -> str:
+    from qwenvl_lab.core.config_io import describe_fields
     from qwenvl_lab.model.config import VLMConfig
     from qwenvl_lab.trainer.config import TrainConfig
-    from qwenvl_lab.trainer.config_io import describe_fields
 
     rows = describe_fields(TrainConfig) + describe_fields(VLMConfig, prefix="model.")
     width = max(len(k) for k, _, _ in rows)

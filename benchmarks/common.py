@@ -37,7 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never download anythi
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the CPU profiler quiet; set before torch loads
 
 import torch  # noqa: E402
-from qwenvl_lab.qwen.loss import IGNORE_INDEX, count_targets  # noqa: E402  (after the environment above)
+from qwenvl_lab.core.loss import IGNORE_INDEX, count_targets  # noqa: E402  (after the environment above)
 
 
 @dataclass(frozen=True)

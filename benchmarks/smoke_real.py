@@ -71,9 +71,9 @@ def _tiny_files(tmp: Path) -> tuple[Path, Path]:
 
 def train_config(dtype: str, lm_file: Path, tower_file: Path, lora_r: int):
     """The original recipe with Qwen-1.8B-Chat's config as the LM, random weights everywhere."""
+    from qwenvl_lab.core.config_io import load_config
     from qwenvl_lab.qwen import QWenConfig
     from qwenvl_lab.trainer.config import TrainConfig
-    from qwenvl_lab.trainer.config_io import load_config
 
     cfg = load_config(TrainConfig, str(RECIPE), [f"lora.r={lora_r}", f"lora.alpha={2 * lora_r}"])
     cfg.preset = None
@@ -159,9 +159,9 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
         new_tokens: int = 4, mfu: float | None = None, lm_config: Path | None = None, steps: int = 1,
         batch: int = 1) -> dict:
     """Build, step once, answer; returns the measured figures and the plan's predictions."""
+    from qwenvl_lab.core.loss import count_targets
     from qwenvl_lab.model import dtypes
     from qwenvl_lab.model import plan as P
-    from qwenvl_lab.qwen.loss import count_targets
     from qwenvl_lab.trainer.optim import param_groups
     from qwenvl_lab.trainer.run import build_model
 

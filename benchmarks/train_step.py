@@ -9,7 +9,7 @@ Sides (all from ONE saved Llava directory, benchmarks/common.py `build_pair`: sa
 tower, projector + LM trained with the same optimizer, `--optimizer`, default the fused AdamW kernel that
 transformers' Trainer uses, `adamw_torch_fused`):
 - `ours`: `VLM(**batch)` with labels (the loss at supervised positions only, chunked fused linear +
-  cross-entropy, `qwen/loss.py`), padded batches exactly as training collates them;
+  cross-entropy, `core/loss.py`), padded batches exactly as training collates them;
 - `reference_sup`: the strongest peer configuration: transformers' LLaVA computes the hidden states
   (`model.model(...)`), then the head and the cross-entropy run at the supervised positions only with
   the same chunked fused linear + cross-entropy (what LLaMA-Factory users get from Liger's fused linear
@@ -66,8 +66,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import torch  # noqa: E402
+from qwenvl_lab.core.loss import supervised_loss  # noqa: E402
 from qwenvl_lab.model import dtypes  # noqa: E402
-from qwenvl_lab.qwen.loss import supervised_loss  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 

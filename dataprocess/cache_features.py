@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
+from ..core.cli import run_cli
 from ..dataset.feature_cache import FORMAT, INDEX_FILE, image_key, tower_identity
 from ..dataset.formats import normalize, read_records
 from ..dataset.images import MAX_PIXELS, load_image
 from ..dataset.sample import BadSampleError
-from ..trainer.cli import run_cli
 
 log = logging.getLogger(__name__)
 

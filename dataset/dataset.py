@@ -55,10 +55,11 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..core.errors import UserError
 from .feature_cache import FeatureCache
 from .formats import normalize, read_records
 from .images import MAX_PIXELS, load_image, load_video_frames, open_header, too_large_message
-from .sample import BadSampleError, Sample, UserError
+from .sample import BadSampleError, Sample
 from .template import render
 
 logger = logging.getLogger(__name__)

@@ -30,8 +30,8 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-from ..dataset.sample import UserError
-from ..trainer.cli import run_cli
+from ..core.cli import run_cli
+from ..core.errors import UserError
 
 MODEL_ID = "qwenvl_lab"
 CLASS_PATH = f"{__package__}.lmms_model.QwenVLLab"

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..dataset.sample import BadSampleError, UserError
+from ..core.errors import UserError
+from ..dataset.sample import BadSampleError
 from .items import EvalItem, load_images
 from .likelihood import rank_options
 from .metrics import LETTERS

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
 from .model import VLM, build_vlm, load_vlm
 from .parts import named_source
 from .paths import BIGBRO_FILES, CONFIG_FILE, is_bigbro_dir

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
 from ..trainer.stages import PROJECTOR_PREFIXES
 from .config import VLMConfig
 from .paths import CONFIG_FILE, ModelDirError

@@ -71,13 +71,13 @@ from huggingface_hub import hf_hub_download
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..dataset.sample import UserError
+from ..core.cli import run_cli
+from ..core.config_io import load_config
+from ..core.errors import UserError
 from ..kernels.prepare import prepare_attention
 from ..qwen import QWenConfig
 from ..qwen.modeling import rope_cos_sin
-from ..trainer.cli import run_cli
 from ..trainer.config import TrainConfig
-from ..trainer.config_io import load_config
 from ..trainer.stages import apply_stage
 from ..trainer.throughput import (
     BatchStats,

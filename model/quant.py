@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
 
 QUANT_FILE = "quantization.json"  # in a checkpoint's lora/ directory
 QUANT_TYPE = "nf4"

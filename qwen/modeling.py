@@ -17,7 +17,7 @@ Contract
   `max_length` (generation knows prompt + new tokens) it is static: each layer's buffer is allocated once
   at `[B, Hkv, max_length, D]` and every step writes in place (no concatenation of the whole cache per
   token); it grows like the dynamic one if a step would overflow it.
-* Decoding: the logits of `logits_to_keep` positions go through `qwen.loss.decode_logits` (on a CPU
+* Decoding: the logits of `logits_to_keep` positions go through `core.loss.decode_logits` (on a CPU
   `W @ h^T`, as the VLM's own decoding does); a one-token step with grouped KV heads never expands the
   cache (`kernels.attention` folds the query heads for SDPA).
 * `attention_mask` is the `[B, T_cache + T_new]` 0/1 padding mask. Positions are
@@ -31,9 +31,9 @@ Contract
   log(p + 1) / log(seq_length).
 * Image hook: `image_features [n_placeholders_total, hidden]` replace the embeddings where
   `input_ids == config.image_token_id` (row-major order over the batch); a count mismatch raises.
-* `labels [B, T]` are unshifted; the loss shifts them in `qwen.loss.shift_targets` (the one shift in
+* `labels [B, T]` are unshifted; the loss shifts them in `core.loss.shift_targets` (the one shift in
   the codebase), ignore_index -100, mean over target tokens. With labels (and `return_logits` not True)
-  logits are computed only at target positions, chunked (`qwen.loss.supervised_loss`), and
+  logits are computed only at target positions, chunked (`core.loss.supervised_loss`), and
   `QWenOutput.logits` is computed on first access; `return_logits=True` is the full-logits path.
 """
 
@@ -48,12 +48,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.loss import decode_logits, full_logits_loss, supervised_loss
+from ..core.placeholders import scatter_image_features
 from ..kernels._log import log_once
 from ..kernels.attention import attention
 from ..kernels.fused import apply_rotary, rms_norm, swiglu
 from .config import QWenConfig
-from .loss import decode_logits, full_logits_loss, supervised_loss
-from .placeholders import scatter_image_features
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class QWenModel(nn.Module):
     def _place_image_features(self, input_ids, embeds, image_features):
         if image_features is None:  # a text-only call: placeholder ids keep their own embedding rows
             return embeds
-        # The one placeholder rule of the project (qwen/placeholders.py); the VLM uses it for every LM.
+        # The one placeholder rule of the project (core/placeholders.py); the VLM uses it for every LM.
         return scatter_image_features(input_ids, embeds, image_features, self.config.image_token_id)
 
     def _positions(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
@@ -439,7 +439,7 @@ class QWenLMHeadModel(nn.Module):
         logits_to_keep: int = 0,
     ) -> QWenOutput:
         """With `labels` and `return_logits` not True, the loss is computed only at target positions
-        (`qwen.loss.supervised_loss`, chunked) and `.logits` is computed lazily on access; with
+        (`core.loss.supervised_loss`, chunked) and `.logits` is computed lazily on access; with
         `return_logits=True` (or no labels) the full `[B, T, V]` logits are computed here.
         `logits_to_keep=n > 0` (no labels) computes logits for the last n positions only, as generation
         needs: a prefill then never builds the prompt x vocabulary matrix."""
@@ -450,7 +450,7 @@ class QWenLMHeadModel(nn.Module):
         )
         hidden = out.last_hidden_state  # [B, T, H]
         if labels is not None and return_logits is not True:
-            # Supervised-only logits: the shift and the packed-boundary rule live in qwen/loss.py.
+            # Supervised-only logits: the shift and the packed-boundary rule live in core/loss.py.
             loss = supervised_loss(hidden, self.lm_head, labels, cu_seqlens, self.loss_chunk_size)
             return QWenOutput(loss=loss, past_key_values=out.past_key_values,
                               logits_fn=lambda: self.lm_head(hidden))

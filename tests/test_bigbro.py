@@ -262,7 +262,7 @@ def test_seed_train_sh_continues_from_the_checkpoint(tmp_path, base, monkeypatch
 
 
 def test_train_flags_in_our_spelling(tmp_path, base, capsys):
-    from qwenvl_lab.dataset.sample import UserError
+    from qwenvl_lab.core.errors import UserError
     from qwenvl_lab.trainer.bigbro import train_argv
 
     root, lm_dir = base
@@ -281,7 +281,7 @@ def test_train_flags_in_our_spelling(tmp_path, base, capsys):
 
 
 def test_checkpoint_without_base_names_says_so(tmp_path, base, capsys):
-    from qwenvl_lab.trainer.cli import run_cli
+    from qwenvl_lab.core.cli import run_cli
 
     from tests.tiny_server import entry
 
@@ -314,7 +314,7 @@ def test_init_from_with_our_keys(tmp_path, base):
     vlm = VLM.from_pretrained(cfg.init_from)
     assert vlm.config.chat_template == "bigbro" and vlm.towers.last_hidden_state
     # its adapters train on when lora.* names them; other settings would lose them in a trainable-only model
-    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.core.config_io import ConfigError
     from qwenvl_lab.trainer.run import continue_or_fold_adapters
 
     assert continue_or_fold_adapters(cfg, vlm).r == 0  # no second set of adapters

@@ -123,8 +123,8 @@ def test_part_report_lists_every_top_level_part():
 
 
 def test_precision_flags_follow_the_decision(monkeypatch):
+    from qwenvl_lab.core.config_io import ConfigError
     from qwenvl_lab.trainer.config import TrainConfig
-    from qwenvl_lab.trainer.config_io import ConfigError
     from qwenvl_lab.trainer.run import precision_flags
 
     _cpu(monkeypatch, "avx2")

@@ -4,8 +4,8 @@ import glob
 import json
 
 import pytest
+from qwenvl_lab.core.config_io import ConfigError
 from qwenvl_lab.evaluation.to_vqav2 import convert
-from qwenvl_lab.trainer.config_io import ConfigError
 from qwenvl_lab.trainer.run import train
 
 from tests.tiny_train import make_tiny_data, tiny_train_config

@@ -179,7 +179,7 @@ def test_fits_and_fewest_gpus_are_consistent():
 
 
 def test_cli_prints_the_plan_and_refuses_bad_input(capsys, tmp_path):
-    from qwenvl_lab.trainer.cli import run_cli
+    from qwenvl_lab.core.cli import run_cli
 
     rc = P.main(["configs/qwen2.5_0.5b_siglip.yaml", "lora.r=8", "--gpus", "2", "--gpu-mem", "24"])
     out = capsys.readouterr().out

@@ -170,7 +170,7 @@ def test_static_cache_follows_rows_selected_from_outside():
 
 
 def test_decode_logits_match_the_head():
-    from qwenvl_lab.qwen.loss import decode_logits
+    from qwenvl_lab.core.loss import decode_logits
 
     head = torch.nn.Linear(32, 300, bias=True)
     calls = []

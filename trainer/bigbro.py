@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
 
 TEST_ALIASES = {"--base_language_model": "--lm", "--base_value_model": "--tower", "--model_weights": "--model",
                 "--image_path": "--image"}

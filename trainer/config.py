@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from ..core.config_io import ConfigError, load_config
 from ..model.paths import resolve_model_dir
-from .config_io import ConfigError, load_config
 from .stages import LoraSettings
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from ..core.config_io import ConfigError
 from ..evaluation.runner import MC_MODES, run_task
 from ..evaluation.tasks import TASKS
 from .config import fsdp_flag
-from .config_io import ConfigError
 
 log = logging.getLogger("qwenvl_lab.trainer")
 KEYS = {"task", "data", "images", "limit", "name", "prompt", "split", "annotations", "mc_mode", "batch_size",

@@ -40,7 +40,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import rotate_checkpoints
 
-from ..qwen.loss import count_targets
+from ..core.loss import count_targets
 from . import state_io
 from .checkpoints import make_tmp_dir
 from .engines import enable_fsdp_on_cpu, retie

@@ -29,19 +29,19 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, set_seed
 
+from ..core.cli import writable_dir
+from ..core.config_io import ConfigError, save_config
+from ..core.errors import UserError
 from ..dataset import Collator, LengthGroupedSampler, VLMDataset
 from ..dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
 from ..dataset.packing import PackedDataset, PackingCollator, PackingSampler
-from ..dataset.sample import UserError
 from ..model import VLM, build_vlm, dtypes
 from ..model.backbones import unwrap
 from ..model.checkpoint import _select_keys
 from ..model.paths import resolve_model_dir
 from .callbacks import AttentionSetup, JsonlLogger, plot_loss
 from .checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
-from .cli import writable_dir
 from .config import TrainConfig, check_paths, fsdp_flag
-from .config_io import ConfigError, save_config
 from .engines import prepare_deepspeed_on_cpu
 from .eval_tasks import EvalTasksCallback
 from .hf_trainer import VLMTrainer, gather_objects

@@ -27,7 +27,7 @@ def _qwen_lm(vlm):
 
 
 def apply_speed_settings(cfg, vlm) -> dict:
-    from .config_io import ConfigError
+    from ..core.config_io import ConfigError
 
     done = {}
     if cfg.retain_freed_memory and not torch.cuda.is_available():

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from ..qwen.loss import count_targets
+from ..core.loss import count_targets
 
 log = logging.getLogger(__name__)
 
