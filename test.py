@@ -10,7 +10,7 @@ directory. Decoding is greedy unless `--do-sample` is given. `--stream` prints t
 `--lm` / `--tower` point the model at another copy of its base LM / vision tower (a local directory).
 The original (BigBro) repo's command keeps working: `--base_language_model ID --base_value_model ID
 --model_weights DIR --image_path IMG --prompt "...<|extra_0|>..."` (the `<|extra_0|>` in the prompt
-marks where the image goes); each of its flags is an alias that says its spelling here (trainer/bigbro.py),
+marks where the image goes); each of its flags is an alias that says its spelling here (dataprocess/bigbro.py),
 and DIR may be one of its own checkpoints (adapter_model.bin + other_params.bin), converted once beside it.
 
 A mistake (a missing or unreadable image, a model directory without a model, a hub name while offline,
@@ -26,11 +26,11 @@ from pathlib import Path
 
 from qwenvl_lab.core.cli import run_cli, writable_dir
 from qwenvl_lab.core.errors import UserError
+from qwenvl_lab.dataprocess.bigbro import test_argv
 
 # Light modules only at the top, so `--help` answers before torch loads; heavy ones load where used.
 from qwenvl_lab.dataset.sample import IMAGE_MARKER
 from qwenvl_lab.model.paths import is_bigbro_dir, resolve_model_dir
-from qwenvl_lab.trainer.bigbro import test_argv
 
 LEGACY_PLACEHOLDER = "<|extra_0|>"
 

@@ -59,7 +59,7 @@ def _peak_mem_mb(device: torch.device) -> float:
 def build(args: argparse.Namespace, device: torch.device):
     from qwenvl_lab.model import build_vlm
     from qwenvl_lab.model.model import TINY_LM
-    from qwenvl_lab.trainer.stages import LoraSettings, apply_lora, set_trainable
+    from qwenvl_lab.model.stages import LoraSettings, apply_lora, set_trainable
 
     lm_config = dict(TINY_LM) if args.quick else dict(QWEN_1_8B)
     dtype = "bfloat16" if device.type == "cuda" else "float32"  # bf16 matmuls are slow on most CPUs

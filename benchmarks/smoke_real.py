@@ -72,8 +72,8 @@ def _tiny_files(tmp: Path) -> tuple[Path, Path]:
 def train_config(dtype: str, lm_file: Path, tower_file: Path, lora_r: int):
     """The original recipe with Qwen-1.8B-Chat's config as the LM, random weights everywhere."""
     from qwenvl_lab.core.config_io import load_config
+    from qwenvl_lab.model.train_config import TrainConfig
     from qwenvl_lab.qwen import QWenConfig
-    from qwenvl_lab.trainer.config import TrainConfig
 
     cfg = load_config(TrainConfig, str(RECIPE), [f"lora.r={lora_r}", f"lora.alpha={2 * lora_r}"])
     cfg.preset = None

@@ -31,7 +31,7 @@ transformers' Trainer uses, `adamw_torch_fused`):
 Method: after `--warmup` untimed steps per side, `--steps` rounds; in each round every side runs one step
 and the side going first rotates. Wall time and process CPU time are both recorded per step (on a
 loaded machine, `cpu_s` with `--threads 1` is the steadier figure). MFU = model FLOPs
-(trainer/throughput.py) / time / the best square-matmul FLOP/s measured between the rounds (so that it
+(model/flops.py) / time / the best square-matmul FLOP/s measured between the rounds (so that it
 sees the same load), by wall time (`mfu`) and by CPU time (`mfu_cpu`). On a CPU the process uses glibc's
 allocator in `retain` mode (as `train.py` does; `--malloc default` for glibc's defaults), for every side.
 
@@ -350,7 +350,7 @@ def main(argv=None) -> dict:
         print("first-step loss: " + " ".join(f"{k}={v:.6f}" for k, v in first.items())
               + f" max|diff|={max(abs(v - ref_loss) for v in first.values()):.2e}")
 
-    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, measure_matmul_peak, step_flops
+    from qwenvl_lab.model.flops import ModelDims, batch_stats, measure_matmul_peak, step_flops
 
     dims = ModelDims.from_model(ours_model)  # the same model on every side: the same model FLOPs
     flops = [step_flops(dims, batch_stats(b))["total"] for b in data]
@@ -371,7 +371,7 @@ def main(argv=None) -> dict:
     if device.type == "cpu":
         common.set_malloc(args.malloc)
     peak_wall, peak_cpu = max(p[0] for p in peaks), max(p[1] for p in peaks)
-    print(f"model FLOPs per step (trainer/throughput.py): {sum(flops) / len(flops) / 1e9:.1f} G; "
+    print(f"model FLOPs per step (model/flops.py): {sum(flops) / len(flops) / 1e9:.1f} G; "
           f"peak matmul (best between rounds) {peak_wall / 1e9:.1f} GFLOP/s wall, "
           f"{peak_cpu / 1e9:.1f} GFLOP/s per CPU-second (fp32)")
 
@@ -466,7 +466,7 @@ def bf16_lines(sides: dict, data: list[dict], args, device: torch.device) -> dic
 
 def stage1(args, device: torch.device) -> dict:
     """Projector-only steps on the stage-1 shape: tower on pixels vs cached features (module docstring)."""
-    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, step_flops
+    from qwenvl_lab.model.flops import ModelDims, batch_stats, step_flops
 
     spec = common.SPECS["stage1_quick" if args.quick else "stage1"]
     with tempfile.TemporaryDirectory(prefix="bench_stage1_") as tmp:

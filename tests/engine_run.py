@@ -20,7 +20,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwenvl_lab.trainer.config import load_train_config  # noqa: E402
+from qwenvl_lab.model.train_config import load_train_config  # noqa: E402
 from qwenvl_lab.trainer.run import train  # noqa: E402
 
 from train import _close_process_group  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qwenvl_lab.trainer.stages import LoraSettings, apply_lora
+from qwenvl_lab.model.stages import LoraSettings, apply_lora
 
 from tests.tiny_model import build_tiny_vlm, randomize_
 

@@ -66,7 +66,7 @@ def test_server_without_fastapi_names_the_package(monkeypatch):
 ])
 def test_config_key_needing_a_missing_package_is_a_config_error(monkeypatch, tmp_path, overrides, key, package):
     from qwenvl_lab.core.config_io import ConfigError
-    from qwenvl_lab.trainer.config import check_paths
+    from qwenvl_lab.model.train_config import check_paths
 
     from tests.tiny_train import make_tiny_data, tiny_train_config
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qwenvl_lab.core.config_io import describe_fields
 from qwenvl_lab.model.config import VLMConfig
-from qwenvl_lab.trainer.config import TrainConfig
+from qwenvl_lab.model.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,14 +16,12 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # annotations only: the config (which holds LoraSettings) loads without torch
-    from collections.abc import Callable
+    from collections.abc import Callable  # annotations only
 
-    from torch import nn
-
-    from .config import TrainConfig
+    from torch import nn  # annotations only: no torch when the config loads
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +39,16 @@ def part_of(name: str) -> str:
     if name.startswith("towers."):
         return "vision"
     return "lm"
+
+
+class StageSettings(Protocol):
+    """What `apply_stage` reads of a run's config: a `TrainConfig` (model/train_config.py, which imports this
+    module for `LoraSettings`, so this one does not import it back)."""
+
+    stage: str
+    vision_lr: float
+    freeze: list[str]
+    unfreeze: list[str]
 
 
 @dataclass
@@ -96,12 +104,12 @@ def resolve_lora_targets(vlm: nn.Module, targets: str) -> str:
 
 def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
     """Wrap `vlm.lm` with peft LoRA adapters (QLoRA: 4-bit base weights first, needs bitsandbytes)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # lazily: this module loads with the config, without torch
 
     if lora.qlora:
         # 4-bit NF4 base weights; bitsandbytes quantises on the GPU when there is one, else with its CPU
         # backend (it raises a clear error when missing).
-        from ..model.quant import quantize_lm_4bit  # imported lazily: only QLoRA needs it
+        from .quant import quantize_lm_4bit  # imported lazily: only QLoRA needs it
 
         n4 = quantize_lm_4bit(vlm)
         log.info("QLoRA: %d linear layers of the LM hold 4-bit NF4 weights", n4)
@@ -137,13 +145,13 @@ def adapters_match(vlm: nn.Module, lora: LoraSettings) -> bool:
     return have == lora_modules(vlm, lora.targets)
 
 
-def apply_stage(vlm: nn.Module, cfg: TrainConfig, lora: LoraSettings,
+def apply_stage(vlm: nn.Module, cfg: StageSettings, lora: LoraSettings,
                 check: Callable[[nn.Module], None] | None = None) -> int:
     """The stage on a built VLM: LoRA adapters (sft with lora.r > 0), the trainable set, frozen towers in
     tower_dtype and fp32 master weights for what trains. The run and the memory plan (model/plan.py) both
     call it, so the plan models exactly what trains. `check` sees the trainable set before any cast.
     Returns how many trainable tensors moved to fp32."""
-    from ..model.dtypes import upcast_trainable  # lazily: this module loads with the config, without torch
+    from .dtypes import upcast_trainable  # lazily: this module loads with the config, without torch
 
     if cfg.stage == "sft" and lora.r > 0:
         apply_lora(vlm, lora)
