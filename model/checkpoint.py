@@ -34,10 +34,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import UserError
-from .config import VLMConfig
+from .config import PROJECTOR_PREFIXES, VLMConfig
 from .paths import CONFIG_FILE, ModelDirError
 from .quant import QUANT_FILE, load_4bit_tensors, quant_settings
-from .stages import PROJECTOR_PREFIXES
 
 LORA_DIR = "lora"
 WEIGHTS_FILE = "model.safetensors"

@@ -20,7 +20,18 @@ from typing import Literal
 
 from ..core.config_io import ConfigError, load_config
 from .paths import resolve_model_dir
-from .stages import LoraSettings
+
+
+@dataclass
+class LoraSettings:
+    r: int = 0  # LoRA rank (0 = no adapters)
+    alpha: int = 16  # LoRA scaling numerator (the update is scaled by alpha / r)
+    dropout: float = 0.05  # dropout on the adapters' input
+    # Module-name suffixes joined by "|"; "" = the LM backbone's default (Qwen: every Linear of the block,
+    # c_attn|attn.c_proj|w1|w2|mlp.c_proj; Llama-like: q/k/v/o/gate/up/down_proj); "all-linear" = every
+    # Linear of the LM but its output head.
+    targets: str = ""
+    qlora: bool = False  # 4-bit NF4 base weights under the adapters (bitsandbytes)
 
 
 @dataclass

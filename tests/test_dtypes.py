@@ -141,8 +141,7 @@ def test_precision_flags_follow_the_decision(monkeypatch):
 def test_build_model_bf16_base_keeps_trainables_fp32_and_trains(caplog):
     """A bf16 base (what `auto` gives on a GPU): frozen LM and tower in bf16, projector and LoRA in fp32,
     and a training forward/backward runs on the mixed model; the log lists each part's dtype and bytes."""
-    from qwenvl_lab.model.stages import LoraSettings
-    from qwenvl_lab.model.train_config import TrainConfig
+    from qwenvl_lab.model.train_config import LoraSettings, TrainConfig
     from qwenvl_lab.trainer.run import build_model
 
     from tests.tiny_train import TINY_TOWER

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from qwenvl_lab.model import plan as P
-from qwenvl_lab.model.stages import LoraSettings
-from qwenvl_lab.model.train_config import TrainConfig
+from qwenvl_lab.model.train_config import LoraSettings, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB = ROOT / "configs" / "hub"
