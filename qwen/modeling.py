@@ -52,9 +52,11 @@ from ..core.loss import decode_logits, full_logits_loss, supervised_loss
 from ..core.placeholders import scatter_image_features
 from ..kernels._log import log_once
 from ..kernels.attention import attention
-from ..kernels.fused import apply_rotary, rms_norm, swiglu
+from ..kernels.fused import FUSED_IMPLS, apply_rotary, rms_norm, swiglu
 from .cache import QWenCache
 from .config import QWenConfig
+from .generation import generate
+from .loading import load_pretrained, save_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -346,8 +348,6 @@ class QWenLMHeadModel(nn.Module):
     def set_fused_impl(self, impl: str) -> None:
         """RMSNorm / rotary / SwiGLU implementation for every layer (`kernels.fused`: auto | torch | triton |
         compile)."""
-        from ..kernels.fused import FUSED_IMPLS
-
         if impl not in FUSED_IMPLS:
             raise ValueError(f"fused_impl={impl!r}; valid: {', '.join(FUSED_IMPLS)}")
         self.config.fused_impl = impl
@@ -421,17 +421,11 @@ class QWenLMHeadModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **config_overrides):
-        from .loading import load_pretrained
-
         return load_pretrained(cls, path, dtype=dtype, **config_overrides)
 
     def save_pretrained(self, out_dir: str | Path, max_shard_bytes: int | None = None) -> None:
-        from .loading import save_pretrained
-
         save_pretrained(self, out_dir, max_shard_bytes=max_shard_bytes)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs) -> list[list[int]]:
-        from .generation import generate
-
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
