@@ -12,14 +12,15 @@ name one of its checkpoints.
 
 import sys
 
+# Light modules only (no torch): `--help` and `--check` answer before the heavy imports in `main`.
 from qwenvl_lab.core.cli import run_cli
+from qwenvl_lab.core.config_io import describe_fields
+from qwenvl_lab.dataprocess.bigbro import resolve_init_from, train_argv
+from qwenvl_lab.model.config import VLMConfig
+from qwenvl_lab.model.train_config import TrainConfig, check_paths, load_train_config
 
 
 def usage() -> str:
-    from qwenvl_lab.core.config_io import describe_fields
-    from qwenvl_lab.model.config import VLMConfig
-    from qwenvl_lab.model.train_config import TrainConfig
-
     rows = describe_fields(TrainConfig) + describe_fields(VLMConfig, prefix="model.")
     width = max(len(k) for k, _, _ in rows)
     lines = [__doc__.strip(), "", "usage: python train.py [--check] CONFIG.yaml [key=value ...] [--debug]", "",
@@ -35,15 +36,11 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    from qwenvl_lab.dataprocess.bigbro import resolve_init_from, train_argv
-
     argv = train_argv(argv)  # the BigBro repo's --flags -> our key=value (a line each); others unchanged
     check_only = bool(argv) and argv[0] == "--check"
     if check_only:
         argv = argv[1:]
     config_path = argv.pop(0) if argv and "=" not in argv[0] else None
-    from qwenvl_lab.model.train_config import check_paths, load_train_config
-
     cfg = load_train_config(config_path, argv)
     callbacks = []
     if cfg.eval_tasks:  # benchmarks every eval_steps: the evaluation package's callbacks (loaded only when used)
@@ -55,26 +52,18 @@ def main(argv: list[str]) -> int:
     check_paths(cfg)  # before trainer.run (~10 s to import) and the model load: a wrong path fails fast
     if check_only:  # train.sh runs this once before torchrun starts N processes that would each fail alike
         return 0
-    from qwenvl_lab.trainer.run import train  # heavy: after the config and its paths are checked
+    from qwenvl_lab.trainer.run import (  # heavy: after the config and its paths are checked
+        close_process_group,
+        train,
+    )
 
     try:
         train(cfg, callbacks=callbacks)
     except BaseException:
-        _close_process_group(wait_for_others=False)  # the other ranks may never reach a barrier
+        close_process_group(wait_for_others=False)  # the other ranks may never reach a barrier
         raise
-    _close_process_group(wait_for_others=True)
+    close_process_group(wait_for_others=True)
     return 0
-
-
-def _close_process_group(wait_for_others: bool) -> None:
-    """Under torchrun, leave the process group cleanly: a group torn down by interpreter exit can abort
-    a rank ("terminate called without an active exception") after a successful run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if wait_for_others:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

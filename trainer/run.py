@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import TrainingArguments, set_seed
 
 from ..core.cli import writable_dir
@@ -49,6 +50,7 @@ from .callbacks import AttentionSetup, JsonlLogger, plot_loss
 from .checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
 from .engines import prepare_deepspeed_on_cpu
 from .hf_trainer import VLMTrainer, gather_objects
+from .speed import apply_speed_settings
 from .throughput import ThroughputCallback
 
 log = logging.getLogger("qwenvl_lab.trainer")
@@ -320,7 +322,6 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
             log.warning("removed %s: an unfinished checkpoint of an earlier run", stale)
     set_seed(cfg.seed)
     vlm = build_model(cfg)
-    from .speed import apply_speed_settings
 
     apply_speed_settings(cfg, vlm)
     if rank == 0 and cfg.check_disk_space:
@@ -419,3 +420,12 @@ def train(cfg: TrainConfig, callbacks: Sequence[CallbackFactory] = ()) -> RunRes
         png = plot_loss(out / "log.jsonl", out / "loss.png")
         log.info("run finished: %s (loss curve: %s)", final, png)
     return RunResult(out, vlm, report["skipped"], list(trainer.nan_steps))
+
+
+def close_process_group(wait_for_others: bool) -> None:
+    """Under torchrun, leave the process group cleanly: a group torn down by interpreter exit can abort
+    a rank ("terminate called without an active exception") after a successful run (train.py calls it)."""
+    if dist.is_available() and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
+        dist.destroy_process_group()
