@@ -26,11 +26,15 @@ flags convert that repo's data with `image_map.py` and its `init_from` converts 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 from ..core.errors import UserError
+from ..model.paths import is_bigbro_dir
+from .common import read_text, write_jsonl
+from .image_map import convert_image_map, parse_captions, parse_image_map
 
 TEST_ALIASES = {"--base_language_model": "--lm", "--base_value_model": "--tower", "--model_weights": "--model",
                 "--image_path": "--image"}
@@ -181,8 +185,6 @@ def _model_overrides(named: dict, overrides: list[str]) -> list[str]:
 
 
 def _yaml(v) -> str:
-    import json
-
     return json.dumps(v) if isinstance(v, (str, bool)) else str(v)
 
 
@@ -191,8 +193,6 @@ def _data_overrides(data: dict, overrides: list[str]) -> list[str]:
         return []
     if set(data) != {"image_map", "captions_file"}:
         raise UserError("--image_map and --captions_file go together (the image files and their captions)")
-    from .common import read_text, write_jsonl  # the converters: only for these flags
-    from .image_map import convert_image_map, parse_captions, parse_image_map
 
     imap_path, caps_path = Path(data["image_map"]), Path(data["captions_file"])
     image_map = parse_image_map(read_text(imap_path), str(imap_path))
@@ -214,8 +214,6 @@ def _data_overrides(data: dict, overrides: list[str]) -> list[str]:
 
 def resolve_init_from(cfg):
     """A BigBro checkpoint in `init_from`: converted once, then `init_from` names the conversion."""
-    from ..model.paths import is_bigbro_dir
-
     if not cfg.init_from or not is_bigbro_dir(cfg.init_from):
         return cfg
     from ..model.bigbro import convert_bigbro  # heavy (torch): only for a BigBro checkpoint
