@@ -67,7 +67,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 from qwenvl_lab.core.loss import supervised_loss  # noqa: E402
+from qwenvl_lab.dataset.packing import PackingCollator
 from qwenvl_lab.model import dtypes  # noqa: E402
+from qwenvl_lab.model.flops import ModelDims, batch_stats, measure_matmul_peak, step_flops
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import common  # noqa: E402
 
@@ -201,8 +204,6 @@ def _category(e) -> tuple[str, str, bool]:
 
 def _profile(side: Side, batch: dict, n: int) -> tuple[str, dict[str, float]]:
     """(top-n op table, seconds per kind and per "other" part) of one profiled step."""
-    from torch.profiler import ProfilerActivity, profile
-
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         side.step(batch)
@@ -245,11 +246,6 @@ def _print_profile(cats: dict[str, dict[str, float]], device: torch.device) -> N
 # ----- the run -----------------------------------------------------------------------------------------
 def _packed_batches(items: list[dict], batch_size: int, device: torch.device) -> list[dict] | None:
     """The same consecutive items as `common.batches`, each batch packed into one row (or None)."""
-    try:
-        from qwenvl_lab.dataset.packing import PackingCollator
-    except ImportError as e:
-        print(f"packed side skipped: {e}")
-        return None
     collate = PackingCollator()
     return [common.to_device(dict(collate(items[i:i + batch_size])), device)
             for i in range(0, len(items) - batch_size + 1, batch_size)]
@@ -349,8 +345,6 @@ def main(argv=None) -> dict:
         ref_loss = first["reference_sup"]
         print("first-step loss: " + " ".join(f"{k}={v:.6f}" for k, v in first.items())
               + f" max|diff|={max(abs(v - ref_loss) for v in first.values()):.2e}")
-
-    from qwenvl_lab.model.flops import ModelDims, batch_stats, measure_matmul_peak, step_flops
 
     dims = ModelDims.from_model(ours_model)  # the same model on every side: the same model FLOPs
     flops = [step_flops(dims, batch_stats(b))["total"] for b in data]
@@ -466,8 +460,6 @@ def bf16_lines(sides: dict, data: list[dict], args, device: torch.device) -> dic
 
 def stage1(args, device: torch.device) -> dict:
     """Projector-only steps on the stage-1 shape: tower on pixels vs cached features (module docstring)."""
-    from qwenvl_lab.model.flops import ModelDims, batch_stats, step_flops
-
     spec = common.SPECS["stage1_quick" if args.quick else "stage1"]
     with tempfile.TemporaryDirectory(prefix="bench_stage1_") as tmp:
         vlm = common.load_ours(common.save_llava(spec, Path(tmp) / "llava", seed=args.seed))
