@@ -10,7 +10,7 @@ directory. Decoding is greedy unless `--do-sample` is given. `--stream` prints t
 `--lm` / `--tower` point the model at another copy of its base LM / vision tower (a local directory).
 The original (BigBro) repo's command keeps working: `--base_language_model ID --base_value_model ID
 --model_weights DIR --image_path IMG --prompt "...<|extra_0|>..."` (the `<|extra_0|>` in the prompt
-marks where the image goes); each of its flags is an alias that says its spelling here (trainer/bigbro.py),
+marks where the image goes); each of its flags is an alias that says its spelling here (dataprocess/bigbro.py),
 and DIR may be one of its own checkpoints (adapter_model.bin + other_params.bin), converted once beside it.
 
 A mistake (a missing or unreadable image, a model directory without a model, a hub name while offline,
@@ -25,10 +25,13 @@ import sys
 from pathlib import Path
 
 # Light modules only at the top, so `--help` answers before torch loads; heavy ones load where used.
-from qwenvl_lab.dataset.sample import IMAGE_MARKER, UserError
+from qwenvl_lab.core.cli import run_cli, writable_dir
+from qwenvl_lab.core.errors import UserError
+from qwenvl_lab.dataprocess.bigbro import test_argv
+from qwenvl_lab.dataset.images import load_image
+from qwenvl_lab.dataset.sample import IMAGE_MARKER
 from qwenvl_lab.model.paths import is_bigbro_dir, resolve_model_dir
-from qwenvl_lab.trainer.bigbro import test_argv
-from qwenvl_lab.trainer.cli import run_cli, writable_dir
+from qwenvl_lab.trainer.evaluate import load_samples, write_answers
 
 LEGACY_PLACEHOLDER = "<|extra_0|>"
 
@@ -65,16 +68,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_model(args, model_dir: Path):
+    """The model, on its device, in eval mode; then the random seed of the answers is set."""
     import torch  # heavy: after the arguments and files are checked
     from qwenvl_lab.model import VLM
+    from qwenvl_lab.model.bigbro import load_bigbro  # its .bin files, converted once beside them
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if is_bigbro_dir(model_dir):
-        from qwenvl_lab.model.bigbro import load_bigbro  # its .bin files, converted once beside them
-
-        return load_bigbro(model_dir, args.lm, args.tower).to(device).eval()
-    overrides = {k: v for k, v in (("lm", args.lm), ("tower_path", args.tower)) if v}
-    return VLM.from_pretrained(model_dir, **overrides).to(device).eval()
+        vlm = load_bigbro(model_dir, args.lm, args.tower).to(device).eval()
+    else:
+        overrides = {k: v for k, v in (("lm", args.lm), ("tower_path", args.tower)) if v}
+        vlm = VLM.from_pretrained(model_dir, **overrides).to(device).eval()
+    torch.manual_seed(args.seed)
+    return vlm
 
 
 def gen_kwargs(args) -> dict:
@@ -113,8 +119,6 @@ def answer(vlm, images, messages, args) -> str:
 
 
 def load_images(paths: list[str]):
-    from qwenvl_lab.dataset.images import load_image  # PIL, numpy: after argument parsing
-
     return [load_image(p) for p in paths]  # a missing or bad file is a BadSampleError (a UserError)
 
 
@@ -123,8 +127,6 @@ def with_system(messages: list[dict], system: str | None) -> list[dict]:
 
 
 def run_batch_file(vlm, pairs: list, args) -> None:
-    from qwenvl_lab.trainer.evaluate import write_answers  # heavy: after argument parsing
-
     n = write_answers(vlm, pairs, args.output, batch_size=args.batch_size, system=args.system, **gen_kwargs(args))
     print(f"answered {n} samples -> {args.output}")
 
@@ -176,16 +178,11 @@ def main(argv=None) -> int:
     bigbro = is_bigbro_dir(args.model) and args.lm and args.tower  # else resolve_model_dir says what is missing
     model_dir = Path(args.model) if bigbro else resolve_model_dir(args.model)
     if args.input:
-        from qwenvl_lab.trainer.evaluate import load_samples  # PIL, numpy: after argument parsing
-
         # Not JSON / JSONL, not UTF-8, a bad sample: one line now rather than after the model.
         pairs = load_samples(args.input, args.image_folder, args.allow_absolute_paths)
         writable_dir(Path(args.output).resolve().parent, "--output's directory")
     prompt = None if args.input or args.prompt is None else single_prompt(args.prompt, len(images))
-    vlm = load_model(args, model_dir)
-    import torch  # loaded by now
-
-    torch.manual_seed(args.seed)
+    vlm = load_model(args, model_dir)  # and the seed
     if args.input:
         run_batch_file(vlm, pairs, args)
         return 0

@@ -6,20 +6,21 @@ A mistake in the config, the data or a path ends with one line `error: ...` (exi
 shows the traceback. `python train.py --check CONFIG.yaml [key=value ...]` checks the config and its paths
 only (what train.sh does once before it launches several processes; WORLD_SIZE sets the process count).
 The BigBro repo's train.sh flags (`--lora_rank 128 --feature_proj_lr 1e-4 --image_map ... --output_dir ...`)
-are accepted as aliases of our keys, each saying how it is spelt here (trainer/bigbro.py); `init_from` may
+are accepted as aliases of our keys, each saying how it is spelt here (dataprocess/bigbro.py); `init_from` may
 name one of its checkpoints.
 """
 
 import sys
 
-from qwenvl_lab.trainer.cli import run_cli
+# Light modules only (no torch): `--help` and `--check` answer before the heavy imports in `main`.
+from qwenvl_lab.core.cli import run_cli
+from qwenvl_lab.core.config_io import describe_fields
+from qwenvl_lab.dataprocess.bigbro import resolve_init_from, train_argv
+from qwenvl_lab.model.config import VLMConfig
+from qwenvl_lab.model.train_config import TrainConfig, check_paths, load_train_config
 
 
 def usage() -> str:
-    from qwenvl_lab.model.config import VLMConfig
-    from qwenvl_lab.trainer.config import TrainConfig
-    from qwenvl_lab.trainer.config_io import describe_fields
-
     rows = describe_fields(TrainConfig) + describe_fields(VLMConfig, prefix="model.")
     width = max(len(k) for k, _, _ in rows)
     lines = [__doc__.strip(), "", "usage: python train.py [--check] CONFIG.yaml [key=value ...] [--debug]", "",
@@ -35,39 +36,34 @@ def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
         return 0
-    from qwenvl_lab.trainer.bigbro import resolve_init_from, train_argv
-
     argv = train_argv(argv)  # the BigBro repo's --flags -> our key=value (a line each); others unchanged
     check_only = bool(argv) and argv[0] == "--check"
     if check_only:
         argv = argv[1:]
     config_path = argv.pop(0) if argv and "=" not in argv[0] else None
-    from qwenvl_lab.trainer.config import check_paths, load_train_config
+    cfg = load_train_config(config_path, argv)
+    callbacks = []
+    if cfg.eval_tasks:  # benchmarks every eval_steps: the evaluation package's callbacks (loaded only when used)
+        from qwenvl_lab.evaluation.during_training import check_eval_tasks, eval_task_callbacks
 
-    cfg = resolve_init_from(load_train_config(config_path, argv))  # a BigBro checkpoint: converted once
+        check_eval_tasks(cfg.eval_tasks, cfg.eval_steps, cfg.fsdp, cfg.deepspeed)
+        callbacks.append(eval_task_callbacks)
+    cfg = resolve_init_from(cfg)  # a BigBro checkpoint: converted once
     check_paths(cfg)  # before trainer.run (~10 s to import) and the model load: a wrong path fails fast
     if check_only:  # train.sh runs this once before torchrun starts N processes that would each fail alike
         return 0
-    from qwenvl_lab.trainer.run import train  # heavy: after the config and its paths are checked
+    from qwenvl_lab.trainer.run import (  # heavy: after the config and its paths are checked
+        close_process_group,
+        train,
+    )
 
     try:
-        train(cfg)
+        train(cfg, callbacks=callbacks)
     except BaseException:
-        _close_process_group(wait_for_others=False)  # the other ranks may never reach a barrier
+        close_process_group(wait_for_others=False)  # the other ranks may never reach a barrier
         raise
-    _close_process_group(wait_for_others=True)
+    close_process_group(wait_for_others=True)
     return 0
-
-
-def _close_process_group(wait_for_others: bool) -> None:
-    """Under torchrun, leave the process group cleanly: a group torn down by interpreter exit can abort
-    a rank ("terminate called without an active exception") after a successful run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        if wait_for_others:
-            dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

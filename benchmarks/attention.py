@@ -27,7 +27,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
+from qwenvl_lab.kernels import cuda_ext
 from qwenvl_lab.kernels.attention import attention  # noqa: E402
+from torch.profiler import ProfilerActivity, profile
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -36,8 +38,6 @@ def _skip_reason(impl: str, device: torch.device) -> str | None:
     if impl in ("triton", "cuda") and device.type != "cuda":
         return f"{impl}: skipped, needs a CUDA GPU (running on {device})"
     if impl == "cuda":
-        from qwenvl_lab.kernels import cuda_ext
-
         try:
             cuda_ext.load()
         except cuda_ext.CudaExtensionError as e:
@@ -52,8 +52,6 @@ def _skip_reason(impl: str, device: torch.device) -> str | None:
 
 def _cpu_peak_bytes(fn) -> int:
     """Peak of the running sum of allocations minus frees seen by the profiler while fn runs."""
-    from torch.profiler import ProfilerActivity, profile
-
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)

@@ -36,8 +36,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never download anything
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the CPU profiler quiet; set before torch loads
 
+import resource
+
 import torch  # noqa: E402
-from qwenvl_lab.qwen.loss import IGNORE_INDEX, count_targets  # noqa: E402  (after the environment above)
+from qwenvl_lab.core.loss import IGNORE_INDEX, count_targets  # noqa: E402  (after the environment above)
+from qwenvl_lab.dataset import Collator
+from qwenvl_lab.model import VLM
+from qwenvl_lab.trainer.cpu_malloc import retain_freed_memory
+from torch.profiler import ProfilerActivity, profile
+from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
+from transformers.utils import logging as hf_logging
 
 
 @dataclass(frozen=True)
@@ -106,14 +114,11 @@ def setup_torch(threads: int | None = None) -> None:
     """Quiet torch / transformers; `threads` CPU threads (None or 0: torch's default)."""
     if threads:
         torch.set_num_threads(threads)
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bars between the figures
 
 
 def llava_config(spec: BenchSpec):
-    from transformers import CLIPVisionConfig, LlavaConfig, Qwen2Config
-
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden, intermediate_size=4 * spec.vision_hidden,
         num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
@@ -133,8 +138,6 @@ def llava_config(spec: BenchSpec):
 
 def save_llava(spec: BenchSpec, path: Path, seed: int = 0) -> Path:
     """A random LlavaForConditionalGeneration (transformers' own init, fixed seed) saved to `path`."""
-    from transformers import LlavaForConditionalGeneration
-
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(llava_config(spec))
     model.save_pretrained(str(path))
@@ -142,16 +145,12 @@ def save_llava(spec: BenchSpec, path: Path, seed: int = 0) -> Path:
 
 
 def load_reference(path: Path):
-    from transformers import LlavaForConditionalGeneration
-
     ref = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
     ref.model.vision_tower.requires_grad_(False)  # same trainable set as ours: projector + LM
     return ref
 
 
 def load_ours(path: Path):
-    from qwenvl_lab.model import VLM
-
     return VLM.from_pretrained(path)  # a Llava directory: imported by model/llava.py
 
 
@@ -258,8 +257,6 @@ def make_plain_mix(spec: BenchSpec, n: int, seed: int = 0) -> list[dict]:
 
 def batches(items: list[dict], batch_size: int, pad_id: int) -> list[dict]:
     """Consecutive items collated exactly as training does (dataset.Collator, right padding)."""
-    from qwenvl_lab.dataset import Collator
-
     collate = Collator(pad_id=pad_id)
     out = []
     for i in range(0, len(items) - batch_size + 1, batch_size):
@@ -309,8 +306,6 @@ def rss_bytes() -> int:
 
 def peak_rss_bytes() -> int:
     """The process's peak resident set so far."""
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
@@ -323,7 +318,6 @@ def peak_step_bytes(fn, device: torch.device) -> int:
         fn()
         sync(device)
         return int(torch.cuda.max_memory_allocated(device) - before)
-    from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
@@ -361,8 +355,6 @@ _MALLOC_MODE = ["default"]
 
 def set_malloc(mode: str) -> bool:
     """Switch glibc's allocator between `retain` and `default` (see the module docstring); False if not glibc."""
-    from qwenvl_lab.trainer.cpu_malloc import retain_freed_memory
-
     if mode == _MALLOC_MODE[0]:
         return True
     ok = retain_freed_memory(mode == "retain")

@@ -35,7 +35,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
+import numpy as np
 import torch  # noqa: E402
+from PIL import Image, ImageDraw
+from qwenvl_lab.dataprocess.make_vocab import train_bpe, write_tiktoken
+from qwenvl_lab.dataset import Collator, VLMDataset
+from qwenvl_lab.qwen import load_tokenizer
+from qwenvl_lab.visual.processor import ImageProcessor
 
 from benchmarks import common  # noqa: E402
 
@@ -71,9 +77,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----- the on-disk data -------------------------------------------------------------------------------
 def write_jpegs(folder: Path, n: int, size: tuple[int, int], seed: int) -> list[str]:
     """`n` photo-like JPEGs (smooth colour fields, shapes, grain): realistic decode cost and file size."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     rng = np.random.default_rng(seed)
     w, h = size
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -122,11 +125,8 @@ def write_records(path: Path, images: list[str], n: int, seed: int, quick: bool)
 
 def load_vocab(folder: Path, records: list[dict], quick: bool):
     """(tokenizer, where it came from): the real Qwen-1 vocabulary when present, else a trained one."""
-    from qwenvl_lab.qwen import load_tokenizer
-
     if (SHARED_QWEN1 / "qwen.tiktoken").is_file() and not quick:
         return load_tokenizer(SHARED_QWEN1), f"Qwen-1 ({SHARED_QWEN1})"
-    from qwenvl_lab.dataprocess.make_vocab import train_bpe, write_tiktoken
 
     texts = [t["value"].replace("<image>", " ") for r in records for t in r["conversations"]]
     merges = 20 if quick else 1000
@@ -137,8 +137,6 @@ def load_vocab(folder: Path, records: list[dict], quick: bool):
 # ----- measurements -----------------------------------------------------------------------------------
 def pipeline_rate(dataset, batch_size: int, workers: int, pad_id: int) -> tuple[float, int]:
     """(steady-state samples/s, batches) of one pass of a DataLoader over `dataset`."""
-    from qwenvl_lab.dataset import Collator
-
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                                          collate_fn=Collator(pad_id=pad_id), shuffle=False)
     n_samples, n_batches, t0 = 0, 0, None
@@ -154,8 +152,6 @@ def pipeline_rate(dataset, batch_size: int, workers: int, pad_id: int) -> tuple[
 
 def train_rate(tok, dataset, args, tmp: Path) -> float:
     """Our VLM's training samples/s on the benchmark model, fed by this pipeline."""
-    from qwenvl_lab.dataset import Collator
-
     base = common.SPECS["quick" if args.quick else "full"]
     # The model's placeholder and ChatML ids must be the tokenizer's (a real or a generated vocabulary).
     spec = dataclasses.replace(base, image_token=tok.image_token_id, im_start=tok.im_start_id,
@@ -182,8 +178,6 @@ def train_rate(tok, dataset, args, tmp: Path) -> float:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     common.setup_torch(args.threads)
-    from qwenvl_lab.dataset import VLMDataset
-    from qwenvl_lab.visual.processor import ImageProcessor
 
     spec = common.SPECS["quick" if args.quick else "full"]
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:

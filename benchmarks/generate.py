@@ -30,6 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile
+from transformers import GenerationConfig
 
 from benchmarks import common  # noqa: E402
 
@@ -60,8 +62,6 @@ def ours_generate(model, batch: dict, n: int) -> list[list[int]]:
 
 
 def reference_generate(model, batch: dict, n: int, pad_id: int) -> list[list[int]]:
-    from transformers import GenerationConfig
-
     cfg = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=pad_id)
     out = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          pixel_values=batch["pixel_values"], generation_config=cfg)  # [B, T + n]
@@ -129,8 +129,6 @@ def main(argv=None) -> dict:
     results["ratio"] = {k: results["ours"][k] / results["reference"][k] for k in results["ours"]}
     results["match"] = match
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
         for name, fn in run.items():
             with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
                 fn(1)

@@ -28,6 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # benchmarks never download anythi
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from qwenvl_lab.model import build_vlm
+from qwenvl_lab.model.model import TINY_LM
+from qwenvl_lab.model.quant import base_weight_bytes
+from qwenvl_lab.model.stages import apply_lora, set_trainable
+from qwenvl_lab.model.train_config import LoraSettings
 
 from benchmarks import common  # noqa: E402
 
@@ -57,9 +62,6 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 
 def build(args: argparse.Namespace, device: torch.device):
-    from qwenvl_lab.model import build_vlm
-    from qwenvl_lab.model.model import TINY_LM
-    from qwenvl_lab.trainer.stages import LoraSettings, apply_lora, set_trainable
 
     lm_config = dict(TINY_LM) if args.quick else dict(QWEN_1_8B)
     dtype = "bfloat16" if device.type == "cuda" else "float32"  # bf16 matmuls are slow on most CPUs
@@ -81,7 +83,6 @@ def main(argv=None) -> dict:
     except ImportError:
         print("qlora_step: bitsandbytes is not installed (pip install -e '.[qlora]')", file=sys.stderr)
         raise SystemExit(2) from None
-    from qwenvl_lab.model.quant import base_weight_bytes
 
     torch.manual_seed(0)
     vlm = build(args, device).train()

@@ -45,6 +45,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 import torch  # noqa: E402
+from qwenvl_lab.core.config_io import load_config  # noqa: E402
+from qwenvl_lab.core.loss import count_targets  # noqa: E402
+from qwenvl_lab.model import dtypes  # noqa: E402
+from qwenvl_lab.model import plan as P  # noqa: E402
+from qwenvl_lab.model.train_config import TrainConfig  # noqa: E402
+from qwenvl_lab.qwen import QWenConfig  # noqa: E402
+from qwenvl_lab.trainer.optim import param_groups  # noqa: E402
+from qwenvl_lab.trainer.run import build_model  # noqa: E402
 
 from benchmarks.common import peak_rss_bytes, rss_bytes  # noqa: E402
 
@@ -71,10 +79,6 @@ def _tiny_files(tmp: Path) -> tuple[Path, Path]:
 
 def train_config(dtype: str, lm_file: Path, tower_file: Path, lora_r: int):
     """The original recipe with Qwen-1.8B-Chat's config as the LM, random weights everywhere."""
-    from qwenvl_lab.qwen import QWenConfig
-    from qwenvl_lab.trainer.config import TrainConfig
-    from qwenvl_lab.trainer.config_io import load_config
-
     cfg = load_config(TrainConfig, str(RECIPE), [f"lora.r={lora_r}", f"lora.alpha={2 * lora_r}"])
     cfg.preset = None
     cfg.model = {
@@ -159,12 +163,6 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
         new_tokens: int = 4, mfu: float | None = None, lm_config: Path | None = None, steps: int = 1,
         batch: int = 1) -> dict:
     """Build, step once, answer; returns the measured figures and the plan's predictions."""
-    from qwenvl_lab.model import dtypes
-    from qwenvl_lab.model import plan as P
-    from qwenvl_lab.qwen.loss import count_targets
-    from qwenvl_lab.trainer.optim import param_groups
-    from qwenvl_lab.trainer.run import build_model
-
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("smoke_real: --device cuda but torch sees no CUDA device")

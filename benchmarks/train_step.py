@@ -9,7 +9,7 @@ Sides (all from ONE saved Llava directory, benchmarks/common.py `build_pair`: sa
 tower, projector + LM trained with the same optimizer, `--optimizer`, default the fused AdamW kernel that
 transformers' Trainer uses, `adamw_torch_fused`):
 - `ours`: `VLM(**batch)` with labels (the loss at supervised positions only, chunked fused linear +
-  cross-entropy, `qwen/loss.py`), padded batches exactly as training collates them;
+  cross-entropy, `core/loss.py`), padded batches exactly as training collates them;
 - `reference_sup`: the strongest peer configuration: transformers' LLaVA computes the hidden states
   (`model.model(...)`), then the head and the cross-entropy run at the supervised positions only with
   the same chunked fused linear + cross-entropy (what LLaMA-Factory users get from Liger's fused linear
@@ -31,7 +31,7 @@ transformers' Trainer uses, `adamw_torch_fused`):
 Method: after `--warmup` untimed steps per side, `--steps` rounds; in each round every side runs one step
 and the side going first rotates. Wall time and process CPU time are both recorded per step (on a
 loaded machine, `cpu_s` with `--threads 1` is the steadier figure). MFU = model FLOPs
-(trainer/throughput.py) / time / the best square-matmul FLOP/s measured between the rounds (so that it
+(model/flops.py) / time / the best square-matmul FLOP/s measured between the rounds (so that it
 sees the same load), by wall time (`mfu`) and by CPU time (`mfu_cpu`). On a CPU the process uses glibc's
 allocator in `retain` mode (as `train.py` does; `--malloc default` for glibc's defaults), for every side.
 
@@ -66,8 +66,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import torch  # noqa: E402
+from qwenvl_lab.core.loss import supervised_loss  # noqa: E402
+from qwenvl_lab.dataset.packing import PackingCollator
 from qwenvl_lab.model import dtypes  # noqa: E402
-from qwenvl_lab.qwen.loss import supervised_loss  # noqa: E402
+from qwenvl_lab.model.flops import ModelDims, batch_stats, measure_matmul_peak, step_flops
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks import common  # noqa: E402
 
@@ -201,8 +204,6 @@ def _category(e) -> tuple[str, str, bool]:
 
 def _profile(side: Side, batch: dict, n: int) -> tuple[str, dict[str, float]]:
     """(top-n op table, seconds per kind and per "other" part) of one profiled step."""
-    from torch.profiler import ProfilerActivity, profile
-
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         side.step(batch)
@@ -245,11 +246,6 @@ def _print_profile(cats: dict[str, dict[str, float]], device: torch.device) -> N
 # ----- the run -----------------------------------------------------------------------------------------
 def _packed_batches(items: list[dict], batch_size: int, device: torch.device) -> list[dict] | None:
     """The same consecutive items as `common.batches`, each batch packed into one row (or None)."""
-    try:
-        from qwenvl_lab.dataset.packing import PackingCollator
-    except ImportError as e:
-        print(f"packed side skipped: {e}")
-        return None
     collate = PackingCollator()
     return [common.to_device(dict(collate(items[i:i + batch_size])), device)
             for i in range(0, len(items) - batch_size + 1, batch_size)]
@@ -350,8 +346,6 @@ def main(argv=None) -> dict:
         print("first-step loss: " + " ".join(f"{k}={v:.6f}" for k, v in first.items())
               + f" max|diff|={max(abs(v - ref_loss) for v in first.values()):.2e}")
 
-    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, measure_matmul_peak, step_flops
-
     dims = ModelDims.from_model(ours_model)  # the same model on every side: the same model FLOPs
     flops = [step_flops(dims, batch_stats(b))["total"] for b in data]
     timed_counts = {"samples": 0, "targets": 0, "tokens": 0, "flops": 0}
@@ -371,7 +365,7 @@ def main(argv=None) -> dict:
     if device.type == "cpu":
         common.set_malloc(args.malloc)
     peak_wall, peak_cpu = max(p[0] for p in peaks), max(p[1] for p in peaks)
-    print(f"model FLOPs per step (trainer/throughput.py): {sum(flops) / len(flops) / 1e9:.1f} G; "
+    print(f"model FLOPs per step (model/flops.py): {sum(flops) / len(flops) / 1e9:.1f} G; "
           f"peak matmul (best between rounds) {peak_wall / 1e9:.1f} GFLOP/s wall, "
           f"{peak_cpu / 1e9:.1f} GFLOP/s per CPU-second (fp32)")
 
@@ -466,8 +460,6 @@ def bf16_lines(sides: dict, data: list[dict], args, device: torch.device) -> dic
 
 def stage1(args, device: torch.device) -> dict:
     """Projector-only steps on the stage-1 shape: tower on pixels vs cached features (module docstring)."""
-    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, step_flops
-
     spec = common.SPECS["stage1_quick" if args.quick else "stage1"]
     with tempfile.TemporaryDirectory(prefix="bench_stage1_") as tmp:
         vlm = common.load_ours(common.save_llava(spec, Path(tmp) / "llava", seed=args.seed))

@@ -13,6 +13,9 @@ function that does the work (so tests call it directly):
 | `make_shapes` | `make_shapes` | coloured-shapes Q&A with one-word answers, train/val splits |
 | `make_vocab` | `train_bpe` | a small BPE vocabulary as a `qwen.tiktoken` file for a from-scratch LM |
 
+`bigbro` is no command of its own: it turns the BigBro repo's train.py / test.py flags into ours for
+train.py and test.py (`train_argv`, `test_argv`, `resolve_init_from`), converting its data on the way.
+
 Our JSONL, written by every converter (see `common.py`): one sample per line,
 `{"id", "messages": [{"role", "content"}], "images": [relative paths], "videos": []}` with one
 `<image>` marker per image, in order. `dataset/` reads it like any LLaMA-Factory-style file.

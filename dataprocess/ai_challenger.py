@@ -20,7 +20,7 @@ import re
 import sys
 from typing import Any
 
-from ..trainer.cli import run_cli
+from ..core.cli import run_cli
 from .common import (
     BRIEF_PROMPTS_ZH,
     Converted,

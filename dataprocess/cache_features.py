@@ -26,12 +26,14 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from ..core.cli import run_cli
 from ..dataset.feature_cache import FORMAT, INDEX_FILE, image_key, tower_identity
 from ..dataset.formats import normalize, read_records
 from ..dataset.images import MAX_PIXELS, load_image
 from ..dataset.sample import BadSampleError
-from ..trainer.cli import run_cli
+from ..model.paths import resolve_model_dir
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,6 @@ def unique_images(data_paths: list[str], image_folder: str | None, allow_absolut
 
 
 def _save_shard(out: Path, shard_idx: int, tensors: dict[str, torch.Tensor]) -> str:
-    from safetensors.torch import save_file
-
     name = f"features-{shard_idx:05d}.safetensors"
     save_file(tensors, str(out / name))
     return name
@@ -125,7 +125,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from ..model import VLM
-    from ..model.paths import resolve_model_dir
 
     vlm = VLM.from_pretrained(resolve_model_dir(args.model))
     vlm.towers.to(args.device)

@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Any
 
-from ..trainer.cli import run_cli
+from ..core.cli import run_cli
 from .common import (
     BRIEF_PROMPTS_EN,
     Converted,

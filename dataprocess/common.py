@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..dataset.sample import IMAGE_MARKER, ROLES, UserError
+from ..core.errors import UserError
+from ..dataset.sample import IMAGE_MARKER, ROLES
 
 # English brief-caption prompts for stage-1 alignment (one is drawn per sample, deterministically).
 BRIEF_PROMPTS_EN = [

@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..trainer.cli import run_cli
+from ..core.cli import run_cli
 from .common import (
     BRIEF_PROMPTS_EN,
     BRIEF_PROMPTS_ZH,

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import Any
 
-from ..trainer.cli import run_cli
+from ..core.cli import run_cli
 from .common import (
     IMAGE_MARKER,
     Converted,

@@ -45,7 +45,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..trainer.cli import run_cli, writable_dir
+from ..core.cli import run_cli, writable_dir
 from .common import SourceError, make_sample, write_jsonl
 from .shapes_draw import COLOURS, SHAPES, render
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import regex
 
+from ..core.cli import run_cli
 from ..dataset.formats import read_records
 from ..dataset.sample import IMAGE_MARKER, VIDEO_MARKER
-from ..trainer.cli import run_cli
 
 # Qwen's pre-tokenisation pattern (FACTS.md).
 SPLIT = regex.compile(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..trainer.cli import run_cli
+from ..core.cli import run_cli
 from .common import SourceError
 from .image_io import DEFAULT_MAX_PIXELS, MODES, ImageError, load_rgb, parse_fill, square
 

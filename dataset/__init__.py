@@ -18,7 +18,7 @@ _EXPORTS = {
     "VLMDataset": ".dataset",
     "DataFileError": ".formats", "normalize": ".formats", "read_records": ".formats",
     "load_image": ".images", "load_video_frames": ".images",
-    "BadSampleError": ".sample", "Sample": ".sample", "UserError": ".sample",
+    "BadSampleError": ".sample", "Sample": ".sample",
     "LengthGroupedSampler": ".sampler",
     "IGNORE_INDEX": ".template", "ChatFormat": ".template", "Rendered": ".template",
     "estimate_length": ".template", "render": ".template",

@@ -55,11 +55,12 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..core.errors import UserError
 from .feature_cache import FeatureCache
 from .formats import normalize, read_records
 from .images import MAX_PIXELS, load_image, load_video_frames, open_header, too_large_message
-from .sample import BadSampleError, Sample, UserError
-from .template import render
+from .sample import BadSampleError, Sample
+from .template import estimate_length, render
 
 logger = logging.getLogger(__name__)
 
@@ -325,8 +326,6 @@ class VLMDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """One length per dataset position: exact after validate(), else a cheap estimate."""
-        from .template import estimate_length
-
         return [self._exact_lengths.get(k) or estimate_length(self.samples[k], self.tokens_per_image,
                                                               self.mode, self.frames_per_video)
                 for k in self.index]

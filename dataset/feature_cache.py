@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 INDEX_FILE = "feature_cache.json"
 FORMAT = 1
@@ -102,8 +103,6 @@ class FeatureCache:
         shard, key = self.images[image_key(path)]
         handle = self._shards.get(shard)
         if handle is None:
-            from safetensors import safe_open
-
             handle = self._shards[shard] = safe_open(str(self.root / shard), framework="pt")
         t = handle.get_tensor(key)
         if tuple(t.shape) != (self.num_tokens, self.hidden_size):

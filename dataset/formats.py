@@ -35,7 +35,8 @@ import os
 import re
 from typing import Any
 
-from .sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample, UserError, describe_source
+from ..core.errors import UserError
+from .sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample, describe_source
 
 
 class DataFileError(UserError, ValueError):

@@ -27,7 +27,8 @@ from typing import IO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .sample import BadSampleError, UserError
+from ..core.errors import UserError
+from .sample import BadSampleError
 
 MAX_PIXELS = 64 * 1024 * 1024  # ~8k x 8k; far above any vision tower input, far below a bomb
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "RGBa", "La")

@@ -16,7 +16,7 @@
     predicts it, so `labels[..., 1:] != -100` counts exactly the targets of the unpacked samples);
   - `position_ids` [1, total], restarting at 0 for every sample;
   - `cu_seqlens` int32 [n_samples + 1] (sample boundaries; `kernels.attention` never attends across
-    them and `qwen.loss.shift_targets` never predicts across them);
+    them and `core.loss.shift_targets` never predicts across them);
   - `pixel_values` [n_images_total, 3, H, W] in sample order (or None), or `image_features`
     [n_images_total, T, C] for items from a feature cache;
   - `image_counts` [1] (images in the row, as the VLM checks per row).

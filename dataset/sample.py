@@ -10,21 +10,19 @@ Contract:
   used only in error messages.
 - `BadSampleError` is the one error class for a sample that cannot be used (bad record, bad image,
   too long). The dataset skips it (counted, logged) in non-strict mode and re-raises it in strict mode.
-- `UserError` is the base of every expected user mistake (entry points answer it with one line, exit 2).
+- `BadSampleError` is a `UserError` (core/errors.py: the base of every expected user mistake; entry points
+  answer it with one line, exit 2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..core.errors import UserError
+
 IMAGE_MARKER = "<image>"
 VIDEO_MARKER = "<video>"
 ROLES = ("system", "user", "assistant")
-
-
-class UserError(Exception):
-    """An expected mistake in the user's input (a file, a key, a sample, a model directory); the message
-    says what and where, and what to do. Entry points print it as one line (trainer/cli.py)."""
 
 
 class BadSampleError(UserError, ValueError):

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .sample import UserError
+from ..core.errors import UserError
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):

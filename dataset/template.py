@@ -48,7 +48,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..qwen.loss import IGNORE_INDEX
+from ..core.loss import IGNORE_INDEX
 from .chat_templates import CHATML, ChatTemplate
 from .sample import IMAGE_MARKER, ROLES, VIDEO_MARKER, BadSampleError, Sample
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..dataset.sample import UserError
+from ..core.cli import run_cli, writable_dir
+from ..core.errors import UserError
 from ..model.paths import resolve_model_dir
-from ..trainer.cli import run_cli, writable_dir
 from .report import format_table
 from .runner import MC_MODES, check_answered, run_task
 from .tasks import TASKS

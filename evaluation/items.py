@@ -22,9 +22,10 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ..core.errors import UserError
 from ..dataset.formats import resolve_path
 from ..dataset.images import load_image, to_rgb
-from ..dataset.sample import BadSampleError, UserError
+from ..dataset.sample import BadSampleError
 
 
 class BenchmarkFormatError(UserError, ValueError):

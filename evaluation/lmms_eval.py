@@ -30,8 +30,11 @@ import sys
 from pathlib import Path
 from types import TracebackType
 
-from ..dataset.sample import UserError
-from ..trainer.cli import run_cli
+import torch
+
+from ..core.cli import run_cli
+from ..core.errors import UserError
+from ..model.paths import resolve_model_dir
 
 MODEL_ID = "qwenvl_lab"
 CLASS_PATH = f"{__package__}.lmms_model.QwenVLLab"
@@ -80,7 +83,6 @@ def check_arguments(argv: list[str]) -> None:
     if args.model == MODEL_ID:
         if not model_args.get("pretrained"):
             raise UserError(f"lmms-eval: --model {MODEL_ID} needs --model_args pretrained=RUN_OR_MODEL_DIR")
-        from ..model.paths import resolve_model_dir
 
         resolve_model_dir(model_args["pretrained"])  # a ModelDirError (UserError) names the folder
     else:
@@ -93,7 +95,6 @@ def _check_device(model: str, device: str | None, model_args: dict) -> None:
     models are left alone (some run anywhere, e.g. the API clients); ours falls back to the CPU by itself."""
     if model != "llava_hf":
         return
-    import torch
 
     if (device or "cuda").startswith("cuda") and not torch.cuda.is_available():
         extra = " and device_map=cpu to --model_args" if "device_map" not in model_args else ""

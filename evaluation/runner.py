@@ -33,10 +33,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..dataset.sample import BadSampleError, UserError
+from ..core.errors import UserError
+from ..dataset.sample import BadSampleError
 from .items import EvalItem, load_images
 from .likelihood import rank_options
 from .metrics import LETTERS
+from .report import write_chart
 from .tasks import TASKS
 
 ANSWERS_FILE = "answers.jsonl"
@@ -231,8 +233,6 @@ def run_task(vlm, task: str, data: str, images: str | None = None, output: str |
         "skipped_examples": answerer.examples, "missing_images": _by_folder(answerer.missing), "prompt": template, "mc_mode": mc_mode, "data": str(data),
     }
     if out_dir is not None:
-        from .report import write_chart
-
         (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n",
                                             encoding="utf-8")
         write_chart(results, out_dir / CHART_FILE)

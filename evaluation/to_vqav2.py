@@ -26,9 +26,9 @@ import shutil
 from collections import Counter
 from pathlib import Path
 
+from ..core.cli import run_cli, writable_dir
 from ..dataset.formats import DataFileError, normalize, read_records
 from ..dataset.sample import BadSampleError
-from ..trainer.cli import run_cli, writable_dir
 
 
 def _answer_type(answer: str) -> str:

@@ -41,6 +41,7 @@ Contract
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import cuda_attention, cuda_ext
 from ._log import log_once
 
 log = logging.getLogger(__name__)
@@ -151,8 +153,6 @@ def _varlen_to_padded(fn, q, k, v, cu_seqlens, causal, scale):
 def _load_torch_varlen():
     """(torch's flash varlen function, whether it takes `enable_gqa`), imported once (raises ImportError on
     a torch without it). torch 2.11's has no `enable_gqa`: grouped K/V heads are expanded for it."""
-    import inspect
-
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn, "enable_gqa" in inspect.signature(varlen_attn).parameters
@@ -196,11 +196,7 @@ def _load_triton():
 
 def _load_cuda():
     """Build/import the CUDA extension (raises kernels.cuda_ext.CudaExtensionError with the log tail)."""
-    from . import cuda_ext
-
     cuda_ext.load()
-    from . import cuda_attention
-
     return cuda_attention
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import attention as A
+from . import cuda_ext
 
 TOLERANCE = {torch.float32: 5e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -95,8 +96,6 @@ def _triton():
 
 
 def _cuda(build: bool):
-    from . import cuda_ext
-
     if not build and not (cuda_ext.is_built() or cuda_ext.prebuilt()):
         raise RuntimeError("the CUDA extension is not built (python -m qwenvl_lab.kernels.selftest builds it once; auto "
                            "never waits for a build)")

@@ -47,8 +47,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
+from ..core.errors import UserError
 from ..dataset.chat_templates import TEMPLATES, detect_template
-from ..dataset.sample import IMAGE_MARKER, UserError
+from ..dataset.sample import IMAGE_MARKER
 from ..dataset.template import ChatFormat
 from ..kernels.prepare import prepare_attention
 from ..qwen import QWenConfig, QWenLMHeadModel, load_tokenizer

@@ -39,8 +39,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import transformers
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
 from .model import VLM, build_vlm, load_vlm
 from .parts import named_source
 from .paths import BIGBRO_FILES, CONFIG_FILE, is_bigbro_dir
@@ -89,8 +90,6 @@ def read_bin(file: str | Path) -> dict[str, torch.Tensor]:
 
 def tower_family(tower: str) -> tuple[str, str]:
     """(backend, image_mode) of a CLIP / SigLIP tower, from its config.json (a hub id or a local directory)."""
-    import transformers  # loaded by model.model already; named here for the config reader
-
     with named_source(tower, "vision tower (--base_value_model)"):
         model_type = transformers.PretrainedConfig.get_config_dict(tower)[0].get("model_type")
     if model_type not in TOWER_FAMILIES:

@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..dataset.sample import UserError
-from ..trainer.stages import PROJECTOR_PREFIXES
-from .config import VLMConfig
+from ..core.errors import UserError
+from .config import PROJECTOR_PREFIXES, VLMConfig
 from .paths import CONFIG_FILE, ModelDirError
 from .quant import QUANT_FILE, load_4bit_tensors, quant_settings
 

@@ -41,6 +41,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The VLM's parts that always train, at the projector's rate: the projector and trainable token embedding rows
+# (parameter name prefixes). One list for what trains (model/stages.py), its learning rate (trainer/optim.py)
+# and what a trainable-only save keeps (model/checkpoint.py).
+PROJECTOR_PREFIXES = ("projector.", "token_rows.")
 TOWER_DTYPES = ("auto", "float32", "bfloat16")
 
 

@@ -39,10 +39,10 @@ from transformers import (
     SiglipImageProcessor,
 )
 
+from ..core.cli import run_cli, writable_dir
+from ..core.errors import UserError
 from ..dataset.chat_templates import ChatTemplate
-from ..dataset.sample import UserError
 from ..qwen.convert import convert, convert_tokenizer
-from ..trainer.cli import run_cli, writable_dir
 from .model import load_vlm
 from .paths import resolve_model_dir
 

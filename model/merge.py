@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..trainer.cli import run_cli, writable_dir
+from ..core.cli import run_cli, writable_dir
 from .paths import resolve_model_dir
 
 

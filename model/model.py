@@ -31,15 +31,15 @@ Contract:
 - `forward(input_ids [B, T], attention_mask [B, T] | None, pixel_values [n_images, 3, H, W] | None,
   labels [B, T] | None, image_counts [B] | None, image_features [n_images, T, C] | None, **kw)
   -> VLMOutput(loss, logits, past_key_values)`. One path for every LM backbone: token embeddings
-  (trainable token rows applied) -> image rows written at the placeholders (qwen/placeholders.py) ->
-  the backbone's hidden states -> the loss at target positions only (chunked, `qwen.loss`), with
+  (trainable token rows applied) -> image rows written at the placeholders (core/placeholders.py) ->
+  the backbone's hidden states -> the loss at target positions only (chunked, `core.loss`), with
   `VLMOutput.logits` computed lazily on first access; `return_logits=True` computes them up front.
   `pixel_values` is the flat batch of every sample's images in sample order; each image fills exactly
   `tokens_per_image` placeholders (`image_token_id`) in the same order. Frozen towers (no parameter
   requires grad) run in eval mode under `no_grad`, in `config.tower_dtype` when set (`cast_frozen_towers`);
   their features are cast to the projector's dtype. `image_features [n_images, T, C]` (the towers'
   output, e.g. from a feature cache) may replace `pixel_values`: the towers are skipped.
-  Labels are not shifted here (`qwen.loss.shift_targets` is the one shift). `cu_seqlens` / `position_ids`
+  Labels are not shifted here (`core.loss.shift_targets` is the one shift). `cu_seqlens` / `position_ids`
   (packing) go to the backbone (qwen only). In training mode a batch without any image still runs the
   projector (and trainable towers, in eval mode) on one blank image and adds `0 * rows.sum()`, so every
   rank uses the same parameters at every step (DDP without unused-parameter detection, FSDP, ZeRO-3).
@@ -66,10 +66,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..dataset.sample import IMAGE_MARKER, Sample, UserError
+from ..core.errors import UserError
+from ..core.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, supervised_loss
+from ..core.placeholders import embed_with_placeholders, scatter_image_features
+from ..dataset.sample import IMAGE_MARKER, Sample
 from ..dataset.template import ChatFormat, render
-from ..qwen.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, supervised_loss
-from ..qwen.placeholders import embed_with_placeholders, scatter_image_features
 from .backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
 from .checkpoint import LORA_DIR, TOKENIZER_DIR, load_trainable_weights, read_vlm_config, save_vlm
 from .config import VLMConfig
@@ -346,7 +347,7 @@ class VLM(nn.Module):
         hidden, pkv = bb.hidden_states(lm, embeds, attention_mask, **kw)  # [B, T, D]
         head = bb.output_head(lm)
         if labels is not None and return_logits is not True:
-            # Supervised-only logits: the chunked loss at target positions (the shift lives in qwen/loss.py).
+            # Supervised-only logits: the chunked loss at target positions (the shift lives in core/loss.py).
             loss = supervised_loss(hidden, head, labels, kw.get("cu_seqlens"), self.loss_chunk_size)
             return VLMOutput(loss, past_key_values=pkv, logits_fn=lambda: head(hidden))
         if logits_to_keep > 0 and labels is None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
 from ..visual.multi import MultiTower
 from ..visual.registry import build_tower
 from .config import VLMConfig

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
 
 CONFIG_FILE = "vlm_config.json"
 BIGBRO_FILES = ("adapter_model.bin", "other_params.bin")  # the BigBro repo's LoRA and projector (torch.save)

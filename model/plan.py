@@ -20,7 +20,7 @@ Contract:
   measurements on a CPU or a GPU. Without `mfu` the MFU is measured: `measure_block(cfg, device, seq,
   dtype) -> BlockTiming` builds one LM block of the run (a Qwen LM: its LoRA, dtype, bf16 autocast,
   checkpointing) with random weights and times its forward, recompute and backward at `seq` tokens;
-  MFU = the plan's FLOPs of that block / its mean time / `trainer.throughput.peak_matmul_flops` in the
+  MFU = the plan's FLOPs of that block / its mean time / `model.flops.peak_matmul_flops` in the
   dtype. A constant does not carry across machines: the real-shape step reached 0.59-0.77 of the matmul
   peak in fp32 on an AVX2 CPU but 0.32 in bf16 on an AMX one, where the matmuls got faster and the
   elementwise work and the small LoRA matmuls did not (docs/scale.md).
@@ -43,7 +43,7 @@ Contract:
   chunk of logits (min(targets, the VLM's loss_chunk_size) x V in c + 8 bytes). Memory-efficient attention
   (SDPA flash / the custom kernels) keeps no T² scores. Frozen towers run under no_grad (no activations);
   a training tower holds c·(10 D + 2 I_v) per token and layer.
-- FLOPs: `trainer.throughput` counting (6·N·tokens for what trains, 4·N where only the gradient passes,
+- FLOPs: `model.flops` counting (6·N·tokens for what trains, 4·N where only the gradient passes,
   2·N frozen forward; attention 4·L·d·s² forward), plus the recomputed LM forward under gradient
   checkpointing. Step time = FLOPs per GPU per optimizer step / (GPU peak x MFU); communication is not
   modelled.
@@ -71,15 +71,16 @@ from huggingface_hub import hf_hub_download
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..dataset.sample import UserError
+from ..core.cli import run_cli
+from ..core.config_io import load_config
+from ..core.errors import UserError
 from ..kernels.prepare import prepare_attention
 from ..qwen import QWenConfig
 from ..qwen.modeling import rope_cos_sin
-from ..trainer.cli import run_cli
-from ..trainer.config import TrainConfig
-from ..trainer.config_io import load_config
-from ..trainer.stages import apply_stage
-from ..trainer.throughput import (
+from .checkpoint import read_vlm_config
+from .config import VLMConfig
+from .dtypes import auto_decision
+from .flops import (
     BatchStats,
     ModelDims,
     _config,
@@ -88,11 +89,10 @@ from ..trainer.throughput import (
     peak_matmul_flops,
     step_flops,
 )
-from .checkpoint import read_vlm_config
-from .config import VLMConfig
-from .dtypes import auto_decision
 from .model import build_vlm
 from .paths import resolve_model_dir
+from .stages import apply_stage
+from .train_config import TrainConfig
 
 HUB_DIR = Path(__file__).resolve().parents[1] / "configs" / "hub"
 ENGINES = ("DDP", "ZeRO-2", "ZeRO-3", "FSDP")
@@ -442,7 +442,7 @@ class BlockTiming:
     seconds: float  # mean wall time of the repeats (a single step is compared with it: not the luckiest run)
     cpu_seconds: float  # their mean process CPU time (CPU devices: tells a loaded machine from a slow one)
     flops: int  # the plan's count for that work (the LM's share per layer)
-    peak_flops: float  # the device's measured square-matmul peak in the run's dtype (trainer.throughput)
+    peak_flops: float  # the device's measured square-matmul peak in the run's dtype (model.flops)
 
     @property
     def mfu(self) -> float:

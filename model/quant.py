@@ -5,7 +5,7 @@
   codes, one 8-bit scale per 64 weights, one fp32 scale per 256 scales: ~4.13 bits a weight), quantised on
   the GPU when there is one (the LM moves there) and on the CPU otherwise. Matmuls run in `compute_dtype`
   (default: the weights' own dtype, e.g. bf16 on a GPU, fp32 on a CPU). LoRA adapters go on top
-  afterwards (`trainer.stages.apply_lora`); the 4-bit weights never take gradients. Norms, embeddings and
+  afterwards (`model.stages.apply_lora`); the 4-bit weights never take gradients. Norms, embeddings and
   the head stay in their dtype.
 - Layer widths on a CPU: on CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer for a bf16 kernel
   on its first forward in eval mode without gradients (generation, evaluation), and that packing needs
@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
 
 QUANT_FILE = "quantization.json"  # in a checkpoint's lora/ directory
 QUANT_TYPE = "nf4"

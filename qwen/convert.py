@@ -24,9 +24,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 from .config import QWenConfig
-from .tokenizer import QWEN1_SPECIALS, VOCAB_FILE, read_tiktoken_ranks
+from .modeling import QWenLMHeadModel
+from .tokenizer import PAT_STR, QWEN1_SPECIALS, VOCAB_FILE, read_tiktoken_ranks
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +65,6 @@ def _last_merge(token: bytes, ranks: dict[bytes, int], limit: int) -> tuple[byte
 
 def tiktoken_to_hf(ranks: dict[bytes, int], specials: list[str]):
     """A `tokenizers.Tokenizer` equivalent to tiktoken BPE with `ranks` + `specials` (ids n_ranks...)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    from .tokenizer import PAT_STR
-
     b2u = bytes_to_unicode()
 
     def u(bs: bytes) -> str:
@@ -92,8 +91,6 @@ def convert_tokenizer(src, dst: str | Path) -> int:
     """Write tokenizer.json + tokenizer_config.json to `dst`; returns the <|endoftext|> id.
 
     `src`: a directory holding `qwen.tiktoken`, or a loaded `QWenTokenizer`."""
-    from transformers import PreTrainedTokenizerFast
-
     vocab_file = getattr(src, "vocab_file", None) or Path(src) / VOCAB_FILE
     if not vocab_file.is_file():
         raise FileNotFoundError(f"Qwen-1 vocabulary file not found: {vocab_file}")
@@ -107,8 +104,6 @@ def convert_tokenizer(src, dst: str | Path) -> int:
 
 def convert(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,
             max_shard_bytes: int | None = 5 * 1024**3) -> Path:
-    from .modeling import QWenLMHeadModel
-
     src, dst = Path(src), Path(dst)
     cfg = QWenConfig.from_pretrained(src)
     if cfg.arch != "qwen1":

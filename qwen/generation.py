@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .modeling import QWenCache
+from .cache import QWenCache
 
 
 class ScreenedHead:

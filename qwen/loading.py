@@ -23,10 +23,12 @@ import re
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import QWenConfig
+from .tokenizer import HF_TOKENIZER_FILE, VOCAB_FILE, load_tokenizer
 
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
@@ -61,8 +63,6 @@ def resolve_path(path: str | Path) -> Path:
     if str(path).count("/") != 1:
         raise FileNotFoundError(f"checkpoint directory not found: {p}")
     try:
-        from huggingface_hub import snapshot_download
-
         patterns = ["*.json", "*.safetensors", "*.tiktoken", "*.txt", "*.model"]
         return Path(snapshot_download(str(path), allow_patterns=patterns))
     except Exception as e:  # noqa: BLE001 - re-raised with the id and the cause
@@ -181,8 +181,6 @@ def load_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **c
 
 
 def _image_token_id_from_tokenizer(d: Path, default: int) -> int:
-    from .tokenizer import HF_TOKENIZER_FILE, VOCAB_FILE, load_tokenizer
-
     if not ((d / VOCAB_FILE).is_file() or (d / HF_TOKENIZER_FILE).is_file()):
         return default
     return load_tokenizer(d).image_token_id

@@ -13,11 +13,11 @@ Contract
   attends causally WITHOUT the padding mask: under causal attention real positions never see the padding
   that follows them, so their outputs are unchanged, and the mask-free path is the fast one (only the
   hidden states AT padded positions differ, and nothing reads them). `compile_blocks()` runs the decoder blocks through `torch.compile` (opt-in).
-* KV cache: `QWenCache`, per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill. With
+* KV cache: `QWenCache` (qwen/cache.py), per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill. With
   `max_length` (generation knows prompt + new tokens) it is static: each layer's buffer is allocated once
   at `[B, Hkv, max_length, D]` and every step writes in place (no concatenation of the whole cache per
   token); it grows like the dynamic one if a step would overflow it.
-* Decoding: the logits of `logits_to_keep` positions go through `qwen.loss.decode_logits` (on a CPU
+* Decoding: the logits of `logits_to_keep` positions go through `core.loss.decode_logits` (on a CPU
   `W @ h^T`, as the VLM's own decoding does); a one-token step with grouped KV heads never expands the
   cache (`kernels.attention` folds the query heads for SDPA).
 * `attention_mask` is the `[B, T_cache + T_new]` 0/1 padding mask. Positions are
@@ -31,9 +31,9 @@ Contract
   log(p + 1) / log(seq_length).
 * Image hook: `image_features [n_placeholders_total, hidden]` replace the embeddings where
   `input_ids == config.image_token_id` (row-major order over the batch); a count mismatch raises.
-* `labels [B, T]` are unshifted; the loss shifts them in `qwen.loss.shift_targets` (the one shift in
+* `labels [B, T]` are unshifted; the loss shifts them in `core.loss.shift_targets` (the one shift in
   the codebase), ignore_index -100, mean over target tokens. With labels (and `return_logits` not True)
-  logits are computed only at target positions, chunked (`qwen.loss.supervised_loss`), and
+  logits are computed only at target positions, chunked (`core.loss.supervised_loss`), and
   `QWenOutput.logits` is computed on first access; `return_logits=True` is the full-logits path.
 """
 
@@ -48,58 +48,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..core.loss import decode_logits, full_logits_loss, supervised_loss
+from ..core.placeholders import scatter_image_features
 from ..kernels._log import log_once
 from ..kernels.attention import attention
-from ..kernels.fused import apply_rotary, rms_norm, swiglu
+from ..kernels.fused import FUSED_IMPLS, apply_rotary, rms_norm, swiglu
+from .cache import QWenCache
 from .config import QWenConfig
-from .loss import decode_logits, full_logits_loss, supervised_loss
-from .placeholders import scatter_image_features
+from .generation import generate
+from .loading import load_pretrained, save_pretrained
 
 log = logging.getLogger(__name__)
-
-
-class QWenCache:
-    """Per-layer keys/values `[B, Hkv, T, D]` and the per-row NTK alpha `[B]` fixed at prefill.
-
-    `max_length`: preallocate each layer's buffer to that many positions and write in place (a static
-    cache); `keys[i]` / `values[i]` are then views of the filled part (lists replaced from outside, e.g.
-    rows selected by serve/kvcache.py, are noticed and copied into a new buffer at the next update)."""
-
-    def __init__(self, num_layers: int, max_length: int | None = None):
-        self.keys: list[torch.Tensor | None] = [None] * num_layers
-        self.values: list[torch.Tensor | None] = [None] * num_layers
-        self.ntk_alpha: torch.Tensor | None = None
-        self.max_length = max_length
-        self._bufs: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def get_seq_length(self) -> int:
-        return 0 if self.keys[0] is None else self.keys[0].shape[2]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        past = 0 if self.keys[layer] is None else self.keys[layer].shape[2]
-        n = past + k.shape[2]
-        if self.max_length is None or n > self.max_length:
-            if self.keys[layer] is not None:
-                k = torch.cat([self.keys[layer], k], dim=2)  # [B, Hkv, T_cache + T, D]
-                v = torch.cat([self.values[layer], v], dim=2)
-            self.keys[layer], self.values[layer], self._bufs[layer] = k, v, None
-            return k, v
-        if self._bufs[layer] is not None and past and self.keys[layer].data_ptr() != self._bufs[layer][0].data_ptr():
-            self._bufs[layer] = None  # the rows were edited from outside (serve/kvcache.py): rebuild the buffer
-        if self._bufs[layer] is None:
-            B, H, _, D = k.shape
-            kb = k.new_empty(B, H, self.max_length, D)  # [B, Hkv, max_length, D], filled as tokens come
-            vb = v.new_empty(B, H, self.max_length, D)
-            if past:
-                kb[:, :, :past], vb[:, :, :past] = self.keys[layer], self.values[layer]
-            self._bufs[layer] = (kb, vb)
-        kb, vb = self._bufs[layer]
-        kb[:, :, past:n], vb[:, :, past:n] = k, v
-        self.keys[layer], self.values[layer] = kb[:, :, :n], vb[:, :, :n]
-        return self.keys[layer], self.values[layer]
 
 
 @dataclass
@@ -265,7 +224,7 @@ class QWenModel(nn.Module):
     def _place_image_features(self, input_ids, embeds, image_features):
         if image_features is None:  # a text-only call: placeholder ids keep their own embedding rows
             return embeds
-        # The one placeholder rule of the project (qwen/placeholders.py); the VLM uses it for every LM.
+        # The one placeholder rule of the project (core/placeholders.py); the VLM uses it for every LM.
         return scatter_image_features(input_ids, embeds, image_features, self.config.image_token_id)
 
     def _positions(self, B, T, past, attention_mask, position_ids, cu_seqlens, device):
@@ -389,8 +348,6 @@ class QWenLMHeadModel(nn.Module):
     def set_fused_impl(self, impl: str) -> None:
         """RMSNorm / rotary / SwiGLU implementation for every layer (`kernels.fused`: auto | torch | triton |
         compile)."""
-        from ..kernels.fused import FUSED_IMPLS
-
         if impl not in FUSED_IMPLS:
             raise ValueError(f"fused_impl={impl!r}; valid: {', '.join(FUSED_IMPLS)}")
         self.config.fused_impl = impl
@@ -439,7 +396,7 @@ class QWenLMHeadModel(nn.Module):
         logits_to_keep: int = 0,
     ) -> QWenOutput:
         """With `labels` and `return_logits` not True, the loss is computed only at target positions
-        (`qwen.loss.supervised_loss`, chunked) and `.logits` is computed lazily on access; with
+        (`core.loss.supervised_loss`, chunked) and `.logits` is computed lazily on access; with
         `return_logits=True` (or no labels) the full `[B, T, V]` logits are computed here.
         `logits_to_keep=n > 0` (no labels) computes logits for the last n positions only, as generation
         needs: a prefill then never builds the prompt x vocabulary matrix."""
@@ -450,7 +407,7 @@ class QWenLMHeadModel(nn.Module):
         )
         hidden = out.last_hidden_state  # [B, T, H]
         if labels is not None and return_logits is not True:
-            # Supervised-only logits: the shift and the packed-boundary rule live in qwen/loss.py.
+            # Supervised-only logits: the shift and the packed-boundary rule live in core/loss.py.
             loss = supervised_loss(hidden, self.lm_head, labels, cu_seqlens, self.loss_chunk_size)
             return QWenOutput(loss=loss, past_key_values=out.past_key_values,
                               logits_fn=lambda: self.lm_head(hidden))
@@ -464,17 +421,11 @@ class QWenLMHeadModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **config_overrides):
-        from .loading import load_pretrained
-
         return load_pretrained(cls, path, dtype=dtype, **config_overrides)
 
     def save_pretrained(self, out_dir: str | Path, max_shard_bytes: int | None = None) -> None:
-        from .loading import save_pretrained
-
         save_pretrained(self, out_dir, max_shard_bytes=max_shard_bytes)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs) -> list[list[int]]:
-        from .generation import generate
-
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)

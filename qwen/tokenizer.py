@@ -24,6 +24,7 @@ import unicodedata
 from pathlib import Path
 
 import tiktoken
+from tokenizers import AddedToken
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,6 @@ class HFQwenTokenizer(QwenTokenizerBase):
     """
 
     def __init__(self, path: str | Path):
-        from tokenizers import AddedToken
         from transformers import PreTrainedTokenizerFast
 
         self.path = Path(path)

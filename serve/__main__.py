@@ -2,7 +2,7 @@
 
 import sys
 
-from ..trainer.cli import run_cli
+from ..core.cli import run_cli
 from .cli import main
 
 if __name__ == "__main__":

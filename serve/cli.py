@@ -4,7 +4,7 @@
 (`--model` takes a run directory or a model directory, as test.py does) and wires the engine and the
 routes; `run(app, engine, args)` serves until interrupted. A missing model, a bad flag, a port in use or
 a missing fastapi / uvicorn (the `serve` extra) is one line `error: ...` on stderr and exit status 2
-(`trainer.cli.run_cli`).
+(`core.cli.run_cli`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import logging
 import socket
 from pathlib import Path
 
+from ..core.errors import UserError
 from ..dataset.images import MAX_PIXELS
-from ..dataset.sample import UserError
 from ..model.paths import resolve_model_dir
 
 

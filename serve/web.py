@@ -21,8 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..core.cli import run_cli
 from ..model.paths import resolve_model_dir
-from ..trainer.cli import run_cli
 from .cli import add_server_args, build, fail, run
 
 DEMO_EXAMPLES = Path("data/shapes/images/val")

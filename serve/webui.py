@@ -39,8 +39,9 @@ from typing import Any
 
 import gradio as gr
 
+from ..core.errors import UserError
 from ..dataset.images import load_image
-from ..dataset.sample import IMAGE_MARKER, UserError
+from ..dataset.sample import IMAGE_MARKER
 from .decode import SamplingParams
 from .engine import Engine, QueueFull
 from .protocol import Limits

@@ -20,10 +20,8 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qwenvl_lab.trainer.config import load_train_config  # noqa: E402
-from qwenvl_lab.trainer.run import train  # noqa: E402
-
-from train import _close_process_group  # noqa: E402
+from qwenvl_lab.model.train_config import load_train_config  # noqa: E402
+from qwenvl_lab.trainer.run import close_process_group, train  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
@@ -35,7 +33,7 @@ def main(argv: list[str]) -> int:
         shutil.copytree(Path(cfg.output_dir) / f"checkpoint-{step}", resumed / f"checkpoint-{step}")
     dist.barrier()
     train(load_train_config(config, [*overrides, f"output_dir={resumed}", "resume_from_checkpoint=auto"]))
-    _close_process_group(wait_for_others=True)
+    close_process_group(wait_for_others=True)
     return 0
 
 

@@ -147,7 +147,7 @@ def _hand_count(tower_trains: bool, proj_trains: bool, lm_trains: bool) -> int:
 
 @pytest.mark.parametrize("stage", ["full", "stage1"])
 def test_step_flops_hand_count(tmp_path, stage):
-    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, step_flops
+    from qwenvl_lab.model.flops import ModelDims, batch_stats, step_flops
 
     vlm = _tiny_vlm(tmp_path)  # towers frozen (default)
     if stage == "stage1":
@@ -161,7 +161,7 @@ def test_step_flops_hand_count(tmp_path, stage):
 
 
 def test_step_flops_cached_features_skip_tower(tmp_path):
-    from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, step_flops
+    from qwenvl_lab.model.flops import ModelDims, batch_stats, step_flops
 
     vlm = _tiny_vlm(tmp_path)
     batch = _batch(vlm)
@@ -172,7 +172,7 @@ def test_step_flops_cached_features_skip_tower(tmp_path):
 
 
 def test_peak_matmul_flops_cached():
-    from qwenvl_lab.trainer.throughput import _PEAK_CACHE, peak_matmul_flops
+    from qwenvl_lab.model.flops import _PEAK_CACHE, peak_matmul_flops
 
     _PEAK_CACHE.pop(("cpu", str(torch.float64)), None)
     rng = torch.get_rng_state()
@@ -182,7 +182,7 @@ def test_peak_matmul_flops_cached():
 
 
 def test_measure_matmul_peak_gives_wall_and_cpu_rates():
-    from qwenvl_lab.trainer.throughput import measure_matmul_peak
+    from qwenvl_lab.model.flops import measure_matmul_peak
 
     rng = torch.get_rng_state()
     wall, cpu = measure_matmul_peak("cpu", torch.float64, sizes=(32, 64), repeats=2)

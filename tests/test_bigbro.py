@@ -1,4 +1,4 @@
-"""Checkpoints and command lines of the BigBro repo work here (model/bigbro.py, trainer/bigbro.py).
+"""Checkpoints and command lines of the BigBro repo work here (model/bigbro.py, dataprocess/bigbro.py).
 
 The fixture writes a tiny checkpoint in that repo's exact layout and names: a tiny Qwen-1 LM and tiny
 CLIP / SigLIP towers in transformers' native format (the base models, named by path), peft LoRA on
@@ -262,8 +262,8 @@ def test_seed_train_sh_continues_from_the_checkpoint(tmp_path, base, monkeypatch
 
 
 def test_train_flags_in_our_spelling(tmp_path, base, capsys):
-    from qwenvl_lab.dataset.sample import UserError
-    from qwenvl_lab.trainer.bigbro import train_argv
+    from qwenvl_lab.core.errors import UserError
+    from qwenvl_lab.dataprocess.bigbro import train_argv
 
     root, lm_dir = base
     tower_dir = _tower_dir(root, "clip")
@@ -281,7 +281,7 @@ def test_train_flags_in_our_spelling(tmp_path, base, capsys):
 
 
 def test_checkpoint_without_base_names_says_so(tmp_path, base, capsys):
-    from qwenvl_lab.trainer.cli import run_cli
+    from qwenvl_lab.core.cli import run_cli
 
     from tests.tiny_server import entry
 
@@ -296,9 +296,9 @@ def test_checkpoint_without_base_names_says_so(tmp_path, base, capsys):
 
 
 def test_init_from_with_our_keys(tmp_path, base):
+    from qwenvl_lab.dataprocess.bigbro import resolve_init_from
     from qwenvl_lab.model import VLM
-    from qwenvl_lab.trainer.bigbro import resolve_init_from
-    from qwenvl_lab.trainer.config import check_paths, load_train_config
+    from qwenvl_lab.model.train_config import check_paths, load_train_config
 
     root, lm_dir = base
     tower_dir = _tower_dir(root, "clip")
@@ -314,7 +314,7 @@ def test_init_from_with_our_keys(tmp_path, base):
     vlm = VLM.from_pretrained(cfg.init_from)
     assert vlm.config.chat_template == "bigbro" and vlm.towers.last_hidden_state
     # its adapters train on when lora.* names them; other settings would lose them in a trainable-only model
-    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.core.config_io import ConfigError
     from qwenvl_lab.trainer.run import continue_or_fold_adapters
 
     assert continue_or_fold_adapters(cfg, vlm).r == 0  # no second set of adapters

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 from qwenvl_lab.model.model import PRESETS
-from qwenvl_lab.trainer.config import load_train_config
+from qwenvl_lab.model.train_config import load_train_config
 from qwenvl_lab.trainer.optim import param_groups
 from qwenvl_lab.trainer.run import build_model
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from qwenvl_lab.core.errors import UserError
 from qwenvl_lab.dataprocess import process_image
 from qwenvl_lab.dataprocess.image_io import ImageError, load_rgb, parse_fill, square
-from qwenvl_lab.dataset.sample import UserError
 
 RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 

@@ -193,7 +193,7 @@ def test_global_batch_size_sets_accumulation(tmp_path, world, per_device, global
 
 
 def test_global_batch_size_not_divisible_is_an_error(tmp_path, monkeypatch):
-    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.core.config_io import ConfigError
     from qwenvl_lab.trainer.run import training_arguments
 
     data = make_tiny_data(tmp_path / "shapes")

@@ -123,8 +123,8 @@ def test_part_report_lists_every_top_level_part():
 
 
 def test_precision_flags_follow_the_decision(monkeypatch):
-    from qwenvl_lab.trainer.config import TrainConfig
-    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.core.config_io import ConfigError
+    from qwenvl_lab.model.train_config import TrainConfig
     from qwenvl_lab.trainer.run import precision_flags
 
     _cpu(monkeypatch, "avx2")
@@ -141,9 +141,8 @@ def test_precision_flags_follow_the_decision(monkeypatch):
 def test_build_model_bf16_base_keeps_trainables_fp32_and_trains(caplog):
     """A bf16 base (what `auto` gives on a GPU): frozen LM and tower in bf16, projector and LoRA in fp32,
     and a training forward/backward runs on the mixed model; the log lists each part's dtype and bytes."""
-    from qwenvl_lab.trainer.config import TrainConfig
+    from qwenvl_lab.model.train_config import LoraSettings, TrainConfig
     from qwenvl_lab.trainer.run import build_model
-    from qwenvl_lab.trainer.stages import LoraSettings
 
     from tests.tiny_train import TINY_TOWER
 

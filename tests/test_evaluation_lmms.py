@@ -24,10 +24,10 @@ import torch
 pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (optional extra: pip install '.[lmms]')")
 
 from PIL import Image  # noqa: E402
-from qwenvl_lab.dataset.sample import UserError  # noqa: E402
+from qwenvl_lab.core.cli import run_cli  # noqa: E402
+from qwenvl_lab.core.errors import UserError  # noqa: E402
 from qwenvl_lab.evaluation import lmms_eval as launcher  # noqa: E402
 from qwenvl_lab.evaluation.likelihood import reply_logprobs  # noqa: E402
-from qwenvl_lab.trainer.cli import run_cli  # noqa: E402
 
 from tests import tiny_bench as tb  # noqa: E402
 from tests.tiny_model import build_tiny_vlm, randomize_  # noqa: E402

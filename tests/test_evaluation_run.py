@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from qwenvl_lab.core.cli import run_cli
 from qwenvl_lab.dataprocess.make_shapes import make_shapes
 from qwenvl_lab.evaluation import to_vqav2
 from qwenvl_lab.evaluation.__main__ import main as cli_main
@@ -14,7 +15,6 @@ from qwenvl_lab.evaluation.runner import read_answers, run_task
 from qwenvl_lab.evaluation.tasks.vqa import score_vqa
 from qwenvl_lab.evaluation.to_vqav2 import convert
 from qwenvl_lab.trainer import evaluate as trainer_eval
-from qwenvl_lab.trainer.cli import run_cli
 
 from tests import tiny_bench as tb
 from tests.tiny_model import build_tiny_vlm, randomize_

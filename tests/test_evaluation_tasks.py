@@ -233,7 +233,7 @@ def test_format_errors_name_the_file(tmp_path):
 
 
 def test_cli_user_mistakes_exit_2(tmp_path, capsys):
-    from qwenvl_lab.trainer.cli import run_cli
+    from qwenvl_lab.core.cli import run_cli
 
     def cli_main(argv):
         return run_cli(evaluation_main, argv)

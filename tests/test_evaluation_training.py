@@ -4,8 +4,9 @@ import glob
 import json
 
 import pytest
+from qwenvl_lab.core.config_io import ConfigError
+from qwenvl_lab.evaluation.during_training import check_eval_tasks, eval_task_callbacks
 from qwenvl_lab.evaluation.to_vqav2 import convert
-from qwenvl_lab.trainer.config_io import ConfigError
 from qwenvl_lab.trainer.run import train
 
 from tests.tiny_train import make_tiny_data, tiny_train_config
@@ -18,7 +19,7 @@ def test_eval_tasks_logged_every_eval_steps(tmp_path):
             "limit": 3, "prompt": "{question}", "max_new_tokens": 3}
     cfg = tiny_train_config(tmp_path, data, eval_tasks=[spec], eval_steps=2, max_steps=4,
                             report_to=["tensorboard"])
-    out = train(cfg).output_dir
+    out = train(cfg, callbacks=[eval_task_callbacks]).output_dir
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "eval_vqav2_accuracy" in r]
     assert [r["step"] for r in evals] == [2, 4]
@@ -48,11 +49,21 @@ def test_eval_tasks_logged_every_eval_steps(tmp_path):
 ])
 def test_eval_tasks_config_errors(tmp_path, overrides, message):
     data = make_tiny_data(tmp_path / "shapes")
+    cfg = tiny_train_config(tmp_path, data, **overrides)
     with pytest.raises(ConfigError, match=message):
-        tiny_train_config(tmp_path, data, **overrides)
+        check_eval_tasks(cfg.eval_tasks, cfg.eval_steps, cfg.fsdp, cfg.deepspeed)
+
+
+def test_eval_tasks_without_their_callbacks_are_refused(tmp_path):
+    data = make_tiny_data(tmp_path / "shapes")
+    cfg = tiny_train_config(tmp_path, data, eval_tasks=[{"task": "vqav2", "data": "d"}], eval_steps=2)
+    with pytest.raises(ConfigError, match="eval_tasks needs the evaluation's callbacks"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_eval_tasks_accept_fsdp_off_as_a_yaml_bool(tmp_path):
     data = make_tiny_data(tmp_path / "shapes")
     cfg = tiny_train_config(tmp_path, data, eval_tasks=[{"task": "vqav2", "data": "d"}], eval_steps=2, fsdp=False)
+    check_eval_tasks(cfg.eval_tasks, cfg.eval_steps, cfg.fsdp, cfg.deepspeed)
     assert cfg.fsdp is False and cfg.eval_tasks[0]["task"] == "vqav2"

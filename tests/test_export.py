@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qwenvl_lab.trainer.stages import LoraSettings, apply_lora
+from qwenvl_lab.model.stages import apply_lora
+from qwenvl_lab.model.train_config import LoraSettings
 
 from tests.tiny_model import build_tiny_vlm, randomize_
 

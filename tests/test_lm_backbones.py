@@ -13,8 +13,9 @@ from qwenvl_lab.dataset.sample import Sample
 from qwenvl_lab.dataset.template import render
 from qwenvl_lab.model import VLM, build_vlm
 from qwenvl_lab.model.backbones import IMAGE_DELIMITERS, IMAGE_TOKEN
+from qwenvl_lab.model.stages import apply_lora, resolve_lora_targets, set_trainable
+from qwenvl_lab.model.train_config import LoraSettings
 from qwenvl_lab.trainer.optim import param_groups
-from qwenvl_lab.trainer.stages import LoraSettings, apply_lora, resolve_lora_targets, set_trainable
 
 from tests.tiny_lms import FAMILIES, TEMPLATE_OF, write_tiny_family
 from tests.tiny_model import tiny_tower_spec

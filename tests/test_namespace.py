@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = ("model", "dataset", "trainer", "kernels", "visual", "qwen", "serve", "evaluation", "dataprocess")
+FOLDERS = ("core", "model", "dataset", "trainer", "kernels", "visual", "qwen", "serve", "evaluation", "dataprocess")
 
 
 def _run(code: str, cwd: Path, extra_path: str = "") -> subprocess.CompletedProcess:

@@ -97,7 +97,7 @@ def test_mismatched_cache_is_refused(data, cached):
 
 
 def test_training_config_checks_and_runs(data, cached, tmp_path):
-    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.core.config_io import ConfigError
     from qwenvl_lab.trainer.run import build_model, train
 
     from tests.tiny_train import tiny_train_config

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from qwenvl_lab.core.loss import shift_targets, supervised_loss
 from qwenvl_lab.dataset import Collator
-from qwenvl_lab.qwen.loss import shift_targets, supervised_loss
 
 from tests.tiny_opt import assert_same_grads, grads, sample_items, tiny_vlm
 
@@ -22,7 +22,7 @@ def _run(vlm, batch, **kw):
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("fused", [True, False])
 def test_sparse_loss_and_grads_equal_full_logits(tmp_path, monkeypatch, backend, tied, fused):
-    import qwenvl_lab.qwen.loss as loss_module
+    import qwenvl_lab.core.loss as loss_module
 
     monkeypatch.setattr(loss_module, "FUSED", fused)
     vlm = tiny_vlm(tmp_path, backend=backend, tied=tied)
@@ -102,7 +102,7 @@ def test_no_target_gives_connected_zero():
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_both_gradient_paths_match_plain_cross_entropy(monkeypatch, fused, frozen_head):
     """The fused nn.Linear path and the checkpointed path (any other head) against F.cross_entropy."""
-    import qwenvl_lab.qwen.loss as loss_module
+    import qwenvl_lab.core.loss as loss_module
 
     monkeypatch.setattr(loss_module, "FUSED", fused)
     g = torch.Generator().manual_seed(7)

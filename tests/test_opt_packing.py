@@ -84,8 +84,8 @@ def test_first_fit_decreasing_and_sampler():
 
 def test_training_run_with_packing(tmp_path, monkeypatch):
     import qwenvl_lab.model.model as model_module
+    from qwenvl_lab.core.config_io import ConfigError
     from qwenvl_lab.trainer.callbacks import read_log
-    from qwenvl_lab.trainer.config_io import ConfigError
     from qwenvl_lab.trainer.run import build_model, train
 
     from tests.tiny_train import make_tiny_data, tiny_train_config

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from qwenvl_lab.dataset.sample import UserError
+from qwenvl_lab.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 OPTIONAL = ("open_clip", "av", "fastapi", "uvicorn", "gradio", "bitsandbytes", "deepspeed")
@@ -65,8 +65,8 @@ def test_server_without_fastapi_names_the_package(monkeypatch):
     ({"stage": "sft", "lora": {"r": 4, "qlora": True}}, "lora.qlora", "bitsandbytes"),
 ])
 def test_config_key_needing_a_missing_package_is_a_config_error(monkeypatch, tmp_path, overrides, key, package):
-    from qwenvl_lab.trainer.config import check_paths
-    from qwenvl_lab.trainer.config_io import ConfigError
+    from qwenvl_lab.core.config_io import ConfigError
+    from qwenvl_lab.model.train_config import check_paths
 
     from tests.tiny_train import make_tiny_data, tiny_train_config
 

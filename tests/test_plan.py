@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from qwenvl_lab.model import plan as P
-from qwenvl_lab.trainer.config import TrainConfig
-from qwenvl_lab.trainer.stages import LoraSettings
+from qwenvl_lab.model.train_config import LoraSettings, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 HUB = ROOT / "configs" / "hub"
@@ -141,7 +140,7 @@ def _saved_activation_bytes(vlm, ids):
 def test_activation_formula_matches_what_autograd_saves(kv_heads, lora):
     """The per-layer count (fp32, no checkpointing) against a real small LM's saved tensors."""
     from qwenvl_lab.model import build_vlm
-    from qwenvl_lab.trainer.stages import apply_lora, set_trainable
+    from qwenvl_lab.model.stages import apply_lora, set_trainable
 
     from tests.tiny_train import TINY_TOWER
 
@@ -179,7 +178,7 @@ def test_fits_and_fewest_gpus_are_consistent():
 
 
 def test_cli_prints_the_plan_and_refuses_bad_input(capsys, tmp_path):
-    from qwenvl_lab.trainer.cli import run_cli
+    from qwenvl_lab.core.cli import run_cli
 
     rc = P.main(["configs/qwen2.5_0.5b_siglip.yaml", "lora.r=8", "--gpus", "2", "--gpu-mem", "24"])
     out = capsys.readouterr().out
@@ -223,7 +222,7 @@ def test_autocast_makes_a_bf16_copy_of_each_fp32_trainable_weight():
     """What the `casts` term stands for, on a real tiny model: in a bf16 autocast forward every fp32 trainable
     weight of the LM is cast to bf16 once (2 bytes each), and the copy is cached for its next use."""
     from qwenvl_lab.model import build_vlm
-    from qwenvl_lab.trainer.stages import apply_stage
+    from qwenvl_lab.model.stages import apply_stage
     from torch.utils._python_dispatch import TorchDispatchMode
 
     cfg = _tiny_lora_cfg()

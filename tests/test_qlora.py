@@ -194,7 +194,7 @@ def test_4bit_layer_keeps_its_gradient_after_an_eval_forward(data):
 
 def test_qlora_refuses_a_32_wide_layer_on_any_cpu_before_training(tmp_path, data, capsys, monkeypatch):
     import qwenvl_lab.model.quant as quant
-    from qwenvl_lab.trainer.cli import run_cli
+    from qwenvl_lab.core.cli import run_cli
 
     def no_bnb():  # the width rule holds without bitsandbytes (or its CPU backend) ever loading
         raise AssertionError("bitsandbytes was reached before the layer widths were checked")
@@ -211,7 +211,7 @@ def test_qlora_refuses_a_32_wide_layer_on_any_cpu_before_training(tmp_path, data
 
 
 def test_qlora_width_rule_accepts_64_wide_layers(data):
-    from qwenvl_lab.dataset.sample import UserError
+    from qwenvl_lab.core.errors import UserError
     from qwenvl_lab.model import build_vlm
     from qwenvl_lab.model.quant import check_cpu_widths
 

@@ -2,7 +2,7 @@
 
 * bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" (AVX512-BF16 CPUs) and
   DeepSpeed's "Setting accelerator to CPU" are dropped in a fresh process that starts like our entry points
-  (`trainer.cli.run_cli`) and loads bitsandbytes and DeepSpeed the way our code does; our own warnings (a
+  (`core.cli.run_cli`) and loads bitsandbytes and DeepSpeed the way our code does; our own warnings (a
   project logger, `warnings.warn`) and other messages of those loggers still print. The messages are also
   emitted by hand, so the check holds on a CPU where bitsandbytes stays quiet by itself;
 * a train.py run prints the optimizer groups once.
@@ -38,11 +38,11 @@ EMIT = textwrap.dedent(f"""
     warnings.warn("planted: a warning of ours (warnings)")
 """)
 
-# The way our entry points start: trainer.cli first, then bitsandbytes (model.quant, for QLoRA) and
+# The way our entry points start: core.cli first, then bitsandbytes (model.quant, for QLoRA) and
 # DeepSpeed (trainer.engines; the Trainer's accelerator detection) inside run_cli's main.
 ENTRY = textwrap.dedent("""
     import sys
-    from qwenvl_lab.trainer.cli import run_cli
+    from qwenvl_lab.core.cli import run_cli
 
     def main(argv):
         from qwenvl_lab.model.quant import _bnb

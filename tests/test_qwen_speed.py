@@ -137,7 +137,7 @@ def test_compile_blocks_falls_back(monkeypatch, caplog):
 
 
 def test_static_cache_matches_dynamic_cache_and_overflows():
-    from qwenvl_lab.qwen.modeling import QWenCache
+    from qwenvl_lab.qwen.cache import QWenCache
 
     m = _model().eval()
     ids = torch.randint(0, m.config.vocab_size, (3, 10))
@@ -156,7 +156,7 @@ def test_static_cache_matches_dynamic_cache_and_overflows():
 
 def test_static_cache_follows_rows_selected_from_outside():
     """serve/kvcache.py replaces the cache's lists (rows leaving the batch): the next step must use them."""
-    from qwenvl_lab.qwen.modeling import QWenCache
+    from qwenvl_lab.qwen.cache import QWenCache
     from qwenvl_lab.serve.kvcache import select_rows
 
     m = _model().eval()
@@ -170,7 +170,7 @@ def test_static_cache_follows_rows_selected_from_outside():
 
 
 def test_decode_logits_match_the_head():
-    from qwenvl_lab.qwen.loss import decode_logits
+    from qwenvl_lab.core.loss import decode_logits
 
     head = torch.nn.Linear(32, 300, bias=True)
     calls = []

@@ -68,7 +68,7 @@ def _vllm_serves_our_export(commands: list[str]) -> list[str]:
 def _bigbro_train_flags_known(commands: list[str]) -> list[str]:
     """Every flag of the README's BigBro train.py line is one train.py translates (tests/test_bigbro.py runs
     such a line on tiny models; this one needs the hub's Qwen-7B-Chat and SigLIP)."""
-    from qwenvl_lab.trainer import bigbro
+    from qwenvl_lab.dataprocess import bigbro
 
     known = {*bigbro.TRAIN_ALIASES, *bigbro.SAME_KEYS, *bigbro.IGNORED, *bigbro.BOOL_FLAGS,
              "image_map", "captions_file", "base_language_model", "base_value_model", "report_to"}

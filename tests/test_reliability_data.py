@@ -117,7 +117,7 @@ def test_no_remote_code_and_no_unsafe_torch_load():
 
 
 def test_config_defaults_are_safe():
-    from qwenvl_lab.trainer.config import TrainConfig
+    from qwenvl_lab.model.train_config import TrainConfig
 
     cfg = TrainConfig()
     assert cfg.allow_absolute_paths is False

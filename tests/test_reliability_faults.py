@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from qwenvl_lab.dataset.sample import UserError
+from qwenvl_lab.core.errors import UserError
 from qwenvl_lab.trainer.callbacks import read_log
 from qwenvl_lab.trainer.checkpoints import is_complete, latest_checkpoint, stale_tmp_dirs
 from safetensors.torch import load_file

@@ -212,8 +212,8 @@ def test_full_queue_gets_503_and_clients_that_leave_stop_their_generation(setup)
 
 
 def test_cli_mistakes_are_one_line_and_exit_2(tmp_path, capsys):
+    from qwenvl_lab.core.cli import run_cli
     from qwenvl_lab.serve.cli import main
-    from qwenvl_lab.trainer.cli import run_cli
 
     assert run_cli(main, ["--model", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -342,8 +342,8 @@ def test_offline_guard_refuses_and_reports_outside_requests(tmp_path):
 
 
 def test_command_line_mistakes_are_one_line(web, tmp_path, capsys, monkeypatch):
+    from qwenvl_lab.core.cli import run_cli
     from qwenvl_lab.serve.web import main
-    from qwenvl_lab.trainer.cli import run_cli
 
     _, _, tmp = web
     model = str(tmp / "model")

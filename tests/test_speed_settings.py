@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from qwenvl_lab.trainer.config import TrainConfig
-from qwenvl_lab.trainer.config_io import ConfigError
+from qwenvl_lab.core.config_io import ConfigError
+from qwenvl_lab.model.train_config import TrainConfig
 from qwenvl_lab.trainer.speed import apply_speed_settings
 
 from tests.tiny_opt import tiny_vlm

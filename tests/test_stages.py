@@ -1,6 +1,6 @@
-"""trainer/stages.py: one rule for what trains, shared by the optimizer's groups and trainable-only saves."""
+"""model/stages.py: one rule for what trains, shared by the optimizer's groups and trainable-only saves."""
 
-from qwenvl_lab.trainer.stages import part_of, set_trainable
+from qwenvl_lab.model.stages import part_of, set_trainable
 from torch import nn
 
 

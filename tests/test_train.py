@@ -147,7 +147,7 @@ def test_gradient_accumulation_is_token_normalised(tmp_path, data):
 
 
 def test_train_cli_rejects_bad_configs(tmp_path, data, capsys):
-    from qwenvl_lab.trainer.cli import run_cli
+    from qwenvl_lab.core.cli import run_cli
 
     main = entry("train").main
 

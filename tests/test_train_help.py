@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from qwenvl_lab.core.config_io import describe_fields
 from qwenvl_lab.model.config import VLMConfig
-from qwenvl_lab.trainer.config import TrainConfig
-from qwenvl_lab.trainer.config_io import describe_fields
+from qwenvl_lab.model.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from qwenvl_lab.dataprocess.make_shapes import make_shapes
 from qwenvl_lab.dataprocess.make_vocab import _texts_from_jsonl, train_bpe, write_tiktoken
-from qwenvl_lab.trainer.config import TrainConfig, load_train_config
+from qwenvl_lab.model.train_config import TrainConfig, load_train_config
 
 TINY_TOWER = {
     "backend": "timm", "name_or_path": "resnet10t", "pretrained": False, "feature_layer": -1,

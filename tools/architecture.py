@@ -34,11 +34,23 @@ PACKAGES = [p for layer in LAYERS[:-1] for p in layer]
 SCRIPTS = ["train.py", "test.py", "benchmarks", "tools"]
 # Function-local imports that are allowed without counting: optional or heavy third-party packages, loaded
 # only by the feature that needs them.
+# peft is a dependency but heavy (about 1.3 s and 800 modules on top of transformers: it loads bitsandbytes and
+# parts of inductor), so only LoRA code imports it.
 OPTIONAL = ("deepspeed", "bitsandbytes", "gradio", "lmms_eval", "triton", "open_clip", "av", "fastapi",
-            "uvicorn", "pycocoevalcap", "openai", "playwright", "matplotlib", "tensorboard", "torchvision.io")
+            "uvicorn", "pycocoevalcap", "openai", "playwright", "matplotlib", "tensorboard", "torchvision.io", "peft")
 # Functions whose imports are deferred so `--help` / `--check` answer before torch loads (`file:function`; the
 # list is docs/architecture.md's too). Their function-local imports do not count either.
-DEFERRED: set[str] = set()
+DEFERRED: set[str] = {
+    "train.py:main",  # trainer.run (torch, transformers) and evaluation's callbacks after the config is checked
+    "test.py:load_model",  # torch and the VLM after the arguments and the files they name are checked
+    "serve/cli.py:build",  # torch, the VLM and the server after the arguments are checked
+    "evaluation/__main__.py:main",  # the VLM (transformers) after the task, data and output are checked
+    "trainer/evaluate.py:main",  # the VLM after the data file is read
+    "dataprocess/cache_features.py:main",  # the VLM after the arguments are checked
+    "model/merge.py:merge",  # the VLM after main has checked the paths
+    "model/train_config.py:vlm_config",  # the model registry (torch) when a config is validated, not for --help
+    "benchmarks/gpu_check.py:main",  # torch after the arguments: --help, and one line without a CUDA device
+}
 MAX_LOCAL_IMPORTS = 15
 MAX_FUNCTION_LINES = 80
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -43,8 +44,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def make_tmp_dir(run_dir: str | Path, name: str) -> Path:
     """A fresh `name.tmp-XXXX` in `run_dir`, with the usual directory permissions (mkdtemp's are 0700)."""
-    import tempfile
-
     path = Path(tempfile.mkdtemp(prefix=name + TMP_MARK, dir=run_dir))
     path.chmod(0o755)
     return path

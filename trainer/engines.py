@@ -18,6 +18,8 @@ import logging
 import os
 
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +28,6 @@ SHM_ENV = "QWENVL_DS_SHM_COMM"
 
 def enable_fsdp_on_cpu(accelerator, plugin_args: dict) -> bool:
     """Turn FSDP on for a multi-process CPU run that accelerate left on DDP; False when not applicable."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
     state = accelerator.state
     if state.distributed_type != DistributedType.MULTI_CPU:
         log.warning("fsdp=true is ignored: FSDP needs several processes (NPROC>1); this run has distributed type %s",

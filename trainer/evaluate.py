@@ -20,11 +20,11 @@ from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 
+from ..core.cli import run_cli, writable_dir
 from ..dataset.formats import normalize, read_records
 from ..dataset.images import load_image
 from ..dataset.sample import IMAGE_MARKER
 from ..model.paths import resolve_model_dir
-from .cli import run_cli, writable_dir
 
 FOLLOWUP_ROW = "multi-turn"  # the score row of every assistant turn after a sample's first
 

@@ -36,11 +36,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import rotate_checkpoints
 
-from ..qwen.loss import count_targets
+from ..core.loss import count_targets
+from ..model.checkpoint import load_trainable_weights, read_weights
 from . import state_io
 from .checkpoints import make_tmp_dir
 from .engines import enable_fsdp_on_cpu, retie
@@ -264,12 +271,8 @@ class VLMTrainer(Trainer):
         return None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from ..model.checkpoint import load_trainable_weights, read_weights
-
         if self.is_fsdp_enabled:
             # Parameters are shards (DTensors): every rank reads the full tensors and keeps its shard.
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
             tensors = read_weights(resume_from_checkpoint)
             set_model_state_dict(model or self.model, tensors,
                                  options=StateDictOptions(full_state_dict=True, strict=False))
@@ -287,8 +290,6 @@ class VLMTrainer(Trainer):
         elif self.is_fsdp_enabled:
             # One full optimizer state keyed by parameter name (collective; rank 0 gets the tensors), so a
             # resume may use another number of processes.
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
             optim_state = get_optimizer_state_dict(self.model, self._inner_optimizer(),
                                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
@@ -304,8 +305,6 @@ class VLMTrainer(Trainer):
         if not state_io.has_state(checkpoint, SCHEDULER_STATE):
             return super()._load_optimizer_and_scheduler(checkpoint)  # a checkpoint in the Trainer's format
         if self.is_fsdp_enabled:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
             set_optimizer_state_dict(self.model, self._inner_optimizer(), state_io.load_state(checkpoint, OPTIMIZER_STATE),
                                      options=StateDictOptions(full_state_dict=True))
         elif not self.is_deepspeed_enabled:  # DeepSpeed's engine has loaded its own files already

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .stages import part_of
+from ..model.stages import part_of
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:

@@ -1,4 +1,4 @@
-"""One training run, start to finish: `train(cfg) -> run directory`.
+"""One training run, start to finish: `train(cfg, callbacks=()) -> RunResult`.
 
 The run directory (`output_dir`) holds
   config.yaml           the resolved TrainConfig
@@ -13,6 +13,9 @@ per optimizer step whatever the number of processes (gradient accumulation is de
 Before the first step: the run directory must be writable and (`check_disk_space`) its disk must hold one
 more checkpoint plus the final weights; stale `checkpoint-N.tmp-*` directories of a killed save are removed.
 A run stopped by `max_consecutive_nan` raises `TrainingAborted` after saving a checkpoint.
+`callbacks`: factories `(cfg, trainer, output_dir) -> [TrainerCallback, ...]` called once the Trainer is built,
+for what lives above the trainer: train.py passes `evaluation.during_training.eval_task_callbacks` (benchmarks
+every `eval_steps`, logged like the loss); a config with `eval_tasks` and no factory is refused.
 """
 
 from __future__ import annotations
@@ -23,32 +26,38 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import TrainingArguments, set_seed
 
+from ..core.cli import writable_dir
+from ..core.config_io import ConfigError, save_config
+from ..core.errors import UserError
 from ..dataset import Collator, LengthGroupedSampler, VLMDataset
 from ..dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
 from ..dataset.packing import PackedDataset, PackingCollator, PackingSampler
-from ..dataset.sample import UserError
 from ..model import VLM, build_vlm, dtypes
 from ..model.backbones import unwrap
 from ..model.checkpoint import _select_keys
 from ..model.paths import resolve_model_dir
+from ..model.stages import adapters_match, apply_stage
+from ..model.train_config import TrainConfig, check_paths, fsdp_flag
 from .callbacks import AttentionSetup, JsonlLogger, plot_loss
 from .checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
-from .cli import writable_dir
-from .config import TrainConfig, check_paths, fsdp_flag
-from .config_io import ConfigError, save_config
 from .engines import prepare_deepspeed_on_cpu
-from .eval_tasks import EvalTasksCallback
 from .hf_trainer import VLMTrainer, gather_objects
-from .stages import adapters_match, apply_stage
+from .speed import apply_speed_settings
 from .throughput import ThroughputCallback
 
 log = logging.getLogger("qwenvl_lab.trainer")
+
+
+# What `train(cfg, callbacks=...)` takes: (config, the Trainer, the run directory) -> the callbacks to add.
+CallbackFactory = Callable[[TrainConfig, VLMTrainer, Path], list]
 
 
 class TrainingAborted(UserError, RuntimeError):
@@ -302,7 +311,7 @@ def _remove_run_dir(out: Path) -> None:
     shutil.rmtree(out, ignore_errors=True)
 
 
-def _prepare(cfg: TrainConfig, out: Path, rank: int):
+def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[CallbackFactory] = ()):
     """Everything before the first step: the run directory, the model, the data, the Trainer."""
     if rank == 0:
         writable_dir(out, "output_dir")  # fail before training when the run directory cannot be written
@@ -313,7 +322,6 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int):
             log.warning("removed %s: an unfinished checkpoint of an earlier run", stale)
     set_seed(cfg.seed)
     vlm = build_model(cfg)
-    from .speed import apply_speed_settings
 
     apply_speed_settings(cfg, vlm)
     if rank == 0 and cfg.check_disk_space:
@@ -355,19 +363,23 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int):
         max_consecutive_nan=cfg.max_consecutive_nan,
         inject_nan_steps=cfg.debug_inject_nan_steps,
     )
-    if cfg.eval_tasks:  # benchmarks every eval_steps, logged like the loss
-        trainer.add_callback(EvalTasksCallback(cfg.eval_tasks, cfg.eval_steps, out, trainer))
+    for make in callbacks:  # e.g. benchmarks every eval_steps, logged like the loss (train.py passes them)
+        for callback in make(cfg, trainer, out):
+            trainer.add_callback(callback)
     return vlm, train_ds, trainer, resume
 
 
-def train(cfg: TrainConfig) -> RunResult:
+def train(cfg: TrainConfig, callbacks: Sequence[CallbackFactory] = ()) -> RunResult:
     check_paths(cfg)  # for library callers; train.py checks before importing this module (a few stat calls)
+    if cfg.eval_tasks and not callbacks:
+        raise ConfigError("eval_tasks needs the evaluation's callbacks: train(cfg, callbacks=[eval_task_callbacks]) "
+                          "with eval_task_callbacks from qwenvl_lab.evaluation.during_training (train.py passes it)")
     out = Path(cfg.output_dir)
     rank = int(os.environ.get("RANK", "0"))
     # A run that fails before its first step leaves no half-made run directory behind.
     fresh = rank == 0 and not (out.is_dir() and any(out.iterdir()))
     try:
-        vlm, train_ds, trainer, resume = _prepare(cfg, out, rank)
+        vlm, train_ds, trainer, resume = _prepare(cfg, out, rank, callbacks)
     except BaseException:
         if fresh:
             _remove_run_dir(out)
@@ -408,3 +420,12 @@ def train(cfg: TrainConfig) -> RunResult:
         png = plot_loss(out / "log.jsonl", out / "loss.png")
         log.info("run finished: %s (loss curve: %s)", final, png)
     return RunResult(out, vlm, report["skipped"], list(trainer.nan_steps))
+
+
+def close_process_group(wait_for_others: bool) -> None:
+    """Under torchrun, leave the process group cleanly: a group torn down by interpreter exit can abort
+    a rank ("terminate called without an active exception") after a successful run (train.py calls it)."""
+    if dist.is_available() and dist.is_initialized():
+        if wait_for_others:
+            dist.barrier()
+        dist.destroy_process_group()

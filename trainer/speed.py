@@ -17,22 +17,20 @@ import logging
 
 import torch
 
+from ..core.config_io import ConfigError
+from ..qwen import QWenLMHeadModel
+from .cpu_malloc import retain_freed_memory
+
 log = logging.getLogger(__name__)
 
 
 def _qwen_lm(vlm):
-    from ..qwen import QWenLMHeadModel
-
     return next((m for m in vlm.modules() if isinstance(m, QWenLMHeadModel)), None)
 
 
 def apply_speed_settings(cfg, vlm) -> dict:
-    from .config_io import ConfigError
-
     done = {}
     if cfg.retain_freed_memory and not torch.cuda.is_available():
-        from .cpu_malloc import retain_freed_memory
-
         done["retain_freed_memory"] = retain_freed_memory(True)
     if cfg.fused_impl != "keep" or cfg.compile_lm:
         lm = _qwen_lm(vlm)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
 from .base import VisionTower, resolve_layer
 from .processor import ImageProcessor
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from ..dataset.sample import UserError
+from .errors import UserError
 
 
 class ConfigError(UserError, ValueError):

@@ -3,6 +3,11 @@
 Keys follow LLaVA's and the Hugging Face Trainer's names (`data_path`, `image_folder`, `learning_rate`,
 `per_device_train_batch_size`, ...). Nested sections: `model` (VLMConfig fields, applied over `preset`)
 and `lora`. Example: `python train.py configs/demo/stage2_sft.yaml stage=sft lora.r=8 model.projector=mlp3x_gelu`.
+
+It lives in model/, below the trainer, because the memory and compute plan (model/plan.py) reads the same
+config as the run it models, and what trains (`model/stages.py`, `LoraSettings`) is decided from it; the
+trainer (trainer/run.py) and train.py import it from here. `eval_tasks` entries are checked by evaluation/
+(`evaluation.during_training.check_eval_tasks`), which train.py calls after `load_train_config`.
 """
 
 from __future__ import annotations
@@ -13,9 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from ..model.paths import resolve_model_dir
-from .config_io import ConfigError, load_config
-from .stages import LoraSettings
+from ..core.config_io import ConfigError, load_config
+from .paths import resolve_model_dir
+
+
+@dataclass
+class LoraSettings:
+    r: int = 0  # LoRA rank (0 = no adapters)
+    alpha: int = 16  # LoRA scaling numerator (the update is scaled by alpha / r)
+    dropout: float = 0.05  # dropout on the adapters' input
+    # Module-name suffixes joined by "|"; "" = the LM backbone's default (Qwen: every Linear of the block,
+    # c_attn|attn.c_proj|w1|w2|mlp.c_proj; Llama-like: q/k/v/o/gate/up/down_proj); "all-linear" = every
+    # Linear of the LM but its output head.
+    targets: str = ""
+    qlora: bool = False  # 4-bit NF4 base weights under the adapters (bitsandbytes)
 
 
 @dataclass
@@ -90,7 +106,7 @@ class TrainConfig:
     save_steps: int = 500  # save a checkpoint every this many optimizer steps
     save_total_limit: int | None = 3  # keep at most this many checkpoints (null = all)
     eval_steps: int | None = None  # evaluate eval_data_path every this many steps (null = never)
-    # Benchmarks answered every eval_steps: [{task, data, images, limit}, ...] (trainer/eval_tasks.py).
+    # Benchmarks answered every eval_steps: [{task, data, images, limit}, ...] (evaluation/during_training.py).
     eval_tasks: list[dict] = field(default_factory=list)
     resume_from_checkpoint: str | None = None  # "auto" or a checkpoint path
     # loggers: tensorboard, wandb, or [] for none
@@ -127,10 +143,6 @@ class TrainConfig:
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         self.vlm_config()  # unknown model keys / presets fail here, before anything is built
-        if self.eval_tasks:
-            from .eval_tasks import check_eval_tasks  # imports the benchmark registry only when used
-
-            check_eval_tasks(self.eval_tasks, self.eval_steps, self.fsdp, self.deepspeed)
 
     def accumulation_steps(self, world_size: int) -> int:
         """Gradient accumulation for `world_size` processes: derived from global_batch_size when it is set."""
@@ -145,7 +157,8 @@ class TrainConfig:
         return self.global_batch_size // per_step
 
     def vlm_config(self):
-        from ..model.model import resolve_config
+        # lazily: torch loads only when a config is validated, not for --help
+        from .model import resolve_config
 
         if self.init_from is not None and not self.preset and not self.model:
             return None  # the model comes whole from init_from

@@ -2,6 +2,9 @@
 
 Each flag of that repo's test.py / train.py is rewritten to our spelling before our parser sees it, with one
 line on stderr saying how it is spelt here (`--flag value` and `--flag=value` both work).
+It sits with the converters (dataprocess/, above the trainer) because its `--image_map` / `--captions_file`
+flags convert that repo's data with `image_map.py` and its `init_from` converts that repo's checkpoints
+(model/bigbro.py); train.py and test.py, the only commands that take those flags, import it from here.
 
 - `test_argv(argv)`: `--base_language_model X` -> `--lm X`, `--base_value_model X` -> `--tower X`,
   `--model_weights D` -> `--model D`, `--image_path P` -> `--image P` (`--prompt` is the same).
@@ -23,11 +26,15 @@ line on stderr saying how it is spelt here (`--flag value` and `--flag=value` bo
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
-from ..dataset.sample import UserError
+from ..core.errors import UserError
+from ..model.paths import is_bigbro_dir
+from .common import read_text, write_jsonl
+from .image_map import convert_image_map, parse_captions, parse_image_map
 
 TEST_ALIASES = {"--base_language_model": "--lm", "--base_value_model": "--tower", "--model_weights": "--model",
                 "--image_path": "--image"}
@@ -178,8 +185,6 @@ def _model_overrides(named: dict, overrides: list[str]) -> list[str]:
 
 
 def _yaml(v) -> str:
-    import json
-
     return json.dumps(v) if isinstance(v, (str, bool)) else str(v)
 
 
@@ -188,12 +193,6 @@ def _data_overrides(data: dict, overrides: list[str]) -> list[str]:
         return []
     if set(data) != {"image_map", "captions_file"}:
         raise UserError("--image_map and --captions_file go together (the image files and their captions)")
-    from ..dataprocess.common import read_text, write_jsonl  # the converters (layer 5): only for these flags
-    from ..dataprocess.image_map import (  # converters: layer 5
-        convert_image_map,
-        parse_captions,
-        parse_image_map,
-    )
 
     imap_path, caps_path = Path(data["image_map"]), Path(data["captions_file"])
     image_map = parse_image_map(read_text(imap_path), str(imap_path))
@@ -215,8 +214,6 @@ def _data_overrides(data: dict, overrides: list[str]) -> list[str]:
 
 def resolve_init_from(cfg):
     """A BigBro checkpoint in `init_from`: converted once, then `init_from` names the conversion."""
-    from ..model.paths import is_bigbro_dir
-
     if not cfg.init_from or not is_bigbro_dir(cfg.init_from):
         return cfg
     from ..model.bigbro import convert_bigbro  # heavy (torch): only for a BigBro checkpoint

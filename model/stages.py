@@ -15,23 +15,19 @@ from __future__ import annotations
 import logging
 import re
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # annotations only: the config (which holds LoraSettings) loads without torch
-    from collections.abc import Callable
+from torch import nn
 
-    from torch import nn
-
-    from .config import TrainConfig
+from .config import PROJECTOR_PREFIXES
+from .dtypes import upcast_trainable
+from .quant import quantize_lm_4bit
+from .train_config import LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
 STAGES = ("align", "sft", "full")
-
-# Parts that always train, at the projector's rate: the projector and trainable token embedding rows.
-# One list for what trains (set_trainable), its learning rate (optim) and what a trainable-only save keeps.
-PROJECTOR_PREFIXES = ("projector.", "token_rows.")
 
 
 def part_of(name: str) -> str:
@@ -41,18 +37,6 @@ def part_of(name: str) -> str:
     if name.startswith("towers."):
         return "vision"
     return "lm"
-
-
-@dataclass
-class LoraSettings:
-    r: int = 0  # LoRA rank (0 = no adapters)
-    alpha: int = 16  # LoRA scaling numerator (the update is scaled by alpha / r)
-    dropout: float = 0.05  # dropout on the adapters' input
-    # Module-name suffixes joined by "|"; "" = the LM backbone's default (Qwen: every Linear of the block,
-    # c_attn|attn.c_proj|w1|w2|mlp.c_proj; Llama-like: q/k/v/o/gate/up/down_proj); "all-linear" = every
-    # Linear of the LM but its output head.
-    targets: str = ""
-    qlora: bool = False  # 4-bit NF4 base weights under the adapters (bitsandbytes)
 
 
 @dataclass
@@ -96,13 +80,12 @@ def resolve_lora_targets(vlm: nn.Module, targets: str) -> str:
 
 def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
     """Wrap `vlm.lm` with peft LoRA adapters (QLoRA: 4-bit base weights first, needs bitsandbytes)."""
+    # peft is heavy (it loads bitsandbytes and parts of inductor): imported only when adapters are applied.
     from peft import LoraConfig, get_peft_model
 
     if lora.qlora:
         # 4-bit NF4 base weights; bitsandbytes quantises on the GPU when there is one, else with its CPU
         # backend (it raises a clear error when missing).
-        from ..model.quant import quantize_lm_4bit  # imported lazily: only QLoRA needs it
-
         n4 = quantize_lm_4bit(vlm)
         log.info("QLoRA: %d linear layers of the LM hold 4-bit NF4 weights", n4)
     targets = resolve_lora_targets(vlm, lora.targets)
@@ -119,12 +102,10 @@ def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
 
 def lora_modules(vlm: nn.Module, targets: str) -> set[str]:
     """Names (inside the LM) of the modules `targets` would put LoRA adapters on."""
-    from torch.nn import Linear  # lazily: this module loads with the config, without torch
-
     rx = re.compile(lora_target_regex(resolve_lora_targets(vlm, targets)))
     base = vlm.lm.get_base_model() if hasattr(vlm.lm, "get_base_model") else vlm.lm
     return {n for n, m in base.named_modules()
-            if rx.fullmatch(n) and (isinstance(m, Linear) or hasattr(m, "base_layer"))}
+            if rx.fullmatch(n) and (isinstance(m, nn.Linear) or hasattr(m, "base_layer"))}
 
 
 def adapters_match(vlm: nn.Module, lora: LoraSettings) -> bool:
@@ -143,8 +124,6 @@ def apply_stage(vlm: nn.Module, cfg: TrainConfig, lora: LoraSettings,
     tower_dtype and fp32 master weights for what trains. The run and the memory plan (model/plan.py) both
     call it, so the plan models exactly what trains. `check` sees the trainable set before any cast.
     Returns how many trainable tensors moved to fp32."""
-    from ..model.dtypes import upcast_trainable  # lazily: this module loads with the config, without torch
-
     if cfg.stage == "sft" and lora.r > 0:
         apply_lora(vlm, lora)
     set_trainable(vlm, cfg.stage, cfg.vision_lr, cfg.freeze, cfg.unfreeze)

@@ -8,6 +8,11 @@ results.json, chart) and logs the scores through the Trainer as `eval_{name}_{me
 log.jsonl and TensorBoard as `eval/{name}_{metric}`).
 Only rank 0 evaluates; the model's weights must be whole on it (not with FSDP or ZeRO-3, which
 `check_eval_tasks` refuses).
+
+The trainer does not import evaluation/ (they are packages of the same layer): train.py checks the entries
+(`check_eval_tasks`, right after loading the config) and hands `eval_task_callbacks` to
+`trainer.run.train(cfg, callbacks=[eval_task_callbacks])`, which calls it with the config, the Trainer and
+the run directory once the Trainer is built.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..evaluation.runner import MC_MODES, run_task
-from ..evaluation.tasks import TASKS
-from .config import fsdp_flag
-from .config_io import ConfigError
+from ..core.config_io import ConfigError
+from ..model.train_config import TrainConfig, fsdp_flag
+from .runner import MC_MODES, run_task
+from .tasks import TASKS
 
 log = logging.getLogger("qwenvl_lab.trainer")
 KEYS = {"task", "data", "images", "limit", "name", "prompt", "split", "annotations", "mc_mode", "batch_size",
@@ -87,3 +92,11 @@ class EvalTasksCallback(TrainerCallback):
         scores = self.evaluate(model, state.global_step)
         if scores:
             self.trainer.log(scores)  # -> every logger callback: log.jsonl, TensorBoard, wandb
+
+
+def eval_task_callbacks(cfg: TrainConfig, trainer, output_dir: str | Path) -> list[TrainerCallback]:
+    """The callbacks `cfg.eval_tasks` asks for (none without entries), for `trainer.run.train(cfg, callbacks=...)`."""
+    if not cfg.eval_tasks:
+        return []
+    check_eval_tasks(cfg.eval_tasks, cfg.eval_steps, cfg.fsdp, cfg.deepspeed)  # callers other than train.py
+    return [EvalTasksCallback(cfg.eval_tasks, cfg.eval_steps, output_dir, trainer)]

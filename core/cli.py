@@ -1,7 +1,7 @@
 """How every entry point answers a user mistake: one line `error: ...`, exit status 2, no traceback.
 
 Contract:
-- `UserError` (defined in dataset/sample.py, the lowest module every package imports): an expected
+- `UserError` (core/errors.py, in the bottom layer every package may import): an expected
   mistake of the user's (a missing or bad file, a bad key, a model directory without a model, a hub name
   while offline, data with no usable sample, an unwritable output directory). Its message names the file,
   key or sample and says what to do. `ConfigError`, `DataFileError` and `BadSampleError` are UserErrors.
@@ -24,9 +24,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ..dataset.sample import UserError
+from .errors import UserError
 
-__all__ = ["UserError", "quiet_third_party", "run_cli", "writable_dir"]
+__all__ = ["quiet_third_party", "run_cli", "writable_dir"]
 
 DEBUG_ENV = "QWENVL_DEBUG"
 

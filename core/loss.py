@@ -134,7 +134,7 @@ class _FusedLinearCE(torch.autograd.Function):
     def backward(ctx, grad_out):
         if ctx.grads is None:
             raise RuntimeError("supervised_loss: the fused head's gradients were already used by a previous "
-                               "backward (retain_graph=True is not supported); set qwen.loss.FUSED = False")
+                               "backward (retain_graph=True is not supported); set qwenvl_lab.core.loss.FUSED = False")
         grads, ctx.grads = ctx.grads, None
         scale = grad_out.float()  # the gradients above are of the SUM; scale by d(loss)/d(sum)
         out = []
