@@ -167,7 +167,8 @@ class _Phases:
     def __call__(self, name: str, wall: float = 0.0) -> None:
         self.seconds[name] = wall
         if self.cpu and _reset_peak_rss():
-            self.peaks[name] = max(self.peaks.get(name, 0), _phase_peak_rss() - self.rss_before)  # over the steps
+            growth = _phase_peak_rss() - self.rss_before
+            self.peaks[name] = max(self.peaks.get(name, 0), growth)  # over the steps
             _reset_peak_rss()  # (this resets ru_maxrss as well: the process peak is the phases' maximum)
 
 
@@ -185,7 +186,7 @@ def _build(cfg, dev: torch.device, phase: _Phases):
 
 
 def _sample_tensors(vlm, text_tokens: int, batch: int, dev: torch.device):
-    """(prompt ids, input ids [batch, T], labels [batch, T], pixel values [batch, 3, H, W]) of the one sample."""
+    """The one sample: (prompt ids, input ids [batch, T], labels [batch, T], pixels [batch, 3, H, W])."""
     prompt, ids, labels = make_sample(vlm.tokens_per_image, text_tokens, 8,
                                       vlm.image_token_id, vlm.lm.get_input_embeddings().weight.shape[0])
     ids, labels = ids.to(dev).repeat(batch, 1), labels.to(dev).repeat(batch, 1)  # [batch, T]

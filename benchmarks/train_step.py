@@ -344,8 +344,8 @@ def _warmup(sides: dict[str, Side], inputs: dict[str, list[dict]], n_data: int, 
 def _timed_rounds(sides: dict[str, Side], inputs: dict[str, list[dict]], data: list[dict], counts: list[dict],
                   ours_model: torch.nn.Module, args, device: torch.device
                   ) -> tuple[dict[str, float], float, float]:
-    """`--steps` rounds, one step per side each, the first side rotating; returns the timed samples / targets /
-    tokens / model FLOPs and the best matmul FLOP/s measured between the rounds (wall, CPU)."""
+    """`--steps` rounds, one step per side each, the first side rotating; returns the timed samples /
+    targets / tokens / model FLOPs and the best matmul FLOP/s measured between the rounds (wall, CPU)."""
     from qwenvl_lab.trainer.throughput import ModelDims, batch_stats, measure_matmul_peak, step_flops
 
     dims = ModelDims.from_model(ours_model)  # the same model on every side: the same model FLOPs
@@ -401,7 +401,8 @@ def _add_peak_memory(results: dict[str, dict[str, float]], sides: dict[str, Side
         results[name]["peak_mb"] = (resident + step_peak) / 2**20
 
 
-def _print_figures(results: dict[str, dict[str, float]], sides: dict[str, Side], device: torch.device) -> None:
+def _print_figures(results: dict[str, dict[str, float]], sides: dict[str, Side], device: torch.device
+                   ) -> None:
     """The `name ours=... reference_sup=... ratio=...` lines, then one line per figure of every other side."""
     keys = ("samples_per_s", "target_tokens_per_s", "tokens_per_s", "step_s", "cpu_s", "mfu", "mfu_cpu",
             "peak_mb", "step_peak_mb")

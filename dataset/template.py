@@ -298,8 +298,8 @@ def _plain_turns(sample: Sample, fmt: ChatFormat, span: list[int], k: int, curso
     return w.piece
 
 
-def _chat_pairs(sample: Sample, fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor, prefix: _Piece,
-                system_prompt: str | None, add_generation_prompt: bool) -> list[_Piece]:
+def _chat_pairs(sample: Sample, fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor,
+                prefix: _Piece, system_prompt: str | None, add_generation_prompt: bool) -> list[_Piece]:
     """chat mode: the system prompt (appended to `prefix`, or folded into the first user turn), then one
     piece per (user, answers) pair; a final unanswered question is dropped unless a prompt is wanted."""
     t = fmt.template

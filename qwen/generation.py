@@ -120,7 +120,8 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, temperature:
 
 def _batch_and_mask(input_ids, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
                     device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, int, int]:
-    """(input_ids (a list of prompts left-padded into a tensor), attention mask [B, T] long on `device`, B, T)."""
+    """(input_ids, a list of prompts left-padded into a tensor; the attention mask [B, T], long, on `device`;
+    B; T)."""
     if isinstance(input_ids, list):
         if attention_mask is not None:
             raise ValueError("generate: pass attention_mask only with a padded input_ids tensor")
