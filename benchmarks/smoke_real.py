@@ -159,6 +159,71 @@ def _step(vlm, groups, opt, autocast, inputs: dict, max_grad_norm: float, sync, 
     return loss.item(), wall, cpu
 
 
+class _Phases:
+    """`phase(name, wall s)`: records each phase's wall time and, on a CPU where Linux lets the peak be reset,
+    its peak RSS growth over `rss_before` (the maximum over the steps)."""
+
+    def __init__(self, cpu: bool, rss_before: int):
+        self.cpu, self.rss_before = cpu, rss_before
+        self.peaks: dict[str, int] = {}  # CPU: peak RSS growth of each phase over rss_before
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, wall: float = 0.0) -> None:
+        self.seconds[name] = wall
+        if self.cpu and _reset_peak_rss():
+            growth = _phase_peak_rss() - self.rss_before
+            self.peaks[name] = max(self.peaks.get(name, 0), growth)  # over the steps
+            _reset_peak_rss()  # (this resets ru_maxrss as well: the process peak is the phases' maximum)
+
+
+def _build(cfg, dev: torch.device, phase: _Phases):
+    """The VLM as the trainer builds it, on `dev`; returns it and the build's wall time."""
+    _reset_peak_rss()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        vlm = build_model(cfg).to(dev)
+    build_s = time.perf_counter() - t0
+    phase("build")
+    return vlm, build_s
+
+
+def _sample_tensors(vlm, text_tokens: int, batch: int, dev: torch.device):
+    """The one sample: (prompt ids, input ids [batch, T], labels [batch, T], pixels [batch, 3, H, W])."""
+    prompt, ids, labels = make_sample(vlm.tokens_per_image, text_tokens, 8,
+                                      vlm.image_token_id, vlm.lm.get_input_embeddings().weight.shape[0])
+    ids, labels = ids.to(dev).repeat(batch, 1), labels.to(dev).repeat(batch, 1)  # [batch, T]
+    size = int(vlm.towers.image_size)
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev).repeat(batch, 1, 1, 1)
+    return prompt, ids, labels, pixels
+
+
+def _optimizer(vlm, cfg, dev: torch.device):
+    """The trainer's parameter groups and a (fused where it can be) AdamW over them."""
+    groups = param_groups(vlm, learning_rate=cfg.learning_rate, projector_lr=cfg.projector_lr, vision_lr=0.0,
+                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=dev.type in ("cpu", "cuda"))
+    return groups, opt
+
+
+def _step_peak(dev: torch.device, rss_before: int, phases: dict[str, int]) -> int:
+    """Peak memory of the steps: CUDA's max allocated, or the process's peak RSS."""
+    if dev.type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    # VmHWM resets also reset ru_maxrss: the peak is the phases' maximum
+    return rss_before + max(phases.values()) if phases else peak_rss_bytes()
+
+
+def _answer(vlm, prompt: list[int], pixels: torch.Tensor, new_tokens: int, autocast, sync, dev: torch.device):
+    """A greedy answer of `new_tokens` tokens to the sample's prompt and its wall time."""
+    vlm.eval()
+    t0 = time.perf_counter()
+    with autocast:
+        answer = vlm.generate(torch.tensor([prompt], device=dev), pixel_values=pixels[:1], max_new_tokens=new_tokens,
+                              do_sample=False, stop_token_ids=[])[0]
+    sync()
+    return answer, time.perf_counter() - t0
+
+
 def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: int = 128, text_tokens: int = 64,
         new_tokens: int = 4, mfu: float | None = None, lm_config: Path | None = None, steps: int = 1,
         batch: int = 1) -> dict:
@@ -182,32 +247,14 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
             seq = int(P.meta_model(cfg, dev.type, dtype_name)[0].tokens_per_image) + text_tokens  # make_sample's
         timings.append(P.measure_block(cfg, dev, seq, dtype_name, micro_batch=batch))
         _trim_heap()
-    phases: dict[str, int] = {}  # CPU: peak RSS growth of each phase over rss_before
-    seconds: dict[str, float] = {}
-
-    def phase(name: str, wall: float = 0.0) -> None:
-        seconds[name] = wall
-        if dev.type == "cpu" and _reset_peak_rss():
-            phases[name] = max(phases.get(name, 0), _phase_peak_rss() - rss_before)  # over the steps
-            _reset_peak_rss()  # (this resets ru_maxrss as well: the process peak is the phases' maximum)
-
-    _reset_peak_rss()
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        vlm = build_model(cfg).to(dev)
-    build_s = time.perf_counter() - t0
-    phase("build")
+    phase = _Phases(dev.type == "cpu", rss_before)
+    phases, seconds = phase.peaks, phase.seconds
+    vlm, build_s = _build(cfg, dev, phase)
     trainable = sum(p.numel() for p in vlm.parameters() if p.requires_grad)
     parts = dtypes.describe_parts(vlm)
 
-    prompt, ids, labels = make_sample(vlm.tokens_per_image, text_tokens, 8,
-                                      vlm.image_token_id, vlm.lm.get_input_embeddings().weight.shape[0])
-    ids, labels = ids.to(dev).repeat(batch, 1), labels.to(dev).repeat(batch, 1)  # [batch, T]
-    size = int(vlm.towers.image_size)
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(1)).to(dev).repeat(batch, 1, 1, 1)
-    groups = param_groups(vlm, learning_rate=cfg.learning_rate, projector_lr=cfg.projector_lr, vision_lr=0.0,
-                          weight_decay=cfg.weight_decay)
-    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=dev.type in ("cpu", "cuda"))
+    prompt, ids, labels, pixels = _sample_tensors(vlm, text_tokens, batch, dev)
+    groups, opt = _optimizer(vlm, cfg, dev)
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=base == torch.bfloat16)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     if dev.type == "cuda":
@@ -218,10 +265,7 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
     inputs = {"input_ids": ids, "labels": labels, "pixel_values": pixels, "image_counts": [1] * batch}
     for _ in range(steps):  # the last step is timed (on a GPU the first one pays for warm-up)
         loss, step_s, step_cpu_s = _step(vlm, groups, opt, autocast, inputs, cfg.max_grad_norm, sync, phase)
-    if dev.type == "cuda":
-        step_peak = torch.cuda.max_memory_allocated()
-    else:  # VmHWM resets also reset ru_maxrss: the peak is the phases' maximum
-        step_peak = rss_before + max(phases.values()) if phases else peak_rss_bytes()
+    step_peak = _step_peak(dev, rss_before, phases)
     # The MFU the plan assumes: one block of this LM timed on this device before and after the step, so that
     # a machine shared with other jobs is measured under about the load the step ran under.
     if not mfu:
@@ -229,13 +273,7 @@ def run(device: str = "cpu", dtype: str = "auto", tiny: bool = False, lora_r: in
         timings.append(P.measure_block(cfg, dev, seq, dtype_name, micro_batch=batch))
     timing = P.mean_timing(timings) if timings else None
 
-    vlm.eval()
-    t0 = time.perf_counter()
-    with autocast:
-        answer = vlm.generate(torch.tensor([prompt], device=dev), pixel_values=pixels[:1], max_new_tokens=new_tokens,
-                              do_sample=False, stop_token_ids=[])[0]
-    sync()
-    answer_s = time.perf_counter() - t0
+    answer, answer_s = _answer(vlm, prompt, pixels, new_tokens, autocast, sync, dev)
     phase("answer", answer_s)
 
     pred = P.predict_on_device(cfg, dev.type, dtype_name, seq=int(ids.shape[1]), images=1,

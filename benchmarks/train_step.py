@@ -295,18 +295,9 @@ def _fmt(key: str) -> str:
     return "{:.1f}" if key.endswith("mb") or key.startswith(("target", "tokens")) else "{:.3f}"
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    common.setup_torch(args.threads)
-    if device.type == "cpu":
-        common.set_malloc(args.malloc)
-    spec = common.SPECS["quick" if args.quick else "full"]
-    n_batches = max(args.steps, args.warmup, 1)
-    items = common.make_mix(spec, n_batches * args.batch_size, seed=args.seed)
-    data = [common.to_device(b, device) for b in common.batches(items, args.batch_size, spec.eod)]
-    counts = [common.batch_counts(b) for b in data]
-
+def _build_sides(args, spec, items: list[dict], data: list[dict], device: torch.device
+                 ) -> tuple[dict[str, Side], dict[str, list[dict]], torch.nn.Module]:
+    """Every side of the comparison, the batches each one steps on, and our model (the FLOPs' source)."""
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         ours_model, ref_sup_model = common.build_pair(spec, Path(tmp), seed=args.seed)
         ref_full = None if args.no_reference else common.load_reference(Path(tmp) / "llava")
@@ -326,26 +317,31 @@ def main(argv=None) -> dict:
             malloc = "default" if lever in ("malloc", "baseline") and device.type == "cpu" else None
             sides[lever] = Side(lever, m, kind="ours", malloc=malloc, **mk)
             inputs[lever] = data
+    return sides, inputs, ours_model
 
-    print(f"train_step: device={device} threads={torch.get_num_threads()} batch={args.batch_size} "
-          f"steps={args.steps} warmup={args.warmup} optimizer={args.optimizer} malloc={args.malloc} "
-          f"shape={'quick' if args.quick else 'full'} sides={','.join(sides)}")
-    per = {k: sum(c[k] for c in counts) / sum(c["samples"] for c in counts) for k in counts[0]}
-    print(f"mix per sample: tokens={per['tokens']:.1f} targets={per['targets']:.1f} "
-          f"images={per['images']:.2f} (padded length per batch: {[b['input_ids'].shape[1] for b in data]})")
 
+def _warmup(sides: dict[str, Side], inputs: dict[str, list[dict]], n_data: int, args, device: torch.device
+            ) -> dict[str, float]:
+    """The untimed steps of every side; prints and returns each side's first-step loss."""
     first = {}
     for w in range(args.warmup):
         for name, side in sides.items():
             if device.type == "cpu":
                 common.set_malloc(side.malloc or args.malloc)
-            loss = side.step(inputs[name][w % len(data)])
+            loss = side.step(inputs[name][w % n_data])
             first.setdefault(name, loss)
     if first:
         ref_loss = first["reference_sup"]
         print("first-step loss: " + " ".join(f"{k}={v:.6f}" for k, v in first.items())
               + f" max|diff|={max(abs(v - ref_loss) for v in first.values()):.2e}")
+    return first
 
+
+def _timed_rounds(sides: dict[str, Side], inputs: dict[str, list[dict]], data: list[dict], counts: list[dict],
+                  ours_model: torch.nn.Module, args, device: torch.device
+                  ) -> tuple[dict[str, float], float, float]:
+    """`--steps` rounds, one step per side each, the first side rotating; returns the timed samples /
+    targets / tokens / model FLOPs and the best matmul FLOP/s measured between the rounds (wall, CPU)."""
     dims = ModelDims.from_model(ours_model)  # the same model on every side: the same model FLOPs
     flops = [step_flops(dims, batch_stats(b))["total"] for b in data]
     timed_counts = {"samples": 0, "targets": 0, "tokens": 0, "flops": 0}
@@ -368,7 +364,12 @@ def main(argv=None) -> dict:
     print(f"model FLOPs per step (model/flops.py): {sum(flops) / len(flops) / 1e9:.1f} G; "
           f"peak matmul (best between rounds) {peak_wall / 1e9:.1f} GFLOP/s wall, "
           f"{peak_cpu / 1e9:.1f} GFLOP/s per CPU-second (fp32)")
+    return timed_counts, peak_wall, peak_cpu
 
+
+def _side_figures(sides: dict[str, Side], timed_counts: dict[str, float], peak_wall: float, peak_cpu: float
+                  ) -> dict[str, dict[str, float]]:
+    """Each side's throughput, step time and MFU over its timed steps."""
     results: dict[str, dict[str, float]] = {}
     for name, side in sides.items():
         total, cpu = sum(side.times), sum(side.cpu_times)
@@ -381,13 +382,22 @@ def main(argv=None) -> dict:
             "mfu": timed_counts["flops"] / total / peak_wall,
             "mfu_cpu": timed_counts["flops"] / max(cpu, 1e-9) / peak_cpu,
         }
-    if not args.no_memory:
-        for name, side in sides.items():
-            resident = common.resident_bytes(side.model, side.optimizer)
-            step_peak = common.peak_step_bytes(lambda s=side, b=inputs[name][0]: s.step(b), device)
-            results[name]["step_peak_mb"] = step_peak / 2**20
-            results[name]["peak_mb"] = (resident + step_peak) / 2**20
+    return results
 
+
+def _add_peak_memory(results: dict[str, dict[str, float]], sides: dict[str, Side],
+                     inputs: dict[str, list[dict]], device: torch.device) -> None:
+    """One extra step per side: `step_peak_mb` and `peak_mb` (with the resident parameters and optimizer)."""
+    for name, side in sides.items():
+        resident = common.resident_bytes(side.model, side.optimizer)
+        step_peak = common.peak_step_bytes(lambda s=side, b=inputs[name][0]: s.step(b), device)
+        results[name]["step_peak_mb"] = step_peak / 2**20
+        results[name]["peak_mb"] = (resident + step_peak) / 2**20
+
+
+def _print_figures(results: dict[str, dict[str, float]], sides: dict[str, Side], device: torch.device
+                   ) -> None:
+    """The `name ours=... reference_sup=... ratio=...` lines, then one line per figure of every other side."""
     keys = ("samples_per_s", "target_tokens_per_s", "tokens_per_s", "step_s", "cpu_s", "mfu", "mfu_cpu",
             "peak_mb", "step_peak_mb")
     if device.type != "cpu":  # host CPU time says nothing about a GPU step
@@ -405,20 +415,53 @@ def main(argv=None) -> dict:
                         "ours": results["ours"][key]}
                 print(_line(f"{name}_{key}", vals, "reference_sup", ("ours",), _fmt(key)))
 
-    if not args.no_profile or args.profile:
-        cats = {}
-        for name, side in sides.items():
-            if device.type == "cpu":
-                common.set_malloc(side.malloc or args.malloc)
-            table, cats[name] = _profile(side, inputs[name][0], args.profile)
-            if table:
-                print(f"\n--- profile of one {name} step (top {args.profile} ops by self time) ---\n{table}")
+
+def _profile_sides(sides: dict[str, Side], inputs: dict[str, list[dict]], args, device: torch.device
+                   ) -> dict[str, dict[str, float]]:
+    """One profiled step per side; prints the breakdown and returns each side's time by kind of op."""
+    cats = {}
+    for name, side in sides.items():
         if device.type == "cpu":
-            common.set_malloc(args.malloc)
-        _print_profile(cats, device)
-        o, s = cats["ours"].get(OTHER, 0.0), cats["reference_sup"].get(OTHER, 0.0)
-        print(f"other_s (elementwise) ours={o:.3f} reference_sup={s:.3f} ratio={o / s if s else float('nan'):.2f}")
-        results["profile"] = cats
+            common.set_malloc(side.malloc or args.malloc)
+        table, cats[name] = _profile(side, inputs[name][0], args.profile)
+        if table:
+            print(f"\n--- profile of one {name} step (top {args.profile} ops by self time) ---\n{table}")
+    if device.type == "cpu":
+        common.set_malloc(args.malloc)
+    _print_profile(cats, device)
+    o, s = cats["ours"].get(OTHER, 0.0), cats["reference_sup"].get(OTHER, 0.0)
+    print(f"other_s (elementwise) ours={o:.3f} reference_sup={s:.3f} ratio={o / s if s else float('nan'):.2f}")
+    return cats
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    common.setup_torch(args.threads)
+    if device.type == "cpu":
+        common.set_malloc(args.malloc)
+    spec = common.SPECS["quick" if args.quick else "full"]
+    n_batches = max(args.steps, args.warmup, 1)
+    items = common.make_mix(spec, n_batches * args.batch_size, seed=args.seed)
+    data = [common.to_device(b, device) for b in common.batches(items, args.batch_size, spec.eod)]
+    counts = [common.batch_counts(b) for b in data]
+    sides, inputs, ours_model = _build_sides(args, spec, items, data, device)
+
+    print(f"train_step: device={device} threads={torch.get_num_threads()} batch={args.batch_size} "
+          f"steps={args.steps} warmup={args.warmup} optimizer={args.optimizer} malloc={args.malloc} "
+          f"shape={'quick' if args.quick else 'full'} sides={','.join(sides)}")
+    per = {k: sum(c[k] for c in counts) / sum(c["samples"] for c in counts) for k in counts[0]}
+    print(f"mix per sample: tokens={per['tokens']:.1f} targets={per['targets']:.1f} "
+          f"images={per['images']:.2f} (padded length per batch: {[b['input_ids'].shape[1] for b in data]})")
+
+    first = _warmup(sides, inputs, len(data), args, device)
+    timed_counts, peak_wall, peak_cpu = _timed_rounds(sides, inputs, data, counts, ours_model, args, device)
+    results = _side_figures(sides, timed_counts, peak_wall, peak_cpu)
+    if not args.no_memory:
+        _add_peak_memory(results, sides, inputs, device)
+    _print_figures(results, sides, device)
+    if not args.no_profile or args.profile:
+        results["profile"] = _profile_sides(sides, inputs, args, device)
 
     results["ratio"] = {k: results["ours"][k] / results["reference_sup"][k] for k in results["ours"]}
     results["first_loss"] = first

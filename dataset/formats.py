@@ -100,6 +100,63 @@ def read_records(path: str, bad_lines: list[tuple[int, BadSampleError]] | None =
 
 
 # ------------------------------------------------------------------------------------------- normalising
+def _normalize_message(m: Any, i: int, key: str, fail, inline_images: list[str], block_images: list[str],
+                       block_videos: list[str]) -> dict:
+    """`record[key][i]` -> `{"role", "content"}`; the media of `<img>` tags and content blocks are appended to
+    the given lists and replaced by markers."""
+    if not isinstance(m, dict):
+        raise fail(f"{key}[{i}] must be an object, got {type(m).__name__}")
+    role_key = "role" if "role" in m else "from"
+    content_key = "content" if "content" in m else "value"
+    if role_key not in m:
+        raise fail(f"{key}[{i}] is missing 'role' / 'from'")
+    if content_key not in m:
+        raise fail(f"{key}[{i}] is missing 'content' / 'value'")
+    role = _ROLE_ALIASES.get(m[role_key]) if isinstance(m[role_key], str) else None
+    if role is None:
+        raise fail(f"{key}[{i}] has unknown role {m[role_key]!r} "
+                   f"(expected one of {sorted(_ROLE_ALIASES)})")
+    content = m[content_key]
+    if isinstance(content, list):
+        content = _join_blocks(content, block_images, block_videos,
+                               lambda msg, i=i: fail(f"{key}[{i}]: {msg}"))
+    elif not isinstance(content, str):
+        raise fail(f"{key}[{i}] content must be a string (or a list of content blocks), "
+                   f"got {type(content).__name__}")
+    if "<img>" in content:
+        content = _QWENVL_IMG.sub(lambda mt: inline_images.append(mt.group(1).strip()) or IMAGE_MARKER,
+                                  content)
+    return {"role": role, "content": content}
+
+
+def _add_system_field(record: dict, messages: list[dict], fail) -> None:
+    """A record's `system` / `system_prompt` field, when given and not empty, as the first message."""
+    system = record.get("system", record.get("system_prompt"))
+    if system is not None:
+        if not isinstance(system, str):
+            raise fail(f"system prompt must be a string, got {type(system).__name__}")
+        if messages and messages[0]["role"] == "system":
+            raise fail("has both a system message and a 'system'/'system_prompt' field")
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+
+
+def _check_markers(messages: list[dict], images: list[str], videos: list[str], key: str, fail) -> None:
+    """One `<image>` / `<video>` marker per listed image / video; LLaVA records without image markers get
+    them before the first question."""
+    n_img = sum(m["content"].count(IMAGE_MARKER) for m in messages)
+    if n_img == 0 and images and key == "conversations":
+        # LLaVA convention: no marker means "the image(s) go before the first question".
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = (IMAGE_MARKER + "\n") * len(images) + first_user["content"]
+        n_img = len(images)
+    if n_img != len(images):
+        raise fail(f"{n_img} <image> marker(s) in the text but {len(images)} image(s) listed")
+    n_vid = sum(m["content"].count(VIDEO_MARKER) for m in messages)
+    if n_vid != len(videos):
+        raise fail(f"{n_vid} <video> marker(s) in the text but {len(videos)} video(s) listed")
+
+
 def normalize(
     record: Any,
     index: int = 0,
@@ -133,32 +190,8 @@ def normalize(
     inline_images: list[str] = []
     block_images: list[str] = []
     block_videos: list[str] = []
-
-    messages = []
-    for i, m in enumerate(raw_msgs):
-        if not isinstance(m, dict):
-            raise fail(f"{key}[{i}] must be an object, got {type(m).__name__}")
-        role_key = "role" if "role" in m else "from"
-        content_key = "content" if "content" in m else "value"
-        if role_key not in m:
-            raise fail(f"{key}[{i}] is missing 'role' / 'from'")
-        if content_key not in m:
-            raise fail(f"{key}[{i}] is missing 'content' / 'value'")
-        role = _ROLE_ALIASES.get(m[role_key]) if isinstance(m[role_key], str) else None
-        if role is None:
-            raise fail(f"{key}[{i}] has unknown role {m[role_key]!r} "
-                       f"(expected one of {sorted(_ROLE_ALIASES)})")
-        content = m[content_key]
-        if isinstance(content, list):
-            content = _join_blocks(content, block_images, block_videos,
-                                   lambda msg, i=i: fail(f"{key}[{i}]: {msg}"))
-        elif not isinstance(content, str):
-            raise fail(f"{key}[{i}] content must be a string (or a list of content blocks), "
-                       f"got {type(content).__name__}")
-        if "<img>" in content:
-            content = _QWENVL_IMG.sub(lambda mt: inline_images.append(mt.group(1).strip()) or IMAGE_MARKER,
-                                      content)
-        messages.append({"role": role, "content": content})
+    messages = [_normalize_message(m, i, key, fail, inline_images, block_images, block_videos)
+                for i, m in enumerate(raw_msgs)]
 
     # Media paths may come from one place only, otherwise their relative order would be ambiguous.
     for inline, field_value, what in ((inline_images + block_images, images, "images"),
@@ -170,28 +203,9 @@ def normalize(
         raise fail("mixes inline <img> tags and image content blocks; use one")
     videos = videos or block_videos
 
-    system = record.get("system", record.get("system_prompt"))
-    if system is not None:
-        if not isinstance(system, str):
-            raise fail(f"system prompt must be a string, got {type(system).__name__}")
-        if messages and messages[0]["role"] == "system":
-            raise fail("has both a system message and a 'system'/'system_prompt' field")
-        if system:
-            messages.insert(0, {"role": "system", "content": system})
-
+    _add_system_field(record, messages, fail)
     _check_order(messages, fail)
-
-    n_img = sum(m["content"].count(IMAGE_MARKER) for m in messages)
-    if n_img == 0 and images and key == "conversations":
-        # LLaVA convention: no marker means "the image(s) go before the first question".
-        first_user = next(m for m in messages if m["role"] == "user")
-        first_user["content"] = (IMAGE_MARKER + "\n") * len(images) + first_user["content"]
-        n_img = len(images)
-    if n_img != len(images):
-        raise fail(f"{n_img} <image> marker(s) in the text but {len(images)} image(s) listed")
-    n_vid = sum(m["content"].count(VIDEO_MARKER) for m in messages)
-    if n_vid != len(videos):
-        raise fail(f"{n_vid} <video> marker(s) in the text but {len(videos)} video(s) listed")
+    _check_markers(messages, images, videos, key, fail)
 
     base = os.path.dirname(os.path.abspath(str(source)))  # the data file's folder
     images = [resolve_path(p, image_folder, base, allow_absolute_paths, fail) for p in images]

@@ -282,6 +282,78 @@ def _check_messages(sample: Sample) -> None:
                                  f"{type(m['content']).__name__}")
 
 
+def _plain_turns(sample: Sample, fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor) -> _Piece:
+    """plain mode after the opening: the first user turn's image spans, the first answer and end of text."""
+    msgs = sample.messages
+    user = next((m for m in msgs if m["role"] == "user"), None)
+    answer = next((m for m in msgs if m["role"] == "assistant"), None)
+    if user is None or answer is None:
+        raise BadSampleError(f"{sample.where}: plain mode needs a user turn and an assistant answer")
+    if _MARKERS.search(answer["content"]):
+        raise BadSampleError(f"{sample.where}: plain mode: the caption contains an image/video marker")
+    w = _Writer(fmt, span, k, cursor)
+    w.content(user["content"], False, text_too=False)
+    w.text(answer["content"], train=True)
+    w.done().add([fmt.eos_id], train=True)
+    return w.piece
+
+
+def _chat_pairs(sample: Sample, fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor,
+                prefix: _Piece, system_prompt: str | None, add_generation_prompt: bool) -> list[_Piece]:
+    """chat mode: the system prompt (appended to `prefix`, or folded into the first user turn), then one
+    piece per (user, answers) pair; a final unanswered question is dropped unless a prompt is wanted."""
+    t = fmt.template
+    body = list(sample.messages)
+    system = None
+    if body[0]["role"] == "system":
+        system = body.pop(0)["content"]
+    elif system_prompt:
+        system = system_prompt
+    elif t.default_system is not None:
+        system = t.default_system
+    if system is not None and t.folds_system:
+        first = next((i for i, m in enumerate(body) if m["role"] == "user"), None)
+        if first is not None:
+            body[first] = {"role": "user", "content": t.system.format(system=system, content=body[first]["content"])}
+        system = None
+    if system is not None:
+        prefix.extend(_message({"role": "system", "content": system}, fmt, span, k, cursor))
+    pairs: list[_Piece] = []
+    for m in body:
+        if m["role"] == "system":
+            raise BadSampleError(f"{sample.where}: a system message after the first turn")
+        piece = _message(m, fmt, span, k, cursor)
+        if m["role"] == "user":
+            pairs.append(piece)
+        elif not pairs:
+            raise BadSampleError(f"{sample.where}: conversation starts with an assistant turn")
+        else:
+            pairs[-1].extend(piece)
+    cursor.check_all_used()  # before any dropping: a marker/image mismatch is an error, not a skip
+    if pairs and body[-1]["role"] == "user" and not add_generation_prompt:
+        pairs.pop()  # an unanswered final question has nothing to learn from
+    return pairs
+
+
+def _fitting(prefix: _Piece, pairs: list[_Piece], max_length: int | None) -> list[_Piece]:
+    """`prefix` and the leading pairs that fit in `max_length` together."""
+    kept = [prefix]
+    total = len(prefix.ids)
+    for p in pairs:
+        if max_length is not None and total + len(p.ids) > max_length:
+            break  # drop this pair and every later one: whole turns, never part of a span
+        kept.append(p)
+        total += len(p.ids)
+    return kept
+
+
+def _template_piece(fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor, text: str) -> _Piece:
+    """The ids of template string `text` (unsupervised)."""
+    w = _Writer(fmt, span, k, cursor)
+    w.template(text)
+    return w.done()
+
+
 def render(
     sample: Sample,
     tokenizer,
@@ -302,8 +374,7 @@ def render(
     assert tokens_per_image > 0 and frames_per_video > 0, (tokens_per_image, frames_per_video)
     fmt = as_chat_format(tokenizer)
     t = fmt.template
-    msgs = sample.messages
-    if not msgs:
+    if not sample.messages:
         raise BadSampleError(f"{sample.where}: empty conversation")
     cursor = _MediaCursor(sample)
     span = fmt.image_span(tokens_per_image, image_token_id)  # one image's ids, built once
@@ -314,56 +385,12 @@ def render(
     prefix = opening.done()
 
     if mode == "plain":
-        user = next((m for m in msgs if m["role"] == "user"), None)
-        answer = next((m for m in msgs if m["role"] == "assistant"), None)
-        if user is None or answer is None:
-            raise BadSampleError(f"{sample.where}: plain mode needs a user turn and an assistant answer")
-        if _MARKERS.search(answer["content"]):
-            raise BadSampleError(f"{sample.where}: plain mode: the caption contains an image/video marker")
-        w = _Writer(fmt, span, k, cursor)
-        w.content(user["content"], False, text_too=False)
-        w.text(answer["content"], train=True)
-        w.done().add([fmt.eos_id], train=True)
-        prefix.extend(w.piece)
+        prefix.extend(_plain_turns(sample, fmt, span, k, cursor))
         kept, pairs = [prefix], []
     else:
         _check_messages(sample)
-        body = list(msgs)
-        system = None
-        if body[0]["role"] == "system":
-            system = body.pop(0)["content"]
-        elif system_prompt:
-            system = system_prompt
-        elif t.default_system is not None:
-            system = t.default_system
-        if system is not None and t.folds_system:
-            first = next((i for i, m in enumerate(body) if m["role"] == "user"), None)
-            if first is not None:
-                body[first] = {"role": "user", "content": t.system.format(system=system, content=body[first]["content"])}
-            system = None
-        if system is not None:
-            prefix.extend(_message({"role": "system", "content": system}, fmt, span, k, cursor))
-        pairs: list[_Piece] = []
-        for m in body:
-            if m["role"] == "system":
-                raise BadSampleError(f"{sample.where}: a system message after the first turn")
-            piece = _message(m, fmt, span, k, cursor)
-            if m["role"] == "user":
-                pairs.append(piece)
-            elif not pairs:
-                raise BadSampleError(f"{sample.where}: conversation starts with an assistant turn")
-            else:
-                pairs[-1].extend(piece)
-        cursor.check_all_used()  # before any dropping: a marker/image mismatch is an error, not a skip
-        if pairs and body[-1]["role"] == "user" and not add_generation_prompt:
-            pairs.pop()  # an unanswered final question has nothing to learn from
-        kept = [prefix]
-        total = len(prefix.ids)
-        for p in pairs:
-            if max_length is not None and total + len(p.ids) > max_length:
-                break  # drop this pair and every later one: whole turns, never part of a span
-            kept.append(p)
-            total += len(p.ids)
+        pairs = _chat_pairs(sample, fmt, span, k, cursor, prefix, system_prompt, add_generation_prompt)
+        kept = _fitting(prefix, pairs, max_length)
         if add_generation_prompt and len(kept) != len(pairs) + 1:
             # Dropping trailing turns would drop the question being asked; shorten the history instead.
             raise _too_long(f"{sample.where}: too long: the prompt exceeds max_length {max_length}",
@@ -377,17 +404,13 @@ def render(
                         fmt, prefix, pairs, mode, add_generation_prompt)
     if add_generation_prompt:
         # Inference: the prompt ends with an open assistant header; nothing is supervised.
-        w = _Writer(fmt, span, k, cursor)
-        w.template(t.header["assistant"])
-        out.extend(w.done())
+        out.extend(_template_piece(fmt, span, k, cursor, t.header["assistant"]))
         if max_length is not None and len(out.ids) > max_length:
             raise _too_long(f"{sample.where}: too long: prompt of {len(out.ids)} tokens > max_length "
                             f"{max_length}", fmt, prefix, pairs, mode, add_generation_prompt)
     else:
         if mode == "chat" and t.closing:
-            w = _Writer(fmt, span, k, cursor)
-            w.template(t.closing)
-            out.extend(w.done())
+            out.extend(_template_piece(fmt, span, k, cursor, t.closing))
         if not any(lab != IGNORE_INDEX for lab in out.labels):
             if mode == "chat" and len(kept) == 1 and pairs:
                 first = len(prefix.ids) + len(pairs[0].ids)

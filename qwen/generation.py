@@ -118,6 +118,50 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, temperature:
     return logits
 
 
+def _batch_and_mask(input_ids, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None,
+                    device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor, int, int]:
+    """(input_ids, a list of prompts left-padded into a tensor; the attention mask [B, T], long, on `device`;
+    B; T)."""
+    if isinstance(input_ids, list):
+        if attention_mask is not None:
+            raise ValueError("generate: pass attention_mask only with a padded input_ids tensor")
+        input_ids, attention_mask = left_pad(input_ids)
+    if input_ids is None and inputs_embeds is None:
+        raise ValueError("generate: give input_ids or inputs_embeds")
+    ref = input_ids if input_ids is not None else inputs_embeds
+    B, T = ref.shape[0], ref.shape[1]
+    if attention_mask is None:
+        attention_mask = torch.ones((B, T), dtype=torch.long, device=device)
+    return input_ids, attention_mask.to(device).long(), B, T
+
+
+def _choose_next(screen, head, last_hidden: torch.Tensor | None, last_logits: torch.Tensor | None,
+                 seen: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+                 repetition_penalty: float, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token of every row [B]: the screened head's argmax, or sampled / argmax from the logits."""
+    if screen is not None:
+        return screen.argmax(last_hidden.float(), head.weight)  # [B]
+    logits = process_logits(last_logits, seen, temperature if do_sample else 1.0,
+                            top_k if do_sample else 0, top_p if do_sample else 1.0, repetition_penalty)
+    if do_sample:
+        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
+    return logits.argmax(dim=-1)  # [B]
+
+
+def _record_tokens(nxt: torch.Tensor, results: list[list[int]], done: list[bool], stops: set[int],
+                   streamer: Callable[[int, int], None] | None) -> None:
+    """Appends each unfinished row's token to its answer (and streams it); a stop token finishes the row."""
+    for b, tok in enumerate(nxt.tolist()):
+        if done[b]:
+            continue
+        if tok in stops:
+            done[b] = True
+            continue
+        results[b].append(tok)
+        if streamer is not None:
+            streamer(b, tok)
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -144,17 +188,7 @@ def generate(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    if isinstance(input_ids, list):
-        if attention_mask is not None:
-            raise ValueError("generate: pass attention_mask only with a padded input_ids tensor")
-        input_ids, attention_mask = left_pad(input_ids)
-    if input_ids is None and inputs_embeds is None:
-        raise ValueError("generate: give input_ids or inputs_embeds")
-    ref = input_ids if input_ids is not None else inputs_embeds
-    B, T = ref.shape[0], ref.shape[1]
-    if attention_mask is None:
-        attention_mask = torch.ones((B, T), dtype=torch.long, device=device)
-    attention_mask = attention_mask.to(device).long()
+    input_ids, attention_mask, B, T = _batch_and_mask(input_ids, attention_mask, inputs_embeds, device)
     stops = set(stop_token_ids or [])
     V = model.config.vocab_size
 
@@ -184,24 +218,9 @@ def generate(
     done = [False] * B
     full_ids, full_embeds = input_ids, inputs_embeds
     for step in range(max_new_tokens):
-        if screen is not None:
-            nxt = screen.argmax(last_hidden.float(), head.weight)  # [B]
-        else:
-            logits = process_logits(last_logits, seen, temperature if do_sample else 1.0,
-                                    top_k if do_sample else 0, top_p if do_sample else 1.0, repetition_penalty)
-            if do_sample:
-                nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-            else:
-                nxt = logits.argmax(dim=-1)  # [B]
-        for b, tok in enumerate(nxt.tolist()):
-            if done[b]:
-                continue
-            if tok in stops:
-                done[b] = True
-                continue
-            results[b].append(tok)
-            if streamer is not None:
-                streamer(b, tok)
+        nxt = _choose_next(screen, head, last_hidden, last_logits, seen, do_sample, temperature, top_k, top_p,
+                           repetition_penalty, generator)
+        _record_tokens(nxt, results, done, stops, streamer)
         if all(done) or step == max_new_tokens - 1:
             break
         seen[torch.arange(B, device=device), nxt] = True

@@ -70,6 +70,57 @@ def _usage(job: Job) -> dict:
     return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
 
 
+async def _complete(request: Request, job: Job, events: asyncio.Queue, cid: str, created: int, served_model: str,
+                    request_timeout_s: float):
+    """The whole answer as one `chat.completion` object; polls the connection while waiting."""
+    while True:
+        try:
+            kind, data = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:  # (an alias of TimeoutError from Python 3.11)
+            if await request.is_disconnected():
+                job.cancel()  # nobody will read the answer: stop generating it
+                return JSONResponse({}, status_code=499)
+            continue
+        if kind == "error":
+            raise ApiError(500, str(data))
+        if kind != "done":
+            continue
+        if job.finish_reason == "timeout":
+            raise ApiError(504, f"the request did not finish within {request_timeout_s} s")
+        if job.finish_reason == "cancelled":
+            return JSONResponse({}, status_code=499)
+        return {"id": cid, "object": "chat.completion", "created": created, "model": served_model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
+                             "finish_reason": job.finish_reason}],
+                "usage": _usage(job)}
+
+
+async def _stream(job: Job, events: asyncio.Queue, cid: str, created: int, req: ChatRequest, served_model: str):
+    """The answer as server-sent `chat.completion.chunk` events, ending in `data: [DONE]`."""
+    try:
+        yield _chunk(cid, created, served_model, {"role": "assistant", "content": ""})
+        while True:
+            kind, data = await events.get()
+            if kind == "delta":
+                yield _chunk(cid, created, served_model, {"content": data})
+                continue
+            if kind == "error" or job.finish_reason in ("timeout", "cancelled"):
+                message = data if kind == "error" else f"the request ended: {job.finish_reason}"
+                code = 504 if job.finish_reason == "timeout" else 500
+                yield f"data: {json.dumps(ApiError(code, str(message)).body())}\n\n"
+            else:
+                yield _chunk(cid, created, served_model, {}, job.finish_reason)
+                if req.include_usage:
+                    usage = {"id": cid, "object": "chat.completion.chunk", "created": created,
+                             "model": served_model, "choices": [], "usage": _usage(job)}
+                    yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+            return
+    finally:
+        if job.finish_reason is None:
+            job.cancel()  # the client went away mid-stream (the response task was cancelled)
+
+
 def create_app(vlm: Any, engine: Engine, served_model: str, limits: Limits, max_body_bytes: int = 32 << 20,
                request_timeout_s: float = 600.0) -> FastAPI:
     app = FastAPI(title="qwenvl-lab serve", docs_url=None, redoc_url=None)
@@ -102,54 +153,8 @@ def create_app(vlm: Any, engine: Engine, served_model: str, limits: Limits, max_
             raise ApiError(503, f"the server is busy ({e}); retry after {RETRY_AFTER_S} s") from e
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return StreamingResponse(_stream(job, events, cid, created, req), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        return await _complete(request, job, events, cid, created)
-
-    async def _complete(request: Request, job: Job, events: asyncio.Queue, cid: str, created: int):
-        while True:
-            try:
-                kind, data = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:  # (an alias of TimeoutError from Python 3.11)
-                if await request.is_disconnected():
-                    job.cancel()  # nobody will read the answer: stop generating it
-                    return JSONResponse({}, status_code=499)
-                continue
-            if kind == "error":
-                raise ApiError(500, str(data))
-            if kind != "done":
-                continue
-            if job.finish_reason == "timeout":
-                raise ApiError(504, f"the request did not finish within {request_timeout_s} s")
-            if job.finish_reason == "cancelled":
-                return JSONResponse({}, status_code=499)
-            return {"id": cid, "object": "chat.completion", "created": created, "model": served_model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text},
-                                 "finish_reason": job.finish_reason}],
-                    "usage": _usage(job)}
-
-    async def _stream(job: Job, events: asyncio.Queue, cid: str, created: int, req: ChatRequest):
-        try:
-            yield _chunk(cid, created, served_model, {"role": "assistant", "content": ""})
-            while True:
-                kind, data = await events.get()
-                if kind == "delta":
-                    yield _chunk(cid, created, served_model, {"content": data})
-                    continue
-                if kind == "error" or job.finish_reason in ("timeout", "cancelled"):
-                    message = data if kind == "error" else f"the request ended: {job.finish_reason}"
-                    code = 504 if job.finish_reason == "timeout" else 500
-                    yield f"data: {json.dumps(ApiError(code, str(message)).body())}\n\n"
-                else:
-                    yield _chunk(cid, created, served_model, {}, job.finish_reason)
-                    if req.include_usage:
-                        usage = {"id": cid, "object": "chat.completion.chunk", "created": created,
-                                 "model": served_model, "choices": [], "usage": _usage(job)}
-                        yield f"data: {json.dumps(usage)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-        finally:
-            if job.finish_reason is None:
-                job.cancel()  # the client went away mid-stream (the response task was cancelled)
+            return StreamingResponse(_stream(job, events, cid, created, req, served_model),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await _complete(request, job, events, cid, created, served_model, request_timeout_s)
 
     return app
