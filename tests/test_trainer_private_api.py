@@ -1,4 +1,5 @@
-"""trainer/hf_trainer.py overrides and calls private methods of transformers' Trainer: each must exist in the installed transformers with the parameters
+"""trainer/hf_trainer.py overrides and calls private methods of transformers' Trainer (docs/architecture.md
+says why no public hook serves for each): each must exist in the installed transformers with the parameters
 our code expects, the Trainer must still call each one we override, the installed transformers must lie in
 the range pyproject.toml declares, and every release of that range must have the signatures in `KNOWN`
 below, or a test names the method that changed. A tiny run that saves and resumes checks that each override
@@ -158,6 +159,14 @@ def test_private_trainer_attributes_are_still_read_by_the_trainer():
     missing = [a for a in PRIVATE_TRAINER_ATTRIBUTES if a not in source]
     assert not missing, (f"transformers {VERSION}'s Trainer no longer reads {missing}, which "
                          f"trainer/hf_trainer.py sets to normalise the loss by target tokens")
+
+
+def test_architecture_doc_lists_exactly_the_private_methods():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## Private Trainer methods we override", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1) for m in re.finditer(r"^\|\s*`(?:Trainer\.)?(\w+)`", section, re.M)}
+    listed = set(PRIVATE_TRAINER_METHODS) | set(PRIVATE_TRAINER_CALLS)
+    assert rows == listed, f"docs/architecture.md's table and hf_trainer's lists differ: {rows ^ listed}"
 
 
 # ---- each override is reached ---------------------------------------------------------------------------
