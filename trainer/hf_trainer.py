@@ -16,8 +16,12 @@ What changes from the stock Trainer (DDP / FSDP / DeepSpeed, the loop, logging a
   gradients are dropped (`p.grad = None`, so AdamW leaves weights and moments untouched), buffers
   (batch-norm statistics) are put back to their values at the step's start, the step is
   counted (`nan_steps_skipped`, in the log lines) and logged; `max_consecutive_nan` such steps in a row
-  save a checkpoint and stop the run (`nan_abort` is then set; `trainer.run` raises). The learning-rate
-  schedule still advances. Not applied under DeepSpeed, whose engine owns the optimizer step.
+  save a checkpoint and stop the run (`nan_abort` is then set; `trainer.run` raises; the `NonFiniteStop`
+  callback asks the Trainer for the save and the stop). The learning-rate schedule still advances. Not
+  applied under DeepSpeed, whose engine owns the optimizer step.
+
+The private Trainer methods this module still overrides or calls, and why no public hook serves for each,
+are listed in docs/architecture.md.
 
 Test hooks (no effect unless set): `inject_nan_steps` (config `debug_inject_nan_steps`) multiplies the
 loss of those optimizer steps (1-based) by NaN; the environment variable `QWENVL_DEBUG_SAVE_PAUSE=STEP:SECONDS`
@@ -42,7 +46,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import rotate_checkpoints
 
@@ -60,10 +64,11 @@ log = logging.getLogger(__name__)
 # with its private `_internal_call`) and the attributes it sets. They are not a public API, so
 # tests/test_trainer_private_api.py checks each against the installed transformers and against the
 # signatures of the declared range; pyproject.toml's transformers range is the range that test ran on.
+# docs/architecture.md says, for each, why no public hook (a callback, compute_loss, create_optimizer ...)
+# serves instead.
 PRIVATE_TRAINER_METHODS = (
-    "_get_grad_norm", "_maybe_log_save_evaluate", "_get_train_sampler", "_save", "_load_from_checkpoint",
-    "_save_optimizer_and_scheduler", "_load_optimizer_and_scheduler", "_save_rng_state", "_save_checkpoint",
-    "_load_rng_state",
+    "_get_grad_norm", "_get_train_sampler", "_save", "_load_from_checkpoint", "_load_optimizer_and_scheduler",
+    "_save_checkpoint", "_load_rng_state",
 )
 PRIVATE_TRAINER_CALLS = ("_get_output_dir", "_save_scaler", "_push_from_checkpoint", "_prepare_inputs", "save_model")
 PRIVATE_TRAINER_ATTRIBUTES = ("model_accepts_loss_kwargs", "_loss_shifts_labels")
@@ -104,6 +109,31 @@ def unwrap(model):
     return model
 
 
+class NonFiniteStop(TrainerCallback):
+    """Once `trainer.nan_abort` is set (`max_consecutive_nan` non-finite steps in a row): save a checkpoint
+    (the skipped steps left the weights intact), log the step and stop training, once per step.
+
+    The Trainer acts on these flags in `_maybe_log_save_evaluate`, which it calls right after the
+    `on_step_end` and `on_epoch_end` events, and `nan_abort` is set before the optimizer step, so the flags
+    are set in those two events. `VLMTrainer.train` moves this callback to the end of the list, after the
+    callbacks added since `__init__` too: another callback's `on_step_end` may call `trainer.log`, which
+    clears `should_log` (`EvalTasksCallback` does), so the flags must be set after every other callback ran."""
+
+    def __init__(self, trainer: VLMTrainer):
+        self.trainer = trainer
+        self.saved_at = -1  # the step whose save and stop were asked for
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.nan_abort and self.saved_at != state.global_step:
+            self.saved_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+            control.should_log = True
+        return control
+
+    on_epoch_end = on_step_end
+
+
 class VLMTrainer(Trainer):
     def __init__(self, *args, lr_settings: dict, length_sampler_fn=None, skip_sink=None,
                  max_consecutive_nan: int = 5, inject_nan_steps=(), **kwargs):
@@ -115,7 +145,6 @@ class VLMTrainer(Trainer):
         self.nan_steps: list[int] = []  # optimizer steps (1-based) whose update was skipped
         self.nan_in_a_row = 0
         self.nan_abort = False
-        self._abort_saved_at = -1
         self._loss_logged_at = 0
         self._window_nonfinite = False  # a non-finite micro-batch loss since the last optimizer step
         self._buffers_before_step: dict | None = None  # batch-norm statistics etc. at the step's start
@@ -124,6 +153,14 @@ class VLMTrainer(Trainer):
         # the accumulation window (shifted, as the LM's loss is) and must not divide by the step count.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True
+        self.nonfinite_stop = NonFiniteStop(self)
+        self.add_callback(self.nonfinite_stop)
+
+    def train(self, *args, **kwargs):
+        # NonFiniteStop must run after every other callback, the ones added since __init__ included.
+        self.pop_callback(self.nonfinite_stop)
+        self.add_callback(self.nonfinite_stop)
+        return super().train(*args, **kwargs)
 
     # ---- FSDP on a CPU ----------------------------------------------------------------------------
     def create_accelerator_and_postprocess(self) -> None:
@@ -215,14 +252,6 @@ class VLMTrainer(Trainer):
         if self.nan_in_a_row >= self.max_consecutive_nan:
             self.nan_abort = True
 
-    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
-        if self.nan_abort and self._abort_saved_at != self.state.global_step:
-            self._abort_saved_at = self.state.global_step
-            self.control.should_save = True  # a usable last checkpoint (the skipped steps left it intact)
-            self.control.should_training_stop = True
-            self.control.should_log = True
-        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
-
     def log(self, logs: dict, *args, **kwargs) -> None:
         if self.nan_steps and "loss" in logs:
             logs["nan_steps_skipped"] = len(self.nan_steps)
@@ -282,7 +311,7 @@ class VLMTrainer(Trainer):
     def _inner_optimizer(self):
         return getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper -> torch's
 
-    def _save_optimizer_and_scheduler(self, output_dir):
+    def _write_optimizer_and_scheduler(self, output_dir):
         if self.is_deepspeed_enabled:
             # The engine writes its own partitioned optimizer files (DeepSpeed's format, one per rank).
             self.model_wrapped.save_checkpoint(output_dir)
@@ -311,7 +340,7 @@ class VLMTrainer(Trainer):
             self.optimizer.load_state_dict(state_io.load_state(checkpoint, OPTIMIZER_STATE))
         self.lr_scheduler.load_state_dict(state_io.load_state(checkpoint, SCHEDULER_STATE))
 
-    def _save_rng_state(self, output_dir):
+    def _write_rng_state(self, output_dir):
         # Every rank's state, written by rank 0 alone (one writer per run directory).
         states = gather_objects(state_io.rng_state())
         if self.args.should_save:
@@ -330,7 +359,10 @@ class VLMTrainer(Trainer):
         return Path(path[0])
 
     def _save_checkpoint(self, model, trial):
-        """The Trainer's checkpoint, written into a temporary directory and renamed when complete."""
+        """The Trainer's checkpoint, written into a temporary directory and renamed when complete. The
+        optimizer, scheduler and RNG states are written by our own `_write_*` methods (the Trainer's
+        `_save_optimizer_and_scheduler` and `_save_rng_state` are called from its `_save_checkpoint` alone,
+        which this replaces)."""
         if self.hp_search_backend is None and trial is None:
             self.store_flos()
         run_dir = Path(self._get_output_dir(trial=trial))
@@ -339,9 +371,9 @@ class VLMTrainer(Trainer):
         tmp = self._shared_tmp_dir(run_dir, final.name)
         self.save_model(str(tmp), _internal_call=True)
         if not self.args.save_only_model:
-            self._save_optimizer_and_scheduler(str(tmp))
+            self._write_optimizer_and_scheduler(str(tmp))
             self._save_scaler(str(tmp))
-            self._save_rng_state(str(tmp))
+            self._write_rng_state(str(tmp))
         if self.state.best_global_step:
             best = run_dir / f"checkpoint-{self.state.best_global_step}"
             if self.state.best_global_step == step or best.exists():
