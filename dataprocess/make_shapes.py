@@ -27,6 +27,14 @@ the same image(s) in the same conversation, each answered from the image and/or 
               then "What colour is it?" / "What shape is it?" (the other shape)
     multi     "What colour is the shape in the other image?", then "And what shape is it?"
 The sample's `"type"` stays its first question's type; every later assistant turn is a follow-up.
+`--followup-set recall` (the demo's) asks none that compares a named colour or shape with the picture
+(the tiny demo model answers those at chance: docs/benchmarks.md); each refers back to the scene or an answer:
+    colour    "What shape is it?", then "What colour was it again?"
+    shape     "What colour is it?", then "What shape was it again?"
+    count     "And how many would there be with one more?" 2-5, then "How many were there again?"
+    position  "What colour is it?", then "What shape is it?" (the named shape); with a distractor only
+              "And the <colour> <shape>?" (the distractor's side)
+    multi     as above
 
 Deterministic: sample i of split s is drawn from `random.Random(f"{seed}/{s}/{i}")` (string seeds are
 hashed with SHA-512 by Python, independent of PYTHONHASHSEED) and PNG encoding has no timestamps, so
@@ -181,14 +189,43 @@ FOLLOWUPS = {"colour": follow_colour, "shape": follow_shape, "count": follow_cou
              "position": follow_position, "multi": follow_multi}
 
 
-def followups(rng: random.Random, qtype: str, scenes: list[list[Item]], answer: str) -> list[Turn]:
+# `--followup-set recall`: no question that compares a named colour or shape with the picture (the yes/no
+# ones, "the other shape's colour"); each later turn asks for another attribute or refers back to an answer.
+def recall_colour(rng: random.Random, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    return [("What shape is it?", scenes[0][0][0]), ("What colour was it again?", answer)]
+
+
+def recall_shape(rng: random.Random, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    return [("What colour is it?", scenes[0][0][1]), ("What shape was it again?", answer)]
+
+
+def recall_count(rng: random.Random, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    return [("And how many would there be with one more?", str(int(answer) + 1)),
+            ("How many were there again?", answer)]
+
+
+def recall_position(rng: random.Random, scenes: list[list[Item]], answer: str) -> list[Turn]:
+    items = scenes[0]
+    if len(items) == 1:
+        return [("What colour is it?", items[0][1]), ("What shape is it?", items[0][0])]
+    other_shape, other_colour = items[1][:2]
+    return [(f"And the {other_colour} {other_shape}?", "right" if answer == "left" else "left")]
+
+
+RECALL_FOLLOWUPS = {"colour": recall_colour, "shape": recall_shape, "count": recall_count,
+                    "position": recall_position, "multi": follow_multi}
+FOLLOWUP_SETS = {"all": FOLLOWUPS, "recall": RECALL_FOLLOWUPS}
+
+
+def followups(rng: random.Random, qtype: str, scenes: list[list[Item]], answer: str,
+              followup_set: str = "all") -> list[Turn]:
     """1-2 follow-up turns about the scene of a `qtype` question whose answer was `answer`."""
-    turns = FOLLOWUPS[qtype](rng, scenes, answer)
+    turns = FOLLOWUP_SETS[followup_set][qtype](rng, scenes, answer)
     return turns[:rng.randint(1, len(turns))]
 
 
 def make_one(seed: int, split: str, index: int, qtype: str, size: int, followup_p: float = 0.0,
-             distractor: float = 0.5) -> tuple[dict, list[Image.Image]]:
+             distractor: float = 0.5, followup_set: str = "all") -> tuple[dict, list[Image.Image]]:
     """Sample `index` of `split`: (JSONL dict with relative image paths, its images in order)."""
     rng = random.Random(f"{seed}/{split}/{index}")
     if qtype == "position":
@@ -200,7 +237,7 @@ def make_one(seed: int, split: str, index: int, qtype: str, size: int, followup_
         # a stream of its own: the scene (and every sample without follow-ups) is the same for any P
         frng = random.Random(f"{seed}/{split}/{index}/followup")
         if frng.random() < followup_p:
-            turns = followups(frng, qtype, scenes, answer)
+            turns = followups(frng, qtype, scenes, answer, followup_set)
     images = [render(size, items) for items in scenes]
     if len(images) == 1:
         paths = [f"images/{split}/{index:06d}.png"]
@@ -215,12 +252,12 @@ def make_one(seed: int, split: str, index: int, qtype: str, size: int, followup_
 
 
 def make_split(out: Path, split: str, n: int, seed: int, size: int, types: list[str],
-               followup_p: float = 0.0, distractor: float = 0.5) -> list[dict]:
+               followup_p: float = 0.0, distractor: float = 0.5, followup_set: str = "all") -> list[dict]:
     """Write `n` samples of `split` (images + `{split}.jsonl`) under `out`; returns the samples."""
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     samples = []
     for i in range(n):
-        sample, images = make_one(seed, split, i, types[i % len(types)], size, followup_p, distractor)
+        sample, images = make_one(seed, split, i, types[i % len(types)], size, followup_p, distractor, followup_set)
         for rel, img in zip(sample["images"], images):
             img.save(out / rel, format="PNG")
         samples.append(sample)
@@ -238,21 +275,24 @@ def parse_types(text: str) -> list[str]:
 
 def make_shapes(out: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 0, size: int = 64,
                 types: list[str] | None = None, followups: float = 0.0,
-                distractor: float = 0.5) -> dict[str, list[dict]]:
+                distractor: float = 0.5, followup_set: str = "all") -> dict[str, list[dict]]:
     """Generate both splits and meta.json under `out`; returns {"train": samples, "val": samples}.
     `followups`: the probability that a sample gets 1-2 follow-up turns (see the module docstring);
-    `distractor`: the probability that a position scene has a second shape."""
+    `distractor`: the probability that a position scene has a second shape; `followup_set`: "all" or
+    "recall" (see the module docstring)."""
     types = list(types or TYPES)
     assert size >= 32, f"--size {size}: at least 32 pixels are needed to draw 4 distinguishable shapes"
     assert n_train >= 0 and n_val >= 0, "sample counts must be >= 0"
     for name, value in (("--followups", followups), ("--distractor", distractor)):
         if not 0.0 <= value <= 1.0:
             raise SourceError(f"{name} {value}: give a probability between 0 and 1")
+    if followup_set not in FOLLOWUP_SETS:
+        raise SourceError(f"--followup-set {followup_set!r}: choose from {', '.join(FOLLOWUP_SETS)}")
     out = writable_dir(out, "output folder")
-    result = {split: make_split(out, split, n, seed, size, types, followups, distractor)
+    result = {split: make_split(out, split, n, seed, size, types, followups, distractor, followup_set)
               for split, n in (("train", n_train), ("val", n_val))}
     meta = {"seed": seed, "size": size, "types": types, "n_train": n_train, "n_val": n_val,
-            "followups": followups, "distractor": distractor, "answers": {t: ANSWERS[t] for t in types}}
+            "followups": followups, "followup_set": followup_set, "distractor": distractor, "answers": {t: ANSWERS[t] for t in types}}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -270,9 +310,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="probability that a sample gets 1-2 follow-up questions about the same image(s)")
     ap.add_argument("--distractor", type=float, default=0.5,
                     help="probability that a position question's picture has a second shape")
+    ap.add_argument("--followup-set", choices=sorted(FOLLOWUP_SETS), default="all",
+                    help="all: the follow-ups above; recall: none that compares a named colour or shape with "
+                         "the picture (see the docstring)")
     args = ap.parse_args(argv)
     result = make_shapes(args.out, args.n_train, args.n_val, args.seed, args.size, parse_types(args.types),
-                         args.followups, args.distractor)
+                         args.followups, args.distractor, args.followup_set)
     print(f"wrote {len(result['train'])} train and {len(result['val'])} val samples to {args.out}")
     return 0
 

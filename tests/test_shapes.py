@@ -323,3 +323,34 @@ def test_distractor_option(tmp_path):
         assert (a1[target] == a0[target]).all()  # the target's pixels are unchanged
     with pytest.raises(SourceError, match="--distractor"):
         make_shapes.main([str(tmp_path / "bad"), "--distractor", "-0.1"])
+
+
+def test_recall_followups(tmp_path, shapes_dir):
+    """--followup-set recall: the same scenes and first turns; each later turn names another attribute of the
+    picture or repeats an earlier answer, and none is a yes/no comparison."""
+    out = tmp_path / "recall"
+    make_shapes.make_shapes(out, n_train=200, n_val=0, seed=3, size=64, followups=1.0, followup_set="recall")
+    plain = read_jsonl(shapes_dir / "train.jsonl")
+    for p, s in zip(plain, read_jsonl(out / "train.jsonl")):
+        assert s["messages"][:2] == p["messages"] and s["images"] == p["images"]
+        pairs = qa_pairs(s)
+        assert len(pairs) in (2, 3) and all(a not in ("yes", "no") for _, a in pairs[1:]), s["id"]
+        arrays = [pixels(out / rel) for rel in s["images"]]
+        first_q, first_a = pairs[0]
+        for q, a in pairs[1:]:
+            if s["type"] == "multi":
+                _check_followup("multi", pairs[0], pairs[0], q, a, arrays, s["id"])
+                continue
+            shapes = kinds(arrays[0])
+            if q.endswith("again?"):
+                assert a == first_a, s["id"]
+            elif q.startswith("And how many"):
+                assert int(a) == int(first_a) + 1 == len(shapes) + 1, s["id"]
+            elif q.startswith("And the "):
+                assert len(shapes) == 2 and a != first_a, s["id"]
+            else:  # "What colour / shape is it?" about the one shape (position: the named one)
+                colour, shape, _ = shapes[0] if len(shapes) == 1 else (None, None, None)
+                assert len(shapes) == 1 and a == (shape if "shape" in q else colour), s["id"]
+    assert json.loads((out / "meta.json").read_text())["followup_set"] == "recall"
+    with pytest.raises(SystemExit):
+        make_shapes.main([str(tmp_path / "bad"), "--followup-set", "none"])
