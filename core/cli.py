@@ -31,9 +31,8 @@ __all__ = ["quiet_third_party", "run_cli", "writable_dir"]
 DEBUG_ENV = "QWENVL_DEBUG"
 
 NOISE: dict[str, tuple[str, ...]] = {
-    # bitsandbytes on AVX512-BF16 CPUs tries an optional CPU kernel from the Hugging Face hub through the
-    # `kernels` package and falls back to its own kernel; our top-level `kernels/` package shadows that
-    # name, and nothing may reach the network at run time anyway.
+    # bitsandbytes on AVX512-BF16 CPUs tries an optional CPU kernel from the Hugging Face hub through
+    # Hugging Face's `kernels` package (absent, untrusted or offline) and falls back to its own kernel.
     "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
     # DeepSpeed's accelerator detection on a machine without CUDA (the run logs its own device choices).
     "DeepSpeed": ("Setting accelerator to CPU.",),

@@ -83,6 +83,14 @@ def test_third_party_noise_is_dropped_and_our_warnings_stay():
         assert f"planted: {kept}" in out, (kept, out)
 
 
+def test_library_use_starts_quiet_too():
+    """`from qwenvl_lab.model import VLM` (a notebook, no entry point) gets the same filters."""
+    _require("bitsandbytes", "deepspeed")
+    out = _python(f"from qwenvl_lab.model import VLM\nfrom qwenvl_lab.model.quant import _bnb\n_bnb()\n{EMIT}")
+    assert BNB_NOISE not in out and DS_NOISE not in out, out
+    assert "planted: another bitsandbytes warning" in out and "planted: a warning of ours (logger)" in out, out
+
+
 def test_train_run_prints_optimizer_groups_once(tmp_path):
     _require("peft")
     data = make_tiny_data(tmp_path / "data")
