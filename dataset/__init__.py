@@ -1,6 +1,6 @@
 """Data: every supported record format -> `Sample` -> chat-template ids + labels -> dataset items -> batches.
 
-See `dataset/formats.py` (reading, normalising), `template.py` (rendering; `chat_templates.py` the layouts),
+See `dataset/formats.py` (reading, normalising), `rendering.py` (rendering; `chat_templates.py` the layouts),
 `images.py` (image/video loading), `dataset.py` (`VLMDataset`, skipping bad samples), `collator.py`,
 `sampler.py`. The names below load on first use (PEP 562), so `import qwenvl_lab.dataset.sample` stays light for
 converters and command-line `--help`.
@@ -20,8 +20,8 @@ _EXPORTS = {
     "load_image": ".images", "load_video_frames": ".images",
     "BadSampleError": ".sample", "Sample": ".sample",
     "LengthGroupedSampler": ".sampler",
-    "IGNORE_INDEX": ".template", "ChatFormat": ".template", "Rendered": ".template",
-    "estimate_length": ".template", "render": ".template",
+    "IGNORE_INDEX": ".rendering", "ChatFormat": ".rendering", "Rendered": ".rendering",
+    "estimate_length": ".rendering", "render": ".rendering",
 }
 __all__ = sorted(_EXPORTS)
 

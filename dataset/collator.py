@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from .template import IGNORE_INDEX
+from .rendering import IGNORE_INDEX
 
 
 class Batch(dict):

@@ -4,7 +4,7 @@
 max_length=None, mode="chat", strict=False, frames_per_video=4, system_prompt=None, ...)`
 
 - `tokenizer`: the model's `ChatFormat` (`VLM.chat_format`: its chat template and special ids), or a
-  Qwen tokenizer (ChatML); see dataset/template.py.
+  Qwen tokenizer (ChatML); see dataset/rendering.py.
 
 - `paths`: one path, or a list whose entries are a path, `(path, weight)` or
   `{"path", "weight", "image_folder", "video_folder"}`. A weight w keeps the file's samples
@@ -59,8 +59,8 @@ from ..core.errors import UserError
 from .feature_cache import FeatureCache
 from .formats import normalize, read_records
 from .images import MAX_PIXELS, load_image, load_video_frames, open_header, too_large_message
+from .rendering import estimate_length, render
 from .sample import BadSampleError, Sample
-from .template import estimate_length, render
 
 logger = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .collator import Batch
-from .template import IGNORE_INDEX
+from .rendering import IGNORE_INDEX
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:

@@ -19,7 +19,7 @@ may override.
   `added_tokens` lists them; `trainable_tokens` / `trainable_token_ids` the tokens whose input-embedding
   rows train (`config.trainable_tokens`; by default the tokens added here, the placeholder excepted
   since its rows are always replaced by image features).
-- `chat_format`: the `dataset.template.ChatFormat` that renders training samples and prompts (None
+- `chat_format`: the `dataset.rendering.ChatFormat` that renders training samples and prompts (None
   without a tokenizer); `image_token_id`, `pad_token_id`, `stop_token_ids`.
 - `embedding(lm)`, `hidden_states(lm, embeds [B, T, D], attention_mask, **kw) -> (hidden [B, T, D],
   past_key_values)`, `output_head(lm)` (logits = head(hidden) when `plain_head(lm)`; otherwise
@@ -49,8 +49,8 @@ from transformers.generation.streamers import BaseStreamer
 
 from ..core.errors import UserError
 from ..dataset.chat_templates import TEMPLATES, detect_template
+from ..dataset.rendering import ChatFormat
 from ..dataset.sample import IMAGE_MARKER
-from ..dataset.template import ChatFormat
 from ..kernels.prepare import prepare_attention
 from ..qwen import QWenConfig, QWenLMHeadModel, load_tokenizer
 from .config import VLMConfig

@@ -55,7 +55,7 @@ def _lit(text: str) -> str:
 
 
 def export_chat_template(template: ChatTemplate, image: str) -> str:
-    """A Jinja chat template that writes what `dataset.template.render` writes for `template`, with `image`
+    """A Jinja chat template that writes what `dataset.rendering.render` writes for `template`, with `image`
     (image start + placeholder + image end, as text) for each image content item; transformers' Llava
     processor then expands the placeholder to the tokens per image. Content may be a string or a list of
     {"type": "image"} / {"type": "text", "text": ...} items."""

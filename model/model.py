@@ -69,8 +69,8 @@ from torch import nn
 from ..core.errors import UserError
 from ..core.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, supervised_loss
 from ..core.placeholders import embed_with_placeholders, scatter_image_features
+from ..dataset.rendering import ChatFormat, render
 from ..dataset.sample import IMAGE_MARKER, Sample
-from ..dataset.template import ChatFormat, render
 from .backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
 from .checkpoint import LORA_DIR, TOKENIZER_DIR, load_trainable_weights, read_vlm_config, save_vlm
 from .config import VLMConfig
@@ -396,7 +396,7 @@ class VLM(nn.Module):
 
     def chat_ids(self, messages: list[dict], n_images: int) -> list[int]:
         """Prompt ids in the LM's chat template with each `<image>` expanded to its span, plus the reply
-        header: the same rendering as training (`dataset.template.render`), with this model's placeholder."""
+        header: the same rendering as training (`dataset.rendering.render`), with this model's placeholder."""
         fmt = self.chat_format
         # render checks each message's role and content; a bad one is left to it, uncounted here.
         n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages

@@ -92,7 +92,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # gradient clipping norm
     # recompute activations in backward (less memory, about a third more compute)
     gradient_checkpointing: bool = False
-    # Speed (trainer/speed.py; the two LM keys are opt-in, measured in docs/benchmarks.md):
+    # Speed (trainer/speed_settings.py; the two LM keys are opt-in, measured in docs/benchmarks.md):
     retain_freed_memory: bool = True  # on a CPU, glibc keeps freed memory for reuse (no page faults)
     # qwen LM's RMSNorm / rotary / SwiGLU: torch | triton | compile | auto; keep = the model's own (torch)
     fused_impl: str = "keep"

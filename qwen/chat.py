@@ -4,7 +4,7 @@ Contract
 --------
 `build_prompt_ids(tokenizer, messages, add_generation_prompt=True) -> list[int]`:
 `<|im_start|>{role}\n{content}<|im_end|>\n` per message, then `<|im_start|>assistant\n` when
-`add_generation_prompt`, rendered by the project's one renderer (`dataset.template.render`, ChatML for a
+`add_generation_prompt`, rendered by the project's one renderer (`dataset.rendering.render`, ChatML for a
 Qwen tokenizer, which also checks each message's role and content): role and content are encoded separately (as the original Qwen-1 code does) and as plain
 text, so a user typing "<|im_end|>" never produces the special token. No system prompt is added unless the
 messages contain one. `messages_from_history` builds the message list from Qwen-1's (query, history,
@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from ..dataset.rendering import ChatFormat, render
 from ..dataset.sample import Sample
-from ..dataset.template import ChatFormat, render
 
 
 def build_prompt_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:

@@ -7,7 +7,7 @@ Modules: `decode` (step-wise batched decoding over the VLM's forward), `kvcache`
 merging of KV caches), `text` (incremental detokenisation and stop strings), `engine` (the queue and
 the decoding thread), `protocol` (OpenAI request parsing, images, limits), `session` (a chat to an
 engine job, shared by the API and the web chat), `app` (the FastAPI routes),
-`web` (the web chat command) and `webui` (its Gradio page). Only the VLM's public API is used (`vlm(...)`,
+`web` (the web chat command) and `chat_page` (its Gradio page). Only the VLM's public API is used (`vlm(...)`,
 `chat_ids`, `stop_token_ids`, `pad_token_id`, `decode`, `image_processor`), with `qwen.generation`'s
 logit filtering and left padding.
 """

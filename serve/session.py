@@ -1,4 +1,4 @@
-"""From a chat to a running engine job: the steps that the API (`serve.app`) and the web chat (`serve.webui`)
+"""From a chat to a running engine job: the steps that the API (`serve.app`) and the web chat (`serve.chat_page`)
 share, so that both check the same limits and hand events back to their event loop the same way.
 
 Contract:

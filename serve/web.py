@@ -1,6 +1,6 @@
 """The web chat: `python -m qwenvl_lab.serve.web --model RUN_OR_MODEL_DIR [--port 7860] [--examples DIR]`.
 
-One process serves a Gradio chat page at `/` (serve/webui.py: multi-image upload, multi-turn
+One process serves a Gradio chat page at `/` (serve/chat_page.py: multi-image upload, multi-turn
 conversations, streamed answers, sampling controls with temperature 0 = greedy by default, example
 images) next to the whole OpenAI API of `python -m qwenvl_lab.serve` at `/v1` and `/health`; both go through the
 same batching engine. The flags are `python -m qwenvl_lab.serve`'s, plus `--examples DIR`: example images (default:
@@ -11,7 +11,7 @@ this server serves, and its Content-Security-Policy (`PAGE_POLICY`, on every res
 refuse any other address. A mistake (a missing model, a bad flag, a port in use, gradio not installed)
 is one line `error: ...` and exit status 2. Once it runs, a question the page cannot answer (a file that is
 not an image, too many images, a prompt too long) is one note in the chat and one line in the log
-(serve/webui.py); tracebacks are for bugs.
+(serve/chat_page.py); tracebacks are for bugs.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     try:  # heavy and optional: imported after the arguments are checked
         import gradio as gr
 
-        from .webui import CSS, build_ui
+        from .chat_page import CSS, build_ui
     except ImportError as e:
         fail(f"the web chat needs gradio ({e}); install it with pip install -c constraints.txt '.[serve]'")
     app, engine, name = build(args)

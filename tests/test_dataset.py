@@ -8,8 +8,8 @@ import tiny_data as td
 import torch
 from qwenvl_lab.dataset import Collator, LengthGroupedSampler, VLMDataset
 from qwenvl_lab.dataset.formats import DataFileError
+from qwenvl_lab.dataset.rendering import IGNORE_INDEX, render
 from qwenvl_lab.dataset.sample import BadSampleError
-from qwenvl_lab.dataset.template import IGNORE_INDEX, render
 
 N = 2
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 from qwenvl_lab.dataset import Collator, load_image
+from qwenvl_lab.dataset.rendering import render
 from qwenvl_lab.dataset.sample import Sample
-from qwenvl_lab.dataset.template import render
 from qwenvl_lab.model import VLM, build_vlm
 from qwenvl_lab.model.backbones import IMAGE_DELIMITERS, IMAGE_TOKEN
 from qwenvl_lab.model.stages import apply_lora, resolve_lora_targets, set_trainable

@@ -1,4 +1,4 @@
-"""dataset/template.py: exact ids and labels (tiny and real Qwen-1 vocabularies), masks, truncation."""
+"""dataset/rendering.py: exact ids and labels (tiny and real Qwen-1 vocabularies), masks, truncation."""
 
 import functools
 import re
@@ -6,8 +6,8 @@ import re
 import pytest
 import tiny_data as td
 from qwenvl_lab.dataset.formats import normalize
+from qwenvl_lab.dataset.rendering import IGNORE_INDEX, estimate_length, render
 from qwenvl_lab.dataset.sample import BadSampleError, Sample
-from qwenvl_lab.dataset.template import IGNORE_INDEX, estimate_length, render
 from tiny_qwen import tiny_n_ranks
 
 N = 3  # tokens per image in the tiny tests

@@ -33,9 +33,9 @@ from tests.tiny_server import ROOT, answer_of_test_py, start_server
 pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install .[serve])")
 gr = pytest.importorskip("gradio", reason="the web chat needs gradio (pip install .[serve])")
 
-from qwenvl_lab.serve.engine import Engine  # noqa: E402  (after the skips: serve.webui imports gradio)
+from qwenvl_lab.serve.chat_page import NOT_ANSWERED, Conversation, make_respond  # noqa: E402
+from qwenvl_lab.serve.engine import Engine  # noqa: E402  (after the skips: serve.chat_page imports gradio)
 from qwenvl_lab.serve.protocol import Limits  # noqa: E402
-from qwenvl_lab.serve.webui import NOT_ANSWERED, Conversation, make_respond  # noqa: E402
 
 from tests.offline_guard import MARK as OUTBOUND  # noqa: E402
 
@@ -262,7 +262,7 @@ def _refused(update: tuple, conv: Conversation) -> str:
 
 
 def _log_lines(caplog) -> list:
-    return [r for r in caplog.records if r.name == "qwenvl_lab.serve.webui"]
+    return [r for r in caplog.records if r.name == "qwenvl_lab.serve.chat_page"]
 
 
 def test_mistakes_are_one_message_and_generate_nothing(web, tmp_path, caplog):
@@ -321,7 +321,7 @@ def test_failures_are_one_note_and_bugs_keep_their_traceback(web, caplog, monkey
         raise KeyError("a bug")
 
     caplog.clear()
-    monkeypatch.setattr("qwenvl_lab.serve.webui.prepare", bug)
+    monkeypatch.setattr("qwenvl_lab.serve.chat_page.prepare", bug)
     updates = _run(make_respond(vlm, Engine(vlm), Limits())(ask, conv, 0.0, 1.0, MAX_TOKENS, None))
     assert len(updates) == 1 and "internal error (KeyError)" in _refused(updates[0], conv)
     lines = _log_lines(caplog)
@@ -362,5 +362,5 @@ def test_command_line_mistakes_are_one_line(web, tmp_path, capsys, monkeypatch):
         port = taken.getsockname()[1]
         assert f"127.0.0.1:{port}" in error(["--model", model, "--port", str(port)])
     monkeypatch.setitem(sys.modules, "gradio", None)  # as if gradio were not installed
-    monkeypatch.delitem(sys.modules, "qwenvl_lab.serve.webui")
+    monkeypatch.delitem(sys.modules, "qwenvl_lab.serve.chat_page")
     assert "needs gradio" in error(["--model", model])

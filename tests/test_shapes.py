@@ -295,7 +295,7 @@ def test_followup_answers_are_trained(dialog_dir, tmp_path):
     """Rendered with the demo's own vocabulary, a dialog's labels hold every answer, in order, and nothing else."""
     from qwenvl_lab.dataprocess import make_vocab
     from qwenvl_lab.dataset.formats import normalize
-    from qwenvl_lab.dataset.template import IGNORE_INDEX, render
+    from qwenvl_lab.dataset.rendering import IGNORE_INDEX, render
     from qwenvl_lab.qwen.tokenizer import load_tokenizer
 
     assert make_vocab.main(["--data", str(dialog_dir / "train.jsonl"), "--merges", "200", "--out", str(tmp_path)]) == 0

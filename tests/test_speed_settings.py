@@ -1,4 +1,4 @@
-"""trainer/speed.py applies the run's speed keys; trainer/cpu_malloc.py switches glibc's allocator."""
+"""trainer/speed_settings.py applies the run's speed keys; trainer/cpu_malloc.py switches glibc's allocator."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from qwenvl_lab.core.config_io import ConfigError
 from qwenvl_lab.model.train_config import TrainConfig
-from qwenvl_lab.trainer.speed import apply_speed_settings
+from qwenvl_lab.trainer.speed_settings import apply_speed_settings
 
 from tests.tiny_opt import tiny_vlm
 

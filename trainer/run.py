@@ -50,7 +50,7 @@ from .callbacks import AttentionSetup, JsonlLogger, plot_loss
 from .checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
 from .engines import prepare_deepspeed_on_cpu
 from .hf_trainer import VLMTrainer, gather_objects
-from .speed import apply_speed_settings
+from .speed_settings import apply_speed_settings
 from .throughput import ThroughputCallback
 
 log = logging.getLogger("qwenvl_lab.trainer")

@@ -15,7 +15,7 @@ Contract:
   stays in the conversation, as shown.
 - A question that gets no answer is one update: the chat as it was plus one note (an assistant message
   titled `NOT_ANSWERED`, shown until the next question, never part of the conversation, which is
-  unchanged), and one log line (logger "qwenvl_lab.serve.webui"). Never a raised `gr.Error`: its overlays stay over
+  unchanged), and one log line (logger "qwenvl_lab.serve.chat_page"). Never a raised `gr.Error`: its overlays stay over
   the chat and the input box and block the next question, and gradio logs its traceback. Its kinds:
   * the user's mistakes (no question, an unreadable image, too many images, a prompt too long, a full
     queue): a warning line; nothing is generated and the input stays in the box, less the unreadable files
@@ -47,7 +47,7 @@ from .engine import Engine, QueueFull
 from .protocol import Limits
 from .session import RequestError, prepare, submit
 
-log = logging.getLogger("qwenvl_lab.serve.webui")
+log = logging.getLogger("qwenvl_lab.serve.chat_page")
 NOT_ANSWERED = "Not answered"
 FINISH_WORDS = {"stop": "end of turn", "length": "max tokens reached", "cancelled": "stopped",
                 "timeout": "timed out"}
