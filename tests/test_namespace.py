@@ -4,6 +4,7 @@ old spellings (`python -m model.plan`) answer with one line naming the new one."
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -71,6 +72,10 @@ def test_installed_adds_one_import_name(tmp_path, hf_kernels):
                                        (["-m", "evaluation", "--help"], "qwenvl_lab.evaluation"),
                                        (["-m", "kernels.selftest"], "qwenvl_lab.kernels.selftest")])
 def test_old_spellings_name_the_new_one(argv, new):
+    if argv[1].startswith("kernels."):
+        spec = importlib.util.find_spec("kernels")
+        if spec is not None and spec.origin is not None:  # a regular package: Hugging Face's, which wins
+            pytest.skip("Hugging Face's `kernels` is installed: `kernels.*` is its name, not ours any more")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
