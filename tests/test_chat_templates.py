@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 from qwenvl_lab.dataset.chat_templates import TEMPLATES, detect_template
-from qwenvl_lab.dataset.sample import BadSampleError, Sample
 from qwenvl_lab.dataset.rendering import IGNORE_INDEX, ChatFormat, render
+from qwenvl_lab.dataset.sample import BadSampleError, Sample
 from qwenvl_lab.model.tokenizers import HFTokenizer
 
 from tests.tiny_lms import FAMILIES, TEMPLATE_OF, tiny_family_tokenizer
