@@ -1,5 +1,6 @@
 """The code keeps its shape (tools/architecture.py, docs/architecture.md): imports go down the layers only,
-no import cycle, function-local imports stay few. Each check is also shown to catch a planted fault."""
+no import cycle, function-local imports stay few, no function is longer than MAX_FUNCTION_LINES (benchmarks
+and tools included). Each check is also shown to catch a planted fault."""
 
 from __future__ import annotations
 
@@ -67,3 +68,38 @@ def test_a_planted_local_import_counts(modules):
         assert len(A.local_imports(modules)) == before + 1
     finally:
         errors.imports.pop()
+
+
+def _function(name: str, lines: int, indent: str = "") -> str:
+    """The source of a function `lines` lines long, `def` line and `return` line included."""
+    body = [f"{indent}    x = {i}\n" for i in range(lines - 2)]
+    return f"{indent}def {name}():\n" + "".join(body) + f"{indent}    return x\n"
+
+
+def test_no_function_is_longer_than_the_limit():
+    limit = A.MAX_FUNCTION_LINES
+    longest = A.long_functions(A.read_modules(), 0)
+    assert longest, "the tool found no function at all"
+    offenders = [f"{n} lines {where}" for n, where in longest if n > limit]
+    assert longest[0][0] <= limit, f"functions over {limit} lines:\n" + "\n".join(offenders)
+
+
+def test_the_measure_catches_a_planted_long_function(tmp_path, monkeypatch):
+    limit = A.MAX_FUNCTION_LINES
+    functions = [_function("short", 5), _function("at_the_limit", limit), _function("too_long", limit + 10),
+                 "class Holder:\n" + _function("long_method", limit + 1, "    ")]
+    source = "\n\n".join(functions)
+    path = tmp_path / "planted.py"
+    path.write_text(source)
+    monkeypatch.setattr(A, "ROOT", tmp_path)  # the tool names each function relative to ROOT
+    modules = {"planted.py": A.Module("planted.py", path, "scripts", False)}
+
+    found = A.long_functions(modules)
+    lines = source.splitlines()
+    start = {name: lines.index(f"{indent}def {name}():") + 1
+             for name, indent in (("too_long", ""), ("long_method", "    "), ("at_the_limit", ""))}
+    assert found == sorted([(limit + 10, f"planted.py:{start['too_long']} too_long"),
+                            (limit + 1, f"planted.py:{start['long_method']} long_method")], reverse=True)
+    # With no limit every function is listed, each with its exact length.
+    lengths = {where.split()[-1]: n for n, where in A.long_functions(modules, 0)}
+    assert lengths == {"short": 5, "at_the_limit": limit, "too_long": limit + 10, "long_method": limit + 1}

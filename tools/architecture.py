@@ -34,8 +34,8 @@ PACKAGES = [p for layer in LAYERS[:-1] for p in layer]
 SCRIPTS = ["train.py", "test.py", "benchmarks", "tools"]
 # Function-local imports that are allowed without counting: optional or heavy third-party packages, loaded
 # only by the feature that needs them.
-# peft is a dependency but heavy (about 1.3 s and 800 modules on top of transformers: it loads bitsandbytes and
-# parts of inductor), so only LoRA code imports it.
+# peft is a dependency but heavy (3.3-3.5 s and ~2,200 modules on top of torch + transformers, measured in
+# docs/architecture.md: it loads bitsandbytes and parts of inductor), so only LoRA code imports it.
 OPTIONAL = ("deepspeed", "bitsandbytes", "gradio", "lmms_eval", "triton", "open_clip", "av", "fastapi",
             "uvicorn", "pycocoevalcap", "openai", "playwright", "matplotlib", "tensorboard", "torchvision.io", "peft")
 # Functions whose imports are deferred so `--help` / `--check` answer before torch loads (`file:function`; the
