@@ -13,9 +13,12 @@ chat mode, per message: `header[role] + content + suffix[role]` (ChatML: `<|im_s
 - special tokens come only from the template; every text piece is encoded with `tokenizer.encode`, which
   never turns text into a special token (a user typing "<|im_end|>" gets plain text ids). ChatML encodes
   role, "\n" and each text piece separately, like Qwen's own `make_context`.
-- each `<image>` -> `[image_start] + N x image_token + [image_end]` (N = tokens_per_image; start/end only
-  when the LM has them) exactly where the marker stands inside the text; each `<video>` -> K such spans,
-  one per frame (K = frames_per_video).
+- each `<image>` -> `[image_start] + N x image_token + [image_end]` (start/end only when the LM has them)
+  exactly where the marker stands inside the text; each `<video>` -> K such spans, one per frame
+  (K = frames_per_video). N = `tokens_per_image`: an int (every image alike: the fixed-resolution case), or
+  a function `(kind, index) -> int` giving the count of the `index`-th image (`kind` "image") or of each
+  frame of the `index`-th video (`kind` "video") of `sample.images` / `sample.videos` — the dataset passes
+  one made from each file's size through `visual.resolution.Resolution.layout`, the one count.
 - labels: the assistant's content tokens and its end-of-turn token (`<|im_end|>`, `<|eot_id|>`, ...);
   everything else (headers, trailing newlines, user/system turns, every image span) is IGNORE_INDEX.
 - no system prompt is added unless the sample has one, `system_prompt` is given (the sample wins) or the
@@ -45,6 +48,7 @@ rows a sample feeds the model are `n_images + n_frames`, in `media` order.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +57,7 @@ from .chat_templates import CHATML, ChatTemplate
 from .sample import IMAGE_MARKER, ROLES, VIDEO_MARKER, BadSampleError, Sample
 
 MODES = ("chat", "plain")
+_Span = Callable[[str, int], list[int]]  # (kind, index) -> one image's (one frame's) span ids
 _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 
 
@@ -168,17 +173,18 @@ class _MediaCursor:
     def __init__(self, sample: Sample):
         self.sample, self.i_img, self.i_vid = sample, 0, 0
 
-    def next(self, marker: str) -> tuple[str, str]:
+    def next(self, marker: str) -> tuple[str, str, int]:
+        """(kind, path, index in sample.images / sample.videos) of the next marker's media."""
         s = self.sample
         if marker == IMAGE_MARKER:
             if self.i_img >= len(s.images):
                 raise BadSampleError(f"{s.where}: more <image> markers than images ({len(s.images)})")
             self.i_img += 1
-            return ("image", s.images[self.i_img - 1])
+            return ("image", s.images[self.i_img - 1], self.i_img - 1)
         if self.i_vid >= len(s.videos):
             raise BadSampleError(f"{s.where}: more <video> markers than videos ({len(s.videos)})")
         self.i_vid += 1
-        return ("video", s.videos[self.i_vid - 1])
+        return ("video", s.videos[self.i_vid - 1], self.i_vid - 1)
 
     def check_all_used(self) -> None:
         s = self.sample
@@ -193,7 +199,7 @@ class _Writer:
     Text is buffered and encoded in runs: a run ends at a special token, an image span or a change of
     the supervised flag; with `join_text=False` (ChatML) every text chunk is its own run."""
 
-    def __init__(self, fmt: ChatFormat, span: list[int], frames: int, cursor: _MediaCursor):
+    def __init__(self, fmt: ChatFormat, span: _Span, frames: int, cursor: _MediaCursor):
         self.fmt, self.span, self.frames, self.cursor = fmt, span, frames, cursor
         self.piece = _Piece()
         self._text, self._train = "", False
@@ -222,10 +228,10 @@ class _Writer:
         """`text` with its markers expanded in place; image spans are never trained on."""
         for part in _MARKERS.split(text):
             if part in (IMAGE_MARKER, VIDEO_MARKER):
-                kind, path = self.cursor.next(part)
+                kind, path, index = self.cursor.next(part)
                 self._flush()
                 self.piece.media.append((kind, path))
-                self.piece.add(self.span * (1 if kind == "image" else self.frames), train=False)
+                self.piece.add(self.span(kind, index) * (1 if kind == "image" else self.frames), train=False)
             elif text_too:
                 self.text(part, train)
 
@@ -234,7 +240,7 @@ class _Writer:
         return self.piece
 
 
-def _message(msg: dict, fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor) -> _Piece:
+def _message(msg: dict, fmt: ChatFormat, span: _Span, k: int, cursor: _MediaCursor) -> _Piece:
     t = fmt.template
     role = msg["role"]
     w = _Writer(fmt, span, k, cursor)
@@ -262,7 +268,7 @@ def _too_long(message: str, fmt: ChatFormat, prefix: _Piece, pairs: list[_Piece]
     every turn plus the closing or the generation header), so a skip report needs no second render."""
     t = fmt.template
     tail = t.header["assistant"] if add_generation_prompt else t.closing if mode == "chat" else ""
-    w = _Writer(fmt, [], 0, None)
+    w = _Writer(fmt, None, 0, None)
     w.template(tail)
     e = BadSampleError(message, "too_long")
     e.length = len(prefix.ids) + sum(len(p.ids) for p in pairs) + len(w.done().ids)
@@ -282,7 +288,7 @@ def _check_messages(sample: Sample) -> None:
                                  f"{type(m['content']).__name__}")
 
 
-def _plain_turns(sample: Sample, fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor) -> _Piece:
+def _plain_turns(sample: Sample, fmt: ChatFormat, span: _Span, k: int, cursor: _MediaCursor) -> _Piece:
     """plain mode after the opening: the first user turn's image spans, the first answer and end of text."""
     msgs = sample.messages
     user = next((m for m in msgs if m["role"] == "user"), None)
@@ -298,7 +304,7 @@ def _plain_turns(sample: Sample, fmt: ChatFormat, span: list[int], k: int, curso
     return w.piece
 
 
-def _chat_pairs(sample: Sample, fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor,
+def _chat_pairs(sample: Sample, fmt: ChatFormat, span: _Span, k: int, cursor: _MediaCursor,
                 prefix: _Piece, system_prompt: str | None, add_generation_prompt: bool) -> list[_Piece]:
     """chat mode: the system prompt (appended to `prefix`, or folded into the first user turn), then one
     piece per (user, answers) pair; a final unanswered question is dropped unless a prompt is wanted."""
@@ -347,17 +353,31 @@ def _fitting(prefix: _Piece, pairs: list[_Piece], max_length: int | None) -> lis
     return kept
 
 
-def _template_piece(fmt: ChatFormat, span: list[int], k: int, cursor: _MediaCursor, text: str) -> _Piece:
+def _template_piece(fmt: ChatFormat, span: _Span, k: int, cursor: _MediaCursor, text: str) -> _Piece:
     """The ids of template string `text` (unsupervised)."""
     w = _Writer(fmt, span, k, cursor)
     w.template(text)
     return w.done()
 
 
+def _span_maker(fmt: ChatFormat, tokens_per_image, image_token_id: int | None) -> Callable[[str, int], list[int]]:
+    """(kind, index) -> that image's (or each frame's) ids; spans of equal length are built once."""
+    spans: dict[int, list[int]] = {}
+
+    def span(kind: str, index: int) -> list[int]:
+        n = tokens_per_image if isinstance(tokens_per_image, int) else int(tokens_per_image(kind, index))
+        assert n > 0, f"{kind} {index}: {n} tokens"
+        if n not in spans:
+            spans[n] = fmt.image_span(n, image_token_id)
+        return spans[n]
+
+    return span
+
+
 def render(
     sample: Sample,
     tokenizer,
-    tokens_per_image: int,
+    tokens_per_image: int | Callable[[str, int], int],
     mode: str = "chat",
     max_length: int | None = None,
     frames_per_video: int = 4,
@@ -371,13 +391,13 @@ def render(
         raise ValueError("render: add_generation_prompt needs mode='chat'")
     if mode not in MODES:
         raise ValueError(f"render: mode must be one of {MODES}, got {mode!r}")
-    assert tokens_per_image > 0 and frames_per_video > 0, (tokens_per_image, frames_per_video)
+    assert frames_per_video > 0, frames_per_video
     fmt = as_chat_format(tokenizer)
     t = fmt.template
     if not sample.messages:
         raise BadSampleError(f"{sample.where}: empty conversation")
     cursor = _MediaCursor(sample)
-    span = fmt.image_span(tokens_per_image, image_token_id)  # one image's ids, built once
+    span = _span_maker(fmt, tokens_per_image, image_token_id)
     k = frames_per_video
     opening = _Writer(fmt, span, k, cursor)
     if t.bos:
@@ -426,7 +446,7 @@ def render(
 
 def estimate_length(
     sample: Sample,
-    tokens_per_image: int,
+    tokens_per_image: int | Callable[[str, int], int],
     mode: str = "chat",
     frames_per_video: int = 4,
     tokenizer=None,
@@ -434,11 +454,14 @@ def estimate_length(
     """Length of the rendered sample without decoding images: exact with a tokenizer, else ~bytes/4."""
     if tokenizer is not None:
         return len(render(sample, tokenizer, tokens_per_image, mode, None, frames_per_video).input_ids)
-    span = tokens_per_image + 2
-    n = 0
+    count = (lambda kind, i: tokens_per_image) if isinstance(tokens_per_image, int) else tokens_per_image
+    n, i_img, i_vid = 0, 0, 0
     for m in sample.messages:
         text = m["content"]
-        n_img, n_vid = text.count(IMAGE_MARKER), text.count(VIDEO_MARKER)
-        n += (n_img + n_vid * frames_per_video) * span
+        for part in _MARKERS.findall(text):
+            if part == IMAGE_MARKER:
+                n, i_img = n + count("image", i_img) + 2, i_img + 1
+            else:
+                n, i_vid = n + (count("video", i_vid) + 2) * frames_per_video, i_vid + 1
         n += len(_MARKERS.sub("", text).encode("utf-8")) // 4 + 1 + (5 if mode == "chat" else 0)
     return n

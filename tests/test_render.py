@@ -1,6 +1,7 @@
 """dataset/rendering.py: exact ids and labels (tiny and real Qwen-1 vocabularies), masks, truncation."""
 
 import functools
+import itertools
 import re
 
 import pytest
@@ -225,3 +226,14 @@ def test_model_placeholder_overrides_the_tokenizers(tok):
     assert moved.input_ids.count(other) == 3 and tok.image_token_id not in moved.input_ids
     swap = [other if t == tok.image_token_id else t for t in plain.input_ids]
     assert moved.input_ids == swap and moved.labels == plain.labels
+
+
+def test_per_image_token_counts_from_a_function(tok):
+    """Variable resolution: each image (and each frame of a video) gets its own count, in marker order."""
+    counts = {("image", 0): 3, ("image", 1): 7, ("video", 0): 2}
+    msgs = [{"role": "user", "content": "<image>a<video>b<image>"}, {"role": "assistant", "content": "ok"}]
+    s = _sample(msgs, images=["x.png", "y.png"], videos=["v.mp4"])
+    r = render(s, tok, lambda kind, i: counts[(kind, i)], frames_per_video=2)
+    runs = [len(list(g)) for k, g in itertools.groupby(r.input_ids) if k == tok.image_token_id]
+    assert runs == [3, 2, 2, 7]
+    assert estimate_length(s, lambda kind, i: counts[(kind, i)], frames_per_video=2, tokenizer=tok) == len(r.input_ids)
