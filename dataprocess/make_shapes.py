@@ -15,6 +15,10 @@ Question types (sample i of a split gets type `types[i % len(types)]`, so counts
               "Is the red circle on the left or the right?"                   left|right
     multi     two images, one shape each; exactly one is the target
               "Which image has the red circle? Answer first or second."        first|second
+Wide and tall pictures (`--canvas K`, default 1): colour and shape pictures become (K*size) x size or
+size x (K*size) (orientation drawn per sample), the shape still 40-60% of the SHORT side, anywhere on the
+canvas: small in a picture that a fixed-square model squashes K times along one axis (the dynamic-resolution
+demo, docs/benchmarks.md). Other types stay square.
 Single-shape questions use a shape spanning 40-60% of the image side (>= 1/3 as required for a tiny
 CNN to learn it fast); 4 colours x 4 shapes keep chance at <= 25% for colour and shape.
 
@@ -224,11 +228,32 @@ def followups(rng: random.Random, qtype: str, scenes: list[list[Item]], answer: 
     return turns[:rng.randint(1, len(turns))]
 
 
+def _canvas(rng: random.Random, size: int, canvas: int) -> tuple[int, int]:
+    """(width, height) of a colour / shape picture: square, or K times wider or taller (drawn here)."""
+    if canvas == 1:
+        return size, size  # no draw from rng: square data stays byte-identical to earlier versions
+    return (canvas * size, size) if rng.random() < 0.5 else (size, canvas * size)
+
+
+def scene_on_canvas(rng: random.Random, w: int, h: int, qtype: str) -> tuple[list[list[Item]], str, str]:
+    """A colour or shape scene on a w x h canvas: one shape, 40-60% of the short side, anywhere."""
+    shape, colour = _random_kind(rng)
+    r = round(min(w, h) * rng.uniform(0.20, 0.30))
+    item = (shape, colour, rng.randint(r, w - 1 - r), rng.randint(r, h - 1 - r), r)
+    if qtype == "colour":
+        return [[item]], "What colour is the shape?", colour
+    return [[item]], "What shape is this?", shape
+
+
 def make_one(seed: int, split: str, index: int, qtype: str, size: int, followup_p: float = 0.0,
-             distractor: float = 0.5, followup_set: str = "all") -> tuple[dict, list[Image.Image]]:
+             distractor: float = 0.5, followup_set: str = "all", canvas: int = 1) -> tuple[dict, list[Image.Image]]:
     """Sample `index` of `split`: (JSONL dict with relative image paths, its images in order)."""
     rng = random.Random(f"{seed}/{split}/{index}")
-    if qtype == "position":
+    dims = (size, size)
+    if canvas > 1 and qtype in ("colour", "shape"):
+        dims = _canvas(rng, size, canvas)
+        scenes, question, answer = scene_on_canvas(rng, *dims, qtype)
+    elif qtype == "position":
         scenes, question, answer = scene_position(rng, size, distractor)
     else:
         scenes, question, answer = SCENES[qtype](rng, size)
@@ -238,7 +263,7 @@ def make_one(seed: int, split: str, index: int, qtype: str, size: int, followup_
         frng = random.Random(f"{seed}/{split}/{index}/followup")
         if frng.random() < followup_p:
             turns = followups(frng, qtype, scenes, answer, followup_set)
-    images = [render(size, items) for items in scenes]
+    images = [render(dims, items) for items in scenes]
     if len(images) == 1:
         paths = [f"images/{split}/{index:06d}.png"]
     else:
@@ -252,12 +277,14 @@ def make_one(seed: int, split: str, index: int, qtype: str, size: int, followup_
 
 
 def make_split(out: Path, split: str, n: int, seed: int, size: int, types: list[str],
-               followup_p: float = 0.0, distractor: float = 0.5, followup_set: str = "all") -> list[dict]:
+               followup_p: float = 0.0, distractor: float = 0.5, followup_set: str = "all",
+               canvas: int = 1) -> list[dict]:
     """Write `n` samples of `split` (images + `{split}.jsonl`) under `out`; returns the samples."""
     (out / "images" / split).mkdir(parents=True, exist_ok=True)
     samples = []
     for i in range(n):
-        sample, images = make_one(seed, split, i, types[i % len(types)], size, followup_p, distractor, followup_set)
+        sample, images = make_one(seed, split, i, types[i % len(types)], size, followup_p, distractor, followup_set,
+                                  canvas)
         for rel, img in zip(sample["images"], images):
             img.save(out / rel, format="PNG")
         samples.append(sample)
@@ -275,7 +302,7 @@ def parse_types(text: str) -> list[str]:
 
 def make_shapes(out: str | Path, n_train: int = 2000, n_val: int = 200, seed: int = 0, size: int = 64,
                 types: list[str] | None = None, followups: float = 0.0,
-                distractor: float = 0.5, followup_set: str = "all") -> dict[str, list[dict]]:
+                distractor: float = 0.5, followup_set: str = "all", canvas: int = 1) -> dict[str, list[dict]]:
     """Generate both splits and meta.json under `out`; returns {"train": samples, "val": samples}.
     `followups`: the probability that a sample gets 1-2 follow-up turns (see the module docstring);
     `distractor`: the probability that a position scene has a second shape; `followup_set`: "all" or
@@ -286,13 +313,15 @@ def make_shapes(out: str | Path, n_train: int = 2000, n_val: int = 200, seed: in
     for name, value in (("--followups", followups), ("--distractor", distractor)):
         if not 0.0 <= value <= 1.0:
             raise SourceError(f"{name} {value}: give a probability between 0 and 1")
+    if canvas < 1:
+        raise SourceError(f"--canvas {canvas}: give a whole number >= 1 (1 = square pictures)")
     if followup_set not in FOLLOWUP_SETS:
         raise SourceError(f"--followup-set {followup_set!r}: choose from {', '.join(FOLLOWUP_SETS)}")
     out = writable_dir(out, "output folder")
-    result = {split: make_split(out, split, n, seed, size, types, followups, distractor, followup_set)
+    result = {split: make_split(out, split, n, seed, size, types, followups, distractor, followup_set, canvas)
               for split, n in (("train", n_train), ("val", n_val))}
     meta = {"seed": seed, "size": size, "types": types, "n_train": n_train, "n_val": n_val,
-            "followups": followups, "followup_set": followup_set, "distractor": distractor, "answers": {t: ANSWERS[t] for t in types}}
+            "followups": followups, "followup_set": followup_set, "distractor": distractor, "canvas": canvas, "answers": {t: ANSWERS[t] for t in types}}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return result
 
@@ -313,9 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--followup-set", choices=sorted(FOLLOWUP_SETS), default="all",
                     help="all: the follow-ups above; recall: none that compares a named colour or shape with "
                          "the picture (see the docstring)")
+    ap.add_argument("--canvas", type=int, default=1,
+                    help="colour and shape pictures K times wider or taller than --size, shapes as small as "
+                         "on a square one (1 = square)")
     args = ap.parse_args(argv)
     result = make_shapes(args.out, args.n_train, args.n_val, args.seed, args.size, parse_types(args.types),
-                         args.followups, args.distractor, args.followup_set)
+                         args.followups, args.distractor, args.followup_set, args.canvas)
     print(f"wrote {len(result['train'])} train and {len(result['val'])} val samples to {args.out}")
     return 0
 

@@ -39,9 +39,10 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: int, cy: 
         raise ValueError(f"unknown shape {shape!r}; choose from {SHAPES}")  # a bug: shapes come from SHAPES
 
 
-def render(size: int, items: list[tuple[str, str, int, int, int]]) -> Image.Image:
-    """A `size` x `size` RGB image with the given (shape, colour, cx, cy, r) items drawn in order."""
-    img = Image.new("RGB", (size, size), BACKGROUND)
+def render(size: int | tuple[int, int], items: list[tuple[str, str, int, int, int]]) -> Image.Image:
+    """A `size` x `size` (or `size` = (width, height)) RGB image with the given (shape, colour, cx, cy, r)
+    items drawn in order."""
+    img = Image.new("RGB", (size, size) if isinstance(size, int) else tuple(size), BACKGROUND)
     draw = ImageDraw.Draw(img)
     for shape, colour, cx, cy, r in items:
         draw_shape(draw, shape, colour, cx, cy, r)

@@ -354,3 +354,32 @@ def test_recall_followups(tmp_path, shapes_dir):
     assert json.loads((out / "meta.json").read_text())["followup_set"] == "recall"
     with pytest.raises(SystemExit):
         make_shapes.main([str(tmp_path / "bad"), "--followup-set", "none"])
+
+
+def test_wide_and_tall_canvases(tmp_path, shapes_dir):
+    """--canvas 4: colour and shape pictures 4x wider or taller, the shape sized by the short side and
+    matching the answer; other types stay square; --canvas 1 is byte-identical to the default."""
+    out = tmp_path / "wide"
+    make_shapes.make_shapes(out, n_train=40, n_val=0, seed=0, size=32, types=["colour", "shape", "count"], canvas=4)
+    orientations = set()
+    for s in read_jsonl(out / "train.jsonl"):
+        a = pixels(out / s["images"][0])
+        h, w = a.shape[:2]
+        if s["type"] == "count":
+            assert (w, h) == (32, 32), s["id"]
+            continue
+        assert sorted((w, h)) == [32, 128], s["id"]
+        orientations.add(w > h)
+        mask = foreground(a)
+        ys, xs = np.nonzero(mask)
+        assert max(xs.max() - xs.min(), ys.max() - ys.min()) + 1 <= 2 * round(32 * 0.3) + 1, s["id"]  # r by the short side
+        answer = s["messages"][1]["content"]
+        assert (dominant_colour(a, mask) if s["type"] == "colour" else shape_name(mask)) == answer, s["id"]
+    assert orientations == {True, False}
+    one = tmp_path / "one"
+    make_shapes.make_shapes(one, n_train=6, n_val=0, seed=0, size=64, canvas=1)
+    ref = tmp_path / "ref"
+    make_shapes.make_shapes(ref, n_train=6, n_val=0, seed=0, size=64)
+    assert (one / "train.jsonl").read_bytes() == (ref / "train.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="--canvas"):
+        make_shapes.make_shapes(tmp_path / "bad", n_train=1, n_val=0, canvas=0)
