@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -105,3 +106,27 @@ def test_bad_settings_name_the_key():
         anyres().__class__(mode="anyres", image_size=32, grid=(8, 8), tokens_per_crop=64, pinpoints=((32, 50),))
     with pytest.raises(ValueError, match="select=patch"):
         Resolution(mode="anyres", image_size=32, grid=(8, 8), tokens_per_crop=65, pinpoints=((32, 32),))
+
+
+@pytest.mark.parametrize("res", [
+    anyres(), anyres(anyres_max=1), anyres(image_newline=False),
+    Resolution(mode="native", patch_size=14, merge=2, min_pixels=56 * 56, max_pixels=28 * 28 * 50),
+    Resolution(mode="naflex", patch_size=16, max_num_patches=64),
+    Resolution(mode="fixed", image_size=32, grid=(5, 5), tokens_per_crop=26),
+], ids=["anyres", "anyres_max", "no_newline", "native", "naflex", "fixed"])
+def test_max_tokens_is_the_largest_count_any_size_gets(res):
+    """The formula's maximum is reached by some size and no size in a dense sweep exceeds it."""
+    import itertools
+
+    step = 7 if res.mode != "naflex" else 13
+    sides = list(range(1, 400, step)) + [28 * k for k in range(1, 15)] + [32, 64, 96, 4000]
+    counts = [res.tokens(w, h) for w, h in itertools.product(sides, sides) if max(w, h) / min(w, h) <= 200]
+    assert max(counts) <= res.max_tokens()
+    lo, hi = res.token_range()
+    assert lo <= hi <= res.max_tokens()
+    if res.mode == "anyres" and not res.anyres_max:  # reached by the largest pinpoint's own size
+        assert max(res.tokens(pw, ph) for ph, pw in res.pinpoints) == res.max_tokens() == hi
+    if res.mode == "native":  # 200 * 28**2 > max_pixels: one 28-px row, the long side sqrt(200 * max)
+        assert res.tokens(4000, 20) == res.max_tokens() == math.isqrt(200 * res.max_pixels) // 28
+    if res.mode == "naflex":
+        assert res.tokens(16, 16 * 64) == res.max_tokens() == 64

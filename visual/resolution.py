@@ -190,6 +190,43 @@ class Resolution:
         return ImageLayout(base + rows * (cols + int(self.image_newline)), 1 + tr * tc, (rows, cols), (bw, bh))
 
     # ----- sweeps for the plan ------------------------------------------------------------------------
+    def max_tokens(self, n_images: int = 1) -> int:
+        """The most tokens any image can get (the plan's worst case), from the formula, not a sweep:
+        anyres: an image of exactly the pinpoint's size loses nothing to unpadding, and no image maps
+        to more rows x cols than its chosen pinpoint, so the maximum is over the pinpoints themselves;
+        native: the largest a*b <= max_pixels / (patch*merge)**2 with an aspect ratio <= 200 (an image of
+        a*f x b*f pixels is kept as is); naflex: max_num_patches (an image of 1 x max_num_patches patches)."""
+        if self.mode == "fixed":
+            return self.tokens_per_crop
+        if self.mode == "anyres":
+            if n_images > 1 and self.multi_image == "base":
+                return self.tokens(self.image_size, self.image_size, n_images)
+            return self._anyres_max_tokens()
+        if self.mode == "native":
+            f = self.patch_size * self.merge
+            n = self.max_pixels // f**2
+            best = max(a * (n // a) for a in range(1, math.isqrt(n) + 1) if (n // a) <= 200 * a)
+            if 200 * f * f > self.max_pixels:  # smart_resize keeps one row of f when the short side
+                best = max(best, math.isqrt(200 * self.max_pixels) // f)  # floors to 0: up to sqrt(200*max)/f
+            return best
+        return self.max_num_patches
+
+    def _anyres_max_tokens(self) -> int:
+        """Without a cap: the largest pinpoint map. With `anyres_max` the shrink is not monotonic, so every
+        map unpadding can leave (an even number of lines removed from one side) is tried."""
+        s, (gh, gw), nl = self.image_size, self.grid, int(self.image_newline)
+        best = 0
+        for ph, pw in self.pinpoints:
+            rows, cols = ph // s * gh, pw // s * gw
+            maps = {(rows, cols)}
+            if self.anyres_max:
+                maps |= {(rows - 2 * k, cols) for k in range(rows // 2 + 1)}
+                maps |= {(rows, cols - 2 * k) for k in range(cols // 2 + 1)}
+            for r, c in maps:
+                r, c = anyres_max_grid(r, c, gh * gw, self.anyres_max)
+                best = max(best, gh * gw + r * (c + nl))
+        return best
+
     def token_range(self, sizes: list[tuple[int, int]] | None = None) -> tuple[int, int]:
         """(min, max) tokens per image over `sizes` ((width, height) pairs), by default over a sweep of
         aspect ratios 1:8..8:1 at several scales (the plan's min / max)."""
@@ -206,7 +243,7 @@ def sweep_sizes(res: Resolution) -> list[tuple[int, int]]:
         top = int(math.sqrt(res.max_pixels)) * 3
     else:
         top = max(res.image_size, res.patch_size * int(math.sqrt(max(res.max_num_patches, 1)))) * 3
-    sizes = []
+    sizes = [(pw, ph) for ph, pw in res.pinpoints]  # anyres: each pinpoint's own size (its maximum)
     for scale in (0.25, 0.5, 1.0):
         long = max(16, int(top * scale))
         for ratio in (1, 1.5, 2, 3, 4, 8):
