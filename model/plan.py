@@ -77,6 +77,7 @@ from ..core.errors import UserError
 from ..kernels.prepare import prepare_attention
 from ..qwen import QWenConfig
 from ..qwen.modeling import rope_cos_sin
+from ..visual.resolution import Resolution, sweep_sizes
 from .checkpoint import read_vlm_config
 from .config import VLMConfig
 from .dtypes import auto_decision
@@ -278,6 +279,35 @@ class Shape:
     targets: int  # supervised tokens per sample
     micro_batch: int
     accumulation: int
+    tower_tokens: int | None = None  # tokens the towers read per sample (None: images x one square crop)
+
+
+@dataclass
+class ImagePlan:
+    """Tokens per image under the model's resolution settings (visual/resolution.py), for the plan's worst case."""
+
+    mode: str
+    per_image: tuple[int, int, int]  # LM tokens per image: min, typical (median of the sweep), max (formula)
+    worst: int  # LM tokens per image in a sample of `images` images (the multi-image policy applied)
+    tower_tokens: int  # tokens the towers read for the worst image (crops x tokens per crop, or patches)
+    crops: int  # tower inputs for the worst image (anyres: base + tiles; 1 otherwise)
+
+
+def image_plan(vlm: nn.Module, images: int) -> ImagePlan:
+    """The image side of the plan from `vlm.resolution` (fixed: every image one square crop)."""
+    res = getattr(vlm, "resolution", None) or Resolution(
+        mode="fixed", image_size=int(vlm.towers.image_size), grid=tuple(vlm.towers.grid),
+        tokens_per_crop=int(vlm.tokens_per_image))
+    counts = sorted(res.tokens(w, h) for w, h in sweep_sizes(res))
+    worst = res.max_tokens(images)
+    per_crop = int(vlm.towers.num_tokens)
+    if res.mode in ("fixed", "anyres"):
+        single = images > 1 and res.multi_image == "base"
+        crops = 1 if res.mode == "fixed" or single else max(res.layout(pw, ph).crops for ph, pw in res.pinpoints)
+        tower = crops * per_crop
+    else:
+        crops, tower = 1, worst * (res.merge**2 if res.mode == "native" else 1)
+    return ImagePlan(res.mode, (counts[0], counts[len(counts) // 2], res.max_tokens()), worst, tower, crops)
 
 
 def activation_bytes(vlm: nn.Module, shape: Shape, c: int, checkpointing: bool, samples: int = 1) -> dict[str, int]:
@@ -301,8 +331,9 @@ def activation_bytes(vlm: nn.Module, shape: Shape, c: int, checkpointing: bool, 
         for t in _tower_list(vlm.towers):
             n_layers, width = _vit_attention(t)
             tokens = int(t.grid[0] * t.grid[1]) + int(bool(getattr(t, "has_cls", False)))
+            read = shape.tower_tokens if shape.tower_tokens is not None else shape.images * tokens
             inter = int(getattr(getattr(getattr(t, "model", t), "config", None), "intermediate_size", 4 * width))
-            towers += shape.images * tokens * n_layers * c * (10 * width + 2 * inter)
+            towers += read * n_layers * c * (10 * width + 2 * inter)
     out = {"lm": lm * samples, "head": head, "projector": projector * samples, "towers": towers * samples}
     out["total"] = sum(out.values())
     return out
@@ -374,6 +405,7 @@ class Plan:
     flops: dict[str, int]
     min_gpus: dict[str, int | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    image: ImagePlan | None = None
 
     @property
     def trainable(self) -> int:
@@ -402,16 +434,19 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
         raise PlanError(f"--gpus must be >= 1, got {gpus}")
     vlm, base = meta_model(cfg, device, dtype)
     c = 2 if base in ("bfloat16", "float16") else 4
-    image_tokens = int(vlm.tokens_per_image) * images
+    ip = image_plan(vlm, images)
+    image_tokens = ip.worst * images  # the worst case: every image at the most tokens its settings allow
     seq = int(seq or cfg.max_length)
     if image_tokens >= seq:
-        raise PlanError(f"{images} image(s) x {vlm.tokens_per_image} tokens do not fit max_length={seq}")
+        raise PlanError(f"{images} image(s) x {ip.worst} tokens (the most an image can get) do not fit "
+                        f"max_length={seq}; raise max_length or lower the resolution settings")
     text = seq - image_tokens
     shape = Shape(seq=seq, image_tokens=image_tokens, images=images,
                   targets=int(targets if targets is not None else (text if cfg.data_mode == "plain" else text // 2)),
                   micro_batch=int(micro_batch or cfg.per_device_train_batch_size),
                   accumulation=max(1, cfg.accumulation_steps(gpus) if cfg.global_batch_size
-                                   else cfg.gradient_accumulation_steps))
+                                   else cfg.gradient_accumulation_steps),
+                  tower_tokens=ip.tower_tokens * images)
     counts = count_parts(vlm)
     largest, units = _largest_module_params(vlm), _block_units(vlm)
     engines = {e: model_states(counts, e, gpus, c, largest, units) for e in ENGINES}
@@ -423,7 +458,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
                 gpu_mem_gib=gpu_mem_gib, gpu_tflops=gpu_tflops, mfu=mfu,
                 checkpointing=ckpt, shape=shape, counts=counts,
                 largest_module=largest, engines=engines, activations=acts,
-                flops=flops_per_sample(vlm, shape, ckpt))
+                flops=flops_per_sample(vlm, shape, ckpt), image=ip)
     act = plan.activation_per_gpu()
     for e in ENGINES:
         plan.min_gpus[e] = next((n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -565,6 +600,12 @@ def format_plan(plan: Plan) -> str:
              f"({s.image_tokens} image tokens from {s.images} image(s), {s.targets} supervised); micro-batch "
              f"{s.micro_batch}, accumulation {s.accumulation}; gradient checkpointing "
              f"{'on' if plan.checkpointing else 'off'}")
+    if plan.image is not None:
+        ip = plan.image
+        L.append(f"  images: {ip.mode} resolution; LM tokens per image min / typical / max = "
+                 f"{ip.per_image[0]} / {ip.per_image[1]} / {ip.per_image[2]}; planned for the worst case: "
+                 f"{s.images} x {ip.worst} tokens, the towers reading {ip.tower_tokens} tokens"
+                 f"{f' in {ip.crops} crops' if ip.crops > 1 else ''} per image")
     L.append("")
     L.append(f"{'parameters':<12}{'total':>16}{'trainable':>16}{'bytes (GiB)':>13}")
     for name, c in plan.counts.items():
