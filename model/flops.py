@@ -14,6 +14,10 @@ m = 2 + 2·[gradient flows through] + 2·[weight trains] (6 for a trained part, 
   runs (cached features skip it). Exact for ViTs; a CNN tower's convolutions are counted once per
   output token, an underestimate;
 - projector: its weights on `tokens_per_image` tokens per image;
+- variable patch grids (native / NaFlex resolution: the batch holds `image_grid` [n_images, 2] and
+  `pixel_values` rows are patches): the tower's weights on every patch and attention 4·L_v·d_v·(h·w)² per
+  image; the projector on the patches / merge² rows it receives. Anyres crops are square tower inputs:
+  counted as images (every crop runs the tower and the projector; unpadding only drops rows afterwards);
 - LM body: every linear weight of the LM except the output head, on T = the real (unpadded, or packed)
   tokens of the batch; attention 4·L·d_attn·s² forward per sample of length s (full square, as PaLM's
   MFU convention; not halved for causality) and x3 (12·L·d·s²) when the gradient flows through;
@@ -146,20 +150,29 @@ class ModelDims:
     lm_attention: int  # factor f: attention FLOPs = f * sum(s^2) over samples
     head_per_target: int
     parts: dict = field(default_factory=dict)  # the counts behind the figures, for inspection
+    tower_per_patch: int = 0  # variable grids: tower weights per patch
+    tower_attention: int = 0  # variable grids: factor f, attention FLOPs = f * sum((h*w)^2) over images
+    projector_per_row: int = 0  # variable grids: projector weights per row it receives
+    merge: int = 1  # native resolution: merge x merge patches -> one projector row  # the counts behind the figures, for inspection
 
     @classmethod
     def from_model(cls, vlm: nn.Module) -> ModelDims:
         towers, projector, lm = vlm.towers, vlm.projector, vlm.lm
         tower_trains, proj_trains = _trains(towers), _trains(projector)
-        tower_total = 0
+        tower_total = per_patch = attention = 0
         for tower in _tower_list(towers):
             t_v = int(tower.grid[0] * tower.grid[1]) + int(bool(getattr(tower, "has_cls", False)))
             weights = _matmul_weights(tower)
             mult = _weights_flops_per_token(weights, grad_flows=False)  # nothing trains before a tower
             layers, width = _vit_attention(tower)
             tower_total += mult * t_v + (12 if tower_trains else 4) * layers * width * t_v**2
+            per_patch += mult
+            attention += (12 if tower_trains else 4) * layers * width
         n_proj = sum(n for n, _ in _matmul_weights(projector))
-        proj_per_image = (6 if proj_trains else 2 + 2 * tower_trains) * n_proj * int(vlm.tokens_per_image)
+        proj_mult = (6 if proj_trains else 2 + 2 * tower_trains) * n_proj
+        proj_per_image = proj_mult * int(vlm.tokens_per_image)
+        res = getattr(vlm, "resolution", None)
+        merge = int(res.merge) if res is not None and res.mode == "native" else 1
 
         head = lm.get_output_embeddings()
         body = _matmul_weights(lm, skip={id(head.weight)})
@@ -177,6 +190,7 @@ class ModelDims:
             lm_per_token=_weights_flops_per_token(body, grad_flows),
             lm_attention=(12 if grad_flows else 4) * layers * d_attn,
             head_per_target=head_mult * v * h,
+            tower_per_patch=per_patch, tower_attention=attention, projector_per_row=proj_mult, merge=merge,
             parts={"lm_body_params": sum(n for n, _ in body), "head_params": v * h, "projector_params": n_proj,
                    "lm_layers": layers, "lm_attn_width": d_attn, "grad_through_lm": grad_flows},
         )
@@ -187,8 +201,10 @@ class BatchStats:
     samples: int
     lengths: list[int]  # real tokens per sample (packed: per packed sample)
     targets: int
-    images: int  # images whose tower runs
+    images: int  # images (anyres: crops) whose tower runs
     projected: int  # images whose features go through the projector (cached features included)
+    patches: int = 0  # variable grids: patches the tower reads (then `images` and `projected` are 0)
+    patch_sq: int = 0  # variable grids: sum over images of (h*w)^2
 
     @property
     def tokens(self) -> int:
@@ -208,6 +224,11 @@ def batch_stats(batch: dict) -> BatchStats:
     labels = batch.get("labels")
     targets = 0 if labels is None else int(count_targets(labels, batch.get("cu_seqlens")))
     pix = batch.get("pixel_values")
+    grid = batch.get("image_grid")  # [n_images, 2] patch grids: pixel rows are patches
+    if grid is not None and pix is not None:
+        n = (grid[:, 0] * grid[:, 1]).tolist()
+        return BatchStats(samples=len(lengths), lengths=[int(x) for x in lengths], targets=targets, images=0,
+                          projected=0, patches=int(sum(n)), patch_sq=int(sum(x * x for x in n)))
     images = 0 if pix is None else int(pix.shape[0])  # the tower runs on these
     feats = batch.get("image_features")  # cached tower output [n_images, T, C]: the tower is skipped
     projected = images + (0 if feats is None else int(feats.shape[0]))
@@ -218,8 +239,10 @@ def batch_stats(batch: dict) -> BatchStats:
 def step_flops(dims: ModelDims, stats: BatchStats) -> dict[str, int]:
     """FLOPs of one micro-batch by part (see the module docstring); "total" is their sum."""
     out = {
-        "towers": dims.tower_per_image * stats.images,
-        "projector": dims.projector_per_image * stats.projected,
+        "towers": dims.tower_per_image * stats.images + dims.tower_per_patch * stats.patches
+        + dims.tower_attention * stats.patch_sq,
+        "projector": dims.projector_per_image * stats.projected
+        + dims.projector_per_row * (stats.patches // dims.merge**2),
         "lm": dims.lm_per_token * stats.tokens,
         "attention": dims.lm_attention * sum(n * n for n in stats.lengths),
         "head": dims.head_per_target * stats.targets,
