@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..core.cli import run_cli
+from ..core.errors import UserError
 from ..dataset.feature_cache import FORMAT, INDEX_FILE, image_key, tower_identity
 from ..dataset.formats import normalize, read_records
 from ..dataset.images import MAX_PIXELS, load_image
@@ -69,6 +70,11 @@ def cache_features(vlm, data_paths: list[str], image_folder: str | None, out: st
                    batch_size: int = 32, shard_images: int = 1024, allow_absolute_paths: bool = True,
                    max_pixels: int = MAX_PIXELS) -> dict:
     """Write the cache of `vlm.towers`' outputs for every image in `data_paths`; returns a summary."""
+    res = getattr(vlm, "resolution", None)
+    if res is not None and res.variable:
+        raise UserError(f"feature cache: the model reads images at their own size ({res.mode} resolution), so a "
+                        f"tower output is not one fixed [tokens, C] per image; train from the images instead "
+                        f"(no feature_cache)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if (out / INDEX_FILE).exists():
