@@ -108,6 +108,8 @@ def test_siglip2_max_num_patches_from_spec_or_checkpoint(paths):
     assert build_tower("hf_siglip2", paths["siglip2"]).max_num_patches == 24  # preprocessor_config.json
     assert build_tower("hf_siglip2", paths["siglip2"], max_num_patches=40).max_num_patches == 40  # spec key
     assert build_tower("hf_siglip2", paths["siglip2_bare"]).max_num_patches == 256  # transformers' default
+    with pytest.raises(ValueError, match="max_num_patches must be >= 1"):
+        build_tower("hf_siglip2", paths["siglip2"], max_num_patches=0)
 
 
 @pytest.mark.parametrize("layer", [-1, 1])

@@ -212,7 +212,9 @@ class HFSiglip2Tower(HFTower):
 
     def __init__(self, name_or_path: str, *args, max_num_patches: int | None = None, **kw) -> None:
         super().__init__(name_or_path, *args, **kw)
-        self.max_num_patches = int(max_num_patches or self.hf_preprocessor.get("max_num_patches") or 256)
+        if max_num_patches is None:  # the checkpoint's processor value, else Siglip2ImageProcessor's default
+            max_num_patches = self.hf_preprocessor.get("max_num_patches") or 256
+        self.max_num_patches = int(max_num_patches)
         if self.max_num_patches < 1:
             raise ValueError(f"{name_or_path}: max_num_patches must be >= 1, got {max_num_patches}")
 
