@@ -11,7 +11,7 @@ from PIL import Image
 from qwenvl_lab.model.native import native_rows, tokens_per_image
 from qwenvl_lab.model.projector import build_projector, pixel_shuffle_grids
 from qwenvl_lab.visual import build_tower
-from qwenvl_lab.visual.native import native_batch, native_pixels, patchify, unpatchify
+from qwenvl_lab.visual.native import NativeProcessor, native_batch, native_pixels, patchify, unpatchify
 from qwenvl_lab.visual.resolution import Resolution
 
 from tests import tiny_visual as tv
@@ -101,6 +101,22 @@ def test_native_pixels_resize_to_the_layout(paths, images):
     torch.testing.assert_close(unpatchify(out, *lay.grid)[0], expected, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="fixed"):
         native_pixels(img, Resolution(), tower.processor)
+
+
+def test_native_processor_is_a_picklable_dataset_processor(paths, images):
+    import pickle
+
+    tower = build_tower("hf_clip", paths["clip"])
+    proc = pickle.loads(pickle.dumps(NativeProcessor(_native(), tower.processor)))
+    pixel_values, image_grid = proc(images)
+    ref_pixels, ref_grid = native_batch(images, _native(), tower.processor)
+    assert torch.equal(pixel_values, ref_pixels) and torch.equal(image_grid, ref_grid)
+    assert image_grid.dtype == torch.long and image_grid.shape == (len(images), 2)
+    assert proc([])[0].shape == (0, 3, P, P)
+    with pytest.raises(ValueError, match="image 1: image mode is 'L'"):
+        proc([images[0], images[1].convert("L")])
+    with pytest.raises(ValueError, match="not 'fixed'"):
+        NativeProcessor(Resolution(), tower.processor)
 
 
 # ----- SigLIP2 NaFlex --------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ image gets are that layout's `tokens` (naflex: grid_h * grid_w; native: grid_h *
 image), scales to 0..1, normalises with its mean / std and patchifies: for "naflex" this is exactly what
 transformers' Siglip2ImageProcessor (PIL backend) computes, its (py, px, channel)-flattened patches
 reordered to [3, p, p]. `patchify` / `unpatchify` convert between [k, 3, H, W] and the patch rows;
-`grid_groups` lists images by equal grid so a backend runs each shape once.
+`grid_groups` lists images by equal grid so a backend runs each shape once. `NativeProcessor(res, processor)`
+is the callable a Dataset takes as its image processor in these modes (picklable for DataLoader workers):
+images -> (pixel_values, image_grid); the collator concatenates both over the batch, sample after sample.
 """
 
 from __future__ import annotations
@@ -118,3 +120,20 @@ def native_batch(
     if not pieces:
         return torch.empty(0, 3, p, p), torch.empty(0, 2, dtype=torch.long)
     return torch.cat(pieces), torch.tensor(grids, dtype=torch.long)
+
+
+class NativeProcessor:
+    """`__call__(images) -> (pixel_values [n_patches_total, 3, p, p], image_grid [n_images, 2])` for one sample."""
+
+    def __init__(self, res: Resolution, processor: ImageProcessor) -> None:
+        if res.mode not in GRID_MODES:
+            raise ValueError(f"NativeProcessor is for resolution modes {GRID_MODES}, not {res.mode!r}")
+        self.res, self.processor = res, processor
+
+    def __call__(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(images, Image.Image):
+            images = [images]
+        return native_batch(images, self.res, self.processor)
+
+    def __repr__(self) -> str:
+        return f"NativeProcessor({self.res.mode}, patch={self.res.patch_size}, {self.processor!r})"
