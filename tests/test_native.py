@@ -55,10 +55,10 @@ def _native(merge: int = 2, max_pixels: int = 64 * 64) -> Resolution:
     return Resolution(mode="native", patch_size=P, merge=merge, min_pixels=16 * 16, max_pixels=max_pixels)
 
 
-def _hf_siglip2_inputs(images, max_num_patches: int, resample: int = 2):
+def _hf_siglip2_inputs(images, max_num_patches: int, resample: int = 2, patch: int = P):
     from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 
-    proc = Siglip2ImageProcessorPil(patch_size=P, max_num_patches=max_num_patches, resample=resample)
+    proc = Siglip2ImageProcessorPil(patch_size=patch, max_num_patches=max_num_patches, resample=resample)
     return proc(images, return_tensors="pt")  # pixel_values [n, L, p*p*3], pixel_attention_mask, spatial_shapes
 
 
@@ -271,3 +271,17 @@ def test_native_rows_projector_checks():
     assert native_rows(rows, grid, 2, build_projector("linear", 32, 16)).shape == (4, 16)  # in_dim = 4C
     with pytest.raises(ValueError, match="3x4 patches"):
         native_rows(torch.randn(12, 8), torch.tensor([[3, 4]]), 2, build_projector("linear", 32, 16))
+
+
+def test_real_photos_naflex_pixels_at_hub_sizes(shared_images):
+    """The photos at a real SigLIP2 geometry (patch 16, 256 patches): pixels equal transformers' processor."""
+    from qwenvl_lab.visual.processor import ImageProcessor
+
+    photos = [Image.open(shared_images / n).convert("RGB") for n in ("waterview.jpg", "extreme_ironing.jpg")]
+    ref = _hf_siglip2_inputs(photos, 256, patch=16)
+    res = Resolution(mode="naflex", patch_size=16, max_num_patches=256)
+    pixel_values, image_grid = native_batch(photos, res, ImageProcessor(224, (0.5,) * 3, (0.5,) * 3, resample=2))
+    torch.testing.assert_close(image_grid, ref["spatial_shapes"].long(), rtol=0, atol=0)
+    n = int(image_grid[0].prod())
+    ours = pixel_values[:n].permute(0, 2, 3, 1).reshape(n, -1)
+    torch.testing.assert_close(ours, ref["pixel_values"][0, :n].float(), rtol=0, atol=1e-6)
