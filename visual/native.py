@@ -13,9 +13,9 @@ image gets are that layout's `tokens` (naflex: grid_h * grid_w; native: grid_h *
 image), scales to 0..1, normalises with its mean / std and patchifies: for "naflex" this is exactly what
 transformers' Siglip2ImageProcessor (PIL backend) computes, its (py, px, channel)-flattened patches
 reordered to [3, p, p]. `patchify` / `unpatchify` convert between [k, 3, H, W] and the patch rows;
-`grid_groups` lists images by equal grid so a backend runs each shape once. `NativeProcessor(res, processor)`
-is the callable a Dataset takes as its image processor in these modes (picklable for DataLoader workers):
-images -> (pixel_values, image_grid); the collator concatenates both over the batch, sample after sample.
+`grid_groups` lists images by equal grid so a backend runs each shape once. One sample's images become the
+batch keys through visual/pixels.py's `prepare_images`, whose `PIXEL_FNS` table names `native_pixels` for both
+modes (its signature is that table's: `n_images` does not change a native / naflex layout).
 """
 
 from __future__ import annotations
@@ -88,13 +88,13 @@ def check_grid_batch(pixel_values: torch.Tensor, image_grid: torch.Tensor, patch
         raise ValueError(f"{what}: image_grid covers {total} patches, pixel_values holds {pixel_values.shape[0]}")
 
 
-def native_pixels(image: Image.Image, res: Resolution, processor: ImageProcessor) -> torch.Tensor:
+def native_pixels(image: Image.Image, res: Resolution, processor: ImageProcessor, n_images: int = 1) -> torch.Tensor:
     """One RGB image -> FloatTensor [gh * gw, 3, p, p] at `res.layout(w, h).resize`, normalised."""
     if res.mode not in GRID_MODES:
         raise ValueError(f"native_pixels is for resolution modes {GRID_MODES}, not {res.mode!r}")
     if image.mode != "RGB":
         raise ValueError(f"image mode is {image.mode!r}; convert to 'RGB' before preprocessing")
-    lay = res.layout(*image.size)
+    lay = res.layout(*image.size, n_images)
     img = image if image.size == lay.resize else image.resize(lay.resize, RESAMPLE[processor.resample])
     arr = np.asarray(img, dtype=np.float32) / 255.0  # [H, W, 3] in 0..1
     x = torch.from_numpy(arr.copy()).permute(2, 0, 1)  # [3, H, W]
@@ -104,36 +104,3 @@ def native_pixels(image: Image.Image, res: Resolution, processor: ImageProcessor
     assert patches.shape[0] == lay.grid[0] * lay.grid[1], f"{patches.shape[0]} patches, layout grid {lay.grid}"
     return patches
 
-
-def native_batch(
-    images: Sequence[Image.Image], res: Resolution, processor: ImageProcessor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images in sample order -> (pixel_values [n_patches_total, 3, p, p], image_grid LongTensor [n_images, 2])."""
-    p = res.patch_size
-    pieces, grids = [], []
-    for i, img in enumerate(images):
-        try:
-            pieces.append(native_pixels(img, res, processor))  # [gh * gw, 3, p, p]
-        except ValueError as e:
-            raise ValueError(f"image {i}: {e}") from None
-        grids.append(res.layout(*img.size).grid)
-    if not pieces:
-        return torch.empty(0, 3, p, p), torch.empty(0, 2, dtype=torch.long)
-    return torch.cat(pieces), torch.tensor(grids, dtype=torch.long)
-
-
-class NativeProcessor:
-    """`__call__(images) -> (pixel_values [n_patches_total, 3, p, p], image_grid [n_images, 2])` for one sample."""
-
-    def __init__(self, res: Resolution, processor: ImageProcessor) -> None:
-        if res.mode not in GRID_MODES:
-            raise ValueError(f"NativeProcessor is for resolution modes {GRID_MODES}, not {res.mode!r}")
-        self.res, self.processor = res, processor
-
-    def __call__(self, images: Sequence[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
-        if isinstance(images, Image.Image):
-            images = [images]
-        return native_batch(images, self.res, self.processor)
-
-    def __repr__(self) -> str:
-        return f"NativeProcessor({self.res.mode}, patch={self.res.patch_size}, {self.processor!r})"
