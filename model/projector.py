@@ -11,6 +11,9 @@ Contract: `build_projector(kind, in_dim, out_dim, reduce=None, reduce_factor=1, 
   `avg_pool` averages s x s blocks (width unchanged). `grid=(h, w)` is the token grid; when it is
   None the grid is taken as square from T at run time. Reduction needs T == h * w exactly (no CLS).
 - Module names are stable for checkpoints: the MLP layers are `mlp.0`, `mlp.2`, ... (GELUs between).
+- Variable grids (native resolution, model/native.py): `pixel_shuffle_grids(rows [P, C], grids, s)` merges
+  each image's own grid, one `pixel_shuffle` per distinct grid; `Projector.project_rows` is the MLP alone on
+  already-reduced rows [T, mlp_in_dim].
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..visual.native import grid_groups, row_offsets
 
 REDUCTIONS = ("pixel_shuffle", "avg_pool")
 
@@ -49,6 +54,22 @@ def pixel_shuffle(x: torch.Tensor, grid: tuple[int, int], s: int) -> torch.Tenso
     x = x.reshape(n, h // s, s, w // s, s, c)  # [N, h', s, w', s, C]
     x = x.permute(0, 1, 3, 2, 4, 5)  # [N, h', w', s, s, C]
     return x.reshape(n, (h // s) * (w // s), s * s * c)
+
+
+def pixel_shuffle_grids(x: torch.Tensor, grids: list[tuple[int, int]], s: int) -> torch.Tensor:
+    """[P, C] rows of images with their own (h, w) grids (images consecutive) -> [sum (h/s)*(w/s), C*s*s].
+    Each image is shuffled alone (`pixel_shuffle`: Qwen2-VL's merge order), so its rows never see another's."""
+    start = row_offsets(grids)
+    if start[-1] != x.shape[0]:
+        raise ValueError(f"pixel_shuffle_grids: grids {grids} cover {start[-1]} rows, got {x.shape[0]}")
+    pieces: list[torch.Tensor] = [x[:0].reshape(0, x.shape[1] * s * s)] * len(grids)
+    for (h, w), idx in grid_groups(grids).items():
+        _check_grid((h, w), s)
+        group = torch.stack([x[start[i] : start[i + 1]] for i in idx])  # [k, h*w, C]
+        merged = pixel_shuffle(group, (h, w), s)  # [k, (h/s)*(w/s), C*s*s]
+        for j, i in enumerate(idx):
+            pieces[i] = merged[j]
+    return torch.cat(pieces) if pieces else x.new_zeros(0, x.shape[1] * s * s)  # [T, C*s*s]
 
 
 def avg_pool(x: torch.Tensor, grid: tuple[int, int], s: int) -> torch.Tensor:
@@ -145,6 +166,12 @@ class Projector(nn.Module):
             fn = pixel_shuffle if self.reduce == "pixel_shuffle" else avg_pool
             x = fn(x, grid, self.reduce_factor)  # [N, T', mlp_in_dim]
         return self.mlp(x)  # [N, T', out_dim]
+
+    def project_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP alone on rows already reduced: [T, mlp_in_dim] -> [T, out_dim]."""
+        if x.shape[-1] != self.mlp_in_dim:
+            raise ValueError(f"projector MLP expects width {self.mlp_in_dim}, got rows of width {x.shape[-1]}")
+        return self.mlp(x)
 
     def extra_repr(self) -> str:
         reduce = f"{self.reduce}x{self.reduce_factor}" if self.reduce else "None"

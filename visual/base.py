@@ -19,6 +19,11 @@ Contract (what `model/` relies on):
 - `preprocess_config()` returns the preprocessing facts (size, mean, std, mode, resample, crop_pct) so a
   checkpoint can store and rebuild the processor with `ImageProcessor(**cfg)`.
 - `freeze()` / `frozen`; `gradient_checkpointing_enable()` for a tower that trains.
+- Native resolution (modes "native" / "naflex", visual/native.py): a backend with `variable_grid = True`
+  implements `_grid_hidden`, and `forward_grid(pixel_values [n_patches_total, 3, p, p], image_grid
+  [n_images, 2]) -> [n_patches_total, D]` returns the patch rows at `feature_layer` in the same order (never a
+  CLS row, whatever `select`; "drop_first" is refused). Each image's rows depend on that image only: batching
+  several grids together never changes them. `patch_size` is p (0 for a backend without the path).
 `VisionTower` is an abstract base class: a backend subclasses it, sets `backend` (its key in
 `visual.registry.BACKENDS`), passes the facts above to `__init__`, and must implement the one abstract method
 `_hidden_state(pixel_values) -> [N, num_prefix + h*w, D]` at `feature_layer` (a backend without it cannot be
@@ -33,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .native import check_grid_batch
 from .processor import ImageProcessor
 
 SELECT_MODES = ("patch", "cls_patch", "drop_first")
@@ -52,6 +58,8 @@ class VisionTower(nn.Module, ABC):
     """Abstract base: holds the facts, checks inputs, selects tokens. Backends implement `_hidden_state`."""
 
     backend: str = "base"
+    variable_grid: bool = False  # has `_grid_hidden`: native / naflex resolution (forward_grid)
+    patch_size: int = 0  # pixels per patch side; backends with `variable_grid` set it
 
     def __init__(
         self,
@@ -149,6 +157,27 @@ class VisionTower(nn.Module, ABC):
         if self.select == "cls_patch" and self.has_cls:
             return torch.cat([hidden[:, :1], patches], dim=1)  # [N, 1 + h*w, D]
         return patches
+
+    def _grid_hidden(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> torch.Tensor:
+        """[n_patches_total, 3, p, p] + image_grid [n_images, 2] -> patch rows [n_patches_total, D]."""
+        raise NotImplementedError(f"{self.name}: backend {self.backend!r} has no native-resolution path")
+
+    def forward_grid(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> torch.Tensor:
+        """Variable grids (visual/native.py's batch contract) -> [n_patches_total, D], rows in input order."""
+        if not self.variable_grid:
+            raise ValueError(f"{self.name}: backend {self.backend!r} reads fixed {self.image_size}px crops only; "
+                             f"native / naflex resolution needs hf_clip, hf_siglip or hf_siglip2")
+        if self.select == "drop_first":
+            raise ValueError(f"{self.name}: select=drop_first has no native-resolution meaning; use select=patch")
+        check_grid_batch(pixel_values, image_grid, self.patch_size, self.name)
+        if image_grid.shape[0] == 0:  # a batch without images
+            return pixel_values.new_zeros(0, self.hidden_size, dtype=self.dtype)
+        rows = self._grid_hidden(pixel_values.to(self.dtype), image_grid.to(torch.long))  # [P, D]
+        assert rows.shape == (pixel_values.shape[0], self.hidden_size), (
+            f"{self.name}: native path returned {tuple(rows.shape)}, expected "
+            f"({pixel_values.shape[0]}, {self.hidden_size})"
+        )
+        return rows
 
     def extra_repr(self) -> str:
         return (

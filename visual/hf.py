@@ -5,9 +5,18 @@ model.safetensors, optionally preprocessor_config.json). A full CLIPModel / Sigl
 (the text tower is ignored). Hidden states are transformers' own `output_hidden_states` tuple
 (0 = embedding output after CLIP's pre-LayerNorm, i = after encoder layer i).
 - CLIP: has_cls=True, one CLS token first.  SigLIP / SigLIP2: has_cls=False, every token is a patch.
-- SigLIP2 (naflex) is used at ONE fixed square resolution: the tower patchifies [N, 3, S, S] itself and
+- SigLIP2 in fixed mode is used at ONE square resolution: the tower patchifies [N, 3, S, S] itself and
   passes an all-ones patch mask and spatial shape (S/p, S/p); S defaults to sqrt(config.num_patches) * p.
-  Variable aspect-ratio / variable patch-count inputs are not supported.
+Native resolution (`forward_grid`, visual/native.py's batch contract; visual/base.py):
+- SigLIP2 NaFlex: the images' patches are packed into transformers' padded [n_images, max_num_patches,
+  p*p*3] (each patch flattened (py, px, channel) as Siglip2ImageProcessor does) with `pixel_attention_mask`
+  and `spatial_shapes` = image_grid; the model resizes its position embeddings per image and masks the
+  padding out of attention; the valid rows come back in order. `max_num_patches` is a tower spec key,
+  by default the checkpoint's preprocessor_config.json value (else 256, transformers' default); an image
+  of more patches is an error.
+- CLIP / SigLIP (Qwen2-VL-style native resolution): each image runs at its own (H, W) = grid * p with
+  `interpolate_pos_encoding=True` (position embeddings bicubically resized to the grid); images of one grid
+  run as one batch. CLIP's CLS row is dropped.
 `last_hidden_state=True` takes the model's `last_hidden_state` output instead of
 `hidden_states[feature_layer]` (then `feature_layer` must be the last layer, -1): for SigLIP that is the last
 block after its post-LayerNorm, for CLIP the last block as is. Off by default; it is what the BigBro repo fed
@@ -28,6 +37,7 @@ import transformers
 from transformers.utils import cached_file
 
 from .base import VisionTower, resolve_layer
+from .native import grid_groups, grid_list, row_offsets, unpatchify
 from .processor import ImageProcessor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -109,8 +119,9 @@ class HFTower(VisionTower):
         image_size = self._image_size(cfg)
         grid = image_size // cfg.patch_size
         n_states = cfg.num_hidden_layers + 1
+        pp = {} if Path(name_or_path).is_file() else read_preprocessor_config(name_or_path)
         processor = processor_from_hf(
-            {} if Path(name_or_path).is_file() else read_preprocessor_config(name_or_path),
+            pp,
             image_size,
             self.default_mean,
             self.default_std,
@@ -130,7 +141,8 @@ class HFTower(VisionTower):
             processor=processor,
         )
         self.model = model
-        self.patch_size = cfg.patch_size
+        self.patch_size = int(cfg.patch_size)
+        self.hf_preprocessor = pp  # preprocessor_config.json as read ({} when none)
         self.last_hidden_state = bool(last_hidden_state)
         if self.last_hidden_state and self.feature_layer != n_states - 1:
             raise ValueError(f"{name_or_path}: last_hidden_state=true is the last layer's output; "
@@ -150,11 +162,28 @@ class HFTower(VisionTower):
         else:  # transformers < 5.23 has it under its older name only
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _hidden_state(self, pixel_values: torch.Tensor, **extra) -> torch.Tensor:
+        return self._select_state(self.model(**self._model_inputs(pixel_values), **extra,
+                                             output_hidden_states=not self.last_hidden_state))
+
+    def _select_state(self, out) -> torch.Tensor:
         if self.last_hidden_state:  # SigLIP: after the post-LayerNorm (the BigBro repo's features)
-            return self.model(**self._model_inputs(pixel_values)).last_hidden_state  # [N, prefix + h*w, D]
-        out = self.model(**self._model_inputs(pixel_values), output_hidden_states=True)
+            return out.last_hidden_state  # [N, prefix + h*w, D]
         return out.hidden_states[self.feature_layer]  # [N, prefix + h*w, D]
+
+    def _grid_hidden(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> torch.Tensor:
+        """Each image at its own (H, W) with interpolated position embeddings; one call per distinct grid."""
+        grids = grid_list(image_grid)
+        start = row_offsets(grids)
+        pieces: list[torch.Tensor] = [pixel_values[:0]] * len(grids)
+        for (gh, gw), idx in grid_groups(grids).items():
+            patches = torch.cat([pixel_values[start[i] : start[i + 1]] for i in idx])  # [k*gh*gw, 3, p, p]
+            images = unpatchify(patches, gh, gw)  # [k, 3, gh*p, gw*p]
+            hidden = self._hidden_state(images, interpolate_pos_encoding=True)  # [k, prefix + gh*gw, D]
+            assert hidden.shape[1] == self.num_prefix + gh * gw, f"{self.name}: {hidden.shape[1]} rows for {gh}x{gw}"
+            for j, i in enumerate(idx):
+                pieces[i] = hidden[j, self.num_prefix :]  # [gh*gw, D]
+        return torch.cat(pieces)  # [n_patches_total, D]
 
 
 class HFCLIPTower(HFTower):
@@ -162,6 +191,7 @@ class HFCLIPTower(HFTower):
     model_class_name = "CLIPVisionModel"
     model_types = ("clip", "clip_vision_model")
     has_cls_token = True  # CLIP prepends one class embedding
+    variable_grid = True
     default_mean, default_std = CLIP_MEAN, CLIP_STD
 
 
@@ -170,6 +200,7 @@ class HFSiglipTower(HFTower):
     model_class_name = "SiglipVisionModel"
     model_types = ("siglip", "siglip_vision_model")
     has_cls_token = False  # SigLIP has no CLS: dropping token 0 would drop a real patch
+    variable_grid = True
 
 
 class HFSiglip2Tower(HFTower):
@@ -177,6 +208,15 @@ class HFSiglip2Tower(HFTower):
     model_class_name = "Siglip2VisionModel"
     model_types = ("siglip2", "siglip2_vision_model")
     has_cls_token = False
+    variable_grid = True
+
+    def __init__(self, name_or_path: str, *args, max_num_patches: int | None = None, **kw) -> None:
+        super().__init__(name_or_path, *args, **kw)
+        if max_num_patches is None:  # the checkpoint's processor value, else Siglip2ImageProcessor's default
+            max_num_patches = self.hf_preprocessor.get("max_num_patches") or 256
+        self.max_num_patches = int(max_num_patches)
+        if self.max_num_patches < 1:
+            raise ValueError(f"{name_or_path}: max_num_patches must be >= 1, got {max_num_patches}")
 
     def _image_size(self, cfg) -> int:
         side = math.isqrt(cfg.num_patches)
@@ -194,3 +234,18 @@ class HFSiglip2Tower(HFTower):
         mask = torch.ones(n, gh * gw, dtype=torch.long, device=pixel_values.device)
         shapes = torch.tensor([[gh, gw]] * n, dtype=torch.long, device=pixel_values.device)
         return {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes}
+
+    def _grid_hidden(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> torch.Tensor:
+        """Pack into transformers' padded NaFlex batch, run it once, unpad."""
+        counts = image_grid[:, 0] * image_grid[:, 1]  # [n_images]
+        n, length, p = image_grid.shape[0], self.max_num_patches, self.patch_size
+        if n and int(counts.max()) > length:
+            raise ValueError(f"{self.name}: an image of {int(counts.max())} patches is over max_num_patches="
+                             f"{length}; resize it with Resolution(mode='naflex', max_num_patches={length})")
+        flat = pixel_values.permute(0, 2, 3, 1).reshape(-1, p * p * 3)  # [P, p*p*3], (py, px, channel)
+        valid = torch.arange(length, device=flat.device)[None] < counts.to(flat.device)[:, None]  # [n, L]
+        packed = flat.new_zeros(n, length, p * p * 3)
+        packed[valid] = flat  # row-major over (image, position): image i's patches fill its first rows
+        out = self.model(pixel_values=packed, pixel_attention_mask=valid.long(),
+                         spatial_shapes=image_grid.to(flat.device), output_hidden_states=not self.last_hidden_state)
+        return self._select_state(out)[valid]  # [P, D]
