@@ -20,11 +20,15 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
+from .native import native_pixels
 from .processor import ImageProcessor
 from .resolution import Resolution
 
 META_KEYS = ("image_sizes", "image_crops", "image_grid")  # per-image LongTensor rows, concatenated by the collator
-PIXEL_FNS: dict[str, Callable[[Image.Image, Resolution, ImageProcessor, int], torch.Tensor]] = {}
+PIXEL_FNS: dict[str, Callable[[Image.Image, Resolution, ImageProcessor, int], torch.Tensor]] = {
+    "native": native_pixels,  # smart_resize, patch rows
+    "naflex": native_pixels,  # NaFlex size, patch rows
+}
 
 
 def prepare_images(images: Sequence[Image.Image], res: Resolution, processor: ImageProcessor,
