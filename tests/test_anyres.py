@@ -1,0 +1,216 @@
+"""LLaVA-NeXT anyres through the model: pixels, packing and logits equal transformers' on tiny random weights.
+
+- pixels (visual/anyres.py) equal `LlavaNextImageProcessorPil` (transformers' PIL backend) within 1e-6;
+- the packed rows (model/anyres.py) equal `LlavaNextModel.pack_image_features` (and LLaVA-OneVision's
+  `anyres_max` shrink), and every image's row count equals `Resolution.layout(...).tokens`;
+- an imported `llava_next` directory gives transformers' logits within 1e-5 (fp32) with both LM backends,
+  for one sequence holding a 300x200 and a 17x301 (W x H) image;
+- the config keys, the learned newline (trains and saves with the projector), chat, and the errors.
+"""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from qwenvl_lab.model import VLM
+from qwenvl_lab.model.anyres import image_layouts, pack_anyres
+from qwenvl_lab.visual.anyres import anyres_pixels
+from qwenvl_lab.visual.processor import ImageProcessor
+from qwenvl_lab.visual.resolution import Resolution, sweep_sizes
+
+from tests.tiny_model import randomize_
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# (tower image size, patch size) -> pinpoints, multiples of the size. 28/14: a 2x2 grid per crop, so the
+# 17x301 image's map (6 x 2) loses both columns to unpadding; 32/8: 4x4, its 12 x 4 map loses all 4.
+PINS = {
+    28: [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]],
+    32: [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]],
+}
+GEOMETRIES = [(28, 14), (32, 8)]
+SIZES = [(300, 200), (17, 301), (301, 17), (32, 32), (1, 1), (640, 480), (33, 31), (5, 700), (123, 457)]
+TOKEN = 100  # the placeholder id of the tiny LLaVA-NeXT models
+
+
+def random_image(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed + 7 * width + height)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def hf_processor(size: int):
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    return LlavaNextImageProcessorPil(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_grid_pinpoints=PINS[size],
+        image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3)
+
+
+def resolution(size: int, patch: int, **kw) -> Resolution:
+    g = size // patch
+    return Resolution(mode="anyres", image_size=size, patch_size=patch, grid=(g, g), tokens_per_crop=g * g,
+                      pinpoints=tuple(tuple(p) for p in PINS[size]), **kw)
+
+
+def save_tiny_llava_next(path, text: str = "qwen2", size: int = 28, patch: int = 14, seed: int = 0):
+    """A random tiny transformers LlavaNextForConditionalGeneration (CLIP tower, 'default' strategy) with
+    its PIL image processor's preprocessor_config.json."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        Qwen2Config,
+    )
+
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=size, patch_size=patch)
+    tkw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512)
+    tc = Qwen2Config(**tkw) if text == "qwen2" else LlamaConfig(**tkw)
+    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=TOKEN, image_grid_pinpoints=PINS[size],
+                          vision_feature_select_strategy="default", vision_feature_layer=-2)
+    model = LlavaNextForConditionalGeneration(cfg)
+    randomize_(model, seed)
+    model.save_pretrained(str(path))
+    hf_processor(size).save_pretrained(str(path))
+    return path
+
+
+# ----- pixels ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size,patch", GEOMETRIES)
+def test_pixels_equal_llava_next_pil_processor(size, patch):
+    res = resolution(size, patch)
+    ours = ImageProcessor(size, CLIP_MEAN, CLIP_STD, mode="pad", resample="bicubic")
+    for w, h in SIZES:
+        img = random_image(w, h)
+        want = hf_processor(size)([img], return_tensors="pt")
+        got = anyres_pixels(img, res, ours)
+        assert got.shape[0] == res.layout(w, h).crops
+        torch.testing.assert_close(got, want["pixel_values"][0], rtol=0, atol=1e-6)
+        assert want["image_sizes"][0].tolist() == [h, w]
+    # multi_image="base": an image of a two-image sample is its base view only (transformers' crop 0)
+    based = anyres_pixels(random_image(300, 200), resolution(size, patch, multi_image="base"), ours, n_images=2)
+    want = hf_processor(size)([random_image(300, 200)], return_tensors="pt")["pixel_values"][0, :1]
+    assert based.shape[0] == 1
+    torch.testing.assert_close(based, want, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="mode is 'L'"):
+        anyres_pixels(Image.new("L", (9, 9)), res, ours)
+
+
+# ----- packing ---------------------------------------------------------------------------------------
+def _hf_config(size: int, patch: int):
+    return types.SimpleNamespace(config=types.SimpleNamespace(
+        vision_config=types.SimpleNamespace(image_size=size, patch_size=patch), image_grid_pinpoints=PINS[size]))
+
+
+@pytest.mark.parametrize("size,patch", GEOMETRIES)
+def test_packing_equals_transformers_pack_image_features_over_a_sweep(size, patch):
+    from transformers.models.llava_next.modeling_llava_next import LlavaNextModel
+
+    res, d = resolution(size, patch, multi_image="anyres"), 8
+    g = torch.Generator().manual_seed(0)
+    newline = torch.randn(d, generator=g)
+    sizes = sorted(set(SIZES) | set(sweep_sizes(res)))
+    crops = torch.tensor([res.layout(w, h).crops for w, h in sizes])
+    image_sizes = torch.tensor([[h, w] for w, h in sizes])
+    rows = torch.randn(int(crops.sum()), res.tokens_per_crop, d, generator=g)  # [n_crops, T, D]
+    layouts = image_layouts(res, image_sizes, crops)
+    ours = pack_anyres(rows, image_sizes, layouts, res, newline)
+    theirs, lens = LlavaNextModel.pack_image_features(
+        _hf_config(size, patch), list(torch.split(rows, crops.tolist())), image_sizes, "default", newline)
+    assert lens.tolist() == [res.layout(w, h).tokens for w, h in sizes] == [lay.tokens for lay in layouts]
+    torch.testing.assert_close(ours, torch.cat(theirs), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("anyres_max", [1, 2])
+def test_anyres_max_shrink_equals_llava_onevision(anyres_max):
+    from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOnevisionModel
+
+    res, d = resolution(32, 8, multi_image="anyres", anyres_max=anyres_max), 8
+    g = torch.Generator().manual_seed(1)
+    newline = torch.randn(d, generator=g)
+    sizes = [(300, 200), (640, 480), (33, 31), (96, 300), (64, 64)]
+    crops = torch.tensor([res.layout(w, h).crops for w, h in sizes])
+    image_sizes = torch.tensor([[h, w] for w, h in sizes])
+    rows = torch.randn(int(crops.sum()), 16, d, generator=g)
+    layouts = image_layouts(res, image_sizes, crops)
+    assert any(lay.grid != resolution(32, 8).layout(w, h).grid for lay, (w, h) in zip(layouts, sizes))  # shrunk
+    ours = pack_anyres(rows, image_sizes, layouts, res, newline)
+    theirs, lens = LlavaOnevisionModel.pack_image_features(
+        _hf_config(32, 8), list(torch.split(rows, crops.tolist())), image_sizes, newline, f"anyres_max_{anyres_max}")
+    assert lens.tolist() == [lay.tokens for lay in layouts]
+    torch.testing.assert_close(ours, torch.cat(theirs), rtol=0, atol=1e-6)
+
+
+def test_crop_counts_that_disagree_with_the_rule_are_refused():
+    res = resolution(32, 8)
+    with pytest.raises(ValueError, match=r"image 0 \(300x200, 1 image\(s\).*3 crop\(s\) given.*gives 5"):
+        image_layouts(res, torch.tensor([[200, 300]]), torch.tensor([3]))
+    with pytest.raises(ValueError, match="1 image.*image_crops 2"):
+        image_layouts(res, torch.tensor([[200, 300]]), torch.tensor([5, 1]))
+
+
+# ----- logits parity with transformers -------------------------------------------------------------------
+def _parity_inputs(vlm: VLM, size: int):
+    """One sequence with a 300x200 and a 17x301 image: ours (flat crops + sizes) and transformers' (5-D)."""
+    images = [random_image(300, 200), random_image(17, 301)]
+    tokens = vlm.image_tokens(images)
+    ids = torch.tensor([[1, 2, 3] + [TOKEN] * tokens[0] + [4, 5] + [TOKEN] * tokens[1] + [6]])
+    ours = vlm.image_inputs(images)
+    theirs = hf_processor(size)(images, return_tensors="pt")
+    for i, c in enumerate(ours["image_crops"].tolist()):  # the same pixels, image by image
+        start = int(ours["image_crops"][:i].sum())
+        torch.testing.assert_close(ours["pixel_values"][start : start + c], theirs["pixel_values"][i, :c],
+                                   rtol=0, atol=1e-6)
+    assert ours["image_sizes"].tolist() == theirs["image_sizes"].tolist()
+    return ids, ours, theirs
+
+
+@pytest.mark.parametrize("text,backend,size,patch", [
+    ("qwen2", "qwen", 28, 14), ("qwen2", "hf", 28, 14), ("qwen2", "qwen", 32, 8), ("qwen2", "hf", 32, 8),
+    ("llama", "hf", 28, 14),
+])
+def test_llava_next_import_matches_transformers_logits(tmp_path, text, backend, size, patch):
+    from transformers import LlavaNextForConditionalGeneration
+
+    path = save_tiny_llava_next(tmp_path / "next", text=text, size=size, patch=patch)
+    ref = LlavaNextForConditionalGeneration.from_pretrained(str(path)).eval()
+    vlm = VLM.from_pretrained(path, lm_backend=backend) if backend == "hf" else VLM.from_pretrained(path)
+    assert vlm.config.lm_backend == backend and vlm.resolution.mode == "anyres"
+    assert vlm.config.multi_image == "anyres" and vlm.config.image_grid_pinpoints == PINS[size]
+    torch.testing.assert_close(vlm.image_newline, ref.model.image_newline, rtol=0, atol=0)
+    thin = vlm.resolution.layout(17, 301)
+    assert thin.grid == ((6, 0) if size == 28 else (12, 0))  # unpadding trims every column: newlines only
+    ids, ours, theirs = _parity_inputs(vlm, size)
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=theirs["pixel_values"], image_sizes=theirs["image_sizes"]).logits
+        got = vlm(ids, **ours, image_counts=[2]).logits
+    assert want.abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+    # A trainable-only checkpoint of the import keeps a trained newline and points back at the directory.
+    with torch.no_grad():
+        vlm.image_newline.add_(0.5)
+        tuned = vlm(ids, **ours).logits
+    assert (tuned - got).abs().max() > 1e-4  # the newline reaches the logits
+    vlm.save_pretrained(tmp_path / "ft", trainable_only=True)
+    again = VLM.from_pretrained(tmp_path / "ft").eval()
+    assert again.config.init_from == str(path) and again.config.lm_backend == backend
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, **ours).logits, tuned, rtol=0, atol=0)
+
+
+def test_llava_next_full_strategy_with_clip_is_refused(tmp_path):
+    import json
+
+    path = save_tiny_llava_next(tmp_path / "next")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["vision_feature_select_strategy"] = "full"
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="vision_feature_select_strategy='full'.*patch tokens only"):
+        VLM.from_pretrained(path)
