@@ -22,7 +22,7 @@ from qwenvl_lab.visual.anyres import anyres_pixels
 from qwenvl_lab.visual.processor import ImageProcessor
 from qwenvl_lab.visual.resolution import Resolution, sweep_sizes
 
-from tests.tiny_model import randomize_
+from tests.tiny_model import build_tiny_vlm, randomize_, tiny_tower_spec
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -214,3 +214,162 @@ def test_llava_next_full_strategy_with_clip_is_refused(tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="vision_feature_select_strategy='full'.*patch tokens only"):
         VLM.from_pretrained(path)
+
+
+# ----- our own VLM with anyres ---------------------------------------------------------------------------
+def tiny_anyres(tmp_path, **overrides) -> VLM:
+    """The tiny CLIP (32 px, patch 8: 4x4) + tiny Qwen2 VLM with anyres on (pinpoints up to 3 crops)."""
+    return build_tiny_vlm(tmp_path, tower="clip", image_grid_pinpoints=PINS[32], **overrides)
+
+
+def anyres_batch_of(vlm: VLM, samples: list[list[tuple[int, int]]], seed: int = 0) -> dict:
+    """Right-padded batch: sample b holds images of the given (width, height) sizes, each span its count."""
+    inputs, ids_rows, n = {}, [], []
+    for b, sizes in enumerate(samples):
+        images = [random_image(w, h, seed + b) for w, h in sizes]
+        ids = [5 + b, 6, 7]
+        for t in vlm.image_tokens(images) or []:
+            ids += [vlm.image_token_id] * t + [8, 9]
+        ids_rows.append(ids)
+        n.append(len(images))
+        for k, v in vlm.image_inputs(images).items():
+            inputs.setdefault(k, []).append(v)
+    width = max(len(r) for r in ids_rows) + 1
+    input_ids = torch.tensor([r + [0] * (width - len(r)) for r in ids_rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in ids_rows])
+    labels = input_ids.masked_fill((mask == 0) | (input_ids == vlm.image_token_id), -100)
+    return dict(input_ids=input_ids, attention_mask=mask, labels=labels, image_counts=torch.tensor(n),
+                **{k: torch.cat(v) for k, v in inputs.items()})
+
+
+def test_no_resolution_key_keeps_the_fixed_model(tmp_path):
+    vlm = build_tiny_vlm(tmp_path, tower="clip")
+    res = vlm.resolution
+    assert (res.mode, res.image_size, res.grid, res.tokens_per_crop) == ("fixed", 32, (4, 4), vlm.tokens_per_image)
+    assert vlm.image_newline is None and not any("newline" in k for k in vlm.state_dict())
+    assert res.layout(300, 200).tokens == vlm.tokens_per_image and vlm.image_tokens([random_image(9, 9)]) is None
+    assert vlm.config.image_grid_pinpoints is None and not vlm.config.anyres
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("image_grid_pinpoints", [[32, 64], [64]], "image_grid_pinpoints"),
+    ("image_grid_pinpoints", [], "image_grid_pinpoints"),
+    ("image_grid_pinpoints", [[32, "64"]], "image_grid_pinpoints"),
+    ("multi_image", "all", "multi_image='all'"),
+    ("anyres_max", 0, "anyres_max=0"),
+    ("image_newline", "yes", "image_newline='yes'"),
+])
+def test_bad_resolution_keys_name_the_key(key, value, match):
+    from qwenvl_lab.model import VLMConfig
+
+    with pytest.raises(ValueError, match=match):
+        VLMConfig.from_dict({"towers": [{"backend": "hf_clip", "name_or_path": "x"}], key: value})
+
+
+def test_anyres_refuses_cls_rows_and_pinpoints_off_the_grid(tmp_path):
+    with pytest.raises(ValueError, match=r"image_grid_pinpoints \(anyres\).*select=patch"):
+        tiny_anyres(tmp_path, towers=[{**_clip_spec(tmp_path), "select": "cls_patch"}])
+    with pytest.raises(ValueError, match=r"image_grid_pinpoints.*\[32, 48\] is not a multiple"):
+        build_tiny_vlm(tmp_path, tower="clip", image_grid_pinpoints=[[32, 48]])
+
+
+def _clip_spec(tmp_path) -> dict:
+    return tiny_tower_spec(tmp_path, "clip")
+
+
+@pytest.mark.parametrize("lm_backend", ["qwen", "hf"])
+def test_anyres_train_step_multi_image_base_and_newline_gradient(tmp_path, lm_backend):
+    """Sample 0: one 300x200 image (base + tiles); sample 1: two images (multi_image='base': base views);
+    every placeholder gets its row, the loss backpropagates into the projector and the newline."""
+    vlm = tiny_anyres(tmp_path, lm_backend=lm_backend).train()
+    batch = anyres_batch_of(vlm, [[(300, 200)], [(17, 301), (64, 40)]])
+    assert batch["image_crops"].tolist() == [vlm.resolution.layout(300, 200).crops, 1, 1]
+    slots = (batch["input_ids"] == vlm.image_token_id).sum(1).tolist()
+    assert slots == [vlm.resolution.layout(300, 200).tokens, 2 * (16 + 1)]
+    out = vlm(**batch)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert vlm.image_newline.grad is not None and vlm.image_newline.grad.abs().sum() > 0
+    assert vlm.projector.mlp[0].weight.grad.abs().sum() > 0
+    # Cached tower output gives the same rows as the pixels.
+    with torch.no_grad():
+        feats = vlm.towers(batch["pixel_values"])  # [n_crops, 16, C]
+        a = vlm.eval()(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        b = vlm(**{k: v for k, v in batch.items() if k not in ("labels", "pixel_values")}, image_features=feats).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_anyres_count_errors_are_loud(tmp_path):
+    vlm = tiny_anyres(tmp_path).eval()
+    batch = anyres_batch_of(vlm, [[(300, 200)], [(17, 301), (64, 40)]])
+    batch.pop("labels")
+    with pytest.raises(ValueError, match="need image_sizes"):
+        vlm(**{k: v for k, v in batch.items() if k != "image_sizes"})
+    with pytest.raises(ValueError, match=r"image 0 \(300x200, 2 image\(s\) in its sample\): 5 crop\(s\).*gives 1"):
+        vlm(**{**batch, "image_counts": torch.tensor([2, 1])})
+    ids = batch["input_ids"].clone()
+    ids[0, (ids[0] == vlm.image_token_id).nonzero()[0]] = 8  # one placeholder short in sample 0
+    n = vlm.resolution.layout(300, 200).tokens
+    with pytest.raises(ValueError, match=rf"sample 0: {n - 1} image placeholders but 1 image\(s\) of \[{n}\]"):
+        vlm(**{**batch, "input_ids": ids})
+    crops = batch["image_crops"].clone()
+    crops[0] -= 1
+    with pytest.raises(ValueError, match=r"image 0 \(300x200.*crop\(s\) given"):
+        vlm(**{**batch, "image_crops": crops})
+
+
+def test_idle_anchor_reaches_the_newline(tmp_path):
+    """A training batch without images still gives the newline a (zero) gradient: every rank the same params."""
+    vlm = tiny_anyres(tmp_path).train()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    vlm(input_ids=ids, labels=ids).loss.backward()
+    assert vlm.image_newline.grad is not None and vlm.image_newline.grad.abs().sum() == 0
+
+
+def test_newline_trains_and_saves_with_the_projector(tmp_path):
+    from qwenvl_lab.model.stages import part_of, set_trainable
+
+    vlm = tiny_anyres(tmp_path, multi_image="anyres", anyres_max=1)
+    assert part_of("image_newline") == "projector"
+    set_trainable(vlm, "align")
+    assert vlm.image_newline.requires_grad and not any(p.requires_grad for p in vlm.lm.parameters())
+    with torch.no_grad():
+        vlm.image_newline.normal_()
+    batch = anyres_batch_of(vlm.eval(), [[(300, 200), (96, 300)]])
+    batch.pop("labels")
+    with torch.no_grad():
+        want = vlm(**batch).logits
+    vlm.save_pretrained(tmp_path / "ck", trainable_only=True)
+    again = VLM.from_pretrained(tmp_path / "ck")
+    assert again.resolution == vlm.resolution and again.config.anyres_max == 1
+    torch.testing.assert_close(again.image_newline, vlm.image_newline, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(again(**batch).logits, want, rtol=0, atol=0)
+
+
+def test_anyres_with_a_token_reducing_projector(tmp_path):
+    """pixel_shuffle by 2 turns each crop's 4x4 grid into 2x2 rows; the crops' reduced grids join the same way."""
+    vlm = tiny_anyres(tmp_path, reduce="pixel_shuffle", reduce_factor=2).eval()
+    assert vlm.resolution.grid == (2, 2) and vlm.resolution.tokens_per_crop == 4 == vlm.tokens_per_image
+    batch = anyres_batch_of(vlm, [[(300, 200)], [(17, 301)]])
+    batch.pop("labels")
+    assert (batch["input_ids"] == vlm.image_token_id).sum(1).tolist() == [
+        vlm.resolution.layout(300, 200).tokens, vlm.resolution.layout(17, 301).tokens]
+    with torch.no_grad():
+        assert torch.isfinite(vlm(**batch).logits).all()
+
+
+def test_anyres_chat_spans_and_chat_batch_equal_each_chat_alone(tmp_path):
+    vlm = tiny_anyres(tmp_path).eval()
+    big, thin, small = random_image(300, 200), random_image(17, 301), random_image(40, 30)
+    msgs = [{"role": "user", "content": "<image>\nwhat is it?"}]
+    ids = vlm.chat_ids(msgs, 1, vlm.image_tokens([big]))
+    assert ids.count(vlm.image_token_id) == vlm.resolution.layout(300, 200).tokens
+    convs = [
+        ([big], [{"role": "user", "content": "what?"}]),
+        ([], [{"role": "user", "content": "a longer question with no image at all"}]),
+        ([thin, small], [{"role": "user", "content": "<image> and <image>: same?"}]),
+    ]
+    together = vlm.chat_batch(convs, max_new_tokens=4, stop_token_ids=[])
+    alone = [vlm.chat(imgs, m, max_new_tokens=4, stop_token_ids=[]) for imgs, m in convs]
+    assert together == alone
