@@ -16,7 +16,10 @@ Contract:
 - `VLM(config, towers, projector, lm, tokenizer=None)` assembles given parts, binding the LM to its
   backbone class (`LM_BACKBONES[config.lm_backend]`: special ids, chat template, LoRA defaults), and
   checks that the projector's input width is the towers' width and its output width the LM's embedding
-  width (an error names both).
+  width (an error names both). `VLM.resolution` (built once, model/anyres.py `build_resolution`) is the
+  one rule from an image's size to its crops and tokens (visual/resolution.py): "fixed" with no resolution
+  key set (every image `tokens_per_image` rows), "anyres" with `image_grid_pinpoints` (LLaVA-NeXT; then
+  `image_newline` is a learned [D_lm] parameter, trained and saved with the projector).
 - `build_vlm(preset_or_config, **overrides) -> VLM` builds every part named by the config (a preset name
   from `PRESETS`, a dict of VLMConfig fields or a VLMConfig): the LM and its tokenizer through the backbone
   class `LM_BACKBONES[lm_backend]`, the towers (`model.parts`, through `visual.registry.BACKENDS`), the
@@ -25,7 +28,8 @@ Contract:
 - `load_vlm(dir, **overrides) -> VLM`, also `VLM.from_pretrained`: a directory written by
   `VLM.save_pretrained` is rebuilt from its config (base models from their names/paths, the saved
   tokenizer) with its tensors loaded on top, LoRA adapters re-created from `lora/adapter_config.json`; a
-  transformers Llava directory (config.json with model_type "llava") is imported. Overrides are VLMConfig
+  transformers Llava / LLaVA-NeXT directory (config.json with model_type "llava" / "llava_next") is
+  imported. Overrides are VLMConfig
   fields, plus `tower_path` (a path, or a list with one per tower) to point the towers at another copy of
   their base checkpoints. Returns the model in eval mode.
 - `forward(input_ids [B, T], attention_mask [B, T] | None, pixel_values [n_images, 3, H, W] | None,
@@ -35,7 +39,12 @@ Contract:
   the backbone's hidden states -> the loss at target positions only (chunked, `core.loss`), with
   `VLMOutput.logits` computed lazily on first access; `return_logits=True` computes them up front.
   `pixel_values` is the flat batch of every sample's images in sample order; each image fills exactly
-  `tokens_per_image` placeholders (`image_token_id`) in the same order. Frozen towers (no parameter
+  `tokens_per_image` placeholders (`image_token_id`) in the same order. anyres: `pixel_values`
+  [n_crops_total, 3, S, S] holds each image's crops consecutively (visual/anyres.py), with `image_sizes`
+  [n_images, 2] (original height, width) and `image_crops` [n_images]; the towers and the projector run
+  on all crops at once, then model/anyres.py packs each image's rows (base, unpadded tile map, newlines)
+  into `resolution.layout(...).tokens` rows. `image_grid` [n_images, 2] (native-resolution patch grids)
+  is accepted and dispatched to the native path (model/native.py; not wired here yet). Frozen towers (no parameter
   requires grad) run in eval mode under `no_grad`, in `config.tower_dtype` when set (`cast_frozen_towers`);
   their features are cast to the projector's dtype. `image_features [n_images, T, C]` (the towers'
   output, e.g. from a feature cache) may replace `pixel_values`: the towers are skipped.
@@ -43,16 +52,18 @@ Contract:
   (packing) go to the backbone (qwen only). In training mode a batch without any image still runs the
   projector (and trainable towers, in eval mode) on one blank image and adds `0 * rows.sum()`, so every
   rank uses the same parameters at every step (DDP without unused-parameter detection, FSDP, ZeRO-3).
-- `generate(input_ids, attention_mask=None, pixel_values=None, **gen_kw) -> list[list[int]]` (new tokens
-  only), `chat(images, messages, **gen_kw) -> str` and `chat_batch([(images, messages), ...]) -> [str]`
-  (left-padded, one generate call); `chat_format`, `stop_token_ids`, `pad_token_id` and `decode(ids)`
-  are what any other front end needs.
+- `generate(input_ids, attention_mask=None, pixel_values=None, image_sizes=None, image_crops=None,
+  image_grid=None, **gen_kw) -> list[list[int]]` (new tokens only), `chat(images, messages, **gen_kw) -> str`
+  and `chat_batch([(images, messages), ...]) -> [str]` (left-padded, one generate call); `chat_format`,
+  `stop_token_ids`, `pad_token_id`, `decode(ids)`, `image_tokens(images)` (each image's count, None in
+  fixed mode), `image_inputs(images)` (the image keyword inputs of one conversation) and
+  `chat_ids(messages, n_images, image_tokens=None)` are what any other front end needs.
 - `save_pretrained(dir, trainable_only=False)` (model/checkpoint.py); `merge_lora()` folds peft adapters
   into the LM; `fold_token_rows()` writes trained token rows into the embedding table;
   `gradient_checkpointing_enable()` forwards to the backbone; `train()` keeps frozen towers in eval mode.
 
 Import order inside model/ (no cycle; tests/test_model_imports.py checks it): config, paths -> projector,
-token_rows, quant, checkpoint, backbones, parts, llava -> model -> merge, export, bigbro, plan.
+token_rows, quant, checkpoint, backbones, parts, llava, anyres -> model -> merge, export, bigbro, plan.
 """
 
 from __future__ import annotations

@@ -373,3 +373,46 @@ def test_anyres_chat_spans_and_chat_batch_equal_each_chat_alone(tmp_path):
     together = vlm.chat_batch(convs, max_new_tokens=4, stop_token_ids=[])
     alone = [vlm.chat(imgs, m, max_new_tokens=4, stop_token_ids=[]) for imgs, m in convs]
     assert together == alone
+
+
+# ----- export: our anyres model -> transformers' llava_next directory -> back ------------------------------
+def test_export_llava_next_round_trip(tmp_path):
+    from qwenvl_lab.model.export import export_llava_hf
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaNextImageProcessorPil
+
+    vlm = tiny_anyres(tmp_path, multi_image="anyres")
+    randomize_(vlm, seed=3)
+    vlm.eval()
+    images = [random_image(300, 200), random_image(17, 301)]
+    ids = torch.tensor([vlm.chat_ids([{"role": "user", "content": "<image>\nhello <image> what?"}], 2,
+                                     vlm.image_tokens(images))])
+    inputs = vlm.image_inputs(images)
+    with torch.no_grad():
+        ours = vlm(ids, **inputs).logits
+    dst = export_llava_hf(vlm, tmp_path / "next")
+    hf = AutoModelForImageTextToText.from_pretrained(str(dst), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlavaNextForConditionalGeneration"
+    px = LlavaNextImageProcessorPil.from_pretrained(str(dst))(images, return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(input_ids=ids, pixel_values=px["pixel_values"], image_sizes=px["image_sizes"]).logits
+    assert ours.abs().max() > 1e-2
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
+
+    # transformers' processor and the exported chat template expand each image to our counts.
+    proc = AutoProcessor.from_pretrained(str(dst))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nhello "},
+                                             {"type": "image"}, {"type": "text", "text": " what?"}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    assert proc(images=images, text=text, return_tensors="pt")["input_ids"][0].tolist() == ids[0].tolist()
+
+    again = VLM.from_pretrained(dst)
+    assert again.resolution == vlm.resolution
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, **inputs).logits, ours, rtol=0, atol=1e-5)
+
+
+def test_export_refuses_anyres_rules_transformers_lacks(tmp_path):
+    from qwenvl_lab.model.export import export_llava_hf
+
+    with pytest.raises(ValueError, match="multi_image=anyres.*got multi_image='base'"):
+        export_llava_hf(tiny_anyres(tmp_path), tmp_path / "out")
