@@ -465,7 +465,7 @@ class VLM(nn.Module):
     def chat_ids(self, messages: list[dict], n_images: int, image_tokens: list[int] | None = None) -> list[int]:
         """Prompt ids in the LM's chat template with each `<image>` expanded to its span, plus the reply
         header: the same rendering as training (`dataset.rendering.render`), with this model's placeholder.
-        `image_tokens`: each image's count (`image_inputs`); None = `tokens_per_image` for every image."""
+        `image_tokens`: each image's count (`VLM.image_tokens`); None = `tokens_per_image` for every image."""
         fmt = self.chat_format
         # render checks each message's role and content; a bad one is left to it, uncounted here.
         n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages
