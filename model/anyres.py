@@ -3,10 +3,10 @@
 Contract:
 - `build_resolution(config, towers, projector) -> visual.resolution.Resolution`: the one rule from an
   image's size to its crops and tokens, from the config's resolution keys and the tower facts. No key set:
-  mode "fixed" (the tower's `image_size`, the projector's output grid per crop, `tokens_per_crop` = the
-  projector's rows per crop): today's behaviour. `image_grid_pinpoints` set: mode "anyres". A token-reducing
+  mode "fixed" (the tower's `image_size` and patch grid, `tokens_per_crop` = the projector's rows per
+  crop): today's behaviour. `image_grid_pinpoints` set: mode "anyres". A token-reducing
   projector (pixel_shuffle / avg_pool by s) is handled: its output grid (h/s, w/s) is row-major like the
-  tower's, so the crops' reduced grids are joined the same way. A tower that also returns its CLS
+  tower's, so the crops' reduced grids are joined the same way (`Resolution.grid` is then that grid). A tower that also returns its CLS
   (select="cls_patch") is refused (one line naming `select`), as Resolution refuses it.
 - `image_layouts(res, image_sizes [n, 2] (height, width), image_crops [n], n_per_image=None) -> [ImageLayout]`:
   each image's layout, checked against the crops given for it (a ValueError names the image, its size and
@@ -39,9 +39,11 @@ def crop_grid(towers: nn.Module, projector: nn.Module) -> tuple[int, int]:
 
 def build_resolution(config: VLMConfig, towers: nn.Module, projector: nn.Module) -> Resolution:
     tokens = int(projector.tokens_out(int(towers.num_tokens)))
-    grid, size = crop_grid(towers, projector), int(towers.image_size)
+    size = int(towers.image_size)
     if not config.anyres:
+        grid = (int(towers.grid[0]), int(towers.grid[1]))
         return Resolution(mode="fixed", image_size=size, grid=grid, tokens_per_crop=tokens)
+    grid = crop_grid(towers, projector)  # the rows' grid per crop: what the tiles' maps are joined from
     try:
         return Resolution(
             mode="anyres", image_size=size, patch_size=size // max(grid[0], 1), grid=grid, tokens_per_crop=tokens,

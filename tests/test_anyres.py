@@ -416,3 +416,18 @@ def test_export_refuses_anyres_rules_transformers_lacks(tmp_path):
 
     with pytest.raises(ValueError, match="multi_image=anyres.*got multi_image='base'"):
         export_llava_hf(tiny_anyres(tmp_path), tmp_path / "out")
+
+
+def test_visual_pixels_table_entry_gives_the_model_inputs(tmp_path, monkeypatch):
+    """`visual.pixels.PIXEL_FNS["anyres"] = anyres_pixels` (the one line the table still needs) makes
+    `prepare_images` (the dataset's call) give what the model's chat path feeds it."""
+    from qwenvl_lab.visual import pixels
+
+    monkeypatch.setitem(pixels.PIXEL_FNS, "anyres", anyres_pixels)
+    vlm = tiny_anyres(tmp_path)
+    for images in ([random_image(300, 200)], [random_image(17, 301), random_image(40, 30)]):
+        got = pixels.prepare_images(images, vlm.resolution, vlm.image_processor)
+        want = vlm.image_inputs(images)
+        assert set(got) == set(want)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
