@@ -28,6 +28,11 @@ Contract:
     own tokens are off by default: list them (e.g. `["<|extra_1|>", "<|extra_2|>"]`) to train them.
   - `image_delimiters`: True adds `<image_start>` / `<image_end>` around each image for an LM whose
     tokenizer has no image start/end tokens (Qwen has them and always uses them).
+  - Resolution (visual/resolution.py; all off by default = one fixed square crop per image):
+    `image_grid_pinpoints` (a list of [height, width], multiples of the tower's image size) turns on
+    LLaVA-NeXT anyres; `image_newline` (a learned vector after each feature row), `multi_image`
+    ("base": an image of a sample with several images gets the base view only; "anyres": every image is
+    tiled) and `anyres_max` (LLaVA-OneVision's cap, in base views' worth of tokens) refine it.
 
 The registry of backbone pairs (`PRESETS`) and `resolve_config` live in model/model.py.
 """
@@ -41,11 +46,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# The VLM's parts that always train, at the projector's rate: the projector and trainable token embedding rows
-# (parameter name prefixes). One list for what trains (model/stages.py), its learning rate (trainer/optim.py)
+# The VLM's parts that always train, at the projector's rate: the projector, trainable token embedding rows
+# and anyres's learned row separator (parameter name prefixes). One list for what trains (model/stages.py), its learning rate (trainer/optim.py)
 # and what a trainable-only save keeps (model/checkpoint.py).
-PROJECTOR_PREFIXES = ("projector.", "token_rows.")
+PROJECTOR_PREFIXES = ("projector.", "token_rows.", "image_newline")
 TOWER_DTYPES = ("auto", "float32", "bfloat16")
+MULTI_IMAGE = ("base", "anyres")
 
 
 @dataclass
@@ -68,6 +74,10 @@ class VLMConfig:
     chat_template: str | None = None  # chatml, llama3, mistral, gemma, phi3 (None = picked from the tokenizer)
     trainable_tokens: list[str] | None = None  # tokens whose input rows train (None = the added ones)
     image_delimiters: bool = False  # add <image_start>/<image_end> for an LM without image start/end
+    image_grid_pinpoints: list[list[int]] | None = None  # [[height, width], ...]: turns anyres on
+    image_newline: bool = True  # anyres: a learned vector closes each feature row
+    multi_image: str = "base"  # anyres: "base" = base view only when a sample has several images
+    anyres_max: int | None = None  # anyres: shrink maps over this many base views' tokens (OneVision)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -79,6 +89,29 @@ class VLMConfig:
         for i, spec in enumerate(self.towers):
             if not isinstance(spec, dict) or "backend" not in spec or "name_or_path" not in spec:
                 raise ValueError(f"VLMConfig.towers[{i}]={spec!r} needs the keys 'backend' and 'name_or_path'")
+        self._check_resolution()
+
+    def _check_resolution(self) -> None:
+        pins = self.image_grid_pinpoints
+        if pins is not None:
+            ok = isinstance(pins, (list, tuple)) and len(pins) > 0 and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(type(v) is int and v > 0 for v in p)
+                for p in pins)
+            if not ok:
+                raise ValueError(f"VLMConfig.image_grid_pinpoints={pins!r}; expected a non-empty list of "
+                                 f"[height, width] pairs of positive ints, e.g. [[336, 672], [672, 336]]")
+            self.image_grid_pinpoints = [[int(h), int(w)] for h, w in pins]
+        if not isinstance(self.image_newline, bool):
+            raise ValueError(f"VLMConfig.image_newline={self.image_newline!r}; expected true or false")
+        if self.multi_image not in MULTI_IMAGE:
+            raise ValueError(f"VLMConfig.multi_image={self.multi_image!r}; valid: {', '.join(MULTI_IMAGE)}")
+        if self.anyres_max is not None and (type(self.anyres_max) is not int or self.anyres_max < 1):
+            raise ValueError(f"VLMConfig.anyres_max={self.anyres_max!r}; expected a positive int or null")
+
+    @property
+    def anyres(self) -> bool:
+        """True when the config turns LLaVA-NeXT anyres on (`image_grid_pinpoints` is set)."""
+        return self.image_grid_pinpoints is not None
 
     @property
     def is_scratch_lm(self) -> bool:

@@ -14,6 +14,12 @@ the VLM (`vlm.stop_token_ids`, end of turn first, plus the end-of-text / padding
 `pad_token_id`; `image_seq_length` is the model's real tokens per image, so transformers' `generate` and
 vLLM serve the export without extra settings.
 
+An anyres model (`image_grid_pinpoints` set) is written as transformers' `LlavaNextForConditionalGeneration`
+(config.json model_type "llava_next": the pinpoints, the learned `image_newline`) with a
+`LlavaNextProcessor`; transformers tiles every image of a sample and always closes rows with the newline,
+so the model must have `multi_image="anyres"`, `image_newline=True` and no `anyres_max` (else a clear
+error). `VLM.from_pretrained` imports the export back (model/llava.py), the same logits.
+
 Image spans: our template writes `image_start + N x placeholder + image_end`; the exported chat template
 writes `image_start + placeholder + image_end` for each image and the Llava processor expands the single
 placeholder to N, so the same conversation gives the same ids.
@@ -35,6 +41,10 @@ from transformers import (
     GenerationConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessorPil,
+    LlavaNextProcessor,
     LlavaProcessor,
     SiglipImageProcessor,
 )
@@ -43,6 +53,7 @@ from ..core.cli import run_cli, writable_dir
 from ..core.errors import UserError
 from ..dataset.chat_templates import ChatTemplate
 from ..qwen.convert import convert, convert_tokenizer
+from ..visual.processor import RESAMPLE
 from .model import load_vlm
 from .paths import resolve_model_dir
 
@@ -120,7 +131,44 @@ def _check_exportable(vlm):
     if tower.select == "drop_first" or getattr(tower, "last_hidden_state", False):
         raise ValueError("llava-hf export: this tower feeds the BigBro repo's features (select=drop_first / "
                          "last_hidden_state), which Llava's feature selection cannot express")
+    res = vlm.resolution
+    if res.mode == "anyres" and (res.multi_image != "anyres" or not res.image_newline or res.anyres_max):
+        raise ValueError(f"llava-hf export of an anyres model (LLaVA-NeXT) needs multi_image=anyres, "
+                         f"image_newline=true and anyres_max=null (transformers' rules); got "
+                         f"multi_image={res.multi_image!r}, image_newline={res.image_newline}, "
+                         f"anyres_max={res.anyres_max}")
+    if res.mode not in ("fixed", "anyres"):
+        raise ValueError(f"llava-hf export: resolution mode {res.mode!r} has no Llava layout")
     return backend, tower
+
+
+def _llava_model(vlm, vision, lm, text_config: dict, strategy: str):
+    """transformers' Llava (fixed) or LLaVA-NeXT (anyres) model holding our modules, built on meta."""
+    tower = vlm.towers
+    common = dict(
+        vision_config=vision.config.to_dict(), text_config=text_config,
+        vision_feature_layer=int(tower.feature_layer), vision_feature_select_strategy=strategy,
+        projector_hidden_act="gelu", multimodal_projector_bias=True,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+        image_seq_length=int(vlm.tokens_per_image),
+    )
+    if vlm.resolution.mode == "anyres":
+        pins = [[int(h), int(w)] for h, w in vlm.resolution.pinpoints]
+        config = LlavaNextConfig(image_token_index=int(vlm.image_token_id), image_grid_pinpoints=pins, **common)
+        cls = LlavaNextForConditionalGeneration
+    else:
+        config, cls = LlavaConfig(image_token_id=int(vlm.image_token_id), **common), LlavaForConditionalGeneration
+    with torch.device("meta"):
+        llava = cls(config)
+    llava.model.vision_tower = vision
+    llava.model.language_model = lm.model
+    llava.lm_head = lm.lm_head
+    proj = vlm.projector.mlp
+    mm = llava.model.multi_modal_projector
+    mm.linear_1, mm.linear_2 = proj[0], proj[2]
+    if vlm.resolution.mode == "anyres":
+        llava.model.image_newline = torch.nn.Parameter(vlm.image_newline.detach().float().clone())
+    return llava
 
 
 def export_llava_hf(vlm, dst: str | Path) -> Path:
@@ -142,25 +190,7 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
         text_config.update(eos_token_id=eos, pad_token_id=pad)  # a converted LM's own may be None
         # vLLM picks the language model's class by this name (a scratch transformers LM has none).
         text_config["architectures"] = text_config.get("architectures") or [type(lm).__name__]
-        config = LlavaConfig(
-            vision_config=vision.config.to_dict(),
-            text_config=text_config,
-            image_token_id=int(vlm.image_token_id),
-            vision_feature_layer=int(tower.feature_layer),
-            vision_feature_select_strategy=strategy,
-            projector_hidden_act="gelu",
-            multimodal_projector_bias=True,
-            tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
-            image_seq_length=int(vlm.tokens_per_image),
-        )
-        with torch.device("meta"):
-            llava = LlavaForConditionalGeneration(config)
-        llava.model.vision_tower = vision
-        llava.model.language_model = lm.model
-        llava.lm_head = lm.lm_head
-        proj = vlm.projector.mlp
-        mm = llava.model.multi_modal_projector
-        mm.linear_1, mm.linear_2 = proj[0], proj[2]
+        llava = _llava_model(vlm, vision, lm, text_config, strategy)
         llava.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=None)
         llava.save_pretrained(str(dst))
 
@@ -172,10 +202,11 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
                                                                                   fmt.image_end_id))
         tok.chat_template = export_chat_template(fmt.template, start + placeholder + end)
         pp = tower.preprocess_config()
-        image_processor = _image_processor(backend, pp)
+        image_processor = _image_processor(backend, pp, vlm.resolution)
         n_patches = tower.grid[0] * tower.grid[1]
         patch = pp["size"] // tower.grid[0]
-        processor = LlavaProcessor(
+        processor_cls = LlavaNextProcessor if vlm.resolution.mode == "anyres" else LlavaProcessor
+        processor = processor_cls(
             image_processor=image_processor, tokenizer=tok, patch_size=patch,
             vision_feature_select_strategy=strategy, chat_template=tok.chat_template,
             image_token=placeholder, num_additional_image_tokens=int(has_cls),
@@ -187,9 +218,15 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
     return dst
 
 
-def _image_processor(backend: str, pp: dict):
-    """The transformers image processor matching our tower's preprocessing facts."""
+def _image_processor(backend: str, pp: dict, res=None):
+    """The transformers image processor matching our tower's preprocessing facts (LLaVA-NeXT's for anyres:
+    its PIL backend, the one visual/anyres.py equals)."""
     size, mean, std = pp["size"], list(pp["mean"]), list(pp["std"])
+    if res is not None and res.mode == "anyres":
+        return LlavaNextImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}, image_mean=mean,
+            image_std=std, resample=int(RESAMPLE[pp["resample"]]),
+            image_grid_pinpoints=[[int(h), int(w)] for h, w in res.pinpoints])
     if backend == "hf_siglip":
         return SiglipImageProcessor(size={"height": size, "width": size}, image_mean=mean, image_std=std)
     return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},

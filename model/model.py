@@ -16,7 +16,10 @@ Contract:
 - `VLM(config, towers, projector, lm, tokenizer=None)` assembles given parts, binding the LM to its
   backbone class (`LM_BACKBONES[config.lm_backend]`: special ids, chat template, LoRA defaults), and
   checks that the projector's input width is the towers' width and its output width the LM's embedding
-  width (an error names both).
+  width (an error names both). `VLM.resolution` (built once, model/anyres.py `build_resolution`) is the
+  one rule from an image's size to its crops and tokens (visual/resolution.py): "fixed" with no resolution
+  key set (every image `tokens_per_image` rows), "anyres" with `image_grid_pinpoints` (LLaVA-NeXT; then
+  `image_newline` is a learned [D_lm] parameter, trained and saved with the projector).
 - `build_vlm(preset_or_config, **overrides) -> VLM` builds every part named by the config (a preset name
   from `PRESETS`, a dict of VLMConfig fields or a VLMConfig): the LM and its tokenizer through the backbone
   class `LM_BACKBONES[lm_backend]`, the towers (`model.parts`, through `visual.registry.BACKENDS`), the
@@ -25,7 +28,8 @@ Contract:
 - `load_vlm(dir, **overrides) -> VLM`, also `VLM.from_pretrained`: a directory written by
   `VLM.save_pretrained` is rebuilt from its config (base models from their names/paths, the saved
   tokenizer) with its tensors loaded on top, LoRA adapters re-created from `lora/adapter_config.json`; a
-  transformers Llava directory (config.json with model_type "llava") is imported. Overrides are VLMConfig
+  transformers Llava / LLaVA-NeXT directory (config.json with model_type "llava" / "llava_next") is
+  imported. Overrides are VLMConfig
   fields, plus `tower_path` (a path, or a list with one per tower) to point the towers at another copy of
   their base checkpoints. Returns the model in eval mode.
 - `forward(input_ids [B, T], attention_mask [B, T] | None, pixel_values [n_images, 3, H, W] | None,
@@ -35,7 +39,12 @@ Contract:
   the backbone's hidden states -> the loss at target positions only (chunked, `core.loss`), with
   `VLMOutput.logits` computed lazily on first access; `return_logits=True` computes them up front.
   `pixel_values` is the flat batch of every sample's images in sample order; each image fills exactly
-  `tokens_per_image` placeholders (`image_token_id`) in the same order. Frozen towers (no parameter
+  `tokens_per_image` placeholders (`image_token_id`) in the same order. anyres: `pixel_values`
+  [n_crops_total, 3, S, S] holds each image's crops consecutively (visual/anyres.py), with `image_sizes`
+  [n_images, 2] (original height, width) and `image_crops` [n_images]; the towers and the projector run
+  on all crops at once, then model/anyres.py packs each image's rows (base, unpadded tile map, newlines)
+  into `resolution.layout(...).tokens` rows. `image_grid` [n_images, 2] (native-resolution patch grids)
+  is accepted and dispatched to the native path (model/native.py; not wired here yet). Frozen towers (no parameter
   requires grad) run in eval mode under `no_grad`, in `config.tower_dtype` when set (`cast_frozen_towers`);
   their features are cast to the projector's dtype. `image_features [n_images, T, C]` (the towers'
   output, e.g. from a feature cache) may replace `pixel_values`: the towers are skipped.
@@ -43,16 +52,18 @@ Contract:
   (packing) go to the backbone (qwen only). In training mode a batch without any image still runs the
   projector (and trainable towers, in eval mode) on one blank image and adds `0 * rows.sum()`, so every
   rank uses the same parameters at every step (DDP without unused-parameter detection, FSDP, ZeRO-3).
-- `generate(input_ids, attention_mask=None, pixel_values=None, **gen_kw) -> list[list[int]]` (new tokens
-  only), `chat(images, messages, **gen_kw) -> str` and `chat_batch([(images, messages), ...]) -> [str]`
-  (left-padded, one generate call); `chat_format`, `stop_token_ids`, `pad_token_id` and `decode(ids)`
-  are what any other front end needs.
+- `generate(input_ids, attention_mask=None, pixel_values=None, image_sizes=None, image_crops=None,
+  image_grid=None, **gen_kw) -> list[list[int]]` (new tokens only), `chat(images, messages, **gen_kw) -> str`
+  and `chat_batch([(images, messages), ...]) -> [str]` (left-padded, one generate call); `chat_format`,
+  `stop_token_ids`, `pad_token_id`, `decode(ids)`, `image_tokens(images)` (each image's count, None in
+  fixed mode), `image_inputs(images)` (the image keyword inputs of one conversation) and
+  `chat_ids(messages, n_images, image_tokens=None)` are what any other front end needs.
 - `save_pretrained(dir, trainable_only=False)` (model/checkpoint.py); `merge_lora()` folds peft adapters
   into the LM; `fold_token_rows()` writes trained token rows into the embedding table;
   `gradient_checkpointing_enable()` forwards to the backbone; `train()` keeps frozen towers in eval mode.
 
 Import order inside model/ (no cycle; tests/test_model_imports.py checks it): config, paths -> projector,
-token_rows, quant, checkpoint, backbones, parts, llava -> model -> merge, export, bigbro, plan.
+token_rows, quant, checkpoint, backbones, parts, llava, anyres -> model -> merge, export, bigbro, plan.
 """
 
 from __future__ import annotations
@@ -71,11 +82,13 @@ from ..core.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, sup
 from ..core.placeholders import embed_with_placeholders, scatter_image_features
 from ..dataset.rendering import ChatFormat, render
 from ..dataset.sample import IMAGE_MARKER, Sample
+from ..visual.anyres import anyres_batch
+from .anyres import build_resolution, image_layouts, pack_anyres
 from .backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
 from .checkpoint import LORA_DIR, TOKENIZER_DIR, load_trainable_weights, read_vlm_config, save_vlm
 from .config import VLMConfig
 from .dtypes import torch_dtype
-from .llava import llava_parts
+from .llava import is_llava_next_dir, llava_parts
 from .parts import build_towers, named_source
 from .paths import CONFIG_FILE, resolve_model_dir
 from .projector import Projector, build_projector
@@ -222,7 +235,14 @@ class VLM(nn.Module):
                 f"token reduction {projector.reduce} needs patch tokens only, but the tower returns "
                 f"{towers.num_tokens} tokens for a {towers.grid[0]}x{towers.grid[1]} grid (select='patch')"
             )
-        self.tokens_per_image = projector.tokens_out(int(towers.num_tokens))
+        self.tokens_per_image = projector.tokens_out(int(towers.num_tokens))  # rows per crop
+        # The one rule from an image's size to its crops and tokens (fixed unless a resolution key is set).
+        self.resolution = build_resolution(config, towers, projector)
+        anyres_newline = self.resolution.mode == "anyres" and self.resolution.image_newline
+        # LLaVA-NeXT's learned row separator, at the LM's width; trains and saves with the projector
+        # (config.PROJECTOR_PREFIXES).
+        self.register_parameter("image_newline", nn.Parameter(torch.randn(d_lm) * d_lm**-0.5) if anyres_newline
+                                else None)
         # The family's rules (a plain object: the weights stay in self.lm, names unchanged).
         self.backbone = LM_BACKBONES[config.lm_backend](config, lm, tokenizer)
         self.image_token_id = self.backbone.image_token_id
@@ -270,27 +290,65 @@ class VLM(nn.Module):
 
     def _image_rows(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_counts: Any,
-        image_features: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+        image_crops: torch.Tensor | None = None, image_grid: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
+        """The image rows for the placeholders, [n_slots, D] (None without images), after checking counts."""
         if pixel_values is not None and image_features is not None:
             raise ValueError("give either pixel_values or image_features (cached tower output), not both")
         given = pixel_values if image_features is None else image_features
-        n_images = 0 if given is None else int(given.shape[0])
+        n_rows = 0 if given is None else int(given.shape[0])  # crops (fixed mode: images)
+        if image_grid is not None or self.resolution.mode in ("native", "naflex"):
+            return self._native_rows(input_ids, given, image_counts, image_grid)
+        anyres = self.resolution.mode == "anyres"
+        if anyres and n_rows and (image_sizes is None or image_crops is None):
+            raise ValueError("anyres: pixel_values [n_crops, 3, S, S] need image_sizes [n_images, 2] and "
+                             "image_crops [n_images] (visual/anyres.py anyres_batch makes all three)")
+        n_images = len(image_crops) if anyres and n_rows else n_rows
+        counts = None
         if image_counts is not None:
             counts = [int(c) for c in (image_counts.tolist() if torch.is_tensor(image_counts) else image_counts)]
             if len(counts) != input_ids.shape[0] or sum(counts) != n_images:
                 raise ValueError(f"image_counts {counts} do not match {input_ids.shape[0]} samples / {n_images} images")
-            slots = (input_ids == self.image_token_id).sum(dim=1).tolist()
-            for b, (c, s) in enumerate(zip(counts, slots)):
-                if s != c * self.tokens_per_image:
-                    raise ValueError(
-                        f"sample {b}: {s} image placeholders but {c} image(s) x {self.tokens_per_image} tokens"
-                    )
-        if n_images == 0:
+        layouts = None
+        if anyres and n_rows:
+            per_image = None if counts is None else [c for c in counts for _ in range(c)]
+            layouts = image_layouts(self.resolution, image_sizes, image_crops, per_image)
+        if counts is not None:
+            tokens = [lay.tokens for lay in layouts] if layouts else [self.tokens_per_image] * n_images
+            self._check_slots(input_ids, counts, tokens)
+        if n_rows == 0:
             return None
         if image_features is not None:
-            return self.project_features(image_features)  # cached tower output: the tower is skipped
-        return self.encode_images(pixel_values)
+            rows = self.project_features(image_features)  # cached tower output: the tower is skipped
+        else:
+            rows = self.encode_images(pixel_values)  # [n_rows * tokens_per_image, D]
+        if not anyres:
+            return rows
+        rows = rows.view(n_rows, self.tokens_per_image, -1)  # [n_crops, T, D]
+        return pack_anyres(rows, image_sizes, layouts, self.resolution, self.image_newline)  # [sum tokens, D]
+
+    def _check_slots(self, input_ids: torch.Tensor, counts: list[int], tokens: list[int]) -> None:
+        """Each sample's placeholders must equal its images' token counts (`tokens`, image by image)."""
+        slots = (input_ids == self.image_token_id).sum(dim=1).tolist()
+        start = 0
+        for b, (c, s) in enumerate(zip(counts, slots)):
+            want = sum(tokens[start : start + c])
+            start += c
+            if s == want:
+                continue
+            if self.resolution.mode == "fixed":
+                raise ValueError(f"sample {b}: {s} image placeholders but {c} image(s) x {self.tokens_per_image} tokens")
+            raise ValueError(f"sample {b}: {s} image placeholders but {c} image(s) of "
+                             f"{tokens[start - c : start]} tokens = {want}")
+
+    def _native_rows(self, input_ids: torch.Tensor, given: torch.Tensor | None, image_counts: Any,
+                     image_grid: torch.Tensor | None) -> torch.Tensor | None:
+        """Dispatch point for native-resolution inputs (`image_grid` [n_images, 2] patch grids, modes
+        "native" / "naflex"): model/native.py's packing goes here, written by its own change."""
+        raise NotImplementedError(
+            f"native-resolution inputs (image_grid, resolution mode {self.resolution.mode!r}) are not wired into "
+            f"the VLM yet: model/native.py provides them")
 
     def _idle_vision_anchor(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """A zero scalar that runs the projector (and trainable towers) on one blank image when a training
@@ -309,6 +367,8 @@ class VLM(nn.Module):
             blank = self.encode_images(torch.zeros(1, 3, size, size, device=device))  # [tokens_per_image, D]
         finally:
             self.towers.train(was_training)
+        if self.image_newline is not None:  # anyres's newline trains with the projector: same reason
+            blank = torch.cat([blank, self.image_newline.to(blank.dtype)[None]])
         return blank.sum() * 0.0
 
     # ----- forward -----------------------------------------------------------------------------------
@@ -329,10 +389,15 @@ class VLM(nn.Module):
         image_features: torch.Tensor | None = None,
         return_logits: bool | None = None,
         logits_to_keep: int = 0,
+        image_sizes: torch.Tensor | None = None,
+        image_crops: torch.Tensor | None = None,
+        image_grid: torch.Tensor | None = None,
         **kw: Any,
     ) -> VLMOutput:
-        # `image_features` [n_images, T, C]: cached tower output (dataprocess/cache_features.py).
-        rows = self._image_rows(input_ids, pixel_values, image_counts, image_features)  # [n_slots, D] | None
+        # `image_features` [n_crops, T, C]: cached tower output (dataprocess/cache_features.py).
+        # anyres: `image_sizes` [n_images, 2] (height, width), `image_crops` [n_images]; native: `image_grid`.
+        rows = self._image_rows(input_ids, pixel_values, image_counts, image_features,
+                                image_sizes, image_crops, image_grid)  # [n_slots, D] | None
         embeds = self.embed(input_ids, rows)  # [B, T, D]
         anchor = self._idle_vision_anchor(rows)  # 0-valued scalar, or None
         if anchor is not None:
@@ -365,10 +430,13 @@ class VLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_crops: torch.Tensor | None = None,
+        image_grid: torch.Tensor | None = None,
         **gen_kw: Any,
     ) -> list[list[int]]:
         self.prepare_attention(_autocast_dtype(input_ids.device))
-        rows = self._image_rows(input_ids, pixel_values, None)
+        rows = self._image_rows(input_ids, pixel_values, None, None, image_sizes, image_crops, image_grid)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = self.embed(input_ids, rows)  # [B, T, D]
@@ -394,9 +462,10 @@ class VLM(nn.Module):
         vocabulary (151936 vs 151851 for Qwen); an undertrained model can emit them, and they have no text."""
         return self.tokenizer.decode([t for t in ids if t < len(self.tokenizer)], skip_special_tokens=True)
 
-    def chat_ids(self, messages: list[dict], n_images: int) -> list[int]:
+    def chat_ids(self, messages: list[dict], n_images: int, image_tokens: list[int] | None = None) -> list[int]:
         """Prompt ids in the LM's chat template with each `<image>` expanded to its span, plus the reply
-        header: the same rendering as training (`dataset.rendering.render`), with this model's placeholder."""
+        header: the same rendering as training (`dataset.rendering.render`), with this model's placeholder.
+        `image_tokens`: each image's count (`VLM.image_tokens`); None = `tokens_per_image` for every image."""
         fmt = self.chat_format
         # render checks each message's role and content; a bad one is left to it, uncounted here.
         n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages
@@ -404,8 +473,36 @@ class VLM(nn.Module):
         if n_markers != n_images:
             raise ValueError(f"chat: {n_markers} {IMAGE_MARKER} marker(s) in the messages but {n_images} image(s)")
         sample = Sample(id="chat", messages=list(messages), images=[f"<image {i}>" for i in range(n_images)])
-        return render(sample, fmt, self.tokens_per_image, add_generation_prompt=True,
-                      image_token_id=self.image_token_id).input_ids
+        count: Any = self.tokens_per_image
+        if image_tokens is not None:
+            if len(image_tokens) != n_images:
+                raise ValueError(f"chat: {len(image_tokens)} token count(s) for {n_images} image(s)")
+            count = lambda kind, i: image_tokens[i]  # noqa: E731 (render's (kind, index) -> count)
+        return render(sample, fmt, count, add_generation_prompt=True, image_token_id=self.image_token_id).input_ids
+
+    def image_tokens(self, images: list) -> list[int] | None:
+        """Each image's token count for ONE conversation's images (`resolution.layout` of its size and the
+        number of images); None in fixed mode (every image `tokens_per_image`)."""
+        res = self.resolution
+        if res.mode == "fixed":
+            return None
+        for i, img in enumerate(images):
+            if not hasattr(img, "size"):
+                raise TypeError(f"image {i}: expected a PIL.Image, got {type(img).__name__}")
+        return [res.layout(img.size[0], img.size[1], len(images)).tokens for img in images]
+
+    def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
+        """The images of ONE conversation -> the model's image inputs: `pixel_values` (anyres adds
+        `image_sizes` and `image_crops`: visual/anyres.py)."""
+        if not images:
+            return {}
+        res = self.resolution
+        if res.mode == "fixed":
+            return {"pixel_values": self.image_processor(list(images))}
+        if res.mode != "anyres":
+            raise NotImplementedError(f"chat with resolution mode {res.mode!r}: model/native.py provides it")
+        pixel_values, sizes, crops = anyres_batch(list(images), res, self.image_processor)
+        return {"pixel_values": pixel_values, "image_sizes": sizes, "image_crops": crops}
 
     @staticmethod
     def _place_images(images: list, messages: list[dict]) -> list[dict]:
@@ -424,31 +521,33 @@ class VLM(nn.Module):
         if not conversations:
             return []
         device = next(self.parameters()).device
-        ids_list, all_images = [], []
+        ids_list, inputs = [], {}
         for images, messages in conversations:
-            ids_list.append(self.chat_ids(self._place_images(images, messages), len(images)))
-            all_images += list(images)
+            tokens = self.image_tokens(list(images))
+            ids_list.append(self.chat_ids(self._place_images(images, messages), len(images), tokens))
+            for k, v in self.image_inputs(list(images)).items():  # sample order, each image's crops together
+                inputs.setdefault(k, []).append(v)
         width = max(len(x) for x in ids_list)
         pad = self.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids_list], device=device)  # [B, T]
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids_list], device=device)
-        pixel_values = self.image_processor(all_images).to(device) if all_images else None
+        image_kw = {k: torch.cat(v).to(device) for k, v in inputs.items()}
         gen_kw.setdefault("max_new_tokens", 128)
         gen_kw.setdefault("stop_token_ids", self.stop_token_ids)
-        return [self.decode(new) for new in self.generate(input_ids, mask, pixel_values, **gen_kw)]
+        return [self.decode(new) for new in self.generate(input_ids, mask, **image_kw, **gen_kw)]
 
     @torch.no_grad()
     def chat(self, images: list, messages: list[dict], **gen_kw: Any) -> str:
         """Answer the last user turn. Images fill the `<image>` markers in order (one is prepended to the
         first user message when there are images but no markers)."""
         messages = self._place_images(images, messages)
-        ids = self.chat_ids(messages, len(images))
+        ids = self.chat_ids(messages, len(images), self.image_tokens(list(images)))
         device = next(self.parameters()).device
         input_ids = torch.tensor([ids], device=device)
-        pixel_values = self.image_processor(list(images)).to(device) if images else None
+        image_kw = {k: v.to(device) for k, v in self.image_inputs(list(images)).items()}
         gen_kw.setdefault("max_new_tokens", 128)
         gen_kw.setdefault("stop_token_ids", self.stop_token_ids)
-        return self.decode(self.generate(input_ids, torch.ones_like(input_ids), pixel_values, **gen_kw)[0])
+        return self.decode(self.generate(input_ids, torch.ones_like(input_ids), **image_kw, **gen_kw)[0])
 
     # ----- attention -----------------------------------------------------------------------------------
     def prepare_attention(self, compute_dtype: torch.dtype | None = None) -> str | None:
@@ -529,7 +628,7 @@ def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM
 def load_vlm(path: str | Path, **overrides: Any) -> VLM:
     """A directory written by `VLM.save_pretrained` (rebuilt, then its tensors on top), a run directory (its
     `final/`, else its newest `checkpoint-N/`: `resolve_model_dir`) or a Llava directory."""
-    p = resolve_model_dir(path)
+    p = Path(path) if is_llava_next_dir(path) else resolve_model_dir(path)
     if not (p / CONFIG_FILE).is_file():  # resolve_model_dir returns a model directory: ours or a Llava one
         return _import_llava(p, overrides or None).eval()
     config, _ = read_vlm_config(p)
@@ -556,8 +655,12 @@ def load_vlm(path: str | Path, **overrides: Any) -> VLM:
 
 def _import_llava(path: str | Path, config: VLMConfig | dict | None) -> VLM:
     """A transformers Llava directory as our VLM, its parts mapped by model/llava.py."""
-    vconfig, towers, projector, lm, tokenizer, dtype = llava_parts(path, config)
-    return VLM(vconfig, towers, projector, lm, tokenizer).to(dtype)
+    vconfig, towers, projector, lm, tokenizer, dtype, extras = llava_parts(path, config)
+    vlm = VLM(vconfig, towers, projector, lm, tokenizer)
+    with torch.no_grad():
+        for name, tensor in extras.items():  # LLaVA-NeXT's image_newline
+            getattr(vlm, name).copy_(tensor)
+    return vlm.to(dtype)
 
 
 def _quantize_like(vlm: VLM, path: Path) -> None:
