@@ -29,6 +29,7 @@ from torch import nn
 
 from ..visual.resolution import ImageLayout, Resolution, anyres_max_grid, unpadded_grid
 from .config import VLMConfig
+from .native import check_native_projector
 
 
 def crop_grid(towers: nn.Module, projector: nn.Module) -> tuple[int, int]:
@@ -40,6 +41,8 @@ def crop_grid(towers: nn.Module, projector: nn.Module) -> tuple[int, int]:
 def build_resolution(config: VLMConfig, towers: nn.Module, projector: nn.Module) -> Resolution:
     tokens = int(projector.tokens_out(int(towers.num_tokens)))
     size = int(towers.image_size)
+    if config.max_pixels is not None or getattr(towers, "max_num_patches", None):
+        return _native_resolution(config, towers, projector, tokens)
     if not config.anyres:
         grid = (int(towers.grid[0]), int(towers.grid[1]))
         return Resolution(mode="fixed", image_size=size, grid=grid, tokens_per_crop=tokens)
@@ -52,6 +55,27 @@ def build_resolution(config: VLMConfig, towers: nn.Module, projector: nn.Module)
         )
     except ValueError as e:  # one line naming the key: select=patch, or a pinpoint not a multiple of the size
         raise ValueError(f"VLMConfig.image_grid_pinpoints (anyres): {e}") from None
+
+
+def _native_resolution(config: VLMConfig, towers: nn.Module, projector: nn.Module, tokens: int) -> Resolution:
+    """Modes "native" (max_pixels set) and "naflex" (a SigLIP2 NaFlex tower): variable patch grids."""
+    what = "a SigLIP2 NaFlex tower" if config.max_pixels is None else "VLMConfig.max_pixels (native resolution)"
+    if config.anyres:
+        raise ValueError(f"{what} and image_grid_pinpoints (anyres) exclude each other; set one")
+    if not getattr(towers, "variable_grid", False):
+        raise ValueError(f"{what}: the tower ({type(towers).__name__}) cannot read variable patch grids; use one "
+                         f"hf_clip, hf_siglip or hf_siglip2 tower")
+    merge = int(projector.reduce_factor) if projector.reduce is not None else 1
+    check_native_projector(projector, int(towers.hidden_size), merge)
+    common = dict(image_size=int(towers.image_size), patch_size=int(towers.patch_size), grid=tuple(towers.grid),
+                  tokens_per_crop=tokens)
+    if config.max_pixels is None:  # NaFlex: the tower's own patch budget; every patch is a token
+        if merge != 1:
+            raise ValueError("a SigLIP2 NaFlex tower gives one token per patch: drop the projector's reduce")
+        return Resolution(mode="naflex", max_num_patches=int(towers.max_num_patches), **common)
+    f = int(towers.patch_size) * merge
+    return Resolution(mode="native", merge=merge, min_pixels=config.min_pixels or f * f,
+                      max_pixels=config.max_pixels, **common)
 
 
 def image_layouts(

@@ -33,6 +33,10 @@ Contract:
     LLaVA-NeXT anyres; `image_newline` (a learned vector after each feature row), `multi_image`
     ("base": an image of a sample with several images gets the base view only; "anyres": every image is
     tiled) and `anyres_max` (LLaVA-OneVision's cap, in base views' worth of tokens) refine it.
+    `max_pixels` (and optionally `min_pixels`) turns on Qwen2-VL-style native resolution (`smart_resize`,
+    sides multiples of patch x merge) for a tower whose position embeddings interpolate (hf_clip,
+    hf_siglip); merge = the projector's `reduce_factor` with `reduce: pixel_shuffle` (Qwen2-VL: 2), else 1.
+    A SigLIP2 NaFlex tower (backend hf_siglip2) always reads images natively (its `max_num_patches`).
 
 The registry of backbone pairs (`PRESETS`) and `resolve_config` live in model/model.py.
 """
@@ -78,6 +82,8 @@ class VLMConfig:
     image_newline: bool = True  # anyres: a learned vector closes each feature row
     multi_image: str = "base"  # anyres: "base" = base view only when a sample has several images
     anyres_max: int | None = None  # anyres: shrink maps over this many base views' tokens (OneVision)
+    min_pixels: int | None = None  # native: smart_resize's pixel floor (None = one merged token)
+    max_pixels: int | None = None  # native: smart_resize's pixel cap; setting it turns native resolution on
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -107,6 +113,17 @@ class VLMConfig:
             raise ValueError(f"VLMConfig.multi_image={self.multi_image!r}; valid: {', '.join(MULTI_IMAGE)}")
         if self.anyres_max is not None and (type(self.anyres_max) is not int or self.anyres_max < 1):
             raise ValueError(f"VLMConfig.anyres_max={self.anyres_max!r}; expected a positive int or null")
+        for key in ("min_pixels", "max_pixels"):
+            v = getattr(self, key)
+            if v is not None and (type(v) is not int or v < 1):
+                raise ValueError(f"VLMConfig.{key}={v!r}; expected a positive int (pixels) or null")
+        if self.min_pixels is not None and self.max_pixels is None:
+            raise ValueError("VLMConfig.min_pixels is set without max_pixels; native resolution needs max_pixels")
+        if self.min_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ValueError(f"VLMConfig.min_pixels={self.min_pixels} > max_pixels={self.max_pixels}")
+        if self.anyres and self.max_pixels is not None:
+            raise ValueError("VLMConfig: image_grid_pinpoints (anyres) and max_pixels (native resolution) exclude "
+                             "each other; set one")
 
     @property
     def anyres(self) -> bool:

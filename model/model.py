@@ -82,13 +82,14 @@ from ..core.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, sup
 from ..core.placeholders import embed_with_placeholders, scatter_image_features
 from ..dataset.rendering import ChatFormat, render
 from ..dataset.sample import IMAGE_MARKER, Sample
-from ..visual.anyres import anyres_batch
+from ..visual.pixels import prepare_images
 from .anyres import build_resolution, image_layouts, pack_anyres
 from .backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
 from .checkpoint import LORA_DIR, TOKENIZER_DIR, load_trainable_weights, read_vlm_config, save_vlm
 from .config import VLMConfig
 from .dtypes import torch_dtype
 from .llava import is_llava_next_dir, llava_parts
+from .native import native_rows, tokens_per_image
 from .parts import build_towers, named_source
 from .paths import CONFIG_FILE, resolve_model_dir
 from .projector import Projector, build_projector
@@ -303,7 +304,7 @@ class VLM(nn.Module):
         anyres = self.resolution.mode == "anyres"
         if anyres and n_rows and (image_sizes is None or image_crops is None):
             raise ValueError("anyres: pixel_values [n_crops, 3, S, S] need image_sizes [n_images, 2] and "
-                             "image_crops [n_images] (visual/anyres.py anyres_batch makes all three)")
+                             "image_crops [n_images] (visual/pixels.py prepare_images makes all three)")
         n_images = len(image_crops) if anyres and n_rows else n_rows
         counts = None
         if image_counts is not None:
@@ -344,11 +345,36 @@ class VLM(nn.Module):
 
     def _native_rows(self, input_ids: torch.Tensor, given: torch.Tensor | None, image_counts: Any,
                      image_grid: torch.Tensor | None) -> torch.Tensor | None:
-        """Dispatch point for native-resolution inputs (`image_grid` [n_images, 2] patch grids, modes
-        "native" / "naflex"): model/native.py's packing goes here, written by its own change."""
-        raise NotImplementedError(
-            f"native-resolution inputs (image_grid, resolution mode {self.resolution.mode!r}) are not wired into "
-            f"the VLM yet: model/native.py provides them")
+        """Native-resolution inputs (modes "native" / "naflex"): `pixel_values` [n_patches, 3, p, p] with
+        `image_grid` [n_images, 2] -> the towers' patch rows -> model/native.py's merge + projector."""
+        res = self.resolution
+        if res.mode not in ("native", "naflex"):
+            raise ValueError(f"image_grid was given but this model's resolution mode is {res.mode!r}")
+        if given is not None and image_grid is None:
+            raise ValueError(f"{res.mode} resolution: pixel_values [n_patches, 3, p, p] need image_grid "
+                             f"[n_images, 2] (visual/pixels.py prepare_images makes both)")
+        grid = torch.zeros(0, 2, dtype=torch.long) if image_grid is None else image_grid.view(-1, 2)
+        merge = res.merge if res.mode == "native" else 1
+        tokens = tokens_per_image(grid, merge)
+        if image_counts is not None:
+            counts = [int(c) for c in (image_counts.tolist() if torch.is_tensor(image_counts) else image_counts)]
+            if len(counts) != input_ids.shape[0] or sum(counts) != len(tokens):
+                raise ValueError(f"image_counts {counts} do not match {input_ids.shape[0]} samples / "
+                                 f"{len(tokens)} images")
+            self._check_slots(input_ids, counts, tokens)
+        if given is None or given.shape[0] == 0:
+            return None
+        if given.dim() != 4:  # cached [n, T, C] features have no native-resolution form (refused at load)
+            raise ValueError(f"{res.mode} resolution takes patch rows [n_patches, 3, p, p], got {tuple(given.shape)}")
+        tower_dtype = next(self.towers.parameters(), given).dtype
+        if _towers_frozen(self.towers):
+            self.towers.eval()
+            with torch.no_grad():
+                rows = self.towers.forward_grid(given.to(tower_dtype), grid)  # [n_patches, C]
+        else:
+            rows = self.towers.forward_grid(given.to(tower_dtype), grid)
+        proj_dtype = next(self.projector.parameters(), rows).dtype
+        return native_rows(rows.to(proj_dtype), grid, merge, self.projector)  # [sum tokens, D]
 
     def _idle_vision_anchor(self, rows: torch.Tensor | None) -> torch.Tensor | None:
         """A zero scalar that runs the projector (and trainable towers) on one blank image when a training
@@ -492,17 +518,11 @@ class VLM(nn.Module):
         return [res.layout(img.size[0], img.size[1], len(images)).tokens for img in images]
 
     def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
-        """The images of ONE conversation -> the model's image inputs: `pixel_values` (anyres adds
-        `image_sizes` and `image_crops`: visual/anyres.py)."""
+        """The images of ONE conversation -> the model's image inputs (visual/pixels.py `prepare_images`):
+        `pixel_values`, plus `image_sizes` and `image_crops` (anyres) or `image_grid` (native / naflex)."""
         if not images:
             return {}
-        res = self.resolution
-        if res.mode == "fixed":
-            return {"pixel_values": self.image_processor(list(images))}
-        if res.mode != "anyres":
-            raise NotImplementedError(f"chat with resolution mode {res.mode!r}: model/native.py provides it")
-        pixel_values, sizes, crops = anyres_batch(list(images), res, self.image_processor)
-        return {"pixel_values": pixel_values, "image_sizes": sizes, "image_crops": crops}
+        return prepare_images(list(images), self.resolution, self.image_processor, len(images))
 
     @staticmethod
     def _place_images(images: list, messages: list[dict]) -> list[dict]:

@@ -12,16 +12,11 @@ Contract:
   scaled to 0..1 and normalised as the processor does. Equal to transformers' `LlavaNextImageProcessorPil`
   (the PIL backend; `LlavaNextImageProcessor` is the torchvision one) within 1e-6 when its size,
   crop_size, resample, mean and std are the same.
-- `anyres_batch(images, res, processor) -> (pixel_values [sum crops, 3, S, S], image_sizes [n, 2]
-  (height, width), image_crops [n])`: the images of ONE sample (their count is `n_images` for each),
-  each image's crops consecutive, in order: what `VLM.forward` takes.
-Images must be RGB (the dataset converts modes); anything else raises naming the image index.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -68,21 +63,3 @@ def anyres_pixels(image: Image.Image, res: Resolution, processor: ImageProcessor
         crops += [canvas.crop((left, top, left + s, top + s)) for top in range(0, bh, s) for left in range(0, bw, s)]
     assert len(crops) == layout.crops, (len(crops), layout)
     return _normalise(crops, processor)  # [crops, 3, S, S]
-
-
-def anyres_batch(
-    images: Sequence[Image.Image], res: Resolution, processor: ImageProcessor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One sample's images -> (pixel_values [sum crops, 3, S, S], image_sizes [n, 2], image_crops [n])."""
-    n = len(images)
-    for i, img in enumerate(images):
-        if not isinstance(img, Image.Image):
-            raise TypeError(f"image {i}: expected a PIL.Image, got {type(img).__name__}")
-        if img.mode != "RGB":
-            raise ValueError(f"image {i}: mode is {img.mode!r}; convert to 'RGB' before preprocessing")
-    pixels = [anyres_pixels(img, res, processor, n) for img in images]
-    s = res.image_size
-    pixel_values = torch.cat(pixels) if pixels else torch.empty(0, 3, s, s)
-    sizes = torch.tensor([[img.size[1], img.size[0]] for img in images], dtype=torch.long).view(n, 2)
-    crops = torch.tensor([p.shape[0] for p in pixels], dtype=torch.long)
-    return pixel_values, sizes, crops

@@ -20,12 +20,14 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
+from .anyres import anyres_pixels
 from .native import native_pixels
 from .processor import ImageProcessor
 from .resolution import Resolution
 
 META_KEYS = ("image_sizes", "image_crops", "image_grid")  # per-image LongTensor rows, concatenated by the collator
 PIXEL_FNS: dict[str, Callable[[Image.Image, Resolution, ImageProcessor, int], torch.Tensor]] = {
+    "anyres": anyres_pixels,  # base view + tiles
     "native": native_pixels,  # smart_resize, patch rows
     "naflex": native_pixels,  # NaFlex size, patch rows
 }
@@ -42,7 +44,11 @@ def prepare_images(images: Sequence[Image.Image], res: Resolution, processor: Im
         return {}  # a text-only sample: no pixel key at all
     n = len(images) if n_images is None else int(n_images)
     pix, sizes, crops, grids = [], [], [], []
-    for img in images:
+    for i, img in enumerate(images):
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"image {i}: expected a PIL.Image, got {type(img).__name__}")
+        if img.mode != "RGB":
+            raise ValueError(f"image {i}: mode is {img.mode!r}; convert to 'RGB' before preprocessing")
         w, h = img.size
         lay = res.layout(w, h, n)
         rows = PIXEL_FNS[res.mode](img, res, processor, n)  # [crops or patches, 3, s, s]
