@@ -8,8 +8,8 @@
   `VLMDataset.image_tokens`) and `max_image_tokens`, no pack holds more image tokens than that (trainer/run.py
   gives max_batch_image_tokens / packs per micro-batch, so a micro-batch stays within max_batch_image_tokens;
   a sample alone above it was downscaled or skipped by the dataset's own budget). The packs are fixed at
-  construction (seeded shuffle, then first-fit-decreasing over the `lengths` of each megabatch of `megabatch_size` samples; `lengths` = `VLMDataset.lengths`, exact
-  after `validate()`), so `len()` is stable across epochs; each epoch (`set_epoch`) shuffles their order,
+  construction (seeded shuffle, then first-fit-decreasing over the `lengths` of each megabatch of
+  `megabatch_size` samples; `lengths` = `VLMDataset.lengths`, exact after `validate()`), so `len()` is stable across epochs; each epoch (`set_epoch`) shuffles their order,
   with the pack holding the most tokens first (an out-of-memory shows at step 1). The count is padded by
   repeating packs to a multiple of `batch_size` (the global batch, in packs).
 * `PackedDataset(dataset)`: `dataset[pack] -> [dataset[i] for i in pack]`, so a `DataLoader(PackedDataset(ds),
