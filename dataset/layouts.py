@@ -15,6 +15,8 @@ it here, duck-typed as `TokenRule`; nothing here computes a count of its own.
   sizes `max(1, round(side * factor))`; the pixels are resized to exactly `plan.size(kind, index)`, so the
   count and the pixels agree), or, with `policy="skip"` or when even 1-pixel-scale images do not fit,
   refused with `BadSampleError(kind="image_budget")`: the dataset skips and counts it, the run goes on.
+- `sample_image_budget(max_image_tokens, max_batch_image_tokens, per_batch)`: the per-sample budget that
+  keeps a micro-batch of `per_batch` samples (or packs) within `max_batch_image_tokens` as well.
 - `MediaPlan.count(kind, index)` is the `(kind, index) -> int` function `render` takes; `total` the
   sample's image tokens (videos: each frame counted); `factor` < 1 and `tokens_before` record a downscale.
 """
@@ -119,3 +121,13 @@ def plan_sample(rule: TokenRule, images: Sequence[Size], videos: Sequence[Size],
         raise BadSampleError(f"{where}: {e}", "bad_image") from e
     raise BadSampleError(f"{where}: {plan.total} image tokens ({rule.mode}) exceed the budget of {budget} "
                          f"(max_image_tokens / max_batch_image_tokens) {why}: skipped", "image_budget")
+
+
+def sample_image_budget(max_image_tokens: int | None, max_batch_image_tokens: int | None,
+                        per_batch: int) -> int | None:
+    """The per-sample budget the dataset holds each sample to: `max_image_tokens`, and at most
+    `max_batch_image_tokens // per_batch` so that any `per_batch` samples (or packs) of a micro-batch stay
+    within the batch budget together. None = no budget (a cap below 1 is refused by the dataset)."""
+    caps = [c for c in (max_image_tokens, None if max_batch_image_tokens is None
+                        else max_batch_image_tokens // max(1, per_batch)) if c is not None]
+    return min(caps) if caps else None
