@@ -154,13 +154,13 @@ class VLMDataset(torch.utils.data.Dataset):
         self.tokens_per_image, self.max_length, self.mode = tokens_per_image, max_length, mode
         self.strict, self.frames_per_video, self.system_prompt = strict, frames_per_video, system_prompt
         self.max_pixels, self.max_retries = max_pixels, max_retries
-        # Cached tower outputs instead of images (dataset/feature_cache.py); None = decode images.
-        self.feature_cache = None if feature_cache is None else FeatureCache(feature_cache)
         # Variable tokens per image (module docstring); None = fixed: `tokens_per_image` for every image.
         self.resolution = resolution if resolution is not None and resolution.variable else None
         self.prepare_images = prepare_images
         self.max_image_tokens, self.over_budget = max_image_tokens, over_budget
         self._check_resolution_keys(feature_cache)
+        # Cached tower outputs instead of images (dataset/feature_cache.py); None = decode images.
+        self.feature_cache = None if feature_cache is None else FeatureCache(feature_cache)
         self._sizes: dict[tuple[str, str], tuple[int, int]] = {}  # (kind, path) -> (width, height) from the header
         self.downscaled: dict[tuple[str, int], dict] = {}  # (file, position) -> factor and tokens before/after
         self._image_tokens: dict[int, int] = {}  # sample position -> image tokens (exact, from validate)
