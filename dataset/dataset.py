@@ -261,10 +261,12 @@ class VLMDataset(torch.utils.data.Dataset):
         msg = f"no usable sample in {self._paths}: {rep['skipped']} skipped {rep['by_kind']}"
         longest = max((r.get("length", 0) for r in self.skipped.values() if r["kind"] == "too_long"), default=0)
         if longest:
+            per_image = (f"takes {self.tokens_per_image} tokens" if self.resolution is None else
+                         f"takes the tokens its size gives in resolution mode {self.resolution.mode!r}")
             msg += (f"; the longest sample has {longest} tokens but max_length is {self.max_length} (each image "
-                    f"takes {self.tokens_per_image} tokens, each video frames_per_video={self.frames_per_video} "
-                    f"images): raise max_length, or lower frames_per_video / the tokens per image "
-                    f"(model.reduce / model.reduce_factor)")
+                    f"{per_image}, each video frames_per_video={self.frames_per_video} images): raise max_length, "
+                    f"or lower frames_per_video / the tokens per image (model.reduce / model.reduce_factor"
+                    f"{'' if self.resolution is None else ', max_image_tokens'})")
         if rep["examples"]:
             msg += f". First: {rep['examples'][0]}"
         return NoUsableDataError(msg)

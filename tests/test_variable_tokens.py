@@ -126,7 +126,8 @@ def test_video_frame_size_from_the_header(tmp_path):
 
 # ------------------------------------------------------------------------- lengths, items, collator
 @pytest.mark.parametrize("res", [ANYRES, NAFLEX], ids=["anyres", "naflex"])
-def test_validated_lengths_equal_built_lengths_with_random_sizes(tmp_path, tok, res, fake_pixel_fns):
+def test_validated_lengths_equal_built_lengths_with_random_sizes(tmp_path, tok, res, fake_pixel_fns,
+                                                                 monkeypatch):
     rng = random.Random(0)
     recs = []
     for i in range(12):
@@ -135,7 +136,10 @@ def test_validated_lengths_equal_built_lengths_with_random_sizes(tmp_path, tok, 
         recs.append({"id": f"s{i}", "images": names, "messages": [
             {"role": "user", "content": text}, {"role": "assistant", "content": "ok " * rng.randint(1, 5)}]})
     ds = _ds(td.write_jsonl(tmp_path / "d.jsonl", recs), tok, res, tmp_path)
-    ds.validate()
+    with monkeypatch.context() as m:  # validation reads headers only
+        m.setattr("qwenvl_lab.dataset.dataset.load_image", lambda *a, **k: pytest.fail("decoded in validate"))
+        m.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded in validate"))
+        ds.validate()
     assert len(ds) == 12
     lengths, image_tokens = ds.lengths, ds.image_tokens
     fmt = ChatFormat.for_qwen(tok)
@@ -165,6 +169,24 @@ def test_exif_rotated_image_counts_from_its_displayed_size(tmp_path, tok, fake_p
     assert item["image_grid"].tolist() == [list(NAFLEX.layout(16, 64).grid)]
     assert _spans(item["input_ids"].tolist(), ChatFormat.for_qwen(tok)) == [NAFLEX.layout(16, 64).tokens]
     assert len(item["input_ids"]) == ds.lengths[0]
+
+
+def test_video_frames_count_from_the_frame_size(tmp_path, tok, fake_pixel_fns):
+    pytest.importorskip("av")
+    td.write_video(tmp_path / "v.mp4", n_frames=4, size=(48, 32))
+    td.write_rgb(tmp_path / "a.png", size=(20, 16))
+    rec = {"id": "v", "images": ["a.png"], "videos": ["v.mp4"], "messages": [
+        {"role": "user", "content": "<image> then <video>"}, {"role": "assistant", "content": "moving"}]}
+    ds = VLMDataset(td.write_jsonl(tmp_path / "d.jsonl", [rec]), tok, td.tiny_processor(), FIXED_TOKENS,
+                    image_folder=str(tmp_path), video_folder=str(tmp_path), frames_per_video=2,
+                    resolution=NATIVE, prepare_images=pixels.prepare_images)
+    ds.validate()
+    item = ds[0]
+    n = 3  # one image and two frames: the n_images of every layout
+    want = [NATIVE.tokens(20, 16, n)] + [NATIVE.tokens(48, 32, n)] * 2
+    assert _spans(item["input_ids"].tolist(), ChatFormat.for_qwen(tok)) == want
+    assert item["n_images"] == 3 and item["image_sizes"].tolist() == [[16, 20], [32, 48], [32, 48]]
+    assert len(item["input_ids"]) == ds.lengths[0] and ds.image_tokens == [sum(want)]
 
 
 def test_collators_concatenate_per_image_keys_in_sample_order(tmp_path, tok, fake_pixel_fns):
@@ -328,6 +350,29 @@ def test_truncation_keeps_whole_variable_spans_and_counts_the_dropped(tmp_path, 
         assert r.n_spans == len(kept) and r.dropped_images == len(s.images) - len(kept)
         checked += 1
     assert checked >= 30
+
+
+def test_dataset_counts_turns_and_images_dropped_by_truncation(tmp_path, tok):
+    rng = random.Random(11)
+    samples = [_random_sample(rng, tmp_path, i) for i in range(20)]
+    recs = [{"id": s.id, "images": s.images, "messages": s.messages} for s in samples]
+    ds = _ds(td.write_jsonl(tmp_path / "d.jsonl", recs), tok, ANYRES, tmp_path, max_length=300,
+             allow_absolute_paths=True)
+    rep = ds.validate()
+    dropped_images = dropped_turns = truncated = too_long = 0
+    for s in samples:
+        plan = plan_sample(ANYRES, [image_size(p) for p in s.images], [], 4)
+        try:
+            r = render(s, tok, plan.count, max_length=300)
+        except Exception:  # noqa: BLE001 - too long even after dropping: skipped and counted
+            too_long += 1
+            continue
+        truncated += bool(r.dropped_turns)
+        dropped_images, dropped_turns = dropped_images + r.dropped_images, dropped_turns + r.dropped_turns
+    assert truncated and dropped_images  # the seed makes both happen
+    assert (rep["truncated_samples"], rep["dropped_images"], rep["dropped_turns"]) == (
+        truncated, dropped_images, dropped_turns)
+    assert rep["by_kind"].get("too_long", 0) == too_long and len(ds) == 20 - too_long
 
 
 def test_packing_never_cuts_a_variable_span(tmp_path, tok):
