@@ -301,6 +301,17 @@ def test_budget_keys_are_checked_and_shared_by_the_batch():
         VLMDataset("x.jsonl", None, None, 1, max_image_tokens=0)
 
 
+def test_budget_config_keys():
+    from qwenvl_lab.core.config_io import ConfigError, load_config
+    from qwenvl_lab.model.train_config import TrainConfig
+
+    cfg = load_config(TrainConfig, None, ["max_image_tokens=300", "max_batch_image_tokens=1200", "over_budget=skip"])
+    assert (cfg.max_image_tokens, cfg.max_batch_image_tokens, cfg.over_budget) == (300, 1200, "skip")
+    assert TrainConfig().max_image_tokens is None and TrainConfig().over_budget == "downscale"  # off by default
+    with pytest.raises(ConfigError, match="over_budget"):
+        load_config(TrainConfig, None, ["over_budget=crop"])
+
+
 def test_plan_downscale_factor_is_common_and_fits():
     rng = random.Random(1)
     for _ in range(50):
