@@ -214,6 +214,27 @@ def test_collators_concatenate_per_image_keys_in_sample_order(tmp_path, tok, fak
     assert packed["image_counts"].tolist() == [3] and packed.sample_image_counts == [1, 0, 2]
 
 
+@pytest.mark.skipif("native" not in pixels.PIXEL_FNS, reason="visual/'s native pixel function not merged")
+def test_real_native_pixels_through_the_dataset_budget_and_collator(tmp_path, tok):
+    from qwenvl_lab.visual.processor import ImageProcessor
+
+    path = _two_big_images(tmp_path, tok)
+    proc = ImageProcessor(size=8, mean=[0.5] * 3, std=[0.5] * 3)
+    ds = VLMDataset(path, tok, proc, FIXED_TOKENS, image_folder=str(tmp_path), resolution=NATIVE,
+                    prepare_images=pixels.prepare_images, max_image_tokens=40)
+    rep = ds.validate()
+    assert rep["downscaled_samples"] == 1 and rep["skipped"] == 0
+    items = [ds[0], ds[1]]
+    batch = Collator(pad_id=0)(items)
+    grids = batch["image_grid"].tolist()
+    p = NATIVE.patch_size
+    assert batch["pixel_values"].shape == (sum(r * c for r, c in grids), 3, p, p)
+    assert batch["image_counts"].tolist() == [2, 1] and len(grids) == 3
+    placeholders = [_spans(it["input_ids"].tolist(), ChatFormat.for_qwen(tok)) for it in items]
+    assert [t for spans in placeholders for t in spans] == [r * c // NATIVE.merge**2 for r, c in grids]
+    assert sum(placeholders[0]) <= 40 and [len(it["input_ids"]) for it in items] == ds.lengths
+
+
 def test_collator_keys_are_the_pixel_side_keys():
     assert IMAGE_KEYS == pixels.META_KEYS
 
