@@ -17,7 +17,7 @@ _EXPORTS = {
     "Batch": ".collator", "Collator": ".collator",
     "VLMDataset": ".dataset",
     "DataFileError": ".formats", "normalize": ".formats", "read_records": ".formats",
-    "load_image": ".images", "load_video_frames": ".images",
+    "image_size": ".images", "load_image": ".images", "load_video_frames": ".images",
     "BadSampleError": ".sample", "Sample": ".sample",
     "LengthGroupedSampler": ".sampler",
     "IGNORE_INDEX": ".rendering", "ChatFormat": ".rendering", "Rendered": ".rendering",

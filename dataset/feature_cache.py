@@ -16,6 +16,8 @@ records, so one cache serves any data file naming the same images.
   `check(identity)` raises `FeatureCacheMismatch` naming every differing field (a cache written for
   another tower is refused, never silently used). Shards are opened lazily per process, so the object
   pickles into DataLoader workers.
+* `refuse_variable_resolution(resolution)`: a variable resolution mode (anyres, native, naflex) raises
+  `FeatureCacheUnsupported` (a UserError naming `feature_cache`): each image has its own crops and count.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+
+from ..core.errors import UserError
 
 INDEX_FILE = "feature_cache.json"
 FORMAT = 1
@@ -117,3 +121,18 @@ class FeatureCache:
             details = "; ".join(f"{k}: cache {self.identity.get(k)!r} vs model {identity.get(k)!r}" for k in diff)
             raise FeatureCacheMismatch(f"feature cache {self.root} was written for another vision tower "
                                        f"({details}); rebuild it with `python -m qwenvl_lab.dataprocess.cache_features`")
+
+
+class FeatureCacheUnsupported(UserError, ValueError):
+    """A feature cache cannot stand for the towers' input under this model's resolution mode."""
+
+
+def refuse_variable_resolution(resolution) -> None:
+    """A variable resolution mode (`resolution.variable`: anyres, native, naflex) gives each image its own
+    crops and token count, and the towers see a different input whenever an image is downscaled to a
+    budget; a cache holds one fixed [T, C] output per image, so it is refused (one line naming the key)."""
+    if resolution is not None and getattr(resolution, "variable", False):
+        raise FeatureCacheUnsupported(
+            f"feature_cache: the model's resolution mode {resolution.mode!r} gives each image its own number of "
+            f"crops and tokens, which a cache of one fixed-size tower output per image cannot hold; remove "
+            f"feature_cache (or use the fixed resolution mode)")

@@ -11,6 +11,13 @@ with no temporary file); messages name the file as `name` (by default the path, 
 - every mode becomes RGB: transparent modes (RGBA, LA, PA, P with transparency) are composited over white,
   16/32-bit grayscale (I;16*, I, F) is scaled to 8 bits, CMYK / 1 / L / YCbCr are converted.
 
+`image_size(path, max_pixels=MAX_PIXELS) -> (width, height)`: the size `load_image` will return, read from the
+header only (no pixel decoded), EXIF orientation applied (orientations 5-8 swap width and height; the
+orientation is read exactly as `ImageOps.exif_transpose` reads it, XMP included); the same checks and
+`BadSampleError`s as `load_image` (missing, empty, unreadable, above max_pixels). A PNG keeps its metadata
+chunks before the image data as a rule; one with a metadata chunk after it is decoded to read it (rare).
+`video_frame_size(path) -> (width, height)`: the frames' size from the video stream's header (PyAV).
+
 `load_video_frames(path, k)`: `k` frames at uniformly spaced positions (PyAV), as RGB PIL images; a video
 with fewer than `k` frames repeats frames so the count is always `k` (the rendered text has `k` spans).
 PyAV is optional: without it, loading a video raises a UserError that names the package.
@@ -20,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import threading
 import warnings
 from typing import IO
@@ -69,6 +77,63 @@ def load_image(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS, 
             return to_rgb(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             raise BadSampleError(f"{shown}: corrupt or truncated image ({detail(e)})", "bad_image") from e
+
+
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)  # transposed / rotated by 90 or 270 degrees: width and height swap
+
+
+def image_size(path: str | os.PathLike, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) of the image `load_image(path)` gives, from the header (module docstring)."""
+    fp = str(path)
+    if not os.path.isfile(fp):
+        raise BadSampleError(f"{fp}: image file not found", "missing_file")
+    if os.path.getsize(fp) == 0:
+        raise BadSampleError(f"{fp}: image file is empty (0 bytes)", "bad_image")
+    try:
+        with open_header(fp) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise BadSampleError(too_large_message(fp, w, h, max_pixels), "too_large")
+            if w == 0 or h == 0:
+                raise BadSampleError(f"{fp}: image has size {w}x{h}", "bad_image")
+            orientation = _orientation(img, fp)
+    except BadSampleError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any header failure means "not a readable image", as load_image says
+        raise BadSampleError(f"{fp}: not a readable image ({e})", "bad_image") from e
+    return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
+
+
+def _orientation(img: Image.Image, path: str) -> int:
+    """The EXIF (or XMP) orientation `ImageOps.exif_transpose` will apply, without decoding pixels.
+
+    Why not `img.getexif()` alone: PIL's PNG plugin decodes the whole image to look for an eXIf chunk
+    after the image data; the base method reads what the header already gave, which is everything unless
+    such a trailing chunk exists (checked by walking the chunk headers)."""
+    if img.format == "PNG" and "exif" not in img.info and not _png_metadata_after_data(path):
+        exif = Image.Image.getexif(img)
+    else:
+        exif = img.getexif()
+    return int(exif.get(0x0112, 1) or 1)
+
+
+def _png_metadata_after_data(path: str) -> bool:
+    """Whether a PNG has an eXIf / text chunk after its image data (chunk headers only, data skipped)."""
+    seen_data = False
+    with open(path, "rb") as f:
+        f.seek(8)  # the signature
+        while header := f.read(8):
+            if len(header) < 8:
+                return False
+            length, kind = struct.unpack(">I4s", header)
+            if kind == b"IDAT":
+                seen_data = True
+            elif seen_data and kind in (b"eXIf", b"tEXt", b"zTXt", b"iTXt"):
+                return True
+            elif kind == b"IEND":
+                return False
+            f.seek(length + 4, os.SEEK_CUR)  # data + CRC
+    return False
 
 
 class _NamedBytes(io.BytesIO):
@@ -162,6 +227,29 @@ def _pyav():
         raise UserError("video data needs the PyAV package (import name av), which is not installed: "
                         "pip install av") from None
     return av
+
+
+def video_frame_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the video's frames, from its stream header (nothing decoded)."""
+    av = _pyav()
+    path = str(path)
+    if not os.path.isfile(path):
+        raise BadSampleError(f"{path}: video file not found", "missing_file")
+    if os.path.getsize(path) == 0:
+        raise BadSampleError(f"{path}: video file is empty (0 bytes)", "bad_video")
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise BadSampleError(f"{path}: no video stream", "bad_video")
+            stream = container.streams.video[0]
+            w, h = int(stream.codec_context.width), int(stream.codec_context.height)
+    except BadSampleError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise BadSampleError(f"{path}: unreadable video ({e})", "bad_video") from e
+    if w < 1 or h < 1:
+        raise BadSampleError(f"{path}: video frames have size {w}x{h}", "bad_video")
+    return w, h
 
 
 def load_video_frames(path: str, k: int) -> list[Image.Image]:

@@ -1,11 +1,15 @@
 """Padding-free packing: several rendered samples per row, attention isolated per sample.
 
-* `first_fit_decreasing(lengths, capacity) -> list[list[int]]`: bins of positions into `lengths`, each
-  summing to <= capacity (a single sample longer than `capacity` gets a bin of its own).
-* `PackingSampler(lengths, max_length, batch_size=1, seed=0, megabatch_size=512)`: yields PACKS (lists of
-  dataset indices). The packs are fixed at construction (seeded shuffle, then first-fit-decreasing over
-  the `lengths` of each megabatch of `megabatch_size` samples; `lengths` = `VLMDataset.lengths`, exact
-  after `validate()`), so `len()` is stable across epochs; each epoch (`set_epoch`) shuffles their order,
+* `first_fit_decreasing(lengths, capacity, image_tokens=None, image_capacity=None) -> list[list[int]]`: bins
+  of positions into `lengths`, each summing to <= capacity (and its image tokens to <= image_capacity); a
+  single sample above either gets a bin of its own.
+* `PackingSampler(lengths, max_length, batch_size=1, seed=0, megabatch_size=512, image_tokens=None,
+  max_image_tokens=None)`: yields PACKS (lists of dataset indices); with `image_tokens` (per sample:
+  `VLMDataset.image_tokens`) and `max_image_tokens`, no pack holds more image tokens than that (trainer/run.py
+  gives max_batch_image_tokens / packs per micro-batch, so a micro-batch stays within max_batch_image_tokens;
+  a sample alone above it was downscaled or skipped by the dataset's own budget). The packs are fixed at
+  construction (seeded shuffle, then first-fit-decreasing over the `lengths` of each megabatch of
+  `megabatch_size` samples; `lengths` = `VLMDataset.lengths`, exact after `validate()`), so `len()` is stable across epochs; each epoch (`set_epoch`) shuffles their order,
   with the pack holding the most tokens first (an out-of-memory shows at step 1). The count is padded by
   repeating packs to a multiple of `batch_size` (the global batch, in packs).
 * `PackedDataset(dataset)`: `dataset[pack] -> [dataset[i] for i in pack]`, so a `DataLoader(PackedDataset(ds),
@@ -19,6 +23,8 @@
     them and `core.loss.shift_targets` never predicts across them);
   - `pixel_values` [n_images_total, 3, H, W] in sample order (or None), or `image_features`
     [n_images_total, T, C] for items from a feature cache;
+  - per-image keys (variable resolution modes: `image_sizes`, `image_crops`, `image_grid`) concatenated in
+    sample order, as `Collator` does;
   - `image_counts` [1] (images in the row, as the VLM checks per row).
   No `attention_mask` (the qwen LM takes either a mask or `cu_seqlens`). Attributes outside the dict:
   `ids`, `skipped` (as `Collator`), `sample_image_counts` (per sample) and `pack_sizes` (samples per pack).
@@ -32,32 +38,40 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .collator import Batch
+from .collator import Batch, gather_images
 from .rendering import IGNORE_INDEX
 
 
-def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Bins of positions (longest first into the first bin with room); each bin's sum <= capacity."""
+def first_fit_decreasing(lengths: Sequence[int], capacity: int, image_tokens: Sequence[int] | None = None,
+                         image_capacity: int | None = None) -> list[list[int]]:
+    """Bins of positions (longest first into the first bin with room); each bin's sum <= capacity, and with
+    `image_tokens` / `image_capacity` each bin's image tokens <= image_capacity too."""
     if capacity < 1:
         raise ValueError(f"first_fit_decreasing: capacity must be >= 1, got {capacity}")
+    img = [0] * len(lengths) if image_tokens is None or image_capacity is None else [int(t) for t in image_tokens]
+    img_cap = image_capacity if image_capacity is not None else 0
     bins: list[list[int]] = []
     room: list[int] = []
+    img_room: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda k: (-lengths[k], k)):
         n = int(lengths[i])
         for b, r in enumerate(room):
-            if n <= r:
+            if n <= r and img[i] <= img_room[b]:
                 bins[b].append(i)
                 room[b] -= n
+                img_room[b] -= img[i]
                 break
         else:  # no bin has room (or the sample alone exceeds capacity): open a new bin
             bins.append([i])
             room.append(capacity - n)
+            img_room.append(img_cap - img[i])
     return bins
 
 
 class PackingSampler(torch.utils.data.Sampler):
     def __init__(self, lengths: Sequence[int], max_length: int, batch_size: int = 1, seed: int = 0,
-                 megabatch_size: int = 512):
+                 megabatch_size: int = 512, image_tokens: Sequence[int] | None = None,
+                 max_image_tokens: int | None = None):
         if not lengths:
             raise ValueError("PackingSampler: no lengths")
         if max_length < 1 or batch_size < 1 or megabatch_size < 1:
@@ -70,7 +84,8 @@ class PackingSampler(torch.utils.data.Sampler):
         self.packs: list[list[int]] = []
         for start in range(0, len(order), megabatch_size):
             mega = order[start:start + megabatch_size]
-            for b in first_fit_decreasing([self.lengths[i] for i in mega], max_length):
+            img = None if image_tokens is None else [image_tokens[i] for i in mega]
+            for b in first_fit_decreasing([self.lengths[i] for i in mega], max_length, img, max_image_tokens):
                 self.packs.append([mega[k] for k in b])
         self.n_packs = -(-len(self.packs) // batch_size) * batch_size
 
@@ -130,30 +145,16 @@ class PackingCollator:
             labels.append(lab)
             pos.append(torch.arange(n))
             bounds.append(bounds[-1] + n)
-        counts, pix, feats = [], [], []
-        for it in items:
-            px, ft = it.get("pixel_values"), it.get("image_features")
-            rows = px if px is not None else ft
-            c = 0 if rows is None else int(rows.shape[0])
-            if c != it.get("n_images", c):
-                raise ValueError(f"PackingCollator: item {it.get('id')}: {c} image rows, {it['n_images']} spans")
-            counts.append(c)
-            if px is not None:
-                pix.append(px)  # [c, 3, H, W]
-            elif ft is not None:
-                feats.append(ft)  # [c, T, C]
-        if pix and feats:
-            raise ValueError("PackingCollator: a batch mixes pixel_values and cached image_features")
+        counts, images = gather_images(items, "PackingCollator")
         out = Batch(
             input_ids=torch.cat(ids)[None],  # [1, total]
             labels=torch.cat(labels)[None],  # [1, total]
             position_ids=torch.cat(pos)[None],  # [1, total]
             cu_seqlens=torch.tensor(bounds, dtype=torch.int32),  # [n_samples + 1]
-            pixel_values=torch.cat(pix) if pix else None,  # [n_images_total, 3, H, W]
+            pixel_values=images.pop("pixel_values"),  # [n_images_total (fixed) | sum rows, 3, H, W]
             image_counts=torch.tensor([sum(counts)], dtype=torch.long),  # [1]: one row
         )
-        if feats:
-            out["image_features"] = torch.cat(feats)  # [n_images_total, T, C]
+        out.update(images)  # image_features [n_images_total, T, C]; per-image keys [n_images_total, ...]
         out.ids = [it.get("id") for it in items]
         out.skipped = [rec for it in items for rec in it.get("skipped", [])]
         out.sample_image_counts = counts

@@ -65,6 +65,15 @@ class TrainConfig:
     # A directory written by `python -m qwenvl_lab.dataprocess.cache_features`: cached tower outputs replace the
     # images (frozen towers only, e.g. stage 1). See dataset/feature_cache.py.
     feature_cache: str | None = None
+    # image tokens per sample, over all its images and video frames (null = no budget; the variable
+    # resolution modes give each image its own count; dataset/layouts.py)
+    max_image_tokens: int | None = None
+    # image tokens per micro-batch (null = no budget): each sample (packing: each pack) is held to this /
+    # per_device_train_batch_size (trainer/run.py build_datasets)
+    max_batch_image_tokens: int | None = None
+    # a sample over budget: downscale (all its images by one common factor, counted) or skip (counted as
+    # image_budget); a fixed resolution cannot be downscaled, so it always skips
+    over_budget: Literal["downscale", "skip"] = "downscale"
     # ---- what trains -----------------------------------------------------------------------------
     # align (projector only), sft (projector + LoRA), full (projector + whole LM)
     stage: Literal["align", "sft", "full"] = "sft"

@@ -100,11 +100,12 @@ def write_mode_images(d: Path) -> dict[str, tuple[Path, tuple[int, int, int]]]:
     return out
 
 
-def write_exif_rotated(path: Path) -> Path:
-    """A 6x2 (wide) JPEG whose EXIF Orientation=6 says 'rotate 90° clockwise to display' -> 2x6."""
-    img = Image.new("RGB", (6, 2), (10, 200, 10))
+def write_exif_rotated(path: Path, size=(6, 2), orientation: int = 6) -> Path:
+    """A 6x2 (wide) JPEG whose EXIF Orientation=6 says 'rotate 90° clockwise to display' -> 2x6 (or `size`
+    and `orientation` given; a .png path writes the eXIf chunk before the image data, as PIL does)."""
+    img = Image.new("RGB", size, (10, 200, 10))
     exif = Image.Exif()
-    exif[0x0112] = 6
+    exif[0x0112] = orientation
     img.save(path, exif=exif.tobytes())
     return path
 

@@ -38,7 +38,13 @@ from ..core.cli import writable_dir
 from ..core.config_io import ConfigError, save_config
 from ..core.errors import UserError
 from ..dataset import Collator, LengthGroupedSampler, VLMDataset
-from ..dataset.feature_cache import FeatureCache, FeatureCacheMismatch, tower_identity
+from ..dataset.feature_cache import (
+    FeatureCache,
+    FeatureCacheMismatch,
+    refuse_variable_resolution,
+    tower_identity,
+)
+from ..dataset.layouts import sample_image_budget
 from ..dataset.packing import PackedDataset, PackingCollator, PackingSampler
 from ..model import VLM, build_vlm, dtypes
 from ..model.backbones import unwrap
@@ -46,6 +52,7 @@ from ..model.checkpoint import _select_keys
 from ..model.paths import resolve_model_dir
 from ..model.stages import adapters_match, apply_stage
 from ..model.train_config import TrainConfig, check_paths, fsdp_flag
+from ..visual.pixels import prepare_images
 from .callbacks import AttentionSetup, JsonlLogger, plot_loss
 from .checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
 from .engines import prepare_deepspeed_on_cpu
@@ -187,6 +194,7 @@ def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
         raise ConfigError(f"packing=true needs model.lm_backend=qwen (variable-length attention); this LM is "
                           f"{vlm.config.lm_backend!r}: set packing=false")
     if cfg.feature_cache:
+        refuse_variable_resolution(getattr(vlm, "resolution", None))  # one count per image only
         if any(p.requires_grad for p in vlm.towers.parameters()):
             raise ConfigError("feature_cache is only valid with frozen towers (vision_lr=0 and no unfreeze regex "
                               "on towers): cached features cannot follow a tower that trains")
@@ -198,7 +206,14 @@ def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
 
 
 def build_datasets(cfg: TrainConfig, vlm):
-    """Train (and eval) datasets; a pre-scan drops bad samples up front and gives exact lengths."""
+    """Train (and eval) datasets; a pre-scan drops bad samples up front and gives exact lengths.
+
+    Variable tokens per image: the VLM's `resolution` (visual/resolution.py; absent or fixed = one count for
+    every image) gives each image its count from its size, and `prepare_images` its pixels. Image-token
+    budgets: each sample is held to `max_image_tokens` and to `max_batch_image_tokens` divided by the samples
+    (or packs) of a micro-batch, so every micro-batch stays within `max_batch_image_tokens` whatever samples
+    it draws (packing: the sampler also fills each pack to that share only, see `_prepare`)."""
+    resolution = getattr(vlm, "resolution", None)  # the model side may not have it yet: fixed mode
     common = dict(
         tokenizer=vlm.chat_format,  # the LM's chat template and ids
         image_processor=vlm.image_processor,
@@ -215,15 +230,24 @@ def build_datasets(cfg: TrainConfig, vlm):
         seed=cfg.seed,
         feature_cache=cfg.feature_cache,
         image_token_id=vlm.image_token_id,  # may differ from the tokenizer's (an imported Llava)
+        resolution=resolution,
+        prepare_images=prepare_images,
+        over_budget=cfg.over_budget,
     )
     paths = list(zip(cfg.data_path, cfg.data_weights)) if cfg.data_weights else list(cfg.data_path)
-    train_ds = VLMDataset(paths, **common)
-    eval_ds = VLMDataset(list(cfg.eval_data_path), **common) if cfg.eval_data_path else None
+    train_ds = VLMDataset(paths, **common, max_image_tokens=sample_image_budget(
+        cfg.max_image_tokens, cfg.max_batch_image_tokens, cfg.per_device_train_batch_size))
+    eval_ds = VLMDataset(list(cfg.eval_data_path), **common, max_image_tokens=sample_image_budget(
+        cfg.max_image_tokens, cfg.max_batch_image_tokens, cfg.per_device_eval_batch_size)
+    ) if cfg.eval_data_path else None
     if cfg.validate_data:
         for name, ds in (("train", train_ds), ("eval", eval_ds)):
             if ds is not None:
                 rep = ds.validate()
                 log.info("%s data: %d samples, %d skipped %s", name, len(ds), rep["skipped"], rep["by_kind"])
+                if rep["downscaled_samples"]:
+                    log.info("%s data: %d sample(s) over the image-token budget downscaled to fit (data_report.json "
+                             "lists them)", name, rep["downscaled_samples"])
                 if rep["truncated_samples"]:
                     log.warning("%s data: %d sample(s) shortened to max_length=%d: %d turn(s) and %d image(s) "
                                 "dropped (data_report.json lists them; raise max_length to keep them)", name,
@@ -343,8 +367,10 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
         train_input, collator = PackedDataset(train_ds), PackingCollator()
 
         def sampler_fn(targs):
+            budget = cfg.max_batch_image_tokens  # a micro-batch's packs share it (see build_datasets)
             return PackingSampler(train_ds.lengths, max_length=cfg.max_length, batch_size=global_batch,
-                                  seed=cfg.seed)
+                                  seed=cfg.seed, image_tokens=train_ds.image_tokens if budget else None,
+                                  max_image_tokens=budget // cfg.per_device_train_batch_size if budget else None)
     elif cfg.group_by_length:
         def sampler_fn(targs):
             return LengthGroupedSampler(train_ds.lengths, batch_size=global_batch, seed=cfg.seed)
