@@ -123,7 +123,7 @@ def test_prepare_images_gives_the_batch_contract(paths, images):
     assert out["image_grid"].tolist() == [list(res.layout(*img.size).grid) for img in images]
     assert out["pixel_values"].shape == (int(out["image_grid"].prod(dim=1).sum()), 3, P, P)
     assert prepare_images([], res, tower.processor) == {}
-    with pytest.raises(ValueError, match="image mode is 'L'"):
+    with pytest.raises(ValueError, match="image 1: mode is 'L'"):
         prepare_images([images[0], images[1].convert("L")], res, tower.processor)
 
 
