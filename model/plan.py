@@ -369,10 +369,17 @@ def model_states(counts: dict[str, PartCount], engine: str, n: int, c: int, larg
     return {"weights": w, "casts": casts, "grads": g, "optimizer": o, "total": w + casts + g + o}
 
 
-def flops_per_sample(vlm: nn.Module, shape: Shape, checkpointing: bool) -> dict[str, int]:
+def flops_per_sample(vlm: nn.Module, shape: Shape, checkpointing: bool, ip: ImagePlan | None = None) -> dict[str, int]:
+    """FLOPs of one sample of `shape`; `ip` (the worst image) counts crops (anyres) or patches (native)."""
     dims = ModelDims.from_model(vlm)
-    out = step_flops(dims, BatchStats(samples=1, lengths=[shape.seq], targets=shape.targets,
-                                      images=shape.images, projected=shape.images))
+    crops = shape.images * (ip.crops if ip is not None else 1)
+    stats = BatchStats(samples=1, lengths=[shape.seq], targets=shape.targets, images=crops, projected=crops)
+    if ip is not None and ip.mode in ("native", "naflex"):  # every image the worst patch grid
+        per = ip.tower_tokens
+        stats = BatchStats(samples=1, lengths=[shape.seq], targets=shape.targets, images=0, projected=0,
+                           patches=per * shape.images, patch_sq=per * per * shape.images,
+                           n_images=shape.images, grid_images=shape.images)
+    out = step_flops(dims, stats)
     recompute = 0
     if checkpointing:
         p = dims.parts
@@ -458,7 +465,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
                 gpu_mem_gib=gpu_mem_gib, gpu_tflops=gpu_tflops, mfu=mfu,
                 checkpointing=ckpt, shape=shape, counts=counts,
                 largest_module=largest, engines=engines, activations=acts,
-                flops=flops_per_sample(vlm, shape, ckpt), image=ip)
+                flops=flops_per_sample(vlm, shape, ckpt, ip), image=ip)
     act = plan.activation_per_gpu()
     for e in ENGINES:
         plan.min_gpus[e] = next((n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)

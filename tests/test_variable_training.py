@@ -106,3 +106,71 @@ def test_train_reload_and_resume_with_mixed_image_sizes(tmp_path, data, towers, 
     again = run_losses(resumed)
     assert sorted(again) == [4, 5, 6]
     assert all(again[s] == losses[s] for s in (4, 5, 6)), (losses, again)
+
+
+# ----- FLOPs ----------------------------------------------------------------------------------------------
+def _flops_vlm(tmp_path, **over):
+    """test_bench's tiny VLM: CLIP d=32, 2 layers, MLP 64, patch 8 on 32 px; Qwen2 H=32; towers frozen."""
+    from tests.test_bench import _tiny_vlm
+
+    return _tiny_vlm(tmp_path, **over)
+
+
+def _image_batch(vlm, sizes: list[tuple[int, int]]) -> dict:
+    images = [Image.new("RGB", s, (40 * i, 90, 200)) for i, s in enumerate(sizes)]
+    ids = torch.randint(0, 90, (1, 24))
+    labels = torch.full((1, 24), -100)
+    labels[0, 20:] = 5
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "image_counts": torch.tensor([len(images)]), **vlm.image_inputs(images)}
+
+
+D, LAYERS, MLP = 32, 2, 64  # the tiny CLIP
+TOWER_W = LAYERS * (4 * D * D + 2 * D * MLP) + 3 * 8 * 8 * D  # q, k, v, o, fc1, fc2 per layer + patch conv
+
+
+def test_step_flops_native_is_the_sum_of_per_image_counts(tmp_path):
+    from qwenvl_lab.model.flops import ModelDims, batch_stats, step_flops
+
+    vlm = _flops_vlm(tmp_path, max_pixels=64 * 64, min_pixels=16 * 16, reduce="pixel_shuffle", reduce_factor=2)
+    sizes = [(64, 40), (20, 60), (90, 30)]
+    batch = _image_batch(vlm, sizes)
+    grids = [vlm.resolution.layout(w, h).grid for w, h in sizes]
+    assert batch["image_grid"].tolist() == [list(g) for g in grids] and len(set(grids)) == 3
+    stats = batch_stats(batch)
+    assert stats.image_count == 3 and stats.patches == sum(h * w for h, w in grids)
+    flops = step_flops(ModelDims.from_model(vlm), stats)
+    towers = projector = 0
+    for h, w in grids:  # every image alone: its patches + CLIP's CLS row; frozen tower: forward only
+        t = h * w + 1
+        towers += 2 * TOWER_W * t + 4 * LAYERS * D * t * t
+        projector += 6 * (4 * D * 32 + 32 * 32) * (h * w // 4)  # pixel shuffle 2x2 -> 128 in, mlp2x_gelu
+    assert (flops["towers"], flops["projector"]) == (towers, projector)
+    assert flops["total"] == sum(v for k, v in flops.items() if k != "total")
+
+
+def test_step_flops_anyres_counts_every_crop(tmp_path):
+    from qwenvl_lab.model.flops import ModelDims, batch_stats, step_flops
+
+    vlm = _flops_vlm(tmp_path, image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], multi_image="anyres")
+    sizes = [(64, 30), (20, 60), (64, 64)]
+    batch = _image_batch(vlm, sizes)
+    crops = [vlm.resolution.layout(w, h, 3).crops for w, h in sizes]
+    assert crops == [3, 3, 5] and batch["pixel_values"].shape[0] == 11
+    stats = batch_stats(batch)
+    assert (stats.images, stats.image_count) == (11, 3)  # the tower runs 11 times on 3 images
+    flops = step_flops(ModelDims.from_model(vlm), stats)
+    t = 17  # 16 patches + CLS per 32 px crop
+    assert flops["towers"] == 11 * (2 * TOWER_W * t + 4 * LAYERS * D * t * t)
+    assert flops["projector"] == 11 * 6 * (32 * 32 + 32 * 32) * 16  # unpadding drops rows after the projector
+
+
+def test_throughput_logs_images_not_crops_or_zero(tmp_path):
+    from qwenvl_lab.trainer.throughput import ThroughputCallback
+
+    for over in ({"max_pixels": 64 * 64, "reduce": "pixel_shuffle", "reduce_factor": 2},
+                 {"image_grid_pinpoints": [[32, 64], [64, 32], [64, 64]], "multi_image": "anyres"}):
+        vlm = _flops_vlm(tmp_path / str(len(over)), **over)
+        cb = ThroughputCallback(vlm, peak_flops=1e12)
+        cb._count(vlm, (), _image_batch(vlm, [(64, 40), (20, 60)]))
+        assert cb.totals["images"] == 2 and cb.totals["flops"] > 0, (over, cb.totals)
