@@ -233,3 +233,24 @@ def test_training_run_with_packing_and_a_batch_image_budget(tmp_path, data, towe
     result = train(cfg)
     losses = run_losses(result.output_dir)
     assert sorted(losses) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+
+
+# ----- export -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode, extra, key", [
+    ("native", {}, "max_pixels"),
+    ("naflex", {}, "hf_siglip2"),
+    ("anyres", {"anyres_max": 2}, "anyres_max=2"),
+    ("anyres", {"multi_image": "base"}, "multi_image='base'"),
+])
+def test_export_refuses_what_llava_next_cannot_express_in_one_line(tmp_path, data, towers, capsys, mode, extra, key):
+    from qwenvl_lab.core.cli import run_cli
+    from qwenvl_lab.model import build_vlm
+    from qwenvl_lab.model.export import main
+
+    model = {**model_section(data, towers, mode), **extra, "dtype": "float32"}
+    cfg = tiny_train_config(tmp_path, data, model=model)
+    build_vlm(cfg.vlm_config()).save_pretrained(tmp_path / "src")
+    assert run_cli(main, ["--src", str(tmp_path / "src"), "--dst", str(tmp_path / "dst")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "it/s]" not in x]  # no progress bars
+    assert len(err) == 1 and err[0].startswith("error: export:") and key in err[0], err
+    assert not (tmp_path / "dst" / "config.json").exists()
