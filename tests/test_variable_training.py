@@ -254,3 +254,41 @@ def test_export_refuses_what_llava_next_cannot_express_in_one_line(tmp_path, dat
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip() and "it/s]" not in x]  # no progress bars
     assert len(err) == 1 and err[0].startswith("error: export:") and key in err[0], err
     assert not (tmp_path / "dst" / "config.json").exists()
+
+
+# ----- checkpoints --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["native", "naflex"])
+def test_trainable_only_checkpoint_of_a_native_model_reloads_equal(tmp_path, data, towers, mode):
+    import json
+
+    from qwenvl_lab.model import VLM
+    from qwenvl_lab.model.stages import set_trainable
+
+    vlm, items = _model_and_items(tmp_path, data, towers, mode, n=3)
+    set_trainable(vlm, "align")  # the projector trains; towers and LM point at their base files
+    with torch.no_grad():
+        for p in vlm.projector.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # "trained": differs from a fresh build
+    vlm.save_pretrained(tmp_path / "ck", trainable_only=True)
+    again = VLM.from_pretrained(tmp_path / "ck")
+    assert again.resolution == vlm.resolution
+    a, b = vlm.state_dict(), again.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].to(a[k].dtype)) for k in a)
+    from qwenvl_lab.dataset import Collator
+
+    batch = {k: v for k, v in dict(Collator(pad_id=vlm.pad_token_id)(items)).items() if k != "labels"}
+    with torch.no_grad():
+        assert torch.equal(vlm.eval()(**batch).logits, again.eval()(**batch).logits)
+
+    meta = json.loads((tmp_path / "ck" / "vlm_config.json").read_text())
+    facts, config = meta["checkpoint"], meta["config"]
+    assert facts["kind"] == "trainable"
+    tower = vlm.towers
+    merge = 2 if mode == "native" else 1
+    assert facts["tokens_per_image"] == tower.grid[0] * tower.grid[1] // merge**2 == vlm.tokens_per_image  # per crop
+    assert facts["resolution"] == {"mode": mode, "max_tokens_per_image": vlm.resolution.max_tokens()}
+    if mode == "native":
+        assert (config["max_pixels"], config["min_pixels"]) == (64 * 64, 16 * 16)
+        assert (config["reduce"], config["reduce_factor"]) == ("pixel_shuffle", 2)
+    else:
+        assert config["towers"][0]["backend"] == "hf_siglip2" and config["max_pixels"] is None
