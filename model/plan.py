@@ -42,7 +42,9 @@ Contract:
   one layer recomputed. The loss head keeps the supervised rows' hidden states and, transiently, one
   chunk of logits (min(targets, the VLM's loss_chunk_size) x V in c + 8 bytes). Memory-efficient attention
   (SDPA flash / the custom kernels) keeps no T² scores. Frozen towers run under no_grad (no activations);
-  a training tower holds c·(10 D + 2 I_v) per token and layer.
+  a training tower holds c·(10 D + 2 I_v) per token and layer (the worst image's patches, or crops x
+  patches, plus a CLS row per crop) and the c·3·p² input pixels of each patch (tests/test_variable_training.py
+  checks an image of the worst-case size to 20%).
 - FLOPs: `model.flops` counting (6·N·tokens for what trains, 4·N where only the gradient passes,
   2·N frozen forward; attention 4·L·d·s² forward), plus the recomputed LM forward under gradient
   checkpointing. Step time = FLOPs per GPU per optimizer step / (GPU peak x MFU); communication is not
@@ -280,6 +282,7 @@ class Shape:
     micro_batch: int
     accumulation: int
     tower_tokens: int | None = None  # tokens the towers read per sample (None: images x one square crop)
+    tower_inputs: int | None = None  # sequences the towers run per sample (crops or images; None: images)
 
 
 @dataclass
@@ -330,10 +333,12 @@ def activation_bytes(vlm: nn.Module, shape: Shape, c: int, checkpointing: bool, 
     if any(p.requires_grad for p in vlm.towers.parameters()):
         for t in _tower_list(vlm.towers):
             n_layers, width = _vit_attention(t)
-            tokens = int(t.grid[0] * t.grid[1]) + int(bool(getattr(t, "has_cls", False)))
-            read = shape.tower_tokens if shape.tower_tokens is not None else shape.images * tokens
+            cls, patches = int(bool(getattr(t, "has_cls", False))), int(t.grid[0] * t.grid[1])
+            read = shape.tower_tokens if shape.tower_tokens is not None else shape.images * patches
+            runs = shape.tower_inputs if shape.tower_inputs is not None else shape.images
             inter = int(getattr(getattr(getattr(t, "model", t), "config", None), "intermediate_size", 4 * width))
-            towers += read * n_layers * c * (10 * width + 2 * inter)
+            towers += (read + cls * runs) * n_layers * c * (10 * width + 2 * inter)  # + a CLS row per run
+            towers += read * c * 3 * int(t.image_size) ** 2 // patches  # the pixels the patch embedding saves
     out = {"lm": lm * samples, "head": head, "projector": projector * samples, "towers": towers * samples}
     out["total"] = sum(out.values())
     return out
@@ -453,7 +458,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
                   micro_batch=int(micro_batch or cfg.per_device_train_batch_size),
                   accumulation=max(1, cfg.accumulation_steps(gpus) if cfg.global_batch_size
                                    else cfg.gradient_accumulation_steps),
-                  tower_tokens=ip.tower_tokens * images)
+                  tower_tokens=ip.tower_tokens * images, tower_inputs=ip.crops * images)
     counts = count_parts(vlm)
     largest, units = _largest_module_params(vlm), _block_units(vlm)
     engines = {e: model_states(counts, e, gpus, c, largest, units) for e in ENGINES}

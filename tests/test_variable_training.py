@@ -292,3 +292,82 @@ def test_trainable_only_checkpoint_of_a_native_model_reloads_equal(tmp_path, dat
         assert (config["reduce"], config["reduce_factor"]) == ("pixel_shuffle", 2)
     else:
         assert config["towers"][0]["backend"] == "hf_siglip2" and config["max_pixels"] is None
+
+
+# ----- the plan -----------------------------------------------------------------------------------------------
+def _worst_image(res) -> tuple[int, int]:
+    """(width, height) of an image that gets `res.max_tokens()` tokens: a pinpoint's own size (anyres),
+    a 200:1 strip over max_pixels (native: smart_resize keeps one merged row; Resolution.max_tokens),
+    a square of max_num_patches patches (naflex)."""
+    from qwenvl_lab.visual.resolution import sweep_sizes
+
+    candidates = sweep_sizes(res) + [(4000, 20), (20, 4000), (res.patch_size * 16, res.patch_size * 16)]
+    size = max(candidates, key=lambda s: res.tokens(*s))
+    assert res.tokens(*size) == res.max_tokens(), (size, res.tokens(*size), res.max_tokens())
+    return size
+
+
+def _saved_bytes(model, fn) -> int:
+    """Bytes autograd saves while `fn()` runs (the model's parameters and views of them excluded), each
+    storage once (as tests/test_plan.py measures)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and t.device.type == "cpu":
+            seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("mode", ["anyres", "native"])
+def test_plan_worst_case_image_and_its_activations(tmp_path, data, towers, mode, capsys):
+    """The plan sizes the worst image (`Resolution.max_tokens`); its activation estimate (fp32, no
+    checkpointing, everything training) is within 20% of what autograd saves for an image of that size."""
+    from qwenvl_lab.model import plan as P
+    from qwenvl_lab.trainer.run import build_model
+
+    model = model_section(data, towers, mode)
+    model["lm_config"].update(hidden_size=256, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
+                              intermediate_size=688, attn_impl="torch")
+    model["dtype"] = "float32"
+    T = 256
+    cfg = tiny_train_config(tmp_path, data, model=model, max_length=T, per_device_train_batch_size=1)
+    vlm = build_model(cfg).train()
+    res = vlm.resolution
+    plan = P.make_plan(cfg, gpus=1, gpu_mem_gib=80, device="cpu", seq=T, images=1, targets=T - 1 - res.max_tokens(),
+                       micro_batch=1, dtype="float32")
+    assert plan.image.worst == res.max_tokens() == plan.shape.image_tokens
+    assert plan.image.per_image[2] == res.max_tokens() and plan.image.per_image[0] <= plan.image.per_image[1]
+
+    # One sample of T tokens holding the worst image, every text position supervised.
+    width, height = _worst_image(res)
+    image = Image.new("RGB", (width, height), (200, 30, 90))
+    n = res.max_tokens()
+    ids = torch.randint(0, 200, (1, T))
+    ids[0, 4:4 + n] = vlm.image_token_id
+    labels = ids.masked_fill(ids == vlm.image_token_id, -100)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+             "image_counts": torch.tensor([1]), **vlm.image_inputs([image])}
+    assert int((labels[0, 1:] != -100).sum()) == plan.shape.targets
+    measured = _saved_bytes(vlm, lambda: vlm(**batch))
+    est = plan.activations["no checkpointing"]
+    # the head's logits chunk is transient (recomputed in backward); its input rows are saved
+    saved = est["lm"] + est["projector"] + est["towers"] + plan.shape.targets * 256 * 4
+    assert 0.8 < saved / measured < 1.2, (mode, est, saved, measured)
+    # ... and the image part alone: the towers on the worst image's crops / patches (CLS rows, input pixels)
+    if mode == "anyres":
+        towers_saved = _saved_bytes(vlm, lambda: vlm.towers(batch["pixel_values"]))
+    else:
+        towers_saved = _saved_bytes(vlm, lambda: vlm.towers.forward_grid(batch["pixel_values"], batch["image_grid"]))
+    assert 0.8 < est["towers"] / towers_saved < 1.2, (mode, est["towers"], towers_saved)
+
+    assert P.main([str(tmp_path / "tiny_config.yaml"), "--gpus", "1", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    lo, typ, hi = plan.image.per_image
+    assert f"images: {mode} resolution; LM tokens per image min / typical / max = {lo} / {typ} / {hi}" in out
+    assert f"planned for the worst case: 1 x {n} tokens" in out
