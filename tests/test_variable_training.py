@@ -371,3 +371,23 @@ def test_plan_worst_case_image_and_its_activations(tmp_path, data, towers, mode,
     lo, typ, hi = plan.image.per_image
     assert f"images: {mode} resolution; LM tokens per image min / typical / max = {lo} / {typ} / {hi}" in out
     assert f"planned for the worst case: 1 x {n} tokens" in out
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_unvalidated_lengths_bound_every_image_by_its_most_tokens(tmp_path, data, towers, mode):
+    """validate_data=false: length grouping and packing read estimates; an image's estimate is the most
+    tokens any image can get (no header read), never a square crop's count below what it really takes."""
+    from qwenvl_lab.dataset.rendering import estimate_length
+    from qwenvl_lab.model import build_vlm
+    from qwenvl_lab.trainer.run import build_datasets
+
+    cfg = tiny_train_config(tmp_path, data, model=model_section(data, towers, mode), max_length=4000,
+                            validate_data=False)
+    vlm = build_vlm(cfg.vlm_config())
+    ds, _ = build_datasets(cfg, vlm)
+    est, exact_images = ds.lengths, ds.image_tokens
+    for i, k in enumerate(ds.index):
+        s = ds.samples[k]
+        image_part = est[i] - estimate_length(s, 0, ds.mode, ds.frames_per_video)
+        assert image_part == len(s.images) * vlm.resolution.max_tokens(len(s.images))
+        assert image_part >= exact_images[i] > 0
