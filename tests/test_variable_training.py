@@ -391,3 +391,45 @@ def test_unvalidated_lengths_bound_every_image_by_its_most_tokens(tmp_path, data
         image_part = est[i] - estimate_length(s, 0, ds.mode, ds.frames_per_video)
         assert image_part == len(s.images) * vlm.resolution.max_tokens(len(s.images))
         assert image_part >= exact_images[i] > 0
+
+
+def _with_text_only(tmp_path: Path, data: Path, n_text: int = 4) -> Path:
+    """The shapes training file plus `n_text` text-only conversations (no image key at all)."""
+    import json
+
+    lines = (data / "train.jsonl").read_text().splitlines()[:12]
+    text = [json.dumps({"id": f"text{i}", "messages": [{"role": "user", "content": "Say hi"},
+                                                        {"role": "assistant", "content": "hi"}]}) for i in range(n_text)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(text[:2] + lines + text[2:]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("mode", ["anyres", "native"])
+def test_text_only_samples_and_evaluation_during_a_variable_run(tmp_path, data, towers, mode):
+    """Micro-batches mixing (or holding only) text-only samples, packed or not, and eval_loss at eval_steps."""
+    from qwenvl_lab.dataset import Collator
+    from qwenvl_lab.dataset.packing import PackingCollator
+    from qwenvl_lab.trainer.callbacks import read_log
+    from qwenvl_lab.trainer.run import build_datasets, train
+
+    mixed = _with_text_only(tmp_path, data)
+    vlm, items = _model_and_items(tmp_path, data, towers, mode, n=2)
+    cfg = tiny_train_config(tmp_path, data, model=model_section(data, towers, mode), data_path=[str(mixed)],
+                            max_length=400)
+    ds, _ = build_datasets(cfg, vlm)
+    text = [ds[0], ds[1]]
+    assert all(it.get("pixel_values") is None or it["pixel_values"].numel() == 0 for it in text)
+    with torch.no_grad():
+        only = vlm(**Collator(pad_id=vlm.pad_token_id)(text)).loss
+        padded = vlm(**Collator(pad_id=vlm.pad_token_id)(text[:1] + items)).loss
+        packed = vlm(**PackingCollator()([text[:1] + items[:1], items[1:]])).loss
+    assert torch.isfinite(only)
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+
+    run = train(tiny_train_config(tmp_path / "run", data, model=model_section(data, towers, mode),
+                                  data_path=[str(mixed)], eval_data_path=[str(data / "val.jsonl")], eval_steps=2,
+                                  max_steps=4, max_length=400)).output_dir
+    evals = [r["eval_loss"] for r in read_log(run / "log.jsonl") if "eval_loss" in r]
+    assert len(evals) == 2 and all(torch.isfinite(torch.tensor(v)) for v in evals)
+    assert sorted(run_losses(run)) == [1, 2, 3, 4]
