@@ -354,6 +354,11 @@ def test_plan_worst_case_image_and_its_activations(tmp_path, data, towers, mode,
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "image_counts": torch.tensor([1]), **vlm.image_inputs([image])}
     assert int((labels[0, 1:] != -100).sum()) == plan.shape.targets
+    # the plan's FLOPs of the image side are those of this batch's (crops / patch grid of the worst image)
+    from qwenvl_lab.model.flops import ModelDims, batch_stats, step_flops
+
+    real = step_flops(ModelDims.from_model(vlm), batch_stats(batch))
+    assert (plan.flops["towers"], plan.flops["projector"]) == (real["towers"], real["projector"])
     measured = _saved_bytes(vlm, lambda: vlm(**batch))
     est = plan.activations["no checkpointing"]
     # the head's logits chunk is transient (recomputed in backward); its input rows are saved
