@@ -178,7 +178,10 @@ def meta_model(cfg, device: str = "cuda", dtype: str | None = None) -> tuple[nn.
         lg.setLevel(logging.ERROR)  # the stage's per-module report is for training runs
     try:
         with torch.device("meta"):
-            vlm = build_vlm(_meta_vlm_config(vcfg, base))
+            try:
+                vlm = build_vlm(_meta_vlm_config(vcfg, base))
+            except ValueError as e:  # the parts do not fit together (e.g. a grid the reduction cannot split)
+                raise PlanError(f"model: {e}") from None
             lora = copy.copy(cfg.lora)
             lora.qlora = False  # 4-bit bases are not modelled; the plan counts bf16 bases
             apply_stage(vlm, cfg, lora)  # the run's own sequence (trainer/run.py build_model)

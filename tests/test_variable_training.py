@@ -438,3 +438,21 @@ def test_text_only_samples_and_evaluation_during_a_variable_run(tmp_path, data, 
     evals = [r["eval_loss"] for r in read_log(run / "log.jsonl") if "eval_loss" in r]
     assert len(evals) == 2 and all(torch.isfinite(torch.tensor(v)) for v in evals)
     assert sorted(run_losses(run)) == [1, 2, 3, 4]
+
+
+def test_plan_cli_on_hub_configs_with_resolution_keys(capsys):
+    """The real recipe (SigLIP 384/14: a 27x27 grid) with anyres / native keys: the images line and the worst
+    case; a merge its square grid cannot split is one line naming the model, not a traceback."""
+    from qwenvl_lab.core.cli import run_cli
+    from qwenvl_lab.model import plan as P
+
+    base = ["configs/qwen2.5_0.5b_siglip.yaml", "max_length=4096", "--gpus", "1", "--gpu-mem", "80"]
+    assert P.main(base[:1] + ["model.image_grid_pinpoints=[[384,768],[768,384],[768,768]]"] + base[1:]) == 0
+    out = capsys.readouterr().out
+    assert "images: anyres resolution" in out and "planned for the worst case: 1 x 3699 tokens" in out
+    assert P.main(base[:1] + ["model.max_pixels=401408"] + base[1:]) == 0  # 14 px patches: 2048 tokens at most
+    assert "images: native resolution" in (out := capsys.readouterr().out) and "worst case: 1 x 2048 tokens" in out
+    bad = base[:1] + ["model.max_pixels=1003520", "model.reduce=pixel_shuffle", "model.reduce_factor=2"] + base[1:]
+    assert run_cli(P.main, bad) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model: token grid 27x27 is not divisible by reduce_factor 2" in err
