@@ -97,6 +97,11 @@ def test_train_reload_and_resume_with_mixed_image_sizes(tmp_path, data, towers, 
     assert len(sizes) > 1, sizes  # the batch really mixes sizes
     with torch.no_grad():
         assert torch.equal(trained(**batch).logits, loaded(**batch).logits)
+    # the reloaded model answers the validation file (batched chat, images of several sizes)
+    from qwenvl_lab.trainer.evaluate import answer_file
+
+    val = data / "val.jsonl"
+    assert answer_file(loaded, str(val), str(tmp_path / "answers.jsonl"), str(data), max_new_tokens=3) == 4
 
     # Killed after step 3: a second run holding only that checkpoint resumes and logs the same losses.
     resumed = tmp_path / "b" / "run"
