@@ -230,14 +230,19 @@ def test_packed_logits_and_loss_equal_padded_with_variable_spans(tmp_path, data,
 
 @pytest.mark.parametrize("mode", ["anyres", "native"])
 def test_training_run_with_packing_and_a_batch_image_budget(tmp_path, data, towers, mode):
-    """packing=true through the Trainer: packs of variable spans, each micro-batch within the image budget."""
+    """packing=true through the Trainer: packs of variable spans under an image budget; resume is exact."""
     from qwenvl_lab.trainer.run import train
 
-    cfg = run_config(tmp_path, data, towers, mode, packing=True, per_device_train_batch_size=1, max_steps=3,
-                     max_batch_image_tokens=400)
-    result = train(cfg)
-    losses = run_losses(result.output_dir)
-    assert sorted(losses) == [1, 2, 3] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    kw = dict(packing=True, per_device_train_batch_size=1, max_steps=4, save_steps=2, max_batch_image_tokens=400)
+    out = train(run_config(tmp_path / "a", data, towers, mode, **kw)).output_dir
+    losses = run_losses(out)
+    assert sorted(losses) == [1, 2, 3, 4] and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+    resumed = tmp_path / "b" / "run"
+    resumed.mkdir(parents=True)
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    train(run_config(tmp_path / "b", data, towers, mode, resume_from_checkpoint="auto", **kw))
+    again = run_losses(resumed)
+    assert sorted(again) == [3, 4] and all(again[s] == losses[s] for s in (3, 4)), (losses, again)
 
 
 # ----- export -------------------------------------------------------------------------------------------------
