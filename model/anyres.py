@@ -64,7 +64,7 @@ def _native_resolution(config: VLMConfig, towers: nn.Module, projector: nn.Modul
         raise ValueError(f"{what} and image_grid_pinpoints (anyres) exclude each other; set one")
     if not getattr(towers, "variable_grid", False):
         raise ValueError(f"{what}: the tower ({type(towers).__name__}) cannot read variable patch grids; use one "
-                         f"hf_clip, hf_siglip or hf_siglip2 tower")
+                         f"hf_clip, hf_siglip, hf_siglip2 or timm CNN tower")
     merge = int(projector.reduce_factor) if projector.reduce is not None else 1
     check_native_projector(projector, int(towers.hidden_size), merge)
     common = dict(image_size=int(towers.image_size), patch_size=int(towers.patch_size), grid=tuple(towers.grid),

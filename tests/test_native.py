@@ -293,3 +293,27 @@ def test_real_photos_naflex_pixels_at_hub_sizes(shared_images):
     n = int(image_grid[0].prod())
     ours = pixel_values[:n].permute(0, 2, 3, 1).reshape(n, -1)
     torch.testing.assert_close(ours, ref["pixel_values"][0, :n].float(), rtol=0, atol=1e-6)
+
+
+def test_timm_cnn_reads_each_image_at_its_own_size(tmp_path):
+    """A CNN tower's native path: the rows of a gh x gw patch grid equal the CNN's feature map of that whole
+    image (flattened row-major), and a mixed batch equals each image alone; the model builds in native mode."""
+    path = tv.save_tiny_timm_cnn(tmp_path / "cnn", image_size=32)
+    tower = build_tower("timm", str(path), feature_layer=-1, pretrained=False).eval()
+    assert tower.variable_grid and tower.patch_size == 32 // tower.grid[0] == 8
+    res = Resolution(mode="native", patch_size=8, merge=1, min_pixels=64, max_pixels=64 * 64)
+    images = [_image(w, h, i) for i, (w, h) in enumerate(SIZES)]
+    batch = prepare_images(images, res, tower.processor)
+    with torch.no_grad():
+        rows = tower.forward_grid(batch["pixel_values"], batch["image_grid"])
+        start = 0
+        for (gh, gw), img in zip(batch["image_grid"].tolist(), images):
+            alone = batch["pixel_values"][start:start + gh * gw]
+            whole = unpatchify(alone, gh, gw)  # [1, 3, gh*8, gw*8]
+            fmap = tower.model.forward_intermediates(whole, indices=[tower.feature_layer], intermediates_only=True)[0]
+            torch.testing.assert_close(rows[start:start + gh * gw], fmap.flatten(2).transpose(1, 2)[0], atol=1e-6,
+                                       rtol=0)
+            torch.testing.assert_close(tower.forward_grid(alone, torch.tensor([[gh, gw]])),
+                                       rows[start:start + gh * gw], atol=1e-6, rtol=0)
+            start += gh * gw
+    assert start == rows.shape[0]

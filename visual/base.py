@@ -166,7 +166,7 @@ class VisionTower(nn.Module, ABC):
         """Variable grids (visual/native.py's batch contract) -> [n_patches_total, D], rows in input order."""
         if not self.variable_grid:
             raise ValueError(f"{self.name}: backend {self.backend!r} reads fixed {self.image_size}px crops only; "
-                             f"native / naflex resolution needs hf_clip, hf_siglip or hf_siglip2")
+                             f"native / naflex resolution needs hf_clip, hf_siglip, hf_siglip2 or a timm CNN")
         if self.select == "drop_first":
             raise ValueError(f"{self.name}: select=drop_first has no native-resolution meaning; use select=patch")
         check_grid_batch(pixel_values, image_grid, self.patch_size, self.name)

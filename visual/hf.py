@@ -37,7 +37,7 @@ import transformers
 from transformers.utils import cached_file
 
 from .base import VisionTower, resolve_layer
-from .native import grid_groups, grid_list, row_offsets, unpatchify
+from .native import run_by_grid
 from .processor import ImageProcessor
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -173,17 +173,8 @@ class HFTower(VisionTower):
 
     def _grid_hidden(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> torch.Tensor:
         """Each image at its own (H, W) with interpolated position embeddings; one call per distinct grid."""
-        grids = grid_list(image_grid)
-        start = row_offsets(grids)
-        pieces: list[torch.Tensor] = [pixel_values[:0]] * len(grids)
-        for (gh, gw), idx in grid_groups(grids).items():
-            patches = torch.cat([pixel_values[start[i] : start[i + 1]] for i in idx])  # [k*gh*gw, 3, p, p]
-            images = unpatchify(patches, gh, gw)  # [k, 3, gh*p, gw*p]
-            hidden = self._hidden_state(images, interpolate_pos_encoding=True)  # [k, prefix + gh*gw, D]
-            assert hidden.shape[1] == self.num_prefix + gh * gw, f"{self.name}: {hidden.shape[1]} rows for {gh}x{gw}"
-            for j, i in enumerate(idx):
-                pieces[i] = hidden[j, self.num_prefix :]  # [gh*gw, D]
-        return torch.cat(pieces)  # [n_patches_total, D]
+        run = lambda images: self._hidden_state(images, interpolate_pos_encoding=True)  # noqa: E731
+        return run_by_grid(pixel_values, image_grid, run, self.num_prefix)  # [n_patches_total, D]
 
 
 class HFCLIPTower(HFTower):

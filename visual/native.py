@@ -73,6 +73,22 @@ def grid_groups(grids: Sequence[tuple[int, int]]) -> dict[tuple[int, int], list[
     return groups
 
 
+def run_by_grid(pixel_values: torch.Tensor, image_grid: torch.Tensor, run, prefix: int = 0) -> torch.Tensor:
+    """Patch rows [P, 3, p, p] of images with grids `image_grid` -> `run`'s patch rows [P, D], in input order.
+    Images of equal grid go through `run(images [k, 3, gh*p, gw*p]) -> [k, prefix + gh*gw, D]` together;
+    the first `prefix` rows (CLS, registers) are dropped. Each image's rows depend on that image alone."""
+    grids = grid_list(image_grid)
+    start = row_offsets(grids)
+    pieces: list[torch.Tensor] = [pixel_values[:0]] * len(grids)
+    for (gh, gw), idx in grid_groups(grids).items():
+        patches = torch.cat([pixel_values[start[i] : start[i + 1]] for i in idx])  # [k*gh*gw, 3, p, p]
+        hidden = run(unpatchify(patches, gh, gw))  # [k, prefix + gh*gw, D]
+        assert hidden.shape[1] == prefix + gh * gw, f"{hidden.shape[1]} rows for a {gh}x{gw} grid (+{prefix})"
+        for j, i in enumerate(idx):
+            pieces[i] = hidden[j, prefix:]  # [gh*gw, D]
+    return torch.cat(pieces)  # [n_patches_total, D]
+
+
 def check_grid_batch(pixel_values: torch.Tensor, image_grid: torch.Tensor, patch: int, what: str) -> None:
     """Loud checks of the batch contract: shapes, patch size, and rows == sum of grid_h * grid_w."""
     if pixel_values.ndim != 4 or pixel_values.shape[1] != 3 or pixel_values.shape[2] != pixel_values.shape[3]:

@@ -8,7 +8,9 @@ unless `pretrained=False`). Extra keyword arguments go to `timm.create_model`.
   model's `has_class_token`; register tokens are prefix tokens too and are never returned.
 - CNN (anything else with `forward_intermediates`): hidden states are timm's feature list (for ResNets:
   0 = stem, i = stage i); the chosen map [N, C, h, w] becomes h*w tokens, row-major. has_cls=False.
-  The default feature_layer for a CNN is -1 (the last feature map).
+  The default feature_layer for a CNN is -1 (the last feature map). A CNN also reads images at their own
+  size (native resolution, `forward_grid`): `patch_size` is its total stride at that feature map
+  (input side / grid side), and an image of (gh*p) x (gw*p) pixels gives a gh x gw map.
 Preprocessing facts come from timm's data config (input size, mean, std, interpolation, crop_pct).
 """
 
@@ -21,6 +23,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from .base import VisionTower, resolve_layer
+from .native import run_by_grid
 from .processor import ImageProcessor
 
 
@@ -105,6 +108,9 @@ class TimmTower(VisionTower):
         )
         self.is_vit = is_vit
         self.model = model
+        # A CNN reads any size: native resolution with one "patch" per output cell (its total stride).
+        self.variable_grid = not is_vit and h % grid[0] == 0 and h // grid[0] == h // grid[1]
+        self.patch_size = h // grid[0] if self.variable_grid else 0
         if dtype is not None:
             self.model.to(dtype)
 
@@ -112,6 +118,10 @@ class TimmTower(VisionTower):
         super().gradient_checkpointing_enable()  # ViT blocks: run_block
         if not self.is_vit:
             self.model.set_grad_checkpointing(True)  # CNN stages: timm's own checkpointing
+
+    def _grid_hidden(self, pixel_values: torch.Tensor, image_grid: torch.Tensor) -> torch.Tensor:
+        """A CNN at each image's own (H, W): its output map is (H / stride) x (W / stride) cells."""
+        return run_by_grid(pixel_values, image_grid, self._hidden_state)  # [n_patches_total, C]
 
     def _hidden_state(self, pixel_values: torch.Tensor) -> torch.Tensor:
         m = self.model
