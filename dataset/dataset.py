@@ -58,7 +58,9 @@ downscaled (`over_budget="downscale"`, variable modes: every image shrunk by one
 the per-sample budget from `max_batch_image_tokens` too (see there).
 
 `lengths` gives one length per index entry for length-grouped sampling: `estimate_length` (byte-count
-approximation) until `validate()` has run, exact token counts afterwards.
+approximation) until `validate()` has run, exact token counts afterwards. In a variable resolution mode the
+estimate gives every image the most tokens an image can get (`Resolution.max_tokens`, no image is opened):
+an upper bound, so packs built from it never exceed max_length (a square crop's count would underestimate).
 """
 
 from __future__ import annotations
@@ -467,9 +469,16 @@ class VLMDataset(torch.utils.data.Dataset):
     @property
     def lengths(self) -> list[int]:
         """One length per dataset position: exact after validate(), else a cheap estimate."""
-        return [self._exact_lengths.get(k) or estimate_length(self.samples[k], self.tokens_per_image,
+        return [self._exact_lengths.get(k) or estimate_length(self.samples[k], self._estimate_count(self.samples[k]),
                                                               self.mode, self.frames_per_video)
                 for k in self.index]
+
+    def _estimate_count(self, sample: Sample) -> int:
+        """Tokens per image for `estimate_length`: fixed mode's count, else the resolution's most (an upper
+        bound that needs no image header; the multi-image policy of the sample's image count applied)."""
+        if self.resolution is None:
+            return self.tokens_per_image
+        return self.resolution.max_tokens(max(1, len(sample.images) + len(sample.videos) * self.frames_per_video))
 
 
 def _media_indices(media: list[tuple[str, str]]) -> list[int]:

@@ -2,7 +2,9 @@
 
 A directory written by `save_vlm(vlm, dir, trainable_only)` holds:
 - `vlm_config.json`: `{"config": <resolved VLMConfig>, "checkpoint": {"kind": "full" | "trainable",
-  "tied": {alias: name}, "image_token_id", "tokens_per_image"}}`.
+  "tied": {alias: name}, "image_token_id", "tokens_per_image" (rows of one square crop; fixed mode: of
+  every image), and in a variable resolution mode "resolution": {"mode", "max_tokens_per_image"}}}`; the
+  resolution keys themselves (image_grid_pinpoints, max_pixels, ...) are in the config.
 - `model.safetensors`: every tensor of the state dict ("full"), or ("trainable") the parameters that
   require grad (with the buffers of their modules), the whole projector, and any part that has no base checkpoint to point at (a scratch
   LM, a timm tower built with `pretrained: false`). Tensors sharing storage (tied embeddings) are
@@ -99,7 +101,8 @@ def save_vlm(vlm, out_dir: str | Path, trainable_only: bool = False) -> Path:
             "kind": "trainable" if trainable_only else "full",
             "tied": tied,
             "image_token_id": vlm.image_token_id,
-            "tokens_per_image": vlm.tokens_per_image,
+            "tokens_per_image": vlm.tokens_per_image,  # rows per square crop (fixed mode: per image)
+            **_resolution_facts(vlm),
             "n_tensors": len(tensors),
         },
     }
@@ -114,6 +117,15 @@ def save_vlm(vlm, out_dir: str | Path, trainable_only: bool = False) -> Path:
         peft_config["default"].save_pretrained(str(out / LORA_DIR))
     _save_quant_settings(vlm, out)
     return out
+
+
+def _resolution_facts(vlm) -> dict:
+    """What an image costs under the model's resolution: `tokens_per_image` is a square crop's rows, which
+    a variable mode's image does not get, so its mode and most tokens per image are recorded beside it."""
+    res = getattr(vlm, "resolution", None)
+    if res is None or not res.variable:
+        return {}
+    return {"resolution": {"mode": res.mode, "max_tokens_per_image": int(res.max_tokens())}}
 
 
 def _save_quant_settings(vlm, out: Path) -> None:

@@ -19,6 +19,8 @@ An anyres model (`image_grid_pinpoints` set) is written as transformers' `LlavaN
 `LlavaNextProcessor`; transformers tiles every image of a sample and always closes rows with the newline,
 so the model must have `multi_image="anyres"`, `image_newline=True` and no `anyres_max` (else a clear
 error). `VLM.from_pretrained` imports the export back (model/llava.py), the same logits.
+A native-resolution model (`max_pixels`) or a NaFlex one (an `hf_siglip2` tower) has no Llava layout: refused
+(`export` answers one line naming the key), like an anyres setting transformers lacks.
 
 Image spans: our template writes `image_start + N x placeholder + image_end`; the exported chat template
 writes `image_start + placeholder + image_end` for each image and the Llava processor expands the single
@@ -114,9 +116,28 @@ def _lm_as_transformers(vlm, tmp: Path):
     return AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
 
 
+def _check_resolution(res) -> None:
+    """Resolution settings transformers' Llava / LLaVA-NeXT cannot express, named by their config key."""
+    if res.mode == "native":
+        raise ValueError("llava-hf export: native resolution (model.max_pixels / min_pixels, Qwen2-VL's "
+                         "smart_resize and patch merge) has no Llava or LLaVA-NeXT layout; unset max_pixels "
+                         "(retrain) or keep the model in this format")
+    if res.mode == "naflex":
+        raise ValueError("llava-hf export: NaFlex resolution (the hf_siglip2 tower's max_num_patches) has no "
+                         "Llava or LLaVA-NeXT layout; keep the model in this format")
+    if res.mode == "anyres" and (res.multi_image != "anyres" or not res.image_newline or res.anyres_max):
+        raise ValueError(f"llava-hf export of an anyres model (LLaVA-NeXT) needs multi_image=anyres, "
+                         f"image_newline=true and anyres_max=null (transformers' rules); got "
+                         f"multi_image={res.multi_image!r}, image_newline={res.image_newline}, "
+                         f"anyres_max={res.anyres_max}")
+    if res.mode not in ("fixed", "anyres"):
+        raise ValueError(f"llava-hf export: resolution mode {res.mode!r} has no Llava layout")
+
+
 def _check_exportable(vlm):
     """(backend, tower) when the model fits the Llava layout; a clear error otherwise."""
     cfg = vlm.config
+    _check_resolution(vlm.resolution)  # first: a native model's projector and tower fail for that reason
     if len(cfg.towers) != 1:
         raise ValueError(f"llava-hf export needs exactly one vision tower, the model has {len(cfg.towers)}")
     tower = vlm.towers
@@ -131,14 +152,6 @@ def _check_exportable(vlm):
     if tower.select == "drop_first" or getattr(tower, "last_hidden_state", False):
         raise ValueError("llava-hf export: this tower feeds the BigBro repo's features (select=drop_first / "
                          "last_hidden_state), which Llava's feature selection cannot express")
-    res = vlm.resolution
-    if res.mode == "anyres" and (res.multi_image != "anyres" or not res.image_newline or res.anyres_max):
-        raise ValueError(f"llava-hf export of an anyres model (LLaVA-NeXT) needs multi_image=anyres, "
-                         f"image_newline=true and anyres_max=null (transformers' rules); got "
-                         f"multi_image={res.multi_image!r}, image_newline={res.image_newline}, "
-                         f"anyres_max={res.anyres_max}")
-    if res.mode not in ("fixed", "anyres"):
-        raise ValueError(f"llava-hf export: resolution mode {res.mode!r} has no Llava layout")
     return backend, tower
 
 

@@ -15,9 +15,11 @@ m = 2 + 2·[gradient flows through] + 2·[weight trains] (6 for a trained part, 
   output token, an underestimate;
 - projector: its weights on `tokens_per_image` tokens per image;
 - variable patch grids (native / NaFlex resolution: the batch holds `image_grid` [n_images, 2] and
-  `pixel_values` rows are patches): the tower's weights on every patch and attention 4·L_v·d_v·(h·w)² per
-  image; the projector on the patches / merge² rows it receives. Anyres crops are square tower inputs:
-  counted as images (every crop runs the tower and the projector; unpadding only drops rows afterwards);
+  `pixel_values` rows are patches): the tower's weights on every patch (+ its CLS row per image, CLIP) and
+  attention 4·L_v·d_v·(h·w + cls)² per image; the projector on the patches / merge² rows it receives.
+  NaFlex pads each image to `max_num_patches` and masks the rest: the padding is not counted (model FLOPs).
+  Anyres crops are square tower inputs: counted as images (every crop, base view included, runs the tower
+  and the projector; unpadding only drops rows afterwards);
 - LM body: every linear weight of the LM except the output head, on T = the real (unpadded, or packed)
   tokens of the batch; attention 4·L·d_attn·s² forward per sample of length s (full square, as PaLM's
   MFU convention; not halved for causality) and x3 (12·L·d·s²) when the gradient flows through;
@@ -153,21 +155,26 @@ class ModelDims:
     tower_per_patch: int = 0  # variable grids: tower weights per patch
     tower_attention: int = 0  # variable grids: factor f, attention FLOPs = f * sum((h*w)^2) over images
     projector_per_row: int = 0  # variable grids: projector weights per row it receives
-    merge: int = 1  # native resolution: merge x merge patches -> one projector row  # the counts behind the figures, for inspection
+    merge: int = 1  # native resolution: merge x merge patches -> one projector row
+    # variable grids, per tower: (weight FLOPs per row, attention factor, prefix rows per image (CLS))
+    grid_towers: tuple[tuple[int, int, int], ...] = ()
 
     @classmethod
     def from_model(cls, vlm: nn.Module) -> ModelDims:
         towers, projector, lm = vlm.towers, vlm.projector, vlm.lm
         tower_trains, proj_trains = _trains(towers), _trains(projector)
         tower_total = per_patch = attention = 0
+        grid_towers = []
         for tower in _tower_list(towers):
-            t_v = int(tower.grid[0] * tower.grid[1]) + int(bool(getattr(tower, "has_cls", False)))
+            cls_rows = int(bool(getattr(tower, "has_cls", False)))
+            t_v = int(tower.grid[0] * tower.grid[1]) + cls_rows
             weights = _matmul_weights(tower)
             mult = _weights_flops_per_token(weights, grad_flows=False)  # nothing trains before a tower
             layers, width = _vit_attention(tower)
             tower_total += mult * t_v + (12 if tower_trains else 4) * layers * width * t_v**2
             per_patch += mult
             attention += (12 if tower_trains else 4) * layers * width
+            grid_towers.append((mult, (12 if tower_trains else 4) * layers * width, cls_rows))
         n_proj = sum(n for n, _ in _matmul_weights(projector))
         proj_mult = (6 if proj_trains else 2 + 2 * tower_trains) * n_proj
         proj_per_image = proj_mult * int(vlm.tokens_per_image)
@@ -191,6 +198,7 @@ class ModelDims:
             lm_attention=(12 if grad_flows else 4) * layers * d_attn,
             head_per_target=head_mult * v * h,
             tower_per_patch=per_patch, tower_attention=attention, projector_per_row=proj_mult, merge=merge,
+            grid_towers=tuple(grid_towers),
             parts={"lm_body_params": sum(n for n, _ in body), "head_params": v * h, "projector_params": n_proj,
                    "lm_layers": layers, "lm_attn_width": d_attn, "grad_through_lm": grad_flows},
         )
@@ -205,6 +213,13 @@ class BatchStats:
     projected: int  # images whose features go through the projector (cached features included)
     patches: int = 0  # variable grids: patches the tower reads (then `images` and `projected` are 0)
     patch_sq: int = 0  # variable grids: sum over images of (h*w)^2
+    n_images: int | None = None  # images in the batch (anyres: not crops); None = `projected`
+    grid_images: int = 0  # variable grids: images (each adds the tower's CLS row, if any)
+
+    @property
+    def image_count(self) -> int:
+        """Images in the batch as a user counts them (throughput's images_per_s)."""
+        return self.projected if self.n_images is None else self.n_images
 
     @property
     def tokens(self) -> int:
@@ -228,19 +243,24 @@ def batch_stats(batch: dict) -> BatchStats:
     if grid is not None and pix is not None:
         n = (grid[:, 0] * grid[:, 1]).tolist()
         return BatchStats(samples=len(lengths), lengths=[int(x) for x in lengths], targets=targets, images=0,
-                          projected=0, patches=int(sum(n)), patch_sq=int(sum(x * x for x in n)))
+                          projected=0, patches=int(sum(n)), patch_sq=int(sum(x * x for x in n)),
+                          n_images=len(n), grid_images=len(n))
     images = 0 if pix is None else int(pix.shape[0])  # the tower runs on these
     feats = batch.get("image_features")  # cached tower output [n_images, T, C]: the tower is skipped
     projected = images + (0 if feats is None else int(feats.shape[0]))
+    crops = batch.get("image_crops")  # anyres [n_images]: pixel rows are crops
     return BatchStats(samples=len(lengths), lengths=[int(n) for n in lengths], targets=targets,
-                      images=images, projected=projected)
+                      images=images, projected=projected, n_images=None if crops is None else len(crops))
 
 
 def step_flops(dims: ModelDims, stats: BatchStats) -> dict[str, int]:
     """FLOPs of one micro-batch by part (see the module docstring); "total" is their sum."""
+    n, p, sq = stats.grid_images, stats.patches, stats.patch_sq  # sum((hw + c)^2) = sq + 2c·p + c²·n
+    grid = sum(mult * (p + c * n) + att * (sq + 2 * c * p + c * c * n) for mult, att, c in dims.grid_towers)
+    if not dims.grid_towers:  # dims built by hand: patch rows only
+        grid = dims.tower_per_patch * p + dims.tower_attention * sq
     out = {
-        "towers": dims.tower_per_image * stats.images + dims.tower_per_patch * stats.patches
-        + dims.tower_attention * stats.patch_sq,
+        "towers": dims.tower_per_image * stats.images + grid,
         "projector": dims.projector_per_image * stats.projected
         + dims.projector_per_row * (stats.patches // dims.merge**2),
         "lm": dims.lm_per_token * stats.tokens,

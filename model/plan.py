@@ -42,7 +42,9 @@ Contract:
   one layer recomputed. The loss head keeps the supervised rows' hidden states and, transiently, one
   chunk of logits (min(targets, the VLM's loss_chunk_size) x V in c + 8 bytes). Memory-efficient attention
   (SDPA flash / the custom kernels) keeps no T² scores. Frozen towers run under no_grad (no activations);
-  a training tower holds c·(10 D + 2 I_v) per token and layer.
+  a training tower holds c·(10 D + 2 I_v) per token and layer (the worst image's patches, or crops x
+  patches, plus a CLS row per crop) and the c·3·p² input pixels of each patch (tests/test_variable_training.py
+  checks an image of the worst-case size to 20%).
 - FLOPs: `model.flops` counting (6·N·tokens for what trains, 4·N where only the gradient passes,
   2·N frozen forward; attention 4·L·d·s² forward), plus the recomputed LM forward under gradient
   checkpointing. Step time = FLOPs per GPU per optimizer step / (GPU peak x MFU); communication is not
@@ -176,7 +178,10 @@ def meta_model(cfg, device: str = "cuda", dtype: str | None = None) -> tuple[nn.
         lg.setLevel(logging.ERROR)  # the stage's per-module report is for training runs
     try:
         with torch.device("meta"):
-            vlm = build_vlm(_meta_vlm_config(vcfg, base))
+            try:
+                vlm = build_vlm(_meta_vlm_config(vcfg, base))
+            except ValueError as e:  # the parts do not fit together (e.g. a grid the reduction cannot split)
+                raise PlanError(f"model: {e}") from None
             lora = copy.copy(cfg.lora)
             lora.qlora = False  # 4-bit bases are not modelled; the plan counts bf16 bases
             apply_stage(vlm, cfg, lora)  # the run's own sequence (trainer/run.py build_model)
@@ -280,6 +285,7 @@ class Shape:
     micro_batch: int
     accumulation: int
     tower_tokens: int | None = None  # tokens the towers read per sample (None: images x one square crop)
+    tower_inputs: int | None = None  # sequences the towers run per sample (crops or images; None: images)
 
 
 @dataclass
@@ -330,10 +336,12 @@ def activation_bytes(vlm: nn.Module, shape: Shape, c: int, checkpointing: bool, 
     if any(p.requires_grad for p in vlm.towers.parameters()):
         for t in _tower_list(vlm.towers):
             n_layers, width = _vit_attention(t)
-            tokens = int(t.grid[0] * t.grid[1]) + int(bool(getattr(t, "has_cls", False)))
-            read = shape.tower_tokens if shape.tower_tokens is not None else shape.images * tokens
+            cls, patches = int(bool(getattr(t, "has_cls", False))), int(t.grid[0] * t.grid[1])
+            read = shape.tower_tokens if shape.tower_tokens is not None else shape.images * patches
+            runs = shape.tower_inputs if shape.tower_inputs is not None else shape.images
             inter = int(getattr(getattr(getattr(t, "model", t), "config", None), "intermediate_size", 4 * width))
-            towers += read * n_layers * c * (10 * width + 2 * inter)
+            towers += (read + cls * runs) * n_layers * c * (10 * width + 2 * inter)  # + a CLS row per run
+            towers += read * c * 3 * int(t.image_size) ** 2 // patches  # the pixels the patch embedding saves
     out = {"lm": lm * samples, "head": head, "projector": projector * samples, "towers": towers * samples}
     out["total"] = sum(out.values())
     return out
@@ -369,10 +377,17 @@ def model_states(counts: dict[str, PartCount], engine: str, n: int, c: int, larg
     return {"weights": w, "casts": casts, "grads": g, "optimizer": o, "total": w + casts + g + o}
 
 
-def flops_per_sample(vlm: nn.Module, shape: Shape, checkpointing: bool) -> dict[str, int]:
+def flops_per_sample(vlm: nn.Module, shape: Shape, checkpointing: bool, ip: ImagePlan | None = None) -> dict[str, int]:
+    """FLOPs of one sample of `shape`; `ip` (the worst image) counts crops (anyres) or patches (native)."""
     dims = ModelDims.from_model(vlm)
-    out = step_flops(dims, BatchStats(samples=1, lengths=[shape.seq], targets=shape.targets,
-                                      images=shape.images, projected=shape.images))
+    crops = shape.images * (ip.crops if ip is not None else 1)
+    stats = BatchStats(samples=1, lengths=[shape.seq], targets=shape.targets, images=crops, projected=crops)
+    if ip is not None and ip.mode in ("native", "naflex"):  # every image the worst patch grid
+        per = ip.tower_tokens
+        stats = BatchStats(samples=1, lengths=[shape.seq], targets=shape.targets, images=0, projected=0,
+                           patches=per * shape.images, patch_sq=per * per * shape.images,
+                           n_images=shape.images, grid_images=shape.images)
+    out = step_flops(dims, stats)
     recompute = 0
     if checkpointing:
         p = dims.parts
@@ -446,7 +461,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
                   micro_batch=int(micro_batch or cfg.per_device_train_batch_size),
                   accumulation=max(1, cfg.accumulation_steps(gpus) if cfg.global_batch_size
                                    else cfg.gradient_accumulation_steps),
-                  tower_tokens=ip.tower_tokens * images)
+                  tower_tokens=ip.tower_tokens * images, tower_inputs=ip.crops * images)
     counts = count_parts(vlm)
     largest, units = _largest_module_params(vlm), _block_units(vlm)
     engines = {e: model_states(counts, e, gpus, c, largest, units) for e in ENGINES}
@@ -458,7 +473,7 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
                 gpu_mem_gib=gpu_mem_gib, gpu_tflops=gpu_tflops, mfu=mfu,
                 checkpointing=ckpt, shape=shape, counts=counts,
                 largest_module=largest, engines=engines, activations=acts,
-                flops=flops_per_sample(vlm, shape, ckpt), image=ip)
+                flops=flops_per_sample(vlm, shape, ckpt, ip), image=ip)
     act = plan.activation_per_gpu()
     for e in ENGINES:
         plan.min_gpus[e] = next((n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)

@@ -150,7 +150,10 @@ def build_model(cfg: TrainConfig):
         if cfg.model or cfg.preset:
             log.warning("init_from=%s: the model/preset keys are ignored", cfg.init_from)
     else:
-        vlm = build_vlm(cfg.vlm_config())
+        try:
+            vlm = build_vlm(cfg.vlm_config())
+        except ValueError as e:  # the parts do not fit together (e.g. a grid the reduction cannot split)
+            raise ConfigError(f"model: {e}") from None
     lora = cfg.lora
     if cfg.stage == "sft" and cfg.lora.r > 0 and getattr(vlm.lm, "peft_config", None):
         lora = continue_or_fold_adapters(cfg, vlm)

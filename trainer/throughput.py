@@ -62,7 +62,7 @@ class ThroughputCallback(TrainerCallback):
         stats = batch_stats(batch)
         flops = step_flops(self.dims, stats)["total"] if self.dims is not False else 0
         seen = {"samples": stats.samples, "tokens": stats.tokens, "targets": stats.targets,
-                "images": stats.projected, "flops": flops}
+                "images": stats.image_count, "flops": flops}
         for acc in (self.window, self.totals):
             for k, v in seen.items():
                 acc[k] += v
