@@ -307,7 +307,7 @@ def test_timm_cnn_reads_each_image_at_its_own_size(tmp_path):
     with torch.no_grad():
         rows = tower.forward_grid(batch["pixel_values"], batch["image_grid"])
         start = 0
-        for (gh, gw), img in zip(batch["image_grid"].tolist(), images):
+        for gh, gw in batch["image_grid"].tolist():
             alone = batch["pixel_values"][start:start + gh * gw]
             whole = unpatchify(alone, gh, gw)  # [1, 3, gh*8, gw*8]
             fmap = tower.model.forward_intermediates(whole, indices=[tower.feature_layer], intermediates_only=True)[0]
