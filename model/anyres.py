@@ -1,7 +1,7 @@
 """The model's resolution rule and LLaVA-NeXT's packing of crop rows into each image's token rows.
 
 Contract:
-- `build_resolution(config, towers, projector) -> visual.resolution.Resolution`: the one rule from an
+- `build_resolution(config, towers, projector, tokens) -> visual.resolution.Resolution`: the one rule from an
   image's size to its crops and tokens, from the config's resolution keys and the tower facts. No key set:
   mode "fixed" (the tower's `image_size` and patch grid, `tokens_per_crop` = the projector's rows per
   crop): today's behaviour. `image_grid_pinpoints` set: mode "anyres". A token-reducing
@@ -38,8 +38,8 @@ def crop_grid(towers: nn.Module, projector: nn.Module) -> tuple[int, int]:
     return int(towers.grid[0]) // s, int(towers.grid[1]) // s
 
 
-def build_resolution(config: VLMConfig, towers: nn.Module, projector: nn.Module) -> Resolution:
-    tokens = int(projector.tokens_out(int(towers.num_tokens)))
+def build_resolution(config: VLMConfig, towers: nn.Module, projector: nn.Module, tokens: int) -> Resolution:
+    """`tokens`: the projector's rows for one square crop (`VLM.tokens_per_image`)."""
     size = int(towers.image_size)
     if config.max_pixels is not None or getattr(towers, "max_num_patches", None):
         return _native_resolution(config, towers, projector, tokens)

@@ -236,9 +236,15 @@ class VLM(nn.Module):
                 f"token reduction {projector.reduce} needs patch tokens only, but the tower returns "
                 f"{towers.num_tokens} tokens for a {towers.grid[0]}x{towers.grid[1]} grid (select='patch')"
             )
-        self.tokens_per_image = projector.tokens_out(int(towers.num_tokens))  # rows per crop
+        if config.max_pixels is not None or getattr(towers, "max_num_patches", None):
+            # Native resolution never feeds the square crop: its grid (e.g. SigLIP-384/14's 27x27) need not
+            # divide by the merge; the figure kept is what a square crop would give (checkpoint facts, plan).
+            s = int(projector.reduce_factor) if projector.reduce is not None else 1
+            self.tokens_per_image = (int(towers.grid[0]) // s) * (int(towers.grid[1]) // s)
+        else:
+            self.tokens_per_image = projector.tokens_out(int(towers.num_tokens))  # rows per crop
         # The one rule from an image's size to its crops and tokens (fixed unless a resolution key is set).
-        self.resolution = build_resolution(config, towers, projector)
+        self.resolution = build_resolution(config, towers, projector, self.tokens_per_image)
         anyres_newline = self.resolution.mode == "anyres" and self.resolution.image_newline
         # LLaVA-NeXT's learned row separator, at the LM's width; trains and saves with the projector
         # (config.PROJECTOR_PREFIXES).
@@ -631,7 +637,8 @@ def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM
     if config.freeze_towers:
         towers.requires_grad_(False)
         towers.eval()
-    grid = towers.grid if config.reduce is not None else None
+    native = config.max_pixels is not None or getattr(towers, "max_num_patches", None)
+    grid = towers.grid if config.reduce is not None and not native else None  # native: grids vary per image
     projector = build_projector(
         config.projector, int(towers.hidden_size), lm_width(lm), reduce=config.reduce,
         reduce_factor=config.reduce_factor, grid=grid,

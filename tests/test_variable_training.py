@@ -452,7 +452,7 @@ def test_text_only_samples_and_evaluation_during_a_variable_run(tmp_path, data, 
 
 def test_plan_cli_on_hub_configs_with_resolution_keys(capsys):
     """The real recipe (SigLIP 384/14: a 27x27 grid) with anyres / native keys: the images line and the worst
-    case; a merge its square grid cannot split is one line naming the model, not a traceback."""
+    case; a merge its square grid cannot split still builds in native mode; a bad pinpoint is one line."""
     from qwenvl_lab.core.cli import run_cli
     from qwenvl_lab.model import plan as P
 
@@ -462,7 +462,11 @@ def test_plan_cli_on_hub_configs_with_resolution_keys(capsys):
     assert "images: anyres resolution" in out and "planned for the worst case: 1 x 3699 tokens" in out
     assert P.main(base[:1] + ["model.max_pixels=401408"] + base[1:]) == 0  # 14 px patches: 2048 tokens at most
     assert "images: native resolution" in (out := capsys.readouterr().out) and "worst case: 1 x 2048 tokens" in out
-    bad = base[:1] + ["model.max_pixels=1003520", "model.reduce=pixel_shuffle", "model.reduce_factor=2"] + base[1:]
+    # Qwen2-VL's merge on SigLIP's 27x27 square grid: native mode never feeds the square, so it builds.
+    merged = base[:1] + ["model.max_pixels=1003520", "model.reduce=pixel_shuffle", "model.reduce_factor=2"] + base[1:]
+    assert P.main(merged) == 0  # 1003520 / 28**2 = 1280 = 32 x 40 merged tokens at most
+    assert "worst case: 1 x 1280 tokens" in capsys.readouterr().out
+    bad = base[:1] + ["model.image_grid_pinpoints=[[384,700]]"] + base[1:]
     assert run_cli(P.main, bad) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "model: token grid 27x27 is not divisible by reduce_factor 2" in err
+    assert err.count("\n") == 1 and "not a multiple of the tower's image size 384" in err
