@@ -280,3 +280,75 @@ def test_generation_task_batched_equals_chat(vlm, tmp_path):
         text = res["prompt"].replace("{question}", q["question"])
         want = vlm.chat([img], [{"role": "user", "content": "<image>\n" + text}], max_new_tokens=N)
         assert answers[str(q["question_id"])] == want
+
+
+# ----- a transformers llava_next directory through test.py, the evaluation CLI and the server ---------------
+@pytest.fixture(scope="module")
+def llava_next_dir(tmp_path_factory):
+    """Our tiny anyres VLM exported as transformers' LLaVA-NeXT (config.json model_type "llava_next", no
+    vlm_config.json), with its tokenizer and image processor, as tests/test_anyres.py's round trip does."""
+    from qwenvl_lab.model.export import export_llava_hf
+
+    tmp = tmp_path_factory.mktemp("llava_next")
+    vlm = build_tiny_vlm(tmp, tower="clip", image_grid_pinpoints=PINS, multi_image="anyres")
+    randomize_(vlm, seed=3)
+    dst = export_llava_hf(vlm.eval(), tmp / "next")
+    assert json.loads((dst / "config.json").read_text())["model_type"] == "llava_next"
+    image(0, (64, 48)).save(tmp / "q.png")
+    return dst, tmp / "q.png"
+
+
+def test_llava_next_dir_is_a_model_dir(llava_next_dir, tmp_path):
+    import shutil
+
+    from qwenvl_lab.model.paths import is_llava_dir, resolve_model_dir
+
+    dst, _ = llava_next_dir
+    assert is_llava_dir(dst) and resolve_model_dir(dst) == dst
+    shutil.copytree(dst, tmp_path / "run" / "final")  # a run directory holding one
+    assert resolve_model_dir(tmp_path / "run") == tmp_path / "run" / "final"
+
+
+def test_llava_next_dir_answers_through_test_py_evaluation_and_server(llava_next_dir, tmp_path, capsys):
+    import argparse
+
+    from PIL import Image
+    from qwenvl_lab.evaluation.__main__ import main as eval_main
+    from qwenvl_lab.model import VLM
+    from qwenvl_lab.serve.cli import add_server_args, build
+
+    from tests.tiny_server import answer_of_test_py, free_port
+
+    dst, png = llava_next_dir
+    vlm = VLM.from_pretrained(dst).eval()
+    assert vlm.resolution.mode == "anyres"
+    img = Image.open(png).convert("RGB")
+    want = vlm.chat([img], marked([img], "what is it?"), max_new_tokens=N)
+    got = answer_of_test_py(["--model", str(dst), "--image", str(png), "--prompt", "what is it?",
+                             "--max-new-tokens", str(N), "--device", "cpu"], capsys)
+    assert got == want
+
+    root, images = write_vqav2_sizes(tmp_path / "vqav2")
+    args = ["--model", str(dst), "--task", "vqav2", "--data", str(root), "--images", str(images),
+            "--max-new-tokens", str(N), "--device", "cpu"]
+    assert eval_main(args + ["--output", str(tmp_path / "cli")]) == 0
+    run_task(vlm, "vqav2", str(root), images=str(images), output=tmp_path / "mem", batch_size=1,
+             max_new_tokens=N, progress=False)
+    assert read_answers(tmp_path / "cli" / "answers.jsonl") == read_answers(tmp_path / "mem" / "answers.jsonl")
+
+    pytest.importorskip("fastapi", reason="the server needs fastapi (pip install .[serve])")
+    from fastapi.testclient import TestClient
+
+    ap = argparse.ArgumentParser()
+    add_server_args(ap, port=free_port())
+    app, engine, _ = build(ap.parse_args(["--model", str(dst), "--device", "cpu"]))
+    engine.start()
+    try:
+        with TestClient(app) as client:
+            body = _body([img], "what is it?")
+            body.update(model=client.get("/v1/models").json()["data"][0]["id"], ignore_eos=False)
+            r = client.post("/v1/chat/completions", json=body)
+    finally:
+        engine.stop()
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want
