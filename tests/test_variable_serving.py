@@ -230,6 +230,36 @@ def test_fixed_mode_prepare_is_unchanged(tmp_path):
     assert prepare(vlm, convs()[2][1], [], N, Limits())[1] == {}
 
 
+def test_web_chat_two_turns_with_images_of_different_sizes_equal_chat(vlm, tmp_path):
+    import asyncio
+
+    pytest.importorskip("gradio", reason="the web chat needs gradio (pip install .[serve])")
+    from qwenvl_lab.serve.chat_page import Conversation, make_respond
+
+    for i, size in enumerate([(64, 48), (90, 30)]):
+        image(i, size).save(tmp_path / f"{i}.png")
+    engine = Engine(vlm, max_batch_size=2)
+    respond = make_respond(vlm, engine, Limits(max_images=4, max_tokens=16))
+
+    async def two_turns():
+        first = [u async for u in respond({"text": "what is it?", "files": [str(tmp_path / "0.png")]},
+                                          Conversation(), 0.0, 1.0, N, None)]
+        second = [u async for u in respond({"text": "and this one?", "files": [str(tmp_path / "1.png")]},
+                                           first[-1][2], 0.0, 1.0, N, None)]
+        return first[-1][2], second[-1][2]
+
+    engine.start()
+    try:
+        after_one, after_two = asyncio.run(two_turns())
+    finally:
+        engine.stop()
+    assert (len(after_one.messages), len(after_two.messages), len(after_two.images)) == (2, 4, 2)
+    for conv in (after_one, after_two):  # each answer is vlm.chat's on the conversation up to its question
+        n = sum(m["content"].count("<image>") for m in conv.messages)
+        want = vlm.chat(conv.images[:n], conv.messages[:-1], max_new_tokens=N)
+        assert conv.messages[-1] == {"role": "assistant", "content": want}
+
+
 # ----- evaluation ----------------------------------------------------------------------------------------
 def test_likelihood_equals_teacher_forcing_on_variable_images(vlm, tmp_path):
     imgs = [image(1, (20, 70)), image(2, (90, 30))]
