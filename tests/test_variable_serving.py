@@ -382,3 +382,16 @@ def test_llava_next_dir_answers_through_test_py_evaluation_and_server(llava_next
         engine.stop()
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == want
+
+
+def test_an_item_whose_image_the_native_rule_refuses_is_skipped_and_counted(tmp_path):
+    from PIL import Image
+
+    vlm = variable_vlm(tmp_path, "native")
+    root, images = write_vqav2_sizes(tmp_path / "vqav2")
+    first = sorted(images.iterdir())[0]
+    Image.open(first).convert("RGB").resize((1, 300)).save(first, format="PNG")  # aspect ratio 300 > 200
+    res = run_task(vlm, "vqav2", str(root), images=str(images), output=tmp_path / "o", batch_size=3,
+                   max_new_tokens=N, progress=False)
+    assert res["n_answered"] == 2 and res["skipped"] == {"bad_image": 1}
+    assert "aspect ratio over 200" in res["skipped_examples"][0]
