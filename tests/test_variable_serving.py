@@ -395,3 +395,23 @@ def test_an_item_whose_image_the_native_rule_refuses_is_skipped_and_counted(tmp_
                    max_new_tokens=N, progress=False)
     assert res["n_answered"] == 2 and res["skipped"] == {"bad_image": 1}
     assert "aspect ratio over 200" in res["skipped_examples"][0]
+
+
+def test_test_py_answers_a_saved_native_model_and_refuses_a_size_in_one_line(tmp_path, capsys):
+    from qwenvl_lab.core.cli import run_cli
+
+    from tests.tiny_server import answer_of_test_py, entry
+
+    vlm = variable_vlm(tmp_path, "native")
+    vlm.save_pretrained(tmp_path / "model")
+    img, thin = image(0, (64, 48)), image(1, (1, 300))
+    img.save(tmp_path / "q.png")
+    thin.save(tmp_path / "thin.png")
+    want = vlm.chat([img], marked([img], "what is it?"), max_new_tokens=N)
+    args = ["--model", str(tmp_path / "model"), "--prompt", "what is it?", "--max-new-tokens", str(N),
+            "--device", "cpu"]
+    assert answer_of_test_py(args + ["--image", str(tmp_path / "q.png")], capsys) == want
+    assert run_cli(entry("test").main, args + ["--image", str(tmp_path / "thin.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and err.splitlines()[-1].startswith(f"error: --image {tmp_path / 'thin.png'}: ")
+    assert "aspect ratio over 200" in err.splitlines()[-1]
