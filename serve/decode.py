@@ -13,9 +13,9 @@ Contract:
   towers: each image key concatenated in row order, `pixel_values` and the per-image keys alike, so every
   image keeps its crops / patches and its own size) and appends them to the running rows: the two KV
   caches are left-padded to one length and concatenated. Rows whose images have different key sets (a
-  bug: one model has one mode) raise ValueError. `next_tokens() -> [token per row]` picks from each row's pending logits;
-  `advance(tokens, keep)` drops the rows whose `keep` is False and runs one forward step for the others
-  (callers append accepted tokens to `Row.tokens`).
+  bug: one model has one mode) raise ValueError. `next_tokens() -> [token per row]` picks from each row's
+  pending logits; `advance(tokens, keep)` drops the rows whose `keep` is False and runs one forward step
+  for the others (callers append accepted tokens to `Row.tokens`).
   Positions are `cumsum(mask) - 1`, so padding never shifts a row: a row's greedy tokens are the ones
   `vlm.chat` gives (bit-identical when it runs alone; equal up to float rounding in a batch).
 Both LM backends work (our Qwen LM and a transformers causal LM) as long as the cache is one that

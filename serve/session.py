@@ -38,7 +38,7 @@ def prepare(vlm: Any, messages: list[dict], images: list, max_tokens: int,
             limits: Limits) -> tuple[list[int], dict[str, Any]]:
     try:
         counts = vlm.image_tokens(images)  # None in fixed mode: every image tokens_per_image
-    except (ValueError, TypeError) as e:  # e.g. an aspect ratio the native rule refuses
+    except ValueError as e:  # e.g. an aspect ratio the native rule refuses
         raise RequestError(f"messages: an image cannot be used: {e}", "messages") from e
     try:
         ids = vlm.chat_ids(messages, len(images), counts)
