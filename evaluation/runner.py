@@ -97,8 +97,10 @@ def usable_images(vlm, item: EvalItem) -> list:
     """The item's images, loaded and checked against the model's resolution rule (each image's token count,
     the one the prompt will get); a refusal is the item's BadSampleError ("bad_image"), skipped and counted."""
     images = load_images(item)
+    rule = getattr(vlm, "image_tokens", None)  # a model without a resolution rule (a scripted stand-in): none
     try:
-        vlm.image_tokens(images)  # None in fixed mode; raises for a size the rule cannot take
+        if rule is not None and images:
+            rule(images)  # None in fixed mode; raises for a size the rule cannot take
     except ValueError as e:
         raise BadSampleError(f"item {item.id}: {e}", "bad_image") from None
     return images
