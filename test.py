@@ -13,9 +13,13 @@ The original (BigBro) repo's command keeps working: `--base_language_model ID --
 marks where the image goes); each of its flags is an alias that says its spelling here (dataprocess/bigbro.py),
 and DIR may be one of its own checkpoints (adapter_model.bin + other_params.bin), converted once beside it.
 
-A mistake (a missing or unreadable image, a model directory without a model, a hub name while offline,
-a data file that is not JSON) ends with one line `error: ...` (exit status 2; `--debug` shows the
-traceback); in the interactive chat a bad `/image` is reported and the chat goes on.
+`--model` may also be a transformers Llava or LLaVA-NeXT directory (config.json model_type "llava" /
+"llava_next"); a model with a resolution rule (anyres, native) gives each image the span its size gets.
+
+A mistake (a missing or unreadable image, an image whose size the model's resolution rule refuses, a model
+directory without a model, a hub name while offline, a data file that is not JSON) ends with one line
+`error: ...` (exit status 2; `--debug` shows the traceback); in the interactive chat a bad `/image` is
+reported and the chat goes on.
 """
 
 from __future__ import annotations
@@ -122,6 +126,16 @@ def load_images(paths: list[str]):
     return [load_image(p) for p in paths]  # a missing or bad file is a BadSampleError (a UserError)
 
 
+def check_images(vlm, images: list, names: list[str]) -> None:
+    """Each image against the model's resolution rule (`vlm.image_tokens`); a size it refuses (native mode:
+    an aspect ratio over 200) is the user's mistake, named by its file."""
+    for img, name in zip(images, names):
+        try:
+            vlm.image_tokens([img])  # None in fixed mode
+        except ValueError as e:
+            raise UserError(f"{name}: {e}") from None
+
+
 def with_system(messages: list[dict], system: str | None) -> list[dict]:
     return ([{"role": "system", "content": system}] if system else []) + messages
 
@@ -145,7 +159,10 @@ def interactive(vlm, images, args) -> None:
             break
         if text.startswith("/image"):
             try:
-                pending += load_images([text[len("/image"):].strip()])
+                path = text[len("/image"):].strip()
+                new = load_images([path])
+                check_images(vlm, new, [f"/image {path}"])
+                pending += new
             except UserError as e:  # a bad path ends this command, not the chat
                 print(f"error: {e}", file=sys.stderr)
             continue
@@ -183,6 +200,7 @@ def main(argv=None) -> int:
         writable_dir(Path(args.output).resolve().parent, "--output's directory")
     prompt = None if args.input or args.prompt is None else single_prompt(args.prompt, len(images))
     vlm = load_model(args, model_dir)  # and the seed
+    check_images(vlm, images, [f"--image {p}" for p in args.image])
     if args.input:
         run_batch_file(vlm, pairs, args)
         return 0

@@ -3,7 +3,10 @@
 `reply_logprobs(vlm, images, messages, replies) -> [(sum_logprob, n_tokens, is_greedy), ...]`: for each
 reply, the log-probability that the model answers the conversation `messages` (whose last turn is the
 user's; `<image>` markers for `images` in it) with exactly that reply followed by the end-of-turn token,
-computed in one forward pass (`vlm(**batch, return_logits=True)`) with every reply as a row.
+computed in one forward pass (`vlm(**batch, return_logits=True)`) with every reply as a row. Images take the
+model's own path: each image's span is as long as `vlm.image_tokens(images)` says (its resolution rule: fixed,
+anyres, native, naflex) and its inputs are `vlm.image_inputs(images)` (`pixel_values` plus the per-image keys),
+repeated once per row, each key concatenated row by row.
 
 The reply's ids are found by rendering the conversation twice with `vlm.chat_ids` (without, and with the
 reply as an assistant turn): the first rendering must be a prefix of the second (true of ChatML and every
@@ -18,8 +21,9 @@ from __future__ import annotations
 import torch
 
 
-def _reply_ids(vlm, messages: list[dict], n_images: int, reply: str, base: list[int], tail: list[int]) -> list[int]:
-    full = vlm.chat_ids(messages + [{"role": "assistant", "content": reply}], n_images)
+def _reply_ids(vlm, messages: list[dict], counts: list[int] | None, n_images: int, reply: str, base: list[int],
+               tail: list[int]) -> list[int]:
+    full = vlm.chat_ids(messages + [{"role": "assistant", "content": reply}], n_images, counts)
     if full[:len(base)] != base or (tail and full[len(full) - len(tail):] != tail):
         raise ValueError("likelihood scoring needs a chat template that renders an assistant turn as a suffix of "
                          "the prompt (prompt ids + reply + end of turn); this model's template does not")
@@ -33,13 +37,14 @@ def reply_logprobs(vlm, images: list, messages: list[dict], replies: list[str]) 
     if not replies:
         return []
     n_img = len(images)
-    base = vlm.chat_ids(messages, n_img)  # ends with the open reply header
-    empty = vlm.chat_ids(messages + [{"role": "assistant", "content": ""}], n_img)
+    counts = vlm.image_tokens(list(images))  # each image's span (None in fixed mode)
+    base = vlm.chat_ids(messages, n_img, counts)  # ends with the open reply header
+    empty = vlm.chat_ids(messages + [{"role": "assistant", "content": ""}], n_img, counts)
     if empty[:len(base)] != base:
         raise ValueError("likelihood scoring needs a chat template whose prompt is a prefix of the answered "
                          "conversation; this model's template is not")
     tail = empty[len(base):]  # end of turn, then the next reply header
-    conts = [_reply_ids(vlm, messages, n_img, r, base, tail) for r in replies]
+    conts = [_reply_ids(vlm, messages, counts, n_img, r, base, tail) for r in replies]
     rows = [base + c[:-1] for c in conts]  # the last reply token is predicted, never fed
     width = max(len(r) for r in rows)
     device = next(vlm.parameters()).device
@@ -48,8 +53,10 @@ def reply_logprobs(vlm, images: list, messages: list[dict], replies: list[str]) 
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)  # [R, T]
     batch = {"input_ids": input_ids, "attention_mask": mask}
     if n_img:
-        pixels = vlm.image_processor(list(images) * len(rows)).to(device)  # [R * n_img, 3, H, W]
-        batch.update(pixel_values=pixels, image_counts=[n_img] * len(rows))
+        # The same images for every row: pixel_values [R * n_crops or patches, 3, s, s], per-image keys [R * n_img, ...]
+        inputs = vlm.image_inputs(list(images))
+        batch.update({k: torch.cat([v] * len(rows)).to(device) for k, v in inputs.items()})
+        batch["image_counts"] = [n_img] * len(rows)
     vlm.prepare_attention()  # outside the forward (cheap after the first call)
     logits = vlm(**batch, return_logits=True).logits  # [R, T, V]
     out = []

@@ -9,8 +9,9 @@ mc_mode="generate", max_new_tokens=None, options=None, progress=True) -> results
    after one `<image>` marker per image. Items are answered in batches with `vlm.chat_batch` (greedy,
    left-padded), or, for multiple choice with `mc_mode="likelihood"`, by the most likely option text
    (`likelihood.rank_options`; the answer is recorded as its letter). A batch that fails is retried item by
-   item; an item whose image cannot be read (or whose prompt is too long) is skipped and counted, never
-   fatal.
+   item; an item whose image cannot be read, or that the model's resolution rule refuses
+   (`vlm.image_tokens`: e.g. an aspect ratio over 200 in native mode; counted as "bad_image"), or whose
+   prompt is too long is skipped and counted, never fatal.
 3. With `output`, every answer is appended to `output/answers.jsonl` as soon as its batch is done
    (`{"id", "answer", "prompt"}`); a rerun into the same folder skips the ids already there, and refuses a
    folder written for another task, prompt, mode or `model_id` (`run.json`; the command line passes the
@@ -92,6 +93,19 @@ def read_answers(path: Path) -> dict[str, str]:
     return out
 
 
+def usable_images(vlm, item: EvalItem) -> list:
+    """The item's images, loaded and checked against the model's resolution rule (each image's token count,
+    the one the prompt will get); a refusal is the item's BadSampleError ("bad_image"), skipped and counted."""
+    images = load_images(item)
+    rule = getattr(vlm, "image_tokens", None)  # a model without a resolution rule (a scripted stand-in): none
+    try:
+        if rule is not None and images:
+            rule(images)  # None in fixed mode; raises for a size the rule cannot take
+    except ValueError as e:
+        raise BadSampleError(f"item {item.id}: {e}", "bad_image") from None
+    return images
+
+
 def _check_run_file(output: Path, identity: dict) -> None:
     path = output / RUN_FILE
     if path.is_file():
@@ -126,7 +140,7 @@ class _Answerer:
         loaded = []
         for it in batch:
             try:
-                loaded.append((it, load_images(it)))
+                loaded.append((it, usable_images(self.vlm, it)))
             except BadSampleError as e:
                 self._skip(it, e)
         if not loaded:

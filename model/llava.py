@@ -178,7 +178,7 @@ def llava_parts(
 
 def is_llava_next_dir(path: str | Path) -> bool:
     """A transformers LLaVA-NeXT directory (config.json, model_type "llava_next"); model/paths.py's
-    `is_llava_dir` knows model_type "llava" only."""
+    `is_llava_dir` accepts both "llava" and "llava_next" (what test.py, serve and evaluation check)."""
     native = Path(path) / "config.json"
     try:
         return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava_next"

@@ -3,7 +3,7 @@
 Contract:
 - `CONFIG_FILE` ("vlm_config.json") marks a directory written by `VLM.save_pretrained`.
 - `is_model_dir(path)`: such a directory, or a transformers Llava directory (`is_llava_dir`: config.json,
-  model_type llava).
+  model_type in `LLAVA_MODEL_TYPES`: "llava", or "llava_next" for LLaVA-NeXT, whose anyres model/llava.py maps).
 - `resolve_model_dir(path) -> Path`: a model directory as is; a run directory -> its `final/`, else its
   newest `checkpoint-N/` holding a model. A path that does not exist, or holds no model, raises
   `ModelDirError` (a UserError) saying which and what to give instead.
@@ -20,17 +20,18 @@ from ..core.errors import UserError
 
 CONFIG_FILE = "vlm_config.json"
 BIGBRO_FILES = ("adapter_model.bin", "other_params.bin")  # the BigBro repo's LoRA and projector (torch.save)
+LLAVA_MODEL_TYPES = ("llava", "llava_next")  # transformers families model/llava.py imports
 
 
 def is_model_dir(path: Path) -> bool:
-    return (path / CONFIG_FILE).is_file() or is_llava_dir(path)
+    return (Path(path) / CONFIG_FILE).is_file() or is_llava_dir(path)
 
 
 def is_llava_dir(path: Path) -> bool:
-    """A transformers Llava directory; any other (or unreadable) config.json is not one."""
-    native = path / "config.json"
+    """A transformers Llava or LLaVA-NeXT directory; any other (or unreadable) config.json is not one."""
+    native = Path(path) / "config.json"
     try:
-        return native.is_file() and json.loads(native.read_text()).get("model_type") == "llava"
+        return native.is_file() and json.loads(native.read_text()).get("model_type") in LLAVA_MODEL_TYPES
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         return False  # some other config.json: not a model of ours
 
@@ -68,6 +69,6 @@ def resolve_model_dir(path: str | Path) -> Path:
                             f"models: name them (test.py --lm/--base_language_model and --tower/--base_value_model; "
                             f"train.py model.lm=... model.towers=[...] or the same two flags) and it is converted once")
     raise ModelDirError(
-        f"{p} holds no model: expected {CONFIG_FILE} (or a Llava config.json) in it, in {p}/final or in a "
+        f"{p} holds no model: expected {CONFIG_FILE} (or a Llava / LLaVA-NeXT config.json) in it, in {p}/final or in a "
         f"{p}/checkpoint-N (a run that has not saved yet has none)"
     )

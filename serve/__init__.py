@@ -8,7 +8,7 @@ merging of KV caches), `text` (incremental detokenisation and stop strings), `en
 the decoding thread), `protocol` (OpenAI request parsing, images, limits), `session` (a chat to an
 engine job, shared by the API and the web chat), `app` (the FastAPI routes),
 `web` (the web chat command) and `chat_page` (its Gradio page). Only the VLM's public API is used (`vlm(...)`,
-`chat_ids`, `stop_token_ids`, `pad_token_id`, `decode`, `image_processor`), with `qwen.generation`'s
+`chat_ids`, `image_tokens`, `image_inputs`, `stop_token_ids`, `pad_token_id`, `decode`), with `qwen.generation`'s
 logit filtering and left padding.
 """
 

@@ -50,8 +50,8 @@ async def _read_json(request: Request, max_body_bytes: int) -> Any:
         raise ApiError(400, f"the request body is not valid JSON: {e}") from e
 
 
-def _prepare(vlm: Any, req: ChatRequest, limits: Limits) -> tuple[list[int], Any]:
-    """Prompt ids (the chat template with image spans) and pixel values; blocking."""
+def _prepare(vlm: Any, req: ChatRequest, limits: Limits) -> tuple[list[int], dict]:
+    """Prompt ids (the chat template with each image's span) and the image inputs; blocking."""
     images = load_images(req.images, limits)
     try:
         return prepare(vlm, req.messages, images, req.params.max_tokens, limits)
@@ -145,10 +145,10 @@ def create_app(vlm: Any, engine: Engine, served_model: str, limits: Limits, max_
     async def chat_completions(request: Request):
         body = await _read_json(request, max_body_bytes)
         req = parse_chat(body, served_model, limits)
-        ids, pixel_values = await asyncio.to_thread(_prepare, vlm, req, limits)
+        ids, images = await asyncio.to_thread(_prepare, vlm, req, limits)
 
         try:
-            job, events = submit(engine, ids, pixel_values, req.params, req.stop, request_timeout_s)
+            job, events = submit(engine, ids, images, req.params, req.stop, request_timeout_s)
         except QueueFull as e:
             raise ApiError(503, f"the server is busy ({e}); retry after {RETRY_AFTER_S} s") from e
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

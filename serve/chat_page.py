@@ -162,12 +162,12 @@ def _make_answer(vlm: Any, engine: Engine, limits: Limits, request_timeout_s: fl
         messages = conv.messages + [{"role": "user", "content": _user_turn(text, len(new_images))}]
         images = conv.images + new_images
         try:
-            ids, pixel_values = await asyncio.to_thread(prepare, vlm, messages, images, params.max_tokens, limits)
+            ids, image_inputs = await asyncio.to_thread(prepare, vlm, messages, images, params.max_tokens, limits)
         except RequestError as e:
             hint = " or clear the chat" if e.param == "max_tokens" else ""
             raise Refused(f"{e.message}{hint}") from e
         try:
-            job, events = submit(engine, ids, pixel_values, params, [], request_timeout_s)
+            job, events = submit(engine, ids, image_inputs, params, [], request_timeout_s)
         except QueueFull as e:
             raise Refused(f"the server is busy ({e}); try again in a moment") from e
 

@@ -5,13 +5,17 @@ Contract:
 - `SamplingParams(max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None, ignore_eos=False)`:
   temperature 0 is greedy (argmax, exactly as `vlm.chat`); otherwise temperature, then top-k, then top-p
   filtering and a draw from the row's own `torch.Generator` (seeded with `seed`, else at random).
-- `Row(prompt_ids, pixel_values [n_images, 3, H, W] | None, params)`: one sequence; `.tokens` collects
-  what was picked for it.
+- `Row(prompt_ids, images, params)`: one sequence; `images` is the model's image inputs of its conversation
+  (`vlm.image_inputs(images)`: `pixel_values` plus the per-image keys of the resolution mode,
+  `image_sizes` / `image_crops` (anyres) or `image_grid` (native / naflex)); `{}` or None without images;
+  a bare tensor is `pixel_values` alone (fixed mode). `.tokens` collects what was picked for it.
 - `DecodeBatch(vlm)`: `add(rows)` prefills the new rows together (left-padded; their images through the
-  towers) and appends them to the running rows: the two KV caches are left-padded to one length and
-  concatenated. `next_tokens() -> [token per row]` picks from each row's pending logits;
-  `advance(tokens, keep)` drops the rows whose `keep` is False and runs one forward step for the others
-  (callers append accepted tokens to `Row.tokens`).
+  towers: each image key concatenated in row order, `pixel_values` and the per-image keys alike, so every
+  image keeps its crops / patches and its own size) and appends them to the running rows: the two KV
+  caches are left-padded to one length and concatenated. Rows whose images have different key sets (a
+  bug: one model has one mode) raise ValueError. `next_tokens() -> [token per row]` picks from each row's
+  pending logits; `advance(tokens, keep)` drops the rows whose `keep` is False and runs one forward step
+  for the others (callers append accepted tokens to `Row.tokens`).
   Positions are `cumsum(mask) - 1`, so padding never shifts a row: a row's greedy tokens are the ones
   `vlm.chat` gives (bit-identical when it runs alone; equal up to float rounding in a batch).
 Both LM backends work (our Qwen LM and a transformers causal LM) as long as the cache is one that
@@ -40,15 +44,41 @@ class SamplingParams:
     ignore_eos: bool = False  # generate exactly max_tokens (benchmarks, load tests)
 
 
+ImageInputs = dict[str, torch.Tensor]  # `vlm.image_inputs(images)`: pixel_values + per-image keys
+
+
+def as_image_inputs(images: ImageInputs | torch.Tensor | None) -> ImageInputs:
+    """A Row's images as a dict: None -> {}, a bare tensor -> {"pixel_values": it} (fixed mode)."""
+    if images is None:
+        return {}
+    if torch.is_tensor(images):
+        return {"pixel_values": images}  # [n_images, 3, S, S]
+    return dict(images)
+
+
+def concat_image_inputs(parts: list[ImageInputs]) -> ImageInputs:
+    """Several rows' image inputs -> one prefill's: each key concatenated in row order (rows without images
+    add nothing). The per-image keys go image by image like `pixel_values`, as the collator does."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    keys = set(parts[0])
+    for p in parts[1:]:
+        if set(p) != keys:
+            raise ValueError(f"rows with different image input keys in one prefill: {sorted(keys)} vs {sorted(p)}")
+    return {k: torch.cat([p[k] for p in parts]) for k in sorted(keys)}
+
+
 @dataclass(eq=False)
 class Row:
     prompt_ids: list[int]
-    pixel_values: torch.Tensor | None
+    images: ImageInputs | torch.Tensor | None  # see the module docstring; a dict after __post_init__
     params: SamplingParams
     tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
 
     def __post_init__(self) -> None:
+        self.images = as_image_inputs(self.images)
         if self.params.temperature > 0:
             seed = self.params.seed if self.params.seed is not None else random.SystemRandom().getrandbits(63)
             self.generator = torch.Generator().manual_seed(int(seed))
@@ -76,11 +106,11 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, pixel_values: torch.Tensor | None,
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, images: ImageInputs,
                  cache: Any) -> tuple[torch.Tensor, Any]:
         T = input_ids.shape[1]
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # [B, T]; padding never shifts a row
-        out = self.vlm(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
+        out = self.vlm(input_ids=input_ids, attention_mask=mask, **images,
                        past_key_values=cache, use_cache=True, position_ids=positions, logits_to_keep=1)
         return out.logits[:, -1].float(), out.past_key_values  # [B, V]
 
@@ -93,9 +123,9 @@ class DecodeBatch:
             raise RuntimeError("this LM's KV cache cannot take new rows mid-batch; add rows to an empty batch")
         ids, mask = left_pad([r.prompt_ids for r in rows], self.vlm.pad_token_id)  # [n, T] each
         ids, mask = ids.to(self.device), mask.to(self.device)
-        pixels = [r.pixel_values for r in rows if r.pixel_values is not None]
-        pixel_values = torch.cat(pixels).to(self.device) if pixels else None  # [n_images, 3, H, W]
-        logits, cache = self._forward(ids, mask, pixel_values, None)
+        images = concat_image_inputs([r.images for r in rows])  # pixel_values [n_crops or patches, 3, s, s], ...
+        images = {k: v.to(self.device) for k, v in images.items()}
+        logits, cache = self._forward(ids, mask, images, None)
         if not self.rows:
             self.rows, self.cache, self.mask, self.logits = list(rows), cache, mask, logits
             self.can_merge = kvcache.can_merge(cache)
@@ -134,4 +164,4 @@ class DecodeBatch:
                 self.mask = self.mask[:, first:]
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         nxt = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
-        self.logits, self.cache = self._forward(nxt, self.mask, None, self.cache)
+        self.logits, self.cache = self._forward(nxt, self.mask, {}, self.cache)

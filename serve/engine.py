@@ -2,6 +2,8 @@
 
 Contract:
 - `Engine(vlm, max_batch_size=8, max_queue=64)`; `start()` / `stop()` the decoding thread.
+- `Job(prompt_ids, images, params, emit, ...)`: `images` is the request's image inputs as `serve.decode.Row`
+  takes them (`vlm.image_inputs`: pixel_values plus the per-image keys of the resolution mode).
 - `submit(job)` queues a `Job`, or raises `QueueFull` when `max_batch_size` jobs run and `max_queue`
   more wait (the jobs not yet running).
 - Each loop iteration admits waiting jobs while fewer than `max_batch_size` run (their prompts are
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .decode import DecodeBatch, Row, SamplingParams
+from .decode import DecodeBatch, ImageInputs, Row, SamplingParams
 from .text import TextStream
 
 log = logging.getLogger("qwenvl_lab.serve.engine")
@@ -44,7 +46,7 @@ class QueueFull(Exception):
 @dataclass(eq=False)
 class Job:
     prompt_ids: list[int]
-    pixel_values: torch.Tensor | None
+    images: ImageInputs | torch.Tensor | None  # `vlm.image_inputs(images)` (serve.decode.Row); {} / None: none
     params: SamplingParams
     emit: Callable[[str, Any], None]
     stop: list[str] = field(default_factory=list)
@@ -157,7 +159,7 @@ class Engine:
         if not admit:
             return
         for job in admit:
-            job.row = Row(job.prompt_ids, job.pixel_values, job.params)
+            job.row = Row(job.prompt_ids, job.images, job.params)
             job.stream = TextStream(self.vlm.decode, job.stop)
         self.batch.add([job.row for job in admit])
         with self.cv:
