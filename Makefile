@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup browser test lint demo bench smoke-real gpu-check clean
+.PHONY: setup browser test lint demo demo-resolution bench smoke-real gpu-check clean
 
 setup: $(STAMP) browser
 
@@ -45,6 +45,18 @@ demo: setup
 	$(BIN)/python -m qwenvl_lab.evaluation.to_vqav2 $(DEMO)/val.jsonl --image-folder $(DEMO) --out $(DEMO)/vqav2
 	$(BIN)/python -m qwenvl_lab.evaluation --model runs/demo/stage2 --task vqav2 --data $(DEMO)/vqav2 --prompt "{question}" --batch-size 16 --output runs/demo/eval_vqav2
 	sh test.sh
+
+# Images at their own resolution (docs/benchmarks.md): colour and shape questions on 128x32 / 32x128 pictures
+# with shapes sized by the short side; the same tiny model, data, steps and seed with each picture squashed
+# into one 32x32 square (fixed) and read whole by the CNN tower (native resolution, `max_pixels`).
+WIDE := data/wide
+demo-resolution: setup
+	$(BIN)/python -m qwenvl_lab.dataprocess.make_shapes $(WIDE) --n-train 3000 --n-val 300 --seed 0 --size 32 --canvas 4 --types shape,colour,shape
+	$(BIN)/python -m qwenvl_lab.dataprocess.make_vocab --data $(WIDE)/train.jsonl --merges 300 --out $(WIDE)/vocab
+	$(BIN)/python train.py configs/demo/wide_fixed.yaml
+	$(BIN)/python train.py configs/demo/wide_native.yaml
+	$(BIN)/python -m qwenvl_lab.trainer.evaluate --model runs/demo_wide/fixed --data $(WIDE)/val.jsonl --image-folder $(WIDE)
+	$(BIN)/python -m qwenvl_lab.trainer.evaluate --model runs/demo_wide/native --data $(WIDE)/val.jsonl --image-folder $(WIDE)
 
 bench: setup
 	$(BIN)/python benchmarks/train_step.py --levers baseline,copies,malloc,fused_compile,compile

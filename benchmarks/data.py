@@ -4,6 +4,7 @@
     python benchmarks/data.py --train-samples-per-s 0.8      # skip the training probe, use this figure
     python benchmarks/data.py --quick                        # tiny shapes (tests)
     python benchmarks/data.py --device cuda                  # the training probe's step on a GPU
+    python benchmarks/data.py --anyres 2                     # LLaVA-NeXT anyres, pinpoints up to 2x2 tiles
 
 What runs: `--samples` LLaVA-format records (1-3 turns of English-like text, 0-3 images each, as in
 benchmarks/common.py's mix) pointing at `--images` distinct JPEGs of `--jpeg-size` (default 640x480,
@@ -20,6 +21,11 @@ first batch excluded) and stops after the last one. The training side is our VLM
 batches from this pipeline, timed after a warm-up step (or `--train-samples-per-s`). The ratio printed
 for each worker count is pipeline samples/s over training samples/s (target: >= 3 with 2 workers). Both
 are measured separately, each with the whole machine.
+
+`--anyres K`: the same pipeline and probe with LLaVA-NeXT anyres on (pinpoints: every grid of up to K x K
+tiles of the tower size; `multi_image=base`, so a sample with several images gets base views): the dataset
+counts each image's tokens from its header size and `visual.pixels.prepare_images` makes the crops; the
+line `image tokens per image` gives their min / median / max and crops per image over the data.
 """
 
 from __future__ import annotations
@@ -40,8 +46,11 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw
 from qwenvl_lab.dataprocess.make_vocab import train_bpe, write_tiktoken
 from qwenvl_lab.dataset import Collator, VLMDataset
+from qwenvl_lab.model import VLM
 from qwenvl_lab.qwen import load_tokenizer
+from qwenvl_lab.visual.pixels import prepare_images
 from qwenvl_lab.visual.processor import ImageProcessor
+from qwenvl_lab.visual.resolution import Resolution
 
 from benchmarks import common  # noqa: E402
 
@@ -67,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", help="where the training probe's step runs (cpu, cuda)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny shapes (for tests)")
+    ap.add_argument("--anyres", type=int, default=0, metavar="K",
+                    help="LLaVA-NeXT anyres with pinpoints up to K x K tiles (0 = one fixed square per image)")
     args = ap.parse_args(argv)
     if args.quick:
         args.samples, args.images, args.jpeg_size = min(args.samples, 12), min(args.images, 4), (96, 72)
@@ -135,6 +146,11 @@ def load_vocab(folder: Path, records: list[dict], quick: bool):
 
 
 # ----- measurements -----------------------------------------------------------------------------------
+def pinpoints(size: int, k: int) -> list[list[int]]:
+    """Every (rows x cols) tile grid with rows, cols <= k, in pixels of the tower size: LLaVA-NeXT's kind of list."""
+    return [[r * size, c * size] for r in range(1, k + 1) for c in range(1, k + 1)]
+
+
 def pipeline_rate(dataset, batch_size: int, workers: int, pad_id: int) -> tuple[float, int]:
     """(steady-state samples/s, batches) of one pass of a DataLoader over `dataset`."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers,
@@ -157,8 +173,10 @@ def train_rate(tok, dataset, args, tmp: Path) -> float:
     spec = dataclasses.replace(base, image_token=tok.image_token_id, im_start=tok.im_start_id,
                                im_end=tok.im_end_id, eod=tok.eod_id, vocab_size=max(base.vocab_size, len(tok)))
     device = torch.device(args.device)
-    vlm = common.load_ours(common.save_llava(spec, tmp / "llava", args.seed)).to(device).train()
+    over = {"image_grid_pinpoints": pinpoints(spec.image_size, args.anyres)} if args.anyres else {}
+    vlm = VLM.from_pretrained(common.save_llava(spec, tmp / "llava", args.seed), **over).to(device).train()
     assert vlm.tokens_per_image == dataset.tokens_per_image
+    assert (vlm.resolution.mode == "anyres") == bool(args.anyres)
     optimizer = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=1e-5)
     collate = Collator(pad_id=tok.eod_id)
     n = args.batch_size
@@ -187,8 +205,20 @@ def main(argv=None) -> dict:
         records = write_records(tmp / "data.json", names, args.samples, args.seed, args.quick)
         tok, vocab = load_vocab(tmp, records, args.quick)
         processor = ImageProcessor(size=spec.image_size, mean=CLIP_MEAN, std=CLIP_STD, mode="pad")
-        ds = VLMDataset(tmp / "data.json", tok, processor, spec.tokens_per_image,
-                        image_folder=str(tmp / "images"), strict=True)
+        res = None
+        if args.anyres:
+            res = Resolution(mode="anyres", image_size=spec.image_size, grid=(spec.image_size // spec.patch_size,) * 2,
+                             tokens_per_crop=spec.tokens_per_image, pinpoints=pinpoints(spec.image_size, args.anyres))
+        ds = VLMDataset(tmp / "data.json", tok, processor, spec.tokens_per_image, image_folder=str(tmp / "images"),
+                        strict=True, resolution=res, prepare_images=prepare_images)
+        if res is not None:
+            ds.validate()
+            per_image = sorted(res.layout(*img.size, 1).tokens for img in
+                               (Image.open(tmp / "images" / f) for f in names))
+            crops = res.layout(*args.jpeg_size, 1).crops
+            print(f"image tokens per image (anyres, one image per sample): min {per_image[0]} median "
+                  f"{per_image[len(per_image) // 2]} max {per_image[-1]}; crops for {args.jpeg_size[0]}x"
+                  f"{args.jpeg_size[1]}: {crops}; base view only in multi-image samples")
         n_img = sum(len(r.get("image", [])) for r in records)
         jpeg_kb = sum((tmp / "images" / f).stat().st_size for f in names) / len(names) / 1024
         print(f"data: samples={len(ds)} images={n_img} jpeg={args.jpeg_size[0]}x{args.jpeg_size[1]} "

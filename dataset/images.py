@@ -229,14 +229,20 @@ def _pyav():
     return av
 
 
-def video_frame_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) of the video's frames, from its stream header (nothing decoded)."""
-    av = _pyav()
+def _video_file(path: str | os.PathLike) -> str:
+    """`path` as a string, once it names a non-empty file (a BadSampleError names it otherwise)."""
     path = str(path)
     if not os.path.isfile(path):
         raise BadSampleError(f"{path}: video file not found", "missing_file")
     if os.path.getsize(path) == 0:
         raise BadSampleError(f"{path}: video file is empty (0 bytes)", "bad_video")
+    return path
+
+
+def video_frame_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of the video's frames, from its stream header (nothing decoded)."""
+    av = _pyav()
+    path = _video_file(path)
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -255,12 +261,7 @@ def video_frame_size(path: str | os.PathLike) -> tuple[int, int]:
 def load_video_frames(path: str, k: int) -> list[Image.Image]:
     """`k` RGB frames sampled uniformly from the video at `path` (PyAV)."""
     av = _pyav()
-
-    path = str(path)
-    if not os.path.isfile(path):
-        raise BadSampleError(f"{path}: video file not found", "missing_file")
-    if os.path.getsize(path) == 0:
-        raise BadSampleError(f"{path}: video file is empty (0 bytes)", "bad_video")
+    path = _video_file(path)
     try:
         with av.open(path) as container:
             if not container.streams.video:

@@ -97,6 +97,24 @@ def test_data_quick(capsys):
     assert re.search(rf"^train_samples_per_s\s+{NUM}", out, re.M) and res["train_samples_per_s"] > 0
 
 
+def test_data_quick_anyres(capsys):
+    """--anyres: the pipeline and the training probe with LLaVA-NeXT tiles; the per-image token line is
+    the rule's count for the JPEG size."""
+    from qwenvl_lab.visual.resolution import Resolution
+
+    from benchmarks import data
+
+    res = data.main(["--quick", "--workers", "0", "--anyres", "2"])
+    out = capsys.readouterr().out
+    w, h = map(int, re.search(r"jpeg=(\d+)x(\d+)", out).groups())
+    spec = data.common.SPECS["quick"]
+    rule = Resolution(mode="anyres", image_size=spec.image_size, grid=(spec.image_size // spec.patch_size,) * 2,
+                      tokens_per_crop=spec.tokens_per_image, pinpoints=tuple(map(tuple, data.pinpoints(spec.image_size, 2))))
+    want = rule.layout(w, h).tokens
+    assert f"min {want} median {want} max {want}" in out and want > spec.tokens_per_image, out
+    assert res["train_samples_per_s"] > 0 and res["pipeline"][0] > 0
+
+
 # ----- MFU -------------------------------------------------------------------------------------------
 def _tiny_vlm(tmp_path, **over):
     from qwenvl_lab.model import build_vlm

@@ -118,6 +118,10 @@ TABLE = [
     Entry(r"sh train\.sh CONFIG resume_from_checkpoint=auto$", creates=("runs/config/final",)),
     # Which GPUs: the plan
     Entry(r"python -m qwenvl_lab.model\.plan ", prints=r"step time"),
+    Entry(r"make demo-resolution$", skip="a demo: two tiny trainings, minutes of CPU (docs/benchmarks.md)"),
+    # Images at their own resolution: the demo recipe with anyres / native keys, one step each
+    Entry(r"sh train\.sh configs/demo/stage1\.yaml ", extra="max_steps=1 output_dir=runs/readme_resolution",
+          creates=("runs/readme_resolution/final",)),
     Entry(r"make smoke-real$", skip="real shapes: ~12 GB of RAM and minutes of CPU (docs/scale.md)"),
     Entry(r"python -m qwenvl_lab.kernels\.selftest ", skip="needs a CUDA GPU"),
     # Swap a backbone: the hub recipes above. The model in code: an exportable tiny model.
