@@ -1,0 +1,151 @@
+"""Released native families (LLaVA-1.5 / llava-interleave with a Qwen2 LM): a transformers `llava` directory
+with its own tokenizer, chat template and processor files, imported into our VLM.
+
+- the ids our rendering gives equal `AutoProcessor`'s (`apply_chat_template` + `processor(text, images)`):
+  each `<image>` becomes N image tokens and nothing around them (no Qwen `<|vision_start|>` / `<|vision_end|>`);
+- a tokenizer without spare embedding rows (vocab_size == len(tokenizer), `<image>` added to it) imports
+  without new ids past the table, and a training step's loss equals transformers' own.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from qwenvl_lab.dataset.rendering import render
+from qwenvl_lab.dataset.sample import Sample
+from qwenvl_lab.model.model import VLM
+
+from tests.tiny_model import randomize_
+from tests.tiny_qwen import write_tiny_hf_tokenizer
+
+# The released llava-interleave-qwen layout: ChatML, each image item rendered as "<image>" in place.
+CHATML_JINJA = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def save_llava_qwen(path: Path, with_vl_tokens: bool, seed: int = 0) -> Path:
+    """A tiny LlavaForConditionalGeneration (CLIP 32 px / patch 8 -> 16 tokens, Qwen2 LM) whose text vocab_size
+    equals its tokenizer's length (`<image>` added last: no spare rows), with tokenizer_config.json's
+    `chat_template` and the LlavaProcessor saved with save_pretrained."""
+    from tokenizers import AddedToken
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
+        Qwen2Config,
+    )
+
+    path = Path(path)
+    tok_dir = write_tiny_hf_tokenizer(path.parent / f"{path.name}_tok", with_vl_tokens=with_vl_tokens).parent
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tok.chat_template = CHATML_JINJA
+    image_id = tok.convert_tokens_to_ids("<image>")
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=32, patch_size=8)
+    tc = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=image_id,
+                      vision_feature_select_strategy="default", vision_feature_layer=-2)
+    model = LlavaForConditionalGeneration(cfg)
+    randomize_(model, seed)
+    model.save_pretrained(str(path))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHATML_JINJA)
+    processor.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def _images() -> list[Image.Image]:
+    g = torch.Generator().manual_seed(0)
+    return [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(2)]
+
+
+RECORD = [{"role": "user", "content": "<image>\n<image>\nWhat differs?"}, {"role": "assistant", "content": "The colour."}]
+
+
+def _processor_messages() -> list[dict]:
+    """RECORD in the processor's item layout (images in place, same text)."""
+    return [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n"}, {"type": "image"},
+                                     {"type": "text", "text": "\nWhat differs?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The colour."}]},
+    ]
+
+
+@pytest.fixture(params=[True, False], ids=["qwen_vl_vocab", "no_spare_rows"])
+def llava_qwen(request, tmp_path):
+    return save_llava_qwen(tmp_path / "llava", with_vl_tokens=request.param)
+
+
+def _processor_inputs(path: Path, messages: list[dict], generation: bool):
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(path))
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+    return processor, processor(text=text, images=_images(), return_tensors="pt")
+
+
+def test_llava_qwen_ids_equal_the_processors_and_loss_equals_transformers(llava_qwen):
+    from transformers import LlavaForConditionalGeneration
+
+    vlm = VLM.from_pretrained(llava_qwen).eval()
+    processor, inputs = _processor_inputs(llava_qwen, _processor_messages(), generation=False)
+    want = inputs["input_ids"][0].tolist()
+    tok = processor.tokenizer
+    assert vlm.image_token_id == tok.convert_tokens_to_ids("<image>")
+    assert max(want) < vlm.lm.get_input_embeddings().weight.shape[0] if hasattr(vlm.lm, "get_input_embeddings") \
+        else True
+    sample = Sample(id="s", messages=[dict(m) for m in RECORD], images=["a", "b"])
+    rendered = render(sample, vlm.chat_format, vlm.tokens_per_image, image_token_id=vlm.image_token_id)
+    assert rendered.input_ids == want  # no <|vision_start|> / <|vision_end|> around the 16 image tokens
+    assert want.count(vlm.image_token_id) == 2 * 16
+
+    # Every id our tokenizer can produce fits the embedding table (no rows added past a full table).
+    assert len(vlm.tokenizer) == len(tok)
+
+    # Loss: assistant tokens (and their end of turn) only, image tokens -100; same pixels as the processor.
+    labels = torch.tensor([rendered.labels])
+    assert (labels[torch.tensor([want]) == vlm.image_token_id] == -100).all()
+    ref = LlavaForConditionalGeneration.from_pretrained(str(llava_qwen)).eval()
+    ids = torch.tensor([want])
+    with torch.no_grad():
+        theirs = ref(**inputs, labels=labels).loss
+        ours = vlm(ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                   image_counts=[2], labels=labels).loss
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_llava_qwen_chat_ids_equal_the_processors(llava_qwen):
+    vlm = VLM.from_pretrained(llava_qwen).eval()
+    _, inputs = _processor_inputs(llava_qwen, _processor_messages()[:1], generation=True)
+    assert vlm.chat_ids(RECORD[:1], 2) == inputs["input_ids"][0].tolist()
+
+
+def test_llava_without_spare_rows_trains(tmp_path):
+    """vocab_size == len(tokenizer) with `<image>` added: no id past the table (was an IndexError when the
+    import's tokenizer added Qwen's vision tokens past it), and one backward gives finite gradients."""
+    path = save_llava_qwen(tmp_path / "llava", with_vl_tokens=False)
+    vlm = VLM.from_pretrained(path).train()
+    sample = Sample(id="s", messages=[dict(m) for m in RECORD], images=["a", "b"])
+    rendered = render(sample, vlm.chat_format, vlm.tokens_per_image, image_token_id=vlm.image_token_id)
+    ids = torch.tensor([rendered.input_ids])
+    loss = vlm(ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 32, 32),
+               image_counts=[2], labels=torch.tensor([rendered.labels])).loss
+    loss.backward()
+    assert torch.isfinite(loss) and vlm.projector.mlp[0].weight.grad.abs().sum() > 0
+    assert len(vlm.tokenizer) == vlm.lm.get_input_embeddings().weight.shape[0]
