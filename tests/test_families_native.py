@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from qwenvl_lab.dataset.rendering import render
 from qwenvl_lab.dataset.sample import Sample
+from qwenvl_lab.model.families import FAMILIES, family_of
 from qwenvl_lab.model.model import VLM
 
 from tests.tiny_model import randomize_
@@ -31,26 +32,33 @@ CHATML_JINJA = (
 )
 
 
+def _qwen_tokenizer(path: Path, with_vl_tokens: bool):
+    """The tiny Qwen2 tokenizer with `<image>` added last and the ChatML template."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    tok_dir = write_tiny_hf_tokenizer(path.parent / f"{path.name}_tok", with_vl_tokens=with_vl_tokens).parent
+    tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+    tok.chat_template = CHATML_JINJA
+    return tok
+
+
 def save_llava_qwen(path: Path, with_vl_tokens: bool, seed: int = 0) -> Path:
     """A tiny LlavaForConditionalGeneration (CLIP 32 px / patch 8 -> 16 tokens, Qwen2 LM) whose text vocab_size
     equals its tokenizer's length (`<image>` added last: no spare rows), with tokenizer_config.json's
     `chat_template` and the LlavaProcessor saved with save_pretrained."""
-    from tokenizers import AddedToken
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
         Qwen2Config,
     )
 
     path = Path(path)
-    tok_dir = write_tiny_hf_tokenizer(path.parent / f"{path.name}_tok", with_vl_tokens=with_vl_tokens).parent
-    tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
-    tok.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    tok.chat_template = CHATML_JINJA
+    tok = _qwen_tokenizer(path, with_vl_tokens)
     image_id = tok.convert_tokens_to_ids("<image>")
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           image_size=32, patch_size=8)
@@ -149,3 +157,87 @@ def test_llava_without_spare_rows_trains(tmp_path):
     loss.backward()
     assert torch.isfinite(loss) and vlm.projector.mlp[0].weight.grad.abs().sum() > 0
     assert len(vlm.tokenizer) == vlm.lm.get_input_embeddings().weight.shape[0]
+
+
+def save_llava_next_qwen(path: Path, seed: int = 0) -> Path:
+    """A tiny LlavaNextForConditionalGeneration (CLIP 28 px / patch 14, pinpoints up to 84 px, Qwen2 LM) with
+    its tokenizer (ChatML template) and LlavaNextProcessor saved with save_pretrained."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+        Qwen2Config,
+    )
+
+    path = Path(path)
+    tok = _qwen_tokenizer(path, with_vl_tokens=False)
+    pins = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=28, patch_size=14)
+    tc = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                          image_grid_pinpoints=pins, vision_feature_select_strategy="default", vision_feature_layer=-2)
+    model = LlavaNextForConditionalGeneration(cfg)
+    randomize_(model, seed)
+    model.save_pretrained(str(path))
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}, image_grid_pinpoints=pins,
+        image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711), resample=3)
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=14,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHATML_JINJA)
+    processor.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return path
+
+
+def test_llava_next_ids_equal_the_processors(tmp_path):
+    """Per-image anyres counts: render and chat_ids give LlavaNextProcessor's ids for a 300x200 and a 17x301
+    image (different tile layouts), nothing around each span."""
+    from transformers import AutoProcessor
+
+    path = save_llava_next_qwen(tmp_path / "next")
+    vlm = VLM.from_pretrained(path).eval()
+    rng = torch.Generator().manual_seed(1)
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=rng) * 255).to(torch.uint8).numpy())
+              for w, h in ((300, 200), (17, 301))]
+    processor = AutoProcessor.from_pretrained(str(path))
+    text = processor.apply_chat_template(_processor_messages(), tokenize=False)
+    want = processor(text=text, images=images, return_tensors="pt")["input_ids"][0].tolist()
+    counts = vlm.image_tokens(images)
+    assert counts[0] != counts[1]
+    sample = Sample(id="s", messages=[dict(m) for m in RECORD], images=["a", "b"])
+    got = render(sample, vlm.chat_format, lambda kind, i: counts[i], image_token_id=vlm.image_token_id).input_ids
+    assert got == want
+
+    prompt = processor.apply_chat_template(_processor_messages()[:1], tokenize=False, add_generation_prompt=True)
+    want = processor(text=prompt, images=images, return_tensors="pt")["input_ids"][0].tolist()
+    assert vlm.chat_ids(RECORD[:1], 2, counts) == want
+
+
+def test_native_family_entries(tmp_path):
+    """family_of: LLaVA-1.5 and llava-interleave share model_type "llava", told apart by the checkpoint's own
+    chat template (ChatML -> interleave); LLaVA-NeXT by its model_type; the module prefixes name real modules."""
+    import json
+
+    from transformers import LlavaForConditionalGeneration
+
+    interleave = save_llava_qwen(tmp_path / "interleave", with_vl_tokens=False)
+    assert family_of(interleave) is FAMILIES["llava-interleave"]
+    v15 = tmp_path / "v15"  # LLaVA-1.5's layout: tokenizer_config.json's chat_template, USER/ASSISTANT
+    v15.mkdir()
+    (v15 / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    (v15 / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{% for m in messages %}{{ m['role'].upper() + ': ' + m['content'] }}{% endfor %}"}))
+    assert family_of(v15) is FAMILIES["llava"]
+    assert family_of({"model_type": "llava_next"}) is FAMILIES["llava_next"]
+    assert family_of({"model_type": "llava"}) is FAMILIES["llava"]
+    names = [n for n, _ in LlavaForConditionalGeneration.from_pretrained(str(interleave)).named_parameters()]
+    fam = FAMILIES["llava-interleave"]
+    for prefixes in (fam.vision, fam.projector, fam.lm):
+        assert all(any(n.startswith(p) for n in names) for p in prefixes)
+    assert all(f.native for f in (FAMILIES["llava"], fam, FAMILIES["llava_next"]))
+    assert FAMILIES["llava_next"].extra_inputs == ("image_sizes",)
