@@ -248,7 +248,6 @@ def test_native_family_entries(tmp_path):
 def test_padded_batch_logits_equal_unpadded(tmp_path, backend, side):
     """Two conversations of different lengths (2 images, 1 image) in one padded batch: each sample's logits at
     its real positions equal its own unpadded forward within 1e-6, with our Qwen and transformers' LM."""
-    from qwenvl_lab.dataset.collator import Collator
 
     path = save_llava_qwen(tmp_path / "llava", with_vl_tokens=False)
     # fp64: a masking or position error shows at 1e-2, while fp32's batch-shape rounding alone reaches
