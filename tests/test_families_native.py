@@ -275,3 +275,58 @@ def test_padded_batch_logits_equal_unpadded(tmp_path, backend, side):
     assert len(ids[0]) != len(ids[1])
     for b in range(2):
         torch.testing.assert_close(padded[b, spans[b]], alone[b], rtol=0, atol=1e-6)
+
+
+def _llava_records(d: Path) -> Path:
+    """Four 2-image LLaVA-format records and their images."""
+    import json
+
+    for i, img in enumerate(_images() * 2):
+        img.save(d / f"im{i}.png")
+    rows = [{"id": str(i), "image": [f"im{2 * (i % 2)}.png", f"im{2 * (i % 2) + 1}.png"],
+             "conversations": [{"from": "human", "value": "<image>\n<image>\nWhat differs?"},
+                               {"from": "gpt", "value": f"The colour {i}."}]} for i in range(4)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d / "train.jsonl"
+
+
+def test_one_sft_step_trains_adapters_and_projector_only(tmp_path):
+    """train() (train.py's library) with init_from=<llava dir>, stage=sft, LoRA: after one step the vision tower
+    and every base LM weight are bit-identical, the LoRA adapters and the projector changed, and the optimizer's
+    groups carry the configured rates (projector_lr, learning_rate; no vision group)."""
+    import yaml
+    from qwenvl_lab.model.train_config import load_train_config
+    from qwenvl_lab.trainer.run import train
+
+    path = save_llava_qwen(tmp_path / "llava", with_vl_tokens=False)
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg_file = tmp_path / "sft.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "init_from": str(path), "data_path": [str(_llava_records(data))], "image_folder": str(data),
+        "stage": "sft", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "learning_rate": 2e-3, "projector_lr": 5e-3,
+        "vision_lr": 0.0, "warmup_ratio": 0.0, "per_device_train_batch_size": 2, "max_steps": 1, "max_length": 200,
+        "logging_steps": 1, "save_steps": 1000, "precision": "fp32", "report_to": [], "dataloader_num_workers": 0,
+        "output_dir": str(tmp_path / "run")}))
+    before = {k: v.clone() for k, v in VLM.from_pretrained(path).state_dict().items()}
+    trainers = []
+    result = train(load_train_config(str(cfg_file)),
+                   callbacks=[lambda cfg, trainer, out: trainers.append(trainer) or []])
+    after = result.model.state_dict()
+    lora = [k for k in after if "lora_" in k]
+    assert lora
+    assert all(not torch.equal(after[k], torch.zeros_like(after[k])) for k in lora if "lora_B" in k)
+    for k, v in after.items():
+        if "lora_" in k:
+            continue
+        base = k.replace("base_model.model.", "").replace(".base_layer", "")
+        if k.startswith("projector."):
+            assert not torch.equal(v, before[base]), k
+        else:
+            assert torch.equal(v, before[base]), k  # towers and the LM's base weights: bit-identical
+    groups = {g["name"]: g for g in trainers[0].optimizer.param_groups}
+    assert not any(n.startswith("vision") for n in groups)
+    assert {g["initial_lr"] for n, g in groups.items() if n.startswith("projector")} == {5e-3}
+    assert {g["initial_lr"] for n, g in groups.items() if n.startswith("lm")} == {2e-3}
+    lm_names = [p for name, g in groups.items() if name.startswith("lm") for p in g["param_names"]]
+    assert lm_names and all("lora_" in p for p in lm_names)
