@@ -290,15 +290,12 @@ def _llava_records(d: Path) -> Path:
     return d / "train.jsonl"
 
 
-def test_one_sft_step_trains_adapters_and_projector_only(tmp_path):
-    """train() (train.py's library) with init_from=<llava dir>, stage=sft, LoRA: after one step the vision tower
-    and every base LM weight are bit-identical, the LoRA adapters and the projector changed, and the optimizer's
-    groups carry the configured rates (projector_lr, learning_rate; no vision group)."""
+def _sft(tmp_path: Path, path: Path, callbacks=()):
+    """One stage=sft step (LoRA r=4, projector trained) through train() on the llava import at `path`."""
     import yaml
     from qwenvl_lab.model.train_config import load_train_config
     from qwenvl_lab.trainer.run import train
 
-    path = save_llava_qwen(tmp_path / "llava", with_vl_tokens=False)
     data = tmp_path / "data"
     data.mkdir()
     cfg_file = tmp_path / "sft.yaml"
@@ -308,10 +305,18 @@ def test_one_sft_step_trains_adapters_and_projector_only(tmp_path):
         "vision_lr": 0.0, "warmup_ratio": 0.0, "per_device_train_batch_size": 2, "max_steps": 1, "max_length": 200,
         "logging_steps": 1, "save_steps": 1000, "precision": "fp32", "report_to": [], "dataloader_num_workers": 0,
         "output_dir": str(tmp_path / "run")}))
+    return train(load_train_config(str(cfg_file)), callbacks=list(callbacks))
+
+
+def test_one_sft_step_trains_adapters_and_projector_only(tmp_path):
+    """train() (train.py's library) with init_from=<llava dir>, stage=sft, LoRA: after one step the vision tower
+    and every base LM weight are bit-identical, the LoRA adapters and the projector changed, and the optimizer's
+    groups carry the configured rates (projector_lr, learning_rate; no vision group)."""
+
+    path = save_llava_qwen(tmp_path / "llava", with_vl_tokens=False)
     before = {k: v.clone() for k, v in VLM.from_pretrained(path).state_dict().items()}
     trainers = []
-    result = train(load_train_config(str(cfg_file)),
-                   callbacks=[lambda cfg, trainer, out: trainers.append(trainer) or []])
+    result = _sft(tmp_path, path, callbacks=[lambda cfg, trainer, out: trainers.append(trainer) or []])
     after = result.model.state_dict()
     lora = [k for k in after if "lora_" in k]
     assert lora
@@ -330,3 +335,34 @@ def test_one_sft_step_trains_adapters_and_projector_only(tmp_path):
     assert {g["initial_lr"] for n, g in groups.items() if n.startswith("lm")} == {2e-3}
     lm_names = [p for name, g in groups.items() if name.startswith("lm") for p in g["param_names"]]
     assert lm_names and all("lora_" in p for p in lm_names)
+
+
+def test_merged_export_loads_in_transformers_with_our_logits_and_answers(tmp_path):
+    """After one sft step: model/merge.py then model/export.py; AutoModelForImageTextToText + AutoProcessor
+    load the export, its processor's ids equal ours, logits within 1e-5, greedy answers equal generate's."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qwenvl_lab.model.export import main as export_main
+    from qwenvl_lab.model.merge import merge
+
+    path = save_llava_qwen(tmp_path / "llava", with_vl_tokens=False)
+    run = _sft(tmp_path, path).output_dir
+    ours = VLM.from_pretrained(run / "final").eval()
+    merge(run / "final", tmp_path / "merged")
+    assert export_main(["--src", str(tmp_path / "merged"), "--dst", str(tmp_path / "hf")]) == 0
+    ref = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "hf")).eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "hf"))
+    prompt = processor.apply_chat_template(_processor_messages()[:1], tokenize=False, add_generation_prompt=True)
+    inputs = processor(text=prompt, images=_images(), return_tensors="pt")
+    ids = ours.chat_ids(RECORD[:1], 2)
+    assert ids == inputs["input_ids"][0].tolist()
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        want = ref(**inputs).logits
+        got = ours(x, attention_mask=torch.ones_like(x), pixel_values=inputs["pixel_values"], image_counts=[2]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        theirs = ref.generate(**inputs, max_new_tokens=6, do_sample=False)[0, x.shape[1]:].tolist()
+        mine = ours.generate(x, torch.ones_like(x), pixel_values=inputs["pixel_values"],
+                             max_new_tokens=6, do_sample=False)[0]
+    assert mine == theirs[:len(mine)] and len(mine) > 0
