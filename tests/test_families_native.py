@@ -340,10 +340,9 @@ def test_one_sft_step_trains_adapters_and_projector_only(tmp_path):
 def test_merged_export_loads_in_transformers_with_our_logits_and_answers(tmp_path):
     """After one sft step: model/merge.py then model/export.py; AutoModelForImageTextToText + AutoProcessor
     load the export, its processor's ids equal ours, logits within 1e-5, greedy answers equal generate's."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from qwenvl_lab.model.export import main as export_main
     from qwenvl_lab.model.merge import merge
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = save_llava_qwen(tmp_path / "llava", with_vl_tokens=False)
     run = _sft(tmp_path, path).output_dir
