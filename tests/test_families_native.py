@@ -365,3 +365,46 @@ def test_merged_export_loads_in_transformers_with_our_logits_and_answers(tmp_pat
         mine = ours.generate(x, torch.ones_like(x), pixel_values=inputs["pixel_values"],
                              max_new_tokens=6, do_sample=False)[0]
     assert mine == theirs[:len(mine)] and len(mine) > 0
+
+
+def test_unmerged_adapter_loads_with_peft_on_the_released_base(tmp_path):
+    """export_peft_adapter: adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained
+    loads onto the released LlavaForConditionalGeneration (our Qwen LM's fused c_attn adapter split into
+    q/k/v), giving our logits within 1e-5 and the same greedy answer."""
+    import json
+
+    from peft import PeftModel
+    from qwenvl_lab.model.export import export_peft_adapter
+    from qwenvl_lab.model.export import main as export_main
+    from safetensors import safe_open
+    from transformers import LlavaForConditionalGeneration
+
+    path = save_llava_qwen(tmp_path / "llava", with_vl_tokens=False)
+    ours = _sft(tmp_path, path).model.eval()
+    out = export_peft_adapter(ours, tmp_path / "adapter")
+    assert export_main(["--src", str(tmp_path / "run" / "final"), "--dst", str(tmp_path / "cli"),
+                        "--format", "peft-adapter"]) == 0
+    assert (tmp_path / "cli" / "adapter_model.safetensors").read_bytes() == (out / "adapter_model.safetensors"
+                                                                            ).read_bytes()
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(path)
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert "base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.weight" in names
+    assert "base_model.model.model.multi_modal_projector.linear_1.weight" in names
+    released = LlavaForConditionalGeneration.from_pretrained(str(path)).eval()
+    _, inputs = _processor_inputs(path, _processor_messages()[:1], generation=True)
+    x = inputs["input_ids"]
+    assert x[0].tolist() == ours.chat_ids(RECORD[:1], 2)
+    with torch.no_grad():
+        plain = released(**inputs).logits
+    ref = PeftModel.from_pretrained(released, str(out)).eval()  # wraps `released` in place
+    with torch.no_grad():
+        want = ref(**inputs).logits
+        got = ours(x, attention_mask=torch.ones_like(x), pixel_values=inputs["pixel_values"]).logits
+    assert (want - plain).abs().max() > 1e-4  # the adapter and the projector really changed the model
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    with torch.no_grad():
+        theirs = ref.generate(**inputs, max_new_tokens=6, do_sample=False)[0, x.shape[1]:].tolist()
+        mine = ours.generate(x, torch.ones_like(x), pixel_values=inputs["pixel_values"], max_new_tokens=6,
+                             do_sample=False)[0]
+    assert mine == theirs[:len(mine)] and len(mine) > 0
