@@ -44,13 +44,14 @@ def _qwen_tokenizer(path: Path, with_vl_tokens: bool):
     return tok
 
 
-def save_llava_qwen(path: Path, with_vl_tokens: bool, seed: int = 0) -> Path:
+def save_llava_qwen(path: Path, with_vl_tokens: bool, seed: int = 0, text: str = "qwen2") -> Path:
     """A tiny LlavaForConditionalGeneration (CLIP 32 px / patch 8 -> 16 tokens, Qwen2 LM) whose text vocab_size
     equals its tokenizer's length (`<image>` added last: no spare rows), with tokenizer_config.json's
     `chat_template` and the LlavaProcessor saved with save_pretrained."""
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
+        LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -62,8 +63,9 @@ def save_llava_qwen(path: Path, with_vl_tokens: bool, seed: int = 0) -> Path:
     image_id = tok.convert_tokens_to_ids("<image>")
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                           image_size=32, patch_size=8)
-    tc = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    text_cls = Qwen2Config if text == "qwen2" else LlamaConfig
+    tc = text_cls(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=image_id,
                       vision_feature_select_strategy="default", vision_feature_layer=-2)
     model = LlavaForConditionalGeneration(cfg)
@@ -95,9 +97,12 @@ def _processor_messages() -> list[dict]:
     ]
 
 
-@pytest.fixture(params=[True, False], ids=["qwen_vl_vocab", "no_spare_rows"])
+@pytest.fixture(params=[(True, "qwen2"), (False, "qwen2"), (False, "llama")],
+                ids=["qwen_vl_vocab", "no_spare_rows", "llama_lm"])
 def llava_qwen(request, tmp_path):
-    return save_llava_qwen(tmp_path / "llava", with_vl_tokens=request.param)
+    """A llava directory (ChatML template) with a Qwen2 LM (our Qwen backend) or a Llama LM (transformers')."""
+    vl, text = request.param
+    return save_llava_qwen(tmp_path / "llava", with_vl_tokens=vl, text=text)
 
 
 def _processor_inputs(path: Path, messages: list[dict], generation: bool):
@@ -112,6 +117,8 @@ def test_llava_qwen_ids_equal_the_processors_and_loss_equals_transformers(llava_
     from transformers import LlavaForConditionalGeneration
 
     vlm = VLM.from_pretrained(llava_qwen).eval()
+    llama = "Llama" in (llava_qwen / "config.json").read_text()
+    assert vlm.config.lm_backend == ("hf" if llama else "qwen")
     processor, inputs = _processor_inputs(llava_qwen, _processor_messages(), generation=False)
     want = inputs["input_ids"][0].tolist()
     tok = processor.tokenizer
