@@ -9,6 +9,7 @@ with its own tokenizer, chat template and processor files, imported into our VLM
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -117,8 +118,8 @@ def test_llava_qwen_ids_equal_the_processors_and_loss_equals_transformers(llava_
     from transformers import LlavaForConditionalGeneration
 
     vlm = VLM.from_pretrained(llava_qwen).eval()
-    llama = "Llama" in (llava_qwen / "config.json").read_text()
-    assert vlm.config.lm_backend == ("hf" if llama else "qwen")
+    text = json.loads((llava_qwen / "config.json").read_text())["text_config"]["model_type"]
+    assert vlm.config.lm_backend == {"qwen2": "qwen", "llama": "hf"}[text]
     processor, inputs = _processor_inputs(llava_qwen, _processor_messages(), generation=False)
     want = inputs["input_ids"][0].tolist()
     tok = processor.tokenizer
@@ -228,7 +229,6 @@ def test_llava_next_ids_equal_the_processors(tmp_path):
 def test_native_family_entries(tmp_path):
     """family_of: LLaVA-1.5 and llava-interleave share model_type "llava", told apart by the checkpoint's own
     chat template (ChatML -> interleave); LLaVA-NeXT by its model_type; the module prefixes name real modules."""
-    import json
 
     from transformers import LlavaForConditionalGeneration
 
@@ -286,7 +286,6 @@ def test_padded_batch_logits_equal_unpadded(tmp_path, backend, side):
 
 def _llava_records(d: Path) -> Path:
     """Four 2-image LLaVA-format records and their images."""
-    import json
 
     for i, img in enumerate(_images() * 2):
         img.save(d / f"im{i}.png")
@@ -378,7 +377,6 @@ def test_unmerged_adapter_loads_with_peft_on_the_released_base(tmp_path):
     """export_peft_adapter: adapter_config.json + adapter_model.safetensors that PeftModel.from_pretrained
     loads onto the released LlavaForConditionalGeneration (our Qwen LM's fused c_attn adapter split into
     q/k/v), giving our logits within 1e-5 and the same greedy answer."""
-    import json
 
     from peft import PeftModel
     from qwenvl_lab.model.export import export_peft_adapter
