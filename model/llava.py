@@ -10,7 +10,10 @@ into our parts, logits unchanged.
 - `multi_modal_projector.linear_1 / linear_2` -> `mlp2x_gelu` (`mlp.0` / `mlp.2`);
 - language model: Qwen2 -> our `qwen.QWenLMHeadModel` (arch qwen2), unless `config` asks for
   `lm_backend="hf"`; anything else (e.g. Llama) -> the generic transformers causal LM ("hf" backend);
-- `image_token_index` -> `image_token_id` (the placeholder id the tokens were rendered with).
+- `image_token_index` -> `image_token_id` (the placeholder id the tokens were rendered with);
+- the tokenizer: the directory's own, as it is (`HFTokenizer`, whatever the LM backend), so each `<image>`
+  becomes N placeholders with nothing around them and no id is added past the embedding table, as
+  transformers' LlavaProcessor does (tests/test_families_native.py compares the ids).
 - model_type "llava_next" (LLaVA-NeXT) also maps `image_grid_pinpoints` (anyres on), the learned
   `image_newline` (extras) and transformers' semantics: a newline after each row, every image of a sample
   tiled (`multi_image="anyres"`), no `anyres_max`. It needs patch-only features per crop, so a CLIP tower
