@@ -22,6 +22,11 @@ error). `VLM.from_pretrained` imports the export back (model/llava.py), the same
 A native-resolution model (`max_pixels`) or a NaFlex one (an `hf_siglip2` tower) has no Llava layout: refused
 (`export` answers one line naming the key), like an anyres setting transformers lacks.
 
+`peft-adapter` (`export_peft_adapter`) writes the unmerged LoRA adapters of a model imported from a Llava
+directory, plus its trained projector as peft's `modules_to_save`, in PEFT's own format for the released base:
+`PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(BASE), DIR)` gives our logits (our
+Qwen LM's fused `c_attn` adapter is split exactly into q/k/v; Qwen-1 names become Qwen2's).
+
 Image spans: our template writes `image_start + N x placeholder + image_end`; the exported chat template
 writes `image_start + placeholder + image_end` for each image and the Llava processor expands the single
 placeholder to N, so the same conversation gives the same ids.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -59,7 +65,7 @@ from ..visual.processor import RESAMPLE
 from .model import load_vlm
 from .paths import resolve_model_dir
 
-FORMATS = ("llava-hf",)
+FORMATS = ("llava-hf", "peft-adapter")
 TOWER_TYPES = {"hf_clip": "clip", "hf_siglip": "siglip"}
 
 def _lit(text: str) -> str:
@@ -231,6 +237,77 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
     return dst
 
 
+# Our Qwen LM's module names (Qwen-1's, for every generation) -> transformers' Qwen2 names; c_attn is q, k, v.
+_QWEN_TO_HF = {"attn.c_proj": "self_attn.o_proj", "mlp.w1": "mlp.up_proj", "mlp.w2": "mlp.gate_proj",
+               "mlp.c_proj": "mlp.down_proj"}
+_LORA_RE = re.compile(r"^(?:base_model\.model\.)?(?:model|transformer)\.(?:layers|h)\.(\d+)\.(.+)\.(lora_[AB])\.default\.weight$")
+
+
+def _released_lora(vlm) -> dict[str, torch.Tensor]:
+    """Our LoRA tensors under the released Llava's module names, in peft's in-memory form
+    (`base_model.model.model.language_model.layers.{i}.{module}.lora_A.default.weight`). Our Qwen LM's fused
+    c_attn adapter splits exactly into q/k/v: one shared A, B's rows cut at the q / k / v widths."""
+    qwen = vlm.config.lm_backend == "qwen"
+    cfg = vlm.lm.get_base_model().config
+    head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    widths = [cfg.num_attention_heads * head] + [(getattr(cfg, "num_key_value_heads", None)
+                                                 or cfg.num_attention_heads) * head] * 2
+    out = {}
+    for name, t in vlm.lm.named_parameters():
+        if "lora_" not in name:
+            continue
+        m = _LORA_RE.match(name)
+        if m is None:
+            raise ValueError(f"PEFT adapter export: LoRA tensor {name!r} is not in a decoder layer")
+        layer, module, ab = m.groups()
+        prefix = f"base_model.model.model.language_model.layers.{layer}."
+        t = t.detach().float().clone()
+        if qwen and module == "attn.c_attn":
+            parts = [t] * 3 if ab == "lora_A" else list(t.split(widths, dim=0))
+            for proj, part in zip("qkv", parts):
+                out[f"{prefix}self_attn.{proj}_proj.{ab}.default.weight"] = part.contiguous()
+            continue
+        module = _QWEN_TO_HF.get(module, module) if qwen else module
+        out[f"{prefix}{module}.{ab}.default.weight"] = t
+    return out
+
+
+def export_peft_adapter(vlm, dst: str | Path, base: str | Path | None = None) -> Path:
+    """The unmerged LoRA adapters (and the trained projector, as peft's `modules_to_save`) in PEFT's format
+    for the released `LlavaForConditionalGeneration` at `base` (default: the import's `init_from`):
+    adapter_config.json + adapter_model.safetensors, written by peft itself from a peft model built on the
+    meta device (no base weights read), so `PeftModel.from_pretrained(released_base, dst)` loads it."""
+    from peft import LoraConfig, get_peft_model  # peft only where adapters are
+
+    base = base or vlm.config.init_from
+    if base is None or not hasattr(vlm.lm, "peft_config"):
+        raise ValueError("PEFT adapter export needs a model imported from a Llava directory (init_from) "
+                         "with LoRA adapters (stage=sft, lora.r > 0)")
+    lora = vlm.lm.peft_config["default"]
+    if vlm.token_rows is not None:
+        raise ValueError("PEFT adapter export: trained token rows have no place in a LoRA adapter; merge and "
+                         "export the full model instead (--format llava-hf)")
+    tensors = _released_lora(vlm)
+    targets = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in tensors})
+    with torch.device("meta"):
+        released = LlavaForConditionalGeneration(LlavaConfig.from_pretrained(str(base)))
+    released.name_or_path = str(base)  # what peft writes as base_model_name_or_path
+    config = LoraConfig(r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+                        target_modules=r".*language_model.*\.(" + "|".join(targets) + ")$",
+                        modules_to_save=["multi_modal_projector"], base_model_name_or_path=str(base))
+    peft_model = get_peft_model(released, config)
+    proj = vlm.projector.mlp
+    wrapped = "base_model.model.model.multi_modal_projector.modules_to_save.default."
+    for i, layer in ((0, "linear_1"), (2, "linear_2")):
+        for kind in ("weight", "bias"):
+            tensors[f"{wrapped}{layer}.{kind}"] = getattr(proj[i], kind).detach().float().clone()
+    missing = set(tensors) - set(peft_model.state_dict())
+    assert not missing, f"names the released peft model lacks: {sorted(missing)[:4]}"
+    peft_model.load_state_dict(tensors, strict=False, assign=True)
+    peft_model.save_pretrained(str(dst))
+    return Path(dst)
+
+
 def _image_processor(backend: str, pp: dict, res=None):
     """The transformers image processor matching our tower's preprocessing facts (LLaVA-NeXT's for anyres:
     its PIL backend, the one visual/anyres.py equals)."""
@@ -269,10 +346,11 @@ def main(argv=None) -> int:
     src = resolve_model_dir(args.src)  # a bad source fails before the destination is made
     writable_dir(args.dst, "--dst")
     vlm = load_vlm(src).float().eval()
-    vlm.merge_lora()
-    vlm.fold_token_rows()  # trained token rows go into the embedding table the export carries
+    if args.format == "llava-hf":
+        vlm.merge_lora()
+        vlm.fold_token_rows()  # trained token rows go into the embedding table the export carries
     try:
-        out = export_llava_hf(vlm, args.dst)
+        out = export_llava_hf(vlm, args.dst) if args.format == "llava-hf" else export_peft_adapter(vlm, args.dst)
     except ValueError as e:  # the model does not fit the format: say why
         raise UserError(f"export: {e}") from None
     print(f"exported {args.src} -> {out} ({args.format})")

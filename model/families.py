@@ -1,7 +1,9 @@
 """Released VLM families: one entry each, what the project needs to load, feed and train a released checkpoint.
 
 `FAMILIES: dict[str, Family]` (a plain registry, keyed by the family name) and `family_of(path_or_config) ->
-Family | None` (by the checkpoint's config.json `model_type`). Adding a family is one entry here plus its
+Family | None` (by the checkpoint's config.json `model_type`; where several entries share one, as LLaVA-1.5 and
+llava-interleave share "llava", by the first `template_marker` found in the directory's chat template, the entry
+without a marker otherwise). Adding a family is one entry here plus its
 parity test (tests/test_families.py).
 
 A `Family` says:
@@ -16,6 +18,8 @@ A `Family` says:
   freezing, default LoRA targets and the separate learning rates read them);
 - `resolution_keys`: the processor settings a recipe may set (Qwen2-VL's `min_pixels` / `max_pixels`);
 - `video`: whether it takes videos (`pixel_values_videos`);
+- `template_marker`: a string the checkpoint's own chat template holds (tokenizer_config.json `chat_template`,
+  chat_template.jinja / chat_template.json), telling apart families that share a `model_type`;
 - `serving`: "engine" (our serving engine drives it), "generate" (the server decodes with the model's own
   generate) or a one-line reason it is refused.
 """
@@ -42,13 +46,34 @@ class Family:
     video: bool = False
     serving: str = "engine"
     notes: dict = field(default_factory=dict)
+    template_marker: str | None = None
 
 
-FAMILIES: dict[str, Family] = {}
+_LLAVA_PARTS = dict(vision=("model.vision_tower",), projector=("model.multi_modal_projector",),
+                    lm=("model.language_model", "lm_head"))
+_LLAVA_SPAN = ("each <image> -> N x image_token_index, nothing around it (LlavaProcessor); N = the tower's patches "
+               "(+ CLS with vision_feature_select_strategy 'full')")
+
+FAMILIES: dict[str, Family] = {
+    # Native families (model/llava.py imports them into our VLM); the wrapper's entries follow.
+    "llava": Family(name="llava", model_types=("llava",), hf_class="LlavaForConditionalGeneration", native=True,
+                    span=_LLAVA_SPAN, **_LLAVA_PARTS),
+    "llava-interleave": Family(
+        name="llava-interleave", model_types=("llava",), hf_class="LlavaForConditionalGeneration", native=True,
+        span=_LLAVA_SPAN + "; several images anywhere in the conversation", template_marker="<|im_start|>",
+        notes={"told_apart": "model_type 'llava' with a ChatML chat template (Qwen LM)"}, **_LLAVA_PARTS),
+    "llava_next": Family(
+        name="llava_next", model_types=("llava_next",), hf_class="LlavaNextForConditionalGeneration", native=True,
+        span="anyres: base image + the tiles of its best pinpoint, unpadded, a learned newline after each row "
+             "(LlavaNextProcessor's count)", extra_inputs=("image_sizes",),
+        vision=("model.vision_tower",), projector=("model.multi_modal_projector", "model.image_newline"),
+        lm=("model.language_model", "lm_head")),
+}
 
 
 def family_of(source: str | Path | dict) -> Family | None:
     """The family of a checkpoint directory (its config.json) or of a config dict, by `model_type`."""
+    template = ""
     if isinstance(source, dict):
         cfg = source
     else:
@@ -56,5 +81,23 @@ def family_of(source: str | Path | dict) -> Family | None:
         if not path.is_file():
             return None
         cfg = json.loads(path.read_text(encoding="utf-8"))
+        template = chat_template_text(Path(source)) or ""
     model_type = cfg.get("model_type")
-    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    matches = [f for f in FAMILIES.values() if model_type in f.model_types]
+    marked = [f for f in matches if f.template_marker is not None and f.template_marker in template]
+    unmarked = [f for f in matches if f.template_marker is None]
+    return (marked or unmarked or [None])[0]
+
+
+def chat_template_text(path: Path) -> str | None:
+    """The checkpoint's own chat template in any of the released layouts: chat_template.jinja,
+    chat_template.json's "chat_template", else tokenizer_config.json's `chat_template` (a string)."""
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        file = path / name
+        if file.is_file():
+            text = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+            if isinstance(text, str):
+                return text
+    return None

@@ -10,7 +10,10 @@ into our parts, logits unchanged.
 - `multi_modal_projector.linear_1 / linear_2` -> `mlp2x_gelu` (`mlp.0` / `mlp.2`);
 - language model: Qwen2 -> our `qwen.QWenLMHeadModel` (arch qwen2), unless `config` asks for
   `lm_backend="hf"`; anything else (e.g. Llama) -> the generic transformers causal LM ("hf" backend);
-- `image_token_index` -> `image_token_id` (the placeholder id the tokens were rendered with).
+- `image_token_index` -> `image_token_id` (the placeholder id the tokens were rendered with);
+- the tokenizer: the directory's own, as it is (`HFTokenizer`, whatever the LM backend), so each `<image>`
+  becomes N placeholders with nothing around them and no id is added past the embedding table, as
+  transformers' LlavaProcessor does (tests/test_families_native.py compares the ids).
 - model_type "llava_next" (LLaVA-NeXT) also maps `image_grid_pinpoints` (anyres on), the learned
   `image_newline` (extras) and transformers' semantics: a newline after each row, every image of a sample
   tiled (`multi_image="anyres"`), no `anyres_max`. It needs patch-only features per crop, so a CLIP tower
@@ -40,12 +43,12 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from ..qwen import QWenLMHeadModel, load_tokenizer
+from ..qwen import QWenLMHeadModel
 from ..visual.registry import build_tower
 from .config import VLMConfig
 from .dtypes import torch_dtype
 from .projector import Projector, build_projector
-from .tokenizers import has_tokenizer_files, load_lm_tokenizer
+from .tokenizers import HFTokenizer, has_tokenizer_files
 
 VISION_BACKENDS = {"clip_vision_model": "hf_clip", "siglip_vision_model": "hf_siglip"}
 
@@ -63,12 +66,15 @@ def _select(backend: str, strategy: str) -> str:
     return "patch" if strategy == "default" else "cls_patch"
 
 
-def _load_tokenizer(path: Path, backend: str):
-    """The same tokenizer class `build_vlm` gives this backend, so an import and its reload agree."""
+def _load_tokenizer(path: Path):
+    """The checkpoint's own tokenizer as it is, whatever the LM backend: the released processor
+    (LlavaProcessor) expands `<image>` to N image tokens with nothing around them and adds no token, so
+    neither do we. Qwen's interface (qwen.load_tokenizer) would add `<|vision_start|>` / `<|vision_end|>`
+    spans, and ids past a full embedding table (vocab_size == len(tokenizer))."""
     if not has_tokenizer_files(path):
         return None
     try:
-        return load_tokenizer(path) if backend == "qwen" else load_lm_tokenizer(path)
+        return HFTokenizer(path)
     except (ValueError, FileNotFoundError, OSError) as e:  # logits do not need it; say why it is missing
         warnings.warn(f"{path}: tokenizer not loaded ({e}); set VLMConfig.tokenizer to use chat()", stacklevel=2)
         return None
@@ -169,7 +175,7 @@ def llava_parts(
         **_resolution_keys(cfg, base),
     }
     vconfig = VLMConfig.from_dict(resolved)
-    tokenizer = _load_tokenizer(Path(vconfig.tokenizer or path), lm_backend)
+    tokenizer = _load_tokenizer(Path(vconfig.tokenizer or path))
     if vconfig.freeze_towers:
         tower.requires_grad_(False)
         tower.eval()
