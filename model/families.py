@@ -58,3 +58,27 @@ def family_of(source: str | Path | dict) -> Family | None:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     model_type = cfg.get("model_type")
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+
+
+# ----- wrapper families (model/released.py): run through the transformers model itself --------------------
+_QWEN_VL_SPAN = ("'<|vision_start|><|image_pad|><|vision_end|>' with <|image_pad|> repeated "
+                 "grid_t * grid_h * grid_w // merge_size**2 times (image_grid_thw from its image processor)")
+_QWEN_VL_SERVING = ("generate: M-RoPE positions (3 rows per token, from image_grid_thw) are not what our engine "
+                    "computes, so the server decodes through the model's own generate")
+
+FAMILIES["qwen2_vl"] = Family(
+    name="qwen2_vl", model_types=("qwen2_vl",), hf_class="Qwen2VLForConditionalGeneration", native=False,
+    span=_QWEN_VL_SPAN,
+    vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
+    notes={"image_token": "<|image_pad|>", "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
+)
+FAMILIES["qwen2_5_vl"] = Family(
+    name="qwen2_5_vl", model_types=("qwen2_5_vl",), hf_class="Qwen2_5_VLForConditionalGeneration", native=False,
+    span=_QWEN_VL_SPAN + "; window attention in the tower does not change the count",
+    vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
+    notes={"image_token": "<|image_pad|>", "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
+)
