@@ -24,12 +24,15 @@ Contract (the surface our VLM offers, so train.py / test.py / evaluation use it 
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoProcessor
 
@@ -38,6 +41,10 @@ from ..core.loss import full_logits_loss
 from ..dataset.hf_chat import expand_images, hf_messages, render_hf
 from ..dataset.sample import IMAGE_MARKER, Sample
 from .families import Family, family_of
+
+LORA_DIR = "lora"
+TRAINABLE_FILE = "trainable.safetensors"
+RELEASED_FILE = "released.json"
 
 
 @dataclass
@@ -82,9 +89,37 @@ class ReleasedVLM(nn.Module):
             setattr(processor.image_processor, key, value)
         return cls(family, model, processor, str(path)).eval()
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        self.model.save_pretrained(str(out_dir))
-        self.processor.save_pretrained(str(out_dir))
+    def lora_target_regex(self, targets: str) -> str:
+        """peft's full-name regex for `targets` (module-name suffixes) inside this family's LM only."""
+        alts = "|".join(re.escape(t.strip()) for t in targets.split("|") if t.strip())
+        if not alts:
+            raise UserError("lora.targets is empty")
+        return rf"(?:.*\.)?{re.escape(self.family.lm[0])}\.(?:.*\.)?(?:{alts})"
+
+    def save_pretrained(self, out_dir: str | Path, trainable_only: bool = False) -> None:
+        """The released layout again (model + processor); `trainable_only`: the LoRA adapter unmerged in PEFT's
+        format under `lora/` (`PeftModel.from_pretrained(<released base>, dir/lora)` loads it) and every other
+        trainable tensor (projector, unfrozen tower) under its transformers name in `trainable.safetensors`."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.processor.save_pretrained(str(out))
+        peft = hasattr(self.model, "peft_config")
+        if not trainable_only:
+            if peft:
+                raise UserError(f"{out}: a model with LoRA adapters saves trainable_only (or merge them first)")
+            self.model.save_pretrained(str(out))
+            return
+        if peft:
+            self.model.save_pretrained(str(out / LORA_DIR))
+        rest = {self._hf_name(n): p.detach().cpu().contiguous() for n, p in self.named_parameters()
+                if p.requires_grad and "lora_" not in n}
+        save_file(rest, str(out / TRAINABLE_FILE))
+        (out / RELEASED_FILE).write_text(json.dumps({"base": self.source, "family": self.family.name}, indent=2))
+
+    @staticmethod
+    def _hf_name(name: str) -> str:
+        """`model.base_model.model.<transformers name>` / `model.<transformers name>` -> the transformers name."""
+        return name.removeprefix("model.").removeprefix("base_model.model.")
 
     # ----- training --------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -209,3 +209,77 @@ def test_greedy_chat_equals_transformers_generate(released):
     new = out[0, ref["input_ids"].shape[1]:].tolist()
     cut = new[: next((i for i, t in enumerate(new) if t in model.stop_token_ids), len(new))]
     assert reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
+
+
+# ----- stages: what trains, at which rate, and the adapter in PEFT's format ---------------------------------
+def _fresh(path) -> ReleasedVLM:
+    return ReleasedVLM.from_pretrained(path)
+
+
+def _parts(model) -> dict[str, set[str]]:
+    from qwenvl_lab.model.stages import part_of
+
+    out: dict[str, set[str]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            out.setdefault(part_of(n), set()).add("lora" if "lora_" in n else "base")
+    return out
+
+
+@pytest.mark.parametrize("stage,vision_lr,want", [
+    ("align", 0.0, {"projector": {"base"}}),
+    ("sft", 0.0, {"projector": {"base"}, "lm": {"lora"}}),
+    ("sft", 1e-4, {"projector": {"base"}, "lm": {"lora"}, "vision": {"base"}}),
+    ("full", 0.0, {"projector": {"base"}, "lm": {"base"}}),
+])
+def test_stages_train_the_family_parts(released, stage, vision_lr, want):
+    from qwenvl_lab.model.stages import apply_lora, set_trainable
+    from qwenvl_lab.model.train_config import LoraSettings
+
+    model = _fresh(released[1])
+    if stage == "sft":
+        apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))  # no targets: the family's LM linears
+        adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith("lora_A")}
+        assert adapted and all(".language_model." in n for n in adapted)
+        assert {n.rsplit(".", 1)[1] for n in adapted} == set(FAMILIES[released[0]].notes["lora_targets"].split("|"))
+    set_trainable(model, stage, vision_lr)
+    assert _parts(model) == want
+
+
+def test_one_sft_step_moves_only_adapters_and_projector_at_their_rates(released):
+    from peft import PeftModel
+    from qwenvl_lab.model.stages import apply_lora, set_trainable
+    from qwenvl_lab.model.train_config import LoraSettings
+    from qwenvl_lab.trainer.optim import param_groups
+
+    name, path, _, _ = released
+    model = _fresh(path)
+    apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    set_trainable(model, "sft")
+    with torch.no_grad():  # lora_B starts at 0: give it a value so lora_A gets a gradient too
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups = param_groups(model, learning_rate=1e-3, projector_lr=2e-3, vision_lr=0.0, weight_decay=0.0)
+    assert {g["name"].removesuffix("_no_decay"): g["lr"] for g in groups} == {"lm": 1e-3, "projector": 2e-3}
+    ours = model.render(RECORD, _images())
+    ids = torch.tensor([ours["input_ids"]])
+    loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([ours["labels"]]),
+                 pixel_values=ours["pixel_values"], image_grid_thw=ours["image_grid_thw"]).loss
+    loss.backward()
+    torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-12).step()
+    for group in groups:
+        for n, p in zip(group["param_names"], group["params"]):
+            step = (p.detach() - before[n]).abs()
+            moved = step[step > 0]  # Adam's first step moves every entry with a gradient by exactly lr
+            assert moved.numel() > 0 and torch.allclose(moved, torch.full_like(moved, group["lr"]), rtol=1e-3), n
+    for n, p in model.named_parameters():
+        if not p.requires_grad:  # vision tower and base LM
+            assert torch.equal(p, before[n]), n
+    model.save_pretrained(path.parent / "run", trainable_only=True)
+    base = _fresh(path).model
+    peft = PeftModel.from_pretrained(base, str(path.parent / "run" / "lora"))
+    ours_lora = {n.removeprefix("model."): p for n, p in model.named_parameters() if "lora_" in n}
+    loaded = dict(peft.named_parameters())
+    assert ours_lora and all(torch.equal(loaded[n], p) for n, p in ours_lora.items())
