@@ -14,6 +14,11 @@ Contract:
   the template writes them) and get labels, everything else -100. The i-th `image_token` in the text is
   repeated `image_counts[i]` times, as the processor does, before tokenizing, so every image-span token
   (and the template's start/end markers around it) is -100.
+- `ReleasedDataset(paths, render, ...)`: our data files (every format dataset/formats.py reads) as items
+  `render(sample, images, max_length) -> {"input_ids", "labels", <the processor's image inputs>}`; a bad
+  sample is skipped and counted (strict: raised), as in `VLMDataset`. Videos are refused per sample.
+- `released_collate(pad_id)`: right-pads input_ids / labels / attention_mask `[B, T]` and concatenates every
+  image input in item order (Qwen2-VL: pixel_values `[sum patches, C*T*P*P]`, image_grid_thw `[n, 3]`).
 - Truncation: whole (user, assistant) pairs are dropped from the end until the sample fits `max_length`;
   spans are never cut. A sample whose first pair does not fit raises `BadSampleError(kind="too_long")`.
 """
@@ -22,8 +27,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import Any
+
+import torch
 
 from ..core.loss import IGNORE_INDEX
+from .collator import Batch
+from .dataset import _parse_paths
+from .formats import normalize, read_records, resolve_path
+from .images import load_image
 from .sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample
 
 _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
@@ -129,3 +141,104 @@ def _tokenize(segs: list[tuple[str, bool]], tokenize: Callable[[str], list[int]]
     if k != len(counts):
         raise BadSampleError(f"{len(counts)} image(s) but the template wrote {k} image token(s)")
     return ids, labels
+
+
+class ReleasedDataset(torch.utils.data.Dataset):
+    """Our data files rendered by a released checkpoint's template and processor (`render`)."""
+
+    def __init__(self, paths: Any, render: Callable[[Sample, list, int | None], dict], max_length: int | None,
+                 image_folder: str | None = None, strict: bool = False, allow_absolute_paths: bool = False,
+                 max_retries: int = 16):
+        self.render, self.max_length, self.strict, self.max_retries = render, max_length, strict, max_retries
+        self.skipped: dict[tuple[str, int], dict] = {}
+        self.samples: list[Sample] = []
+        for spec in _parse_paths(paths, image_folder, None):
+            bad: list[tuple[int, BadSampleError]] | None = None if strict else []
+            for pos, record in read_records(spec["path"], bad):
+                try:
+                    self.samples.append(normalize(record, pos, spec["path"], image_folder=spec["image_folder"],
+                                                  allow_absolute_paths=allow_absolute_paths))
+                except BadSampleError as e:
+                    if strict:
+                        raise
+                    self._skip(spec["path"], pos, e)
+            for pos, e in bad or []:
+                self._skip(spec["path"], pos, e)
+        if not self.samples:
+            raise BadSampleError(f"{', '.join(str(s['path']) for s in _parse_paths(paths, None, None))}: no usable sample")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Each sample's rendered length (rendered once, on first use: the length-grouped sampler); 0 = bad."""
+        if getattr(self, "_lengths", None) is None:
+            self._lengths = []
+            for s in self.samples:
+                try:
+                    self._lengths.append(len(self.build(s)["input_ids"]))
+                except BadSampleError:
+                    self._lengths.append(0)
+        return self._lengths
+
+    def _skip(self, file: str, position: int, e: BadSampleError) -> dict:
+        rec = {"file": str(file), "position": position, "kind": e.kind, "reason": str(e)}
+        self.skipped.setdefault((rec["file"], position), rec)
+        return rec
+
+    def absorb(self, records: list[dict]) -> None:
+        """Merge skip records produced in DataLoader workers into this object."""
+        for r in records:
+            self.skipped.setdefault((r["file"], r["position"]), r)
+
+    def skip_report(self) -> dict:
+        """`{"skipped": n, "by_kind": {kind: count}, "examples": [first reasons]}` plus VLMDataset's other
+        counts at 0 (truncation here drops whole turns inside `render`, counted by the caller's lengths)."""
+        recs = list(self.skipped.values())
+        by_kind: dict[str, int] = {}
+        for r in recs:
+            by_kind[r["kind"]] = by_kind.get(r["kind"], 0) + 1
+        return {"skipped": len(recs), "by_kind": by_kind, "examples": [r["reason"] for r in recs[:5]],
+                "truncated_samples": 0, "dropped_turns": 0, "dropped_images": 0, "downscaled_samples": 0}
+
+    def build(self, s: Sample) -> dict:
+        if s.videos:
+            raise BadSampleError(f"{s.where}: videos are not supported for this released family yet", kind="bad_video")
+        images = [load_image(resolve_path(p, None, "", True)) for p in s.images]
+        return {**self.render(s, images, self.max_length), "id": s.id}
+
+    def __getitem__(self, i: int) -> dict:
+        new_skips = []
+        for attempt in range(self.max_retries + 1):
+            s = self.samples[(i + attempt) % len(self.samples)]
+            try:
+                return {**self.build(s), "skipped": new_skips}
+            except BadSampleError as e:
+                if self.strict:
+                    raise
+                file, pos = s.source or ("<memory>", 0)
+                new_skips.append(self._skip(file, pos, e))
+        raise BadSampleError(f"{self.max_retries + 1} bad samples in a row from index {i}")
+
+
+def released_collate(pad_id: int) -> Callable[[list[dict]], Batch]:
+    """Right-padded ids / labels / mask and the concatenated image inputs of a micro-batch."""
+
+    def collate(items: list[dict]) -> Batch:
+        T = max(len(it["input_ids"]) for it in items)
+        input_ids = torch.full((len(items), T), pad_id, dtype=torch.long)  # [B, T]
+        labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+        mask = torch.zeros((len(items), T), dtype=torch.long)  # [B, T]
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            input_ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(it["input_ids"]), torch.tensor(it["labels"]), 1
+        batch = Batch(input_ids=input_ids, attention_mask=mask, labels=labels)
+        for k in sorted({k for it in items for k, v in it.items() if isinstance(v, torch.Tensor)}):
+            parts = [it[k] for it in items if k in it]
+            batch[k] = torch.cat(parts)  # [sum over items, ...] in item order
+        batch.ids = [it.get("id") for it in items]
+        batch.skipped = [rec for it in items for rec in it.get("skipped", [])]
+        return batch
+
+    return collate

@@ -659,9 +659,9 @@ def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM
 def load_vlm(path: str | Path, **overrides: Any) -> VLM:
     """A directory written by `VLM.save_pretrained` (rebuilt, then its tensors on top), a run directory (its
     `final/`, else its newest `checkpoint-N/`: `resolve_model_dir`) or a Llava directory."""
-    if _wrapper_family(path):
-        return ReleasedVLM.from_pretrained(path, **overrides).eval()
     p = Path(path) if is_llava_next_dir(path) else resolve_model_dir(path)
+    if _wrapper_family(p):
+        return ReleasedVLM.from_pretrained(p, **overrides).eval()
     if not (p / CONFIG_FILE).is_file():  # resolve_model_dir returns a model directory: ours or a Llava one
         return _import_llava(p, overrides or None).eval()
     config, _ = read_vlm_config(p)
@@ -687,7 +687,10 @@ def load_vlm(path: str | Path, **overrides: Any) -> VLM:
 
 
 def _wrapper_family(path: str | Path) -> bool:
-    """A released checkpoint of a family run through model/released.py (not imported into our VLM)."""
+    """A released checkpoint of a family run through model/released.py (not imported into our VLM), or a run's
+    model trained from one (its released.json)."""
+    if (Path(path) / "released.json").is_file():
+        return True
     family = family_of(path)
     return family is not None and not family.native
 

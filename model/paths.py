@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 from ..core.errors import UserError
+from .families import family_of
 
 CONFIG_FILE = "vlm_config.json"
 BIGBRO_FILES = ("adapter_model.bin", "other_params.bin")  # the BigBro repo's LoRA and projector (torch.save)
@@ -24,7 +25,10 @@ LLAVA_MODEL_TYPES = ("llava", "llava_next")  # transformers families model/llava
 
 
 def is_model_dir(path: Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file() or is_llava_dir(path)
+    """Ours (vlm config), a Llava one, or a released wrapper family's (released checkpoint or trained run)."""
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() or is_llava_dir(p) or (p / "released.json").is_file() or (
+        family_of(p) is not None)
 
 
 def is_llava_dir(path: Path) -> bool:

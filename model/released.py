@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoProcessor
 
@@ -75,8 +75,34 @@ class ReleasedVLM(nn.Module):
     def config(self):
         return self.model.config
 
+    def _hf(self) -> nn.Module:
+        """The transformers model under a peft wrapper, if any."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @property
+    def lm(self) -> nn.Module:
+        """Its language model (the trainer reads its config; LoRA lives inside it)."""
+        return self._hf().model.language_model
+
+    @property
+    def towers(self) -> nn.Module:
+        """Its vision tower with the merger (the projector) inside, as transformers builds it."""
+        return self._hf().model.visual
+
+    def prepare_attention(self, compute_dtype: torch.dtype | None = None) -> str | None:
+        """The model's own attention (transformers' `attn_implementation`): nothing to choose here."""
+        return getattr(self.model.config, "_attn_implementation", None)
+
+    def gradient_checkpointing_enable(self) -> None:
+        self._hf().gradient_checkpointing_enable()
+
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, **resolution: Any) -> ReleasedVLM:
+        """A released directory, or one written by `save_pretrained(trainable_only=True)` (its released.json
+        names the base; the PEFT adapter and the other trained tensors go on top)."""
+        trained = Path(path) / RELEASED_FILE
+        if trained.is_file():
+            return cls._from_trained(Path(path), json.loads(trained.read_text())["base"], dtype, resolution)
         family = family_of(path)
         if family is None or family.native:
             raise UserError(f"{path}: not a released wrapper family (config.json model_type)")
@@ -88,6 +114,21 @@ class ReleasedVLM(nn.Module):
         for key, value in resolution.items():
             setattr(processor.image_processor, key, value)
         return cls(family, model, processor, str(path)).eval()
+
+    @classmethod
+    def _from_trained(cls, path: Path, base: str, dtype: torch.dtype | None, resolution: dict) -> ReleasedVLM:
+        vlm = cls.from_pretrained(base, dtype=dtype, **resolution)
+        if (path / LORA_DIR / "adapter_config.json").is_file():
+            from peft import PeftModel  # heavy: only for a trained adapter
+
+            vlm.model = PeftModel.from_pretrained(vlm.model, str(path / LORA_DIR))
+        hf = vlm._hf()
+        missing = set(load_file(str(path / TRAINABLE_FILE))) - set(hf.state_dict())
+        if missing:
+            raise UserError(f"{path / TRAINABLE_FILE}: tensors {sorted(missing)[:3]} are not in {base}")
+        hf.load_state_dict(load_file(str(path / TRAINABLE_FILE)), strict=False)
+        vlm.source = str(base)  # a later save points at the released base again
+        return vlm.eval()
 
     def lora_target_regex(self, targets: str) -> str:
         """peft's full-name regex for `targets` (module-name suffixes) inside this family's LM only."""

@@ -283,3 +283,40 @@ def test_one_sft_step_moves_only_adapters_and_projector_at_their_rates(released)
     ours_lora = {n.removeprefix("model."): p for n, p in model.named_parameters() if "lora_" in n}
     loaded = dict(peft.named_parameters())
     assert ours_lora and all(torch.equal(loaded[n], p) for n, p in ours_lora.items())
+
+
+def test_one_sft_step_through_train(released, tmp_path):
+    import json
+
+    from qwenvl_lab.trainer.run import train
+
+    from tests.tiny_train import tiny_train_config
+
+    name, path, _, _ = released
+    for i, img in enumerate(_images()):
+        img.save(tmp_path / f"{'ab'[i]}.png")
+    record = {"image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the first picture?"}, {"from": "gpt", "value": "A red square."},
+        {"from": "human", "value": "And here <image> what?"}, {"from": "gpt", "value": "A blue circle, small."}]}
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(record) for _ in range(2)) + "\n")
+    cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(path), stage="sft", max_steps=1,
+                            per_device_train_batch_size=2, learning_rate=1e-3, projector_lr=2e-3, vision_lr=0.0,
+                            lora={"r": 4, "alpha": 8, "dropout": 0.0}, max_length=400, weight_decay=0.0)
+    result = train(cfg)
+    base = dict(_fresh(path).named_parameters())
+    trained = {n.removeprefix("model.").removeprefix("base_model.model."): p for n, p in result.model.named_parameters()}
+    for n, p in trained.items():
+        if "lora_" in n:
+            continue
+        hf = n.replace(".base_layer.", ".")
+        if ".visual.merger." in n:  # the projector moved by its own rate (Adam's first step: lr per entry)
+            step = (p.detach() - base["model." + hf]).abs()
+            assert torch.allclose(step[step > 0].median(), torch.tensor(2e-3), rtol=0.05), n
+        else:  # vision and base LM weights untouched
+            assert torch.equal(p.detach(), base["model." + hf].detach()), n
+    lora_b = [p for n, p in trained.items() if "lora_B" in n]
+    assert lora_b and all(torch.allclose(p.abs().max(), torch.tensor(1e-3), rtol=0.05) for p in lora_b)
+    final = load_vlm(tmp_path / "run")  # the run directory's final/: the released base + adapter + projector
+    assert isinstance(final, ReleasedVLM)
+    for n, p in final.named_parameters():
+        assert torch.equal(p, dict(result.model.named_parameters())[n]), n
