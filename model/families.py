@@ -55,7 +55,12 @@ def family_of(source: str | Path | dict) -> Family | None:
         path = Path(source) / "config.json"
         if not path.is_file():
             return None
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable or not JSON: no family (the caller says what it expected)
+            return None
+    if not isinstance(cfg, dict):
+        return None
     model_type = cfg.get("model_type")
     return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
 
