@@ -320,3 +320,31 @@ def test_one_sft_step_through_train(released, tmp_path):
     assert isinstance(final, ReleasedVLM)
     for n, p in final.named_parameters():
         assert torch.equal(p, dict(result.model.named_parameters())[n]), n
+
+
+def test_recipes_name_the_released_hub_ids_and_offline_is_one_line():
+    from pathlib import Path
+
+    import yaml
+    from qwenvl_lab.model.paths import ModelDirError, resolve_model_dir
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "released"
+    ids = {p.name: yaml.safe_load(p.read_text())["init_from"] for p in root.glob("*.yaml")}
+    assert ids == {"qwen2_vl_lora.yaml": "Qwen/Qwen2-VL-2B-Instruct",
+                   "qwen2_5_vl_lora.yaml": "Qwen/Qwen2.5-VL-7B-Instruct"}
+    with pytest.raises(ModelDirError, match="could not be fetched"):
+        resolve_model_dir("no-such-org-xyz/no-such-model")  # tests run with HF_HUB_OFFLINE=1
+
+
+@pytest.mark.parametrize("key,value", [("packing", True), ("feature_cache", "cache_dir"), ("fused_impl", "torch")])
+def test_features_that_cannot_apply_are_refused(released, tmp_path, key, value):
+    from qwenvl_lab.core.config_io import ConfigError
+    from qwenvl_lab.trainer.run import build_model
+
+    from tests.tiny_train import tiny_train_config
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(released[1]), stage="sft",
+                            lora={"r": 4}, **{key: value})
+    with pytest.raises(ConfigError, match=f"^{key}: not available for the released family"):
+        build_model(cfg)
