@@ -348,3 +348,20 @@ def test_features_that_cannot_apply_are_refused(released, tmp_path, key, value):
                             lora={"r": 4}, **{key: value})
     with pytest.raises(ConfigError, match=f"^{key}: not available for the released family"):
         build_model(cfg)
+
+
+def test_chat_batch_equals_chat_alone(released):
+    model = released[2]
+    convs = [(_images(), [{"role": "user", "content": "<image> and <image>: which is red?"}]),
+             (_images(1)[:1], [{"role": "user", "content": "Describe."}])]  # no marker: the image goes first
+    assert model.chat_batch(convs, max_new_tokens=6) == [model.chat(i, m, max_new_tokens=6) for i, m in convs]
+
+
+def test_test_py_answers_with_a_released_checkpoint(released, tmp_path, capsys):
+    from tests.tiny_server import answer_of_test_py
+
+    _, path, model, _ = released
+    _images()[0].save(tmp_path / "a.png")
+    answer = answer_of_test_py(["--model", str(path), "--image", str(tmp_path / "a.png"), "--prompt", "What is it?",
+                                "--max-new-tokens", "5"], capsys)
+    assert answer == model.chat(_images()[:1], [{"role": "user", "content": "What is it?"}], max_new_tokens=5)
