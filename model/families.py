@@ -18,6 +18,8 @@ A `Family` says:
 - `video`: whether it takes videos (`pixel_values_videos`);
 - `serving`: "engine" (our serving engine drives it), "generate" (the server decodes with the model's own
   generate) or a one-line reason it is refused.
+- `notes` (wrapper families): `image_token` (the placeholder the processor repeats), `span_tokens` (the span's
+  other marker tokens; -100 like the placeholder), `lora_targets` (its LM's linear layers, the default targets).
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ FAMILIES["qwen2_vl"] = Family(
     vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
     lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "mm_token_type_ids"),
     resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
-    notes={"image_token": "<|image_pad|>", "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
+    notes={"image_token": "<|image_pad|>", "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
+           "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
 )
 FAMILIES["qwen2_5_vl"] = Family(
     name="qwen2_5_vl", model_types=("qwen2_5_vl",), hf_class="Qwen2_5_VLForConditionalGeneration", native=False,
@@ -85,5 +88,6 @@ FAMILIES["qwen2_5_vl"] = Family(
     vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
     lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "mm_token_type_ids"),
     resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
-    notes={"image_token": "<|image_pad|>", "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
+    notes={"image_token": "<|image_pad|>", "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
+           "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
 )

@@ -82,12 +82,12 @@ class ReleasedVLM(nn.Module):
     @property
     def lm(self) -> nn.Module:
         """Its language model (the trainer reads its config; LoRA lives inside it)."""
-        return self._hf().model.language_model
+        return self._hf().get_submodule(self.family.lm[0])
 
     @property
     def towers(self) -> nn.Module:
         """Its vision tower with the merger (the projector) inside, as transformers builds it."""
-        return self._hf().model.visual
+        return self._hf().get_submodule(self.family.projector[0].rsplit(".", 1)[0])
 
     def prepare_attention(self, compute_dtype: torch.dtype | None = None) -> str | None:
         """The model's own attention (transformers' `attn_implementation`): nothing to choose here."""
@@ -210,7 +210,7 @@ class ReleasedVLM(nn.Module):
         return {"input_ids": ids, "labels": labels, **self.image_inputs(images[:kept])}
 
     def _span_ids(self) -> frozenset[int]:
-        names = ("<|vision_start|>", "<|vision_end|>", self.image_token)
+        names = (*self.family.notes["span_tokens"], self.image_token)
         return frozenset(self.tokenizer.convert_tokens_to_ids(n) for n in names)
 
     # ----- answering ---------------------------------------------------------------------------------------
