@@ -22,6 +22,8 @@ A `Family` says:
   chat_template.jinja / chat_template.json), telling apart families that share a `model_type`;
 - `serving`: "engine" (our serving engine drives it), "generate" (the server decodes with the model's own
   generate) or a one-line reason it is refused.
+- `notes` (wrapper families): `image_token` (the placeholder the processor repeats), `span_tokens` (the span's
+  other marker tokens; -100 like the placeholder), `lora_targets` (its LM's linear layers, the default targets).
 """
 
 from __future__ import annotations
@@ -80,8 +82,13 @@ def family_of(source: str | Path | dict) -> Family | None:
         path = Path(source) / "config.json"
         if not path.is_file():
             return None
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # unreadable or not JSON: no family (the caller says what it expected)
+            return None
         template = chat_template_text(Path(source)) or ""
+    if not isinstance(cfg, dict):
+        return None
     model_type = cfg.get("model_type")
     matches = [f for f in FAMILIES.values() if model_type in f.model_types]
     marked = [f for f in matches if f.template_marker is not None and f.template_marker in template]
@@ -97,7 +104,36 @@ def chat_template_text(path: Path) -> str | None:
     for name in ("chat_template.json", "tokenizer_config.json"):
         file = path / name
         if file.is_file():
-            text = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+            try:
+                text = json.loads(file.read_text(encoding="utf-8")).get("chat_template")
+            except (OSError, ValueError, AttributeError):
+                continue
             if isinstance(text, str):
                 return text
     return None
+
+
+# ----- wrapper families (model/released.py): run through the transformers model itself --------------------
+_QWEN_VL_SPAN = ("'<|vision_start|><|image_pad|><|vision_end|>' with <|image_pad|> repeated "
+                 "grid_t * grid_h * grid_w // merge_size**2 times (image_grid_thw from its image processor)")
+_QWEN_VL_SERVING = ("generate: M-RoPE positions (3 rows per token, from image_grid_thw) are not what our engine "
+                    "computes, so the server decodes through the model's own generate")
+
+FAMILIES["qwen2_vl"] = Family(
+    name="qwen2_vl", model_types=("qwen2_vl",), hf_class="Qwen2VLForConditionalGeneration", native=False,
+    span=_QWEN_VL_SPAN,
+    vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
+    notes={"image_token": "<|image_pad|>", "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
+           "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
+)
+FAMILIES["qwen2_5_vl"] = Family(
+    name="qwen2_5_vl", model_types=("qwen2_5_vl",), hf_class="Qwen2_5_VLForConditionalGeneration", native=False,
+    span=_QWEN_VL_SPAN + "; window attention in the tower does not change the count",
+    vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
+    notes={"image_token": "<|image_pad|>", "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
+           "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
+)

@@ -88,12 +88,14 @@ from .backbones import HFCausalLMBackbone, LMBackbone, QwenBackbone, unwrap
 from .checkpoint import LORA_DIR, TOKENIZER_DIR, load_trainable_weights, read_vlm_config, save_vlm
 from .config import VLMConfig
 from .dtypes import torch_dtype
+from .families import family_of
 from .llava import is_llava_next_dir, llava_parts
 from .native import native_rows, tokens_per_image
 from .parts import build_towers, named_source
 from .paths import CONFIG_FILE, resolve_model_dir
 from .projector import Projector, build_projector
 from .quant import QUANT_FILE, dequantize_lm, has_4bit, quantize_lm_4bit
+from .released import ReleasedVLM
 from .token_rows import TokenRows
 
 __all__ = ["LM_BACKBONES", "PRESETS", "VLM", "VLMConfig", "VLMOutput", "build_vlm", "load_vlm", "resolve_config"]
@@ -626,6 +628,8 @@ class VLM(nn.Module):
 def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM:
     """Build every part named by the config (a preset name, a dict or a VLMConfig)."""
     config = resolve_config(preset_or_config, **overrides)
+    if config.init_from is not None and _wrapper_family(config.init_from):
+        return ReleasedVLM.from_pretrained(config.init_from, dtype=torch_dtype(config.dtype))
     if config.init_from is not None:
         return _import_llava(config.init_from, config)
     family = LM_BACKBONES[config.lm_backend]
@@ -656,6 +660,8 @@ def load_vlm(path: str | Path, **overrides: Any) -> VLM:
     """A directory written by `VLM.save_pretrained` (rebuilt, then its tensors on top), a run directory (its
     `final/`, else its newest `checkpoint-N/`: `resolve_model_dir`) or a Llava directory."""
     p = Path(path) if is_llava_next_dir(path) else resolve_model_dir(path)
+    if _wrapper_family(p):
+        return ReleasedVLM.from_pretrained(p, **overrides).eval()
     if not (p / CONFIG_FILE).is_file():  # resolve_model_dir returns a model directory: ours or a Llava one
         return _import_llava(p, overrides or None).eval()
     config, _ = read_vlm_config(p)
@@ -678,6 +684,15 @@ def load_vlm(path: str | Path, **overrides: Any) -> VLM:
         vlm.lm = get_peft_model(vlm.lm, LoraConfig.from_pretrained(str(p / LORA_DIR)))
     load_trainable_weights(vlm, p)
     return vlm.eval()  # inference mode, as transformers' from_pretrained; training calls .train()
+
+
+def _wrapper_family(path: str | Path) -> bool:
+    """A released checkpoint of a family run through model/released.py (not imported into our VLM), or a run's
+    model trained from one (its released.json)."""
+    if (Path(path) / "released.json").is_file():
+        return True
+    family = family_of(path)
+    return family is not None and not family.native
 
 
 def _import_llava(path: str | Path, config: VLMConfig | dict | None) -> VLM:

@@ -6,7 +6,10 @@ Contract:
   model_type in `LLAVA_MODEL_TYPES`: "llava", or "llava_next" for LLaVA-NeXT, whose anyres model/llava.py maps).
 - `resolve_model_dir(path) -> Path`: a model directory as is; a run directory -> its `final/`, else its
   newest `checkpoint-N/` holding a model. A path that does not exist, or holds no model, raises
-  `ModelDirError` (a UserError) saying which and what to give instead.
+  `ModelDirError` (a UserError) saying which and what to give instead. A path that does not exist but reads
+  as a hub id (`org/name`, e.g. a released `Qwen/Qwen2-VL-2B-Instruct` in a configs/released/ recipe) is
+  fetched once (`snapshot_download`, the hub cache) and its directory returned; offline or unknown, the
+  same one-line `ModelDirError`.
 - `is_bigbro_dir(path)`: a checkpoint of the BigBro repo (`BIGBRO_FILES` + adapter_config.json, no
   `CONFIG_FILE`), imported by model/bigbro.py once its base models are named; `resolve_model_dir` says so.
 """
@@ -14,17 +17,25 @@ Contract:
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from ..core.errors import UserError
+from .families import family_of
 
 CONFIG_FILE = "vlm_config.json"
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # org/name, as the hub spells repositories
 BIGBRO_FILES = ("adapter_model.bin", "other_params.bin")  # the BigBro repo's LoRA and projector (torch.save)
 LLAVA_MODEL_TYPES = ("llava", "llava_next")  # transformers families model/llava.py imports
 
 
 def is_model_dir(path: Path) -> bool:
-    return (Path(path) / CONFIG_FILE).is_file() or is_llava_dir(path)
+    """Ours (vlm config), a Llava one, or a released wrapper family's (released checkpoint or trained run)."""
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() or is_llava_dir(p) or (p / "released.json").is_file() or (
+        family_of(p) is not None)
 
 
 def is_llava_dir(path: Path) -> bool:
@@ -49,6 +60,12 @@ class ModelDirError(UserError, FileNotFoundError):
 def resolve_model_dir(path: str | Path) -> Path:
     """A model directory, or the model inside a run directory (`final/`, else the newest `checkpoint-N/`)."""
     p = Path(path)
+    if not p.exists() and _HUB_ID.fullmatch(str(path)):
+        try:  # a hub model named by the user: the one network access, cached
+            return Path(snapshot_download(str(path)))
+        except Exception as e:  # offline, unknown id, no access: the user's to fix, in one line
+            raise ModelDirError(f"model directory {p} does not exist and the hub model {path} could not be fetched "
+                                f"({type(e).__name__}); give a local directory or check the id / network") from None
     if not p.exists():
         raise ModelDirError(f"model directory {p} does not exist; give a run directory (its final/ or newest "
                             f"checkpoint-N/ is used) or a directory written by save_pretrained / model.merge")

@@ -8,6 +8,10 @@ The vision towers train only when `vision_lr > 0` (any stage). After the stage r
 freeze matching parameters and then `unfreeze` regexes make matching ones trainable (Cerebras-style
 fine control); regexes are searched (`re.search`) in full parameter names such as
 `lm.transformer.h.0.attn.c_attn.weight` or `towers.0.model.stem.conv.weight`.
+
+A released wrapper (model/released.py, names `model.<transformers name>`, `model.base_model.model.<...>` under
+peft) has its parts named by its family's module prefixes (model/families.py `vision` / `projector` / `lm`):
+the same stages, the LoRA adapters on its LM's linear layers only (default: the family's `lora_targets`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from torch import nn
 
 from .config import PROJECTOR_PREFIXES
 from .dtypes import upcast_trainable
+from .families import FAMILIES
 from .quant import quantize_lm_4bit
+from .released import ReleasedVLM
 from .train_config import LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -30,8 +36,25 @@ log = logging.getLogger(__name__)
 STAGES = ("align", "sft", "full")
 
 
+def _released_part(name: str) -> str | None:
+    """The part of a released wrapper's parameter name (`model.` + its transformers name), None otherwise."""
+    if not name.startswith("model."):
+        return None
+    inner = name.removeprefix("model.").removeprefix("base_model.model.")  # peft wraps the transformers model
+    for family in FAMILIES.values():
+        if family.native:
+            continue
+        for part in ("projector", "vision", "lm"):
+            if inner.startswith(tuple(p + "." for p in getattr(family, part))):
+                return part
+    return "other"
+
+
 def part_of(name: str) -> str:
     """The part of a VLM parameter name: projector | vision | lm (everything else)."""
+    released = _released_part(name)
+    if released is not None:
+        return "lm" if released == "other" else released
     if name.startswith(PROJECTOR_PREFIXES):
         return "projector"
     if name.startswith("towers."):
@@ -74,6 +97,9 @@ def lora_target_regex(targets: str) -> str:
 def resolve_lora_targets(vlm: nn.Module, targets: str) -> str:
     """"" -> the LM backbone's default for this architecture; "all-linear" -> every Linear of the LM except
     its output head; anything else as given."""
+    if isinstance(vlm, ReleasedVLM):
+        targets = (targets or "").strip()
+        return vlm.family.notes["lora_targets"] if targets in ("", "all-linear") else targets  # its LM's linears
     targets = (targets or "").strip() or vlm.backbone.default_lora_targets(vlm.lm)
     return vlm.backbone.all_linear_targets(vlm.lm) if targets == "all-linear" else targets
 
@@ -89,12 +115,16 @@ def apply_lora(vlm: nn.Module, lora: LoraSettings) -> None:
         n4 = quantize_lm_4bit(vlm)
         log.info("QLoRA: %d linear layers of the LM hold 4-bit NF4 weights", n4)
     targets = resolve_lora_targets(vlm, lora.targets)
+    released = isinstance(vlm, ReleasedVLM)
     config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=lora_target_regex(targets), bias="none",
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
+        target_modules=vlm.lora_target_regex(targets) if released else lora_target_regex(targets),
     )
-    vlm.lm = get_peft_model(vlm.lm, config)
-    n = sum(1 for name, _ in vlm.lm.named_modules() if name.endswith("lora_A"))
+    if released:  # the whole transformers model is wrapped; the regex keeps the adapters inside its LM
+        vlm.model = get_peft_model(vlm.model, config)
+    else:
+        vlm.lm = get_peft_model(vlm.lm, config)
+    n = sum(1 for name, _ in vlm.named_modules() if name.endswith("lora_A"))
     if n == 0:
         raise ValueError(f"LoRA targets {targets!r} matched no module of the LM")
     log.info("LoRA r=%d alpha=%d on %d modules (targets %s)", lora.r, lora.alpha, n, targets)
@@ -129,7 +159,7 @@ def apply_stage(vlm: nn.Module, cfg: TrainConfig, lora: LoraSettings,
     set_trainable(vlm, cfg.stage, cfg.vision_lr, cfg.freeze, cfg.unfreeze)
     if check is not None:
         check(vlm)
-    if vlm.config.tower_dtype is not None:
+    if getattr(vlm.config, "tower_dtype", None) is not None:  # a released wrapper keeps its own dtypes
         vlm.cast_frozen_towers()  # tower_dtype applies to frozen towers only (decided by the stage above)
     return upcast_trainable(vlm)  # frozen bases keep their dtype
 
@@ -155,7 +185,7 @@ def set_trainable(
             train = True
         elif part == "vision":
             train = vision_lr > 0
-        elif name.startswith("lm."):  # part_of calls every other name "lm"; those stay frozen
+        elif name.startswith("lm.") or _released_part(name) == "lm":  # other names part_of calls "lm" stay frozen
             train = stage == "full" or (stage == "sft" and "lora_" in name)
         else:
             train = False

@@ -44,12 +44,14 @@ from ..dataset.feature_cache import (
     refuse_variable_resolution,
     tower_identity,
 )
+from ..dataset.hf_chat import ReleasedDataset, released_collate
 from ..dataset.layouts import sample_image_budget
 from ..dataset.packing import PackedDataset, PackingCollator, PackingSampler
 from ..model import VLM, build_vlm, dtypes
 from ..model.backbones import unwrap
 from ..model.checkpoint import _select_keys
 from ..model.paths import resolve_model_dir
+from ..model.released import ReleasedVLM
 from ..model.stages import adapters_match, apply_stage
 from ..model.train_config import TrainConfig, check_paths, fsdp_flag
 from ..visual.pixels import prepare_images
@@ -94,6 +96,9 @@ def _setup_logging(out: Path, rank0: bool) -> None:
 def checkpoint_bytes(vlm) -> int:
     """About the size of one checkpoint: the saved weights plus AdamW's two moments per trainable weight."""
 
+    moments = 2 * sum(p.numel() * p.element_size() for p in vlm.parameters() if p.requires_grad)
+    if isinstance(vlm, ReleasedVLM):  # it saves exactly its trainable tensors
+        return moments * 3 // 2
     state = vlm.state_dict()
     weights = sum(state[k].numel() * state[k].element_size() for k in _select_keys(vlm, trainable_only=True))
     moments = 2 * sum(p.numel() * p.element_size() for p in vlm.parameters() if p.requires_grad)
@@ -193,6 +198,8 @@ def warn_max_length(cfg: TrainConfig, vlm) -> None:
 
 def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
     """`packing` needs the qwen LM; `feature_cache` needs frozen towers and a cache written by them."""
+    if isinstance(vlm, ReleasedVLM):
+        return refuse_for_released(cfg, vlm)
     if cfg.packing and vlm.config.lm_backend != "qwen":
         raise ConfigError(f"packing=true needs model.lm_backend=qwen (variable-length attention); this LM is "
                           f"{vlm.config.lm_backend!r}: set packing=false")
@@ -208,6 +215,17 @@ def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
             raise ConfigError(f"feature_cache: {e}") from None
 
 
+def refuse_for_released(cfg: TrainConfig, vlm: ReleasedVLM) -> None:
+    """A released wrapper runs transformers' own model: our packing, feature cache and LM speed keys do not
+    reach it, so asking for them is a one-line error, not a silent no-op."""
+    asked = {"packing": cfg.packing, "feature_cache": cfg.feature_cache, "fused_impl": cfg.fused_impl != "keep",
+             "compile_lm": cfg.compile_lm, "eval_data_path": bool(cfg.eval_data_path)}
+    for key, on in asked.items():
+        if on:
+            raise ConfigError(f"{key}: not available for the released family {vlm.family.name} (init_from="
+                              f"{cfg.init_from}, run through transformers' model): leave it at its default")
+
+
 def build_datasets(cfg: TrainConfig, vlm):
     """Train (and eval) datasets; a pre-scan drops bad samples up front and gives exact lengths.
 
@@ -216,6 +234,9 @@ def build_datasets(cfg: TrainConfig, vlm):
     budgets: each sample is held to `max_image_tokens` and to `max_batch_image_tokens` divided by the samples
     (or packs) of a micro-batch, so every micro-batch stays within `max_batch_image_tokens` whatever samples
     it draws (packing: the sampler also fills each pack to that share only, see `_prepare`)."""
+    if isinstance(vlm, ReleasedVLM):  # the checkpoint's own template and processor (dataset/hf_chat.py)
+        return ReleasedDataset(list(cfg.data_path), vlm.render, cfg.max_length, image_folder=cfg.image_folder,
+                               strict=cfg.strict_data, allow_absolute_paths=cfg.allow_absolute_paths), None
     resolution = getattr(vlm, "resolution", None)  # the model side may not have it yet: fixed mode
     common = dict(
         tokenizer=vlm.chat_format,  # the LM's chat template and ids
@@ -359,7 +380,7 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
 
     sampler_fn = None
     train_input = train_ds
-    collator = Collator(pad_id=vlm.pad_token_id)
+    collator = released_collate(vlm.pad_token_id) if isinstance(vlm, ReleasedVLM) else Collator(pad_id=vlm.pad_token_id)
     # Samplers draw whole optimizer steps (ranks x accumulation); accelerate hands their consecutive
     # micro-batches to the ranks, so any (processes, accumulation) split of the same global batch sees the
     # same samples at each step.
