@@ -12,7 +12,7 @@ Contract (the surface our VLM offers, so train.py / test.py / evaluation use it 
   -> `ReleasedOutput(loss, logits [B, T, V])`; the loss is `core.loss.full_logits_loss` (labels shifted
   there, the one place), mean fp32 CE over assistant targets.
 - `render(sample, images, max_length)` -> `{"input_ids", "labels"}` plus the processor's image inputs: the
-  prompt rendered with the checkpoint's own chat template (dataset/hf_chat.py), each image's span expanded
+  prompt rendered with the checkpoint's own chat template (dataset/hf_template.py), each image's span expanded
   as the processor does, labels on assistant tokens only, every span token -100.
 - `image_tokens(images)` (each image's span length), `image_inputs(images)`, `chat_ids(messages, n_images,
   image_tokens)`, `generate(...) -> [[new ids]]` (the model's own generate, greedy by default, cut before
@@ -38,7 +38,7 @@ from transformers import AutoProcessor
 
 from ..core.errors import UserError
 from ..core.loss import full_logits_loss
-from ..dataset.hf_chat import expand_images, hf_messages, render_hf
+from ..dataset.hf_template import expand_images, hf_messages, offsets_tokenizer, render_hf
 from ..dataset.sample import IMAGE_MARKER, Sample
 from .families import Family, family_of
 
@@ -198,12 +198,12 @@ class ReleasedVLM(nn.Module):
                                                   add_generation_prompt=add_generation_prompt)
 
     def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text)["input_ids"]  # the processor's call: the tokenizer's own special tokens
 
     def render(self, sample: Sample, images: list, max_length: int | None = None) -> dict[str, Any]:
         """One training sample: ids and labels from the checkpoint's template, plus its image inputs."""
         counts = self.image_tokens(images)
-        ids, labels = render_hf(sample, self._template, self._tokenize, self.image_token, counts, max_length,
+        ids, labels = render_hf(sample, self._template, offsets_tokenizer(self.tokenizer), self.image_token, counts, max_length,
                                 span_ids=self._span_ids())
         used = sum(1 for t in ids if t == self.image_token_id)
         kept = next(i for i in range(len(counts) + 1) if sum(counts[:i]) == used)  # truncation drops whole images
