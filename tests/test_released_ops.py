@@ -1,0 +1,94 @@
+"""Released checkpoints through the project's operations: rendering with the checkpoint's own template, merge,
+export, test.py / evaluation / server, and the memory plan for the real sizes (tiny random models built from
+configs in the released layouts, offline).
+
+Asserted:
+- LLaVA-1.5 (Llama LM, its released chat template only in chat_template.json): a 2-image record renders to
+  LlavaProcessor's input_ids (BOS, "USER: <image>\\n... ASSISTANT: ..." with 16 image tokens per image),
+  labels equal the released template's `{% generation %}` assistant mask, the prompt ids equal the
+  processor's, and our loss equals transformers' within 1e-5;
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from qwenvl_lab.dataset.rendering import render
+
+from tests.tiny_released import RECORD, write_llava15
+
+
+def _square_images(n: int = 2):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(3)
+    return [Image.fromarray((torch.rand(32, 32, 3, generator=g) * 255).to(torch.uint8).numpy()) for _ in range(n)]
+
+
+def _with_images(messages: list[dict], images: list) -> list[dict]:
+    """transformers' part layout with the PIL images in their image parts (apply_chat_template tokenize=True)."""
+    it = iter(images)
+    return [{**m, "content": [{**p, "image": next(it)} if p["type"] == "image" else p for p in m["content"]]}
+            for m in messages]
+
+
+@pytest.fixture(scope="module")
+def llava15(tmp_path_factory):
+    from qwenvl_lab.model.model import VLM
+    from transformers import AutoProcessor
+
+    path = write_llava15(tmp_path_factory.mktemp("llava15") / "llava-1.5")
+    return path, VLM.from_pretrained(path).eval(), AutoProcessor.from_pretrained(str(path))
+
+
+def test_llava15_renders_with_its_own_template(llava15):
+    from qwenvl_lab.dataset.hf_template import hf_messages
+
+    path, vlm, processor = llava15
+    fmt = vlm.chat_format
+    assert fmt.template.name == "own" and "ASSISTANT:" in fmt.jinja
+    parts = hf_messages(RECORD)
+    ref = processor.apply_chat_template(_with_images(parts, _square_images()), tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    want = list(ref["input_ids"][0])
+    ours = render(RECORD, fmt, vlm.tokens_per_image, image_token_id=vlm.image_token_id)
+    assert ours.input_ids == want
+    assert want[0] == processor.tokenizer.bos_token_id and want.count(vlm.image_token_id) == 2 * 16
+    assert ours.n_images == 2 and ours.media == [("image", "a.png"), ("image", "b.png")]
+    assert [y != -100 for y in ours.labels] == [bool(m) for m in ref["assistant_masks"][0]]
+    assert all(y == -100 for t, y in zip(ours.input_ids, ours.labels) if t == vlm.image_token_id)
+    trained = processor.tokenizer.decode([y for y in ours.labels if y != -100])
+    assert "A red square." in trained and "A blue circle, small." in trained and "picture" not in trained
+
+    prompt = processor.apply_chat_template(parts[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("ASSISTANT:")
+    want_prompt = processor(text=prompt, images=_square_images(1), return_tensors="pt")["input_ids"][0].tolist()
+    assert vlm.chat_ids(RECORD.messages[:1], 1) == want_prompt
+
+
+def test_llava15_loss_equals_transformers_and_round_trips(llava15, tmp_path):
+    from qwenvl_lab.model.model import VLM
+    from transformers import LlavaForConditionalGeneration
+
+    path, vlm, processor = llava15
+    text = processor.apply_chat_template(_parts(), tokenize=False)
+    inputs = processor(text=text, images=_square_images(), return_tensors="pt")
+    ours = render(RECORD, vlm.chat_format, vlm.tokens_per_image, image_token_id=vlm.image_token_id)
+    ids, labels = torch.tensor([ours.input_ids]), torch.tensor([ours.labels])
+    assert torch.equal(ids, inputs["input_ids"])
+    ref = LlavaForConditionalGeneration.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        theirs = ref(**inputs, labels=labels).loss
+        mine = vlm(ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"], image_counts=[2],
+                   labels=labels).loss
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=1e-5)
+    vlm.save_pretrained(tmp_path / "saved")  # our format keeps the template as it is
+    again = VLM.from_pretrained(tmp_path / "saved")
+    assert again.chat_format.jinja == vlm.chat_format.jinja
+    assert render(RECORD, again.chat_format, again.tokens_per_image).input_ids == ours.input_ids
+
+
+def _parts() -> list[dict]:
+    from qwenvl_lab.dataset.hf_template import hf_messages
+
+    return hf_messages(RECORD)
