@@ -17,7 +17,8 @@ Contract (the surface our VLM offers, so train.py / test.py / evaluation use it 
 - `image_tokens(images)` (each image's span length), `image_inputs(images)`, `chat_ids(messages, n_images,
   image_tokens)`, `generate(...) -> [[new ids]]` (the model's own generate, greedy by default, cut before
   the first stop id), `chat(images, messages)`, `chat_batch([(images, messages), ...])`, `decode`,
-  `stop_token_ids`, `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again).
+  `stop_token_ids`, `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again),
+  `merge_lora()` (adapters folded in: `python -m qwenvl_lab.model.merge` then writes the released layout).
 - `tokens_per_image` is None: a span's length depends on the image's size.
 - Serving: the family's `serving` line says how (Qwen2-VL: through `generate`, not our engine).
 """
@@ -129,6 +130,12 @@ class ReleasedVLM(nn.Module):
         hf.load_state_dict(load_file(str(path / TRAINABLE_FILE)), strict=False)
         vlm.source = str(base)  # a later save points at the released base again
         return vlm.eval()
+
+    def merge_lora(self) -> None:
+        """Fold LoRA adapters into the LM's weights (peft's merge_and_unload): the plain transformers model
+        again, whose `save_pretrained` is the released layout (model/merge.py)."""
+        if hasattr(self.model, "merge_and_unload"):
+            self.model = self.model.merge_and_unload()
 
     def lora_target_regex(self, targets: str) -> str:
         """peft's full-name regex for `targets` (module-name suffixes) inside this family's LM only."""

@@ -14,8 +14,10 @@ from __future__ import annotations
 import pytest
 import torch
 from qwenvl_lab.dataset.rendering import render
+from qwenvl_lab.dataset.sample import Sample
 
 from tests.tiny_released import RECORD, write_llava15
+from tests.tiny_released import images as _images
 
 
 def _square_images(n: int = 2):
@@ -92,3 +94,75 @@ def _parts() -> list[dict]:
     from qwenvl_lab.dataset.hf_template import hf_messages
 
     return hf_messages(RECORD)
+
+
+# ----- a run trained from a released Qwen2-VL with LoRA (train(), one sft step) ---------------------------------
+_TRAIN_RECORD = {"image": ["a.png", "b.png"], "conversations": [
+    {"from": "human", "value": "<image>\nWhat is in the first picture?"}, {"from": "gpt", "value": "A red square."},
+    {"from": "human", "value": "And here <image> what?"}, {"from": "gpt", "value": "A blue circle, small."}]}
+QUESTION = [{"role": "user", "content": "<image> and <image>: which is red?"}]
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tmp_path_factory):
+    """(released base dir, run dir) of one stage=sft step (LoRA r=4 + the merger) at a rate large enough that
+    the trained model's logits differ visibly from the base's."""
+    import json
+
+    from qwenvl_lab.trainer.run import train
+
+    from tests.tiny_released import write_released
+    from tests.tiny_train import tiny_train_config
+
+    root = tmp_path_factory.mktemp("qwen_run")
+    base = write_released(root / "Qwen2-VL-tiny", "qwen2_vl")
+    for i, img in enumerate(_images()):
+        img.save(root / f"{'ab'[i]}.png")
+    (root / "train.jsonl").write_text("\n".join(json.dumps(_TRAIN_RECORD) for _ in range(2)) + "\n")
+    cfg = tiny_train_config(root, root, model=None, init_from=str(base), stage="sft", max_steps=1,
+                            per_device_train_batch_size=2, learning_rate=0.05, projector_lr=0.05, vision_lr=0.0,
+                            lora={"r": 4, "alpha": 8, "dropout": 0.0}, max_length=400, weight_decay=0.0)
+    train(cfg)
+    return base, root / "run"
+
+
+def _qwen_inputs(processor, messages=QUESTION, generation=True):
+    from qwenvl_lab.dataset.hf_template import hf_messages
+
+    parts = hf_messages(Sample(id="q", messages=messages))
+    text = processor.apply_chat_template(parts, tokenize=False, add_generation_prompt=generation)
+    return processor(text=[text], images=_images(), return_tensors="pt")
+
+
+def _generate(model, inputs, stops: list[int], n: int = 8) -> list[int]:
+    out = model.generate(**inputs, max_new_tokens=n, do_sample=False, eos_token_id=stops)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return new[: next((i for i, t in enumerate(new) if t in stops), len(new))]
+
+
+def test_merge_writes_the_released_layout(qwen_run, tmp_path):
+    from qwenvl_lab.model.merge import main as merge_main
+    from qwenvl_lab.model.model import load_vlm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    base, run = qwen_run
+    assert merge_main(["--src", str(run), "--dst", str(tmp_path / "merged")]) == 0
+    merged_dir = tmp_path / "merged"
+    assert not (merged_dir / "released.json").exists() and not (merged_dir / "lora").exists()
+    merged = AutoModelForImageTextToText.from_pretrained(str(merged_dir)).eval()
+    processor = AutoProcessor.from_pretrained(str(merged_dir))
+    assert processor.chat_template is not None and not any("lora_" in n for n, _ in merged.named_parameters())
+    ours = load_vlm(run)
+    inputs = _qwen_inputs(processor, RECORD.messages, generation=False)
+    assert ours.render(RECORD, _images())["input_ids"] == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        theirs = merged(**inputs).logits
+        mine = ours(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits
+        untrained = AutoModelForImageTextToText.from_pretrained(str(base)).eval()(**inputs).logits
+    assert (theirs - mine).abs().max().item() < 1e-5
+    assert (theirs - untrained).abs().max().item() > 1e-3  # the run's adapters and merger are in it
+    prompt = _qwen_inputs(processor)
+    want = processor.tokenizer.decode(_generate(merged, prompt, ours.stop_token_ids), skip_special_tokens=True)
+    assert want and ours.chat(_images(), QUESTION, max_new_tokens=8) == want
+    assert load_vlm(merged_dir).chat(_images(), QUESTION, max_new_tokens=8) == want
