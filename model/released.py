@@ -66,6 +66,7 @@ class ReleasedVLM(nn.Module):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.source = source
+        self.trained_tensors: list[str] = []  # transformers names of the non-LoRA tensors a trained run holds
         self.image_token = family.notes["image_token"]
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if getattr(self.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
@@ -129,6 +130,7 @@ class ReleasedVLM(nn.Module):
             raise UserError(f"{path / TRAINABLE_FILE}: tensors {sorted(missing)[:3]} are not in {base}")
         hf.load_state_dict(load_file(str(path / TRAINABLE_FILE)), strict=False)
         vlm.source = str(base)  # a later save points at the released base again
+        vlm.trained_tensors = sorted(load_file(str(path / TRAINABLE_FILE)))  # what model/released_export.py saves
         return vlm.eval()
 
     def merge_lora(self) -> None:

@@ -11,6 +11,8 @@ Asserted:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from qwenvl_lab.dataset.rendering import render
@@ -166,3 +168,45 @@ def test_merge_writes_the_released_layout(qwen_run, tmp_path):
     want = processor.tokenizer.decode(_generate(merged, prompt, ours.stop_token_ids), skip_special_tokens=True)
     assert want and ours.chat(_images(), QUESTION, max_new_tokens=8) == want
     assert load_vlm(merged_dir).chat(_images(), QUESTION, max_new_tokens=8) == want
+
+
+def test_export_peft_adapter_puts_the_run_on_the_released_base(qwen_run, tmp_path, capsys):
+    from peft import PeftModel
+    from qwenvl_lab.model.export import main as export_main
+    from qwenvl_lab.model.model import load_vlm
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
+
+    base, run = qwen_run
+    assert export_main(["--src", str(run), "--dst", str(tmp_path / "adapter"), "--format", "peft-adapter"]) == 0
+    assert "modules_to_save: model.visual.merger" in capsys.readouterr().out
+    processor = AutoProcessor.from_pretrained(str(base))
+    inputs = _qwen_inputs(processor, RECORD.messages, generation=False)
+    ours = load_vlm(run)
+
+    def logits(model):
+        with torch.no_grad():
+            return model(**inputs).logits
+
+    mine = ours(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits.detach()
+    peft = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(str(base)),
+                                     str(tmp_path / "adapter")).eval()
+    assert (logits(peft) - mine).abs().max().item() < 1e-5
+    lora_only = PeftModel.from_pretrained(Qwen2VLForConditionalGeneration.from_pretrained(str(base)),
+                                          str(run / "final" / "lora")).eval()
+    assert (logits(lora_only) - mine).abs().max().item() > 1e-3  # the merger rides along as modules_to_save
+    prompt = _qwen_inputs(processor)
+    want = processor.tokenizer.decode(_generate(peft, prompt, ours.stop_token_ids), skip_special_tokens=True)
+    assert ours.chat(_images(), QUESTION, max_new_tokens=8) == want
+
+
+def test_export_of_a_released_run_refuses_llava_hf_in_one_line(qwen_run, tmp_path):
+    import subprocess
+    import sys
+
+    _, run = qwen_run
+    out = subprocess.run([sys.executable, "-m", "qwenvl_lab.model.export", "--src", str(run), "--dst",
+                          str(tmp_path / "x"), "--format", "llava-hf"], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
+    assert "qwen2_vl model, which has no llava-hf layout" in out.stderr and "model.merge" in out.stderr
