@@ -174,6 +174,9 @@ class ReleasedVLM(nn.Module):
     # ----- training --------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **image_kw: Any) -> ReleasedOutput:
+        # Our VLM's keywords that mean nothing here: logits are always returned, spans are counted by the model.
+        image_kw.pop("return_logits", None)
+        image_kw.pop("image_counts", None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._with_types(input_ids, image_kw))
         loss = None if labels is None else full_logits_loss(out.logits, labels)  # labels shifted there
         return ReleasedOutput(loss, out.logits)

@@ -210,3 +210,73 @@ def test_export_of_a_released_run_refuses_llava_hf_in_one_line(qwen_run, tmp_pat
                          env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
     assert "qwen2_vl model, which has no llava-hf layout" in out.stderr and "model.merge" in out.stderr
+
+
+# ----- test.py, the evaluation CLI and the server on a wrapper run and on its merged directory ----------------
+@pytest.fixture(scope="module")
+def merged(qwen_run, tmp_path_factory):
+    from qwenvl_lab.model.merge import merge
+
+    return merge(qwen_run[1], tmp_path_factory.mktemp("merged") / "Qwen2-VL-merged")
+
+
+def test_test_py_answers_for_the_run_and_the_merged_model(qwen_run, merged, tmp_path, capsys):
+    from qwenvl_lab.model.model import load_vlm
+
+    from tests.tiny_server import answer_of_test_py
+
+    _images()[0].save(tmp_path / "a.png")
+    args = ["--image", str(tmp_path / "a.png"), "--prompt", "What is it?", "--max-new-tokens", "6"]
+    from_run = answer_of_test_py(["--model", str(qwen_run[1]), *args], capsys)
+    from_merged = answer_of_test_py(["--model", str(merged), *args], capsys)
+    want = load_vlm(qwen_run[1]).chat(_images()[:1], [{"role": "user", "content": "What is it?"}], max_new_tokens=6)
+    assert from_run == from_merged == want and want
+
+
+def test_evaluation_cli_generation_and_likelihood(qwen_run, merged, tmp_path, capsys):
+    from qwenvl_lab.evaluation.__main__ import main as eval_main
+    from qwenvl_lab.evaluation.runner import read_answers
+
+    from tests import tiny_bench as tb
+
+    root, images = tb.write_vqav2(tmp_path / "vqav2")
+    answers = []
+    for name, model in (("run", qwen_run[1]), ("merged", merged)):
+        out = tmp_path / name
+        assert eval_main(["--model", str(model), "--task", "vqav2", "--data", str(root), "--images", str(images),
+                          "--max-new-tokens", "4", "--batch-size", "2", "--output", str(out)]) == 0
+        assert "vqav2: 3 scored of 3" in capsys.readouterr().out
+        answers.append(read_answers(out / "answers.jsonl"))
+    assert len(answers[0]) == 3 and answers[0] == answers[1]  # batched answers of the run == the merged model's
+    mmb = tb.write_mmbench(tmp_path / "mmb")
+    assert eval_main(["--model", str(qwen_run[1]), "--task", "mmbench", "--data", str(mmb), "--mc-mode",
+                      "likelihood", "--output", str(tmp_path / "mmb_out")]) == 0
+    picked = read_answers(tmp_path / "mmb_out" / "answers.jsonl")
+    assert len(picked) == 5 and set(picked.values()) <= {"A", "B", "C", "D"}
+
+
+def test_likelihood_equals_transformers_teacher_forcing(qwen_run, merged):
+    from qwenvl_lab.dataset.hf_template import hf_messages
+    from qwenvl_lab.evaluation.likelihood import reply_logprobs
+    from qwenvl_lab.model.model import load_vlm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    vlm = load_vlm(qwen_run[1])
+    msgs = [{"role": "user", "content": "<image>\nWhich colour?"}]
+    options = ["red", "dark green"]
+    got = reply_logprobs(vlm, _images()[:1], msgs, options)
+    processor = AutoProcessor.from_pretrained(str(merged))
+    model = AutoModelForImageTextToText.from_pretrained(str(merged)).eval()
+    prompt = processor.apply_chat_template(hf_messages(Sample(id="p", messages=msgs)), tokenize=False,
+                                           add_generation_prompt=True)
+    n_base = processor(text=[prompt], images=_images()[:1], return_tensors="pt")["input_ids"].shape[1]
+    for opt, (total, n, _) in zip(options, got):
+        full = hf_messages(Sample(id="f", messages=msgs + [{"role": "assistant", "content": opt}]))
+        inputs = processor(text=[processor.apply_chat_template(full, tokenize=False)], images=_images()[:1],
+                           return_tensors="pt")
+        ids = inputs["input_ids"][0]
+        with torch.no_grad():
+            lp = torch.log_softmax(model(**inputs).logits[0].float(), dim=-1)  # [T, V]
+        want = sum(lp[p - 1, ids[p]].item() for p in range(n_base, n_base + n))  # the reply + its <|im_end|>
+        assert processor.tokenizer.decode(ids[n_base:n_base + n]) == opt + "<|im_end|>"
+        assert total == pytest.approx(want, abs=1e-4)
