@@ -280,3 +280,58 @@ def test_likelihood_equals_transformers_teacher_forcing(qwen_run, merged):
         want = sum(lp[p - 1, ids[p]].item() for p in range(n_base, n_base + n))  # the reply + its <|im_end|>
         assert processor.tokenizer.decode(ids[n_base:n_base + n]) == opt + "<|im_end|>"
         assert total == pytest.approx(want, abs=1e-4)
+
+
+def _post(url: str, body: dict) -> tuple[int, bytes]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_server_answers_through_the_models_own_generate(qwen_run, merged, tmp_path):
+    import json
+
+    pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install .[serve])")
+    from qwenvl_lab.model.model import load_vlm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tests.tiny_serve import data_url
+    from tests.tiny_server import start_server
+
+    processor = AutoProcessor.from_pretrained(str(merged))
+    hf = AutoModelForImageTextToText.from_pretrained(str(merged)).eval()
+    stops = load_vlm(qwen_run[1]).stop_token_ids
+    # The server writes an image part as <image> and a newline between an image and the text (serve/protocol.py).
+    asked = [{"role": "user", "content": "<image><image>\nWhich is red?"}]
+    prompt = _qwen_inputs(processor, asked)
+    want = processor.tokenizer.decode(_generate(hf, prompt, stops, n=8), skip_special_tokens=True)
+    assert want
+    content = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in _images()]
+    content.append({"type": "text", "text": "Which is red?"})
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 8}
+    for model_dir in (qwen_run[1], merged):
+        server = start_server("qwenvl_lab.serve", model_dir, "--served-model-name", "m", log_dir=tmp_path)
+        try:
+            status, raw = _post(server.url, body)
+            assert status == 200, raw
+            answer = json.loads(raw)
+            assert answer["choices"][0]["message"]["content"] == want
+            assert answer["usage"]["prompt_tokens"] == prompt["input_ids"].shape[1]
+            status, raw = _post(server.url, {**body, "stream": True})
+            events = [json.loads(line[6:]) for line in raw.decode().splitlines()
+                      if line.startswith("data: {")]
+            deltas = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+            deltas = [d for d in deltas if d]
+            assert "".join(deltas) == want and len(deltas) > 1  # token by token, not one piece at the end
+            assert server.get("/health")["max_batch"] == 1
+            assert "decoded by the model's own generate, one request at a time" in server.output()
+        finally:
+            server.stop()
