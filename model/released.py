@@ -60,14 +60,18 @@ class ReleasedVLM(nn.Module):
     tokens_per_image = None
 
     def __init__(self, family: Family, model: nn.Module, processor: Any, source: str = ""):
+        """`processor=None`: the model alone (the memory plan's meta-device skeleton); nothing renders text."""
         super().__init__()
         self.family = family
         self.model = model
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = getattr(processor, "tokenizer", None)
         self.source = source
         self.trained_tensors: list[str] = []  # transformers names of the non-LoRA tensors a trained run holds
         self.image_token = family.notes["image_token"]
+        if processor is None:
+            self.image_token_id = None
+            return
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if getattr(self.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
             raise UserError(f"{source}: the checkpoint has no chat template (chat_template.jinja / .json or "

@@ -335,3 +335,48 @@ def test_server_answers_through_the_models_own_generate(qwen_run, merged, tmp_pa
             assert "decoded by the model's own generate, one request at a time" in server.output()
         finally:
             server.stop()
+
+
+# ----- the memory plan for the real sizes, from the released config.json alone ---------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+PLANS = {  # recipe -> (config.json fixture, transformers class, LoRA widths (in, out) per layer, layers, part names)
+    "qwen2_5_vl_lora.yaml": ("Qwen--Qwen2.5-VL-7B-Instruct.json", "Qwen2_5_VLForConditionalGeneration",
+                             [(3584, 3584), (3584, 512), (3584, 512), (3584, 3584), (3584, 18944), (3584, 18944),
+                              (18944, 3584)], 28),
+    "llava_next_7b_lora.yaml": ("llava-hf--llava-v1.6-vicuna-7b-hf.json", "LlavaNextForConditionalGeneration",
+                                [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)], 32),
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PLANS))
+def test_plan_of_the_real_sizes_from_config_json_alone(recipe, tmp_path, capsys):
+    import json
+    import shutil
+
+    import transformers
+    from qwenvl_lab.model.plan import main as plan_main
+    from qwenvl_lab.model.plan import make_plan
+    from qwenvl_lab.model.train_config import load_train_config
+    from transformers import AutoConfig
+
+    fixture, cls, widths, layers = PLANS[recipe]
+    released = tmp_path / "released"  # config.json only: no weights, no tokenizer
+    released.mkdir()
+    shutil.copy(ROOT / "configs" / "hub" / fixture, released / "config.json")
+    raw = json.loads((released / "config.json").read_text())
+    with torch.device("meta"):
+        reference = getattr(transformers, cls)(AutoConfig.for_model(**raw))
+    n_ref = sum(p.numel() for p in reference.parameters())
+    cfg = load_train_config(str(ROOT / "configs" / "released" / recipe), [f"init_from={released}"])
+    plan = make_plan(cfg, gpus=8, gpu_mem_gib=80)
+    lora = plan.counts["lora"]
+    assert plan.total_params - lora.total == n_ref  # the model the run trains, counted from config.json alone
+    assert lora.trainable == lora.total == cfg.lora.r * layers * sum(i + o for i, o in widths)
+    projector = sum(c.trainable for name, c in plan.counts.items() if name not in ("lora",))
+    assert plan.trainable == lora.total + projector and projector > 0  # + the projector (merger) alone
+    assert all(plan.engines[e]["total"] > plan.engines["ZeRO-3"]["total"] for e in ("DDP", "ZeRO-2"))
+    assert plan.min_gpus["DDP"] == 1 and plan.activation_per_gpu() > 0
+    # the command line, with the recipe's hub id answered by the shipped fixture (offline)
+    assert plan_main([str(ROOT / "configs" / "released" / recipe), "--gpus", "8", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert f"{plan.total_params:,}" in out and f"{plan.trainable:,}" in out and "per-GPU memory (GiB)" in out
