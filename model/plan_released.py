@@ -34,6 +34,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig
 
+from ..core.errors import UserError
 from .config import VLMConfig
 from .dtypes import torch_dtype
 from .families import Family, family_of
@@ -47,7 +48,10 @@ def released_config(init_from: str, config_file) -> tuple[Family, dict] | None:
     path = Path(init_from)
     if path.exists() and not (path / "config.json").is_file():
         return None  # a directory of ours (a model or a run): plan.py reads its own config
-    raw = json.loads(config_file(init_from, "init_from").read_text())
+    try:
+        raw = json.loads(config_file(init_from, "init_from").read_text())
+    except UserError:  # nothing anywhere (a run not trained yet, an unknown id): plan.py says what to name
+        return None
     family = family_of(raw)
     return None if family is None else (family, raw)
 
