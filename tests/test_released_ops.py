@@ -92,6 +92,36 @@ def test_llava15_loss_equals_transformers_and_round_trips(llava15, tmp_path):
     assert render(RECORD, again.chat_format, again.tokens_per_image).input_ids == ours.input_ids
 
 
+def test_llava15_trains_through_the_native_dataset_path(llava15, tmp_path):
+    """train.py's data path (VLMDataset) renders with the checkpoint's template: its items' ids and labels are
+    the processor's ids and the template's generation mask, and one sft step runs on them."""
+    import json
+
+    from qwenvl_lab.dataset.hf_template import hf_messages
+    from qwenvl_lab.model.model import load_vlm
+    from qwenvl_lab.trainer.run import build_datasets, train
+
+    from tests.tiny_train import tiny_train_config
+
+    path, vlm, processor = llava15
+    for name, img in zip("ab", _square_images()):
+        img.save(tmp_path / f"{name}.png")
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(_TRAIN_RECORD) for _ in range(2)) + "\n")
+    cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(path), stage="sft", max_steps=1,
+                            per_device_train_batch_size=2, learning_rate=1e-3, vision_lr=0.0,
+                            lora={"r": 4, "alpha": 8, "dropout": 0.0}, max_length=200)
+    item = build_datasets(cfg, vlm)[0][0]
+    ref = processor.apply_chat_template(_with_images(hf_messages(RECORD), _square_images()), tokenize=True,
+                                        return_dict=True, return_assistant_tokens_mask=True)
+    assert item["input_ids"].tolist() == list(ref["input_ids"][0])
+    assert [y != -100 for y in item["labels"].tolist()] == [bool(m) for m in ref["assistant_masks"][0]]
+    result = train(cfg)
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # the step had gradients from those labels
+    final = load_vlm(tmp_path / "run")
+    assert final.chat_format.jinja == vlm.chat_format.jinja  # the run keeps the checkpoint's own template
+
+
 def _parts() -> list[dict]:
     from qwenvl_lab.dataset.hf_template import hf_messages
 
@@ -200,16 +230,16 @@ def test_export_peft_adapter_puts_the_run_on_the_released_base(qwen_run, tmp_pat
     assert ours.chat(_images(), QUESTION, max_new_tokens=8) == want
 
 
-def test_export_of_a_released_run_refuses_llava_hf_in_one_line(qwen_run, tmp_path):
-    import subprocess
-    import sys
+def test_export_of_a_released_run_refuses_llava_hf_in_one_line(qwen_run, tmp_path, capsys):
+    from qwenvl_lab.core.cli import run_cli
+    from qwenvl_lab.model.export import main as export_main
 
     _, run = qwen_run
-    out = subprocess.run([sys.executable, "-m", "qwenvl_lab.model.export", "--src", str(run), "--dst",
-                          str(tmp_path / "x"), "--format", "llava-hf"], capture_output=True, text=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0
-    assert "qwen2_vl model, which has no llava-hf layout" in out.stderr and "model.merge" in out.stderr
+    capsys.readouterr()
+    assert run_cli(export_main, ["--src", str(run), "--dst", str(tmp_path / "x"), "--format", "llava-hf"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: export: ")
+    assert "qwen2_vl model, which has no llava-hf layout" in err and "model.merge" in err
 
 
 # ----- test.py, the evaluation CLI and the server on a wrapper run and on its merged directory ----------------
