@@ -145,7 +145,7 @@ class GenerateEngine:
         kw: dict[str, Any] = dict(max_new_tokens=p.max_tokens, streamer=_Streamer(self, job),
                                   stopping_criteria=StoppingCriteriaList([_Halt(job)]))
         if p.temperature > 0:
-            kw.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or None)
+            kw.update(do_sample=True, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k)  # 0 = off, as ours
             if p.seed is not None:
                 torch.manual_seed(p.seed)  # one request at a time: the global generator is this job's
         if p.ignore_eos:

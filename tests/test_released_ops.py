@@ -435,3 +435,35 @@ def yaml_init_from(path: Path) -> str:
     import yaml
 
     return yaml.safe_load(path.read_text())["init_from"]
+
+
+def test_generate_engine_sampling_is_seeded_and_lengths_are_kept(qwen_run):
+    import threading
+
+    from qwenvl_lab.model.model import load_vlm
+    from qwenvl_lab.serve.decode import SamplingParams
+    from qwenvl_lab.serve.engine import Job
+    from qwenvl_lab.serve.generate_engine import GenerateEngine, uses_own_generate
+
+    vlm = load_vlm(qwen_run[1])
+    assert uses_own_generate(vlm)
+    engine = GenerateEngine(vlm, max_queue=4)
+    engine.start()
+    ids = vlm.chat_ids(QUESTION, 2, vlm.image_tokens(_images()))
+    images = vlm.image_inputs(_images())
+
+    def run(params: SamplingParams) -> Job:
+        done = threading.Event()
+        job = Job(ids, images, params, lambda kind, data: done.set() if kind in ("done", "error") else None)
+        engine.submit(job)
+        assert done.wait(60)
+        return job
+
+    try:
+        a, b = (run(SamplingParams(max_tokens=5, temperature=1.0, seed=7, ignore_eos=True)) for _ in range(2))
+        assert a.tokens == b.tokens and len(a.tokens) == 5 and a.finish_reason == "length"
+        greedy = run(SamplingParams(max_tokens=8))
+        assert greedy.text == vlm.chat(_images(), QUESTION, max_new_tokens=8)
+        assert engine.stats()["admitted"] == 3 and engine.stats()["max_batch"] == 1
+    finally:
+        engine.stop()
