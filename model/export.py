@@ -226,7 +226,8 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
         placeholder = tok.convert_ids_to_tokens(vlm.image_token_id)
         start, end = ("" if i is None else tok.convert_ids_to_tokens(i) for i in (fmt.image_start_id,
                                                                                   fmt.image_end_id))
-        tok.chat_template = export_chat_template(fmt.template, start + placeholder + end)
+        # The checkpoint's own template (a LLaVA-1.5 import) is written back as it is; ours as Jinja.
+        tok.chat_template = fmt.jinja or export_chat_template(fmt.template, start + placeholder + end)
         pp = tower.preprocess_config()
         image_processor = _image_processor(backend, pp, vlm.resolution)
         n_patches = tower.grid[0] * tower.grid[1]

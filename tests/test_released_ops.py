@@ -467,3 +467,24 @@ def test_generate_engine_sampling_is_seeded_and_lengths_are_kept(qwen_run):
         assert engine.stats()["admitted"] == 3 and engine.stats()["max_batch"] == 1
     finally:
         engine.stop()
+
+
+def test_llava15_export_keeps_its_own_template(llava15, tmp_path):
+    from qwenvl_lab.dataset.hf_template import hf_messages
+    from qwenvl_lab.model.export import export_llava_hf
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path, vlm, processor = llava15
+    export_llava_hf(vlm, tmp_path / "export")
+    exported = AutoProcessor.from_pretrained(str(tmp_path / "export"))
+    parts = hf_messages(RECORD)
+    assert exported.apply_chat_template(parts, tokenize=False) == processor.apply_chat_template(parts, tokenize=False)
+    want = processor(text=processor.apply_chat_template(parts, tokenize=False), images=_square_images(),
+                     return_tensors="pt")
+    got = exported(text=exported.apply_chat_template(parts, tokenize=False), images=_square_images(),
+                   return_tensors="pt")
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    model = LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "export")).eval()
+    reference = LlavaForConditionalGeneration.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        assert (model(**want).logits - reference(**want).logits).abs().max().item() < 1e-5
