@@ -23,8 +23,6 @@ Asserted:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from qwenvl_lab.dataset.rendering import render
@@ -339,6 +337,7 @@ def _post(url: str, body: dict) -> tuple[int, bytes]:
 
 
 def test_server_answers_through_the_models_own_generate(qwen_run, merged, tmp_path):
+    import argparse
     import json
 
     pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install .[serve])")
@@ -359,82 +358,45 @@ def test_server_answers_through_the_models_own_generate(qwen_run, merged, tmp_pa
     content = [{"type": "image_url", "image_url": {"url": data_url(img)}} for img in _images()]
     content.append({"type": "text", "text": "Which is red?"})
     body = {"model": "m", "messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 8}
-    for model_dir in (qwen_run[1], merged):
-        server = start_server("qwenvl_lab.serve", model_dir, "--served-model-name", "m", log_dir=tmp_path)
-        try:
-            status, raw = _post(server.url, body)
-            assert status == 200, raw
-            answer = json.loads(raw)
-            assert answer["choices"][0]["message"]["content"] == want
-            assert answer["usage"]["prompt_tokens"] == prompt["input_ids"].shape[1]
-            status, raw = _post(server.url, {**body, "stream": True})
-            events = [json.loads(line[6:]) for line in raw.decode().splitlines()
-                      if line.startswith("data: {")]
-            deltas = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
-            deltas = [d for d in deltas if d]
-            assert "".join(deltas) == want and len(deltas) > 1  # token by token, not one piece at the end
-            assert server.get("/health")["max_batch"] == 1
-            assert "decoded by the model's own generate, one request at a time" in server.output()
-        finally:
-            server.stop()
 
+    def check(post) -> None:
+        status, raw = post(body)
+        assert status == 200, raw
+        answer = json.loads(raw)
+        assert answer["choices"][0]["message"]["content"] == want
+        assert answer["usage"]["prompt_tokens"] == prompt["input_ids"].shape[1]
+        status, raw = post({**body, "stream": True})
+        events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
+        deltas = [d for d in (e["choices"][0]["delta"].get("content") for e in events if e["choices"]) if d]
+        assert "".join(deltas) == want and len(deltas) > 1  # token by token, not one piece at the end
 
-# ----- the memory plan for the real sizes, from the released config.json alone ---------------------------------
-ROOT = Path(__file__).resolve().parents[1]
-PLANS = {  # recipe -> (config.json fixture, transformers class, LoRA widths (in, out) per layer, layers, part names)
-    "qwen2_5_vl_lora.yaml": ("Qwen--Qwen2.5-VL-7B-Instruct.json", "Qwen2_5_VLForConditionalGeneration",
-                             [(3584, 3584), (3584, 512), (3584, 512), (3584, 3584), (3584, 18944), (3584, 18944),
-                              (18944, 3584)], 28),
-    "llava_next_7b_lora.yaml": ("llava-hf--llava-v1.6-vicuna-7b-hf.json", "LlavaNextForConditionalGeneration",
-                                [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)], 32),
-}
+    server = start_server("qwenvl_lab.serve", qwen_run[1], "--served-model-name", "m", log_dir=tmp_path)
+    try:  # the run directory, served for real
+        check(lambda b: _post(server.url, b))
+        assert server.get("/health")["max_batch"] == 1
+        assert "decoded by the model's own generate, one request at a time" in server.output()
+    finally:
+        server.stop()
+    # the merged directory, through the same build in this process
+    from fastapi.testclient import TestClient
+    from qwenvl_lab.serve.cli import add_server_args, build
+    from qwenvl_lab.serve.generate_engine import GenerateEngine
 
+    from tests.tiny_server import free_port
 
-def _row(out: str, name: str) -> list[int]:
-    """The numbers of the plan's parameter row `name` (total, trainable)."""
-    line = next(ln for ln in out.splitlines() if ln.split()[:1] == [name])
-    return [int(x.replace(",", "")) for x in line.split()[1:3]]
-
-
-@pytest.mark.parametrize("recipe", sorted(PLANS))
-def test_plan_of_the_real_sizes_from_config_json_alone(recipe, tmp_path, capsys):
-    import json
-    import shutil
-
-    import transformers
-    from qwenvl_lab.model.families import FAMILIES
-    from qwenvl_lab.model.plan import config_file
-    from qwenvl_lab.model.plan import main as plan_main
-    from qwenvl_lab.model.plan_released import released_config
-    from transformers import AutoConfig
-
-    fixture, cls, widths, layers = PLANS[recipe]
-    released = tmp_path / "released"  # config.json only: no weights, no tokenizer
-    released.mkdir()
-    shutil.copy(ROOT / "configs" / "hub" / fixture, released / "config.json")
-    raw = json.loads((released / "config.json").read_text())
-    with torch.device("meta"):
-        reference = getattr(transformers, cls)(AutoConfig.for_model(**raw))
-    n_ref = sum(p.numel() for p in reference.parameters())
-    recipe_path = ROOT / "configs" / "released" / recipe
-    hub_id = yaml_init_from(recipe_path)
-    family, _ = released_config(hub_id, config_file)  # offline: the recipe's hub id is the shipped fixture
-    assert family is FAMILIES[raw["model_type"]]
-    capsys.readouterr()
-    assert plan_main([str(recipe_path), f"init_from={released}", "--gpus", "8", "--gpu-mem", "80"]) == 0
-    out = capsys.readouterr().out
-    lora, total = _row(out, "lora"), _row(out, "total")
-    assert total[0] - lora[0] == n_ref  # the model the run trains, counted from config.json alone
-    assert lora == [64 * layers * sum(i + o for i, o in widths)] * 2  # r=64 on the LM's 7 linears, all trainable
-    assert total[1] > lora[1]  # + the projector (merger) at its own rate
-    ddp = next(ln for ln in out.splitlines() if ln.split()[:1] == ["DDP"]).split()
-    assert float(ddp[5]) > 0 and ddp[6] == "yes"  # GiB per GPU, fits 80 GiB
-
-
-def yaml_init_from(path: Path) -> str:
-    import yaml
-
-    return yaml.safe_load(path.read_text())["init_from"]
+    ap = argparse.ArgumentParser()
+    add_server_args(ap, port=free_port())
+    app, engine, _ = build(ap.parse_args(["--model", str(merged), "--served-model-name", "m", "--device", "cpu"]))
+    assert isinstance(engine, GenerateEngine)
+    engine.start()
+    try:
+        with TestClient(app) as client:
+            def post(b):
+                r = client.post("/v1/chat/completions", json=b)
+                return r.status_code, r.content
+            check(post)
+    finally:
+        engine.stop()
 
 
 def test_generate_engine_sampling_is_seeded_and_lengths_are_kept(qwen_run):
