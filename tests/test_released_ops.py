@@ -7,7 +7,7 @@ Asserted:
   2-image record renders (render() and train.py's VLMDataset) to LlavaProcessor's input_ids (BOS, "USER:
   <image>\n... ASSISTANT: ...", 16 image tokens per image), labels equal the released template's
   `{% generation %}` assistant mask, the prompt ids equal the processor's, our loss equals transformers' within
-  1e-5, a save/load round trip keeps the template, and one sft step trains on those labels;
+  1e-5, a save/load round trip keeps the template, and the llava-hf export writes it back as it is;
 - a run trained (train(), one sft step, LoRA + merger) from a released Qwen2-VL: `model.merge` writes the released
   layout (AutoModelForImageTextToText + AutoProcessor load it; logits within 1e-5 of the run's, 1e-3 away from the
   base's; greedy answers equal transformers' generate); `export --format peft-adapter` gives an adapter that
@@ -15,13 +15,16 @@ Asserted:
   modules_to_save (the run's lora/ alone differs by > 1e-3); `--format llava-hf` is one line, exit 2;
 - test.py answers the same for the run and the merged directory; the evaluation CLI answers vqav2 identically
   for both and runs mmbench in likelihood mode; reply log-probs equal transformers' teacher forcing (1e-4);
-- the server answers a chat completion for the run and the merged directory through the model's own generate,
-  equal to transformers' generate, streamed in several deltas, one request at a time;
+- the server (`serve.cli.build`'s app) answers a chat completion for the run and the merged directory through the
+  model's own generate, equal to transformers' generate, streamed in several deltas, one request at a time;
+  `GenerateEngine` repeats seeded sampling and keeps max_tokens;
 - the plan of configs/released/qwen2_5_vl_lora.yaml and llava_next_7b_lora.yaml from a config.json alone (the
   real sizes): base parameters equal a meta-device transformers model's, LoRA = r x layers x sum(in + out).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,34 +105,28 @@ def test_llava15_loss_equals_transformers_and_round_trips(llava15, tmp_path):
     assert render(RECORD, again.chat_format, again.tokens_per_image).input_ids == ours.input_ids
 
 
-def test_llava15_trains_through_the_native_dataset_path(llava15, tmp_path):
-    """train.py's data path (VLMDataset) renders with the checkpoint's template: its items' ids and labels are
-    the processor's ids and the template's generation mask, and one sft step runs on them."""
+def test_llava15_items_of_the_native_dataset_path(llava15, tmp_path):
+    """train.py's data path (`trainer.run.build_datasets` -> VLMDataset) renders with the checkpoint's template:
+    its items' ids and labels are the processor's ids and the template's generation mask."""
     import json
 
     from qwenvl_lab.dataset.hf_template import hf_messages
-    from qwenvl_lab.model.model import load_vlm
-    from qwenvl_lab.trainer.run import build_datasets, train
+    from qwenvl_lab.trainer.run import build_datasets
 
     from tests.tiny_train import tiny_train_config
 
     path, vlm, processor = llava15
     for name, img in zip("ab", _square_images()):
         img.save(tmp_path / f"{name}.png")
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(_TRAIN_RECORD) for _ in range(2)) + "\n")
-    cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(path), stage="sft", max_steps=1,
-                            per_device_train_batch_size=2, learning_rate=1e-3, vision_lr=0.0,
+    (tmp_path / "train.jsonl").write_text(json.dumps(_TRAIN_RECORD) + "\n")
+    cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(path), stage="sft",
                             lora={"r": 4, "alpha": 8, "dropout": 0.0}, max_length=200)
     item = build_datasets(cfg, vlm)[0][0]
     ref = processor.apply_chat_template(_with_images(hf_messages(RECORD), _square_images()), tokenize=True,
                                         return_dict=True, return_assistant_tokens_mask=True)
     assert item["input_ids"].tolist() == list(ref["input_ids"][0])
     assert [y != -100 for y in item["labels"].tolist()] == [bool(m) for m in ref["assistant_masks"][0]]
-    result = train(cfg)
-    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
-    assert lora_b and all(p.abs().max() > 0 for p in lora_b)  # the step had gradients from those labels
-    final = load_vlm(tmp_path / "run")
-    assert final.chat_format.jinja == vlm.chat_format.jinja  # the run keeps the checkpoint's own template
+    assert item["pixel_values"].shape[0] == 2
 
 
 def _parts() -> list[dict]:
@@ -322,30 +319,19 @@ def test_likelihood_equals_transformers_teacher_forcing(qwen_run, merged):
         assert total == pytest.approx(want, abs=1e-4)
 
 
-def _post(url: str, body: dict) -> tuple[int, bytes]:
-    import json
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
-def test_server_answers_through_the_models_own_generate(qwen_run, merged, tmp_path):
+def test_server_answers_through_the_models_own_generate(qwen_run, merged, capsys):
     import argparse
     import json
 
     pytest.importorskip("fastapi", reason="the server needs fastapi and uvicorn (pip install .[serve])")
+    from fastapi.testclient import TestClient
     from qwenvl_lab.model.model import load_vlm
+    from qwenvl_lab.serve.cli import add_server_args, build
+    from qwenvl_lab.serve.generate_engine import GenerateEngine
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from tests.tiny_serve import data_url
-    from tests.tiny_server import start_server
+    from tests.tiny_server import free_port
 
     processor = AutoProcessor.from_pretrained(str(merged))
     hf = AutoModelForImageTextToText.from_pretrained(str(merged)).eval()
@@ -370,33 +356,82 @@ def test_server_answers_through_the_models_own_generate(qwen_run, merged, tmp_pa
         deltas = [d for d in (e["choices"][0]["delta"].get("content") for e in events if e["choices"]) if d]
         assert "".join(deltas) == want and len(deltas) > 1  # token by token, not one piece at the end
 
-    server = start_server("qwenvl_lab.serve", qwen_run[1], "--served-model-name", "m", log_dir=tmp_path)
-    try:  # the run directory, served for real
-        check(lambda b: _post(server.url, b))
-        assert server.get("/health")["max_batch"] == 1
-        assert "decoded by the model's own generate, one request at a time" in server.output()
-    finally:
-        server.stop()
-    # the merged directory, through the same build in this process
-    from fastapi.testclient import TestClient
-    from qwenvl_lab.serve.cli import add_server_args, build
-    from qwenvl_lab.serve.generate_engine import GenerateEngine
+    # `python -m qwenvl_lab.serve`'s own build (model load, engine choice, routes), answered in this process
+    for model_dir in (qwen_run[1], merged):
+        ap = argparse.ArgumentParser()
+        add_server_args(ap, port=free_port())
+        capsys.readouterr()
+        app, engine, _ = build(ap.parse_args(["--model", str(model_dir), "--served-model-name", "m", "--device", "cpu"]))
+        assert isinstance(engine, GenerateEngine)
+        assert "decoded by the model's own generate, one request at a time" in capsys.readouterr().out
+        engine.start()
+        try:
+            with TestClient(app) as client:
+                def post(b):
+                    r = client.post("/v1/chat/completions", json=b)
+                    return r.status_code, r.content
+                check(post)
+                assert client.get("/health").json()["max_batch"] == 1
+        finally:
+            engine.stop()
 
-    from tests.tiny_server import free_port
 
-    ap = argparse.ArgumentParser()
-    add_server_args(ap, port=free_port())
-    app, engine, _ = build(ap.parse_args(["--model", str(merged), "--served-model-name", "m", "--device", "cpu"]))
-    assert isinstance(engine, GenerateEngine)
-    engine.start()
-    try:
-        with TestClient(app) as client:
-            def post(b):
-                r = client.post("/v1/chat/completions", json=b)
-                return r.status_code, r.content
-            check(post)
-    finally:
-        engine.stop()
+# ----- the memory plan for the real sizes, from the released config.json alone ---------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+PLANS = {  # recipe -> (config.json fixture, transformers class, LoRA widths (in, out) per layer, layers)
+    "qwen2_5_vl_lora.yaml": ("Qwen--Qwen2.5-VL-7B-Instruct.json", "Qwen2_5_VLForConditionalGeneration",
+                             [(3584, 3584), (3584, 512), (3584, 512), (3584, 3584), (3584, 18944), (3584, 18944),
+                              (18944, 3584)], 28),
+    "llava_next_7b_lora.yaml": ("llava-hf--llava-v1.6-vicuna-7b-hf.json", "LlavaNextForConditionalGeneration",
+                                [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)], 32),
+}
+
+
+def _row(out: str, name: str) -> list[int]:
+    """The numbers of the plan's parameter row `name` (total, trainable)."""
+    line = next(ln for ln in out.splitlines() if ln.split()[:1] == [name])
+    return [int(x.replace(",", "")) for x in line.split()[1:3]]
+
+
+@pytest.mark.parametrize("recipe", sorted(PLANS))
+def test_plan_of_the_real_sizes_from_config_json_alone(recipe, tmp_path, capsys):
+    import json
+    import shutil
+
+    import transformers
+    from qwenvl_lab.model.families import FAMILIES
+    from qwenvl_lab.model.plan import config_file
+    from qwenvl_lab.model.plan import main as plan_main
+    from qwenvl_lab.model.plan_released import released_config
+    from transformers import AutoConfig
+
+    fixture, cls, widths, layers = PLANS[recipe]
+    released = tmp_path / "released"  # config.json only: no weights, no tokenizer
+    released.mkdir()
+    shutil.copy(ROOT / "configs" / "hub" / fixture, released / "config.json")
+    raw = json.loads((released / "config.json").read_text())
+    with torch.device("meta"):
+        reference = getattr(transformers, cls)(AutoConfig.for_model(**raw))
+    n_ref = sum(p.numel() for p in reference.parameters())
+    recipe_path = ROOT / "configs" / "released" / recipe
+    hub_id = yaml_init_from(recipe_path)
+    family, _ = released_config(hub_id, config_file)  # offline: the recipe's hub id is the shipped fixture
+    assert family is FAMILIES[raw["model_type"]]
+    capsys.readouterr()
+    assert plan_main([str(recipe_path), f"init_from={released}", "--gpus", "8", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    lora, total = _row(out, "lora"), _row(out, "total")
+    assert total[0] - lora[0] == n_ref  # the model the run trains, counted from config.json alone
+    assert lora == [64 * layers * sum(i + o for i, o in widths)] * 2  # r=64 on the LM's 7 linears, all trainable
+    assert total[1] > lora[1]  # + the projector (merger) at its own rate
+    ddp = next(ln for ln in out.splitlines() if ln.split()[:1] == ["DDP"]).split()
+    assert float(ddp[5]) > 0 and ddp[6] == "yes"  # GiB per GPU, fits 80 GiB
+
+
+def yaml_init_from(path: Path) -> str:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["init_from"]
 
 
 def test_generate_engine_sampling_is_seeded_and_lengths_are_kept(qwen_run):
