@@ -7,6 +7,8 @@ Contract:
 - `resolve_model_dir(path) -> Path`: a model directory as is; a run directory -> its `final/`, else its
   newest `checkpoint-N/` holding a model. A path that does not exist, or holds no model, raises
   `ModelDirError` (a UserError) saying which and what to give instead.
+- `is_qwenvl_chat_dir(path)`: a released Qwen-VL(-Chat) directory (config.json: model_type "qwen" and a
+  `visual` dict), built from our parts by model/qwenvl_chat.py; `resolve_model_dir` takes it as is.
 - `is_bigbro_dir(path)`: a checkpoint of the BigBro repo (`BIGBRO_FILES` + adapter_config.json, no
   `CONFIG_FILE`), imported by model/bigbro.py once its base models are named; `resolve_model_dir` says so.
 """
@@ -25,6 +27,17 @@ LLAVA_MODEL_TYPES = ("llava", "llava_next")  # transformers families model/llava
 
 def is_model_dir(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file() or is_llava_dir(path)
+
+
+def is_qwenvl_chat_dir(path: str | Path | None) -> bool:
+    """A Qwen-VL(-Chat) checkpoint directory: config.json with model_type "qwen" and a `visual` dict."""
+    if path is None:
+        return False
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and raw.get("model_type") == "qwen" and isinstance(raw.get("visual"), dict)
 
 
 def is_llava_dir(path: Path) -> bool:
@@ -54,7 +67,7 @@ def resolve_model_dir(path: str | Path) -> Path:
                             f"checkpoint-N/ is used) or a directory written by save_pretrained / model.merge")
     if not p.is_dir():
         raise ModelDirError(f"{p} is a file, not a model directory")
-    if is_model_dir(p):
+    if is_model_dir(p) or is_qwenvl_chat_dir(p):
         return p
     if is_model_dir(p / "final"):
         return p / "final"

@@ -14,17 +14,17 @@ with the Qwen-1 LM's `transformer.*` / `lm_head.*` tensors and the vision side's
   `Picture i: <img>...</img>\\n`; a sample writes that text around its `<image>` marker.
 
 Contract:
-- `is_qwenvl_chat_dir(path) -> bool`: config.json with model_type "qwen" and a `visual` dict.
+- `is_qwenvl_chat_dir(path) -> bool` (model/paths.py): config.json with model_type "qwen" and a `visual` dict.
 - `qwenvl_chat_config(path, base=None) -> VLMConfig`: the VLMConfig that builds it (`build_vlm` /
   `load_vlm` / `init_from=` call it); fields of `base` other than the parts (dtype, lora, ...) are kept.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .config import VLMConfig
+from .paths import is_qwenvl_chat_dir
 
 __all__ = ["is_qwenvl_chat_dir", "qwenvl_chat_config"]
 
@@ -32,18 +32,6 @@ __all__ = ["is_qwenvl_chat_dir", "qwenvl_chat_config"]
 PART_FIELDS = (
     "lm", "lm_backend", "lm_config", "tokenizer", "towers", "projector", "reduce", "init_from", "image_mode",
 )
-
-
-def is_qwenvl_chat_dir(path: str | Path | None) -> bool:
-    """A Qwen-VL(-Chat) checkpoint directory: config.json with model_type "qwen" and a `visual` dict."""
-    if path is None:
-        return False
-    file = Path(path) / "config.json"
-    try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(raw, dict) and raw.get("model_type") == "qwen" and isinstance(raw.get("visual"), dict)
 
 
 def qwenvl_chat_config(path: str | Path, base: VLMConfig | dict | None = None) -> VLMConfig:

@@ -230,8 +230,35 @@ def test_trains_and_answers_through_train_and_test_py(ckpt, tmp_path):
     p = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    p = subprocess.run([sys.executable, "test.py", "--model", str(run), "--image", str(img), "--prompt",
-                        "Picture 1: <image>\nWhat colour is it?", "--max-new-tokens", "4", "--device", "cpu"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.strip(), "test.py printed no answer"
+    losses = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert any("loss" in r for r in losses), "no training step was logged"
+    saved = json.loads((run / "final" / "vlm_config.json").read_text())["config"]
+    assert saved["towers"][0]["backend"] == "qwenvl" and saved["projector"] == "identity"
+    for model in (run, ckpt):  # the trained run, and the released directory itself
+        p = subprocess.run([sys.executable, "test.py", "--model", str(model), "--image", str(img), "--prompt",
+                            "Picture 1: <image>\nWhat colour is it?", "--max-new-tokens", "4", "--device", "cpu"],
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.strip(), f"test.py --model {model} printed no answer"
+
+
+def test_user_mistakes_are_one_line_naming_file_and_key(tmp_path):
+    from qwenvl_lab.core.errors import UserError
+    from qwenvl_lab.model.model import VLM
+
+    path = write_qwenvl_chat(tmp_path / "broken")
+    cfg = json.loads((path / "config.json").read_text())
+    del cfg["visual"]["width"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as e:
+        VLM.from_pretrained(path, dtype="float32")
+    msg = str(e.value)
+    assert "\n" not in msg and "config.json" in msg and "visual.width" in msg
+    cfg["visual"]["width"] = VISUAL["width"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["transformer.visual.proj"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(UserError) as e:
+        VLM.from_pretrained(path, dtype="float32")
+    assert "\n" not in str(e.value) and "transformer.visual.proj" in str(e.value)
