@@ -262,3 +262,16 @@ def test_user_mistakes_are_one_line_naming_file_and_key(tmp_path):
     with pytest.raises(UserError) as e:
         VLM.from_pretrained(path, dtype="float32")
     assert "\n" not in str(e.value) and "transformer.visual.proj" in str(e.value)
+
+
+def test_family_entry_and_plain_qwen1_untouched(tmp_path):
+    from qwenvl_lab.model.families import FAMILIES, family_of
+    from qwenvl_lab.model.paths import is_qwenvl_chat_dir
+    from qwenvl_lab.qwen.tokenizer import load_tokenizer
+
+    fam = FAMILIES["qwen_vl_chat"]
+    assert fam.native and fam.vision == ("towers",) and fam.projector == ("projector",) and fam.lm == ("lm",)
+    plain = write_tiny_qwen_checkpoint(tmp_path / "qwen1", arch="qwen1")  # a text-only Qwen-1 LM
+    assert not is_qwenvl_chat_dir(plain) and family_of(plain) is None
+    tok = load_tokenizer(plain)  # keeps Qwen-1's specials and image roles
+    assert len(tok) == tiny_n_ranks() + 208 and tok.image_token_id == tiny_n_ranks() + 3

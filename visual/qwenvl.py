@@ -112,7 +112,8 @@ class Resampler(nn.Module):
         if g * g != n_queries or heads < 1:
             raise QwenVLError(f"visual: n_queries={n_queries} must be a square and output_dim={dim} >= 128 "
                               f"(the resampler has output_dim // 128 heads)")
-        self.pos_embed = nn.Parameter(sincos_2d(dim, g), requires_grad=False)  # [n_queries, dim]
+        # Fixed in the release (a parameter that never trains): a buffer here, so unfreezing never trains it.
+        self.register_buffer("pos_embed", sincos_2d(dim, g))  # [n_queries, dim]
         self.query = nn.Parameter(torch.randn(n_queries, dim) * 0.02)
         self.kv_proj = nn.Linear(kv_dim, dim, bias=False) if kv_dim != dim else nn.Identity()
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
