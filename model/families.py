@@ -70,6 +70,16 @@ FAMILIES: dict[str, Family] = {
              "(LlavaNextProcessor's count)", extra_inputs=("image_sizes",),
         vision=("model.vision_tower",), projector=("model.multi_modal_projector", "model.image_newline"),
         lm=("model.language_model", "lm_head")),
+    # Qwen-VL-Chat: imported into our VLM (model/qwenvl_chat.py; tests/test_qwenvl_chat.py is its parity test).
+    # Its config.json says model_type "qwen", as a text-only Qwen-1 LM does: it is recognised by the `visual`
+    # dict beside it (model.paths.is_qwenvl_chat_dir), so `model_types` stays empty here.
+    "qwen_vl_chat": Family(
+        name="qwen_vl_chat", model_types=(), hf_class="", native=True,
+        span="Picture i: <img> + n_queries (256) x <imgpad> + </img>\n in the user text (Qwen-VL's tokenizer: "
+             "151857 / 151859 / 151858); every row between <img> and </img> is an image feature",
+        vision=("towers",), projector=("projector",), lm=("lm",),
+        notes={"detect": "config.json model_type 'qwen' with a 'visual' dict", "remote_code": "not needed"},
+    ),
 }
 
 

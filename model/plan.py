@@ -93,7 +93,8 @@ from .flops import (
     step_flops,
 )
 from .model import build_vlm
-from .paths import resolve_model_dir
+from .paths import is_qwenvl_chat_dir, resolve_model_dir
+from .qwenvl_chat import qwenvl_chat_config
 from .stages import apply_stage
 from .train_config import TrainConfig
 
@@ -195,6 +196,8 @@ def _vlm_config(cfg) -> VLMConfig:
     vcfg = cfg.vlm_config()
     if vcfg is not None:
         return vcfg
+    if is_qwenvl_chat_dir(cfg.init_from):  # a released Qwen-VL(-Chat) directory: no vlm_config.json
+        return qwenvl_chat_config(cfg.init_from)
     try:
         return read_vlm_config(resolve_model_dir(cfg.init_from))[0]
     except (FileNotFoundError, ValueError, OSError, UserError):
