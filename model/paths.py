@@ -22,6 +22,8 @@ import json
 import re
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
+
 from ..core.errors import UserError
 from .families import family_of
 
@@ -72,8 +74,6 @@ def resolve_model_dir(path: str | Path) -> Path:
     """A model directory, or the model inside a run directory (`final/`, else the newest `checkpoint-N/`)."""
     p = Path(path)
     if not p.exists() and _HUB_ID.fullmatch(str(path)):
-        from huggingface_hub import snapshot_download  # here: the module stays light for entry points
-
         try:  # a hub model named by the user: the one network access, cached
             return Path(snapshot_download(str(path)))
         except Exception as e:  # offline, unknown id, no access: the user's to fix, in one line
