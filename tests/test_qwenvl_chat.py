@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tests.tiny_qwen import tiny_n_ranks, write_tiny_qwen_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_VOCAB = REPO.parent.parent / "shared" / "data" / "qwen1"
+REAL_VOCAB = REPO.parent / "shared" / "data" / "qwen1"  # ../shared beside the checkout
 # Tiny vision side: a 6x6 patch grid, a 3x3 learned position table (resized to 6x6), 2 resampler heads.
 VISUAL = {"image_size": 84, "patch_size": 14, "width": 32, "layers": 2, "heads": 4, "mlp_ratio": 2.5,
           "output_dim": 256, "n_queries": 16}
