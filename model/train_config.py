@@ -59,9 +59,11 @@ class TrainConfig:
     dataloader_num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     group_by_length: bool = True  # batch samples of similar length together (less padding)
     validate_data: bool = True  # pre-scan the data (render + image headers) before training
-    # Several samples per row up to max_length, attention isolated per sample (qwen LM only);
-    # per_device_train_batch_size then counts packs. See dataset/packing.py.
-    packing: bool = False
+    # Padding-free rows, attention isolated per sample (qwen LM only; dataset/packing.py):
+    # "samples": each micro-batch's samples back to back in ONE row: the same samples per step as padding,
+    #   no padding tokens, losses equal padded;
+    # true: several samples per row up to max_length; per_device_train_batch_size then counts packs.
+    packing: bool | Literal["samples"] = False
     # A directory written by `python -m qwenvl_lab.dataprocess.cache_features`: cached tower outputs replace the
     # images (frozen towers only, e.g. stage 1). See dataset/feature_cache.py.
     feature_cache: str | None = None

@@ -101,3 +101,37 @@ def test_original_recipe_values():
     assert cfg["lora"]["targets"] == "c_attn|w1|w2"
     assert float(cfg["learning_rate"]) == 3e-5 and float(cfg["projector_lr"]) == 1e-4
     assert PRESETS["qwen7b-siglip"]["towers"][0]["name_or_path"] == "google/siglip-so400m-patch14-384"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "packing" in yaml.safe_load(p.read_text())],
+                         ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_packing_is_on_or_says_why(path):
+    """Each recipe packs where it is exact (our qwen LM), or its packing line says why not."""
+    line = next(x for x in path.read_text().splitlines() if x.startswith("packing:"))
+    if "packing: false" in line:
+        assert "#" in line and len(line.split("#", 1)[1].strip()) > 10, f"{path}: packing off without a reason"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("packing") == "samples"],
+                         ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_recipes_packed_by_default_give_the_padded_loss(path, stand_ins):
+    """A recipe with packing=samples, built on its tiny stand-ins: one micro-batch's loss packed into one row
+    equals the same samples padded (1e-5)."""
+    import torch
+    from qwenvl_lab.dataset import Collator
+    from qwenvl_lab.dataset.packing import PackingCollator
+    from qwenvl_lab.trainer.run import build_datasets
+
+    root, data, stage1 = stand_ins
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_train_config(str(path), _stand_in_overrides(raw, root, data, stage1, path))
+    vlm = build_model(cfg).float().eval()
+    train_ds, _ = build_datasets(cfg, vlm)
+    items = [train_ds[i] for i in range(3)]
+    padded = Collator(pad_id=vlm.pad_token_id)(items)
+    packed = PackingCollator()(items)
+    assert packed["input_ids"].shape[0] == 1 and len(packed["cu_seqlens"]) == 4
+    with torch.no_grad():
+        a = vlm(**padded).loss
+        b = vlm(**packed).loss
+    assert abs(float(a) - float(b)) <= 1e-5, (float(a), float(b))

@@ -201,8 +201,8 @@ def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
     if isinstance(vlm, ReleasedVLM):
         return refuse_for_released(cfg, vlm)
     if cfg.packing and vlm.config.lm_backend != "qwen":
-        raise ConfigError(f"packing=true needs model.lm_backend=qwen (variable-length attention); this LM is "
-                          f"{vlm.config.lm_backend!r}: set packing=false")
+        raise ConfigError(f"packing={str(cfg.packing).lower()} needs model.lm_backend=qwen (variable-length attention); this LM "
+                          f"is {vlm.config.lm_backend!r}: set packing=false")
     if cfg.feature_cache:
         refuse_variable_resolution(getattr(vlm, "resolution", None))  # one count per image only
         if any(p.requires_grad for p in vlm.towers.parameters()):
@@ -385,7 +385,11 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
     # micro-batches to the ranks, so any (processes, accumulation) split of the same global batch sees the
     # same samples at each step.
     global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-    if cfg.packing:
+    if cfg.packing == "samples":
+        # Each micro-batch's samples (drawn as without packing) go back to back in one row with cu_seqlens:
+        # the same samples per optimizer step as padding, no padding computed.
+        collator = PackingCollator()
+    if cfg.packing is True:
         # The sampler yields packs (index lists); PackedDataset turns each into its items; the
         # collator puts a micro-batch's packs back to back in one row with cu_seqlens.
         train_input, collator = PackedDataset(train_ds), PackingCollator()
@@ -395,7 +399,7 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
             return PackingSampler(train_ds.lengths, max_length=cfg.max_length, batch_size=global_batch,
                                   seed=cfg.seed, image_tokens=train_ds.image_tokens if budget else None,
                                   max_image_tokens=budget // cfg.per_device_train_batch_size if budget else None)
-    elif cfg.group_by_length:
+    elif cfg.group_by_length:  # also for packing="samples": similar lengths make rows of similar size
         def sampler_fn(targs):
             return LengthGroupedSampler(train_ds.lengths, batch_size=global_batch, seed=cfg.seed)
 
