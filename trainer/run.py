@@ -380,7 +380,8 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
 
     sampler_fn = None
     train_input = train_ds
-    collator = released_collate(vlm.pad_token_id) if isinstance(vlm, ReleasedVLM) else Collator(pad_id=vlm.pad_token_id)
+    collator = (released_collate(vlm.pad_token_id, vlm.family.per_sample_inputs) if isinstance(vlm, ReleasedVLM)
+                else Collator(pad_id=vlm.pad_token_id))
     # Samplers draw whole optimizer steps (ranks x accumulation); accelerate hands their consecutive
     # micro-batches to the ranks, so any (processes, accumulation) split of the same global batch sees the
     # same samples at each step.
