@@ -164,6 +164,37 @@ def test_dataset_ids_equal_processor_and_spans_are_masked(released, tmp_path):
     assert tok.decode([y for y in labels if y != -100]) == " The first is wide, the second tall.<end_of_utterance>\n"
 
 
+def test_span_inside_an_assistant_turn_is_masked_by_position(released):
+    _, _, model, processor = released
+    sample = Sample(id="a", images=["a.png"], messages=[{"role": "user", "content": "Draw it."},
+                                                       {"role": "assistant", "content": "Here <image> done."}])
+    ours = model.render(sample, _images()[:1])
+    tok = processor.tokenizer
+    span = tok(model.image_tokens(_images()[:1])[0].text, add_special_tokens=False)["input_ids"]
+    ids, labels = ours["input_ids"], ours["labels"]
+    start = next(i for i in range(len(ids)) if ids[i:i + len(span)] == span)
+    assert tok.decode(span).count("\n") == 4  # the newlines between tile rows are span tokens too
+    assert all(y == -100 for y in labels[start:start + len(span)])
+    assert tok.decode([y for y in labels if y != -100]) == " Here  done.<end_of_utterance>\n"
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Draw it."}]}, {
+        "role": "assistant", "content": [{"type": "text", "text": "Here "}, {"type": "image"},
+                                         {"type": "text", "text": " done."}]}], tokenize=False)
+    assert ids == processor(text=[text], images=_images()[:1], return_tensors="pt")["input_ids"][0].tolist()
+
+
+def test_truncation_drops_whole_turns_with_their_images(released):
+    _, _, model, processor = released
+    two = Sample(id="t", images=["a.png", "b.png"], messages=[
+        {"role": "user", "content": "<image>\nWhat is it?"}, {"role": "assistant", "content": "Wide."},
+        {"role": "user", "content": "<image>\nAnd this?"}, {"role": "assistant", "content": "Tall."}])
+    full = model.render(two, _images())
+    first = model.render(Sample(id="f", images=["a.png"], messages=two.messages[:2]), _images()[:1])
+    cut = model.render(two, _images(), max_length=len(full["input_ids"]) - 1)
+    assert cut["input_ids"] == first["input_ids"] and cut["labels"] == first["labels"]
+    assert cut["pixel_values"].shape == (1, 13, 3, 32, 32)  # the first image's 12 tiles + global only
+    assert torch.equal(cut["pixel_values"], first["pixel_values"])
+
+
 def test_loss_equals_transformers(released, tmp_path):
     _, _, model, processor = released
     item = _record_dataset(model, tmp_path)[0]
@@ -299,6 +330,7 @@ def test_stages_train_the_family_parts(released, stage, vision_lr, want):
 
 
 def test_one_sft_step_through_train(released, tmp_path):
+    from peft import PeftModel
     from qwenvl_lab.trainer.run import train
 
     from tests.tiny_train import tiny_train_config
@@ -331,3 +363,32 @@ def test_one_sft_step_through_train(released, tmp_path):
     assert isinstance(final, ReleasedVLM) and final.family is FAMILIES[name]
     for n, p in final.named_parameters():
         assert torch.equal(p, dict(result.model.named_parameters())[n]), n
+    lora_dir = next((tmp_path / "run").glob("**/lora/adapter_config.json")).parent
+    peft = PeftModel.from_pretrained(ReleasedVLM.from_pretrained(path).model, str(lora_dir))  # PEFT's own format
+    loaded = dict(peft.named_parameters())
+    ours = {n.removeprefix("model."): p for n, p in result.model.named_parameters() if "lora_" in n}
+    assert len(ours) == 28 and all(torch.equal(loaded[n], p) for n, p in ours.items())
+
+
+def test_test_py_answers_with_a_trained_run(released, tmp_path, capsys):
+    from qwenvl_lab.model.stages import apply_lora
+    from qwenvl_lab.model.train_config import LoraSettings
+
+    from tests.tiny_server import answer_of_test_py
+
+    _, path, _, _ = released
+    model = ReleasedVLM.from_pretrained(path)
+    apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.requires_grad_("lora_" in n or ".connector." in n)
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    model.save_pretrained(tmp_path / "trained", trainable_only=True)
+    _images()[0].save(tmp_path / "a.png")
+    answer = answer_of_test_py(["--model", str(tmp_path / "trained"), "--image", str(tmp_path / "a.png"),
+                                "--prompt", "What is it?", "--max-new-tokens", "5"], capsys)
+    base = ReleasedVLM.from_pretrained(path).chat(_images()[:1], [{"role": "user", "content": "What is it?"}],
+                                                  max_new_tokens=5)
+    assert answer == model.eval().chat(_images()[:1], [{"role": "user", "content": "What is it?"}], max_new_tokens=5)
+    assert answer != base  # the adapters were loaded, not only the base
