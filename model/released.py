@@ -25,7 +25,8 @@ Contract (the surface our VLM offers, so train.py / test.py / evaluation use it 
   one nested list for a family with `per_sample_inputs`: `[1, n, ...]`). `chat_ids(messages, n_images,
   image_tokens)`, `generate(...) -> [[new ids]]` (the model's own generate, greedy by default, cut before
   the first stop id), `chat(images, messages)`, `chat_batch([(images, messages), ...])`, `decode`,
-  `stop_token_ids`, `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again).
+  `stop_token_ids`, `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again),
+  `merge_lora()` (adapters folded in; `python -m qwenvl_lab.model.merge` then writes the released layout).
 - `tokens_per_image` is None: a span's length depends on the image's size.
 - Serving: the family's `serving` line says how (Qwen2-VL: through `generate`, not our engine).
 """
@@ -179,6 +180,12 @@ class ReleasedVLM(nn.Module):
                 if p.requires_grad and "lora_" not in n}
         save_file(rest, str(out / TRAINABLE_FILE))
         (out / RELEASED_FILE).write_text(json.dumps({"base": self.source, "family": self.family.name}, indent=2))
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the base weights (peft's `merge_and_unload`): a plain transformers model
+        again, which `save_pretrained` writes in the released layout (model/merge.py)."""
+        if hasattr(self.model, "peft_config"):
+            self.model = self.model.merge_and_unload()
 
     @staticmethod
     def _hf_name(name: str) -> str:

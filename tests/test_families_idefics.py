@@ -207,17 +207,18 @@ def test_loss_equals_transformers(released, tmp_path):
     assert loss.item() > 0 and abs(loss.item() - hf.item()) < 1e-5
 
 
-def test_labels_equal_generation_template_mask(tmp_path):
+@pytest.mark.parametrize("name", FAMILY_NAMES)
+def test_labels_equal_generation_template_mask(tmp_path, name):
     from transformers import AutoProcessor
 
     # The published template with the assistant turn in a generation block. Its reply prompt ends at "Assistant:",
     # so the space before the reply is generated too: the block starts right after the prompt (same text).
     user = _BODY[_BODY.index("{{message['role'] | capitalize}}"):_BODY.index("{% endfor %}{% if add_generation")]
-    tagged = ("<|begin_of_text|>{% for message in messages %}{% if message['role'] == 'assistant' %}Assistant:"
+    tagged = (TEMPLATES[name].removesuffix(_BODY) + "{% for message in messages %}{% if message['role'] == 'assistant' %}Assistant:"
               "{% generation %} {% for line in message['content'] %}{{line['text']}}{% endfor %}<end_of_utterance>\n"
               "{% endgeneration %}{% else %}" + user + "{% endif %}{% endfor %}"
               "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}")
-    path = write_released(tmp_path / "i3", "idefics3", template=tagged)
+    path = write_released(tmp_path / name, name, template=tagged)
     model, processor = load_vlm(path), AutoProcessor.from_pretrained(str(path))
     record = Sample(id="g", images=["a.png", "b.png"], messages=[
         {"role": "user", "content": "<image>\n<image>\nWhat differs between them?"},
@@ -230,6 +231,8 @@ def test_labels_equal_generation_template_mask(tmp_path):
     images = iter(_images())
     messages = [{**m, "content": [{**p, "image": next(images)} if p["type"] == "image" else p for p in m["content"]]}
                 for m in messages]
+    published = processor.apply_chat_template(messages, tokenize=False, chat_template=TEMPLATES[name])
+    assert processor.apply_chat_template(messages, tokenize=False) == published  # the same text, only tagged
     ref = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert ours["input_ids"] == list(ref["input_ids"][0])
     mask = [bool(m) for m in ref["assistant_masks"][0]]
@@ -370,25 +373,53 @@ def test_one_sft_step_through_train(released, tmp_path):
     assert len(ours) == 28 and all(torch.equal(loaded[n], p) for n, p in ours.items())
 
 
-def test_test_py_answers_with_a_trained_run(released, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained(released, tmp_path_factory):
+    """A run's trainable-only save (LoRA adapters given values, connector) on the released checkpoint."""
     from qwenvl_lab.model.stages import apply_lora
     from qwenvl_lab.model.train_config import LoraSettings
 
-    from tests.tiny_server import answer_of_test_py
-
-    _, path, _, _ = released
-    model = ReleasedVLM.from_pretrained(path)
+    model = ReleasedVLM.from_pretrained(released[1])
     apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n or ".connector." in n)
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
-    model.save_pretrained(tmp_path / "trained", trainable_only=True)
+            if "lora_B" in n or ".connector." in n:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+    out = tmp_path_factory.mktemp("trained")
+    model.save_pretrained(out, trainable_only=True)
+    return out, model.eval()
+
+
+def test_test_py_answers_with_a_trained_run(released, trained, tmp_path, capsys):
+    from tests.tiny_server import answer_of_test_py
+
+    path, model = trained
     _images()[0].save(tmp_path / "a.png")
-    answer = answer_of_test_py(["--model", str(tmp_path / "trained"), "--image", str(tmp_path / "a.png"),
-                                "--prompt", "What is it?", "--max-new-tokens", "5"], capsys)
-    base = ReleasedVLM.from_pretrained(path).chat(_images()[:1], [{"role": "user", "content": "What is it?"}],
-                                                  max_new_tokens=5)
-    assert answer == model.eval().chat(_images()[:1], [{"role": "user", "content": "What is it?"}], max_new_tokens=5)
-    assert answer != base  # the adapters were loaded, not only the base
+    answer = answer_of_test_py(["--model", str(path), "--image", str(tmp_path / "a.png"), "--prompt", "What is it?",
+                                "--max-new-tokens", "5"], capsys)
+    messages = [{"role": "user", "content": "What is it?"}]
+    base = ReleasedVLM.from_pretrained(released[1]).chat(_images()[:1], messages, max_new_tokens=5)
+    assert answer == model.chat(_images()[:1], messages, max_new_tokens=5)
+    assert answer != base  # the adapters and connector were loaded, not only the base
+
+
+def test_merged_output_loads_with_transformers_auto_classes(released, trained, tmp_path):
+    from qwenvl_lab.model.merge import main as merge_main
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path, model = trained
+    assert merge_main(["--src", str(path), "--dst", str(tmp_path / "merged")]) == 0
+    hf = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged")).eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "merged"))
+    assert type(hf).__name__ == FAMILIES[released[0]].hf_class and processor.chat_template == TEMPLATES[released[0]]
+    assert not any("lora_" in n for n, _ in hf.named_parameters())
+    ref = _reference(processor)
+    with torch.no_grad():
+        ours = model(input_ids=ref["input_ids"], attention_mask=ref["attention_mask"], pixel_values=ref["pixel_values"],
+                     pixel_attention_mask=ref["pixel_attention_mask"]).logits
+        theirs = hf(**ref).logits
+        base = ReleasedVLM.from_pretrained(released[1]).model(**ref).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+    assert (ours - base).abs().max().item() > 1e-3  # the merge carried the training
