@@ -6,7 +6,7 @@ Contract:
   writes a template; a checkpoint without one is refused with one line naming the directory.
 - `hf_messages(sample)` turns our messages (`<image>` / `<video>` markers in a string) into the
   transformers multimodal form: `content` a list of `{"type": "text", "text": ...}` / `{"type": "image"}` /
-  `{"type": "video"}` parts, in order.
+  `{"type": "video"}` parts, in order (an empty message: one empty text part).
 - `render_hf(sample, template_fn, tokenize, image_token, image_spans, max_length, span_ids)` -> `(input_ids,
   labels)`: the text is rendered once per assistant turn boundary (`template_fn(messages[:k],
   add_generation_prompt)`) and each render must be a prefix of the full one, else the template is refused (it
@@ -59,7 +59,8 @@ def hf_messages(sample: Sample) -> list[dict]:
                 parts.append({"type": "video"})
             elif piece:
                 parts.append({"type": "text", "text": piece})
-        out.append({"role": msg["role"], "content": parts})
+        # An empty message is one empty text part: templates read content[0] (Idefics3: "User:" vs "User: ").
+        out.append({"role": msg["role"], "content": parts or [{"type": "text", "text": ""}]})
     return out
 
 

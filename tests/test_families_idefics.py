@@ -276,6 +276,16 @@ def test_greedy_chat_equals_transformers_generate(released):
     assert cut and reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
 
 
+def test_an_empty_message_renders_as_the_template_writes_it(released):
+    _, _, model, processor = released
+    ids = model.chat_ids([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}], 0, [])
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                          {"role": "assistant", "content": [{"type": "text", "text": ""}]}],
+                                         tokenize=False, add_generation_prompt=True)
+    assert "Assistant: <end_of_utterance>" in text  # the template reads content[0]: an empty part, not none
+    assert ids == processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def test_chat_batch_equals_chat_alone(released):
     model = released[2]
     convs = [(_images(), [{"role": "user", "content": "<image> and <image>: which is wider?"}]),
