@@ -130,11 +130,11 @@ class ReleasedVLM(nn.Module):
         for key in resolution:
             if key not in family.resolution_keys:
                 raise UserError(f"{key}: not a resolution key of {family.name} (use {', '.join(family.resolution_keys)})")
-        model = getattr(transformers, family.hf_class).from_pretrained(str(path), dtype=dtype)
-        try:
+        try:  # before the weights: a missing package fails at once
             processor = AutoProcessor.from_pretrained(str(path))
         except ImportError as e:  # a processor that needs a package (SmolVLM: num2words)
             raise UserError(f"{path}: its processor cannot load: {e}") from None
+        model = getattr(transformers, family.hf_class).from_pretrained(str(path), dtype=dtype)
         for key, value in resolution.items():
             _set_resolution(processor.image_processor, model.config, key, value)
         return cls(family, model, processor, str(path)).eval()

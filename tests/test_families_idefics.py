@@ -433,3 +433,34 @@ def test_merged_output_loads_with_transformers_auto_classes(released, trained, t
         base = ReleasedVLM.from_pretrained(released[1]).model(**ref).logits
     assert (ours - theirs).abs().max().item() < 1e-5
     assert (ours - base).abs().max().item() > 1e-3  # the merge carried the training
+
+
+@pytest.mark.parametrize("key,value", [("packing", True), ("feature_cache", "cache_dir"), ("fused_impl", "torch")])
+def test_features_that_cannot_apply_are_refused(released, tmp_path, key, value):
+    from qwenvl_lab.core.config_io import ConfigError
+    from qwenvl_lab.trainer.run import build_model
+
+    from tests.tiny_train import tiny_train_config
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(released[1]), stage="sft",
+                            lora={"r": 4}, **{key: value})
+    with pytest.raises(ConfigError, match=f"^{key}: not available for the released family {released[0]} "):
+        build_model(cfg)
+
+
+def test_a_processor_that_cannot_load_is_one_line(released, monkeypatch, capsys):
+    from qwenvl_lab.core.cli import run_cli
+    from qwenvl_lab.model import released as released_module
+
+    from tests.tiny_server import entry
+
+    def missing(*args, **kwargs):
+        raise ImportError("Package `num2words` is required to run SmolVLM processor.")
+
+    monkeypatch.setattr(released_module, "AutoProcessor", type("NoProcessor", (), {"from_pretrained": missing}))
+    capsys.readouterr()
+    assert run_cli(entry("test").main, ["--model", str(released[1]), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Loading weights" not in err  # refused before the weights are read
+    assert err.strip().startswith(f"error: {released[1]}: its processor cannot load: Package `num2words`")
