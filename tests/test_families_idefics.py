@@ -464,3 +464,21 @@ def test_a_processor_that_cannot_load_is_one_line(released, monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "Loading weights" not in err  # refused before the weights are read
     assert err.strip().startswith(f"error: {released[1]}: its processor cannot load: Package `num2words`")
+
+
+def test_evaluation_cli_answers_with_a_trained_run(trained, tmp_path, capsys):
+    from qwenvl_lab.evaluation.__main__ import main as evaluate
+    from qwenvl_lab.evaluation.runner import read_answers, run_task
+
+    from tests import tiny_bench
+
+    path, model = trained
+    root, images = tiny_bench.write_vqav2(tmp_path / "vqav2")
+    assert evaluate(["--model", str(path), "--task", "vqav2", "--data", str(root), "--images", str(images),
+                     "--max-new-tokens", "4", "--batch-size", "3", "--output", str(tmp_path / "a")]) == 0
+    assert "vqav2: 3 scored of 3" in capsys.readouterr().out
+    run_task(model, "vqav2", str(root), images=str(images), output=tmp_path / "b", batch_size=1, max_new_tokens=4,
+             progress=False)  # the trained model in memory, one question at a time
+    answers = read_answers(tmp_path / "a" / "answers.jsonl")
+    assert len(answers) == 3 and any(answers.values())
+    assert answers == read_answers(tmp_path / "b" / "answers.jsonl")
