@@ -13,10 +13,11 @@ Contract:
   rewrites earlier turns); the pieces between "prompt of turn k" and "end of turn k" are the assistant's
   (content + end-of-turn, as the template writes them) and get labels, everything else -100. The i-th
   `image_token` in the text is replaced by `image_spans[i]`, the processor's own text for that image's span
-  (Qwen2-VL: the token repeated; Idefics3: tiles with row/col markers and the global image), and every token
-  of a span is -100 by position, as is every token in `span_ids` (markers the template writes around it).
-  A span is tokenized apart from its neighbours: it starts and ends at an added token in every family, so
-  the ids are the processor's (each family's parity test checks it).
+  (Qwen2-VL: the token repeated; Idefics3: tiles with row/col markers and the global image). The whole text
+  is then tokenized once, as the processor does (`tokenize(text) -> (ids, character offsets)`, a fast
+  tokenizer's), and labels come from the offsets: a token starting inside an assistant piece is labelled
+  unless it overlaps a span or is in `span_ids` (markers the template writes around a span); a token with no
+  characters (a BOS the tokenizer adds) is -100.
 - `ReleasedDataset(paths, render, ...)`: our data files (every format dataset/formats.py reads) as items
   `render(sample, images, max_length) -> {"input_ids", "labels", <the processor's image inputs>}`; a bad
   sample is skipped and counted (strict: raised), as in `VLMDataset`. Videos are refused per sample.
@@ -95,7 +96,7 @@ def _segments(messages: list[dict], template_fn: Callable[[list[dict], bool], st
 def render_hf(
     sample: Sample,
     template_fn: Callable[[list[dict], bool], str],
-    tokenize: Callable[[str], list[int]],
+    tokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]],
     image_token: str,
     image_spans: list[str],
     max_length: int | None = None,
@@ -110,9 +111,10 @@ def render_hf(
     while n_pairs > 0:
         cut = _cut_after(messages, n_pairs)
         used = sum(_count_images(m) for m in cut)
-        ids, labels = _tokenize(_segments(cut, template_fn), tokenize, image_token, image_spans[:used])
+        text, train, spans = _expand(_segments(cut, template_fn), image_token, image_spans[:used])
+        ids, offsets = tokenize(text)
         if max_length is None or len(ids) <= max_length:
-            return ids, [IGNORE_INDEX if t in span_ids else y for t, y in zip(ids, labels)]
+            return ids, _labels(ids, offsets, train, spans, span_ids)
         n_pairs -= 1
     raise BadSampleError(f"{sample.where}: its first turn is longer than max_length={max_length}", kind="too_long")
 
@@ -131,28 +133,42 @@ def _count_images(message: dict) -> int:
     return sum(part.get("type") == "image" for part in message["content"])
 
 
-def _tokenize(segs: list[tuple[str, bool]], tokenize: Callable[[str], list[int]], image_token: str,
-              spans: list[str]) -> tuple[list[int], list[int]]:
-    """Token ids and labels of the segments: text of an assistant segment labelled, spans never."""
-    ids: list[int] = []
-    labels: list[int] = []
-    k = 0
-    for text, train in segs:
-        pieces = text.split(image_token)
-        if k + len(pieces) - 1 > len(spans):
-            raise BadSampleError(f"the template wrote more image tokens than the {len(spans)} image(s)")
-        for i, piece in enumerate(pieces):
+Ranges = list[tuple[int, int]]  # character [start, end) ranges of the rendered text
+
+
+def _expand(segs: list[tuple[str, bool]], image_token: str, spans: list[str]) -> tuple[str, Ranges, Ranges]:
+    """The segments joined with each image token replaced by its span: (text, assistant ranges, span ranges)."""
+    out: list[str] = []
+    train: Ranges = []
+    span_ranges: Ranges = []
+    pos = k = 0
+    for text, is_train in segs:
+        start = pos
+        for i, piece in enumerate(text.split(image_token)):
             if i > 0:  # the span of the image token before this piece
-                span = tokenize(spans[k])
+                if k >= len(spans):
+                    raise BadSampleError(f"the template wrote more image tokens than the {len(spans)} image(s)")
+                span_ranges.append((pos, pos + len(spans[k])))
+                out.append(spans[k])
+                pos += len(spans[k])
                 k += 1
-                ids += span
-                labels += [IGNORE_INDEX] * len(span)
-            part = tokenize(piece) if piece else []
-            ids += part
-            labels += part if train else [IGNORE_INDEX] * len(part)
+            out.append(piece)
+            pos += len(piece)
+        if is_train:
+            train.append((start, pos))
     if k != len(spans):
         raise BadSampleError(f"{len(spans)} image(s) but the template wrote {k} image token(s)")
-    return ids, labels
+    return "".join(out), train, span_ranges
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], train: Ranges, spans: Ranges,
+            span_ids: frozenset[int]) -> list[int]:
+    """Each token's label from its characters: inside an assistant piece and no span -> its id, else -100."""
+    labels = []
+    for t, (s, e) in zip(ids, offsets):
+        keep = e > s and any(a <= s < b for a, b in train) and not any(s < b and a < e for a, b in spans)
+        labels.append(t if keep and t not in span_ids else IGNORE_INDEX)
+    return labels
 
 
 class ReleasedDataset(torch.utils.data.Dataset):

@@ -87,6 +87,9 @@ class ReleasedVLM(nn.Module):
         self.source = source
         self.image_token = family.notes["image_token"]
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if not getattr(self.tokenizer, "is_fast", False):  # labels come from its character offsets
+            raise UserError(f"{source}: the checkpoint's tokenizer has no tokenizer.json (a fast tokenizer is needed); "
+                            "save it with transformers' AutoTokenizer.save_pretrained first")
         if getattr(self.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
             raise UserError(f"{source}: the checkpoint has no chat template (chat_template.jinja / .json or "
                             "tokenizer_config.json chat_template)")
@@ -234,8 +237,12 @@ class ReleasedVLM(nn.Module):
         return self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`text` tokenized once, as transformers' chat path does (the tokenizer's special ids unless the text
+        already starts with its BOS), with each id's character offsets (dataset/hf_chat.py labels by them)."""
+        bos = self.tokenizer.bos_token
+        out = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
+        return out["input_ids"], [tuple(o) for o in out["offset_mapping"]]
 
     def render(self, sample: Sample, images: list, max_length: int | None = None) -> dict[str, Any]:
         """One training sample: ids and labels from the checkpoint's template, plus its image inputs."""
@@ -276,7 +283,7 @@ class ReleasedVLM(nn.Module):
             raise ValueError("chat_ids: image_tokens must come from image_tokens(images) (a span is the processor's "
                              "text, not only a count)")
         text = self._template(hf_messages(Sample(id="chat", messages=list(messages))), True)
-        return self._tokenize(expand_images(text, self.image_token, [s.text for s in spans]))
+        return self._tokenize(expand_images(text, self.image_token, [s.text for s in spans]))[0]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -63,11 +63,17 @@ def _images(seed: int = 0, sizes=SIZES) -> list[Image.Image]:
     return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for w, h in sizes]
 
 
-def _tokenizer():
+def _tokenizer(adds_bos: bool = False):
+    """The tiny BPE with the processor's tokens; `adds_bos`: a post-processor puts BOS first, as Llama 3's does."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_object=tiktoken_to_hf(_tiny_ranks(), SPECIALS), bos_token="<|begin_of_text|>",
-                                   eos_token="<end_of_utterance>", pad_token="<|end_of_text|>")
+    tk = tiktoken_to_hf(_tiny_ranks(), SPECIALS)
+    if adds_bos:
+        bos = "<|begin_of_text|>"
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tk.token_to_id(bos))])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<end_of_utterance>",
+                                   pad_token="<|end_of_text|>")
 
 
 def _model(name: str, tok):
@@ -96,9 +102,9 @@ def _processor(name: str, tok, template: str):
     return getattr(transformers, prefix + "Processor")(**parts)
 
 
-def write_released(path, name: str, template: str | None = None):
+def write_released(path, name: str, template: str | None = None, adds_bos: bool = False):
     """A tiny released checkpoint of family `name` in its own layout (model, processor, chat template)."""
-    tok = _tokenizer()
+    tok = _tokenizer(adds_bos)
     model = _model(name, tok)
     randomize_(model, seed=2)
     model.generation_config.eos_token_id = tok.eos_token_id
@@ -237,6 +243,24 @@ def test_labels_equal_generation_template_mask(tmp_path, name):
     assert ours["input_ids"] == list(ref["input_ids"][0])
     mask = [bool(m) for m in ref["assistant_masks"][0]]
     assert sum(mask) > 0 and [y != -100 for y in ours["labels"]] == mask
+
+
+def test_a_tokenizer_that_adds_bos_gets_it_once(tmp_path):
+    from transformers import AutoProcessor
+
+    path = write_released(tmp_path / "bos", "idefics3", adds_bos=True)
+    model, processor = load_vlm(path), AutoProcessor.from_pretrained(str(path))
+    bos = processor.tokenizer.bos_token_id
+    assert processor.tokenizer("Hi")["input_ids"][0] == bos  # the tokenizer adds it; the template writes it too
+    ours = model.render(Sample(id="b", images=["a.png", "b.png"], messages=HF_TEXT), _images())
+    images = iter(_images())
+    messages = [{**m, "content": [{**p, "image": next(images)} if p["type"] == "image" else p for p in m["content"]]}
+                for m in HF_MESSAGES]
+    ref = processor.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert ours["input_ids"] == list(ref["input_ids"][0]) and ours["input_ids"].count(bos) == 1
+    assert ours["labels"][0] == -100
+    prompt = model.chat_ids([{"role": "user", "content": "Hi"}], 0, [])
+    assert prompt[0] == bos and prompt.count(bos) == 1
 
 
 def test_padded_batch_logits_equal_unpadded(released):
