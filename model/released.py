@@ -61,7 +61,7 @@ class ImageSpan(int):
 
     text: str
 
-    def __new__(cls, rows: int, text: str) -> ImageSpan:
+    def __new__(cls, rows: int, text: str = "") -> ImageSpan:  # the default: unpickling passes the int only
         span = super().__new__(cls, rows)
         span.text = text
         return span

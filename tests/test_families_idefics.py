@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -161,6 +162,9 @@ def test_dataset_ids_equal_processor_and_spans_are_masked(released, tmp_path):
     tok = processor.tokenizer
     spans = [s.text for s in model.image_tokens(_images())]
     assert [s.count("<row_") for s in spans] == [12, 4] and all(s.count("<global-img>") == 1 for s in spans)
+    counts = model.image_tokens(_images())
+    assert counts == [13 * 4, 5 * 4]  # feature rows: image_seq_len per tile and global image
+    assert [c.text for c in pickle.loads(pickle.dumps(counts))] == spans  # spans survive a worker boundary
     span_ids = [tok(s, add_special_tokens=False)["input_ids"] for s in spans]
     ids, labels = item["input_ids"], item["labels"]
     for span in span_ids:  # each span is a run of the ids, every label in it -100
@@ -377,7 +381,8 @@ def test_one_sft_step_through_train(released, tmp_path):
     (tmp_path / "train.jsonl").write_text((tmp_path / "train.jsonl").read_text() * 2)
     cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(path), stage="sft", max_steps=1,
                             per_device_train_batch_size=2, learning_rate=1e-3, projector_lr=2e-3, vision_lr=0.0,
-                            lora={"r": 4, "alpha": 8, "dropout": 0.0}, max_length=400, weight_decay=0.0)
+                            lora={"r": 4, "alpha": 8, "dropout": 0.0}, max_length=400, weight_decay=0.0,
+                            gradient_checkpointing=True)  # as the recipes: adapters must still get gradients
     result = train(cfg)
     base = dict(ReleasedVLM.from_pretrained(path).named_parameters())
     trained = {n.removeprefix("model.").removeprefix("base_model.model."): p for n, p in result.model.named_parameters()}
