@@ -331,7 +331,8 @@ def _set_resolution(image_processor: Any, config: Any, key: str, value: Any) -> 
     """One resolution key on the image processor; an int for a `{"longest_edge": ...}` setting means that edge.
     A tile side (`max_image_size`) must be the tower's image_size: the model's span length is fixed by it."""
     current = getattr(image_processor, key, None)
-    if isinstance(value, int) and not isinstance(value, bool) and current is not None and "longest_edge" in current:
+    edge = getattr(current, "longest_edge", None) or (current.get("longest_edge") if isinstance(current, dict) else None)
+    if isinstance(value, int) and not isinstance(value, bool) and edge is not None:  # a SizeDict or a plain dict
         value = {"longest_edge": value}
     if key == "max_image_size":
         side = getattr(getattr(config, "vision_config", None), "image_size", None)
