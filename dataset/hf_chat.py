@@ -6,19 +6,26 @@ Contract:
   writes a template; a checkpoint without one is refused with one line naming the directory.
 - `hf_messages(sample)` turns our messages (`<image>` / `<video>` markers in a string) into the
   transformers multimodal form: `content` a list of `{"type": "text", "text": ...}` / `{"type": "image"}` /
-  `{"type": "video"}` parts, in order.
-- `render_hf(sample, template_fn, tokenize, image_token, image_counts, max_length)` -> `(input_ids, labels)`:
-  the text is rendered once per assistant turn boundary (`template_fn(messages[:k], add_generation_prompt)`)
-  and each render must be a prefix of the full one, else the template is refused (it rewrites earlier turns);
-  the pieces between "prompt of turn k" and "end of turn k" are the assistant's (content + end-of-turn, as
-  the template writes them) and get labels, everything else -100. The i-th `image_token` in the text is
-  repeated `image_counts[i]` times, as the processor does, before tokenizing, so every image-span token
-  (and the template's start/end markers around it) is -100.
+  `{"type": "video"}` parts, in order (an empty message: one empty text part).
+- `render_hf(sample, template_fn, tokenize, image_token, image_spans, max_length, span_ids)` -> `(input_ids,
+  labels)`: the text is rendered once per assistant turn boundary (`template_fn(messages[:k],
+  add_generation_prompt)`) and each render must be a prefix of the full one, else the template is refused (it
+  rewrites earlier turns); the pieces between "prompt of turn k" and "end of turn k" are the assistant's
+  (content + end-of-turn, as the template writes them) and get labels, everything else -100. The i-th
+  `image_token` in the text is replaced by `image_spans[i]`, the processor's own text for that image's span
+  (Qwen2-VL: the token repeated; Idefics3: tiles with row/col markers and the global image). The whole text
+  is then tokenized once, as the processor does (`tokenize(text) -> (ids, character offsets)`, a fast
+  tokenizer's), and labels come from the offsets: a token starting inside an assistant piece is labelled
+  unless it overlaps a span or is in `span_ids` (markers the template writes around a span); a token with no
+  characters (a BOS the tokenizer adds) is -100.
 - `ReleasedDataset(paths, render, ...)`: our data files (every format dataset/formats.py reads) as items
   `render(sample, images, max_length) -> {"input_ids", "labels", <the processor's image inputs>}`; a bad
   sample is skipped and counted (strict: raised), as in `VLMDataset`. Videos are refused per sample.
-- `released_collate(pad_id)`: right-pads input_ids / labels / attention_mask `[B, T]` and concatenates every
-  image input in item order (Qwen2-VL: pixel_values `[sum patches, C*T*P*P]`, image_grid_thw `[n, 3]`).
+- `released_collate(pad_id, per_sample=())`: right-pads input_ids / labels / attention_mask `[B, T]` and joins
+  each image input with `stack_image_inputs`: flat keys concatenated in item order (Qwen2-VL: pixel_values
+  `[sum patches, C*T*P*P]`, image_grid_thw `[n, 3]`); keys in `per_sample` (Idefics3: pixel_values
+  `[1, n_i, 3, H, W]` per item) padded with zeros to the batch's most images (and largest H, W) and stacked
+  `[B, max n_i, ...]`; an item without images gets all-zero rows there (the model drops all-zero images).
 - Truncation: whole (user, assistant) pairs are dropped from the end until the sample fits `max_length`;
   spans are never cut. A sample whose first pair does not fit raises `BadSampleError(kind="too_long")`.
 """
@@ -53,19 +60,17 @@ def hf_messages(sample: Sample) -> list[dict]:
                 parts.append({"type": "video"})
             elif piece:
                 parts.append({"type": "text", "text": piece})
-        out.append({"role": msg["role"], "content": parts})
+        # An empty message is one empty text part: templates read content[0] (Idefics3: "User:" vs "User: ").
+        out.append({"role": msg["role"], "content": parts or [{"type": "text", "text": ""}]})
     return out
 
 
-def expand_images(text: str, image_token: str, counts: list[int]) -> str:
-    """Repeat the i-th `image_token` in `text` `counts[i]` times (the processor's expansion)."""
+def expand_images(text: str, image_token: str, spans: list[str]) -> str:
+    """Replace the i-th `image_token` in `text` by `spans[i]` (the processor's expansion)."""
     pieces = text.split(image_token)
-    if len(pieces) - 1 != len(counts):
-        raise BadSampleError(f"the template wrote {len(pieces) - 1} image token(s) for {len(counts)} image(s)")
-    out = [pieces[0]]
-    for n, rest in zip(counts, pieces[1:]):
-        out.append(image_token * n + rest)
-    return "".join(out)
+    if len(pieces) - 1 != len(spans):
+        raise BadSampleError(f"the template wrote {len(pieces) - 1} image token(s) for {len(spans)} image(s)")
+    return "".join(p for pair in zip(pieces, [*spans, ""]) for p in pair)
 
 
 def _segments(messages: list[dict], template_fn: Callable[[list[dict], bool], str]) -> list[tuple[str, bool]]:
@@ -91,14 +96,14 @@ def _segments(messages: list[dict], template_fn: Callable[[list[dict], bool], st
 def render_hf(
     sample: Sample,
     template_fn: Callable[[list[dict], bool], str],
-    tokenize: Callable[[str], list[int]],
+    tokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]],
     image_token: str,
-    image_counts: list[int],
+    image_spans: list[str],
     max_length: int | None = None,
     span_ids: frozenset[int] = frozenset(),
 ) -> tuple[list[int], list[int]]:
-    """input_ids and labels (assistant tokens only) of `sample` under the checkpoint's template; tokens in
-    `span_ids` (the image span's placeholder and markers) are -100 even inside an assistant turn."""
+    """input_ids and labels (assistant tokens only) of `sample` under the checkpoint's template; every token of
+    an image span, and every token in `span_ids` (markers around a span), is -100 even inside an assistant turn."""
     messages = hf_messages(sample)
     n_pairs = sum(m["role"] == "assistant" for m in messages)
     if n_pairs == 0:
@@ -106,9 +111,10 @@ def render_hf(
     while n_pairs > 0:
         cut = _cut_after(messages, n_pairs)
         used = sum(_count_images(m) for m in cut)
-        ids, labels = _tokenize(_segments(cut, template_fn), tokenize, image_token, image_counts[:used])
+        text, train, spans = _expand(_segments(cut, template_fn), image_token, image_spans[:used])
+        ids, offsets = tokenize(text)
         if max_length is None or len(ids) <= max_length:
-            return ids, [IGNORE_INDEX if t in span_ids else y for t, y in zip(ids, labels)]
+            return ids, _labels(ids, offsets, train, spans, span_ids)
         n_pairs -= 1
     raise BadSampleError(f"{sample.where}: its first turn is longer than max_length={max_length}", kind="too_long")
 
@@ -127,20 +133,42 @@ def _count_images(message: dict) -> int:
     return sum(part.get("type") == "image" for part in message["content"])
 
 
-def _tokenize(segs: list[tuple[str, bool]], tokenize: Callable[[str], list[int]], image_token: str,
-              counts: list[int]) -> tuple[list[int], list[int]]:
-    ids: list[int] = []
-    labels: list[int] = []
-    k = 0
-    for text, train in segs:
-        n = text.count(image_token)
-        piece = tokenize(expand_images(text, image_token, counts[k:k + n]))
-        k += n
-        ids += piece
-        labels += piece if train else [IGNORE_INDEX] * len(piece)
-    if k != len(counts):
-        raise BadSampleError(f"{len(counts)} image(s) but the template wrote {k} image token(s)")
-    return ids, labels
+Ranges = list[tuple[int, int]]  # character [start, end) ranges of the rendered text
+
+
+def _expand(segs: list[tuple[str, bool]], image_token: str, spans: list[str]) -> tuple[str, Ranges, Ranges]:
+    """The segments joined with each image token replaced by its span: (text, assistant ranges, span ranges)."""
+    out: list[str] = []
+    train: Ranges = []
+    span_ranges: Ranges = []
+    pos = k = 0
+    for text, is_train in segs:
+        start = pos
+        for i, piece in enumerate(text.split(image_token)):
+            if i > 0:  # the span of the image token before this piece
+                if k >= len(spans):
+                    raise BadSampleError(f"the template wrote more image tokens than the {len(spans)} image(s)")
+                span_ranges.append((pos, pos + len(spans[k])))
+                out.append(spans[k])
+                pos += len(spans[k])
+                k += 1
+            out.append(piece)
+            pos += len(piece)
+        if is_train:
+            train.append((start, pos))
+    if k != len(spans):
+        raise BadSampleError(f"{len(spans)} image(s) but the template wrote {k} image token(s)")
+    return "".join(out), train, span_ranges
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], train: Ranges, spans: Ranges,
+            span_ids: frozenset[int]) -> list[int]:
+    """Each token's label from its characters: inside an assistant piece and no span -> its id, else -100."""
+    labels = []
+    for t, (s, e) in zip(ids, offsets):
+        keep = e > s and any(a <= s < b for a, b in train) and not any(s < b and a < e for a, b in spans)
+        labels.append(t if keep and t not in span_ids else IGNORE_INDEX)
+    return labels
 
 
 class ReleasedDataset(torch.utils.data.Dataset):
@@ -222,8 +250,30 @@ class ReleasedDataset(torch.utils.data.Dataset):
         raise BadSampleError(f"{self.max_retries + 1} bad samples in a row from index {i}")
 
 
-def released_collate(pad_id: int) -> Callable[[list[dict]], Batch]:
-    """Right-padded ids / labels / mask and the concatenated image inputs of a micro-batch."""
+def stack_image_inputs(parts: list[dict[str, torch.Tensor]], per_sample: tuple[str, ...] = ()) -> dict:
+    """One batch's image inputs from each conversation's (`{}` for one without images), in order.
+
+    Flat keys: concatenated on dim 0 (`[sum over items, ...]`). `per_sample` keys: each `[1, n_i, ...]`, padded
+    with zeros to the largest size of every dim but the first and stacked `[B, max n_i, ...]`; a conversation
+    without the key gets zeros (an all-zero image, which Idefics3-style models drop)."""
+    out: dict[str, torch.Tensor] = {}
+    for k in sorted({k for p in parts for k, v in p.items() if isinstance(v, torch.Tensor)}):
+        present = [p[k] for p in parts if k in p]
+        if k not in per_sample:
+            out[k] = torch.cat(present)  # [sum over items, ...] in item order
+            continue
+        shape = [max(t.shape[d] for t in present) for d in range(1, present[0].dim())]
+        stacked = present[0].new_zeros(len(parts), *shape)  # [B, max n_i, ...]
+        for b, p in enumerate(parts):
+            if k in p:
+                t = p[k][0]
+                stacked[(b, *(slice(0, n) for n in t.shape))] = t
+        out[k] = stacked
+    return out
+
+
+def released_collate(pad_id: int, per_sample: tuple[str, ...] = ()) -> Callable[[list[dict]], Batch]:
+    """Right-padded ids / labels / mask and the joined image inputs of a micro-batch (`stack_image_inputs`)."""
 
     def collate(items: list[dict]) -> Batch:
         T = max(len(it["input_ids"]) for it in items)
@@ -234,9 +284,8 @@ def released_collate(pad_id: int) -> Callable[[list[dict]], Batch]:
             n = len(it["input_ids"])
             input_ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(it["input_ids"]), torch.tensor(it["labels"]), 1
         batch = Batch(input_ids=input_ids, attention_mask=mask, labels=labels)
-        for k in sorted({k for it in items for k, v in it.items() if isinstance(v, torch.Tensor)}):
-            parts = [it[k] for it in items if k in it]
-            batch[k] = torch.cat(parts)  # [sum over items, ...] in item order
+        images = [{k: v for k, v in it.items() if isinstance(v, torch.Tensor)} for it in items]
+        batch.update(stack_image_inputs(images, per_sample))
         batch.ids = [it.get("id") for it in items]
         batch.skipped = [rec for it in items for rec in it.get("skipped", [])]
         return batch

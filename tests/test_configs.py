@@ -17,6 +17,7 @@ from qwenvl_lab.trainer.optim import param_groups
 from qwenvl_lab.trainer.run import build_model
 
 from tests.test_families import write_released
+from tests.test_families_idefics import write_released as write_tiled_released
 from tests.tiny_model import build_tiny_vlm, tiny_lm_dir, tiny_tower_spec
 from tests.tiny_train import make_tiny_data
 
@@ -39,10 +40,12 @@ def stand_ins(tmp_path_factory):
 
 
 def _released_stand_in(root: Path, path: Path) -> Path:
-    """configs/released/<family>_*.yaml: a tiny released checkpoint of that family (tests/test_families.py)."""
-    family = next(f for f in ("qwen2_5_vl", "qwen2_vl") if path.name.startswith(f))
+    """configs/released/<family>_*.yaml: a tiny released checkpoint of that family (tests/test_families.py,
+    tests/test_families_idefics.py)."""
+    family = next(f for f in ("qwen2_5_vl", "qwen2_vl", "idefics3", "smolvlm") if path.name.startswith(f))
     out = root / f"released_{family}"
-    return out if out.is_dir() else write_released(out, family)
+    write = write_tiled_released if family in ("idefics3", "smolvlm") else write_released
+    return out if out.is_dir() else write(out, family)
 
 
 def _stand_in_overrides(raw: dict, root: Path, data: Path, stage1: Path, path: Path | None = None) -> list[str]:

@@ -194,7 +194,7 @@ def warn_max_length(cfg: TrainConfig, vlm) -> None:
     if isinstance(max_pos, int) and cfg.max_length > max_pos:
         log.warning("max_length=%d is above the LM's max_position_embeddings=%d (%s): samples that long go past "
                     "the positions it was trained on; lower max_length unless the LM extends its context",
-                    cfg.max_length, max_pos, vlm.config.lm)
+                    cfg.max_length, max_pos, getattr(vlm.config, "lm", None) or getattr(vlm, "source", "the LM"))
 
 def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
     """`packing` needs the qwen LM; `feature_cache` needs frozen towers and a cache written by them."""
@@ -380,7 +380,8 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
 
     sampler_fn = None
     train_input = train_ds
-    collator = released_collate(vlm.pad_token_id) if isinstance(vlm, ReleasedVLM) else Collator(pad_id=vlm.pad_token_id)
+    collator = (released_collate(vlm.pad_token_id, vlm.family.per_sample_inputs) if isinstance(vlm, ReleasedVLM)
+                else Collator(pad_id=vlm.pad_token_id))
     # Samplers draw whole optimizer steps (ranks x accumulation); accelerate hands their consecutive
     # micro-batches to the ranks, so any (processes, accumulation) split of the same global batch sees the
     # same samples at each step.
