@@ -9,7 +9,7 @@
 - `PrefDataset(paths, fmt, image_processor, tokens_per_image, image_folder=None, max_length=None, ...)`:
   reads every file (dataset/pref_formats.py), renders every pair up front; bad rows and over-long pairs are
   skipped, each logged as one line naming file, position, id and reason, and counted (`skip_report()`).
-  `strict=True` raises the first one instead. An item is `{"chosen_input_ids" [Tc], "chosen_labels" [Tc],
+  `strict=True` raises the first one instead; `absorb(records)` takes the skips met in DataLoader workers. An item is `{"chosen_input_ids" [Tc], "chosen_labels" [Tc],
   "rejected_input_ids" [Tr], "rejected_labels" [Tr], "pixel_values" [n_images, 3, H, W] | None, "n_images",
   "id", "skipped"}`; an image that fails to load mid-run skips the pair (the next one is taken, the skip is
   carried in `skipped`).
@@ -74,7 +74,7 @@ class PrefDataset(torch.utils.data.Dataset):
         self.image_processor, self.strict, self.max_retries = image_processor, strict, max_retries
         self.pairs: list[PrefPair] = []
         self.rendered: list[RenderedPair] = []
-        self.skipped: list[dict] = []
+        self.skipped: dict[tuple[str, int], dict] = {}  # (file, position) -> skip record
         for path in [paths] if isinstance(paths, str) else list(paths):
             pairs, bad = read_pairs(str(path), image_folder, allow_absolute_paths)
             for pos, err in bad:
@@ -89,7 +89,7 @@ class PrefDataset(torch.utils.data.Dataset):
                 self.rendered.append(r)
         if self.skipped:
             logger.warning("PrefDataset: %d pair(s) skipped: %s", len(self.skipped),
-                           dict(Counter(r["kind"] for r in self.skipped)))
+                           dict(Counter(r["kind"] for r in self.skipped.values())))
         if not self.pairs:
             raise BadSampleError(f"PrefDataset: no usable preference pair in {paths} "
                                  f"({len(self.skipped)} skipped, see the lines above)", "no_data")
@@ -99,12 +99,18 @@ class PrefDataset(torch.utils.data.Dataset):
             raise err
         logger.warning("%s", err)  # one line: file, position, id and reason
         rec = {"file": path, "position": pos, "kind": err.kind, "reason": str(err)}
-        self.skipped.append(rec)
+        self.skipped[(path, pos)] = rec
         return rec
 
+    def absorb(self, records: list[dict]) -> None:
+        """Skip records made in DataLoader workers (carried by the batches), counted once per pair."""
+        for rec in records:
+            self.skipped.setdefault((rec["file"], rec["position"]), rec)
+
     def skip_report(self) -> dict:
-        return {"pairs": len(self.pairs), "skipped": len(self.skipped),
-                "by_kind": dict(Counter(r["kind"] for r in self.skipped)), "rows": list(self.skipped)}
+        rows = list(self.skipped.values())
+        return {"pairs": len(self.pairs), "skipped": len(rows), "by_kind": dict(Counter(r["kind"] for r in rows)),
+                "rows": rows}
 
     def __len__(self) -> int:
         return len(self.pairs)
