@@ -88,6 +88,9 @@ def test_dpo_run_logs_trl_metrics_evaluates_and_resumes(tmp_path, data):
     assert 0.0 <= evals[-1]["eval_rewards/accuracies"] <= 1.0
     assert (run / "checkpoint-3" / "reference.safetensors").is_file()
     assert (run / "final").is_dir() and (run / "data_report.json").is_file()
+    from PIL import Image
+
+    assert Image.open(run / "loss.png").size == (1100, 400)  # the loss panel and the rewards panel
 
     # resume from step 3 in a second run directory: the same losses at steps 4..6 (the reference comes back)
     run2 = tmp_path / "run2"
