@@ -84,6 +84,9 @@ class TrainConfig:
     label_smoothing: float = 0.0  # probability a preference label is flipped (conservative DPO, SimPO), in [0, 0.5)
     rpo_alpha: float = 0.0  # weight of an NLL term on the chosen answers added to sigmoid / ipo / simpo (RPO)
     simpo_gamma: float = 0.5  # SimPO's target reward margin
+    # the reference's log-probs computed once before the first step and kept by pair id (reference_logps.json in
+    # output_dir); the steps then run no reference forward
+    precompute_ref_logps: bool = False
     # regexes of parameter names to freeze after the stage rule
     freeze: list[str] = field(default_factory=list)
     # regexes of parameter names to train after the stage rule (applied after freeze)
@@ -170,6 +173,8 @@ class TrainConfig:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.pref_loss in ("ipo", "orpo"):
             raise ConfigError(f"label_smoothing applies to pref_loss sigmoid / simpo, not {self.pref_loss}")
+        if self.precompute_ref_logps and self.pref_loss in ("simpo", "orpo"):
+            raise ConfigError(f"precompute_ref_logps: pref_loss={self.pref_loss} uses no reference; leave it false")
         if self.rpo_alpha < 0 or (self.rpo_alpha and self.pref_loss == "orpo"):
             raise ConfigError("rpo_alpha must be >= 0, and 0 with pref_loss=orpo (ORPO has its own NLL term)")
         asked = {"packing": self.packing, "feature_cache": bool(self.feature_cache), "deepspeed": bool(self.deepspeed),

@@ -105,6 +105,32 @@ def test_dpo_run_logs_trl_metrics_evaluates_and_resumes(tmp_path, data):
         assert abs(resumed[step]["rewards/margins"] - train_rows[step]["rewards/margins"]) < 1e-5
 
 
+def test_precomputed_reference_logps_give_the_same_run(tmp_path, data, monkeypatch):
+    from qwenvl_lab.model.preference import Reference
+
+    passes = []
+    active = Reference.active
+    monkeypatch.setattr(Reference, "active", lambda self: passes.append(1) or active(self))
+    logs, n_passes = {}, {}
+    for pre in (False, True):
+        out = tmp_path / f"run_{pre}"
+        cfg = _config(tmp_path, data, output_dir=str(out), max_steps=3, save_steps=100, precompute_ref_logps=pre)
+        passes.clear()
+        assert _train([cfg]) == 0
+        n_passes[pre] = len(passes)
+        logs[pre] = {(r["step"], "loss" in r): r for r in read_log(out / "log.jsonl") if "loss" in r or "eval_loss" in r}
+    table = json.loads((tmp_path / "run_True" / "reference_logps.json").read_text())
+    assert len(table["train"]) == 8 and len(table["eval"]) == 4  # by pair id: "0".."7" (RLAIF-V idx), file#line
+    assert set(table["train"]) == {str(i) for i in range(8)}
+    assert not (tmp_path / "run_False" / "reference_logps.json").exists()
+    assert n_passes == {False: 4, True: 2}  # a reference pass per step + the eval batch; once per dataset
+    assert len(logs[False]) == 4  # 3 train rows and one evaluation
+    for at, row in logs[False].items():
+        for key in ("loss", "rewards/margins", "eval_loss", "eval_rewards/margins"):
+            if key in row:
+                assert abs(logs[True][at][key] - row[key]) < 1e-5, (at, key)
+
+
 @pytest.mark.parametrize("kind", ["ipo", "simpo", "orpo"])
 def test_other_losses_train(tmp_path, data, kind):
     cfg = _config(tmp_path, data, pref_loss=kind, max_steps=2, eval_steps=None, eval_data_path=None,

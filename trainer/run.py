@@ -47,7 +47,6 @@ from ..dataset.feature_cache import (
 from ..dataset.hf_chat import ReleasedDataset, released_collate
 from ..dataset.layouts import sample_image_budget
 from ..dataset.packing import PackedDataset, PackingCollator, PackingSampler
-from ..dataset.pref_data import PairCollator
 from ..model import VLM, build_vlm, dtypes
 from ..model.backbones import unwrap
 from ..model.checkpoint import _select_keys
@@ -60,7 +59,7 @@ from .callbacks import AttentionSetup, JsonlLogger, plot_loss
 from .checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
 from .engines import prepare_deepspeed_on_cpu
 from .hf_trainer import VLMTrainer, gather_objects
-from .pref_trainer import PrefTrainer, build_pref_datasets
+from .pref_trainer import PairBatches, PrefTrainer, build_pref_datasets
 from .speed_settings import apply_speed_settings
 from .throughput import ThroughputCallback
 
@@ -451,14 +450,14 @@ def _prepare_pref(cfg: TrainConfig, out: Path, vlm, callbacks: Sequence[Callback
     global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
     trainer = PrefTrainer(
         model=vlm, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        data_collator=_SkipForwardingCollator(PairCollator(pad_id=vlm.pad_token_id)),
+        data_collator=PairBatches(vlm.pad_token_id),
         callbacks=[AttentionSetup(vlm), JsonlLogger(out / "log.jsonl")],
         lr_settings=dict(learning_rate=cfg.learning_rate, projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr),
         length_sampler_fn=(lambda targs: LengthGroupedSampler(train_ds.lengths, batch_size=global_batch,
                                                               seed=cfg.seed)) if cfg.group_by_length else None,
         skip_sink=train_ds.absorb, max_consecutive_nan=cfg.max_consecutive_nan,
         inject_nan_steps=cfg.debug_inject_nan_steps,
-        pref_loss=cfg.pref_loss, pref_settings=dataclasses.asdict(cfg),
+        pref_loss=cfg.pref_loss, pref_settings=dataclasses.asdict(cfg), precompute_ref_logps=cfg.precompute_ref_logps,
     )
     for make in callbacks:
         for callback in make(cfg, trainer, out):
