@@ -14,7 +14,7 @@ Contract
   only (anyres / native resolution raise ValueError).
 * `Reference(vlm)`: the reference policy without a second model. Built before training, it keeps a frozen
   copy of every trainable parameter that is not a LoRA tensor (projector, token rows, trainable towers or LM
-  parts). `with ref.active(): ...` runs the model with the LoRA adapters disabled (peft's `disable_adapter`)
+  parts) and of the floating-point buffers of their modules (a training tower's batch-norm statistics). `with ref.active(): ...` runs the model with the LoRA adapters disabled (peft's `disable_adapter`)
   and those snapshot tensors swapped in (the parameters' storage is exchanged, nothing is copied), in eval
   mode and without gradient; everything is put back on exit. `state_dict()` / `load_state_dict(sd)` carry the
   snapshot through a checkpoint (a resumed run compares against the same reference).
@@ -29,7 +29,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from torch import nn
 
 from ..core.loss import IGNORE_INDEX, sequence_logps, shift_targets
 from .model import VLM, _towers_frozen
@@ -97,15 +96,31 @@ class Reference:
 
     def __init__(self, vlm: VLM):
         self.vlm = vlm
-        self.snapshot: dict[str, torch.Tensor] = {
-            n: p.detach().clone() for n, p in vlm.named_parameters() if p.requires_grad and not is_lora(n)}
+        self.snapshot: dict[str, torch.Tensor] = {n: t.detach().clone() for n, t in self._moving(vlm).items()}
 
-    def _params(self) -> dict[str, nn.Parameter]:
-        params = dict(self.vlm.named_parameters())
-        missing = [n for n in self.snapshot if n not in params]
+    @staticmethod
+    def _moving(vlm: VLM) -> dict[str, torch.Tensor]:
+        """What training changes besides the adapters: trainable parameters, and the floating-point buffers of
+        the modules that hold them (a training tower's batch-norm running statistics)."""
+        out: dict[str, torch.Tensor] = {}
+        for prefix, module in vlm.named_modules():
+            own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            own = [(n, p) for n, p in own if not is_lora(f"{prefix}.{n}")]
+            for n, p in own:
+                out[f"{prefix}.{n}" if prefix else n] = p
+            if own:
+                for n, b in module.named_buffers(recurse=False):
+                    if b is not None and b.is_floating_point():
+                        out[f"{prefix}.{n}" if prefix else n] = b
+        return out
+
+    def _params(self) -> dict[str, torch.Tensor]:
+        tensors = dict(self.vlm.named_parameters())
+        tensors.update(self.vlm.named_buffers())
+        missing = [n for n in self.snapshot if n not in tensors]
         if missing:
-            raise ValueError(f"reference snapshot names parameters the model lacks: {missing[:3]}")
-        return {n: params[n] for n in self.snapshot}
+            raise ValueError(f"reference snapshot names tensors the model lacks: {missing[:3]}")
+        return {n: tensors[n] for n in self.snapshot}
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:

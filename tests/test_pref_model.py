@@ -136,8 +136,10 @@ def _frozen_reference_logps(frozen, batch):
     return logps
 
 
-def test_reference_equals_frozen_copy_after_steps_and_after_reload(tmp_path):
-    vlm = _lora_vlm(tmp_path, unfreeze=[r"ln_f"])  # a trainable LM part besides the adapters
+@pytest.mark.parametrize("towers_train", [False, True])
+def test_reference_equals_frozen_copy_after_steps_and_after_reload(tmp_path, towers_train):
+    unfreeze = [r"ln_f"] + ([r"^towers\."] if towers_train else [])  # trainable parts besides the adapters
+    vlm = _lora_vlm(tmp_path, unfreeze=unfreeze)
     with torch.no_grad():  # adapters that already hold something: "off" must really switch them off
         for n, p in vlm.named_parameters():
             if "lora_B" in n:
@@ -145,6 +147,7 @@ def test_reference_equals_frozen_copy_after_steps_and_after_reload(tmp_path):
     frozen = copy.deepcopy(vlm).eval()
     ref = Reference(vlm)
     assert any(n.startswith("projector.") for n in ref.snapshot) and any("ln_f" in n for n in ref.snapshot)
+    assert any(n.startswith("towers.") for n in ref.snapshot) == towers_train  # a training tower: rerun on its snapshot
     assert not any("lora_" in n for n in ref.snapshot)
     batch = pair_batch(vlm, [1, 1], seed=3)
     opt = torch.optim.AdamW([p for p in vlm.parameters() if p.requires_grad], lr=5e-2)
@@ -154,14 +157,14 @@ def test_reference_equals_frozen_copy_after_steps_and_after_reload(tmp_path):
         logps, counts = pair_logps(vlm, batch["input_ids"], batch["attention_mask"], batch["labels"],
                                    batch["image_counts"], feats)
         r = reference_logps(vlm, ref, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                            batch["image_counts"], feats)
+                            batch["image_counts"], feats, batch["pixel_values"])
         loss = preference_loss("sigmoid", logps[:2], logps[2:], counts[:2], counts[2:], r[:2], r[2:]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     want = _frozen_reference_logps(frozen, batch)
     got = reference_logps(vlm, ref, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                          batch["image_counts"], pair_features(vlm, batch["pixel_values"]))
+                          batch["image_counts"], pair_features(vlm, batch["pixel_values"]), batch["pixel_values"])
     assert torch.allclose(got, want, atol=1e-6, rtol=0), (got - want).abs().max()
     with torch.no_grad():
         policy, _ = _ours(vlm, batch)
@@ -172,11 +175,11 @@ def test_reference_equals_frozen_copy_after_steps_and_after_reload(tmp_path):
     save_file(ref.state_dict(), str(tmp_path / "reference.safetensors"))
     vlm.save_pretrained(tmp_path / "ckpt")
     again = load_vlm(tmp_path / "ckpt")
-    set_trainable(again, "sft", unfreeze=[r"ln_f"])
+    set_trainable(again, "sft", unfreeze=unfreeze)
     ref2 = Reference(again)  # snapshot of the TRAINED weights: wrong until the checkpoint's is loaded
     ref2.load_state_dict(load_file(str(tmp_path / "reference.safetensors")))
     got2 = reference_logps(again, ref2, batch["input_ids"], batch["attention_mask"], batch["labels"],
-                           batch["image_counts"], pair_features(again, batch["pixel_values"]))
+                           batch["image_counts"], pair_features(again, batch["pixel_values"]), batch["pixel_values"])
     assert torch.allclose(got2, want, atol=1e-6, rtol=0), (got2 - want).abs().max()
 
 

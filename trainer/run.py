@@ -445,6 +445,9 @@ def _prepare_pref(cfg: TrainConfig, out: Path, vlm, callbacks: Sequence[Callback
                           "launch without torchrun")
     if isinstance(vlm, ReleasedVLM):
         raise ConfigError(f"stage=dpo: not available for the released family {vlm.family.name} yet")
+    if vlm.resolution.mode != "fixed":
+        raise ConfigError(f"stage=dpo: models with a variable resolution ({vlm.resolution.mode}) are not supported "
+                          f"yet; use a fixed-resolution model")
     train_ds, eval_ds = build_pref_datasets(cfg, vlm)
     args = training_arguments(cfg, out, towers_train=any(p.requires_grad for p in vlm.towers.parameters()))
     global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
