@@ -151,3 +151,22 @@ def test_preference_keys_answer_mistakes_with_one_line(tmp_path, data, capsys):
         assert _train(argv) == 2, override
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and (words or "rpo_alpha") in err, err
+
+
+def test_sft_adapter_start_is_folded_so_the_reference_is_the_sft_model(tmp_path, data, capsys):
+    sft = tmp_path / "sft"
+    cfg = _config(tmp_path, data, stage="sft", data_path=[str(data / "train.jsonl")], eval_data_path=None,
+                  eval_steps=None, max_steps=3, learning_rate=5e-2, save_steps=100, output_dir=str(sft))
+    assert _train([cfg]) == 0
+    assert (sft / "final" / "lora").is_dir()  # a trainable-only SFT result: its adapters beside the base LM
+    capsys.readouterr()  # the SFT run's progress bars
+    dpo = _config(tmp_path, data, init_from=str(sft / "final"), model={}, max_steps=2, eval_steps=None,
+                  eval_data_path=None, save_steps=100, output_dir=str(tmp_path / "dpo"))
+    assert _train([dpo]) == 2  # folding needs a full final model: one line saying so
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: init_from=") and "save_full_model=true" in err
+    assert _train([dpo, "save_full_model=true"]) == 0
+    rows = [r for r in read_log(tmp_path / "dpo" / "log.jsonl") if "loss" in r]
+    # step 0: the policy (SFT folded in + fresh zero adapters) equals the reference (adapters off); had the SFT
+    # adapters trained on, "adapters off" would be the base LM and the first loss would not be ln 2
+    assert abs(rows[0]["loss"] - math.log(2)) < 1e-5
