@@ -59,6 +59,7 @@ from .callbacks import AttentionSetup, JsonlLogger, plot_loss
 from .checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
 from .engines import prepare_deepspeed_on_cpu
 from .hf_trainer import VLMTrainer, gather_objects
+from .pref_trainer import PairBatches, PrefTrainer, build_pref_datasets
 from .speed_settings import apply_speed_settings
 from .throughput import ThroughputCallback
 
@@ -160,7 +161,7 @@ def build_model(cfg: TrainConfig):
         except ValueError as e:  # the parts do not fit together (e.g. a grid the reduction cannot split)
             raise ConfigError(f"model: {e}") from None
     lora = cfg.lora
-    if cfg.stage == "sft" and cfg.lora.r > 0 and getattr(vlm.lm, "peft_config", None):
+    if cfg.stage in ("sft", "dpo") and cfg.lora.r > 0 and getattr(vlm.lm, "peft_config", None):
         lora = continue_or_fold_adapters(cfg, vlm)
     moved = apply_stage(vlm, cfg, lora, check=lambda m: check_optimisation_keys(cfg, m))
     log.info("parameter dtypes and bytes per part (%d trainable tensors moved to fp32):\n%s", moved,
@@ -175,6 +176,8 @@ def continue_or_fold_adapters(cfg: TrainConfig, vlm):
     """init_from's LoRA adapters: trained on when lora.r / lora.targets name them (returns settings that add
     none); else folded into the LM under fresh ones, which only a full final model keeps (save_full_model:
     a trainable-only checkpoint points at the base LM, without the folded weights)."""
+    if cfg.stage == "dpo":
+        return fold_sft_adapters(cfg, vlm)
     if adapters_match(vlm, cfg.lora):
         a = vlm.lm.peft_config["default"]
         log.info("init_from=%s: its LoRA adapters (r=%d, alpha=%d) train on", cfg.init_from, a.r, a.lora_alpha)
@@ -185,6 +188,20 @@ def continue_or_fold_adapters(cfg: TrainConfig, vlm):
                           f"lora.targets={cfg.lora.targets!r} do not name: give its rank and targets to train them "
                           f"on, or set save_full_model=true to fold them into the LM under fresh ones")
     vlm.merge_lora()  # fold them in; apply_stage adds fresh ones; the full final model keeps both
+    return cfg.lora
+
+
+def fold_sft_adapters(cfg: TrainConfig, vlm):
+    """Stage dpo from a model with LoRA adapters (an SFT run): they are folded into the LM first, so the
+    reference (the model with its adapters off) is that SFT model and not the base LM under it."""
+    a = vlm.lm.peft_config["default"]
+    if not cfg.save_full_model:
+        raise ConfigError(f"init_from={cfg.init_from} holds LoRA adapters (r={a.r}): stage=dpo folds them into the LM "
+                          f"so that the reference is that model; set save_full_model=true so the final model keeps "
+                          f"them (a trainable-only one would point at the LM without them)")
+    log.info("init_from=%s: its LoRA adapters (r=%d) folded into the LM; the reference is that model", cfg.init_from,
+             a.r)
+    vlm.merge_lora()
     return cfg.lora
 
 
@@ -374,6 +391,8 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
     apply_speed_settings(cfg, vlm)
     if rank == 0 and cfg.check_disk_space:
         preflight_disk_space(out, vlm)
+    if cfg.stage == "dpo":
+        return _prepare_pref(cfg, out, vlm, callbacks)
     train_ds, eval_ds = build_datasets(cfg, vlm)
     args = training_arguments(cfg, out, towers_train=any(p.requires_grad for p in vlm.towers.parameters()))
     resume = resolve_resume(cfg, out)
@@ -422,6 +441,36 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
         for callback in make(cfg, trainer, out):
             trainer.add_callback(callback)
     return vlm, train_ds, trainer, resume
+
+
+def _prepare_pref(cfg: TrainConfig, out: Path, vlm, callbacks: Sequence[CallbackFactory] = ()):
+    """Stage dpo: preference pairs, [chosen; rejected] batches and the PrefTrainer (trainer/pref_trainer.py)."""
+    if world_size() > 1:
+        raise ConfigError("stage=dpo runs in one process for now (the pair forward bypasses the DDP wrapper): "
+                          "launch without torchrun")
+    if isinstance(vlm, ReleasedVLM):
+        raise ConfigError(f"stage=dpo: not available for the released family {vlm.family.name} yet")
+    if vlm.resolution.mode != "fixed":
+        raise ConfigError(f"stage=dpo: models with a variable resolution ({vlm.resolution.mode}) are not supported "
+                          f"yet; use a fixed-resolution model")
+    train_ds, eval_ds = build_pref_datasets(cfg, vlm)
+    args = training_arguments(cfg, out, towers_train=any(p.requires_grad for p in vlm.towers.parameters()))
+    global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    trainer = PrefTrainer(
+        model=vlm, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=PairBatches(vlm.pad_token_id),
+        callbacks=[AttentionSetup(vlm), JsonlLogger(out / "log.jsonl")],
+        lr_settings=dict(learning_rate=cfg.learning_rate, projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr),
+        length_sampler_fn=(lambda targs: LengthGroupedSampler(train_ds.lengths, batch_size=global_batch,
+                                                              seed=cfg.seed)) if cfg.group_by_length else None,
+        skip_sink=train_ds.absorb, max_consecutive_nan=cfg.max_consecutive_nan,
+        inject_nan_steps=cfg.debug_inject_nan_steps,
+        pref_loss=cfg.pref_loss, pref_settings=dataclasses.asdict(cfg), precompute_ref_logps=cfg.precompute_ref_logps,
+    )
+    for make in callbacks:
+        for callback in make(cfg, trainer, out):
+            trainer.add_callback(callback)
+    return vlm, train_ds, trainer, resolve_resume(cfg, out)
 
 
 def train(cfg: TrainConfig, callbacks: Sequence[CallbackFactory] = ()) -> RunResult:
