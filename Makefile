@@ -12,7 +12,7 @@ setup: $(STAMP) browser
 # Reinstall only when the pins or the project metadata change; torch is pinned in the same command.
 $(STAMP): constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,serve,eval,lmms,deepspeed,qlora,openclip,video]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,serve,eval,lmms,deepspeed,qlora,openclip,video,released]"
 	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt lmms-eval
 	touch $(STAMP)
 

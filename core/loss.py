@@ -28,6 +28,11 @@ Contract
     each call gathers its weight collectively, so the number of calls must not depend on a rank's targets.
   With no target at all it returns a zero that is still connected to `hidden` and `head` (so every
   parameter gets a (zero) gradient, which DDP needs) instead of the NaN of an empty mean.
+- `sequence_logps(hidden [B, T, H], head, labels [B, T], chunk_size=1024) -> (logps [B], counts [B])`: each
+  sequence's summed log-probability of its targets (fp32) and its number of targets, computed like
+  `supervised_loss` at target positions only, `chunk_size` rows of `[rows, V]` logits at a time (recomputed in
+  backward under `torch.utils.checkpoint`, one head call for a ZeRO-3 head): what preference losses compare
+  (DPO's log pi(y | x)), never the `[B, T, V]` logits.
 - `decode_logits(hidden [B, n, H], head) -> [B, n, V]`: the logits generation reads (`logits_to_keep`),
   used by both the qwen LM and the VLM (on a CPU without gradient as `W @ h^T`).
 """
@@ -189,6 +194,46 @@ def supervised_loss(
         else:
             total = total + _chunk_ce_sum(head, hc, yc)
     return total / n
+
+
+def _chunk_target_logps(head: Callable, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # [n, V] fp32
+    return -F.cross_entropy(logits, y, reduction="none")  # [n]: log p(y_i)
+
+
+def sequence_logps(
+    hidden: torch.Tensor,
+    head: Callable[[torch.Tensor], torch.Tensor],
+    labels: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence summed target log-probabilities `[B]` (fp32) and target counts `[B]`, at target rows only."""
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+    if chunk_size < 1:
+        raise ValueError(f"sequence_logps: chunk_size must be >= 1, got {chunk_size}")
+    targets = shift_targets(labels)  # [B, T-1]
+    keep = targets != IGNORE_INDEX  # [B, T-1]
+    counts = keep.sum(1)  # [B]
+    h = hidden[:, :-1][keep]  # [N, H]
+    y = targets[keep]  # [N]
+    row = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(keep)[keep]  # [N]: its sequence
+    out = torch.zeros(labels.shape[0], dtype=torch.float32, device=hidden.device)  # [B]
+    n = int(y.numel())
+    if n == 0:  # still wired to the graph, like supervised_loss (DDP wants a gradient for every used parameter)
+        return out + head(hidden[:, :1].reshape(-1, hidden.shape[-1])).float().sum() * 0.0, counts
+    params = list(getattr(head, "parameters", lambda: [])())
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: one gathering call per forward (supervised_loss)
+        return out.index_add(0, row, _chunk_target_logps(head, h, y)), counts
+    recompute = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params))
+    parts = []
+    for start in range(0, n, chunk_size):
+        hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [c, H], [c]
+        if recompute:  # the chunk's [c, V] logits are recomputed in backward, not kept
+            parts.append(checkpoint(_chunk_target_logps, head, hc, yc, use_reentrant=False))
+        else:
+            parts.append(_chunk_target_logps(head, hc, yc))
+    return out.index_add(0, row, torch.cat(parts)), counts  # [B], [B]
 
 
 def decode_logits(hidden: torch.Tensor, head: nn.Module) -> torch.Tensor:

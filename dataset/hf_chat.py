@@ -4,14 +4,18 @@ Contract:
 - The template is the checkpoint's: `processor.chat_template` / `tokenizer.chat_template`, which transformers
   reads from chat_template.jinja / chat_template.json / tokenizer_config.json in the directory. Nothing here
   writes a template; a checkpoint without one is refused with one line naming the directory.
-- The rendering itself (`hf_messages`, `expand_images`, `render_hf`: ids and assistant-only labels, spans
-  -100, truncation by whole turns) lives in dataset/hf_template.py, shared with native imports whose template
-  is none of ours; it is re-exported here.
+- The rendering (`hf_messages`, `expand_images`, `render_hf`: the text rendered per turn boundary, each image
+  token replaced by the processor's span text, tokenized once, labels by character offsets, spans -100,
+  truncation by whole turns) lives in dataset/hf_template.py, shared with native imports whose template is
+  none of ours (LLaVA-1.5's); it is re-exported here.
 - `ReleasedDataset(paths, render, ...)`: our data files (every format dataset/formats.py reads) as items
   `render(sample, images, max_length) -> {"input_ids", "labels", <the processor's image inputs>}`; a bad
   sample is skipped and counted (strict: raised), as in `VLMDataset`. Videos are refused per sample.
-- `released_collate(pad_id)`: right-pads input_ids / labels / attention_mask `[B, T]` and concatenates every
-  image input in item order (Qwen2-VL: pixel_values `[sum patches, C*T*P*P]`, image_grid_thw `[n, 3]`).
+- `released_collate(pad_id, per_sample=())`: right-pads input_ids / labels / attention_mask `[B, T]` and joins
+  each image input with `stack_image_inputs`: flat keys concatenated in item order (Qwen2-VL: pixel_values
+  `[sum patches, C*T*P*P]`, image_grid_thw `[n, 3]`); keys in `per_sample` (Idefics3: pixel_values
+  `[1, n_i, 3, H, W]` per item) padded with zeros to the batch's most images (and largest H, W) and stacked
+  `[B, max n_i, ...]`; an item without images gets all-zero rows there (the model drops all-zero images).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from .hf_template import expand_images, hf_messages, render_hf
 from .images import load_image
 from .sample import BadSampleError, Sample
 
-__all__ = ["ReleasedDataset", "expand_images", "hf_messages", "released_collate", "render_hf"]
+__all__ = ["ReleasedDataset", "expand_images", "hf_messages", "released_collate", "render_hf", "stack_image_inputs"]
+
 
 
 class ReleasedDataset(torch.utils.data.Dataset):
@@ -111,8 +116,30 @@ class ReleasedDataset(torch.utils.data.Dataset):
         raise BadSampleError(f"{self.max_retries + 1} bad samples in a row from index {i}")
 
 
-def released_collate(pad_id: int) -> Callable[[list[dict]], Batch]:
-    """Right-padded ids / labels / mask and the concatenated image inputs of a micro-batch."""
+def stack_image_inputs(parts: list[dict[str, torch.Tensor]], per_sample: tuple[str, ...] = ()) -> dict:
+    """One batch's image inputs from each conversation's (`{}` for one without images), in order.
+
+    Flat keys: concatenated on dim 0 (`[sum over items, ...]`). `per_sample` keys: each `[1, n_i, ...]`, padded
+    with zeros to the largest size of every dim but the first and stacked `[B, max n_i, ...]`; a conversation
+    without the key gets zeros (an all-zero image, which Idefics3-style models drop)."""
+    out: dict[str, torch.Tensor] = {}
+    for k in sorted({k for p in parts for k, v in p.items() if isinstance(v, torch.Tensor)}):
+        present = [p[k] for p in parts if k in p]
+        if k not in per_sample:
+            out[k] = torch.cat(present)  # [sum over items, ...] in item order
+            continue
+        shape = [max(t.shape[d] for t in present) for d in range(1, present[0].dim())]
+        stacked = present[0].new_zeros(len(parts), *shape)  # [B, max n_i, ...]
+        for b, p in enumerate(parts):
+            if k in p:
+                t = p[k][0]
+                stacked[(b, *(slice(0, n) for n in t.shape))] = t
+        out[k] = stacked
+    return out
+
+
+def released_collate(pad_id: int, per_sample: tuple[str, ...] = ()) -> Callable[[list[dict]], Batch]:
+    """Right-padded ids / labels / mask and the joined image inputs of a micro-batch (`stack_image_inputs`)."""
 
     def collate(items: list[dict]) -> Batch:
         T = max(len(it["input_ids"]) for it in items)
@@ -123,9 +150,8 @@ def released_collate(pad_id: int) -> Callable[[list[dict]], Batch]:
             n = len(it["input_ids"])
             input_ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(it["input_ids"]), torch.tensor(it["labels"]), 1
         batch = Batch(input_ids=input_ids, attention_mask=mask, labels=labels)
-        for k in sorted({k for it in items for k, v in it.items() if isinstance(v, torch.Tensor)}):
-            parts = [it[k] for it in items if k in it]
-            batch[k] = torch.cat(parts)  # [sum over items, ...] in item order
+        images = [{k: v for k, v in it.items() if isinstance(v, torch.Tensor)} for it in items]
+        batch.update(stack_image_inputs(images, per_sample))
         batch.ids = [it.get("id") for it in items]
         batch.skipped = [rec for it in items for rec in it.get("skipped", [])]
         return batch

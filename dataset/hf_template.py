@@ -5,23 +5,28 @@ families (model/released.py, through dataset/hf_chat.py) and native imports whos
 Contract:
 - `hf_messages(sample)` turns our messages (`<image>` / `<video>` markers in a string) into the
   transformers multimodal form: `content` a list of `{"type": "text", "text": ...}` / `{"type": "image"}` /
-  `{"type": "video"}` parts, in order. The template decides where each part goes (LLaVA-1.5's puts a
-  message's images before its text), exactly as the released processor's `apply_chat_template` does.
-- `render_hf(sample, template_fn, tokenize, image_token, image_counts, max_length, span_ids)` ->
-  `(input_ids, labels)`: the text is rendered once per assistant turn boundary
-  (`template_fn(messages[:k], add_generation_prompt)`) and each render must be a prefix of the full one, else
-  the template is refused (it rewrites earlier turns); the characters between "prompt of turn k" and "end of
-  turn k" are the assistant's (content + end of turn, as the template writes them). The i-th `image_token`
-  in the text is repeated `image_counts[i]` times, as the processor does, then the WHOLE text is tokenized
-  once (`tokenize(text) -> (ids, offsets)`, the tokenizer's own special tokens included, e.g. Llama's BOS),
-  so the ids are the processor's for any tokenizer; a token is labelled when its first character lies in an
-  assistant stretch (what transformers' `{% generation %}` assistant mask marks), every token in `span_ids`
-  (the image placeholder and its markers) is -100.
+  `{"type": "video"}` parts, in order (an empty message: one empty text part). The template decides where each
+  part goes (LLaVA-1.5's puts a message's images before its text), as the processor's `apply_chat_template` does.
+- `render_hf(sample, template_fn, tokenize, image_token, image_spans, max_length, span_ids)` -> `(input_ids,
+  labels)`: the text is rendered once per assistant turn boundary (`template_fn(messages[:k],
+  add_generation_prompt)`) and each render must be a prefix of the full one, else the template is refused (it
+  rewrites earlier turns); the pieces between "prompt of turn k" and "end of turn k" are the assistant's
+  (content + end-of-turn, as the template writes them) and get labels, everything else -100. The i-th
+  `image_token` in the text is replaced by `image_spans[i]`, the processor's own text for that image's span
+  (Qwen2-VL, LLaVA: the token repeated; Idefics3: tiles with row/col markers and the global image). The whole
+  text is then tokenized once, as the processor does (`tokenize(text) -> (ids, character offsets)`, a fast
+  tokenizer's), and labels come from the offsets: a token starting inside an assistant piece is labelled
+  unless it overlaps a span or is in `span_ids` (markers the template writes around a span); a token with no
+  characters (a BOS the tokenizer adds) is -100. (A token starting in an assistant piece's last characters and
+  running on, as Llama's "▁USER:" after LLaVA-1.5's trailing space, is the assistant's: transformers'
+  `{% generation %}` mask marks it too.)
 - Truncation: whole (user, assistant) pairs are dropped from the end until the sample fits `max_length`;
   spans are never cut. A sample whose first pair does not fit raises `BadSampleError(kind="too_long")`.
-- `render_own(sample, tokenizer, jinja, count, image_token_id, ...)` -> `(ids, labels, dropped_messages,
-  kept_images)` for `dataset.rendering.render` (a transformers tokenizer and its template text);
-  `prompt_own(...)` -> the prompt ids with the reply header (`add_generation_prompt=True`).
+- `offsets_tokenizer(tokenizer)`: a fast tokenizer as `tokenize` (its special ids unless the text already
+  starts with its BOS: transformers' chat rule). `render_own(sample, tokenizer, jinja, count, image_token_id,
+  ...)` -> `(ids, labels, dropped_messages, kept_images)` and `prompt_own(...)` -> prompt ids with the reply
+  header: what `dataset.rendering.render` calls for a template given as text (each image span = the
+  placeholder repeated `count(i)` times, as LlavaProcessor writes it).
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ from typing import Any
 from ..core.loss import IGNORE_INDEX
 from .sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample
 
-_MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 Tokenize = Callable[[str], tuple[list[int], list[tuple[int, int]]]]  # text -> (ids, char offsets)
+
+_MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 
 
 def hf_messages(sample: Sample) -> list[dict]:
@@ -49,19 +55,17 @@ def hf_messages(sample: Sample) -> list[dict]:
                 parts.append({"type": "video"})
             elif piece:
                 parts.append({"type": "text", "text": piece})
-        out.append({"role": msg["role"], "content": parts})
+        # An empty message is one empty text part: templates read content[0] (Idefics3: "User:" vs "User: ").
+        out.append({"role": msg["role"], "content": parts or [{"type": "text", "text": ""}]})
     return out
 
 
-def expand_images(text: str, image_token: str, counts: list[int]) -> str:
-    """Repeat the i-th `image_token` in `text` `counts[i]` times (the processor's expansion)."""
+def expand_images(text: str, image_token: str, spans: list[str]) -> str:
+    """Replace the i-th `image_token` in `text` by `spans[i]` (the processor's expansion)."""
     pieces = text.split(image_token)
-    if len(pieces) - 1 != len(counts):
-        raise BadSampleError(f"the template wrote {len(pieces) - 1} image token(s) for {len(counts)} image(s)")
-    out = [pieces[0]]
-    for n, rest in zip(counts, pieces[1:]):
-        out.append(image_token * n + rest)
-    return "".join(out)
+    if len(pieces) - 1 != len(spans):
+        raise BadSampleError(f"the template wrote {len(pieces) - 1} image token(s) for {len(spans)} image(s)")
+    return "".join(p for pair in zip(pieces, [*spans, ""]) for p in pair)
 
 
 def _segments(messages: list[dict], template_fn: Callable[[list[dict], bool], str]) -> list[tuple[str, bool]]:
@@ -84,9 +88,17 @@ def _segments(messages: list[dict], template_fn: Callable[[list[dict], bool], st
     return segs
 
 
-def _fit(sample: Sample, template_fn: Callable[[list[dict], bool], str], tokenize: Tokenize, image_token: str,
-         image_counts: list[int], max_length: int | None) -> tuple[list[int], list[int], int, int]:
-    """(ids, labels, messages kept, images kept) of the longest leading run of turn pairs that fits."""
+def render_hf(
+    sample: Sample,
+    template_fn: Callable[[list[dict], bool], str],
+    tokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]],
+    image_token: str,
+    image_spans: list[str],
+    max_length: int | None = None,
+    span_ids: frozenset[int] = frozenset(),
+) -> tuple[list[int], list[int]]:
+    """input_ids and labels (assistant tokens only) of `sample` under the checkpoint's template; every token of
+    an image span, and every token in `span_ids` (markers around a span), is -100 even inside an assistant turn."""
     messages = hf_messages(sample)
     n_pairs = sum(m["role"] == "assistant" for m in messages)
     if n_pairs == 0:
@@ -94,26 +106,12 @@ def _fit(sample: Sample, template_fn: Callable[[list[dict], bool], str], tokeniz
     while n_pairs > 0:
         cut = _cut_after(messages, n_pairs)
         used = sum(_count_images(m) for m in cut)
-        ids, labels = _label(_segments(cut, template_fn), tokenize, image_token, image_counts[:used])
+        text, train, spans = _expand(_segments(cut, template_fn), image_token, image_spans[:used])
+        ids, offsets = tokenize(text)
         if max_length is None or len(ids) <= max_length:
-            return ids, labels, len(cut), used
+            return ids, _labels(ids, offsets, train, spans, span_ids)
         n_pairs -= 1
     raise BadSampleError(f"{sample.where}: its first turn is longer than max_length={max_length}", kind="too_long")
-
-
-def render_hf(
-    sample: Sample,
-    template_fn: Callable[[list[dict], bool], str],
-    tokenize: Tokenize,
-    image_token: str,
-    image_counts: list[int],
-    max_length: int | None = None,
-    span_ids: frozenset[int] = frozenset(),
-) -> tuple[list[int], list[int]]:
-    """input_ids and labels (assistant tokens only) of `sample` under the checkpoint's template; tokens in
-    `span_ids` (the image span's placeholder and markers) are -100 even inside an assistant turn."""
-    ids, labels, _, _ = _fit(sample, template_fn, tokenize, image_token, image_counts, max_length)
-    return ids, [IGNORE_INDEX if t in span_ids else y for t, y in zip(ids, labels)]
 
 
 def _cut_after(messages: list[dict], n_pairs: int) -> list[dict]:
@@ -130,34 +128,55 @@ def _count_images(message: dict) -> int:
     return sum(part.get("type") == "image" for part in message["content"])
 
 
-def _label(segs: list[tuple[str, bool]], tokenize: Tokenize, image_token: str,
-           counts: list[int]) -> tuple[list[int], list[int]]:
-    """Expand each segment's images, tokenize the whole text once, label tokens starting in an assistant piece."""
-    texts: list[str] = []
-    trained: list[tuple[int, int]] = []  # [start, end) character ranges of the assistant pieces
-    k = pos = 0
-    for text, train in segs:
-        n = text.count(image_token)
-        piece = expand_images(text, image_token, counts[k:k + n])
-        k += n
-        if train:
-            trained.append((pos, pos + len(piece)))
-        texts.append(piece)
-        pos += len(piece)
-    if k != len(counts):
-        raise BadSampleError(f"{len(counts)} image(s) but the template wrote {k} image token(s)")
-    ids, offsets = tokenize("".join(texts))
-    labels = [t if e > s and any(a <= s < b for a, b in trained) else IGNORE_INDEX
-              for t, (s, e) in zip(ids, offsets)]
-    return ids, labels
+Ranges = list[tuple[int, int]]  # character [start, end) ranges of the rendered text
+
+
+def _expand(segs: list[tuple[str, bool]], image_token: str, spans: list[str]) -> tuple[str, Ranges, Ranges]:
+    """The segments joined with each image token replaced by its span: (text, assistant ranges, span ranges)."""
+    out: list[str] = []
+    train: Ranges = []
+    span_ranges: Ranges = []
+    pos = k = 0
+    for text, is_train in segs:
+        start = pos
+        for i, piece in enumerate(text.split(image_token)):
+            if i > 0:  # the span of the image token before this piece
+                if k >= len(spans):
+                    raise BadSampleError(f"the template wrote more image tokens than the {len(spans)} image(s)")
+                span_ranges.append((pos, pos + len(spans[k])))
+                out.append(spans[k])
+                pos += len(spans[k])
+                k += 1
+            out.append(piece)
+            pos += len(piece)
+        if is_train:
+            train.append((start, pos))
+    if k != len(spans):
+        raise BadSampleError(f"{len(spans)} image(s) but the template wrote {k} image token(s)")
+    return "".join(out), train, span_ranges
+
+
+def _labels(ids: list[int], offsets: list[tuple[int, int]], train: Ranges, spans: Ranges,
+            span_ids: frozenset[int]) -> list[int]:
+    """Each token's label from its characters: inside an assistant piece and no span -> its id, else -100."""
+    labels = []
+    for t, (s, e) in zip(ids, offsets):
+        keep = e > s and any(a <= s < b for a, b in train) and not any(s < b and a < e for a, b in spans)
+        labels.append(t if keep and t not in span_ids else IGNORE_INDEX)
+    return labels
+
 
 
 def offsets_tokenizer(tokenizer: Any) -> Tokenize:
-    """A transformers fast tokenizer as `text -> (ids, offsets)`, its own special tokens added (the processor's
-    call: Llama's BOS; nothing for Qwen2's)."""
+    """A transformers fast tokenizer as `text -> (ids, offsets)`, tokenized as transformers' chat path does: its
+    special ids (Llama's BOS) unless the text already starts with its BOS."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise BadSampleError("the checkpoint's tokenizer has no tokenizer.json (a fast tokenizer is needed to label "
+                             "by character offsets)", kind="bad_record")
 
     def tokenize(text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = tokenizer(text, return_offsets_mapping=True)
+        bos = tokenizer.bos_token
+        enc = tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     return tokenize
@@ -187,11 +206,19 @@ def render_own(sample: Sample, tokenizer: Any, jinja: str, count: Callable[[int]
     dropped, images kept); `count(i)` is the i-th image's span length; every placeholder is -100."""
     sample = _own_sample(sample, system_prompt)
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
-    counts = [count(i) for i in range(len(sample.images))]
-    ids, labels, kept, used = _fit(sample, _template_fn(tokenizer, jinja), offsets_tokenizer(tokenizer),
-                                   image_token, counts, max_length)
-    labels = [IGNORE_INDEX if t == image_token_id else y for t, y in zip(ids, labels)]
-    return ids, labels, len(sample.messages) - kept, used
+    template, tokenize = _template_fn(tokenizer, jinja), offsets_tokenizer(tokenizer)
+    ends = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"]
+    if not ends:
+        raise BadSampleError(f"{sample.where}: no assistant turn to train on", kind="no_target")
+    for end in reversed(ends):  # whole (user, assistant) pairs dropped from the end until it fits
+        kept = sample.messages[: end + 1]
+        n_img = sum(m["content"].count(IMAGE_MARKER) for m in kept)
+        cut = Sample(id=sample.id, messages=kept, images=sample.images[:n_img], source=sample.source)
+        ids, labels = render_hf(cut, template, tokenize, image_token, [image_token * count(i) for i in range(n_img)],
+                                span_ids=frozenset({image_token_id}))
+        if max_length is None or len(ids) <= max_length:
+            return ids, labels, len(sample.messages) - len(kept), n_img
+    raise BadSampleError(f"{sample.where}: its first turn is longer than max_length={max_length}", kind="too_long")
 
 
 def prompt_own(sample: Sample, tokenizer: Any, jinja: str, count: Callable[[int], int], image_token_id: int,
@@ -200,5 +227,5 @@ def prompt_own(sample: Sample, tokenizer: Any, jinja: str, count: Callable[[int]
     sample = _own_sample(sample, system_prompt)
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
     text = _template_fn(tokenizer, jinja)(hf_messages(sample), True)
-    text = expand_images(text, image_token, [count(i) for i in range(text.count(image_token))])
-    return offsets_tokenizer(tokenizer)(text)[0]
+    spans = [image_token * count(i) for i in range(text.count(image_token))]
+    return offsets_tokenizer(tokenizer)(expand_images(text, image_token, spans))[0]

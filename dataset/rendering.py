@@ -499,3 +499,22 @@ def estimate_length(
                 n, i_vid = n + (count("video", i_vid) + 2) * frames_per_video, i_vid + 1
         n += len(_MARKERS.sub("", text).encode("utf-8")) // 4 + 1 + (5 if mode == "chat" else 0)
     return n
+
+
+def render_answer(text: str, tokenizer) -> tuple[list[int], list[int]]:
+    """An assistant answer after a generation prompt (`render(..., add_generation_prompt=True)`): its content
+    and end-of-turn token supervised, the rest of the template's assistant suffix and `closing` not; the same
+    ids the whole conversation's rendering gives after that prompt. Preference pairs render their prompt once
+    and each answer with this. `text` must hold no image / video marker."""
+    fmt = as_chat_format(tokenizer)
+    t = fmt.template
+    if _MARKERS.search(text):
+        raise ValueError("render_answer: an answer holds no image / video marker")
+    w = _Writer(fmt, None, 0, None)
+    w.content(text, train=True)
+    w.template(t.end_of_turn, train=True)
+    w.template(t.suffix["assistant"][len(t.end_of_turn):])
+    if t.closing:
+        w.template(t.closing)
+    piece = w.done()
+    return piece.ids, piece.labels

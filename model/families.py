@@ -16,14 +16,20 @@ A `Family` says:
   (e.g. `image_sizes`, `image_grid_thw`, `pixel_values_videos`);
 - `vision`, `projector`, `lm`: the module-name prefixes of each part inside the transformers model (stages,
   freezing, default LoRA targets and the separate learning rates read them);
-- `resolution_keys`: the processor settings a recipe may set (Qwen2-VL's `min_pixels` / `max_pixels`);
+- `resolution_keys`: the image processor settings a recipe may set (Qwen2-VL's `min_pixels` / `max_pixels`;
+  Idefics3's `size` / `max_image_size` (`{"longest_edge": N}`; an int N means that) and `do_image_splitting`);
+- `per_sample_inputs`: image inputs with a leading per-conversation axis (Idefics3 / SmolVLM: `pixel_values`
+  [B, max images, 3, H, W], `pixel_attention_mask` [B, max images, H, W]); a conversation's images go to the
+  image processor as ONE nested list, and a batch pads this axis with all-zero images (the model drops them).
+  Empty: every image input is flat, rows concatenated in sample order (Qwen2-VL);
 - `video`: whether it takes videos (`pixel_values_videos`);
 - `template_marker`: a string the checkpoint's own chat template holds (tokenizer_config.json `chat_template`,
   chat_template.jinja / chat_template.json), telling apart families that share a `model_type`;
 - `serving`: "engine" (our serving engine drives it), "generate" (the server decodes with the model's own
   generate) or a one-line reason it is refused.
-- `notes` (wrapper families): `image_token` (the placeholder the processor repeats), `span_tokens` (the span's
-  other marker tokens; -100 like the placeholder), `lora_targets` (its LM's linear layers, the default targets).
+- `notes` (wrapper families): `image_token` (the token the template writes per image and the processor
+  replaces by the image's span, `processor.replace_image_token`), `span_tokens` (marker tokens the TEMPLATE
+  writes around that token; -100 like the span), `lora_targets` (its LM's linear layers, the default targets).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ class Family:
     serving: str = "engine"
     notes: dict = field(default_factory=dict)
     template_marker: str | None = None
+    per_sample_inputs: tuple[str, ...] = ()
 
 
 _LLAVA_PARTS = dict(vision=("model.vision_tower",), projector=("model.multi_modal_projector",),
@@ -70,6 +77,16 @@ FAMILIES: dict[str, Family] = {
              "(LlavaNextProcessor's count)", extra_inputs=("image_sizes",),
         vision=("model.vision_tower",), projector=("model.multi_modal_projector", "model.image_newline"),
         lm=("model.language_model", "lm_head")),
+    # Qwen-VL-Chat: imported into our VLM (model/qwenvl_chat.py; tests/test_qwenvl_chat.py is its parity test).
+    # Its config.json says model_type "qwen", as a text-only Qwen-1 LM does: it is recognised by the `visual`
+    # dict beside it (model.paths.is_qwenvl_chat_dir), so `model_types` stays empty here.
+    "qwen_vl_chat": Family(
+        name="qwen_vl_chat", model_types=(), hf_class="", native=True,
+        span="Picture i: <img> + n_queries (256) x <imgpad> + </img>\n in the user text (Qwen-VL's tokenizer: "
+             "151857 / 151859 / 151858); every row between <img> and </img> is an image feature",
+        vision=("towers",), projector=("projector",), lm=("lm",),
+        notes={"detect": "config.json model_type 'qwen' with a 'visual' dict", "remote_code": "not needed"},
+    ),
 }
 
 
@@ -137,3 +154,27 @@ FAMILIES["qwen2_5_vl"] = Family(
     notes={"image_token": "<|image_pad|>", "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
            "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
 )
+
+# Idefics3 / SmolVLM: a SigLIP tower, a pixel-shuffle connector and a Llama-style LM (SmolLM for SmolVLM).
+_TILE_SPAN = (
+    "the processor replaces each <image> by its span: an image larger than max_image_size (after resizing its "
+    "longest edge to size) is split into rows x cols tiles of max_image_size, each '<fake_token_around_image>"
+    "<row_i_col_j>' + image_seq_len x <image>, a newline after each row, then '\\n<fake_token_around_image>"
+    "<global-img>' + image_seq_len x <image> + '<fake_token_around_image>' for the downscaled global image; an "
+    "image that needs no split (or do_image_splitting=False) is only the global part. image_seq_len = "
+    "(image_size / patch_size)**2 / scale_factor**2 feature rows per tile")
+_TILE_SERVING = ("generate: the wrapper has no KV-cache step for our engine, so the server decodes through the "
+                 "model's own generate")
+_TILE_PARTS = dict(vision=("model.vision_model",), projector=("model.connector",), lm=("model.text_model", "lm_head"))
+_TILE_INPUTS = dict(extra_inputs=("pixel_attention_mask",), per_sample_inputs=("pixel_values", "pixel_attention_mask"),
+                    resolution_keys=("size", "max_image_size", "do_image_splitting"), serving=_TILE_SERVING)
+_TILE_NOTES = {"image_token": "<image>", "span_tokens": (),
+               "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"}
+
+FAMILIES["idefics3"] = Family(
+    name="idefics3", model_types=("idefics3",), hf_class="Idefics3ForConditionalGeneration", native=False,
+    span=_TILE_SPAN, notes=dict(_TILE_NOTES), **_TILE_PARTS, **_TILE_INPUTS)
+FAMILIES["smolvlm"] = Family(
+    name="smolvlm", model_types=("smolvlm",), hf_class="SmolVLMForConditionalGeneration", native=False,
+    span=_TILE_SPAN + " (the same rule as Idefics3; its processor needs the num2words package)",
+    notes=dict(_TILE_NOTES), **_TILE_PARTS, **_TILE_INPUTS)

@@ -29,7 +29,8 @@ Contract:
   `VLM.save_pretrained` is rebuilt from its config (base models from their names/paths, the saved
   tokenizer) with its tensors loaded on top, LoRA adapters re-created from `lora/adapter_config.json`; a
   transformers Llava / LLaVA-NeXT directory (config.json with model_type "llava" / "llava_next") is
-  imported. Overrides are VLMConfig
+  imported; a Qwen-VL(-Chat) directory (model_type "qwen" + `visual`) is built from our parts read from it
+  (model/qwenvl_chat.py; also as `init_from`). Overrides are VLMConfig
   fields, plus `tower_path` (a path, or a list with one per tower) to point the towers at another copy of
   their base checkpoints. Returns the model in eval mode.
 - `forward(input_ids [B, T], attention_mask [B, T] | None, pixel_values [n_images, 3, H, W] | None,
@@ -63,7 +64,7 @@ Contract:
   `gradient_checkpointing_enable()` forwards to the backbone; `train()` keeps frozen towers in eval mode.
 
 Import order inside model/ (no cycle; tests/test_model_imports.py checks it): config, paths -> projector,
-token_rows, quant, checkpoint, backbones, parts, llava, anyres -> model -> merge, export, bigbro, plan.
+token_rows, quant, checkpoint, backbones, parts, llava, anyres, qwenvl_chat -> model -> merge, export, bigbro, plan.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ from .parts import build_towers, named_source
 from .paths import CONFIG_FILE, resolve_model_dir
 from .projector import Projector, build_projector
 from .quant import QUANT_FILE, dequantize_lm, has_4bit, quantize_lm_4bit
+from .qwenvl_chat import is_qwenvl_chat_dir, qwenvl_chat_config
 from .released import ReleasedVLM
 from .token_rows import TokenRows
 
@@ -630,6 +632,8 @@ def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM
     config = resolve_config(preset_or_config, **overrides)
     if config.init_from is not None and _wrapper_family(config.init_from):
         return ReleasedVLM.from_pretrained(config.init_from, dtype=torch_dtype(config.dtype))
+    if is_qwenvl_chat_dir(config.init_from):  # Qwen-VL-Chat: our parts, all read from its directory
+        config = qwenvl_chat_config(config.init_from, config)
     if config.init_from is not None:
         return _import_llava(config.init_from, config)
     family = LM_BACKBONES[config.lm_backend]
@@ -659,6 +663,8 @@ def build_vlm(preset_or_config: str | dict | VLMConfig, **overrides: Any) -> VLM
 def load_vlm(path: str | Path, **overrides: Any) -> VLM:
     """A directory written by `VLM.save_pretrained` (rebuilt, then its tensors on top), a run directory (its
     `final/`, else its newest `checkpoint-N/`: `resolve_model_dir`) or a Llava directory."""
+    if is_qwenvl_chat_dir(path):  # a released Qwen-VL(-Chat) directory (model/qwenvl_chat.py)
+        return build_vlm(qwenvl_chat_config(path, overrides)).eval()
     p = Path(path) if is_llava_next_dir(path) else resolve_model_dir(path)
     if _wrapper_family(p):
         return ReleasedVLM.from_pretrained(p, **overrides).eval()

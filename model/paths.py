@@ -10,6 +10,8 @@ Contract:
   as a hub id (`org/name`, e.g. a released `Qwen/Qwen2-VL-2B-Instruct` in a configs/released/ recipe) is
   fetched once (`snapshot_download`, the hub cache) and its directory returned; offline or unknown, the
   same one-line `ModelDirError`.
+- `is_qwenvl_chat_dir(path)`: a released Qwen-VL(-Chat) directory (config.json: model_type "qwen" and a
+  `visual` dict), built from our parts by model/qwenvl_chat.py; `resolve_model_dir` takes it as is.
 - `is_bigbro_dir(path)`: a checkpoint of the BigBro repo (`BIGBRO_FILES` + adapter_config.json, no
   `CONFIG_FILE`), imported by model/bigbro.py once its base models are named; `resolve_model_dir` says so.
 """
@@ -36,6 +38,17 @@ def is_model_dir(path: Path) -> bool:
     p = Path(path)
     return (p / CONFIG_FILE).is_file() or is_llava_dir(p) or (p / "released.json").is_file() or (
         family_of(p) is not None)
+
+
+def is_qwenvl_chat_dir(path: str | Path | None) -> bool:
+    """A Qwen-VL(-Chat) checkpoint directory: config.json with model_type "qwen" and a `visual` dict."""
+    if path is None:
+        return False
+    try:
+        raw = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(raw, dict) and raw.get("model_type") == "qwen" and isinstance(raw.get("visual"), dict)
 
 
 def is_llava_dir(path: Path) -> bool:
@@ -71,7 +84,7 @@ def resolve_model_dir(path: str | Path) -> Path:
                             f"checkpoint-N/ is used) or a directory written by save_pretrained / model.merge")
     if not p.is_dir():
         raise ModelDirError(f"{p} is a file, not a model directory")
-    if is_model_dir(p):
+    if is_model_dir(p) or is_qwenvl_chat_dir(p):
         return p
     if is_model_dir(p / "final"):
         return p / "final"

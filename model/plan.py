@@ -95,8 +95,9 @@ from .flops import (
     step_flops,
 )
 from .model import build_vlm
-from .paths import resolve_model_dir
+from .paths import is_qwenvl_chat_dir, resolve_model_dir
 from .plan_released import PlanView, count_released, llava_vlm_config, meta_released, released_config
+from .qwenvl_chat import qwenvl_chat_config
 from .stages import apply_stage
 from .train_config import TrainConfig
 
@@ -214,6 +215,8 @@ def _vlm_config(cfg, tmp: Path) -> VLMConfig:
     vcfg = cfg.vlm_config()
     if vcfg is not None:
         return vcfg
+    if is_qwenvl_chat_dir(cfg.init_from):  # a released Qwen-VL(-Chat) directory: no vlm_config.json
+        return qwenvl_chat_config(cfg.init_from)
     released = _released(cfg)
     if released is not None and released[0].native:
         try:

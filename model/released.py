@@ -1,24 +1,32 @@
-"""A released VLM that does not fit our own VLM (Qwen2-VL, Qwen2.5-VL, ...) behind the same surface.
+"""A released VLM that does not fit our own VLM (Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM) behind the same surface.
 
 `ReleasedVLM(family, model, processor)` wraps the transformers model of a wrapper family (model/families.py,
 `native=False`) and its processor, both loaded from the checkpoint directory: the model's own vision tower,
-merger and M-RoPE run unchanged, so its outputs are transformers' by construction.
+merger and M-RoPE (Idefics3 / SmolVLM: SigLIP tower, pixel-shuffle connector, Llama LM) run unchanged, so its
+outputs are transformers' by construction. Nothing here names a family: what differs is read from its entry
+(model/families.py: prefixes, extra and per-sample inputs, resolution keys) and from its processor (each image's
+span is `processor.replace_image_token`, the text the processor itself puts in place of the image token).
 
 Contract (the surface our VLM offers, so train.py / test.py / evaluation use it unchanged where they can):
 - `ReleasedVLM.from_pretrained(dir, dtype=None, **resolution)`: `resolution` keys are the family's
-  `resolution_keys` (Qwen2-VL: `min_pixels`, `max_pixels`), set on the image processor; any other key is a
-  `UserError` naming it.
-- `forward(input_ids [B, T], attention_mask [B, T], labels [B, T] | None, pixel_values, image_grid_thw, ...)`
+  `resolution_keys` (Qwen2-VL: `min_pixels`, `max_pixels`; Idefics3 / SmolVLM: `size`, `max_image_size`,
+  `do_image_splitting`, an int N for a `{"longest_edge": ...}` setting meaning `{"longest_edge": N}`), set on the
+  image processor; any other key, or a tile side other than the tower's image_size, is a `UserError` naming it.
+- `forward(input_ids [B, T], attention_mask [B, T], labels [B, T] | None, pixel_values, image_grid_thw |
+  pixel_attention_mask, ...)`
   -> `ReleasedOutput(loss, logits [B, T, V])`; the loss is `core.loss.full_logits_loss` (labels shifted
   there, the one place), mean fp32 CE over assistant targets.
 - `render(sample, images, max_length)` -> `{"input_ids", "labels"}` plus the processor's image inputs: the
-  prompt rendered with the checkpoint's own chat template (dataset/hf_template.py), each image's span expanded
+  prompt rendered with the checkpoint's own chat template (dataset/hf_chat.py), each image's span expanded
   as the processor does, labels on assistant tokens only, every span token -100.
-- `image_tokens(images)` (each image's span length), `image_inputs(images)`, `chat_ids(messages, n_images,
+- `image_tokens(images)` -> one `ImageSpan` per image: an int (its feature rows: the image tokens in its span)
+  carrying `.text`, the processor's span; `chat_ids` needs them (a bare count cannot say where Idefics3's tile
+  markers go). `image_inputs(images)`: ONE conversation's images through the image processor (flat, or as
+  one nested list for a family with `per_sample_inputs`: `[1, n, ...]`). `chat_ids(messages, n_images,
   image_tokens)`, `generate(...) -> [[new ids]]` (the model's own generate, greedy by default, cut before
   the first stop id), `chat(images, messages)`, `chat_batch([(images, messages), ...])`, `decode`,
   `stop_token_ids`, `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again),
-  `merge_lora()` (adapters folded in: `python -m qwenvl_lab.model.merge` then writes the released layout).
+  `merge_lora()` (adapters folded in; `python -m qwenvl_lab.model.merge` then writes the released layout).
 - `tokens_per_image` is None: a span's length depends on the image's size.
 - Serving: the family's `serving` line says how (Qwen2-VL: through `generate`, not our engine).
 """
@@ -39,13 +47,24 @@ from transformers import AutoProcessor
 
 from ..core.errors import UserError
 from ..core.loss import full_logits_loss
-from ..dataset.hf_template import expand_images, hf_messages, offsets_tokenizer, render_hf
+from ..dataset.hf_chat import expand_images, hf_messages, render_hf, stack_image_inputs
 from ..dataset.sample import IMAGE_MARKER, Sample
 from .families import Family, family_of
 
 LORA_DIR = "lora"
 TRAINABLE_FILE = "trainable.safetensors"
 RELEASED_FILE = "released.json"
+
+
+class ImageSpan(int):
+    """One image's feature rows (the image tokens of its span), carrying `text`: the processor's span for it."""
+
+    text: str
+
+    def __new__(cls, rows: int, text: str = "") -> ImageSpan:  # the default: unpickling passes the int only
+        span = super().__new__(cls, rows)
+        span.text = text
+        return span
 
 
 @dataclass
@@ -73,6 +92,9 @@ class ReleasedVLM(nn.Module):
             self.image_token_id = None
             return
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if not getattr(self.tokenizer, "is_fast", False):  # labels come from its character offsets
+            raise UserError(f"{source}: the checkpoint's tokenizer has no tokenizer.json (a fast tokenizer is needed); "
+                            "save it with transformers' AutoTokenizer.save_pretrained first")
         if getattr(self.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
             raise UserError(f"{source}: the checkpoint has no chat template (chat_template.jinja / .json or "
                             "tokenizer_config.json chat_template)")
@@ -91,9 +113,10 @@ class ReleasedVLM(nn.Module):
         return self._hf().get_submodule(self.family.lm[0])
 
     @property
-    def towers(self) -> nn.Module:
-        """Its vision tower with the merger (the projector) inside, as transformers builds it."""
-        return self._hf().get_submodule(self.family.projector[0].rsplit(".", 1)[0])
+    def towers(self) -> nn.ModuleList:
+        """Its vision modules and projector (the family's prefixes), as one list; the weights stay in `model`."""
+        hf = self._hf()
+        return nn.ModuleList([hf.get_submodule(p) for p in (*self.family.vision, *self.family.projector)])
 
     def prepare_attention(self, compute_dtype: torch.dtype | None = None) -> str | None:
         """The model's own attention (transformers' `attn_implementation`): nothing to choose here."""
@@ -115,10 +138,13 @@ class ReleasedVLM(nn.Module):
         for key in resolution:
             if key not in family.resolution_keys:
                 raise UserError(f"{key}: not a resolution key of {family.name} (use {', '.join(family.resolution_keys)})")
+        try:  # before the weights: a missing package fails at once
+            processor = AutoProcessor.from_pretrained(str(path))
+        except ImportError as e:  # a processor that needs a package (SmolVLM: num2words)
+            raise UserError(f"{path}: its processor cannot load: {e}") from None
         model = getattr(transformers, family.hf_class).from_pretrained(str(path), dtype=dtype)
-        processor = AutoProcessor.from_pretrained(str(path))
         for key, value in resolution.items():
-            setattr(processor.image_processor, key, value)
+            _set_resolution(processor.image_processor, model.config, key, value)
         return cls(family, model, processor, str(path)).eval()
 
     @classmethod
@@ -136,12 +162,6 @@ class ReleasedVLM(nn.Module):
         vlm.source = str(base)  # a later save points at the released base again
         vlm.trained_tensors = sorted(load_file(str(path / TRAINABLE_FILE)))  # what model/released_export.py saves
         return vlm.eval()
-
-    def merge_lora(self) -> None:
-        """Fold LoRA adapters into the LM's weights (peft's merge_and_unload): the plain transformers model
-        again, whose `save_pretrained` is the released layout (model/merge.py)."""
-        if hasattr(self.model, "merge_and_unload"):
-            self.model = self.model.merge_and_unload()
 
     def lora_target_regex(self, targets: str) -> str:
         """peft's full-name regex for `targets` (module-name suffixes) inside this family's LM only."""
@@ -170,6 +190,12 @@ class ReleasedVLM(nn.Module):
         save_file(rest, str(out / TRAINABLE_FILE))
         (out / RELEASED_FILE).write_text(json.dumps({"base": self.source, "family": self.family.name}, indent=2))
 
+    def merge_lora(self) -> None:
+        """Fold the LoRA adapters into the base weights (peft's `merge_and_unload`): a plain transformers model
+        again, which `save_pretrained` writes in the released layout (model/merge.py)."""
+        if hasattr(self.model, "peft_config"):
+            self.model = self.model.merge_and_unload()
+
     @staticmethod
     def _hf_name(name: str) -> str:
         """`model.base_model.model.<transformers name>` / `model.<transformers name>` -> the transformers name."""
@@ -194,36 +220,47 @@ class ReleasedVLM(nn.Module):
         types = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
         return {**image_kw, "mm_token_type_ids": types}
 
-    def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
-        """ONE conversation's images -> the processor's image inputs (Qwen2-VL: pixel_values, image_grid_thw)."""
+    def _process(self, images: list) -> tuple[dict[str, torch.Tensor], list[ImageSpan]]:
+        """ONE conversation's images through the image processor: the model's image inputs and each image's span
+        (the processor's own `replace_image_token`, from the same outputs)."""
         if not images:
-            return {}
-        out = self.processor.image_processor(images=list(images), return_tensors="pt")
-        return {k: v for k, v in out.items() if k in ("pixel_values", *self.family.extra_inputs)}
+            return {}, []
+        nested = bool(self.family.per_sample_inputs)  # one list per conversation: [1, n_images, ...] outputs
+        kwargs = getattr(type(self.processor), "images_kwargs", None)  # e.g. Idefics3: return_row_col_info
+        out = self.processor.image_processor(images=[list(images)] if nested else list(images), return_tensors="pt",
+                                             **(dict(kwargs) if isinstance(kwargs, dict) else {}))
+        texts = [str(self.processor.replace_image_token(out, image_idx=i)) for i in range(len(images))]
+        spans = [ImageSpan(t.count(self.image_token), t) for t in texts]
+        return {k: v for k, v in out.items() if k in ("pixel_values", *self.family.extra_inputs)}, spans
 
-    def image_tokens(self, images: list) -> list[int]:
-        """Each image's span length, the processor's rule (grid_t * grid_h * grid_w // merge_size**2)."""
-        if not images:
-            return []
-        grid = self.image_inputs(images)["image_grid_thw"]  # [n_images, 3]
-        merge = self.processor.image_processor.merge_size
-        return [int(n) // merge**2 for n in grid.prod(-1)]
+    def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
+        """ONE conversation's images -> the model's image inputs (Qwen2-VL: pixel_values [patches, C*T*P*P],
+        image_grid_thw [n, 3]; Idefics3: pixel_values [1, n_tiles, 3, H, W], pixel_attention_mask [1, n_tiles, H, W])."""
+        return self._process(images)[0]
+
+    def image_tokens(self, images: list) -> list[ImageSpan]:
+        """Each image's span: its feature rows as an int, the processor's text as `.text`."""
+        return self._process(images)[1]
 
     def _template(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text)["input_ids"]  # the processor's call: the tokenizer's own special tokens
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`text` tokenized once, as transformers' chat path does (the tokenizer's special ids unless the text
+        already starts with its BOS), with each id's character offsets (dataset/hf_chat.py labels by them)."""
+        bos = self.tokenizer.bos_token
+        out = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
+        return out["input_ids"], [tuple(o) for o in out["offset_mapping"]]
 
     def render(self, sample: Sample, images: list, max_length: int | None = None) -> dict[str, Any]:
         """One training sample: ids and labels from the checkpoint's template, plus its image inputs."""
-        counts = self.image_tokens(images)
-        ids, labels = render_hf(sample, self._template, offsets_tokenizer(self.tokenizer), self.image_token, counts, max_length,
-                                span_ids=self._span_ids())
+        inputs, spans = self._process(images)
+        ids, labels = render_hf(sample, self._template, self._tokenize, self.image_token, [s.text for s in spans],
+                                max_length, span_ids=self._span_ids())
         used = sum(1 for t in ids if t == self.image_token_id)
-        kept = next(i for i in range(len(counts) + 1) if sum(counts[:i]) == used)  # truncation drops whole images
-        return {"input_ids": ids, "labels": labels, **self.image_inputs(images[:kept])}
+        kept = next(i for i in range(len(spans) + 1) if sum(spans[:i]) == used)  # truncation drops whole images
+        return {"input_ids": ids, "labels": labels, **(inputs if kept == len(spans) else self.image_inputs(images[:kept]))}
 
     def _span_ids(self) -> frozenset[int]:
         names = (*self.family.notes["span_tokens"], self.image_token)
@@ -246,12 +283,16 @@ class ReleasedVLM(nn.Module):
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def chat_ids(self, messages: list[dict], n_images: int, image_tokens: list[int] | None = None) -> list[int]:
-        """Prompt ids (the checkpoint's template, reply header included) with each image span expanded."""
-        counts = list(image_tokens or [])
-        if len(counts) != n_images:
-            raise ValueError(f"chat: {len(counts)} token count(s) for {n_images} image(s)")
+        """Prompt ids (the checkpoint's template, reply header included) with each image span expanded;
+        `image_tokens` is `self.image_tokens(images)` (each span's text rides on it)."""
+        spans = list(image_tokens or [])
+        if len(spans) != n_images:
+            raise ValueError(f"chat: {len(spans)} image span(s) for {n_images} image(s)")
+        if not all(isinstance(s, ImageSpan) for s in spans):
+            raise ValueError("chat_ids: image_tokens must come from image_tokens(images) (a span is the processor's "
+                             "text, not only a count)")
         text = self._template(hf_messages(Sample(id="chat", messages=list(messages))), True)
-        return self._tokenize(expand_images(text, self.image_token, counts))
+        return self._tokenize(expand_images(text, self.image_token, [s.text for s in spans]))[0]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -278,18 +319,33 @@ class ReleasedVLM(nn.Module):
         if not conversations:
             return []
         device = next(self.parameters()).device
-        ids_list, inputs = [], {}
+        ids_list, inputs = [], []
         for images, messages in conversations:
-            ids_list.append(self.chat_ids(self._place_images(images, messages), len(images), self.image_tokens(images)))
-            for k, v in self.image_inputs(list(images)).items():
-                inputs.setdefault(k, []).append(v)
+            image_kw, spans = self._process(list(images))
+            ids_list.append(self.chat_ids(self._place_images(images, messages), len(images), spans))
+            inputs.append(image_kw)
         width = max(len(x) for x in ids_list)
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(x)) + x for x in ids_list], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids_list], device=device)
-        image_kw = {k: torch.cat(v).to(device) for k, v in inputs.items()}
+        image_kw = {k: v.to(device) for k, v in stack_image_inputs(inputs, self.family.per_sample_inputs).items()}
         gen_kw.setdefault("max_new_tokens", 128)
         return [self.decode(new) for new in self.generate(input_ids, mask, **image_kw, **gen_kw)]
 
     def chat(self, images: list, messages: list[dict], **gen_kw: Any) -> str:
         """Answer the last user turn; images fill the `<image>` markers in order."""
         return self.chat_batch([(list(images), messages)], **gen_kw)[0]
+
+
+def _set_resolution(image_processor: Any, config: Any, key: str, value: Any) -> None:
+    """One resolution key on the image processor; an int for a `{"longest_edge": ...}` setting means that edge.
+    A tile side (`max_image_size`) must be the tower's image_size: the model's span length is fixed by it."""
+    current = getattr(image_processor, key, None)
+    edge = getattr(current, "longest_edge", None) or (current.get("longest_edge") if isinstance(current, dict) else None)
+    if isinstance(value, int) and not isinstance(value, bool) and edge is not None:  # a SizeDict or a plain dict
+        value = {"longest_edge": value}
+    if key == "max_image_size":
+        side = getattr(getattr(config, "vision_config", None), "image_size", None)
+        if not isinstance(value, dict) or value.get("longest_edge") != side:
+            raise UserError(f"max_image_size: {value} is not the vision tower's image_size {side} (each tile is one "
+                            "tower input); change size to get more or fewer tiles")
+    setattr(image_processor, key, value)

@@ -4,6 +4,8 @@ Stages (`stage` in the config):
   align  projector only (LLaVA stage 1)
   sft    projector + LoRA adapters on the LM (stage 2); `lora.r=0` means the LM stays frozen
   full   projector + the whole LM
+  dpo    what sft trains, tuned on preference pairs (trainer/pref_trainer.py); the reference is the model at the
+         start with its adapters off (model/preference.py)
 The vision towers train only when `vision_lr > 0` (any stage). After the stage rule, `freeze` regexes
 freeze matching parameters and then `unfreeze` regexes make matching ones trainable (Cerebras-style
 fine control); regexes are searched (`re.search`) in full parameter names such as
@@ -33,7 +35,7 @@ from .train_config import LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
-STAGES = ("align", "sft", "full")
+STAGES = ("align", "sft", "full", "dpo")
 
 
 def _released_part(name: str) -> str | None:
@@ -154,7 +156,7 @@ def apply_stage(vlm: nn.Module, cfg: TrainConfig, lora: LoraSettings,
     tower_dtype and fp32 master weights for what trains. The run and the memory plan (model/plan.py) both
     call it, so the plan models exactly what trains. `check` sees the trainable set before any cast.
     Returns how many trainable tensors moved to fp32."""
-    if cfg.stage == "sft" and lora.r > 0:
+    if cfg.stage in ("sft", "dpo") and lora.r > 0:
         apply_lora(vlm, lora)
     set_trainable(vlm, cfg.stage, cfg.vision_lr, cfg.freeze, cfg.unfreeze)
     if check is not None:
@@ -186,7 +188,7 @@ def set_trainable(
         elif part == "vision":
             train = vision_lr > 0
         elif name.startswith("lm.") or _released_part(name) == "lm":  # other names part_of calls "lm" stay frozen
-            train = stage == "full" or (stage == "sft" and "lora_" in name)
+            train = stage == "full" or (stage in ("sft", "dpo") and "lora_" in name)
         else:
             train = False
         if any(r.search(name) for r in freeze_re):

@@ -59,9 +59,11 @@ class TrainConfig:
     dataloader_num_workers: int = 0  # DataLoader worker processes (0 = load in the training process)
     group_by_length: bool = True  # batch samples of similar length together (less padding)
     validate_data: bool = True  # pre-scan the data (render + image headers) before training
-    # Several samples per row up to max_length, attention isolated per sample (qwen LM only);
-    # per_device_train_batch_size then counts packs. See dataset/packing.py.
-    packing: bool = False
+    # Padding-free rows, attention isolated per sample (qwen LM only; dataset/packing.py):
+    # "samples": each micro-batch's samples back to back in ONE row: the same samples per step as padding,
+    #   no padding tokens, losses equal padded;
+    # true: several samples per row up to max_length; per_device_train_batch_size then counts packs.
+    packing: bool | Literal["samples"] = False
     # A directory written by `python -m qwenvl_lab.dataprocess.cache_features`: cached tower outputs replace the
     # images (frozen towers only, e.g. stage 1). See dataset/feature_cache.py.
     feature_cache: str | None = None
@@ -75,8 +77,18 @@ class TrainConfig:
     # image_budget); a fixed resolution cannot be downscaled, so it always skips
     over_budget: Literal["downscale", "skip"] = "downscale"
     # ---- what trains -----------------------------------------------------------------------------
-    # align (projector only), sft (projector + LoRA), full (projector + whole LM)
-    stage: Literal["align", "sft", "full"] = "sft"
+    # align (projector only), sft (projector + LoRA), full (projector + whole LM), dpo (preference tuning of
+    # what sft trains: pairs of chosen/rejected answers, trainer/pref_trainer.py)
+    stage: Literal["align", "sft", "full", "dpo"] = "sft"
+    # ---- preference tuning (stage dpo; the formulas are in trainer/pref_loss.py) ----------------------------
+    pref_loss: Literal["sigmoid", "ipo", "simpo", "orpo"] = "sigmoid"  # sigmoid = DPO; simpo, orpo need no reference
+    beta: float = 0.1  # DPO / SimPO temperature, IPO's tau, ORPO's lambda (weight of the odds-ratio term)
+    label_smoothing: float = 0.0  # probability a preference label is flipped (conservative DPO, SimPO), in [0, 0.5)
+    rpo_alpha: float = 0.0  # weight of an NLL term on the chosen answers added to sigmoid / ipo / simpo (RPO)
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    # the reference's log-probs computed once before the first step and kept by pair id (reference_logps.json in
+    # output_dir); the steps then run no reference forward
+    precompute_ref_logps: bool = False
     # regexes of parameter names to freeze after the stage rule
     freeze: list[str] = field(default_factory=list)
     # regexes of parameter names to train after the stage rule (applied after freeze)
@@ -139,8 +151,10 @@ class TrainConfig:
             raise ConfigError(
                 f"data_weights has {len(self.data_weights)} entries but data_path has {len(self.data_path)}"
             )
-        if self.stage == "sft" and self.lora.r <= 0 and not self.unfreeze:
-            raise ConfigError("stage=sft needs lora.r > 0 (or use stage=full / unfreeze regexes)")
+        if self.stage in ("sft", "dpo") and self.lora.r <= 0 and not self.unfreeze:
+            raise ConfigError(f"stage={self.stage} needs lora.r > 0 (or use stage=full / unfreeze regexes)")
+        if self.stage == "dpo":
+            self.validate_preference()
         if self.lora.qlora and self.stage != "sft":
             raise ConfigError("lora.qlora=true only applies to stage=sft")
         if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
@@ -152,6 +166,25 @@ class TrainConfig:
         if self.max_pixels < 1:
             raise ConfigError(f"max_pixels must be >= 1, got {self.max_pixels}")
         self.vlm_config()  # unknown model keys / presets fail here, before anything is built
+
+    def validate_preference(self) -> None:
+        """The keys of stage dpo, and the ones it does not support yet (one line each)."""
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.pref_loss in ("ipo", "orpo"):
+            raise ConfigError(f"label_smoothing applies to pref_loss sigmoid / simpo, not {self.pref_loss}")
+        if self.precompute_ref_logps and self.pref_loss in ("simpo", "orpo"):
+            raise ConfigError(f"precompute_ref_logps: pref_loss={self.pref_loss} uses no reference; leave it false")
+        if self.rpo_alpha < 0 or (self.rpo_alpha and self.pref_loss == "orpo"):
+            raise ConfigError("rpo_alpha must be >= 0, and 0 with pref_loss=orpo (ORPO has its own NLL term)")
+        asked = {"packing": self.packing, "feature_cache": bool(self.feature_cache), "deepspeed": bool(self.deepspeed),
+                 "fsdp": bool(fsdp_flag(self.fsdp)), "lora.qlora": self.lora.qlora,
+                 "data_mode=plain": self.data_mode == "plain"}
+        for key, on in asked.items():
+            if on:
+                raise ConfigError(f"{key}: not supported with stage=dpo yet; leave it at its default")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Gradient accumulation for `world_size` processes: derived from global_batch_size when it is set."""

@@ -36,6 +36,7 @@ QWEN1_KNOWN = set(QWEN1_REQUIRED) | {
     "tie_word_embeddings", "tokenizer_class", "transformers_version", "use_cache", "use_dynamic_ntk",
     "use_flash_attn", "use_logn_attn", "softmax_in_fp32", "use_cache_quantization", "use_cache_kernel",
     "_name_or_path", "torch_dtype", "dtype", "image_token_id",
+    "visual", "tokenizer_type",  # Qwen-VL(-Chat): its vision side is read by visual/qwenvl.py
 }
 HF_REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
 HF_KNOWN = set(HF_REQUIRED) | {

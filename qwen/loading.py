@@ -8,7 +8,8 @@ Contract
   device and the loaded tensors are assigned in place (no second copy of the weights). `dtype=None`
   keeps the stored dtype. When config.json has no `image_token_id` and the released default does not
   fit the vocabulary, the placeholder of the checkpoint's own tokenizer is used.
-* Names: Qwen-1 official names are ours; Qwen2/Qwen3 transformers names are mapped (q/k/v_proj are
+* Names: Qwen-1 official names are ours (a Qwen-VL(-Chat) checkpoint's `transformer.visual.*` tensors are
+  skipped: its vision side is visual/qwenvl.py's); Qwen2/Qwen3 transformers names are mapped (q/k/v_proj are
   concatenated into `c_attn`, gate_proj -> w2, up_proj -> w1, down_proj -> mlp.c_proj ...).
 * A tensor that is unexpected, missing, or of the wrong shape raises one `ValueError` naming the file
   and the tensor (and the expected shape).
@@ -31,6 +32,7 @@ from .config import QWenConfig
 from .tokenizer import HF_TOKENIZER_FILE, VOCAB_FILE, load_tokenizer
 
 SAFE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+VISUAL_PREFIX = "transformer.visual."  # a Qwen-VL(-Chat) checkpoint's vision tensors (skipped here)
 BIN, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 # transformers (Qwen2/Qwen3) per-layer suffix -> ours. q/k/v are handled separately (fused into c_attn).
@@ -124,6 +126,8 @@ def load_state_dict_native(d: Path, config: QWenConfig, dtype: torch.dtype | Non
     for file in _weight_files(d):
         for native, t in _iter_tensors(file):
             if config.arch == "qwen1":
+                if native.startswith(VISUAL_PREFIX):
+                    continue  # Qwen-VL(-Chat)'s vision side: read by visual/qwenvl.py, not the LM
                 put(native, t, file, native)
                 continue
             if native in _HF_GLOBAL:

@@ -4,7 +4,10 @@ Contract
 --------
 `load_tokenizer(dir) -> QwenTokenizerBase`:
 * `QWenTokenizer` when `dir/qwen.tiktoken` exists (Qwen-1: tiktoken BPE, specials appended after the
-  mergeable ranks: `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|extra_0|>` ... `<|extra_204|>`);
+  mergeable ranks: `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`, `<|extra_0|>` ... `<|extra_204|>`;
+  a Qwen-VL(-Chat) directory (`is_qwen_vl_dir`: config.json has `visual`, or a saved tokenizer_config.json
+  says `qwen_vl`) adds Qwen-VL's nine: `<ref>` `</ref>` `<box>` `</box>` `<quad>` `</quad>` `<img>` `</img>`
+  `<imgpad>`, and its image roles: start `<img>`, end `</img>`, placeholder `<imgpad>`);
 * `HFQwenTokenizer` when `dir/tokenizer.json` exists (Qwen2 / 2.5 / 3, read through transformers).
 
 Both expose `encode(text) -> list[int]` (text NEVER becomes a special token: a user typing
@@ -45,6 +48,15 @@ QWEN1_VL_TOKENS = {
     "image_start": "<|extra_1|>",
     "image_end": "<|extra_2|>",
     "video_token": "<|extra_3|>",
+}
+# Qwen-VL(-Chat)'s tokenizer appends nine more specials after Qwen-1's (151851 ... 151859 with the real
+# vocabulary): its image span is `<img>` + 256 rows + `</img>`, the rows' ids being `<imgpad>`.
+QWENVL_EXTRA = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<img>", "</img>", "<imgpad>")
+QWENVL_TOKENS = {
+    "image_token": "<imgpad>",
+    "image_start": "<img>",
+    "image_end": "</img>",
+    "video_token": "<|extra_3|>",  # Qwen-VL has no video; kept on Qwen-1's role
 }
 QWEN2_VL_TOKENS = {
     "image_token": "<|image_pad|>",
@@ -136,15 +148,17 @@ class QwenTokenizerBase:
 class QWenTokenizer(QwenTokenizerBase):
     """Qwen-1's tiktoken tokenizer read from `qwen.tiktoken`."""
 
-    def __init__(self, vocab_file: str | Path):
+    def __init__(self, vocab_file: str | Path, qwen_vl: bool = False):
         self.vocab_file = Path(vocab_file)
+        self.qwen_vl = bool(qwen_vl)  # Qwen-VL(-Chat): QWENVL_EXTRA after Qwen-1's specials
         if not self.vocab_file.is_file():
             raise FileNotFoundError(f"Qwen-1 vocabulary file not found: {self.vocab_file}")
         ranks = read_tiktoken_ranks(self.vocab_file)
         self.n_ranks = len(ranks)
         # Specials follow the mergeable ranks (151643.. for the real vocabulary).
-        self._special_ids = {tok: self.n_ranks + i for i, tok in enumerate(QWEN1_SPECIALS)}
-        self._vl = QWEN1_VL_TOKENS
+        specials = QWEN1_SPECIALS + (QWENVL_EXTRA if self.qwen_vl else ())
+        self._special_ids = {tok: self.n_ranks + i for i, tok in enumerate(specials)}
+        self._vl = QWENVL_TOKENS if self.qwen_vl else QWEN1_VL_TOKENS
         self._enc = tiktoken.Encoding(
             "qwen", pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self._special_ids
         )
@@ -174,6 +188,8 @@ class QWenTokenizer(QwenTokenizerBase):
         if (out / VOCAB_FILE).resolve() != self.vocab_file.resolve():
             shutil.copyfile(self.vocab_file, out / VOCAB_FILE)
         cfg = {"model_max_length": 32768, "tokenizer_class": "QWenTokenizer"}
+        if self.qwen_vl:
+            cfg["qwen_vl"] = True  # reloads with Qwen-VL's specials (load_tokenizer)
         (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 
 
@@ -248,9 +264,24 @@ def load_tokenizer(path: str | Path) -> QwenTokenizerBase:
     """Pick the tokenizer from the files in `path` (a checkpoint or tokenizer directory)."""
     p = Path(path)
     if (p / VOCAB_FILE).is_file():
-        return QWenTokenizer(p / VOCAB_FILE)
+        return QWenTokenizer(p / VOCAB_FILE, qwen_vl=is_qwen_vl_dir(p))
     if (p / HF_TOKENIZER_FILE).is_file():
         return HFQwenTokenizer(p)
     raise FileNotFoundError(
         f"no tokenizer in {p}: expected {VOCAB_FILE} (Qwen-1) or {HF_TOKENIZER_FILE} (Qwen2/2.5/3)"
     )
+
+
+def _json_dict(file: Path) -> dict:
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def is_qwen_vl_dir(path: str | Path) -> bool:
+    """A Qwen-VL(-Chat) checkpoint (config.json with a `visual` dict) or a tokenizer saved from one."""
+    p = Path(path)
+    return isinstance(_json_dict(p / "config.json").get("visual"), dict) or bool(
+        _json_dict(p / "tokenizer_config.json").get("qwen_vl"))

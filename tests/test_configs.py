@@ -16,9 +16,10 @@ from qwenvl_lab.model.train_config import load_train_config
 from qwenvl_lab.trainer.optim import param_groups
 from qwenvl_lab.trainer.run import build_model
 
+from tests.test_families import write_released
+from tests.test_families_idefics import write_released as write_tiled_released
 from tests.test_families_native import save_llava_next_qwen
 from tests.tiny_model import build_tiny_vlm, tiny_lm_dir, tiny_tower_spec
-from tests.tiny_released import write_released
 from tests.tiny_train import make_tiny_data
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -40,13 +41,17 @@ def stand_ins(tmp_path_factory):
 
 
 def _released_stand_in(root: Path, path: Path) -> Path:
-    """configs/released/<family>_*.yaml: a tiny released checkpoint of that family (tests/tiny_released.py; a
-    tiny LLaVA-NeXT from tests/test_families_native.py)."""
-    family = next(f for f in ("qwen2_5_vl", "qwen2_vl", "llava_next") if path.name.startswith(f))
+    """configs/released/<family>_*.yaml: a tiny released checkpoint of that family (tests/test_families.py,
+    tests/test_families_idefics.py)."""
+    family = next(f for f in ("qwen2_5_vl", "qwen2_vl", "idefics3", "smolvlm", "llava_next")
+                  if path.name.startswith(f))
     out = root / f"released_{family}"
     if out.is_dir():
         return out
-    return save_llava_next_qwen(out) if family == "llava_next" else write_released(out, family)
+    if family == "llava_next":  # a native family: a tiny LLaVA-NeXT (tests/test_families_native.py)
+        return save_llava_next_qwen(out)
+    write = write_tiled_released if family in ("idefics3", "smolvlm") else write_released
+    return write(out, family)
 
 
 def _stand_in_overrides(raw: dict, root: Path, data: Path, stage1: Path, path: Path | None = None) -> list[str]:
@@ -105,3 +110,37 @@ def test_original_recipe_values():
     assert cfg["lora"]["targets"] == "c_attn|w1|w2"
     assert float(cfg["learning_rate"]) == 3e-5 and float(cfg["projector_lr"]) == 1e-4
     assert PRESETS["qwen7b-siglip"]["towers"][0]["name_or_path"] == "google/siglip-so400m-patch14-384"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "packing" in yaml.safe_load(p.read_text())],
+                         ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_packing_is_on_or_says_why(path):
+    """Each recipe packs where it is exact (our qwen LM), or its packing line says why not."""
+    line = next(x for x in path.read_text().splitlines() if x.startswith("packing:"))
+    if "packing: false" in line:
+        assert "#" in line and len(line.split("#", 1)[1].strip()) > 10, f"{path}: packing off without a reason"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("packing") == "samples"],
+                         ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
+def test_recipes_packed_by_default_give_the_padded_loss(path, stand_ins):
+    """A recipe with packing=samples, built on its tiny stand-ins: one micro-batch's loss packed into one row
+    equals the same samples padded (1e-5)."""
+    import torch
+    from qwenvl_lab.dataset import Collator
+    from qwenvl_lab.dataset.packing import PackingCollator
+    from qwenvl_lab.trainer.run import build_datasets
+
+    root, data, stage1 = stand_ins
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_train_config(str(path), _stand_in_overrides(raw, root, data, stage1, path))
+    vlm = build_model(cfg).float().eval()
+    train_ds, _ = build_datasets(cfg, vlm)
+    items = [train_ds[i] for i in range(3)]
+    padded = Collator(pad_id=vlm.pad_token_id)(items)
+    packed = PackingCollator()(items)
+    assert packed["input_ids"].shape[0] == 1 and len(packed["cu_seqlens"]) == 4
+    with torch.no_grad():
+        a = vlm(**padded).loss
+        b = vlm(**packed).loss
+    assert abs(float(a) - float(b)) <= 1e-5, (float(a), float(b))

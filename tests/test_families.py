@@ -17,14 +17,94 @@ import copy
 
 import pytest
 import torch
+from PIL import Image
 from qwenvl_lab.core.errors import UserError
 from qwenvl_lab.dataset.sample import Sample
 from qwenvl_lab.model.families import FAMILIES, family_of
 from qwenvl_lab.model.model import build_vlm, load_vlm
 from qwenvl_lab.model.released import ReleasedVLM
+from qwenvl_lab.qwen.convert import tiktoken_to_hf
 
-from tests.tiny_released import FAMILY_NAMES, HF_MESSAGES, QWEN_TEMPLATE, RECORD, write_released
-from tests.tiny_released import images as _images
+from tests.tiny_model import randomize_
+from tests.tiny_qwen import _tiny_ranks
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                 "<|image_pad|>", "<|video_pad|>"]
+# Qwen2-VL-Instruct's published chat template (its chat_template.json), image/video parts only.
+QWEN_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+RECORD = Sample(id="r0", images=["a.png", "b.png"], messages=[
+    {"role": "user", "content": "<image>\nWhat is in the first picture?"},
+    {"role": "assistant", "content": "A red square."},
+    {"role": "user", "content": "And here <image> what?"},
+    {"role": "assistant", "content": "A blue circle, small."},
+])
+HF_MESSAGES = [
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\nWhat is in the first picture?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A red square."}]},
+    {"role": "user", "content": [{"type": "text", "text": "And here "}, {"type": "image"},
+                                 {"type": "text", "text": " what?"}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "A blue circle, small."}]},
+]
+FAMILY_NAMES = ["qwen2_vl", "qwen2_5_vl"]
+
+
+def _images(seed: int = 0) -> list[Image.Image]:
+    g = torch.Generator().manual_seed(seed)
+    sizes = [(84, 56), (56, 112)]
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for w, h in sizes]
+
+
+def _qwen_vl(name: str, tok):
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+    )
+
+    ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+               video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+               vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if name == "qwen2_vl":
+        vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2)
+        return Qwen2VLForConditionalGeneration(Qwen2VLConfig(text_config=text, vision_config=vision, **ids))
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                  fullatt_block_indexes=[1], window_size=56)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
+
+
+def write_released(path, name: str, template: str = QWEN_TEMPLATE):
+    """A tiny released checkpoint of family `name` in its own layout (model, processor, chat template)."""
+    from transformers import PreTrainedTokenizerFast, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiktoken_to_hf(_tiny_ranks(), QWEN_SPECIALS),
+                                  eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    model = _qwen_vl(name, tok)
+    randomize_(model, seed=1)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(str(path))
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16)
+    Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=Qwen2VLVideoProcessor(),
+                     chat_template=template).save_pretrained(str(path))
+    return path
 
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
@@ -252,6 +332,8 @@ def test_recipes_name_the_released_hub_ids_and_offline_is_one_line():
     ids = {p.name: yaml.safe_load(p.read_text())["init_from"] for p in root.glob("*.yaml")}
     assert ids == {"qwen2_vl_lora.yaml": "Qwen/Qwen2-VL-2B-Instruct",
                    "qwen2_5_vl_lora.yaml": "Qwen/Qwen2.5-VL-7B-Instruct",
+                   "idefics3_lora.yaml": "HuggingFaceM4/Idefics3-8B-Llama3",
+                   "smolvlm_lora.yaml": "HuggingFaceTB/SmolVLM-Instruct",
                    "llava_next_7b_lora.yaml": "llava-hf/llava-v1.6-vicuna-7b-hf"}
     with pytest.raises(ModelDirError, match="could not be fetched"):
         resolve_model_dir("no-such-org-xyz/no-such-model")  # tests run with HF_HUB_OFFLINE=1

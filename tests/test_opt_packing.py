@@ -111,3 +111,49 @@ def test_training_run_with_packing(tmp_path, monkeypatch):
     hf.model = dict(hf.model, lm_backend="hf", lm_config=dict(hf.model["lm_config"], model_type="qwen2"))
     with pytest.raises(ConfigError, match="packing=true needs"):
         build_model(hf)
+
+
+def test_packing_samples_trains_as_padded(tmp_path, monkeypatch):
+    """packing=samples: every micro-batch is ONE row holding the same samples padding would batch, and the run's
+    micro-batch losses and final weights equal the padded run's."""
+    import qwenvl_lab.model.model as model_module
+    from qwenvl_lab.trainer.run import train
+
+    from tests.tiny_train import make_tiny_data, run_losses, tiny_train_config
+
+    forward = model_module.VLM.forward
+    seen: list[tuple[int, int | None, float]] = []
+
+    def spy(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        samples = len(kw["cu_seqlens"]) - 1 if "cu_seqlens" in kw else None
+        seen.append((kw["input_ids"].shape[0], samples, float(out.loss.detach())))
+        return out
+
+    monkeypatch.setattr(model_module.VLM, "forward", spy)
+    data = make_tiny_data(tmp_path / "data")
+    runs, calls = {}, {}
+    for packing in (False, "samples"):
+        seen.clear()
+        cfg = tiny_train_config(tmp_path / str(packing), data, packing=packing, per_device_train_batch_size=3,
+                                gradient_accumulation_steps=2, max_steps=3)
+        runs[packing] = train(cfg).output_dir
+        calls[packing] = list(seen)
+    padded, packed = calls[False], calls["samples"]
+    assert len(padded) == len(packed) == 6
+    assert all(rows == 3 and n is None for rows, n, _ in padded)  # three padded rows per micro-batch
+    assert all(rows == 1 and n == 3 for rows, n, _ in packed)  # the same three samples in one row
+    for (_, _, a), (_, _, b) in zip(padded, packed):
+        assert abs(a - b) <= 1e-5, (a, b)
+    assert run_losses(runs[False]) == pytest.approx(run_losses(runs["samples"]), abs=1e-4)
+    from safetensors.torch import load_file
+
+    def final(run):
+        files = sorted((run / "final").rglob("*.safetensors"))
+        assert files, f"no weights under {run / 'final'}"
+        return {f"{f.name}:{k}": v for f in files for k, v in load_file(f).items()}
+
+    a, b = final(runs[False]), final(runs["samples"])
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)

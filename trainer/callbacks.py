@@ -51,11 +51,16 @@ def read_log(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
 def plot_loss(log_path: str | Path, png_path: str | Path) -> Path | None:
-    """Training (and eval) loss against step; returns the PNG path, or None when nothing was logged."""
+    """Training (and eval) loss against step; returns the PNG path, or None when nothing was logged. A
+    preference run (stage dpo) adds a second panel: reward accuracy and margin, train and eval."""
     rows = read_log(log_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    train = _series(rows, "loss")
+    evals = _series(rows, "eval_loss")
     if not train and not evals:
         return None
     import matplotlib
@@ -63,7 +68,18 @@ def plot_loss(log_path: str | Path, png_path: str | Path) -> Path | None:
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    rewards = [(name, _series(rows, name)) for name in ("rewards/accuracies", "rewards/margins",
+                                                        "eval_rewards/accuracies", "eval_rewards/margins")]
+    rewards = [(name, pts) for name, pts in rewards if pts]
+    if rewards:
+        fig, (ax, ax_r) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+        for name, pts in rewards:
+            ax_r.plot(*zip(*pts), "o-" if name.startswith("eval_") else "-", label=name)
+        ax_r.set_xlabel("step")
+        ax_r.grid(alpha=0.3)
+        ax_r.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:

@@ -59,6 +59,7 @@ from .callbacks import AttentionSetup, JsonlLogger, plot_loss
 from .checkpoints import TMP_MARK, is_complete, latest_checkpoint, make_tmp_dir, remove_stale_tmp
 from .engines import prepare_deepspeed_on_cpu
 from .hf_trainer import VLMTrainer, gather_objects
+from .pref_trainer import PairBatches, PrefTrainer, build_pref_datasets
 from .speed_settings import apply_speed_settings
 from .throughput import ThroughputCallback
 
@@ -160,7 +161,7 @@ def build_model(cfg: TrainConfig):
         except ValueError as e:  # the parts do not fit together (e.g. a grid the reduction cannot split)
             raise ConfigError(f"model: {e}") from None
     lora = cfg.lora
-    if cfg.stage == "sft" and cfg.lora.r > 0 and getattr(vlm.lm, "peft_config", None):
+    if cfg.stage in ("sft", "dpo") and cfg.lora.r > 0 and getattr(vlm.lm, "peft_config", None):
         lora = continue_or_fold_adapters(cfg, vlm)
     moved = apply_stage(vlm, cfg, lora, check=lambda m: check_optimisation_keys(cfg, m))
     log.info("parameter dtypes and bytes per part (%d trainable tensors moved to fp32):\n%s", moved,
@@ -175,6 +176,8 @@ def continue_or_fold_adapters(cfg: TrainConfig, vlm):
     """init_from's LoRA adapters: trained on when lora.r / lora.targets name them (returns settings that add
     none); else folded into the LM under fresh ones, which only a full final model keeps (save_full_model:
     a trainable-only checkpoint points at the base LM, without the folded weights)."""
+    if cfg.stage == "dpo":
+        return fold_sft_adapters(cfg, vlm)
     if adapters_match(vlm, cfg.lora):
         a = vlm.lm.peft_config["default"]
         log.info("init_from=%s: its LoRA adapters (r=%d, alpha=%d) train on", cfg.init_from, a.r, a.lora_alpha)
@@ -188,21 +191,35 @@ def continue_or_fold_adapters(cfg: TrainConfig, vlm):
     return cfg.lora
 
 
+def fold_sft_adapters(cfg: TrainConfig, vlm):
+    """Stage dpo from a model with LoRA adapters (an SFT run): they are folded into the LM first, so the
+    reference (the model with its adapters off) is that SFT model and not the base LM under it."""
+    a = vlm.lm.peft_config["default"]
+    if not cfg.save_full_model:
+        raise ConfigError(f"init_from={cfg.init_from} holds LoRA adapters (r={a.r}): stage=dpo folds them into the LM "
+                          f"so that the reference is that model; set save_full_model=true so the final model keeps "
+                          f"them (a trainable-only one would point at the LM without them)")
+    log.info("init_from=%s: its LoRA adapters (r=%d) folded into the LM; the reference is that model", cfg.init_from,
+             a.r)
+    vlm.merge_lora()
+    return cfg.lora
+
+
 def warn_max_length(cfg: TrainConfig, vlm) -> None:
     """max_length above the LM's position range trains positions the LM never saw (or cannot embed)."""
     max_pos = getattr(unwrap(vlm.lm).config, "max_position_embeddings", None)
     if isinstance(max_pos, int) and cfg.max_length > max_pos:
         log.warning("max_length=%d is above the LM's max_position_embeddings=%d (%s): samples that long go past "
                     "the positions it was trained on; lower max_length unless the LM extends its context",
-                    cfg.max_length, max_pos, vlm.config.lm)
+                    cfg.max_length, max_pos, getattr(vlm.config, "lm", None) or getattr(vlm, "source", "the LM"))
 
 def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
     """`packing` needs the qwen LM; `feature_cache` needs frozen towers and a cache written by them."""
     if isinstance(vlm, ReleasedVLM):
         return refuse_for_released(cfg, vlm)
     if cfg.packing and vlm.config.lm_backend != "qwen":
-        raise ConfigError(f"packing=true needs model.lm_backend=qwen (variable-length attention); this LM is "
-                          f"{vlm.config.lm_backend!r}: set packing=false")
+        raise ConfigError(f"packing={str(cfg.packing).lower()} needs model.lm_backend=qwen (variable-length attention); this LM "
+                          f"is {vlm.config.lm_backend!r}: set packing=false")
     if cfg.feature_cache:
         refuse_variable_resolution(getattr(vlm, "resolution", None))  # one count per image only
         if any(p.requires_grad for p in vlm.towers.parameters()):
@@ -374,18 +391,25 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
     apply_speed_settings(cfg, vlm)
     if rank == 0 and cfg.check_disk_space:
         preflight_disk_space(out, vlm)
+    if cfg.stage == "dpo":
+        return _prepare_pref(cfg, out, vlm, callbacks)
     train_ds, eval_ds = build_datasets(cfg, vlm)
     args = training_arguments(cfg, out, towers_train=any(p.requires_grad for p in vlm.towers.parameters()))
     resume = resolve_resume(cfg, out)
 
     sampler_fn = None
     train_input = train_ds
-    collator = released_collate(vlm.pad_token_id) if isinstance(vlm, ReleasedVLM) else Collator(pad_id=vlm.pad_token_id)
+    collator = (released_collate(vlm.pad_token_id, vlm.family.per_sample_inputs) if isinstance(vlm, ReleasedVLM)
+                else Collator(pad_id=vlm.pad_token_id))
     # Samplers draw whole optimizer steps (ranks x accumulation); accelerate hands their consecutive
     # micro-batches to the ranks, so any (processes, accumulation) split of the same global batch sees the
     # same samples at each step.
     global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-    if cfg.packing:
+    if cfg.packing == "samples":
+        # Each micro-batch's samples (drawn as without packing) go back to back in one row with cu_seqlens:
+        # the same samples per optimizer step as padding, no padding computed.
+        collator = PackingCollator()
+    if cfg.packing is True:
         # The sampler yields packs (index lists); PackedDataset turns each into its items; the
         # collator puts a micro-batch's packs back to back in one row with cu_seqlens.
         train_input, collator = PackedDataset(train_ds), PackingCollator()
@@ -395,7 +419,7 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
             return PackingSampler(train_ds.lengths, max_length=cfg.max_length, batch_size=global_batch,
                                   seed=cfg.seed, image_tokens=train_ds.image_tokens if budget else None,
                                   max_image_tokens=budget // cfg.per_device_train_batch_size if budget else None)
-    elif cfg.group_by_length:
+    elif cfg.group_by_length:  # also for packing="samples": similar lengths make rows of similar size
         def sampler_fn(targs):
             return LengthGroupedSampler(train_ds.lengths, batch_size=global_batch, seed=cfg.seed)
 
@@ -417,6 +441,36 @@ def _prepare(cfg: TrainConfig, out: Path, rank: int, callbacks: Sequence[Callbac
         for callback in make(cfg, trainer, out):
             trainer.add_callback(callback)
     return vlm, train_ds, trainer, resume
+
+
+def _prepare_pref(cfg: TrainConfig, out: Path, vlm, callbacks: Sequence[CallbackFactory] = ()):
+    """Stage dpo: preference pairs, [chosen; rejected] batches and the PrefTrainer (trainer/pref_trainer.py)."""
+    if world_size() > 1:
+        raise ConfigError("stage=dpo runs in one process for now (the pair forward bypasses the DDP wrapper): "
+                          "launch without torchrun")
+    if isinstance(vlm, ReleasedVLM):
+        raise ConfigError(f"stage=dpo: not available for the released family {vlm.family.name} yet")
+    if vlm.resolution.mode != "fixed":
+        raise ConfigError(f"stage=dpo: models with a variable resolution ({vlm.resolution.mode}) are not supported "
+                          f"yet; use a fixed-resolution model")
+    train_ds, eval_ds = build_pref_datasets(cfg, vlm)
+    args = training_arguments(cfg, out, towers_train=any(p.requires_grad for p in vlm.towers.parameters()))
+    global_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    trainer = PrefTrainer(
+        model=vlm, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+        data_collator=PairBatches(vlm.pad_token_id),
+        callbacks=[AttentionSetup(vlm), JsonlLogger(out / "log.jsonl")],
+        lr_settings=dict(learning_rate=cfg.learning_rate, projector_lr=cfg.projector_lr, vision_lr=cfg.vision_lr),
+        length_sampler_fn=(lambda targs: LengthGroupedSampler(train_ds.lengths, batch_size=global_batch,
+                                                              seed=cfg.seed)) if cfg.group_by_length else None,
+        skip_sink=train_ds.absorb, max_consecutive_nan=cfg.max_consecutive_nan,
+        inject_nan_steps=cfg.debug_inject_nan_steps,
+        pref_loss=cfg.pref_loss, pref_settings=dataclasses.asdict(cfg), precompute_ref_logps=cfg.precompute_ref_logps,
+    )
+    for make in callbacks:
+        for callback in make(cfg, trainer, out):
+            trainer.add_callback(callback)
+    return vlm, train_ds, trainer, resolve_resume(cfg, out)
 
 
 def train(cfg: TrainConfig, callbacks: Sequence[CallbackFactory] = ()) -> RunResult:

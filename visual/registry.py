@@ -17,6 +17,7 @@ from __future__ import annotations
 from .base import VisionTower
 from .hf import HFCLIPTower, HFSiglip2Tower, HFSiglipTower
 from .openclip import OpenCLIPTower
+from .qwenvl import QwenVLTower
 from .timm_tower import TimmTower
 
 BACKENDS: dict[str, type[VisionTower]] = {
@@ -24,6 +25,7 @@ BACKENDS: dict[str, type[VisionTower]] = {
     "hf_siglip": HFSiglipTower,
     "hf_siglip2": HFSiglip2Tower,
     "open_clip": OpenCLIPTower,
+    "qwenvl": QwenVLTower,  # Qwen-VL(-Chat)'s ViT + resampler, read from its checkpoint
     "timm": TimmTower,
 }
 
