@@ -1,8 +1,9 @@
 """Serving a model our decode loop cannot drive, through the model's OWN `generate`.
 
 A released wrapper family whose family entry says `serving="generate: ..."` (Qwen2-VL / Qwen2.5-VL: M-RoPE
-positions, three rows per token from `image_grid_thw`, are not what `serve.decode.DecodeBatch` computes) is
-served by `GenerateEngine` instead of `serve.engine.Engine`; `uses_own_generate(vlm)` tells which.
+positions, three rows per token from `image_grid_thw`, are not what `serve.decode.DecodeBatch` computes;
+Idefics3 / SmolVLM: no KV-cache step for our engine) is served by `GenerateEngine` instead of
+`serve.engine.Engine`; `uses_own_generate(vlm)` tells which.
 
 Contract (the surface `serve.app` / `serve.session` use, as `Engine`'s):
 - `GenerateEngine(vlm, max_queue=64)`; `start()` / `stop()` the decoding thread; `submit(job)` queues a

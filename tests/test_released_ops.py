@@ -17,7 +17,7 @@ Asserted:
   for both and runs mmbench in likelihood mode; reply log-probs equal transformers' teacher forcing (1e-4);
 - the server (`serve.cli.build`'s app) answers a chat completion for the run and the merged directory through the
   model's own generate, equal to transformers' generate, streamed in several deltas, one request at a time;
-  `GenerateEngine` repeats seeded sampling and keeps max_tokens;
+  `GenerateEngine` repeats seeded sampling, keeps max_tokens, and serves Idefics3 / SmolVLM equal to `chat`;
 - the plan of configs/released/qwen2_5_vl_lora.yaml and llava_next_7b_lora.yaml from a config.json alone (the
   real sizes): base parameters equal a meta-device transformers model's, LoRA = r x layers x sum(in + out).
 """
@@ -485,3 +485,34 @@ def test_llava15_export_keeps_its_own_template(llava15, tmp_path):
     reference = LlavaForConditionalGeneration.from_pretrained(str(path)).eval()
     with torch.no_grad():
         assert (model(**want).logits - reference(**want).logits).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_generate_engine_serves_the_tiled_families(family, tmp_path):
+    """Idefics3 / SmolVLM (family serving "generate": no KV-cache step for our engine) through the same engine:
+    the greedy answer equals `chat`'s, which equals transformers' generate (tests/test_families_idefics.py)."""
+    import threading
+
+    from PIL import Image
+    from qwenvl_lab.model.model import load_vlm
+    from qwenvl_lab.serve.decode import SamplingParams
+    from qwenvl_lab.serve.engine import Job
+    from qwenvl_lab.serve.generate_engine import GenerateEngine, uses_own_generate
+
+    from tests.test_families_idefics import write_released as write_tiled
+
+    vlm = load_vlm(write_tiled(tmp_path / family, family))
+    assert uses_own_generate(vlm)
+    images = [Image.new("RGB", (40, 30), (200, 10, 10))]
+    messages = [{"role": "user", "content": "<image>\nWhat is it?"}]
+    engine = GenerateEngine(vlm)
+    engine.start()
+    try:
+        done = threading.Event()
+        job = Job(vlm.chat_ids(messages, 1, vlm.image_tokens(images)), vlm.image_inputs(images),
+                  SamplingParams(max_tokens=6), lambda kind, data: done.set() if kind in ("done", "error") else None)
+        engine.submit(job)
+        assert done.wait(60) and job.finish_reason in ("stop", "length")
+    finally:
+        engine.stop()
+    assert job.tokens and job.text == vlm.chat(images, messages, max_new_tokens=6)
