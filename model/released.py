@@ -48,6 +48,7 @@ from transformers import AutoProcessor
 from ..core.errors import UserError
 from ..core.loss import full_logits_loss
 from ..dataset.hf_chat import expand_images, hf_messages, render_hf, stack_image_inputs
+from ..dataset.hf_template import offsets_tokenizer
 from ..dataset.sample import IMAGE_MARKER, Sample
 from .families import Family, family_of
 
@@ -248,10 +249,8 @@ class ReleasedVLM(nn.Module):
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """`text` tokenized once, as transformers' chat path does (the tokenizer's special ids unless the text
-        already starts with its BOS), with each id's character offsets (dataset/hf_chat.py labels by them)."""
-        bos = self.tokenizer.bos_token
-        out = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
-        return out["input_ids"], [tuple(o) for o in out["offset_mapping"]]
+        already starts with its BOS), with each id's character offsets (dataset/hf_template.py labels by them)."""
+        return offsets_tokenizer(self.tokenizer)(text)
 
     def render(self, sample: Sample, images: list, max_length: int | None = None) -> dict[str, Any]:
         """One training sample: ids and labels from the checkpoint's template, plus its image inputs."""
