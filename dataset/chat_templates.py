@@ -19,6 +19,8 @@ Contract:
   style without the per-turn BOS), `gemma`, `phi3`, and `bigbro`: ChatML with the BigBro repo's prompt
   (system "你是一位图像理解助手。", user text prefixed "用中文回答：", the image rows bare in place of its
   `<|extra_0|>`), which its imported checkpoints use (model/bigbro.py).
+- `OWN` (name "own", outside `TEMPLATES`): the checkpoint's own Jinja template as it is (`ChatFormat.jinja`),
+  for a tokenizer whose template none of the above matches (LLaVA-1.5's).
 - `detect_template(chat_template_text, model_type) -> name | None`: from the tokenizer's own Jinja
   template (its marker tokens), else from the LM's `model_type`; None when neither says.
 """
@@ -102,6 +104,11 @@ BIGBRO = dataclasses.replace(CHATML, name="bigbro", default_system=BIGBRO_SYSTEM
                              image_delimiters=False)
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (CHATML, LLAMA3, MISTRAL, GEMMA, PHI3, BIGBRO)}
+
+# Not a layout of ours: the checkpoint's own Jinja template, rendered by dataset/hf_template.py (a tokenizer whose
+# template detect_template does not recognise, e.g. LLaVA-1.5's "USER: <image>\n... ASSISTANT: ..."). The
+# strings are empty: `ChatFormat.jinja` holds the text and rendering never reads them.
+OWN = ChatTemplate(name="own", specials=(), header=_per_role(""), suffix=_per_role(""), end_of_turn="")
 
 # A tokenizer's own Jinja template names its marker tokens; the first marker found decides.
 _MARKERS = (("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<start_of_turn>", "gemma"),

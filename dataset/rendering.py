@@ -54,6 +54,7 @@ from typing import Any
 
 from ..core.loss import IGNORE_INDEX
 from .chat_templates import CHATML, ChatTemplate
+from .hf_template import prompt_own, render_own
 from .sample import IMAGE_MARKER, ROLES, VIDEO_MARKER, BadSampleError, Sample
 
 MODES = ("chat", "plain")
@@ -72,6 +73,7 @@ class ChatFormat:
     eos_id: int
     image_start_id: int | None = None
     image_end_id: int | None = None
+    jinja: str | None = None  # the checkpoint's own template text (template OWN): dataset/hf_template.py renders
 
     def __post_init__(self) -> None:
         if not self.template.image_delimiters:  # e.g. `bigbro`: the image rows stand alone
@@ -102,11 +104,15 @@ class ChatFormat:
 
     @property
     def end_of_turn_id(self) -> int:
+        if self.jinja is not None:  # the template's own text says nothing we can read: end of text ends a turn
+            return self.eos_id
         return self.special_id(self.template.end_of_turn)
 
     @property
     def stop_token_ids(self) -> list[int]:
         """Generation stops at the end of turn, at the start of a new turn's header, or at end of text."""
+        if self.jinja is not None:
+            return [self.eos_id]
         stops = [self.end_of_turn_id]
         opener = self.template.pieces(self.template.header["user"])
         if opener and opener[0][0] == "special":
@@ -396,6 +402,9 @@ def render(
     t = fmt.template
     if not sample.messages:
         raise BadSampleError(f"{sample.where}: empty conversation")
+    if fmt.jinja is not None and mode == "chat":
+        return _render_own(sample, fmt, tokens_per_image, max_length, system_prompt, add_generation_prompt,
+                           image_token_id)
     cursor = _MediaCursor(sample)
     span = _span_maker(fmt, tokens_per_image, image_token_id)
     k = frames_per_video
@@ -442,6 +451,31 @@ def render(
     d_img, d_frames = _count(dropped, k)
     return Rendered(out.ids, out.labels, n_images=n_img, n_frames=n_frames, media=out.media,
                     dropped_turns=sum(p.n_messages for p in dropped), dropped_images=d_img + d_frames)
+
+
+def _render_own(sample: Sample, fmt: ChatFormat, tokens_per_image, max_length: int | None,
+                system_prompt: str | None, add_generation_prompt: bool, image_token_id: int | None) -> Rendered:
+    """chat mode under the checkpoint's own Jinja template (`fmt.jinja`): dataset/hf_template.py's rendering,
+    so the ids are its processor's; spans are the placeholder repeated, as that processor writes them."""
+    _check_messages(sample)
+    tok = fmt.tokenizer.hf_tokenizer
+    pad = fmt.image_token_id if image_token_id is None else image_token_id
+    if isinstance(tokens_per_image, int):
+        count = lambda i: tokens_per_image  # noqa: E731
+    else:
+        count = lambda i: int(tokens_per_image("image", i))  # noqa: E731
+    if add_generation_prompt:
+        ids = prompt_own(sample, tok, fmt.jinja, count, pad, system_prompt)
+        if max_length is not None and len(ids) > max_length:
+            e = BadSampleError(f"{sample.where}: too long: prompt of {len(ids)} tokens > max_length {max_length}",
+                               "too_long")
+            e.length = len(ids)
+            raise e
+        labels, dropped, used = [IGNORE_INDEX] * len(ids), 0, len(sample.images)
+    else:
+        ids, labels, dropped, used = render_own(sample, tok, fmt.jinja, count, pad, max_length, system_prompt)
+    return Rendered(ids, labels, n_images=used, media=[("image", p) for p in sample.images[:used]],
+                    dropped_turns=dropped, dropped_images=len(sample.images) - used)
 
 
 def estimate_length(

@@ -20,7 +20,9 @@ may override.
   rows train (`config.trainable_tokens`; by default the tokens added here, the placeholder excepted
   since its rows are always replaced by image features).
 - `chat_format`: the `dataset.rendering.ChatFormat` that renders training samples and prompts (None
-  without a tokenizer); `image_token_id`, `pad_token_id`, `stop_token_ids`.
+  without a tokenizer); `image_token_id`, `pad_token_id`, `stop_token_ids`. A transformers tokenizer whose
+  own Jinja template none of ours matches (LLaVA-1.5's "USER: ... ASSISTANT:") renders with that template
+  as it is (`chat_template="own"`, `ChatFormat.jinja`; ids equal its processor's, generation stops at eos).
 - `embedding(lm)`, `hidden_states(lm, embeds [B, T, D], attention_mask, **kw) -> (hidden [B, T, D],
   past_key_values)`, `output_head(lm)` (logits = head(hidden) when `plain_head(lm)`; otherwise
   `full_logits(lm, embeds, mask, **kw)` runs the LM's own forward, e.g. Gemma-2's soft-capping).
@@ -48,7 +50,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from ..core.errors import UserError
-from ..dataset.chat_templates import TEMPLATES, detect_template
+from ..dataset.chat_templates import OWN, TEMPLATES, detect_template
 from ..dataset.rendering import ChatFormat
 from ..dataset.sample import IMAGE_MARKER
 from ..kernels.prepare import prepare_attention
@@ -140,17 +142,21 @@ class LMBackbone(ABC):
             self._fit_embeddings(lm)
         self.chat_format: ChatFormat | None = None
         self._no_format = "this VLM has no tokenizer: set VLMConfig.tokenizer to a directory holding one"
-        if config.chat_template is not None and config.chat_template not in TEMPLATES:
-            raise UserError(f"chat_template={config.chat_template!r}; valid: {', '.join(TEMPLATES)}")
+        if config.chat_template is not None and config.chat_template not in (*TEMPLATES, OWN.name):
+            raise UserError(f"chat_template={config.chat_template!r}; valid: {', '.join(TEMPLATES)}, {OWN.name} "
+                            "(the tokenizer's own Jinja template)")
         if tokenizer is not None:
             # Logits need no template: a missing one's error waits for whoever renders text.
             try:
-                template = TEMPLATES[self._template_name(lm)]
+                name = self._template_name(lm)
+                template = OWN if name == OWN.name else TEMPLATES[name]
             except UserError as e:
                 self._no_format = str(e)
             else:
+                own = tokenizer.chat_template if template is OWN else None  # spans are the template's own
                 fmt = ChatFormat(tokenizer, template, self.image_token_id, eos_id=self._eos_id(),
-                                 image_start_id=start, image_end_id=end)
+                                 image_start_id=None if own else start, image_end_id=None if own else end,
+                                 jinja=own)
                 if fmt.missing_specials:
                     self._no_format = (f"chat template {template.name!r} needs the token(s) "
                                        f"{fmt.missing_specials}, which the tokenizer of {self.config.lm} lacks; "
@@ -204,8 +210,13 @@ class LMBackbone(ABC):
 
     def _template_name(self, lm: nn.Module) -> str:
         name = self.config.chat_template
+        text = getattr(self.tokenizer, "chat_template", None)
         if name is None:
-            name = detect_template(getattr(self.tokenizer, "chat_template", None), self._model_type(lm))
+            name = detect_template(text, self._model_type(lm))
+        if name is None and isinstance(text, str) and hasattr(self.tokenizer, "hf_tokenizer"):
+            name = OWN.name  # a template none of ours matches (LLaVA-1.5's): rendered as it is
+        if name == OWN.name and not (isinstance(text, str) and hasattr(self.tokenizer, "hf_tokenizer")):
+            raise UserError(f"chat_template=own: the tokenizer of {self.config.lm} has no Jinja chat template")
         if name is None:
             raise UserError(
                 f"no chat template for {self.config.lm}: its tokenizer has no recognisable chat_template and "

@@ -27,6 +27,10 @@ directory, plus its trained projector as peft's `modules_to_save`, in PEFT's own
 `PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(BASE), DIR)` gives our logits (our
 Qwen LM's fused `c_attn` adapter is split exactly into q/k/v; Qwen-1 names become Qwen2's).
 
+A run of a released wrapper family (Qwen2-VL, Qwen2.5-VL: model/released.py) exports `peft-adapter` only
+(model/released_export.py: its LoRA plus the trained merger as `modules_to_save`, for its released base);
+`llava-hf` is refused in one line (its own released layout is what model/merge.py writes).
+
 Image spans: our template writes `image_start + N x placeholder + image_end`; the exported chat template
 writes `image_start + placeholder + image_end` for each image and the Llava processor expands the single
 placeholder to N, so the same conversation gives the same ids.
@@ -62,8 +66,11 @@ from ..core.errors import UserError
 from ..dataset.chat_templates import ChatTemplate
 from ..qwen.convert import convert, convert_tokenizer
 from ..visual.processor import RESAMPLE
+from .families import FAMILIES, family_of
 from .model import load_vlm
 from .paths import resolve_model_dir
+from .released import RELEASED_FILE, ReleasedVLM
+from .released_export import export_released_peft
 
 FORMATS = ("llava-hf", "peft-adapter")
 TOWER_TYPES = {"hf_clip": "clip", "hf_siglip": "siglip"}
@@ -219,7 +226,8 @@ def export_llava_hf(vlm, dst: str | Path) -> Path:
         placeholder = tok.convert_ids_to_tokens(vlm.image_token_id)
         start, end = ("" if i is None else tok.convert_ids_to_tokens(i) for i in (fmt.image_start_id,
                                                                                   fmt.image_end_id))
-        tok.chat_template = export_chat_template(fmt.template, start + placeholder + end)
+        # The checkpoint's own template (a LLaVA-1.5 import) is written back as it is; ours as Jinja.
+        tok.chat_template = fmt.jinja or export_chat_template(fmt.template, start + placeholder + end)
         pp = tower.preprocess_config()
         image_processor = _image_processor(backend, pp, vlm.resolution)
         n_patches = tower.grid[0] * tower.grid[1]
@@ -345,7 +353,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     src = resolve_model_dir(args.src)  # a bad source fails before the destination is made
     writable_dir(args.dst, "--dst")
+    _refuse_released_llava(src, args)  # before the model loads
     vlm = load_vlm(src).float().eval()
+    if isinstance(vlm, ReleasedVLM):
+        return _export_released(vlm, args)
     if args.format == "llava-hf":
         vlm.merge_lora()
         vlm.fold_token_rows()  # trained token rows go into the embedding table the export carries
@@ -354,6 +365,26 @@ def main(argv=None) -> int:
     except ValueError as e:  # the model does not fit the format: say why
         raise UserError(f"export: {e}") from None
     print(f"exported {args.src} -> {out} ({args.format})")
+    return 0
+
+
+def _refuse_released_llava(src: Path, args) -> None:
+    """A released wrapper family (a released directory or a run trained from one) has no llava-hf layout."""
+    trained = src / RELEASED_FILE
+    family = json.loads(trained.read_text()).get("family") if trained.is_file() else getattr(family_of(src), "name", None)
+    if args.format != "peft-adapter" and family in FAMILIES and not FAMILIES[family].native:
+        raise UserError(f"export: {args.src} is a {family} model, which has no {args.format} layout: "
+                        "write its own released layout with python -m qwenvl_lab.model.merge, or use "
+                        "--format peft-adapter for the unmerged adapter")
+
+
+def _export_released(vlm: ReleasedVLM, args) -> int:
+    """A released wrapper family: its adapter for the released base (LoRA + modules_to_save)."""
+    try:
+        out, modules = export_released_peft(vlm, args.dst)
+    except ValueError as e:
+        raise UserError(f"export: {e}") from None
+    print(f"exported {args.src} -> {out} (peft-adapter for {vlm.source}; modules_to_save: {', '.join(modules) or 'none'})")
     return 0
 
 

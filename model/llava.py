@@ -13,7 +13,9 @@ into our parts, logits unchanged.
 - `image_token_index` -> `image_token_id` (the placeholder id the tokens were rendered with);
 - the tokenizer: the directory's own, as it is (`HFTokenizer`, whatever the LM backend), so each `<image>`
   becomes N placeholders with nothing around them and no id is added past the embedding table, as
-  transformers' LlavaProcessor does (tests/test_families_native.py compares the ids).
+  transformers' LlavaProcessor does (tests/test_families_native.py compares the ids); its chat template is
+  the checkpoint's (tokenizer_config.json, else chat_template.jinja / .json as LLaVA-1.5 ships it), and one
+  none of ours matches renders as it is (model/backbones.py, `chat_template="own"`).
 - model_type "llava_next" (LLaVA-NeXT) also maps `image_grid_pinpoints` (anyres on), the learned
   `image_newline` (extras) and transformers' semantics: a newline after each row, every image of a sample
   tiled (`multi_image="anyres"`), no `anyres_max`. It needs patch-only features per crop, so a CLIP tower
@@ -47,6 +49,7 @@ from ..qwen import QWenLMHeadModel
 from ..visual.registry import build_tower
 from .config import VLMConfig
 from .dtypes import torch_dtype
+from .families import chat_template_text
 from .projector import Projector, build_projector
 from .tokenizers import HFTokenizer, has_tokenizer_files
 
@@ -74,10 +77,13 @@ def _load_tokenizer(path: Path):
     if not has_tokenizer_files(path):
         return None
     try:
-        return HFTokenizer(path)
+        tok = HFTokenizer(path)
     except (ValueError, FileNotFoundError, OSError) as e:  # logits do not need it; say why it is missing
         warnings.warn(f"{path}: tokenizer not loaded ({e}); set VLMConfig.tokenizer to use chat()", stacklevel=2)
         return None
+    if tok.chat_template is None:  # LLaVA-1.5's layout: the template is the processor's chat_template.json
+        tok.hf_tokenizer.chat_template = chat_template_text(path)
+    return tok
 
 
 FAMILIES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}

@@ -59,11 +59,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +96,7 @@ from .flops import (
 )
 from .model import build_vlm
 from .paths import is_qwenvl_chat_dir, resolve_model_dir
+from .plan_released import PlanView, count_released, llava_vlm_config, meta_released, released_config
 from .qwenvl_chat import qwenvl_chat_config
 from .stages import apply_stage
 from .train_config import TrainConfig
@@ -168,16 +171,26 @@ def base_dtype_for(name: str, device: str) -> str:
     return auto_decision("cpu").name
 
 
-def meta_model(cfg, device: str = "cuda", dtype: str | None = None) -> tuple[nn.Module, str]:
-    """The run's VLM on the meta device with the stage applied (see the module docstring); `dtype` (a
-    `VLMConfig.dtype` name) replaces the config's."""
-    vcfg = _vlm_config(cfg)
-    base = base_dtype_for(dtype or vcfg.dtype, device)
+@contextlib.contextmanager
+def _quiet():
+    """The stage's per-module report is for training runs, not for a plan."""
     quiet = [logging.getLogger(n) for n in ("qwenvl_lab", "peft", "transformers")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
-        lg.setLevel(logging.ERROR)  # the stage's per-module report is for training runs
+        lg.setLevel(logging.ERROR)
     try:
+        yield
+    finally:
+        for lg, lv in zip(quiet, levels):
+            lg.setLevel(lv)
+
+
+def meta_model(cfg, device: str = "cuda", dtype: str | None = None) -> tuple[nn.Module, str]:
+    """The run's VLM on the meta device with the stage applied (see the module docstring); `dtype` (a
+    `VLMConfig.dtype` name) replaces the config's."""
+    with tempfile.TemporaryDirectory(prefix="plan_") as tmp, _quiet():
+        vcfg = _vlm_config(cfg, Path(tmp))
+        base = base_dtype_for(dtype or vcfg.dtype, device)
         with torch.device("meta"):
             try:
                 vlm = build_vlm(_meta_vlm_config(vcfg, base))
@@ -186,18 +199,30 @@ def meta_model(cfg, device: str = "cuda", dtype: str | None = None) -> tuple[nn.
             lora = copy.copy(cfg.lora)
             lora.qlora = False  # 4-bit bases are not modelled; the plan counts bf16 bases
             apply_stage(vlm, cfg, lora)  # the run's own sequence (trainer/run.py build_model)
-    finally:
-        for lg, lv in zip(quiet, levels):
-            lg.setLevel(lv)
     return vlm, base
 
 
-def _vlm_config(cfg) -> VLMConfig:
+def _released(cfg):
+    """(family, config.json dict) when the run starts from a released checkpoint (model/plan_released.py)."""
+    if cfg.vlm_config() is not None or cfg.init_from is None:
+        return None
+    return released_config(str(cfg.init_from), config_file)
+
+
+def _vlm_config(cfg, tmp: Path) -> VLMConfig:
+    """The run's VLMConfig: the recipe's model, or what `init_from` holds (ours, or a released native family's
+    import, mapped from its config.json into `tmp`)."""
     vcfg = cfg.vlm_config()
     if vcfg is not None:
         return vcfg
     if is_qwenvl_chat_dir(cfg.init_from):  # a released Qwen-VL(-Chat) directory: no vlm_config.json
         return qwenvl_chat_config(cfg.init_from)
+    released = _released(cfg)
+    if released is not None and released[0].native:
+        try:
+            return llava_vlm_config(released[1], str(cfg.init_from), tmp)
+        except (KeyError, ValueError) as e:
+            raise PlanError(f"init_from={cfg.init_from!r}: its config.json cannot be planned ({e})") from None
     try:
         return read_vlm_config(resolve_model_dir(cfg.init_from))[0]
     except (FileNotFoundError, ValueError, OSError, UserError):
@@ -450,6 +475,9 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
     `dtype` replaces the config's model dtype."""
     if gpus < 1:
         raise PlanError(f"--gpus must be >= 1, got {gpus}")
+    released = _released(cfg)
+    if released is not None and not released[0].native:  # a wrapper family: transformers' model itself
+        return _wrapper_plan(cfg, released, gpus, gpu_mem_gib, device, seq, images, micro_batch, source, dtype)
     vlm, base = meta_model(cfg, device, dtype)
     c = 2 if base in ("bfloat16", "float16") else 4
     ip = image_plan(vlm, images)
@@ -484,6 +512,44 @@ def make_plan(cfg, gpus: int, gpu_mem_gib: float, gpu_tflops: float = 989.0, mfu
                                 None)
     if cfg.lora.qlora:
         plan.notes.append("lora.qlora=true: the 4-bit base is not modelled (bases counted in bf16)")
+    return plan
+
+
+def _wrapper_plan(cfg, released, gpus: int, gpu_mem_gib: float, device: str, seq: int | None, images: int,
+                  micro_batch: int | None, source: str, dtype: str | None) -> Plan:
+    """The plan of a run of a released wrapper family (model/plan_released.py): parameters and trainables of
+    the wrapper on the meta device, model states per engine, LM activations; no FLOPs."""
+    base = base_dtype_for(dtype or "auto", device)
+    with _quiet():
+        vlm = meta_released(released[0], released[1], cfg, base)
+    c = 2 if base in ("bfloat16", "float16") else 4
+    seq = int(seq or cfg.max_length)
+    shape = Shape(seq=seq, image_tokens=seq // 2, images=images, targets=seq // 4,
+                  micro_batch=int(micro_batch or cfg.per_device_train_batch_size),
+                  accumulation=max(1, cfg.accumulation_steps(gpus) if cfg.global_batch_size
+                                   else cfg.gradient_accumulation_steps))
+    counts = count_released(vlm, PartCount)
+    largest, units = _largest_module_params(vlm), _block_units(vlm)
+    engines = {e: model_states(counts, e, gpus, c, largest, units) for e in ENGINES}
+    view = PlanView(vlm, seq)
+    logits = dataclasses.replace(shape, targets=seq)  # the wrapper's loss reads every position's logits
+    ckpt = bool(cfg.gradient_checkpointing)
+    acts = {"checkpointing": activation_bytes(view, logits, c, True),
+            "no checkpointing": activation_bytes(view, logits, c, False),
+            "micro-batch": activation_bytes(view, logits, c, ckpt, samples=shape.micro_batch)}
+    plan = Plan(source=source, stage=cfg.stage, base_dtype=base, compute_bytes=c, gpus=gpus, gpu_mem_gib=gpu_mem_gib,
+                gpu_tflops=0.0, mfu=0.0, checkpointing=ckpt, shape=shape, counts=counts, largest_module=largest,
+                engines=engines, activations=acts, flops={})
+    act = plan.activation_per_gpu()
+    for e in ENGINES:
+        plan.min_gpus[e] = next((n for n in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+                                 if fits(model_states(counts, e, n, c, largest, units)["total"] + act, gpu_mem_gib)),
+                                None)
+    plan.notes.append(f"{released[0].name} runs through transformers' own model (model/released.py): image tokens "
+                      f"are assumed half of each sample ({shape.image_tokens}); compute and step time are not "
+                      f"estimated for it")
+    if view.vision_trains:
+        plan.notes.append("vision_lr > 0: the training vision tower's activations are not counted")
     return plan
 
 
@@ -658,6 +724,9 @@ def format_plan(plan: Plan) -> str:
             continue
         L.append(f"  {k:<17} total {_g(a['total'])}  (LM {_g(a['lm']).strip()}, loss head {_g(a['head']).strip()}, "
                  f"projector {_g(a['projector']).strip()}, towers {_g(a['towers']).strip()})")
+    if not plan.flops:  # a released wrapper family: no FLOP model (the notes say so)
+        L.extend(f"note: {n}" for n in plan.notes)
+        return "\n".join(L)
     L.append("")
     f = plan.flops
     L.append(f"compute per sample: {f['total'] / 1e12:.2f} TFLOP (towers {f['towers'] / 1e12:.2f}, projector "

@@ -48,6 +48,7 @@ from transformers import AutoProcessor
 from ..core.errors import UserError
 from ..core.loss import full_logits_loss
 from ..dataset.hf_chat import expand_images, hf_messages, render_hf, stack_image_inputs
+from ..dataset.hf_template import offsets_tokenizer
 from ..dataset.sample import IMAGE_MARKER, Sample
 from .families import Family, family_of
 
@@ -79,13 +80,18 @@ class ReleasedVLM(nn.Module):
     tokens_per_image = None
 
     def __init__(self, family: Family, model: nn.Module, processor: Any, source: str = ""):
+        """`processor=None`: the model alone (the memory plan's meta-device skeleton); nothing renders text."""
         super().__init__()
         self.family = family
         self.model = model
         self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.tokenizer = getattr(processor, "tokenizer", None)
         self.source = source
+        self.trained_tensors: list[str] = []  # transformers names of the non-LoRA tensors a trained run holds
         self.image_token = family.notes["image_token"]
+        if processor is None:
+            self.image_token_id = None
+            return
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if not getattr(self.tokenizer, "is_fast", False):  # labels come from its character offsets
             raise UserError(f"{source}: the checkpoint's tokenizer has no tokenizer.json (a fast tokenizer is needed); "
@@ -155,6 +161,7 @@ class ReleasedVLM(nn.Module):
             raise UserError(f"{path / TRAINABLE_FILE}: tensors {sorted(missing)[:3]} are not in {base}")
         hf.load_state_dict(load_file(str(path / TRAINABLE_FILE)), strict=False)
         vlm.source = str(base)  # a later save points at the released base again
+        vlm.trained_tensors = sorted(load_file(str(path / TRAINABLE_FILE)))  # what model/released_export.py saves
         return vlm.eval()
 
     def lora_target_regex(self, targets: str) -> str:
@@ -198,6 +205,9 @@ class ReleasedVLM(nn.Module):
     # ----- training --------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **image_kw: Any) -> ReleasedOutput:
+        # Our VLM's keywords that mean nothing here: logits are always returned, spans are counted by the model.
+        image_kw.pop("return_logits", None)
+        image_kw.pop("image_counts", None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._with_types(input_ids, image_kw))
         loss = None if labels is None else full_logits_loss(out.logits, labels)  # labels shifted there
         return ReleasedOutput(loss, out.logits)
@@ -239,10 +249,8 @@ class ReleasedVLM(nn.Module):
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """`text` tokenized once, as transformers' chat path does (the tokenizer's special ids unless the text
-        already starts with its BOS), with each id's character offsets (dataset/hf_chat.py labels by them)."""
-        bos = self.tokenizer.bos_token
-        out = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
-        return out["input_ids"], [tuple(o) for o in out["offset_mapping"]]
+        already starts with its BOS), with each id's character offsets (dataset/hf_template.py labels by them)."""
+        return offsets_tokenizer(self.tokenizer)(text)
 
     def render(self, sample: Sample, images: list, max_length: int | None = None) -> dict[str, Any]:
         """One training sample: ids and labels from the checkpoint's template, plus its image inputs."""

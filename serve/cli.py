@@ -2,7 +2,9 @@
 
 `add_server_args(parser, port)` declares the shared flags; `build(args) -> (app, engine)` loads the model
 (`--model` takes a run directory or a model directory, as test.py does) and wires the engine and the
-routes; `run(app, engine, args)` serves until interrupted. A missing model, a bad flag, a port in use or
+routes; `run(app, engine, args)` serves until interrupted. A
+released family served through its own generate (`serve.generate_engine`, Qwen2-VL) gets `GenerateEngine`:
+one request at a time, said in one line at start. A missing model, a bad flag, a port in use or
 a missing fastapi / uvicorn (the `serve` extra) is one line `error: ...` on stderr and exit status 2
 (`core.cli.run_cli`).
 """
@@ -88,6 +90,7 @@ def build(args: argparse.Namespace):
     from ..model import VLM
     from .app import create_app
     from .engine import Engine
+    from .generate_engine import GenerateEngine, uses_own_generate
     from .protocol import Limits
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -97,7 +100,12 @@ def build(args: argparse.Namespace):
                     default_max_tokens=min(args.default_max_tokens, args.max_tokens),
                     max_model_len=_model_len(vlm, args.max_model_len), image_folder=args.image_folder,
                     allow_remote_images=args.allow_remote_images)
-    engine = Engine(vlm, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    if uses_own_generate(vlm):  # e.g. Qwen2-VL's M-RoPE: the model's own generate, one request at a time
+        engine = GenerateEngine(vlm, max_queue=args.max_queue)
+        print(f"{name}: {vlm.family.name} is decoded by the model's own generate, one request at a time "
+              f"(--max-batch-size {args.max_batch_size} does not apply)", flush=True)
+    else:
+        engine = Engine(vlm, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     app = create_app(vlm, engine, name, limits, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                      request_timeout_s=args.request_timeout)
     return app, engine, name

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import yaml
 from qwenvl_lab.model.model import PRESETS
-from qwenvl_lab.model.stages import part_of
+from qwenvl_lab.model.stages import part_of, resolve_lora_targets
 from qwenvl_lab.model.train_config import load_train_config
 from qwenvl_lab.trainer.optim import param_groups
 from qwenvl_lab.trainer.run import build_model
 
 from tests.test_families import write_released
 from tests.test_families_idefics import write_released as write_tiled_released
+from tests.test_families_native import save_llava_next_qwen
 from tests.tiny_model import build_tiny_vlm, tiny_lm_dir, tiny_tower_spec
 from tests.tiny_train import make_tiny_data
 
@@ -42,10 +43,15 @@ def stand_ins(tmp_path_factory):
 def _released_stand_in(root: Path, path: Path) -> Path:
     """configs/released/<family>_*.yaml: a tiny released checkpoint of that family (tests/test_families.py,
     tests/test_families_idefics.py)."""
-    family = next(f for f in ("qwen2_5_vl", "qwen2_vl", "idefics3", "smolvlm") if path.name.startswith(f))
+    family = next(f for f in ("qwen2_5_vl", "qwen2_vl", "idefics3", "smolvlm", "llava_next")
+                  if path.name.startswith(f))
     out = root / f"released_{family}"
+    if out.is_dir():
+        return out
+    if family == "llava_next":  # a native family: a tiny LLaVA-NeXT (tests/test_families_native.py)
+        return save_llava_next_qwen(out)
     write = write_tiled_released if family in ("idefics3", "smolvlm") else write_released
-    return out if out.is_dir() else write(out, family)
+    return write(out, family)
 
 
 def _stand_in_overrides(raw: dict, root: Path, data: Path, stage1: Path, path: Path | None = None) -> list[str]:
@@ -87,7 +93,7 @@ def test_config_parses_and_builds(path, stand_ins):
     if cfg.stage == "sft":
         lora = [n for n in trainable if "lora_" in n]
         assert lora, "LoRA targets matched nothing"
-        targets = (cfg.lora.targets or getattr(getattr(vlm, "family", None), "notes", {}).get("lora_targets", "")).split("|")
+        targets = resolve_lora_targets(vlm, cfg.lora.targets).split("|")  # "" = the family's / backbone's default
         assert all(any(f".{t}.lora_" in n for t in targets) for n in lora)
         a = next(m for name, m in vlm.lm.named_modules() if name.endswith("lora_A.default"))
         assert a.weight.shape[0] == cfg.lora.r
