@@ -58,6 +58,9 @@ class _BenchModel:
     def decode(ids: list[int]) -> str:
         return " ".join(map(str, ids))
 
+    def __getattr__(self, name: str):  # image_token_id, encode_image_inputs, resolution, ...: the VLM's
+        return getattr(self._vlm, name)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -32,6 +32,9 @@ import torch
 
 from ..qwen.generation import left_pad, process_logits
 from . import kvcache
+from .imagecache import ImageCache, concat_image_inputs  # noqa: F401 (concat_image_inputs: re-exported)
+from .prefill import chunk_rows, encode_rows, plan_row, store_finished
+from .prefixcache import PrefixCache
 
 
 @dataclass
@@ -56,19 +59,6 @@ def as_image_inputs(images: ImageInputs | torch.Tensor | None) -> ImageInputs:
     return dict(images)
 
 
-def concat_image_inputs(parts: list[ImageInputs]) -> ImageInputs:
-    """Several rows' image inputs -> one prefill's: each key concatenated in row order (rows without images
-    add nothing). The per-image keys go image by image like `pixel_values`, as the collator does."""
-    parts = [p for p in parts if p]
-    if not parts:
-        return {}
-    keys = set(parts[0])
-    for p in parts[1:]:
-        if set(p) != keys:
-            raise ValueError(f"rows with different image input keys in one prefill: {sorted(keys)} vs {sorted(p)}")
-    return {k: torch.cat([p[k] for p in parts]) for k in sorted(keys)}
-
-
 @dataclass(eq=False)
 class Row:
     prompt_ids: list[int]
@@ -76,6 +66,20 @@ class Row:
     params: SamplingParams
     tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # Prefill state (serve.prefill): the row's own one-row cache while its prompt is prefilled in pieces,
+    # how many prompt tokens it holds, how many of those came from the prefix cache, the image rows of the
+    # spans still to run (from the placeholder `rows_offset` on), and the tokens fed after the prompt.
+    cache: Any = field(default=None, repr=False)
+    done: int = 0
+    cached_tokens: int = 0
+    image_keys: list[str] | None = None
+    spans: list[int] = field(default_factory=list)
+    key_ids: torch.Tensor | None = field(default=None, repr=False)
+    image_rows: torch.Tensor | None = field(default=None, repr=False)
+    rows_offset: int = 0
+    fed: list[int] = field(default_factory=list)
+    solo: bool = False  # prefill alone (a group it was in failed)
+    pieces: bool = True  # may be prefilled in chunks / from a cached prefix (exact for this LM and length)
 
     def __post_init__(self) -> None:
         self.images = as_image_inputs(self.images)
@@ -93,11 +97,14 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, generator: torch.
 
 
 class DecodeBatch:
-    def __init__(self, vlm: Any) -> None:
+    def __init__(self, vlm: Any, image_cache: ImageCache | None = None,
+                 prefix_cache: PrefixCache | None = None) -> None:
         self.vlm = vlm
         self.device = next(vlm.parameters()).device
         vlm.prepare_attention()  # resolved once here, never inside the decode steps' forwards
+        self.image_cache, self.prefix_cache = image_cache, prefix_cache
         self.rows: list[Row] = []
+        self.pending: list[Row] = []  # started, prompt not yet (wholly) prefilled
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [B, T] 1 = real token (in the cache or pending input)
         self.logits: torch.Tensor | None = None  # [B, V] fp32, the pending next-token logits per row
@@ -106,30 +113,101 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, images: ImageInputs,
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, image_rows: torch.Tensor | None,
                  cache: Any) -> tuple[torch.Tensor, Any]:
         T = input_ids.shape[1]
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # [B, T]; padding never shifts a row
+        images = {} if image_rows is None else {"image_rows": image_rows}  # [n_slots, D]
         out = self.vlm(input_ids=input_ids, attention_mask=mask, **images,
                        past_key_values=cache, use_cache=True, position_ids=positions, logits_to_keep=1)
         return out.logits[:, -1].float(), out.past_key_values  # [B, V]
 
+    # ----- prefill -----------------------------------------------------------------------------------
+    def start(self, rows: list[Row]) -> None:
+        """Queue `rows` for prefill: keys, spans and the cached prefix are found now (serve.prefill)."""
+        for r in rows:
+            plan_row(self.vlm, r, self.prefix_cache if self.can_merge else None)
+        self.pending += rows
+
+    def drop_pending(self, row: Row) -> None:
+        self.pending.remove(row)
+        row.cache = None
+
+    def _fresh(self, r: Row, budget: int | None) -> bool:
+        """Prefilled from nothing in one forward, possibly with other such rows."""
+        whole = budget is None or len(r.prompt_ids) <= budget or not r.pieces or not self.can_merge
+        return r.cache is None and r.done == 0 and whole
+
+    def _group(self, budget: int | None) -> list[Row]:
+        first = self.pending[0]
+        if not self._fresh(first, budget) or first.solo:
+            return [first]
+        group = [first]
+        for r in self.pending[1:]:
+            if not self._fresh(r, budget) or r.solo:
+                continue
+            width = max(len(x.prompt_ids) for x in [*group, r])
+            if budget is not None and width * (len(group) + 1) > budget:
+                break
+            group.append(r)
+        return group
+
     @torch.no_grad()
-    def add(self, rows: list[Row]) -> None:
-        """Prefill `rows` together and append them to the batch."""
-        if not rows:
-            return
-        if self.rows and not self.can_merge:
-            raise RuntimeError("this LM's KV cache cannot take new rows mid-batch; add rows to an empty batch")
+    def prefill(self, budget: int | None = None) -> tuple[list[Row], list[tuple[Row, Exception]]]:
+        """One piece of prefill work of at most about `budget` tokens (None: no limit): new rows from
+        nothing together (left-padded), or the next chunk of the first pending row's prompt on its own cache.
+        Returns the rows that joined the batch and the rows that failed (a group that fails is split: its
+        rows are retried one by one, so only a row that cannot be prefilled fails)."""
+        if not self.pending:
+            return [], []
+        group = self._group(budget)
+        try:
+            if self._fresh(group[0], budget):
+                self._prefill_fresh(group)
+                return group, []
+            return self._prefill_chunk(group[0], budget), []
+        except Exception as e:
+            if len(group) > 1:
+                for r in group:
+                    r.solo = True
+                return [], []
+            self.drop_pending(group[0])
+            return [], [(group[0], e)]
+
+    def _prefill_fresh(self, rows: list[Row]) -> None:
         ids, mask = left_pad([r.prompt_ids for r in rows], self.vlm.pad_token_id)  # [n, T] each
         ids, mask = ids.to(self.device), mask.to(self.device)
-        images = concat_image_inputs([r.images for r in rows])  # pixel_values [n_crops or patches, 3, s, s], ...
-        images = {k: v.to(self.device) for k, v in images.items()}
-        logits, cache = self._forward(ids, mask, images, None)
+        encode_rows(self.vlm, rows, self.image_cache)
+        parts = [r.image_rows for r in rows if r.image_rows is not None]
+        image_rows = torch.cat(parts) if parts else None  # [n_slots of every row, D]
+        logits, cache = self._forward(ids, mask, image_rows, None)
+        self._join(rows, cache, mask, logits)
+
+    def _prefill_chunk(self, row: Row, budget: int | None) -> list[Row]:
+        encode_rows(self.vlm, [row], self.image_cache)
+        left = len(row.prompt_ids) - row.done
+        n = left if budget is None or not row.pieces else min(left, max(1, budget))
+        ids = torch.tensor([row.prompt_ids[row.done:row.done + n]], device=self.device)  # [1, n]
+        mask = torch.ones(1, row.done + n, dtype=torch.long, device=self.device)  # [1, cache + n]
+        logits, row.cache = self._forward(ids, mask, chunk_rows(self.vlm, row, row.done, n), row.cache)
+        row.done += n
+        if row.done < len(row.prompt_ids):
+            return []
+        cache, row.cache = row.cache, None
+        self._join([row], cache, mask, logits)
+        return [row]
+
+    def _join(self, rows: list[Row], cache: Any, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Prefilled rows (their cache, mask [n, T] and next-token logits [n, V]) join the running batch."""
+        for r in rows:
+            self.pending.remove(r)
+            r.image_rows = None  # no longer needed (the cache keeps their images' rows)
         if not self.rows:
             self.rows, self.cache, self.mask, self.logits = list(rows), cache, mask, logits
             self.can_merge = kvcache.can_merge(cache)
             return
+        if not self.can_merge:
+            raise RuntimeError("this LM's KV cache cannot take new rows mid-batch; add rows to an empty batch")
         t_old, t_new = self.mask.shape[1], mask.shape[1]
         t = max(t_old, t_new)
         self.cache = kvcache.merge(self.cache, cache, t - t_old, t - t_new)
@@ -138,6 +216,22 @@ class DecodeBatch:
         self.logits = torch.cat([self.logits, logits])
         self.rows += rows
 
+    def add(self, rows: list[Row]) -> None:
+        """Prefill `rows` now (whole prompts, together where possible) and append them to the batch; the
+        first row that cannot be prefilled raises (the others stay in the batch)."""
+        if not rows:
+            return
+        if self.rows and not self.can_merge:
+            raise RuntimeError("this LM's KV cache cannot take new rows mid-batch; add rows to an empty batch")
+        self.start(rows)
+        while any(r in self.pending for r in rows):
+            _, failed = self.prefill()
+            if failed:
+                for r in [r for r in rows if r in self.pending]:
+                    self.drop_pending(r)
+                raise failed[0][1]
+
+    # ----- decode ------------------------------------------------------------------------------------
     def next_tokens(self) -> list[int]:
         """One token per row from its pending logits (greedy rows share one argmax)."""
         greedy = self.logits.argmax(dim=-1).tolist()  # [B]
@@ -147,8 +241,13 @@ class DecodeBatch:
     @torch.no_grad()
     def advance(self, tokens: list[int], keep: list[bool]) -> None:
         """Drop the rows whose `keep` is False and feed `tokens` to the rest (one forward step). Callers
-        record accepted tokens in `Row.tokens` themselves (a stop token is picked but never recorded)."""
+        record accepted tokens in `Row.tokens` themselves (a stop token is picked but never recorded).
+        A dropped row's KV (prompt + the tokens fed to it) goes to the prefix cache."""
         if not all(keep):
+            if self.prefix_cache is not None and self.can_merge:
+                for i, (r, k) in enumerate(zip(self.rows, keep)):
+                    if not k:
+                        store_finished(self.prefix_cache, self.cache, self.mask, i, r)
             index = torch.tensor([i for i, k in enumerate(keep) if k], dtype=torch.long, device=self.device)
             self.rows = [r for r, k in zip(self.rows, keep) if k]
             tokens = [t for t, k in zip(tokens, keep) if k]
@@ -162,6 +261,8 @@ class DecodeBatch:
             if first > 0 and self.can_merge:
                 kvcache.crop_left(self.cache, first)
                 self.mask = self.mask[:, first:]
+        for r, t in zip(self.rows, tokens):
+            r.fed.append(t)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         nxt = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
-        self.logits, self.cache = self._forward(nxt, self.mask, {}, self.cache)
+        self.logits, self.cache = self._forward(nxt, self.mask, None, self.cache)
