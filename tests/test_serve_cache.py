@@ -333,3 +333,58 @@ def test_api_reports_cached_tokens_and_metrics_move(vlm):
                                                              for u in (u2, u3))}
     assert after[p + "image_cache_bytes"] > 0 and after[p + "prefix_cache_bytes"] > 0
     assert after[p + "time_to_first_token_seconds_sum"] > 0
+
+
+def test_engine_prefills_a_long_prompt_in_chunks_while_another_request_decodes(vlm):
+    import time
+
+    from qwenvl_lab.serve.engine import Engine, Job
+
+    short = ([image(0)], [user(1, "hi?")])
+    long = ([image(1), image(2)], [user(2, "a much longer question " * 6 + "about both pictures?")])
+    want_long = uncached(vlm, *long)
+    engine = Engine(vlm, max_batch_size=4, max_queue=4, prefill_chunk=7)
+
+    def job(imgs, msgs, n):
+        ids = vlm.chat_ids(msgs, len(imgs), vlm.image_tokens(imgs))
+        return Job(ids, vlm.image_inputs(imgs), SamplingParams(max_tokens=n, ignore_eos=True), emit=lambda k, d: None)
+
+    first, second = job(*short, 120), job(*long, N)  # 120 steps: far more than the ~20 chunks
+    engine.start()
+    try:
+        engine.submit(first)
+        deadline = time.monotonic() + 120
+        while not first.tokens and time.monotonic() < deadline:
+            time.sleep(0.01)
+        engine.submit(second)  # arrives while the first decodes: its prompt is prefilled 7 tokens at a time
+        while (first.finish_reason is None or second.finish_reason is None) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        engine.stop()
+    assert (first.finish_reason, second.finish_reason) == ("length", "length")
+    assert second.tokens == want_long
+    with torch.no_grad():
+        ids = vlm.chat_ids(short[1], 1)
+        assert first.tokens == vlm.generate(torch.tensor([ids]), None, **vlm.image_inputs(short[0]),
+                                            max_new_tokens=120, stop_token_ids=[])[0]
+    assert engine.stats()["max_batch"] == 2 and engine.stats()["errors"] == 0
+
+
+@pytest.mark.parametrize("mode", ["anyres", "native"])
+def test_variable_resolution_chats_chunked_and_prefix_cached_equal_uncached(tmp_path, mode):
+    from tests.test_variable_serving import variable_vlm
+
+    vlm = variable_vlm(tmp_path, mode)
+    imgs = [image(0, (64, 48)), image(1, (20, 70))]  # spans of different lengths
+    batch = DecodeBatch(vlm, image_cache=ImageCache(64 << 20), prefix_cache=PrefixCache(64 << 20))
+    msgs = [user(2, "what are they?")]
+    for turn in range(2):
+        row = row_of(vlm, imgs, msgs)
+        run(batch, [row], budget=5)  # chunks cut through every span
+        assert row.tokens == uncached(vlm, imgs, msgs), f"turn {turn + 1}"
+        assert (row.cached_tokens > 0) == (turn > 0)
+        msgs = msgs + [{"role": "assistant", "content": vlm.decode(row.tokens)}, user(0, "which is bigger?")]
+    other = row_of(vlm, imgs[::-1], [user(2, "what are they?")])  # the same text, the images swapped
+    run(batch, [other], budget=5)
+    assert other.cached_tokens == other.prompt_ids.index(vlm.image_token_id)
+    assert other.tokens == uncached(vlm, imgs[::-1], [user(2, "what are they?")])
