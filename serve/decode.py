@@ -9,15 +9,25 @@ Contract:
   (`vlm.image_inputs(images)`: `pixel_values` plus the per-image keys of the resolution mode,
   `image_sizes` / `image_crops` (anyres) or `image_grid` (native / naflex)); `{}` or None without images;
   a bare tensor is `pixel_values` alone (fixed mode). `.tokens` collects what was picked for it.
-- `DecodeBatch(vlm)`: `add(rows)` prefills the new rows together (left-padded; their images through the
-  towers: each image key concatenated in row order, `pixel_values` and the per-image keys alike, so every
-  image keeps its crops / patches and its own size) and appends them to the running rows: the two KV
-  caches are left-padded to one length and concatenated. Rows whose images have different key sets (a
-  bug: one model has one mode) raise ValueError. `next_tokens() -> [token per row]` picks from each row's
-  pending logits; `advance(tokens, keep)` drops the rows whose `keep` is False and runs one forward step
-  for the others (callers append accepted tokens to `Row.tokens`).
+- `DecodeBatch(vlm, image_cache=None, prefix_cache=None)`: `start(rows)` queues rows for prefill
+  (`serve.prefill.plan_row`: image keys and spans, and with a prefix cache the longest cached prefix of the
+  prompt, copied into the row's own one-row cache); `prefill(budget=None) -> (joined, failed)` runs one
+  piece of prefill work: the pending rows that start from nothing and fit `budget` tokens together
+  (left-padded, one forward), or the next chunk of at most `budget` tokens of the first pending row on its
+  own cache (the rest of the prompt after a cached prefix, or a prompt longer than `budget`); a row whose
+  prompt is done joins the running rows: the KV caches are left-padded to one length and concatenated.
+  Image rows come from `vlm.encode_image_inputs` through the image cache and reach the forward as its
+  `image_rows`, sliced to the placeholders of each piece, so a chunk may start or end inside a span.
+  A group that fails is retried row by row; only a row that cannot be prefilled is returned as failed.
+  `add(rows)` = `start` + `prefill()` until those rows joined (raises the first failure). Rows whose
+  images have different key sets (a bug: one model has one mode) raise ValueError.
+  `next_tokens() -> [token per row]` picks from each row's pending logits; `advance(tokens, keep)` drops
+  the rows whose `keep` is False (their prompt + fed tokens go to the prefix cache,
+  `serve.prefill.store_finished`) and runs one forward step for the others (callers append accepted tokens
+  to `Row.tokens`; `Row.fed` records what was fed). `Row.cached_tokens`: prompt tokens taken from the cache.
   Positions are `cumsum(mask) - 1`, so padding never shifts a row: a row's greedy tokens are the ones
-  `vlm.chat` gives (bit-identical when it runs alone; equal up to float rounding in a batch).
+  `vlm.chat` gives (bit-identical when it runs alone and whole; equal up to float rounding in a batch, in
+  chunks or after a cached prefix).
 Both LM backends work (our Qwen LM and a transformers causal LM) as long as the cache is one that
 `serve.kvcache` can edit; otherwise `can_merge` is False and callers add rows only to an empty batch.
 """
