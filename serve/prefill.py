@@ -8,7 +8,7 @@ Contract (every function works on `serve.decode.Row` objects and changes only th
   whole, without the prefix cache.
 - `plan_row(vlm, row, prefix_cache)`: the row's image keys (`serve.imagecache.image_key`) and spans, its
   prefix key (`serve.prefixcache.prompt_key`), and with a prefix cache its longest cached prefix, at most
-  `len(prompt) - 1` positions: `row.cache` becomes a one-row copy of that prefix, `row.done` and
+  `len(prompt) - 1` positions and at least the cache's `min_tokens`: `row.cache` becomes a one-row copy of that prefix, `row.done` and
   `row.cached_tokens` its length (the hit or miss is counted).
 - `encode_rows(vlm, rows, image_cache)`: for each row without `image_rows`, the placeholder rows of every
   image whose span is not wholly in `row.done` (images before it are skipped: their KV is cached): each
@@ -47,7 +47,7 @@ def plan_row(vlm: Any, row: Any, prefix_cache: PrefixCache | None) -> None:
     row.key_ids = prompt_key(row.prompt_ids, vlm.image_token_id, row.image_keys, row.spans)  # [T]
     entry, n = prefix_cache.lookup(row.key_ids)
     reuse = min(n, len(row.prompt_ids) - 1)  # one token must run to give the next-token logits
-    if entry is not None and reuse > 0:
+    if entry is not None and reuse >= prefix_cache.min_tokens:
         row.cache = kvcache.copy_row(entry.cache, 0, 0, reuse)  # views: the forward appends, never writes in
         row.done = row.cached_tokens = reuse
     prefix_cache.count(row.cached_tokens)

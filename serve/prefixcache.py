@@ -9,9 +9,11 @@ Contract:
   image match; with the content in the key, the same text with a different image matches only up to its
   first placeholder. `image_keys` / `span_tokens` are per image, in span order, and must cover every
   placeholder (ValueError otherwise).
-- `PrefixCache(max_bytes)`: `lookup(key) -> (entry, n)`: the entry with the longest common prefix with `key`
-  and that length (`(None, 0)` when none shares a first token); the caller uses at most `len(key) - 1` of it
-  (one token must run to give the next-token logits). `insert(key, cache, extra=None)`: `cache` a one-row
+- `PrefixCache(max_bytes, min_tokens=16)`: `lookup(key) -> (entry, n)`: the entry with the longest common
+  prefix with `key` and that length (`(None, 0)` when none shares a first token); the caller uses at most
+  `len(key) - 1` of it (one token must run to give the next-token logits), and nothing when that is below
+  `min_tokens` (a few template tokens are not worth a prefill of their own: rows with a cached prefix are
+  prefilled one at a time, new rows together). `insert(key, cache, extra=None)`: `cache` a one-row
   KV cache (`serve.kvcache.copy_row`) holding exactly `len(key)` positions, with `extra` what else must be
   equal for reuse (e.g. the rotary scaling it was made with); an entry whose key is a prefix of the new one
   is dropped (the new one answers every lookup it did), and a new key that is a prefix of an existing entry
@@ -61,10 +63,10 @@ def _lcp(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int) -> None:
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        self.max_bytes = int(max_bytes)
+    def __init__(self, max_bytes: int, min_tokens: int = 16) -> None:
+        if max_bytes < 0 or min_tokens < 1:
+            raise ValueError(f"max_bytes must be >= 0 and min_tokens >= 1, got {max_bytes}, {min_tokens}")
+        self.max_bytes, self.min_tokens = int(max_bytes), int(min_tokens)
         self.entries: OrderedDict[int, Entry] = OrderedDict()  # id(entry) -> entry, least recent first
         self.bytes = 0
         self.hits = self.misses = self.evictions = self.cached_tokens = 0
