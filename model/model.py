@@ -51,6 +51,8 @@ Contract:
   output, e.g. from a feature cache) may replace `pixel_values`: the towers are skipped. `image_rows [n_slots, D]`
   (from `encode_image_inputs(**image_inputs)`, e.g. a serving cache) replaces every image input: the towers and
   the projector are skipped and the rows are written at the placeholders as given.
+  `keep_hidden=True` with `logits_to_keep` (generation): `VLMOutput.hidden_states` holds the kept positions'
+  final hidden states `[B, n, D]` and `.logits` is computed only when read (serving's screened greedy head).
   Labels are not shifted here (`core.loss.shift_targets` is the one shift). `cu_seqlens` / `position_ids`
   (packing) go to the backbone (qwen only). In training mode a batch without any image still runs the
   projector (and trainable towers, in eval mode) on one blank image and adds `0 * rows.sum()`, so every
@@ -190,6 +192,7 @@ class VLMOutput:
     past_key_values: Any
     _logits: torch.Tensor | None
     _logits_fn: Any
+    hidden_states: torch.Tensor | None = None  # [B, n, D] with keep_hidden (generation's kept positions)
 
     def __init__(self, loss: torch.Tensor | None, logits: torch.Tensor | None = None, past_key_values: Any = None,
                  logits_fn: Any = None):
@@ -438,6 +441,7 @@ class VLM(nn.Module):
         image_crops: torch.Tensor | None = None,
         image_grid: torch.Tensor | None = None,
         image_rows: torch.Tensor | None = None,
+        keep_hidden: bool = False,
         **kw: Any,
     ) -> VLMOutput:
         # `image_features` [n_crops, T, C]: cached tower output (dataprocess/cache_features.py).
@@ -469,6 +473,16 @@ class VLM(nn.Module):
             return VLMOutput(loss, past_key_values=pkv, logits_fn=lambda: head(hidden))
         if logits_to_keep > 0 and labels is None:
             hidden = hidden[:, -logits_to_keep:]  # [B, n, D]: generation reads the last position only
+            if keep_hidden:  # a greedy screen picks tokens from `hidden_states`; logits only if read
+                grad = torch.is_grad_enabled()
+
+                def logits_fn() -> torch.Tensor:
+                    with torch.set_grad_enabled(grad):  # as if computed here (decode_logits depends on it)
+                        return decode_logits(hidden, head)  # [B, n, V]
+
+                out = VLMOutput(None, past_key_values=pkv, logits_fn=logits_fn)
+                out.hidden_states = hidden
+                return out
             logits = decode_logits(hidden, head)  # [B, n, V]
         else:
             logits = head(hidden)  # [B, T, V]

@@ -28,6 +28,11 @@ Contract:
   Positions are `cumsum(mask) - 1`, so padding never shifts a row: a row's greedy tokens are the ones
   `vlm.chat` gives (bit-identical when it runs alone and whole; equal up to float rounding in a batch, in
   chunks or after a cached prefix).
+With our Qwen LM the decode steps run as its `generate` does: the running rows' KV cache is static
+(`qwen.cache.QWenCache.max_length` set to every row's remaining tokens whenever rows join or leave, so the
+steps write in place), and where `generate` screens its greedy argmax (`qwen.generation.ScreenedHead`: an
+fp32 head on a CPU with fbgemm) the forward keeps the last hidden states (`keep_hidden`) and greedy rows
+take the screened argmax (the fp32 argmax), sampling rows their logits.
 Both LM backends work (our Qwen LM and a transformers causal LM) as long as the cache is one that
 `serve.kvcache` can edit; otherwise `can_merge` is False and callers add rows only to an empty batch.
 """
@@ -40,7 +45,8 @@ from typing import Any
 
 import torch
 
-from ..qwen.generation import left_pad, process_logits
+from ..core.loss import decode_logits
+from ..qwen.generation import ScreenedHead, left_pad, process_logits
 from . import kvcache
 from .imagecache import ImageCache, concat_image_inputs  # noqa: F401 (concat_image_inputs: re-exported)
 from .prefill import chunk_rows, encode_rows, plan_row, store_finished
@@ -117,8 +123,13 @@ class DecodeBatch:
         self.pending: list[Row] = []  # started, prompt not yet (wholly) prefilled
         self.cache: Any = None
         self.mask: torch.Tensor | None = None  # [B, T] 1 = real token (in the cache or pending input)
-        self.logits: torch.Tensor | None = None  # [B, V] fp32, the pending next-token logits per row
+        # Per row, what the next token is picked from: fp32 logits [B, V], or with the screened greedy head
+        # the last hidden states [B, D] (logits computed only for sampling rows).
+        self.logits: torch.Tensor | None = None
         self.can_merge = True  # False once a cache type is met that kvcache cannot edit
+        self.head, self.screen = screened_head(vlm, self.device)
+        # Our Qwen LM's cache preallocated and written in place between membership changes, as its generate.
+        self.static = getattr(getattr(vlm, "backbone", None), "name", None) == "qwen"
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -127,9 +138,14 @@ class DecodeBatch:
                  cache: Any) -> tuple[torch.Tensor, Any]:
         T = input_ids.shape[1]
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]  # [B, T]; padding never shifts a row
-        images = {} if image_rows is None else {"image_rows": image_rows}  # [n_slots, D]
-        out = self.vlm(input_ids=input_ids, attention_mask=mask, **images,
+        kw: dict[str, Any] = {} if image_rows is None else {"image_rows": image_rows}  # [n_slots, D]
+        if self.screen is not None:
+            kw["keep_hidden"] = True
+        out = self.vlm(input_ids=input_ids, attention_mask=mask, **kw,
                        past_key_values=cache, use_cache=True, position_ids=positions, logits_to_keep=1)
+        if self.screen is not None:
+            assert out.hidden_states is not None, "keep_hidden=True gave no hidden states"
+            return out.hidden_states[:, -1], out.past_key_values  # [B, D]
         return out.logits[:, -1].float(), out.past_key_values  # [B, V]
 
     # ----- prefill -----------------------------------------------------------------------------------
@@ -215,6 +231,7 @@ class DecodeBatch:
         if not self.rows:
             self.rows, self.cache, self.mask, self.logits = list(rows), cache, mask, logits
             self.can_merge = kvcache.can_merge(cache)
+            self._size_cache()
             return
         if not self.can_merge:
             raise RuntimeError("this LM's KV cache cannot take new rows mid-batch; add rows to an empty batch")
@@ -225,6 +242,15 @@ class DecodeBatch:
                                torch.nn.functional.pad(mask, (t - t_new, 0))])  # [B_old + n, t]
         self.logits = torch.cat([self.logits, logits])
         self.rows += rows
+        self._size_cache()
+
+    def _size_cache(self) -> None:
+        """Make our Qwen cache static for the running rows: room for every row's remaining tokens, so the
+        decode steps write in place (`qwen.cache.QWenCache`: its buffer is rebuilt once after rows change)."""
+        if not self.static or not self.rows or not hasattr(self.cache, "max_length") or hasattr(self.cache, "layers"):
+            return
+        left = max(r.params.max_tokens - len(r.tokens) for r in self.rows)  # [B, T] grows by one per step
+        self.cache.max_length = self.mask.shape[1] + max(left, 0) + 1
 
     def add(self, rows: list[Row]) -> None:
         """Prefill `rows` now (whole prompts, together where possible) and append them to the batch; the
@@ -243,10 +269,27 @@ class DecodeBatch:
 
     # ----- decode ------------------------------------------------------------------------------------
     def next_tokens(self) -> list[int]:
-        """One token per row from its pending logits (greedy rows share one argmax)."""
+        """One token per row from its pending logits (greedy rows share one argmax), or from its hidden
+        state through the screened head (greedy rows: the fp32 argmax, as `vlm.generate` picks it)."""
+        if self.screen is not None:
+            return self._screened_tokens()
         greedy = self.logits.argmax(dim=-1).tolist()  # [B]
         return [g if r.params.temperature <= 0 else sample_token(self.logits[i], r.params, r.generator)
                 for i, (r, g) in enumerate(zip(self.rows, greedy))]
+
+    def _screened_tokens(self) -> list[int]:
+        hidden = self.logits.float()  # [B, D]
+        greedy = [i for i, r in enumerate(self.rows) if r.params.temperature <= 0]
+        out = [0] * len(self.rows)
+        if greedy:
+            screen = ScreenedHead.for_head(self.head)  # rebuilt only if the weight changed
+            for i, t in zip(greedy, screen.argmax(hidden[greedy], self.head.weight).tolist()):
+                out[i] = t
+        for i, r in enumerate(self.rows):
+            if r.params.temperature > 0:
+                logits = decode_logits(self.logits[i:i + 1, None], self.head)[0, 0].float()  # [V]
+                out[i] = sample_token(logits, r.params, r.generator)
+        return out
 
     @torch.no_grad()
     def advance(self, tokens: list[int], keep: list[bool]) -> None:
@@ -271,8 +314,21 @@ class DecodeBatch:
             if first > 0 and self.can_merge:
                 kvcache.crop_left(self.cache, first)
                 self.mask = self.mask[:, first:]
+            self._size_cache()
         for r, t in zip(self.rows, tokens):
             r.fed.append(t)
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
         nxt = torch.tensor(tokens, device=self.device)[:, None]  # [B, 1]
         self.logits, self.cache = self._forward(nxt, self.mask, None, self.cache)
+
+
+def screened_head(vlm: Any, device: torch.device) -> tuple[Any, ScreenedHead | None]:
+    """(output head, its screen) where `vlm.generate` picks greedy tokens with `qwen.generation.ScreenedHead`
+    (our Qwen LM, a plain fp32 head on a CPU with fbgemm), else (None, None)."""
+    bb = getattr(vlm, "backbone", None)
+    if getattr(bb, "name", None) != "qwen" or not bb.plain_head(vlm.lm):
+        return None, None
+    head = bb.output_head(vlm.lm)
+    if not ScreenedHead.usable(head, device):
+        return None, None
+    return head, ScreenedHead.for_head(head)

@@ -51,9 +51,10 @@ def row_of(vlm, imgs: list, messages: list[dict]) -> Row:
     return Row(ids, vlm.image_inputs(imgs), SamplingParams(max_tokens=N, ignore_eos=True))
 
 
-def run(batch: DecodeBatch, rows: list[Row], budget: int | None = None, joins: dict | None = None) -> dict:
+def run(batch: DecodeBatch, rows: list[Row], budget: int | None = None, joins: dict | None = None,
+        on_step=None) -> dict:
     """Start `rows` (and `joins[step]` at that decode step), then one prefill piece of `budget` tokens and one
-    decode step per iteration until every row has N tokens. Returns what happened per step."""
+    decode step per iteration until every row has its max_tokens. Returns what happened per step."""
     joins = dict(joins or {})
     batch.start(rows)
     log: dict[str, Any] = {"steps_while_pending": 0}
@@ -69,7 +70,9 @@ def run(batch: DecodeBatch, rows: list[Row], budget: int | None = None, joins: d
             tokens = batch.next_tokens()
             for r, t in zip(batch.rows, tokens):
                 r.tokens.append(t)
-            batch.advance(tokens, [len(r.tokens) < N for r in batch.rows])
+            batch.advance(tokens, [len(r.tokens) < r.params.max_tokens for r in batch.rows])
+            if on_step is not None:
+                on_step(batch)
         step += 1
     return log
 
@@ -389,3 +392,32 @@ def test_variable_resolution_chats_chunked_and_prefix_cached_equal_uncached(tmp_
     run(batch, [other], budget=5)
     assert other.cached_tokens == other.prompt_ids.index(vlm.image_token_id)
     assert other.tokens == uncached(vlm, imgs[::-1], [user(2, "what are they?")])
+
+
+def test_decode_steps_use_the_static_cache_and_screened_head_as_generate_does(tmp_path):
+    vlm = build_tiny_vlm(tmp_path, dtype="float32")  # an fp32 head on a CPU: generate screens its argmax
+    randomize_(vlm, seed=3)
+    vlm.eval()
+    batch = DecodeBatch(vlm, image_cache=ImageCache(64 << 20), prefix_cache=PrefixCache(64 << 20))
+    if batch.screen is None:
+        pytest.skip("no fbgemm fp16 kernels in this torch build: generate does not screen either")
+    assert batch.static
+    convs = [([image(i)], [user(1, "what" + " is it" * i + "?")]) for i in range(3)]
+    want = [uncached(vlm, imgs, m) for imgs, m in convs]
+    rows = [row_of(vlm, imgs, m) for imgs, m in convs]
+    rows[1].params.max_tokens = 3  # leaves early: rows are selected, the buffer is rebuilt, decoding goes on
+    seen_static = []
+
+    def on_step(batch: DecodeBatch) -> None:
+        keys = batch.cache.keys[0] if batch.cache is not None else None
+        if keys is not None:  # a view of a preallocated buffer: its storage holds more positions than are filled
+            seen_static.append(keys.untyped_storage().nbytes() > keys.numel() * keys.element_size())
+
+    run(batch, rows[:2], joins={2: [rows[2]]}, on_step=on_step)
+    assert [r.tokens for r in rows] == [want[0], want[1][:3], want[2]]
+    assert len(seen_static) >= N and all(seen_static)  # every decode step ran on the static buffer
+    sampled = [Row(rows[0].prompt_ids, rows[0].images, SamplingParams(max_tokens=N, temperature=1.0, seed=7))
+               for _ in range(2)]
+    for r in sampled:
+        run(DecodeBatch(vlm), [r])
+    assert sampled[0].tokens == sampled[1].tokens and len(sampled[0].tokens) == N  # sampling reads the logits
