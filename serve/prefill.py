@@ -89,7 +89,9 @@ def encode_rows(vlm: Any, rows: list[Any], image_cache: ImageCache | None) -> No
             else:
                 misses[key] = (parts[i], r.spans[i])
     if misses:
-        encoded = vlm.encode_image_inputs(**concat_image_inputs([p for p, _ in misses.values()]))  # [slots, D]
+        device = next(vlm.parameters()).device
+        inputs = {k: v.to(device) for k, v in concat_image_inputs([p for p, _ in misses.values()]).items()}
+        encoded = vlm.encode_image_inputs(**inputs)  # [n_slots of the misses, D]
         pieces = torch.split(encoded, [n for _, n in misses.values()])
         for key, piece in zip(misses, pieces):
             found[key] = piece.clone()  # its own storage: the cache must not keep the whole batch alive

@@ -13,11 +13,11 @@ Contract:
   prefix with `key` and that length (`(None, 0)` when none shares a first token); the caller uses at most
   `len(key) - 1` of it (one token must run to give the next-token logits), and nothing when that is below
   `min_tokens` (a few template tokens are not worth a prefill of their own: rows with a cached prefix are
-  prefilled one at a time, new rows together). `insert(key, cache, extra=None)`: `cache` a one-row
-  KV cache (`serve.kvcache.copy_row`) holding exactly `len(key)` positions, with `extra` what else must be
-  equal for reuse (e.g. the rotary scaling it was made with); an entry whose key is a prefix of the new one
-  is dropped (the new one answers every lookup it did), and a new key that is a prefix of an existing entry
-  only refreshes that entry. Least recently used entries are evicted until the bytes are within
+  prefilled one at a time, new rows together); `count(reused)` records a request's hit or miss.
+  `insert(key, cache, n_bytes)`: `cache` a one-row KV cache (`serve.kvcache.copy_row`) holding exactly
+  `len(key)` positions, `n_bytes` its size; an entry whose key is a prefix of the new one is dropped (the new
+  one answers every lookup it did), and a new key that is a prefix of an existing entry only refreshes that
+  entry. Least recently used entries are evicted until the bytes are within
   `max_bytes`; `max_bytes=0` keeps nothing. `stats() -> dict` (hits, misses, cached_tokens, evictions,
   entries, bytes, max_bytes). Used from the engine thread only.
 """
@@ -52,7 +52,6 @@ def prompt_key(prompt_ids: list[int], image_token_id: int, image_keys: list[str]
 class Entry:
     key: torch.Tensor  # [T]
     cache: Any  # one row, T positions
-    extra: Any
     bytes: int
 
 
@@ -71,11 +70,9 @@ class PrefixCache:
         self.bytes = 0
         self.hits = self.misses = self.evictions = self.cached_tokens = 0
 
-    def lookup(self, key: torch.Tensor, extra: Any = None) -> tuple[Entry | None, int]:
+    def lookup(self, key: torch.Tensor) -> tuple[Entry | None, int]:
         best, n = None, 0
         for e in self.entries.values():
-            if e.extra != extra:
-                continue
             m = _lcp(e.key, key)
             if m > n:
                 best, n = e, m
@@ -91,19 +88,17 @@ class PrefixCache:
         else:
             self.misses += 1
 
-    def insert(self, key: torch.Tensor, cache: Any, n_bytes: int, extra: Any = None) -> None:
+    def insert(self, key: torch.Tensor, cache: Any, n_bytes: int) -> None:
         if n_bytes > self.max_bytes:
             return
         for e in list(self.entries.values()):
-            if e.extra != extra:
-                continue
             m = _lcp(e.key, key)
             if m == len(key):  # the new key is a prefix of (or equal to) an entry: nothing new to keep
                 self.entries.move_to_end(id(e))
                 return
             if m == len(e.key):  # an entry that is a prefix of the new key is superseded by it
                 self._drop(e)
-        entry = Entry(key.clone(), cache, extra, n_bytes)
+        entry = Entry(key.clone(), cache, n_bytes)
         self.entries[id(entry)] = entry
         self.bytes += n_bytes
         while self.bytes > self.max_bytes:
