@@ -421,3 +421,29 @@ def test_decode_steps_use_the_static_cache_and_screened_head_as_generate_does(tm
     for r in sampled:
         run(DecodeBatch(vlm), [r])
     assert sampled[0].tokens == sampled[1].tokens and len(sampled[0].tokens) == N  # sampling reads the logits
+
+
+def test_qwen1_dynamic_ntk_prompts_past_seq_length_are_prefilled_whole(tmp_path):
+    import json
+
+    from tests.tiny_model import tiny_lm_dir
+
+    lm = tiny_lm_dir(tmp_path, "qwen1")
+    cfg = json.loads((lm / "config.json").read_text())
+    short_len = len(build_tiny_vlm(tmp_path, lm_arch="qwen1").chat_ids([user(1, "hi?")], 1))
+    cfg.update(use_dynamic_ntk=True, use_logn_attn=True, seq_length=short_len + 4)  # NTK alpha > 1 past it
+    (lm / "config.json").write_text(json.dumps(cfg))
+    vlm = build_tiny_vlm(tmp_path, lm_arch="qwen1")
+    randomize_(vlm, seed=3)
+    vlm.eval()
+    short = ([image(0)], [user(1, "hi?")])
+    long = ([image(1)], [user(1, "a longer question " * 4 + "past the rotary threshold?")])
+    batch = DecodeBatch(vlm, prefix_cache=PrefixCache(64 << 20, min_tokens=1))
+    rows = [row_of(vlm, *short), row_of(vlm, *long)]
+    run(batch, rows, budget=5)
+    assert (rows[0].pieces, rows[1].pieces) == (True, False)  # the long prompt's alpha depends on its length
+    assert [r.tokens for r in rows] == [uncached(vlm, *short), uncached(vlm, *long)]
+    again = [row_of(vlm, *short), row_of(vlm, *long)]
+    run(batch, again, budget=5)
+    assert again[0].cached_tokens == len(again[0].prompt_ids) - 1 and again[1].cached_tokens == 0
+    assert [r.tokens for r in again] == [r.tokens for r in rows]
