@@ -78,8 +78,21 @@ def run(batch: DecodeBatch, rows: list[Row], budget: int | None = None, joins: d
 
 
 @pytest.fixture(scope="module")
-def vlm(tmp_path_factory):
-    return tiny(tmp_path_factory.mktemp("serve_cache"))
+def by_backend(tmp_path_factory):
+    """One tiny VLM per LM backend for the module, built on first use."""
+    built: dict[str, Any] = {}
+
+    def get(backend: str):
+        if backend not in built:
+            built[backend] = tiny(tmp_path_factory.mktemp(f"serve_cache_{backend}"), backend)
+        return built[backend]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def vlm(by_backend):
+    return by_backend("qwen")
 
 
 def test_image_cache_hits_skip_the_towers_and_keep_answers(vlm):
@@ -160,8 +173,8 @@ def test_prompt_keys_tell_images_apart():
 
 
 @pytest.mark.parametrize("backend", ["qwen", "hf"])
-def test_a_three_turn_chat_reuses_its_prefix_and_answers_as_uncached(tmp_path, backend):
-    vlm = tiny(tmp_path, backend)
+def test_a_three_turn_chat_reuses_its_prefix_and_answers_as_uncached(by_backend, backend):
+    vlm = by_backend(backend)
     calls = count_tower_images(vlm)
     images, prefix = ImageCache(64 << 20), PrefixCache(64 << 20)
     msgs = [user(1, "what is it?")]
@@ -234,8 +247,8 @@ def test_prefix_cache_evicts_least_recently_used_under_a_small_budget(vlm):
 
 
 @pytest.mark.parametrize("backend", ["qwen", "hf"])
-def test_chunked_prefill_interleaves_with_decode_and_gives_whole_prefill_tokens(tmp_path, backend):
-    vlm = tiny(tmp_path, backend)
+def test_chunked_prefill_interleaves_with_decode_and_gives_whole_prefill_tokens(by_backend, backend):
+    vlm = by_backend(backend)
     short = ([image(0)], [user(1, "hi?")])
     long = ([image(1), image(2)], [user(2, "a much longer question " * 6 + "about both pictures?")])
     want = [uncached(vlm, *short), uncached(vlm, *long)]
