@@ -15,7 +15,14 @@ exactly `--new-tokens` tokens, greedy (`ignore_eos`, so every mode does the same
 Figures per mode: `requests_per_s` and `tokens_per_s` (generated tokens / wall time of the whole run),
 `mean_latency_s` (submit to last token), `ratio` (tokens/s over one-at-a-time's) and `match` (the fraction
 of requests whose tokens equal one-at-a-time's: batching must not change greedy answers; fp32 rounding can
-rarely flip a near-tie). Every mode runs once per round (`--rounds`, default 2), in the opposite order
+rarely flip a near-tie); a second line per mode gives time to first token (`ttft_p50_s`, `ttft_p95_s`: submit
+to the first token) and inter-token latency (`itl_p50_ms`, `itl_p95_ms`: between a request's consecutive
+tokens), from each token's arrival (the streamer of `vlm.generate`, the engine's text deltas).
+`chat_3_turns`: `--chat-runs` conversations of 3 turns about the same image through one engine, one
+request at a time (each turn re-sends the conversation: the previous prompt, the answer and a new
+question, as an OpenAI client does); per turn its TTFT p50 and, for turns 2 and 3, the ratio to turn 1's
+(the image cache and the prefix cache make later turns prefill only their new tokens), and whether each
+turn's tokens equal `vlm.generate` on the whole prompt. Every mode runs once per round (`--rounds`, default 2), in the opposite order
 each round, and the figures add up the rounds: slow drifts of a shared machine's load fall on every mode.
 """
 
@@ -58,6 +65,9 @@ class _BenchModel:
     def decode(ids: list[int]) -> str:
         return " ".join(map(str, ids))
 
+    def __getattr__(self, name: str):  # image_token_id, encode_image_inputs, resolution, ...: the VLM's
+        return getattr(self._vlm, name)
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -70,11 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--chat-runs", type=int, default=4, help="3-turn same-image conversations (0 skips them)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (for tests)")
     args = ap.parse_args(argv)
     if args.quick:
         args.requests, args.new_tokens, args.concurrency = min(args.requests, 6), min(args.new_tokens, 4), [1, 3]
-        args.rounds = 1
+        args.rounds, args.chat_runs = 1, min(args.chat_runs, 1)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return args
@@ -87,17 +98,34 @@ def make_requests(spec: common.BenchSpec, n: int, seed: int) -> list[tuple[list[
             for _ in range(n)]
 
 
-def one_at_a_time(vlm, requests, n_new: int, device) -> tuple[float, list[list[int]], list[float]]:
-    outs, lat = [], []
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]
+
+
+def _gaps(times: list[float], start: float) -> tuple[float | None, list[float]]:
+    """(time to first token, inter-token gaps) of one request's token arrival times."""
+    if not times:
+        return None, []
+    return times[0] - start, [b - a for a, b in zip(times, times[1:])]
+
+
+def one_at_a_time(vlm, requests, n_new: int, device) -> tuple[float, list[list[int]], list[float], list]:
+    outs, lat, timing = [], [], []
 
     def worker() -> None:
         for ids, pix in requests:
+            arrivals: list[float] = []
             t = time.perf_counter()
             with torch.no_grad():
                 outs.append(vlm.generate(torch.tensor([ids], device=device), None, pix.to(device),
-                                         max_new_tokens=n_new, stop_token_ids=[])[0])
+                                         max_new_tokens=n_new, stop_token_ids=[],
+                                         streamer=lambda b, tok, a=arrivals: a.append(time.perf_counter()))[0])
             common.sync(device)
             lat.append(time.perf_counter() - t)
+            timing.append(_gaps(arrivals, t))
 
     # In a worker thread, as the engine's decoding runs: on a loaded CPU the main thread's OpenMP team
     # behaves differently (measured 3-6x slower on tiny ops here), which would flatter the engine.
@@ -105,7 +133,26 @@ def one_at_a_time(vlm, requests, n_new: int, device) -> tuple[float, list[list[i
     th = threading.Thread(target=worker)
     th.start()
     th.join()
-    return time.perf_counter() - t0, outs, lat
+    return time.perf_counter() - t0, outs, lat, timing
+
+
+def _engine_job(engine: Engine, ids: list[int], pix: torch.Tensor, n_new: int) -> tuple[Job, float, list[float]]:
+    """Submit one greedy request and wait for it: (job, submit time, token arrival times)."""
+    done = threading.Event()
+    arrivals: list[float] = []
+
+    def emit(kind: str, data) -> None:
+        if kind == "delta":  # the bench model's text is one id per token, so every token is a delta
+            arrivals.append(time.perf_counter())
+        elif kind in ("done", "error"):
+            done.set()
+
+    job = Job(ids, pix, SamplingParams(max_tokens=n_new, ignore_eos=True), emit=emit)
+    t = time.perf_counter()
+    engine.submit(job)
+    done.wait()
+    assert job.finish_reason == "length", job.finish_reason
+    return job, t, arrivals
 
 
 def with_engine(model, requests, n_new: int, concurrency: int, max_batch: int, device):
@@ -113,6 +160,7 @@ def with_engine(model, requests, n_new: int, concurrency: int, max_batch: int, d
     engine.start()
     outs: list[list[int] | None] = [None] * len(requests)
     lat = [0.0] * len(requests)
+    timing: list = [None] * len(requests)
     next_index = iter(range(len(requests)))
     lock = threading.Lock()
 
@@ -122,15 +170,10 @@ def with_engine(model, requests, n_new: int, concurrency: int, max_batch: int, d
                 i = next(next_index, None)
             if i is None:
                 return
-            done = threading.Event()
             ids, pix = requests[i]
-            job = Job(ids, pix.to(device), SamplingParams(max_tokens=n_new, ignore_eos=True),
-                      emit=lambda kind, data, d=done: d.set() if kind in ("done", "error") else None)
-            t = time.perf_counter()
-            engine.submit(job)
-            done.wait()
+            job, t, arrivals = _engine_job(engine, ids, pix.to(device), n_new)
             lat[i] = time.perf_counter() - t
-            assert job.finish_reason == "length", job.finish_reason
+            timing[i] = _gaps(arrivals, t)
             outs[i] = list(job.tokens)
 
     t0 = time.perf_counter()
@@ -142,7 +185,46 @@ def with_engine(model, requests, n_new: int, concurrency: int, max_batch: int, d
     wall = time.perf_counter() - t0
     stats = engine.stats()
     engine.stop()
-    return wall, outs, lat, stats
+    return wall, outs, lat, stats, timing
+
+
+def chat_turns(vlm, model, spec: common.BenchSpec, runs: int, n_new: int, seed: int, device) -> dict:
+    """`runs` 3-turn conversations about one image each through one engine (module docstring)."""
+    rng = random.Random(seed + 1)
+    g = torch.Generator().manual_seed(seed + 1)
+    newline = spec.n_text - 1
+    engine = Engine(model, max_batch_size=4, max_queue=4)
+    engine.start()
+    ttft: dict[int, list[float]] = {1: [], 2: [], 3: []}
+    match = []
+    try:
+        for _ in range(runs):
+            pix = torch.randn(1, 3, spec.image_size, spec.image_size, generator=g).to(device)
+            ids = common.render_prompt(spec, rng, 1)
+            for turn in (1, 2, 3):
+                job, t, arrivals = _engine_job(engine, ids, pix, n_new)
+                ttft[turn].append(arrivals[0] - t)
+                with torch.no_grad():
+                    ref = vlm.generate(torch.tensor([ids], device=device), None, pix, max_new_tokens=n_new,
+                                       stop_token_ids=[])[0]
+                match.append(list(job.tokens) == ref)
+                question = [rng.randrange(spec.n_text - 1) for _ in range(rng.randint(*spec.user_len))]
+                ids = ids + list(job.tokens) + [spec.im_end, newline, spec.im_start, 1, newline] + question + [
+                    spec.im_end, newline, spec.im_start, 2, newline]  # the answer, then a new user turn
+    finally:
+        cache = engine.cache_stats()
+        engine.stop()
+    first = _percentile(ttft[1], 0.5)
+    return {"ttft_p50_s": {k: _percentile(v, 0.5) for k, v in ttft.items()},
+            "ratio_to_turn_1": {k: _percentile(v, 0.5) / first for k, v in ttft.items() if k > 1},
+            "match": sum(match) / len(match), "cache": cache}
+
+
+def _latency_figures(r: dict) -> None:
+    firsts = [t[0] for t in r["timing"] if t[0] is not None]
+    gaps = [g for t in r["timing"] for g in t[1]]
+    r["ttft_p50_s"], r["ttft_p95_s"] = _percentile(firsts, 0.5), _percentile(firsts, 0.95)
+    r["itl_p50_ms"], r["itl_p95_ms"] = 1e3 * _percentile(gaps, 0.5), 1e3 * _percentile(gaps, 0.95)
 
 
 def main(argv=None) -> dict:
@@ -162,19 +244,20 @@ def main(argv=None) -> dict:
     one_at_a_time(vlm, requests[:1], 2, device)
     with_engine(model, requests[:1], 2, 1, 1, device)
     modes = ["one_at_a_time"] + [f"concurrency={c}" for c in args.concurrency]
-    results = {m: {"wall_s": 0.0, "lat": [], "outs": None} for m in modes}
+    results = {m: {"wall_s": 0.0, "lat": [], "outs": None, "timing": []} for m in modes}
     for rnd in range(args.rounds):
         for mode in (modes if rnd % 2 == 0 else modes[::-1]):
             if mode == "one_at_a_time":
-                wall, outs, lat = one_at_a_time(vlm, requests, args.new_tokens, device)
+                wall, outs, lat, timing = one_at_a_time(vlm, requests, args.new_tokens, device)
             else:
                 c = int(mode.split("=")[1])
-                wall, outs, lat, stats = with_engine(model, requests, args.new_tokens, c, args.max_batch_size,
-                                                     device)
+                wall, outs, lat, stats, timing = with_engine(model, requests, args.new_tokens, c,
+                                                             args.max_batch_size, device)
                 results[mode]["max_batch"] = stats["max_batch"]
             r = results[mode]
             r["wall_s"] += wall
             r["lat"] += lat
+            r["timing"] += timing
             r["outs"] = r["outs"] or outs
     reference = results["one_at_a_time"]["outs"]
     for r in results.values():
@@ -188,6 +271,15 @@ def main(argv=None) -> dict:
         batch = f" max_batch={r['max_batch']}" if "max_batch" in r else ""
         print(f"{mode:<16} requests_per_s={r['requests_per_s']:.3f} tokens_per_s={r['tokens_per_s']:.1f} "
               f"mean_latency_s={r['mean_latency_s']:.2f} ratio={r['ratio']:.2f} match={r['match']:.2f}{batch}")
+        _latency_figures(r)
+        print(f"{mode:<16} ttft_p50_s={r['ttft_p50_s']:.4f} ttft_p95_s={r['ttft_p95_s']:.4f} "
+              f"itl_p50_ms={r['itl_p50_ms']:.2f} itl_p95_ms={r['itl_p95_ms']:.2f}")
+    if args.chat_runs > 0:
+        chat = chat_turns(vlm, model, spec, args.chat_runs, args.new_tokens, args.seed, device)
+        results["chat_3_turns"] = chat
+        for turn, t in chat["ttft_p50_s"].items():
+            vs = f" vs_turn_1={chat['ratio_to_turn_1'][turn]:.2f}" if turn > 1 else ""
+            print(f"chat_3_turns     turn={turn} ttft_p50_s={t:.4f}{vs} match={chat['match']:.2f}")
     return results
 
 

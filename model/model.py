@@ -48,7 +48,11 @@ Contract:
   is accepted and dispatched to the native path (model/native.py; not wired here yet). Frozen towers (no parameter
   requires grad) run in eval mode under `no_grad`, in `config.tower_dtype` when set (`cast_frozen_towers`);
   their features are cast to the projector's dtype. `image_features [n_images, T, C]` (the towers'
-  output, e.g. from a feature cache) may replace `pixel_values`: the towers are skipped.
+  output, e.g. from a feature cache) may replace `pixel_values`: the towers are skipped. `image_rows [n_slots, D]`
+  (from `encode_image_inputs(**image_inputs)`, e.g. a serving cache) replaces every image input: the towers and
+  the projector are skipped and the rows are written at the placeholders as given.
+  `keep_hidden=True` with `logits_to_keep` (generation): `VLMOutput.hidden_states` holds the kept positions'
+  final hidden states `[B, n, D]` and `.logits` is computed only when read (serving's screened greedy head).
   Labels are not shifted here (`core.loss.shift_targets` is the one shift). `cu_seqlens` / `position_ids`
   (packing) go to the backbone (qwen only). In training mode a batch without any image still runs the
   projector (and trainable towers, in eval mode) on one blank image and adds `0 * rows.sum()`, so every
@@ -188,6 +192,7 @@ class VLMOutput:
     past_key_values: Any
     _logits: torch.Tensor | None
     _logits_fn: Any
+    hidden_states: torch.Tensor | None = None  # [B, n, D] with keep_hidden (generation's kept positions)
 
     def __init__(self, loss: torch.Tensor | None, logits: torch.Tensor | None = None, past_key_values: Any = None,
                  logits_fn: Any = None):
@@ -298,6 +303,13 @@ class VLM(nn.Module):
         rows = self.projector(feats.to(proj_dtype))  # [N, tokens_per_image, D]
         assert rows.shape[1] == self.tokens_per_image, (rows.shape, self.tokens_per_image)
         return rows.reshape(-1, rows.shape[-1])  # [N * tokens_per_image, D]
+
+    def encode_image_inputs(self, pixel_values: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None,
+                            image_crops: torch.Tensor | None = None,
+                            image_grid: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Image inputs (`image_inputs`' keys, several conversations' concatenated) -> the placeholder rows
+        `[n_slots, D]` in image order, exactly what `forward` writes at the placeholders (its `image_rows`)."""
+        return self._image_rows(None, pixel_values, None, None, image_sizes, image_crops, image_grid)
 
     def _image_rows(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_counts: Any,
@@ -428,12 +440,20 @@ class VLM(nn.Module):
         image_sizes: torch.Tensor | None = None,
         image_crops: torch.Tensor | None = None,
         image_grid: torch.Tensor | None = None,
+        image_rows: torch.Tensor | None = None,
+        keep_hidden: bool = False,
         **kw: Any,
     ) -> VLMOutput:
         # `image_features` [n_crops, T, C]: cached tower output (dataprocess/cache_features.py).
         # anyres: `image_sizes` [n_images, 2] (height, width), `image_crops` [n_images]; native: `image_grid`.
-        rows = self._image_rows(input_ids, pixel_values, image_counts, image_features,
-                                image_sizes, image_crops, image_grid)  # [n_slots, D] | None
+        # `image_rows` [n_slots, D]: the placeholder rows themselves (`encode_image_inputs`, a serving cache).
+        if image_rows is not None:
+            if pixel_values is not None or image_features is not None:
+                raise ValueError("give image_rows (projected rows) or pixel_values / image_features, not both")
+            rows = image_rows
+        else:
+            rows = self._image_rows(input_ids, pixel_values, image_counts, image_features,
+                                    image_sizes, image_crops, image_grid)  # [n_slots, D] | None
         embeds = self.embed(input_ids, rows)  # [B, T, D]
         anchor = self._idle_vision_anchor(rows)  # 0-valued scalar, or None
         if anchor is not None:
@@ -453,6 +473,16 @@ class VLM(nn.Module):
             return VLMOutput(loss, past_key_values=pkv, logits_fn=lambda: head(hidden))
         if logits_to_keep > 0 and labels is None:
             hidden = hidden[:, -logits_to_keep:]  # [B, n, D]: generation reads the last position only
+            if keep_hidden:  # a greedy screen picks tokens from `hidden_states`; logits only if read
+                grad = torch.is_grad_enabled()
+
+                def logits_fn() -> torch.Tensor:
+                    with torch.set_grad_enabled(grad):  # as if computed here (decode_logits depends on it)
+                        return decode_logits(hidden, head)  # [B, n, V]
+
+                out = VLMOutput(None, past_key_values=pkv, logits_fn=logits_fn)
+                out.hidden_states = hidden
+                return out
             logits = decode_logits(hidden, head)  # [B, n, V]
         else:
             logits = head(hidden)  # [B, T, V]

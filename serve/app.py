@@ -6,6 +6,9 @@ Routes:
   `chat.completion.chunk` objects (the role first, then text deltas, then the finish reason, then a
   usage chunk when `stream_options.include_usage`), ending in `data: [DONE]`.
 - `GET /v1/models`: the one served model. `GET /health`: `{"status": "ok", ...engine.stats()}`.
+- `GET /metrics`: Prometheus text (`serve.metrics.render`): request counters, the image and prefix caches'
+  hits, misses, evictions and bytes, time-to-first-token and inter-token-latency histograms.
+`usage` holds `prompt_tokens_details.cached_tokens`: the prompt tokens whose KV came from the prefix cache.
 Errors are OpenAI's error JSON with a 4xx status for the client's mistakes (400 bad request, 404 unknown
 model, 413 body or image too large), 503 + `Retry-After` when the queue is full, 504 when the request
 timed out. A streamed request that fails after the first byte sends one `data: {"error": ...}` event and
@@ -24,9 +27,10 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from .engine import Engine, Job, QueueFull
+from .metrics import render as render_metrics
 from .protocol import ApiError, ChatRequest, Limits, load_images, parse_chat
 from .session import RequestError, prepare, submit
 
@@ -67,7 +71,8 @@ def _chunk(cid: str, created: int, model: str, delta: dict, finish: str | None =
 
 def _usage(job: Job) -> dict:
     n_prompt, n_out = len(job.prompt_ids), len(job.tokens)
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out,
+            "prompt_tokens_details": {"cached_tokens": job.cached_tokens}}
 
 
 async def _complete(request: Request, job: Job, events: asyncio.Queue, cid: str, created: int, served_model: str,
@@ -135,6 +140,10 @@ def create_app(vlm: Any, engine: Engine, served_model: str, limits: Limits, max_
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", **engine.stats()}
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(engine), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models() -> dict:

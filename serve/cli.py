@@ -42,6 +42,14 @@ def add_server_args(ap: argparse.ArgumentParser, port: int) -> None:
     ap.add_argument("--image-folder", default=None, help="allow image paths inside this folder")
     ap.add_argument("--allow-remote-images", action="store_true",
                     help="fetch http(s) image URLs (the server then makes requests on clients' behalf)")
+    ap.add_argument("--image-cache-mb", type=float, default=256.0,
+                    help="memory for images' encoded rows kept by content (0 turns the cache off)")
+    ap.add_argument("--prefix-cache-mb", type=float, default=1024.0,
+                    help="memory for finished requests' KV reused by later requests that start the same way "
+                         "(the next turn of a chat); 0 turns the cache off")
+    ap.add_argument("--prefill-chunk", type=int, default=2048,
+                    help="prompt tokens prefilled per step while other requests decode (a long prompt is "
+                         "prefilled in pieces between their steps)")
     ap.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
@@ -79,6 +87,8 @@ def build(args: argparse.Namespace):
             fail(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_queue < 0 or args.max_body_mb <= 0 or args.request_timeout <= 0:
         fail("--max-queue must be >= 0, --max-body-mb and --request-timeout > 0")
+    if args.image_cache_mb < 0 or args.prefix_cache_mb < 0 or args.prefill_chunk < 1:
+        fail("--image-cache-mb and --prefix-cache-mb must be >= 0 and --prefill-chunk >= 1")
     if args.image_folder is not None and not Path(args.image_folder).is_dir():
         fail(f"--image-folder {args.image_folder}: not a directory")
     model_dir = resolve_model_dir(args.model)
@@ -103,9 +113,11 @@ def build(args: argparse.Namespace):
     if uses_own_generate(vlm):  # e.g. Qwen2-VL's M-RoPE: the model's own generate, one request at a time
         engine = GenerateEngine(vlm, max_queue=args.max_queue)
         print(f"{name}: {vlm.family.name} is decoded by the model's own generate, one request at a time "
-              f"(--max-batch-size {args.max_batch_size} does not apply)", flush=True)
+              f"(--max-batch-size {args.max_batch_size} and the image / prefix caches do not apply)", flush=True)
     else:
-        engine = Engine(vlm, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+        engine = Engine(vlm, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                        image_cache_bytes=int(args.image_cache_mb * (1 << 20)),
+                        prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)), prefill_chunk=args.prefill_chunk)
     app = create_app(vlm, engine, name, limits, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                      request_timeout_s=args.request_timeout)
     return app, engine, name

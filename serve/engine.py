@@ -1,14 +1,22 @@
 """The serving engine: a bounded queue and one thread that decodes every admitted request together.
 
 Contract:
-- `Engine(vlm, max_batch_size=8, max_queue=64)`; `start()` / `stop()` the decoding thread.
+- `Engine(vlm, max_batch_size=8, max_queue=64, image_cache_bytes=256 MiB, prefix_cache_bytes=1 GiB,
+  prefill_chunk=2048)`; `start()` / `stop()` the decoding thread. The caches (`serve.imagecache.ImageCache`,
+  `serve.prefixcache.PrefixCache`; 0 bytes turns one off) keep each image's placeholder rows by content and
+  finished requests' KV, so a repeated image skips the towers and a request that starts like a recent one
+  (the next turn of a chat) prefills only the tokens after the match; `job.cached_tokens` says how many
+  prompt tokens came from the prefix cache.
 - `Job(prompt_ids, images, params, emit, ...)`: `images` is the request's image inputs as `serve.decode.Row`
   takes them (`vlm.image_inputs`: pixel_values plus the per-image keys of the resolution mode).
 - `submit(job)` queues a `Job`, or raises `QueueFull` when `max_batch_size` jobs run and `max_queue`
   more wait (the jobs not yet running).
-- Each loop iteration admits waiting jobs while fewer than `max_batch_size` run (their prompts are
-  prefilled together and join the running batch, `serve.decode.DecodeBatch`), picks one token for every
-  running job, and runs one forward step for the jobs still going.
+- Each loop iteration admits waiting jobs while fewer than `max_batch_size` run or are being prefilled,
+  runs one piece of prefill work of at most about `prefill_chunk` tokens (new short prompts together, or the
+  next chunk of a long one; `serve.decode.DecodeBatch.prefill`; None = whole prompts), so a long prompt
+  is prefilled across several iterations while the running jobs go on decoding; prefilled jobs join the
+  running batch; then it picks one token for every running job and runs one forward step for the jobs
+  still going.
 - A job ends with `finish_reason` "stop" (a stop token or stop string), "length" (`max_tokens`),
   "timeout" (its deadline passed), "cancelled" (`job.cancel()`, e.g. the client went away) or "error"
   (the forward failed: the message goes to the job, the traceback to the log, the engine goes on; a
@@ -17,7 +25,8 @@ Contract:
   then exactly one ("done", job) or ("error", message). `job.text`, `job.tokens`, `job.finish_reason`
   hold the result.
 - `stats()`: running, waiting, and counters (admitted, finished, cancelled, timed out, errors, the
-  largest batch seen, generated tokens).
+  largest batch seen, generated tokens). `cache_stats()`: the two caches' `stats()`. `ttft` and `itl`
+  (`serve.metrics.Histogram`): each job's time from `submit` to its first token, and between its tokens.
 """
 
 from __future__ import annotations
@@ -34,6 +43,9 @@ from typing import Any
 import torch
 
 from .decode import DecodeBatch, ImageInputs, Row, SamplingParams
+from .imagecache import ImageCache
+from .metrics import LATENCY_BUCKETS_S, Histogram
+from .prefixcache import PrefixCache
 from .text import TextStream
 
 log = logging.getLogger("qwenvl_lab.serve.engine")
@@ -56,6 +68,12 @@ class Job:
     cancelled: bool = False
     row: Row | None = None
     stream: TextStream | None = None
+    submitted: float = 0.0  # time.monotonic() at submit
+    last_token: float = 0.0  # time.monotonic() of its latest token
+
+    @property
+    def cached_tokens(self) -> int:
+        return self.row.cached_tokens if self.row is not None else 0
 
     @property
     def tokens(self) -> list[int]:
@@ -67,22 +85,33 @@ class Job:
 
 
 class Engine:
-    def __init__(self, vlm: Any, max_batch_size: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, vlm: Any, max_batch_size: int = 8, max_queue: int = 64, image_cache_bytes: int = 256 << 20,
+                 prefix_cache_bytes: int = 1 << 30, prefill_chunk: int | None = 2048) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
         self.vlm = vlm
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
         self.stop_ids = set(vlm.stop_token_ids)
-        self.batch = DecodeBatch(vlm)
+        self.image_cache = ImageCache(image_cache_bytes)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.batch = self._new_batch()
         self.jobs: list[Job] = []  # running, in batch row order
         self.admitting: list[Job] = []  # taken from the queue, being prefilled (counted as running)
         self.waiting: deque[Job] = deque()
         self.cv = threading.Condition()
         self.counters = dict(admitted=0, finished=0, cancelled=0, timed_out=0, errors=0, max_batch=0,
                              generated_tokens=0)
+        self.ttft = Histogram(LATENCY_BUCKETS_S)
+        self.itl = Histogram(LATENCY_BUCKETS_S)
         self._thread: threading.Thread | None = None
         self._stopping = False
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.vlm, self.image_cache, self.prefix_cache)
 
     # ----- outside the engine thread ---------------------------------------------------------------
     def start(self) -> None:
@@ -102,6 +131,7 @@ class Engine:
             if running + len(self.waiting) >= self.max_batch_size + self.max_queue:
                 raise QueueFull(f"{running} requests are running and {len(self.waiting)} waiting "
                                 f"(limits {self.max_batch_size} + {self.max_queue})")
+            job.submitted = time.monotonic()
             self.waiting.append(job)
             self.cv.notify_all()
 
@@ -109,62 +139,86 @@ class Engine:
         with self.cv:
             return dict(running=len(self.jobs) + len(self.admitting), waiting=len(self.waiting), **self.counters)
 
+    def cache_stats(self) -> dict:
+        with self.cv:
+            prefix = self.prefix_cache.stats() if self.prefix_cache is not None else PrefixCache(0).stats()
+            return {"image_cache": self.image_cache.stats(), "prefix_cache": prefix}
+
     # ----- the engine thread -----------------------------------------------------------------------
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
             with self.cv:
-                while not self._stopping and not self.waiting and not self.jobs:
+                while not self._stopping and not self.waiting and not self.jobs and not self.admitting:
                     self.cv.wait()
                 if self._stopping:
                     return
                 admit = self._take_waiting()
-            try:
-                self._admit(admit)
-            except Exception:  # the new rows' prefill runs before the running batch changes
-                for job in admit:  # one by one: only a request that cannot be prefilled fails
-                    try:
-                        self._admit([job])
-                    except Exception as e:
-                        self._fail([job], e)
-                with self.cv:
-                    self.admitting = []
+            self._start_jobs(admit)
+            self._prefill()
             try:
                 if self.jobs:
                     self._step()
             except Exception as e:  # a bug or an impossible input: fail the batch, keep serving
                 self._fail(self.jobs, e)
                 with self.cv:
-                    self.jobs, self.batch = [], DecodeBatch(self.vlm)
+                    pending, self.jobs = self.batch.pending, []
+                    self.batch = self._new_batch()
+                    self.batch.pending = pending  # prompts being prefilled keep their own caches
 
     def _fail(self, jobs: list[Job], e: Exception) -> None:
-        log.error("decoding failed:\n%s", traceback.format_exc())
+        log.error("decoding failed:\n%s", "".join(traceback.format_exception(e)))
         for job in jobs:
             if job.finish_reason is None:
                 self._end(job, "error", f"generation failed: {type(e).__name__}: {e}")
 
     def _take_waiting(self) -> list[Job]:
-        """Expire cancelled / timed-out waiting jobs, then take as many as the batch has room for."""
+        """Expire cancelled / timed-out waiting and prefilling jobs, then take as many waiting jobs as the
+        batch has room for."""
         now = time.monotonic()
         for job in [j for j in self.waiting if j.cancelled or now > j.deadline]:
             self.waiting.remove(job)
             self._end(job, "cancelled" if job.cancelled else "timeout")
-        room = self.max_batch_size - len(self.jobs)
-        if self.jobs and not self.batch.can_merge:
+        for job in [j for j in self.admitting if j.cancelled or now > j.deadline]:
+            self.admitting.remove(job)
+            if job.row in self.batch.pending:
+                self.batch.drop_pending(job.row)
+            self._end(job, "cancelled" if job.cancelled else "timeout")
+        room = self.max_batch_size - len(self.jobs) - len(self.admitting)
+        if (self.jobs or self.admitting) and not self.batch.can_merge:
             room = 0  # this LM's cache cannot take rows mid-batch: wait for the batch to drain
-        self.admitting = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
-        return self.admitting
+        new = [self.waiting.popleft() for _ in range(max(0, min(room, len(self.waiting))))]
+        self.admitting += new
+        return new
 
-    def _admit(self, admit: list[Job]) -> None:
-        if not admit:
-            return
+    def _start_jobs(self, admit: list[Job]) -> None:
         for job in admit:
             job.row = Row(job.prompt_ids, job.images, job.params)
             job.stream = TextStream(self.vlm.decode, job.stop)
-        self.batch.add([job.row for job in admit])
+            try:
+                self.batch.start([job.row])
+            except Exception as e:  # e.g. image inputs that do not match the prompt's placeholders
+                with self.cv:
+                    self.admitting.remove(job)
+                self._fail([job], e)
+
+    def _prefill(self) -> None:
+        """One piece of prefill work; the jobs whose prompt is done join the running jobs."""
+        budget = self.prefill_chunk if self.jobs else None  # nobody waits on decode steps: no need to chunk
+        joined, failed = self.batch.prefill(budget)
+        by_row = {id(j.row): j for j in self.admitting}
+        for row, e in failed:
+            job = by_row[id(row)]
+            with self.cv:
+                self.admitting.remove(job)
+            self._fail([job], e)
+        if not joined:
+            return
+        new = [by_row[id(r)] for r in joined]
         with self.cv:
-            self.jobs, self.admitting = self.jobs + admit, []
-            self.counters["admitted"] += len(admit)
+            self.admitting = [j for j in self.admitting if j not in new]
+            self.jobs = self.jobs + new  # the batch appends joined rows in this order
+            self.counters["admitted"] += len(new)
             self.counters["max_batch"] = max(self.counters["max_batch"], len(self.jobs))
 
     def _step(self) -> None:
@@ -180,8 +234,7 @@ class Engine:
             elif tok in self.stop_ids and not job.params.ignore_eos:
                 reason = "stop"
             else:
-                job.row.tokens.append(tok)
-                self.counters["generated_tokens"] += 1
+                self._accept(job, tok, now)
                 delta, hit_stop = job.stream.push(tok)
                 if delta:
                     job.emit("delta", delta)
@@ -195,6 +248,15 @@ class Engine:
         self.batch.advance(tokens, keep)
         with self.cv:
             self.jobs = [j for j, k in zip(self.jobs, keep) if k]
+
+    def _accept(self, job: Job, tok: int, now: float) -> None:
+        job.row.tokens.append(tok)
+        self.counters["generated_tokens"] += 1
+        if len(job.row.tokens) == 1:
+            self.ttft.observe(now - job.submitted)
+        else:
+            self.itl.observe(now - job.last_token)
+        job.last_token = now
 
     def _end(self, job: Job, reason: str, message: str | None = None) -> None:
         job.finish_reason = reason

@@ -33,6 +33,9 @@ from transformers.generation.streamers import BaseStreamer
 
 from .decode import Row
 from .engine import Job, QueueFull
+from .imagecache import ImageCache
+from .metrics import LATENCY_BUCKETS_S, Histogram
+from .prefixcache import PrefixCache
 from .text import TextStream
 
 log = logging.getLogger("qwenvl_lab.serve.generate_engine")
@@ -89,6 +92,8 @@ class GenerateEngine:
                              generated_tokens=0)
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.ttft = Histogram(LATENCY_BUCKETS_S)  # /metrics, as Engine's
+        self.itl = Histogram(LATENCY_BUCKETS_S)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="serve-generate", daemon=True)
@@ -107,12 +112,17 @@ class GenerateEngine:
             if running + len(self.waiting) >= 1 + self.max_queue:
                 raise QueueFull(f"{running} request is running and {len(self.waiting)} waiting "
                                 f"(limits 1 + {self.max_queue}; this model is decoded one request at a time)")
+            job.submitted = time.monotonic()
             self.waiting.append(job)
             self.cv.notify_all()
 
     def stats(self) -> dict:
         with self.cv:
             return dict(running=int(self.running is not None), waiting=len(self.waiting), **self.counters)
+
+    def cache_stats(self) -> dict:
+        """No image or prefix cache here (the model's generate re-reads the whole prompt): empty, for /metrics."""
+        return {"image_cache": ImageCache(0).stats(), "prefix_cache": PrefixCache(0).stats()}
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -163,6 +173,12 @@ class GenerateEngine:
             return
         job.row.tokens.append(tok)
         self.counters["generated_tokens"] += 1
+        now = time.monotonic()
+        if len(job.row.tokens) == 1:
+            self.ttft.observe(now - job.submitted)
+        else:
+            self.itl.observe(now - job.last_token)
+        job.last_token = now
         delta, hit_stop = job.stream.push(tok)
         if delta:
             job.emit("delta", delta)

@@ -9,11 +9,16 @@ transformers cache does not: the server then admits new requests only into an em
 `select_rows(cache, index)` keeps batch rows `index`; `merge(a, b, pad_a, pad_b)` left-pads the time axis
 of `a` by `pad_a` and of `b` by `pad_b` zero columns and concatenates the rows (a's first);
 `crop_left(cache, n)` drops the first `n` time columns (padding that no remaining row needs).
+`copy_row(cache, row, start, end, clone=False)` is a new one-row cache of the same kind holding row `row`'s
+time columns `start:end` (copies of them with `clone`, so the result does not keep the batch's tensors alive;
+views otherwise, which is safe because both layouts replace their tensors when they grow instead of writing
+into them); `n_bytes(cache)` is the size of its keys and values.
 Padded columns are always masked out by the attention mask the caller keeps alongside.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -71,3 +76,22 @@ def merge(a: Any, b: Any, pad_a: int, pad_b: int) -> Any:
     if alpha_a is not None and alpha_b is not None:
         a.ntk_alpha = torch.cat([alpha_a, alpha_b])
     return a
+
+
+def copy_row(cache: Any, row: int, start: int, end: int, clone: bool = False) -> Any:
+    new = copy.copy(cache)
+    if hasattr(cache, "layers"):  # transformers: a copy of each layer object, tensors set below
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+    else:  # ours: a fresh cache of the same class (its constructor takes the number of layers)
+        new = type(cache)(len(cache.keys))
+    for (get, _), (_, put) in zip(_slots(cache), _slots(new), strict=True):
+        t = get()[row:row + 1, :, start:end]  # [1, H, end - start, D]
+        put(t.clone() if clone else t)
+    alpha = getattr(cache, "ntk_alpha", None)
+    if alpha is not None:
+        new.ntk_alpha = alpha[row:row + 1].clone()
+    return new
+
+
+def n_bytes(cache: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in (get() for get, _ in _slots(cache)) if t is not None)

@@ -351,6 +351,7 @@ def test_server_answers_through_the_models_own_generate(qwen_run, merged, capsys
         answer = json.loads(raw)
         assert answer["choices"][0]["message"]["content"] == want
         assert answer["usage"]["prompt_tokens"] == prompt["input_ids"].shape[1]
+        assert answer["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # no prefix cache on this path
         status, raw = post({**body, "stream": True})
         events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
         deltas = [d for d in (e["choices"][0]["delta"].get("content") for e in events if e["choices"]) if d]
@@ -372,6 +373,11 @@ def test_server_answers_through_the_models_own_generate(qwen_run, merged, capsys
                     return r.status_code, r.content
                 check(post)
                 assert client.get("/health").json()["max_batch"] == 1
+                metrics = client.get("/metrics")
+                assert metrics.status_code == 200, metrics.text
+                counts = dict(line.rsplit(" ", 1) for line in metrics.text.splitlines()
+                              if line and not line.startswith("#"))
+                assert float(counts["qwenvl_serve_time_to_first_token_seconds_count"]) == 2  # two requests served
         finally:
             engine.stop()
 

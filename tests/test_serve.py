@@ -117,6 +117,37 @@ def test_32_concurrent_clients_each_get_their_sequential_answer(setup):
     assert after["max_batch"] > 1  # requests were decoded together, not one at a time
 
 
+def test_a_second_chat_turn_reports_cached_tokens_and_metrics_count_it(setup):
+    vlm, server, client, _ = setup
+    turn1 = _user("Describe the picture, please.", [image(2)])
+    r1 = client.chat.completions.create(model="model", messages=turn1, temperature=0, max_tokens=6)
+    turn2 = turn1 + [{"role": "assistant", "content": r1.choices[0].message.content},
+                     {"role": "user", "content": "And the colours?"}]
+    before = _metrics(server)
+    r2 = client.chat.completions.create(model="model", messages=turn2, temperature=0, max_tokens=6)
+    after = _metrics(server)
+    # The whole first turn's prompt (at least) came from the prefix cache; the answer is the uncached one.
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens
+    msgs = [{"role": "user", "content": "<image>\nDescribe the picture, please."},
+            {"role": "assistant", "content": r1.choices[0].message.content}, {"role": "user", "content": "And the colours?"}]
+    assert r2.choices[0].message.content == vlm.chat([image(2)], msgs, max_new_tokens=6)
+    moved = {k: after[k] - before[k] for k in ("qwenvl_serve_prefix_cache_hits_total",
+                                               "qwenvl_serve_prefix_cache_cached_tokens_total",
+                                               "qwenvl_serve_time_to_first_token_seconds_count")}
+    assert moved == {"qwenvl_serve_prefix_cache_hits_total": 1,
+                     "qwenvl_serve_prefix_cache_cached_tokens_total": r2.usage.prompt_tokens_details.cached_tokens,
+                     "qwenvl_serve_time_to_first_token_seconds_count": 1}
+
+
+def _metrics(server) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(server.url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def _post(server, body: bytes, content_type: str = "application/json") -> tuple[int, dict, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
     conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": content_type})

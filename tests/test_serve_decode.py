@@ -152,6 +152,13 @@ def test_serve_benchmark_quick_keeps_greedy_answers(capsys):
         assert f"{mode} " in out and res[mode]["tokens_per_s"] > 0
         assert res[mode]["match"] == 1.0  # batched greedy tokens equal one-at-a-time's
     assert res["concurrency=3"]["max_batch"] > 1
+    for mode in ("one_at_a_time", "concurrency=1", "concurrency=3"):  # the latency line of every mode
+        assert f"{mode} " in out and f"{mode:<16} ttft_p50_s=" in out
+        assert 0 < res[mode]["ttft_p50_s"] <= res[mode]["ttft_p95_s"] and res[mode]["itl_p50_ms"] > 0
+    chat = res["chat_3_turns"]
+    assert [f"chat_3_turns     turn={t} " in out for t in (1, 2, 3)] == [True] * 3 and "vs_turn_1=" in out
+    assert chat["match"] == 1.0  # every turn's tokens equal vlm.generate on the whole prompt
+    assert chat["cache"]["prefix_cache"]["hits"] == 2  # turns 2 and 3 started from turn 1's and 2's KV
 
 
 def test_engine_queue_limit_timeout_cancel_and_a_failing_request(tmp_path):

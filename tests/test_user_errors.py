@@ -157,6 +157,8 @@ def test_model_tools_and_evaluation(tmp_path, files, model_dir):
         "evaluation: unknown task": (["-m", "qwenvl_lab.evaluation", "--model", str(model_dir), "--task", "vqa3", "--data", "d",
                                       "--output", str(tmp_path / "ev")], ["vqa3"]),
         "serve: missing model": (["-m", "qwenvl_lab.serve", "--model", str(files / "nowhere")], ["nowhere", "does not exist"]),
+        "serve: bad cache flag": (["-m", "qwenvl_lab.serve", "--model", str(model_dir), "--prefill-chunk", "0"],
+                                  ["--prefill-chunk", ">= 1"]),
         "serve.web: no model": (["-m", "qwenvl_lab.serve.web", "--model", str(files / "no_model")], ["no_model", "holds no model"]),
         "plan: unknown key": (["-m", "qwenvl_lab.model.plan", "configs/qwen7b_siglip_lora.yaml", "lora.rr=1", "--gpus", "1",
                                "--gpu-mem", "80"], ["lora.rr"]),
