@@ -7,18 +7,26 @@ Contract:
 - `hf_messages(sample)` turns our messages (`<image>` / `<video>` markers in a string) into the
   transformers multimodal form: `content` a list of `{"type": "text", "text": ...}` / `{"type": "image"}` /
   `{"type": "video"}` parts, in order.
-- `render_hf(sample, template_fn, tokenize, image_token, image_counts, max_length)` -> `(input_ids, labels)`:
+- `render_hf(sample, template_fn, tokenize, rules, max_length, span_ids)` -> `(input_ids, labels, kept)`:
   the text is rendered once per assistant turn boundary (`template_fn(messages[:k], add_generation_prompt)`)
   and each render must be a prefix of the full one, else the template is refused (it rewrites earlier turns);
   the pieces between "prompt of turn k" and "end of turn k" are the assistant's (content + end-of-turn, as
-  the template writes them) and get labels, everything else -100. The i-th `image_token` in the text is
-  repeated `image_counts[i]` times, as the processor does, before tokenizing, so every image-span token
-  (and the template's start/end markers around it) is -100.
-- `ReleasedDataset(paths, render, ...)`: our data files (every format dataset/formats.py reads) as items
-  `render(sample, images, max_length) -> {"input_ids", "labels", <the processor's image inputs>}`; a bad
-  sample is skipped and counted (strict: raised), as in `VLMDataset`. Videos are refused per sample.
-- `released_collate(pad_id)`: right-pads input_ids / labels / attention_mask `[B, T]` and concatenates every
-  image input in item order (Qwen2-VL: pixel_values `[sum patches, C*T*P*P]`, image_grid_thw `[n, 3]`).
+  the template writes them) and get labels, everything else -100. Each `SpanRule(token, part, counts)` says
+  how one kind of media (image / video) becomes its span: the i-th `token` in the text is repeated
+  `counts(n)[i]` times, as the processor does, before tokenizing (n = the items of that part the kept turns
+  hold), so every span token (and the template's start/end markers around it, `span_ids`) is -100; `kept`
+  = `{part: n}`.
+- `ReleasedDataset(paths, render, max_length, ..., video_folder=None, frames_per_video=None)`: our data files
+  (every format dataset/formats.py reads) as items `render(sample, images, max_length[, videos=...]) ->
+  {"input_ids", "labels", <the processor's image / video inputs>}`; each video is `frames_per_video` frames
+  from our frame sampler (`load_video_frames`), a list of PIL images; `frames_per_video=None` (a family
+  without videos) refuses a video sample. A bad sample is skipped and counted (strict: raised), as in
+  `VLMDataset`.
+- `concat_inputs(parts)` / `released_collate(pad_id)`: right-pads input_ids / labels / attention_mask `[B, T]`
+  and concatenates every processor input in item order (Qwen2-VL: pixel_values `[sum patches, C*T*P*P]`,
+  image_grid_thw `[n, 3]`; LLaVA-NeXT / OneVision: pixel_values `[n, patches, C, H, W]` zero-padded on the
+  patch axis to the widest, image_sizes `[n, 2]`, batch_num_images `[samples]`; pixel_values_videos
+  `[videos, frames, C, H, W]`).
 - Truncation: whole (user, assistant) pairs are dropped from the end until the sample fits `max_length`;
   spans are never cut. A sample whose first pair does not fit raises `BadSampleError(kind="too_long")`.
 """
@@ -27,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,7 +44,7 @@ from ..core.loss import IGNORE_INDEX
 from .collator import Batch
 from .dataset import _parse_paths
 from .formats import normalize, read_records, resolve_path
-from .images import load_image
+from .images import load_image, load_video_frames
 from .sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample
 
 _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
@@ -88,27 +97,39 @@ def _segments(messages: list[dict], template_fn: Callable[[list[dict], bool], st
     return segs
 
 
+@dataclass(frozen=True)
+class SpanRule:
+    """How one kind of media becomes its span: the template writes `token` once per item (a message part of
+    type `part`), the processor repeats it `counts(n)[i]` times, where n is how many items of this kind the
+    rendered turns keep (OneVision counts a sample's images by how many it holds)."""
+
+    token: str
+    part: str  # "image" | "video"
+    counts: Callable[[int], list[int]]
+
+
 def render_hf(
     sample: Sample,
     template_fn: Callable[[list[dict], bool], str],
     tokenize: Callable[[str], list[int]],
-    image_token: str,
-    image_counts: list[int],
+    rules: list[SpanRule],
     max_length: int | None = None,
     span_ids: frozenset[int] = frozenset(),
-) -> tuple[list[int], list[int]]:
-    """input_ids and labels (assistant tokens only) of `sample` under the checkpoint's template; tokens in
-    `span_ids` (the image span's placeholder and markers) are -100 even inside an assistant turn."""
+) -> tuple[list[int], list[int], dict[str, int]]:
+    """input_ids, labels (assistant tokens only) and the items kept per part (`{"image": n, "video": m}`) of
+    `sample` under the checkpoint's template; tokens in `span_ids` (the spans' placeholders and markers) are
+    -100 even inside an assistant turn."""
     messages = hf_messages(sample)
     n_pairs = sum(m["role"] == "assistant" for m in messages)
     if n_pairs == 0:
         raise BadSampleError(f"{sample.where}: no assistant turn to train on", kind="no_target")
     while n_pairs > 0:
         cut = _cut_after(messages, n_pairs)
-        used = sum(_count_images(m) for m in cut)
-        ids, labels = _tokenize(_segments(cut, template_fn), tokenize, image_token, image_counts[:used])
+        kept = {r.part: sum(_count_parts(m, r.part) for m in cut) for r in rules}
+        counts = {r.token: list(r.counts(kept[r.part])) for r in rules}
+        ids, labels = _tokenize(_segments(cut, template_fn), tokenize, counts)
         if max_length is None or len(ids) <= max_length:
-            return ids, [IGNORE_INDEX if t in span_ids else y for t, y in zip(ids, labels)]
+            return ids, [IGNORE_INDEX if t in span_ids else y for t, y in zip(ids, labels)], kept
         n_pairs -= 1
     raise BadSampleError(f"{sample.where}: its first turn is longer than max_length={max_length}", kind="too_long")
 
@@ -123,40 +144,66 @@ def _cut_after(messages: list[dict], n_pairs: int) -> list[dict]:
     return messages
 
 
-def _count_images(message: dict) -> int:
-    return sum(part.get("type") == "image" for part in message["content"])
+def _count_parts(message: dict, part: str) -> int:
+    return sum(p.get("type") == part for p in message["content"])
 
 
-def _tokenize(segs: list[tuple[str, bool]], tokenize: Callable[[str], list[int]], image_token: str,
-              counts: list[int]) -> tuple[list[int], list[int]]:
+def expand_spans(text: str, counts: dict[str, list[int]]) -> str:
+    """Each placeholder token of `counts` expanded in turn: its i-th occurrence repeated counts[token][i] times."""
+    for token, n in counts.items():
+        text = expand_images(text, token, n)
+    return text
+
+
+def _tokenize(segs: list[tuple[str, bool]], tokenize: Callable[[str], list[int]],
+              counts: dict[str, list[int]]) -> tuple[list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []
-    k = 0
+    used = dict.fromkeys(counts, 0)
     for text, train in segs:
-        n = text.count(image_token)
-        piece = tokenize(expand_images(text, image_token, counts[k:k + n]))
-        k += n
+        here = {}
+        for token, n in counts.items():
+            k = text.count(token)
+            here[token], used[token] = n[used[token]:used[token] + k], used[token] + k
+        piece = tokenize(expand_spans(text, here))
         ids += piece
         labels += piece if train else [IGNORE_INDEX] * len(piece)
-    if k != len(counts):
-        raise BadSampleError(f"{len(counts)} image(s) but the template wrote {k} image token(s)")
+    for token, n in counts.items():
+        if used[token] != len(n):
+            raise BadSampleError(f"{len(n)} item(s) for {token} but the template wrote {used[token]}")
     return ids, labels
+
+
+def concat_inputs(parts: list[dict]) -> dict[str, torch.Tensor]:
+    """The processor outputs of several samples as one batch, in order: tensors concatenated on dim 0; a 5-D
+    `[n, patches, C, H, W]` (LLaVA-NeXT / OneVision crops, padded per call to its widest image) is zero-padded
+    on dim 1 to the widest in the batch first (the model reads each image's own patch count)."""
+    out: dict[str, torch.Tensor] = {}
+    for k in sorted({k for p in parts for k, v in p.items() if isinstance(v, torch.Tensor)}):
+        tensors = [p[k] for p in parts if k in p]
+        if tensors[0].dim() == 5 and k == "pixel_values":
+            width = max(t.shape[1] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, width - t.shape[1])) for t in tensors]
+        out[k] = torch.cat(tensors)  # [sum over samples, ...]
+    return out
 
 
 class ReleasedDataset(torch.utils.data.Dataset):
     """Our data files rendered by a released checkpoint's template and processor (`render`)."""
 
-    def __init__(self, paths: Any, render: Callable[[Sample, list, int | None], dict], max_length: int | None,
+    def __init__(self, paths: Any, render: Callable[..., dict], max_length: int | None,
                  image_folder: str | None = None, strict: bool = False, allow_absolute_paths: bool = False,
-                 max_retries: int = 16):
+                 max_retries: int = 16, video_folder: str | None = None, frames_per_video: int | None = None):
         self.render, self.max_length, self.strict, self.max_retries = render, max_length, strict, max_retries
+        self.frames_per_video = frames_per_video  # None: the family takes no videos (refused per sample)
         self.skipped: dict[tuple[str, int], dict] = {}
         self.samples: list[Sample] = []
-        for spec in _parse_paths(paths, image_folder, None):
+        for spec in _parse_paths(paths, image_folder, video_folder):
             bad: list[tuple[int, BadSampleError]] | None = None if strict else []
             for pos, record in read_records(spec["path"], bad):
                 try:
                     self.samples.append(normalize(record, pos, spec["path"], image_folder=spec["image_folder"],
+                                                  video_folder=spec["video_folder"],
                                                   allow_absolute_paths=allow_absolute_paths))
                 except BadSampleError as e:
                     if strict:
@@ -203,10 +250,14 @@ class ReleasedDataset(torch.utils.data.Dataset):
                 "truncated_samples": 0, "dropped_turns": 0, "dropped_images": 0, "downscaled_samples": 0}
 
     def build(self, s: Sample) -> dict:
-        if s.videos:
+        if s.videos and self.frames_per_video is None:
             raise BadSampleError(f"{s.where}: videos are not supported for this released family yet", kind="bad_video")
         images = [load_image(resolve_path(p, None, "", True)) for p in s.images]
-        return {**self.render(s, images, self.max_length), "id": s.id}
+        if not s.videos:
+            return {**self.render(s, images, self.max_length), "id": s.id}
+        # Each video becomes frames_per_video frames from our frame sampler, fed as the family's video input.
+        videos = [load_video_frames(resolve_path(p, None, "", True), self.frames_per_video) for p in s.videos]
+        return {**self.render(s, images, self.max_length, videos=videos), "id": s.id}
 
     def __getitem__(self, i: int) -> dict:
         new_skips = []
@@ -234,9 +285,8 @@ def released_collate(pad_id: int) -> Callable[[list[dict]], Batch]:
             n = len(it["input_ids"])
             input_ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(it["input_ids"]), torch.tensor(it["labels"]), 1
         batch = Batch(input_ids=input_ids, attention_mask=mask, labels=labels)
-        for k in sorted({k for it in items for k, v in it.items() if isinstance(v, torch.Tensor)}):
-            parts = [it[k] for it in items if k in it]
-            batch[k] = torch.cat(parts)  # [sum over items, ...] in item order
+        for k, v in concat_inputs(items).items():
+            batch[k] = v  # [sum over items, ...] in item order
         batch.ids = [it.get("id") for it in items]
         batch.skipped = [rec for it in items for rec in it.get("skipped", [])]
         return batch
