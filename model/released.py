@@ -37,14 +37,15 @@ from torch import nn
 from transformers import AutoProcessor
 
 from ..core.errors import UserError
-from ..core.loss import full_logits_loss
-from ..dataset.hf_chat import expand_images, hf_messages, render_hf
-from ..dataset.sample import IMAGE_MARKER, Sample
+from ..core.loss import IGNORE_INDEX, full_logits_loss
+from ..dataset.hf_chat import SpanRule, concat_inputs, expand_spans, hf_messages, render_hf
+from ..dataset.sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample
 from .families import Family, family_of
 
 LORA_DIR = "lora"
 TRAINABLE_FILE = "trainable.safetensors"
 RELEASED_FILE = "released.json"
+_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")  # the processor's outputs for its text
 
 
 @dataclass
@@ -67,6 +68,8 @@ class ReleasedVLM(nn.Module):
         self.source = source
         self.image_token = family.notes["image_token"]
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token = family.notes.get("video_token")  # None: the family takes no videos here
+        self.video_token_id = None if self.video_token is None else self.tokenizer.convert_tokens_to_ids(self.video_token)
         if getattr(self.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
             raise UserError(f"{source}: the checkpoint has no chat template (chat_template.jinja / .json or "
                             "tokenizer_config.json chat_template)")
@@ -86,8 +89,10 @@ class ReleasedVLM(nn.Module):
 
     @property
     def towers(self) -> nn.Module:
-        """Its vision tower with the merger (the projector) inside, as transformers builds it."""
-        return self._hf().get_submodule(self.family.projector[0].rsplit(".", 1)[0])
+        """Its vision tower (the family's `towers` note), else the tower with the merger (the projector) inside,
+        as transformers builds Qwen2-VL."""
+        name = self.family.notes.get("towers") or self.family.projector[0].rsplit(".", 1)[0]
+        return self._hf().get_submodule(name)
 
     def prepare_attention(self, compute_dtype: torch.dtype | None = None) -> str | None:
         """The model's own attention (transformers' `attn_implementation`): nothing to choose here."""
@@ -178,20 +183,43 @@ class ReleasedVLM(nn.Module):
         types = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
         return {**image_kw, "mm_token_type_ids": types}
 
+    def _media(self, images: list, videos: list) -> tuple[list[int], list[int], dict[str, torch.Tensor]]:
+        """ONE sample's images and videos (each video a list of frames) through the processor itself: each
+        image's and each video's span length (the processor's own count: its placeholders, one per line, are
+        expanded and the runs counted) and its model inputs (pixel_values, pixel_values_videos and the family's
+        extra inputs). A family with `nested_images` gets the sample's images as one list, as its processor
+        counts and packs them by how many a sample holds."""
+        images, videos = list(images or []), list(videos or [])
+        if not images and not videos:
+            return [], [], {}
+        if videos and self.video_token is None:
+            raise BadSampleError(f"videos are not supported for the released family {self.family.name}", kind="bad_video")
+        kw: dict[str, Any] = {}
+        if images:
+            kw["images"] = [images] if self.family.notes.get("nested_images") else images
+        if videos:
+            kw["videos"] = videos
+        marks = [self.image_token] * len(images) + [self.video_token] * len(videos)
+        out = self.processor(text=["\n".join(marks)], return_tensors="pt", **kw)
+        runs = _runs(out["input_ids"][0].tolist(), {self.image_token_id, self.video_token_id})
+        if len(runs) != len(marks):
+            raise BadSampleError(f"the processor expanded {len(runs)} span(s) for {len(marks)} image(s) / video(s)")
+        keep = ("pixel_values", "pixel_values_videos", *self.family.extra_inputs)
+        inputs = {k: v for k, v in out.items() if k in keep and k not in _TEXT_KEYS}
+        return runs[: len(images)], runs[len(images):], inputs
+
     def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
-        """ONE conversation's images -> the processor's image inputs (Qwen2-VL: pixel_values, image_grid_thw)."""
-        if not images:
-            return {}
-        out = self.processor.image_processor(images=list(images), return_tensors="pt")
-        return {k: v for k, v in out.items() if k in ("pixel_values", *self.family.extra_inputs)}
+        """ONE conversation's images -> the processor's image inputs (Qwen2-VL: pixel_values, image_grid_thw;
+        OneVision: pixel_values [n, patches, C, H, W], image_sizes, batch_num_images)."""
+        return self._media(images, [])[2]
 
     def image_tokens(self, images: list) -> list[int]:
-        """Each image's span length, the processor's rule (grid_t * grid_h * grid_w // merge_size**2)."""
-        if not images:
-            return []
-        grid = self.image_inputs(images)["image_grid_thw"]  # [n_images, 3]
-        merge = self.processor.image_processor.merge_size
-        return [int(n) // merge**2 for n in grid.prod(-1)]
+        """Each image's span length, the processor's own count (for OneVision: as one sample's images)."""
+        return self._media(images, [])[0]
+
+    def video_tokens(self, videos: list) -> list[int]:
+        """Each video's (a list of frames) span length, the processor's own count."""
+        return self._media([], videos)[1]
 
     def _template(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False,
@@ -200,17 +228,47 @@ class ReleasedVLM(nn.Module):
     def _tokenize(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def render(self, sample: Sample, images: list, max_length: int | None = None) -> dict[str, Any]:
-        """One training sample: ids and labels from the checkpoint's template, plus its image inputs."""
-        counts = self.image_tokens(images)
-        ids, labels = render_hf(sample, self._template, self._tokenize, self.image_token, counts, max_length,
-                                span_ids=self._span_ids())
-        used = sum(1 for t in ids if t == self.image_token_id)
-        kept = next(i for i in range(len(counts) + 1) if sum(counts[:i]) == used)  # truncation drops whole images
-        return {"input_ids": ids, "labels": labels, **self.image_inputs(images[:kept])}
+    def _prefix(self) -> list[int]:
+        """The ids the tokenizer puts before a text when the processor tokenizes it (a Llama / Vicuna
+        tokenizer's `<s>`; nothing for Qwen's): our pieces are tokenized without them, so they go in front."""
+        if getattr(self, "_prefix_ids", None) is None:
+            with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
+            plain = self._tokenize("a")
+            n = len(with_special) - len(plain)
+            self._prefix_ids = with_special[:n] if n > 0 and with_special[n:] == plain else []
+        return self._prefix_ids
+
+    def render(self, sample: Sample, images: list, max_length: int | None = None,
+               videos: list | None = None) -> dict[str, Any]:
+        """One training sample: ids and labels from the checkpoint's template, plus its image / video inputs
+        (`videos`: one list of frames per video of the sample, from our frame sampler)."""
+        videos = list(videos or [])
+        if sample.videos and self.video_token is None:
+            raise BadSampleError(f"{sample.where}: videos are not supported for the released family "
+                                 f"{self.family.name}", kind="bad_video")
+        full = self._media(images, videos)
+
+        def counts(part: str, n: int) -> list[int]:
+            if n == (len(images) if part == "image" else len(videos)):
+                return full[0] if part == "image" else full[1]
+            return self._media(images[:n], [])[0] if part == "image" else self._media([], videos[:n])[1]
+
+        rules = [SpanRule(self.image_token, "image", lambda n: counts("image", n))]
+        if self.video_token is not None:
+            rules.append(SpanRule(self.video_token, "video", lambda n: counts("video", n)))
+        prefix = self._prefix()
+        ids, labels, kept = render_hf(sample, self._template, self._tokenize, rules,
+                                      None if max_length is None else max_length - len(prefix),
+                                      span_ids=self._span_ids())
+        ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
+        n_img, n_vid = kept["image"], kept.get("video", 0)
+        # truncation drops whole turns: the inputs of the images / videos those turns held go with them
+        inputs = full[2] if (n_img, n_vid) == (len(images), len(videos)) else self._media(images[:n_img],
+                                                                                            videos[:n_vid])[2]
+        return {"input_ids": ids, "labels": labels, **inputs}
 
     def _span_ids(self) -> frozenset[int]:
-        names = (*self.family.notes["span_tokens"], self.image_token)
+        names = (*self.family.notes["span_tokens"], self.image_token, *([self.video_token] if self.video_token else []))
         return frozenset(self.tokenizer.convert_tokens_to_ids(n) for n in names)
 
     # ----- answering ---------------------------------------------------------------------------------------
@@ -229,13 +287,17 @@ class ReleasedVLM(nn.Module):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat_ids(self, messages: list[dict], n_images: int, image_tokens: list[int] | None = None) -> list[int]:
-        """Prompt ids (the checkpoint's template, reply header included) with each image span expanded."""
+    def chat_ids(self, messages: list[dict], n_images: int, image_tokens: list[int] | None = None,
+                 video_tokens: list[int] | None = None) -> list[int]:
+        """Prompt ids (the checkpoint's template, reply header included) with each image / video span expanded."""
         counts = list(image_tokens or [])
         if len(counts) != n_images:
             raise ValueError(f"chat: {len(counts)} token count(s) for {n_images} image(s)")
         text = self._template(hf_messages(Sample(id="chat", messages=list(messages))), True)
-        return self._tokenize(expand_images(text, self.image_token, counts))
+        spans = {self.image_token: counts}
+        if self.video_token is not None:
+            spans[self.video_token] = list(video_tokens or [])
+        return self._prefix() + self._tokenize(expand_spans(text, spans))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -250,30 +312,50 @@ class ReleasedVLM(nn.Module):
         return [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in new]
 
     @staticmethod
-    def _place_images(images: list, messages: list[dict]) -> list[dict]:
+    def _place_media(images: list, messages: list[dict], videos: list = ()) -> list[dict]:
+        """Messages without markers get them at the start of the first user turn (videos, then images)."""
         messages = [dict(m) for m in messages]
-        if images and not any(IMAGE_MARKER in m.get("content", "") for m in messages):
-            first = next(i for i, m in enumerate(messages) if m.get("role") == "user")
-            messages[first]["content"] = IMAGE_MARKER * len(images) + "\n" + messages[first]["content"]
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), 0)
+        for items, marker in ((images, IMAGE_MARKER), (videos, VIDEO_MARKER)):
+            if items and not any(marker in m.get("content", "") for m in messages):
+                messages[first]["content"] = marker * len(items) + "\n" + messages[first]["content"]
         return messages
 
-    def chat_batch(self, conversations: list[tuple[list, list[dict]]], **gen_kw: Any) -> list[str]:
-        """Several conversations, left-padded into one batch; each reply equals `chat` alone."""
+    def chat_batch(self, conversations: list[tuple], **gen_kw: Any) -> list[str]:
+        """Several conversations `(images, messages)` or `(images, messages, videos)` (each video a list of
+        frames), left-padded into one batch; each reply equals `chat` alone."""
         if not conversations:
             return []
         device = next(self.parameters()).device
-        ids_list, inputs = [], {}
-        for images, messages in conversations:
-            ids_list.append(self.chat_ids(self._place_images(images, messages), len(images), self.image_tokens(images)))
-            for k, v in self.image_inputs(list(images)).items():
-                inputs.setdefault(k, []).append(v)
+        ids_list, parts = [], []
+        for conv in conversations:
+            images, messages = list(conv[0]), conv[1]
+            videos = list(conv[2]) if len(conv) > 2 and conv[2] else []
+            n_img, n_vid, inputs = self._media(images, videos)
+            ids_list.append(self.chat_ids(self._place_media(images, messages, videos), len(images), n_img, n_vid))
+            parts.append(inputs)
         width = max(len(x) for x in ids_list)
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(x)) + x for x in ids_list], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids_list], device=device)
-        image_kw = {k: torch.cat(v).to(device) for k, v in inputs.items()}
+        image_kw = {k: v.to(device) for k, v in concat_inputs(parts).items()}
         gen_kw.setdefault("max_new_tokens", 128)
         return [self.decode(new) for new in self.generate(input_ids, mask, **image_kw, **gen_kw)]
 
-    def chat(self, images: list, messages: list[dict], **gen_kw: Any) -> str:
-        """Answer the last user turn; images fill the `<image>` markers in order."""
-        return self.chat_batch([(list(images), messages)], **gen_kw)[0]
+    def chat(self, images: list, messages: list[dict], videos: list | None = None, **gen_kw: Any) -> str:
+        """Answer the last user turn; images fill the `<image>` markers in order, videos (lists of frames)
+        the `<video>` markers."""
+        return self.chat_batch([(list(images), messages, list(videos or []))], **gen_kw)[0]
+
+
+def _runs(ids: list[int], marks: set) -> list[int]:
+    """Lengths of the maximal runs of ids in `marks`, in order (one run per expanded placeholder)."""
+    runs: list[int] = []
+    inside = False
+    for t in ids:
+        if t in marks:
+            if inside:
+                runs[-1] += 1
+            else:
+                runs.append(1)
+        inside = t in marks
+    return runs
