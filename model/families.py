@@ -22,8 +22,11 @@ A `Family` says:
   chat_template.jinja / chat_template.json), telling apart families that share a `model_type`;
 - `serving`: "engine" (our serving engine drives it), "generate" (the server decodes with the model's own
   generate) or a one-line reason it is refused.
-- `notes` (wrapper families): `image_token` (the placeholder the processor repeats), `span_tokens` (the span's
-  other marker tokens; -100 like the placeholder), `lora_targets` (its LM's linear layers, the default targets).
+- `notes` (wrapper families): `image_token` (the placeholder the processor repeats), `video_token` (the video
+  placeholder; absent = videos refused per sample), `span_tokens` (the span's other marker tokens; -100 like the
+  placeholder), `lora_targets` (its LM's linear layers, the default targets), `nested_images` (the processor
+  takes one list of images per sample: OneVision counts and packs a sample's images by how many it holds),
+  `towers` (the module `ReleasedVLM.towers` returns; default: the vision tower with the projector's parent).
 """
 
 from __future__ import annotations
@@ -136,4 +139,39 @@ FAMILIES["qwen2_5_vl"] = Family(
     resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
     notes={"image_token": "<|image_pad|>", "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
            "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
+)
+
+# LLaVA-OneVision and LLaVA-NeXT-Video run through the wrapper too: OneVision's anyres_max_9 (its own unpad, then a
+# bilinear downscale of an image's grid when it holds more than 9 crops' worth of tokens), its base-view-only
+# rule for several images per sample and NeXT-Video's frame pooling are transformers' code, so running that code
+# gives exact parity; a native import would re-implement each of them (model/anyres.py has LLaVA-NeXT's packing
+# only).
+_LLAVA_WRAPPED_SERVING = ("generate: answered through the model's own generate (ReleasedVLM.chat / chat_batch); "
+                          "our engine drives only a native VLM's image rows, not this family's pixel inputs")
+_LLAVA_LORA = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+
+FAMILIES["llava_onevision"] = Family(
+    name="llava_onevision", model_types=("llava_onevision",), hf_class="LlavaOnevisionForConditionalGeneration",
+    native=False,
+    span=("anyres_max_9: one image in a sample -> base view + the unpadded tiles of its best pinpoint, a newline "
+          "after each row, the grid bilinearly downscaled when it exceeds 9 crops (x1.1); several images in a "
+          "sample -> each its base view (padded square) + one newline; a video -> frames x ceil(p/2)^2 pooled "
+          "rows + one newline (LlavaOnevisionProcessor's count, each <image>/<video> repeated that many times)"),
+    vision=("model.vision_tower",), projector=("model.multi_modal_projector", "model.image_newline"),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_sizes", "batch_num_images"),
+    video=True, serving=_LLAVA_WRAPPED_SERVING,
+    notes={"image_token": "<image>", "video_token": "<video>", "span_tokens": (), "lora_targets": _LLAVA_LORA,
+           "nested_images": True, "towers": "model.vision_tower"},
+)
+FAMILIES["llava_next_video"] = Family(
+    name="llava_next_video", model_types=("llava_next_video",), hf_class="LlavaNextVideoForConditionalGeneration",
+    native=False,
+    span=("images as LLaVA-NeXT (anyres base + unpadded tiles, a newline per row); a video -> frames x "
+          "(p/stride)^2 rows after its spatial pooling, no newline (LlavaNextVideoProcessor's count)"),
+    vision=("model.vision_tower",),
+    projector=("model.multi_modal_projector", "model.image_newline", "model.vision_resampler"),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_sizes",),
+    video=True, serving=_LLAVA_WRAPPED_SERVING,
+    notes={"image_token": "<image>", "video_token": "<video>", "span_tokens": (), "lora_targets": _LLAVA_LORA,
+           "towers": "model.vision_tower"},
 )
