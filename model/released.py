@@ -1,25 +1,37 @@
-"""A released VLM that does not fit our own VLM (Qwen2-VL, Qwen2.5-VL, ...) behind the same surface.
+"""A released VLM that does not fit our own VLM (Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision, LLaVA-NeXT-Video) behind
+the same surface.
 
 `ReleasedVLM(family, model, processor)` wraps the transformers model of a wrapper family (model/families.py,
 `native=False`) and its processor, both loaded from the checkpoint directory: the model's own vision tower,
-merger and M-RoPE run unchanged, so its outputs are transformers' by construction.
+projector / merger, anyres packing, frame pooling and M-RoPE run unchanged, so its outputs are transformers'
+by construction.
 
 Contract (the surface our VLM offers, so train.py / test.py / evaluation use it unchanged where they can):
 - `ReleasedVLM.from_pretrained(dir, dtype=None, **resolution)`: `resolution` keys are the family's
   `resolution_keys` (Qwen2-VL: `min_pixels`, `max_pixels`), set on the image processor; any other key is a
   `UserError` naming it.
-- `forward(input_ids [B, T], attention_mask [B, T], labels [B, T] | None, pixel_values, image_grid_thw, ...)`
+- `forward(input_ids [B, T], attention_mask [B, T], labels [B, T] | None, **inputs)` with the processor's
+  inputs (`pixel_values`, `image_grid_thw`, `image_sizes`, `batch_num_images`, `pixel_values_videos`, ...)
   -> `ReleasedOutput(loss, logits [B, T, V])`; the loss is `core.loss.full_logits_loss` (labels shifted
   there, the one place), mean fp32 CE over assistant targets.
-- `render(sample, images, max_length)` -> `{"input_ids", "labels"}` plus the processor's image inputs: the
-  prompt rendered with the checkpoint's own chat template (dataset/hf_chat.py), each image's span expanded
-  as the processor does, labels on assistant tokens only, every span token -100.
-- `image_tokens(images)` (each image's span length), `image_inputs(images)`, `chat_ids(messages, n_images,
-  image_tokens)`, `generate(...) -> [[new ids]]` (the model's own generate, greedy by default, cut before
-  the first stop id), `chat(images, messages)`, `chat_batch([(images, messages), ...])`, `decode`,
-  `stop_token_ids`, `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again).
+- Spans: the processor is the reference. `_media(images, videos)` runs it on one placeholder per line and
+  counts each expanded run, so every family's count (grid merge, anyres with OneVision's downscale, pooled
+  video frames) is the processor's own; a family with `notes["nested_images"]` (OneVision) gets a sample's
+  images as one list (several images: base views only, its processor's rule).
+- `render(sample, images, max_length, videos=None)` -> `{"input_ids", "labels"}` plus the processor's image /
+  video inputs (`videos`: one list of PIL frames per video, our frame sampler's): the prompt rendered with the
+  checkpoint's own chat template (dataset/hf_chat.py), each image / video span expanded as the processor
+  does, labels on assistant tokens only, every span token -100, the tokenizer's own leading ids (a Vicuna
+  `<s>`) first as the processor's call adds them. A family without `video_token` refuses a video sample
+  (BadSampleError, one line).
+- `image_tokens(images)`, `video_tokens(videos)` (each span's length), `image_inputs(images)`,
+  `chat_ids(messages, n_images, image_tokens, video_tokens=None)`, `generate(...) -> [[new ids]]` (the
+  model's own generate, greedy by default, cut before the first stop id), `chat(images, messages,
+  videos=None)`, `chat_batch([(images, messages[, videos]), ...])`, `decode`, `stop_token_ids`,
+  `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again).
 - `tokens_per_image` is None: a span's length depends on the image's size.
-- Serving: the family's `serving` line says how (Qwen2-VL: through `generate`, not our engine).
+- `towers`: the family's `notes["towers"]` module (the vision tower), else the tower holding the merger.
+- Serving: the family's `serving` line says how (through `generate`, not our engine).
 """
 
 from __future__ import annotations
