@@ -28,7 +28,8 @@ Contract (the surface our VLM offers, so train.py / test.py / evaluation use it 
   `chat_ids(messages, n_images, image_tokens, video_tokens=None)`, `generate(...) -> [[new ids]]` (the
   model's own generate, greedy by default, cut before the first stop id), `chat(images, messages,
   videos=None)`, `chat_batch([(images, messages[, videos]), ...])`, `decode`, `stop_token_ids`,
-  `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again).
+  `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again), `merge_lora()`
+  (adapters folded in: model/merge.py then writes a plain released checkpoint).
 - `tokens_per_image` is None: a span's length depends on the image's size.
 - `towers`: the family's `notes["towers"]` module (the vision tower), else the tower holding the merger.
 - Serving: the family's `serving` line says how (through `generate`, not our engine).
@@ -146,6 +147,14 @@ class ReleasedVLM(nn.Module):
         hf.load_state_dict(load_file(str(path / TRAINABLE_FILE)), strict=False)
         vlm.source = str(base)  # a later save points at the released base again
         return vlm.eval()
+
+    def merge_lora(self) -> None:
+        """Fold peft LoRA adapters into the transformers model (no-op without adapters): `save_pretrained` then
+        writes a plain released checkpoint (`AutoModelForImageTextToText` + `AutoProcessor` load it)."""
+        if hasattr(self.model, "merge_and_unload"):  # a peft model
+            self.model = self.model.merge_and_unload()
+            if hasattr(self.model, "peft_config"):  # older peft leaves it behind on the unwrapped model
+                del self.model.peft_config
 
     def lora_target_regex(self, targets: str) -> str:
         """peft's full-name regex for `targets` (module-name suffixes) inside this family's LM only."""

@@ -337,3 +337,50 @@ def test_one_sft_step_through_train_with_a_video_record(released, media, tmp_pat
     assert isinstance(final, ReleasedVLM)
     trained = dict(result.model.named_parameters())
     assert all(torch.equal(p, trained[n]) for n, p in final.named_parameters())
+
+
+def test_adapter_merge_and_test_py_after_an_sft_step(released, media, tmp_path, capsys):
+    """The trained adapter in PEFT's format goes on the released base; merged, the model is a plain released
+    checkpoint (AutoModelForImageTextToText + AutoProcessor, logits within 1e-5); test.py answers with it."""
+    from peft import PeftModel
+    from qwenvl_lab.model.merge import merge
+    from qwenvl_lab.model.stages import apply_lora, set_trainable
+    from qwenvl_lab.model.train_config import LoraSettings
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from tests.tiny_server import answer_of_test_py
+
+    name, path, _, _ = released
+    model = ReleasedVLM.from_pretrained(path)
+    apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    set_trainable(model, "sft")
+    with torch.no_grad():  # a trained state: adapters and projector away from their initial values
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    model.save_pretrained(tmp_path / "run", trainable_only=True)
+    row = model.render(_sample(RECORD, media), _images())
+    ids = torch.tensor([row["input_ids"]])
+    inputs = {k: v for k, v in row.items() if isinstance(v, torch.Tensor)}
+    with torch.no_grad():
+        ours = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), **inputs).logits
+
+    peft = PeftModel.from_pretrained(ReleasedVLM.from_pretrained(path).model, str(tmp_path / "run" / "lora"))
+    ours_lora = {n.removeprefix("model."): p for n, p in model.named_parameters() if "lora_" in n}
+    loaded = dict(peft.named_parameters())
+    assert ours_lora and all(torch.equal(loaded[n], p) for n, p in ours_lora.items())
+
+    merge(tmp_path / "run", tmp_path / "merged")
+    assert not (tmp_path / "merged" / "lora").exists()
+    hf = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "merged")).eval()
+    processor = AutoProcessor.from_pretrained(str(tmp_path / "merged"))
+    ref = _reference(processor, _sample(RECORD, media), _images(), nested=name == "llava_onevision")
+    assert ref["input_ids"][0].tolist() == row["input_ids"]
+    with torch.no_grad():
+        theirs = hf(**ref).logits
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+    _images()[0].save(tmp_path / "q.png")
+    answer = answer_of_test_py(["--model", str(tmp_path / "run"), "--image", str(tmp_path / "q.png"),
+                                "--prompt", "What is it?", "--max-new-tokens", "5"], capsys)
+    assert answer == model.chat(_images()[:1], [{"role": "user", "content": "What is it?"}], max_new_tokens=5)
