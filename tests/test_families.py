@@ -331,7 +331,9 @@ def test_recipes_name_the_released_hub_ids_and_offline_is_one_line():
     root = Path(__file__).resolve().parents[1] / "configs" / "released"
     ids = {p.name: yaml.safe_load(p.read_text())["init_from"] for p in root.glob("*.yaml")}
     assert ids == {"qwen2_vl_lora.yaml": "Qwen/Qwen2-VL-2B-Instruct",
-                   "qwen2_5_vl_lora.yaml": "Qwen/Qwen2.5-VL-7B-Instruct"}
+                   "qwen2_5_vl_lora.yaml": "Qwen/Qwen2.5-VL-7B-Instruct",
+                   "llava_onevision_lora.yaml": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+                   "llava_next_video_lora.yaml": "llava-hf/LLaVA-NeXT-Video-7B-hf"}
     with pytest.raises(ModelDirError, match="could not be fetched"):
         resolve_model_dir("no-such-org-xyz/no-such-model")  # tests run with HF_HUB_OFFLINE=1
 

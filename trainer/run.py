@@ -194,7 +194,7 @@ def warn_max_length(cfg: TrainConfig, vlm) -> None:
     if isinstance(max_pos, int) and cfg.max_length > max_pos:
         log.warning("max_length=%d is above the LM's max_position_embeddings=%d (%s): samples that long go past "
                     "the positions it was trained on; lower max_length unless the LM extends its context",
-                    cfg.max_length, max_pos, vlm.config.lm)
+                    cfg.max_length, max_pos, getattr(vlm, "source", None) or getattr(vlm.config, "lm", "?"))
 
 def check_optimisation_keys(cfg: TrainConfig, vlm) -> None:
     """`packing` needs the qwen LM; `feature_cache` needs frozen towers and a cache written by them."""
