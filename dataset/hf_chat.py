@@ -11,7 +11,10 @@ Contract:
   the text is rendered once per assistant turn boundary (`template_fn(messages[:k], add_generation_prompt)`)
   and each render must be a prefix of the full one, else the template is refused (it rewrites earlier turns);
   the pieces between "prompt of turn k" and "end of turn k" are the assistant's (content + end-of-turn, as
-  the template writes them) and get labels, everything else -100. Each `SpanRule(token, part, counts)` says
+  the template writes them) and get labels, everything else -100. The expanded text is tokenized ONCE, as
+  the processor does (`tokenize(text) -> (ids, offsets)`, the tokenizer's own leading ids such as a Vicuna
+  `<s>` included): a merge across a turn boundary is the processor's too; a token is a target when its
+  characters overlap an assistant piece (transformers' assistant-mask rule). Each `SpanRule(token, part, counts)` says
   how one kind of media (image / video) becomes its span: the i-th `token` in the text is repeated
   `counts(n)[i]` times, as the processor does, before tokenizing (n = the items of that part the kept turns
   hold), so every span token (and the template's start/end markers around it, `span_ids`) is -100; `kept`
@@ -97,6 +100,10 @@ def _segments(messages: list[dict], template_fn: Callable[[list[dict], bool], st
     return segs
 
 
+# text -> (ids, character offsets [(start, end)] of each id), the tokenizer's own special ids included
+TokenizeFn = Callable[[str], tuple[list[int], list[tuple[int, int]]]]
+
+
 @dataclass(frozen=True)
 class SpanRule:
     """How one kind of media becomes its span: the template writes `token` once per item (a message part of
@@ -111,7 +118,7 @@ class SpanRule:
 def render_hf(
     sample: Sample,
     template_fn: Callable[[list[dict], bool], str],
-    tokenize: Callable[[str], list[int]],
+    tokenize: TokenizeFn,
     rules: list[SpanRule],
     max_length: int | None = None,
     span_ids: frozenset[int] = frozenset(),
@@ -155,22 +162,29 @@ def expand_spans(text: str, counts: dict[str, list[int]]) -> str:
     return text
 
 
-def _tokenize(segs: list[tuple[str, bool]], tokenize: Callable[[str], list[int]],
+def _tokenize(segs: list[tuple[str, bool]], tokenize: TokenizeFn,
               counts: dict[str, list[int]]) -> tuple[list[int], list[int]]:
-    ids: list[int] = []
-    labels: list[int] = []
+    """The whole conversation tokenized at once (as the processor does: a BPE merge may cross a turn
+    boundary), spans expanded in place; a token is a target when its characters overlap an assistant piece
+    (transformers' assistant-mask rule)."""
+    pieces: list[tuple[str, bool]] = []
     used = dict.fromkeys(counts, 0)
     for text, train in segs:
         here = {}
         for token, n in counts.items():
             k = text.count(token)
             here[token], used[token] = n[used[token]:used[token] + k], used[token] + k
-        piece = tokenize(expand_spans(text, here))
-        ids += piece
-        labels += piece if train else [IGNORE_INDEX] * len(piece)
+        pieces.append((expand_spans(text, here), train))
     for token, n in counts.items():
         if used[token] != len(n):
             raise BadSampleError(f"{len(n)} item(s) for {token} but the template wrote {used[token]}")
+    targets, pos = [], 0
+    for text, train in pieces:
+        if train:
+            targets.append((pos, pos + len(text)))
+        pos += len(text)
+    ids, offsets = tokenize("".join(text for text, _ in pieces))
+    labels = [t if any(s < b and e > a for a, b in targets) else IGNORE_INDEX for t, (s, e) in zip(ids, offsets)]
     return ids, labels
 
 

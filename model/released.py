@@ -21,8 +21,9 @@ Contract (the surface our VLM offers, so train.py / test.py / evaluation use it 
 - `render(sample, images, max_length, videos=None)` -> `{"input_ids", "labels"}` plus the processor's image /
   video inputs (`videos`: one list of PIL frames per video, our frame sampler's): the prompt rendered with the
   checkpoint's own chat template (dataset/hf_chat.py), each image / video span expanded as the processor
-  does, labels on assistant tokens only, every span token -100, the tokenizer's own leading ids (a Vicuna
-  `<s>`) first as the processor's call adds them. A family without `video_token` refuses a video sample
+  does, the whole text tokenized once as the processor's call does (the tokenizer's own leading ids, a
+  Vicuna `<s>`, included; a merge across a turn boundary as the processor makes it), labels on assistant
+  tokens only (by character offsets: a fast tokenizer is required, else a UserError), every span token -100. A family without `video_token` refuses a video sample
   (BadSampleError, one line).
 - `image_tokens(images)`, `video_tokens(videos)` (each span's length), `image_inputs(images)`,
   `chat_ids(messages, n_images, image_tokens, video_tokens=None)`, `generate(...) -> [[new ids]]` (the
@@ -50,7 +51,7 @@ from torch import nn
 from transformers import AutoProcessor
 
 from ..core.errors import UserError
-from ..core.loss import IGNORE_INDEX, full_logits_loss
+from ..core.loss import full_logits_loss
 from ..dataset.hf_chat import SpanRule, concat_inputs, expand_spans, hf_messages, render_hf
 from ..dataset.sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample
 from .families import Family, family_of
@@ -83,6 +84,9 @@ class ReleasedVLM(nn.Module):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.video_token = family.notes.get("video_token")  # None: the family takes no videos here
         self.video_token_id = None if self.video_token is None else self.tokenizer.convert_tokens_to_ids(self.video_token)
+        if not getattr(self.tokenizer, "is_fast", False):  # labels come from its character offsets
+            raise UserError(f"{source}: the checkpoint's tokenizer has no tokenizer.json (a fast tokenizer is "
+                            "needed); save it with transformers' AutoTokenizer.save_pretrained first")
         if getattr(self.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
             raise UserError(f"{source}: the checkpoint has no chat template (chat_template.jinja / .json or "
                             "tokenizer_config.json chat_template)")
@@ -246,18 +250,11 @@ class ReleasedVLM(nn.Module):
         return self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt)
 
-    def _tokenize(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def _prefix(self) -> list[int]:
-        """The ids the tokenizer puts before a text when the processor tokenizes it (a Llama / Vicuna
-        tokenizer's `<s>`; nothing for Qwen's): our pieces are tokenized without them, so they go in front."""
-        if getattr(self, "_prefix_ids", None) is None:
-            with_special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
-            plain = self._tokenize("a")
-            n = len(with_special) - len(plain)
-            self._prefix_ids = with_special[:n] if n > 0 and with_special[n:] == plain else []
-        return self._prefix_ids
+    def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`text` tokenized as the processor's call does (its special ids, e.g. a Vicuna `<s>`, included), with
+        each id's character offsets (dataset/hf_chat.py labels by them)."""
+        out = self.tokenizer(text, return_offsets_mapping=True)
+        return out["input_ids"], [tuple(o) for o in out["offset_mapping"]]
 
     def render(self, sample: Sample, images: list, max_length: int | None = None,
                videos: list | None = None) -> dict[str, Any]:
@@ -277,11 +274,8 @@ class ReleasedVLM(nn.Module):
         rules = [SpanRule(self.image_token, "image", lambda n: counts("image", n))]
         if self.video_token is not None:
             rules.append(SpanRule(self.video_token, "video", lambda n: counts("video", n)))
-        prefix = self._prefix()
-        ids, labels, kept = render_hf(sample, self._template, self._tokenize, rules,
-                                      None if max_length is None else max_length - len(prefix),
+        ids, labels, kept = render_hf(sample, self._template, self._tokenize, rules, max_length,
                                       span_ids=self._span_ids())
-        ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
         n_img, n_vid = kept["image"], kept.get("video", 0)
         # truncation drops whole turns: the inputs of the images / videos those turns held go with them
         inputs = full[2] if (n_img, n_vid) == (len(images), len(videos)) else self._media(images[:n_img],
@@ -318,7 +312,7 @@ class ReleasedVLM(nn.Module):
         spans = {self.image_token: counts}
         if self.video_token is not None:
             spans[self.video_token] = list(video_tokens or [])
-        return self._prefix() + self._tokenize(expand_spans(text, spans))
+        return self._tokenize(expand_spans(text, spans))[0]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.tiny_model import randomize_
-from tests.tiny_qwen import write_tiny_hf_tokenizer
+from tests.tiny_qwen import QWEN2_SPECIALS, QWEN2_VL, _tiny_ranks
 
 # llava-onevision-qwen2-*-hf (its conversion script's template): a message's images, then its videos, then its text.
 ONEVISION_TEMPLATE = (
@@ -44,14 +44,24 @@ TOWER = 32  # the tower's image size (px); patch 8 -> a 4 x 4 grid per crop
 PINPOINTS = [[32, 64], [64, 32], [64, 64], [64, 128], [128, 64], [96, 96], [128, 128]]
 
 
+# Merges across the Vicuna template's turn boundary ("... square. " + "USER: ..."): tokenized whole, " USER"
+# is one pre-token and " U" merges; tokenized turn by turn it would not. Real BPE vocabularies have such merges.
+BOUNDARY_MERGES = [" U", " US", "SE", " USE", " USER"]
+
+
 def _tokenizer(path: Path, bos: bool):
-    """The tiny byte-level tokenizer with `<image>` and `<video>` added (special); `bos`: a Llama-style
-    `<s>` prepended by its post-processor, as the Vicuna tokenizer does."""
+    """The tiny byte-level tokenizer (plus BOUNDARY_MERGES) with `<image>` and `<video>` added (special);
+    `bos`: a Llama-style `<s>` prepended by its post-processor, as the Vicuna tokenizer does."""
+    from qwenvl_lab.qwen.convert import tiktoken_to_hf
     from tokenizers import AddedToken, processors
     from transformers import PreTrainedTokenizerFast
 
-    tok_dir = write_tiny_hf_tokenizer(path.parent / f"{path.name}_tok", with_vl_tokens=False).parent
-    tok = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
+    ranks = _tiny_ranks()
+    for m in BOUNDARY_MERGES:
+        ranks[m.encode("utf-8")] = len(ranks)
+    specials = [s for s in QWEN2_SPECIALS if s not in QWEN2_VL]
+    tok = PreTrainedTokenizerFast(tokenizer_object=tiktoken_to_hf(ranks, specials), eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<image>", "<video>")],
                    special_tokens=True)
     if bos:
