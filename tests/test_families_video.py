@@ -26,7 +26,7 @@ from PIL import Image
 from qwenvl_lab.dataset.formats import normalize
 from qwenvl_lab.dataset.hf_chat import concat_inputs, released_collate
 from qwenvl_lab.dataset.images import load_video_frames
-from qwenvl_lab.dataset.sample import Sample
+from qwenvl_lab.dataset.sample import BadSampleError, Sample
 from qwenvl_lab.model.families import FAMILIES, family_of
 from qwenvl_lab.model.model import build_vlm, load_vlm
 from qwenvl_lab.model.released import ReleasedVLM
@@ -152,25 +152,28 @@ def test_onevision_one_large_image_is_downscaled_by_anyres_max_9(released, media
     assert abs(loss - hf) < 1e-5
 
 
-def test_next_video_video_record_ids_loss_and_masks(released, media):
+def test_video_record_ids_loss_and_masks(released, media):
     name, _, model, processor = released
-    if name != "llava_next_video":
-        pytest.skip("NeXT-Video's video span")
     sample = _sample(VIDEO_RECORD, media)
     assert sample.videos and not sample.images
     frames = _video_frames(media)
     ours = model.render(sample, [], videos=[frames])
     ref = _reference(processor, sample, videos=[frames])
     assert ours["input_ids"] == ref["input_ids"][0].tolist()
-    assert ours["input_ids"][0] == processor.tokenizer.bos_token_id  # the tokenizer's <s>, as the processor's
     assert torch.equal(ours["pixel_values_videos"], ref["pixel_values_videos"])
     video_id = model.video_token_id
-    # each frame's 4 x 4 patch rows average-pooled with stride 2: 4 rows per frame
-    assert ours["input_ids"].count(video_id) == FRAMES * 4
+    # each frame's 4 x 4 patch rows pooled to 2 x 2 (NeXT-Video: average pool, stride 2; OneVision: bilinear
+    # to ceil(4 / 2)), OneVision adds one newline row per video
+    assert ours["input_ids"].count(video_id) == FRAMES * 4 + (name == "llava_onevision")
     assert all(y == -100 for t, y in zip(ours["input_ids"], ours["labels"]) if t == video_id)
-    # Tokenized whole (as the processor does), the reply's last space and the next "USER" are one token " USER"
-    # (tests/tiny_llava_video.py BOUNDARY_MERGES): it overlaps the reply, so it is a target (transformers' rule).
-    assert _assistant_text(processor, ours["labels"]) == " It gets brighter. USER Slowly. "
+    if name == "llava_next_video":
+        assert ours["input_ids"][0] == processor.tokenizer.bos_token_id  # the tokenizer's <s>, as the processor's
+        # Tokenized whole (as the processor does), the reply's last space and the next "USER" are one token
+        # " USER" (tests/tiny_llava_video.py BOUNDARY_MERGES): it overlaps the reply, so it is a target
+        # (transformers' assistant-mask rule).
+        assert _assistant_text(processor, ours["labels"]) == " It gets brighter. USER Slowly. "
+    else:
+        assert _assistant_text(processor, ours["labels"]) == "It gets brighter.<|im_end|>\nSlowly.<|im_end|>\n"
     loss, hf = _loss_pair(model, ours, ref)
     assert abs(loss - hf) < 1e-5
 
@@ -187,6 +190,42 @@ def test_next_video_two_images_ids_and_loss(released, media):
     assert all(y == -100 for t, y in zip(ours["input_ids"], ours["labels"]) if t == model.image_token_id)
     loss, hf = _loss_pair(model, ours, ref)
     assert abs(loss - hf) < 1e-5
+
+
+def test_truncation_drops_whole_turns_and_recounts_what_stays(released, media):
+    """A sample over max_length loses its last (user, assistant) pair with the image it held; OneVision's
+    remaining image is then alone in its sample: counted and packed by the single-image anyres rule."""
+    name, _, model, processor = released
+    sample = _sample(RECORD, media)
+    first = Sample(id="r0", images=sample.images[:1], messages=sample.messages[:2])
+    ref = _reference(processor, first, _images()[:1], nested=name == "llava_onevision")
+    want = ref["input_ids"][0].tolist()
+    assert len(model.render(sample, _images())["input_ids"]) > len(want)
+    ours = model.render(sample, _images(), max_length=len(want))
+    assert ours["input_ids"] == want and torch.equal(ours["pixel_values"], ref["pixel_values"])
+    assert ours["image_sizes"].shape[0] == 1
+    if name == "llava_onevision":
+        assert ours["batch_num_images"].tolist() == [1] and ours["pixel_values"].shape[1] > 1  # base + tiles
+    with pytest.raises(BadSampleError, match="longer than max_length"):
+        model.render(sample, _images(), max_length=len(want) - 1)
+
+
+def test_a_family_without_videos_refuses_a_video_sample_in_one_line(media):
+    from qwenvl_lab.dataset.hf_chat import ReleasedDataset
+
+    (media / "mixed.jsonl").write_text(json.dumps(VIDEO_RECORD) + "\n" + json.dumps(RECORD) + "\n")
+
+    def render(sample, images, max_length, videos=None):
+        return {"input_ids": [1, 2], "labels": [-100, 2]}
+
+    ds = ReleasedDataset([str(media / "mixed.jsonl")], render, None, image_folder=str(media), frames_per_video=None)
+    assert ds[0]["id"] == "r0"  # the video sample is skipped, the next one served
+    report = ds.skip_report()
+    assert report["by_kind"] == {"bad_video": 1} and "videos are not supported" in report["examples"][0]
+    assert "mixed.jsonl" in report["examples"][0]
+    with_videos = ReleasedDataset([str(media / "mixed.jsonl")], render, None, image_folder=str(media),
+                                  frames_per_video=FRAMES)
+    assert with_videos[0]["id"] == "v0" and with_videos.skip_report()["skipped"] == 0
 
 
 def test_labels_are_the_generation_mask_plus_end_of_turn(released, media):
