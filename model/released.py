@@ -194,7 +194,10 @@ class ReleasedVLM(nn.Module):
 
     # ----- training --------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **image_kw: Any) -> ReleasedOutput:
+                labels: torch.Tensor | None = None, return_logits: bool | None = None,
+                image_counts: Any = None, **image_kw: Any) -> ReleasedOutput:
+        """`return_logits` / `image_counts` are our VLM's keywords (evaluation passes them): logits are always
+        computed here, and the processor's inputs already say which images belong to which sample."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._with_types(input_ids, image_kw))
         loss = None if labels is None else full_logits_loss(out.logits, labels)  # labels shifted there
         return ReleasedOutput(loss, out.logits)

@@ -425,3 +425,36 @@ def test_adapter_merge_and_test_py_after_an_sft_step(released, media, tmp_path, 
     answer = answer_of_test_py(["--model", str(tmp_path / "run"), "--image", str(tmp_path / "q.png"),
                                 "--prompt", "What is it?", "--max-new-tokens", "5"], capsys)
     assert answer == model.chat(_images()[:1], [{"role": "user", "content": "What is it?"}], max_new_tokens=5)
+
+
+def test_evaluation_cli_and_likelihood_scoring(released, tmp_path, capsys):
+    """The evaluation CLI answers a benchmark with the released checkpoint (batched answers equal one by one),
+    and likelihood scoring (one forward over every option) equals teacher forcing option by option."""
+    from qwenvl_lab.evaluation.__main__ import main as cli_main
+    from qwenvl_lab.evaluation.likelihood import reply_logprobs
+    from qwenvl_lab.evaluation.runner import read_answers, run_task
+
+    from tests import tiny_bench as tb
+
+    name, path, model, _ = released
+    root, images = tb.write_vqav2(tmp_path / "vqav2")
+    args = ["--model", str(path), "--task", "vqav2", "--data", str(root), "--images", str(images),
+            "--max-new-tokens", "4", "--batch-size", "2", "--output", str(tmp_path / "a")]
+    assert cli_main(args) == 0 and "vqav2: 3 scored of 3" in capsys.readouterr().out
+    run_task(model, "vqav2", str(root), images=str(images), output=tmp_path / "b", batch_size=1, max_new_tokens=4,
+             progress=False)
+    assert read_answers(tmp_path / "a" / "answers.jsonl") == read_answers(tmp_path / "b" / "answers.jsonl")
+
+    img = _images()[0]
+    msgs = [{"role": "user", "content": "<image>\nWhich colour?\nA. red\nB. dark green"}]
+    options = ["red", "dark green"]
+    counts = model.image_tokens([img])
+    base = model.chat_ids(msgs, 1, counts)
+    for opt, (total, n, _) in zip(options, reply_logprobs(model, [img], msgs, options)):
+        full = model.chat_ids(msgs + [{"role": "assistant", "content": opt}], 1, counts)
+        ids = torch.tensor([full])
+        with torch.no_grad():
+            logits = model(input_ids=ids, **model.image_inputs([img])).logits[0]
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        assert total == pytest.approx(sum(lp[p - 1, full[p]].item() for p in range(len(base), len(base) + n)),
+                                      abs=1e-3)
