@@ -458,3 +458,39 @@ def test_evaluation_cli_and_likelihood_scoring(released, tmp_path, capsys):
         lp = torch.log_softmax(logits.float(), dim=-1)
         assert total == pytest.approx(sum(lp[p - 1, full[p]].item() for p in range(len(base), len(base) + n)),
                                       abs=1e-3)
+
+
+def test_test_py_answers_about_a_video(released, media, capsys):
+    from qwenvl_lab.core.cli import run_cli
+
+    from tests.tiny_server import answer_of_test_py, entry
+
+    name, path, model, _ = released
+    answer = answer_of_test_py(["--model", str(path), "--video", str(media / "v.mp4"), "--frames", str(FRAMES),
+                                "--prompt", "What happens?", "--max-new-tokens", "5"], capsys)
+    frames = _video_frames(media)
+    assert answer == model.chat([], [{"role": "user", "content": "<video>\nWhat happens?"}], videos=[frames],
+                                max_new_tokens=5)
+    # mistakes: one line, exit status 2, before or after the model loads
+    module = entry("test")
+    missing = ["--model", str(path), "--video", str(media / "nope.mp4"), "--prompt", "What happens?"]
+    two = ["--model", str(path), "--video", str(media / "v.mp4"), "--prompt", "<video> or <video>?"]
+    for argv, want in ((missing, "nope.mp4"), (two, "2 <video> marker(s) for 1 --video")):
+        capsys.readouterr()
+        assert run_cli(module.main, argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ") and want in err
+
+
+def test_test_py_video_on_a_model_without_videos_is_one_line(media, tmp_path, capsys):
+    from qwenvl_lab.core.cli import run_cli
+
+    from tests.test_families_native import save_llava_qwen
+    from tests.tiny_server import entry
+
+    path = save_llava_qwen(tmp_path / "llava", with_vl_tokens=False)
+    argv = ["--model", str(path), "--video", str(media / "v.mp4"), "--prompt", "What happens?"]
+    capsys.readouterr()
+    assert run_cli(entry("test").main, argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: --video:") and "takes no videos" in line
