@@ -494,3 +494,30 @@ def test_test_py_video_on_a_model_without_videos_is_one_line(media, tmp_path, ca
     assert run_cli(entry("test").main, argv) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("error: --video:") and "takes no videos" in line
+
+
+@pytest.mark.parametrize("stage,vision_lr,want", [
+    ("align", 0.0, {"projector": {"base"}}),
+    ("sft", 0.0, {"projector": {"base"}, "lm": {"lora"}}),
+    ("sft", 1e-4, {"projector": {"base"}, "lm": {"lora"}, "vision": {"base"}}),
+    ("full", 0.0, {"projector": {"base"}, "lm": {"base"}}),
+])
+def test_stages_train_the_family_parts(released, stage, vision_lr, want):
+    from qwenvl_lab.model.stages import apply_lora, part_of, set_trainable
+    from qwenvl_lab.model.train_config import LoraSettings
+
+    name, path, _, _ = released
+    model = ReleasedVLM.from_pretrained(path)
+    if stage == "sft":
+        apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))  # no targets: the family's LM linears
+        adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_modules() if n.endswith("lora_A")}
+        assert adapted and all(".language_model." in n for n in adapted)
+        assert {n.rsplit(".", 1)[1] for n in adapted} == set(FAMILIES[name].notes["lora_targets"].split("|"))
+    set_trainable(model, stage, vision_lr)
+    parts: dict[str, set[str]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            parts.setdefault(part_of(n), set()).add("lora" if "lora_" in n else "base")
+    assert parts == want
+    newline = next(p for n, p in model.named_parameters() if n.endswith("image_newline"))
+    assert part_of(next(n for n, p in model.named_parameters() if p is newline)) == "projector" and newline.requires_grad
