@@ -355,7 +355,9 @@ def test_one_sft_step_through_train_with_a_video_record(released, media, tmp_pat
     from tests.tiny_train import tiny_train_config
 
     name, path, _, _ = released
-    records = [RECORD, VIDEO_RECORD] if name == "llava_next_video" else [RECORD, RECORD]
+    if name != "llava_next_video":  # OneVision's batches (crops padded, batch_num_images) are checked above
+        pytest.skip("the train() run is NeXT-Video's: a video record and a 2-image record in one batch")
+    records = [RECORD, VIDEO_RECORD]
     (media / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     cfg = tiny_train_config(tmp_path, media, model=None, init_from=str(path), stage="sft", max_steps=1,
                             data_path=[str(media / f"{name}.jsonl")], image_folder=str(media),
