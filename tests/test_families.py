@@ -333,7 +333,9 @@ def test_recipes_name_the_released_hub_ids_and_offline_is_one_line():
     assert ids == {"qwen2_vl_lora.yaml": "Qwen/Qwen2-VL-2B-Instruct",
                    "qwen2_5_vl_lora.yaml": "Qwen/Qwen2.5-VL-7B-Instruct",
                    "idefics3_lora.yaml": "HuggingFaceM4/Idefics3-8B-Llama3",
-                   "smolvlm_lora.yaml": "HuggingFaceTB/SmolVLM-Instruct"}
+                   "smolvlm_lora.yaml": "HuggingFaceTB/SmolVLM-Instruct",
+                   "llava_onevision_lora.yaml": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+                   "llava_next_video_lora.yaml": "llava-hf/LLaVA-NeXT-Video-7B-hf"}
     with pytest.raises(ModelDirError, match="could not be fetched"):
         resolve_model_dir("no-such-org-xyz/no-such-model")  # tests run with HF_HUB_OFFLINE=1
 
