@@ -16,7 +16,8 @@ and DIR may be one of its own checkpoints (adapter_model.bin + other_params.bin)
 
 `--model` may also be a transformers Llava or LLaVA-NeXT directory (config.json model_type "llava" /
 "llava_next"); a model with a resolution rule (anyres, native) gives each image the span its size gets.
-`--video` (with `--prompt`; a released family that takes videos: LLaVA-NeXT-Video, LLaVA-OneVision) samples
+`--video` (with `--prompt`; a released family that takes videos: Qwen2-VL / Qwen2.5-VL, LLaVA-NeXT-Video,
+LLaVA-OneVision) samples
 `--frames` frames with our frame sampler and puts the video where the prompt's `<video>` marker is (first
 when it has none); a model without a video input says so in one line.
 
@@ -212,8 +213,8 @@ def video_prompt(prompt: str, n_videos: int) -> str:
 
 def check_videos(vlm, paths: list[str], model: str) -> None:
     if paths and getattr(vlm, "video_token", None) is None:
-        raise UserError(f"--video: {model} takes no videos (a released LLaVA-NeXT-Video or LLaVA-OneVision "
-                        f"checkpoint does); ask about frames as --image files instead")
+        raise UserError(f"--video: {model} takes no videos (a released Qwen2-VL, LLaVA-NeXT-Video or "
+                        f"LLaVA-OneVision checkpoint does); ask about frames as --image files instead")
 
 
 def main(argv=None) -> int:

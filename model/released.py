@@ -17,7 +17,7 @@ Contract (the surface our VLM offers, so train.py / test.py / evaluation use it 
   image processor; any other key, or a tile side other than the tower's image_size, is a `UserError` naming it.
 - `forward(input_ids [B, T], attention_mask [B, T], labels [B, T] | None, **inputs)` with the processor's
   inputs (`pixel_values`, `image_grid_thw`, `pixel_attention_mask`, `image_sizes`, `batch_num_images`,
-  `pixel_values_videos`, ...) -> `ReleasedOutput(loss, logits [B, T, V])`; the loss is
+  `pixel_values_videos`, `video_grid_thw`, ...) -> `ReleasedOutput(loss, logits [B, T, V])`; the loss is
   `core.loss.full_logits_loss` (labels shifted there, the one place), mean fp32 CE over assistant targets.
 - `render(sample, images, max_length, videos=None)` -> `{"input_ids", "labels"}` plus the processor's image /
   video inputs (`videos`: one list of PIL frames per video, our frame sampler's): the prompt rendered with the

@@ -8,7 +8,9 @@ Asserted per family:
 - our loss equals `model(**processor_inputs, labels=ours).loss` within 1e-5;
 - labels equal the assistant mask of a `{% generation %}` template;
 - per-sample logits in a right-padded batch equal the unpadded ones within 1e-6;
-- greedy `chat` equals transformers' generate on the processor's inputs.
+- greedy `chat` equals transformers' generate on the processor's inputs;
+- a record with an image and a video (frames from our frame sampler) renders to the processor's input_ids,
+  every span token -100, loss equal to transformers'; greedy `chat` about a video equals its generate.
 """
 
 from __future__ import annotations
@@ -206,6 +208,48 @@ def test_greedy_chat_equals_transformers_generate(released):
     ref = processor(text=[text], images=_images(), return_tensors="pt")
     assert model.chat_ids(messages, 2, model.image_tokens(_images())) == ref["input_ids"][0].tolist()
     out = model.model.generate(**ref, max_new_tokens=8, do_sample=False, eos_token_id=model.stop_token_ids)
+    new = out[0, ref["input_ids"].shape[1]:].tolist()
+    cut = new[: next((i for i, t in enumerate(new) if t in model.stop_token_ids), len(new))]
+    assert reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
+
+
+def test_a_video_record_ids_loss_and_chat_equal_transformers(released, tmp_path):
+    from qwenvl_lab.dataset.hf_chat import hf_messages
+    from qwenvl_lab.dataset.images import load_video_frames
+
+    from tests.tiny_data import write_video
+
+    _, _, model, processor = released
+    frames = load_video_frames(str(write_video(tmp_path / "v.mp4", n_frames=10, size=(56, 56))), 4)  # our sampler
+    sample = Sample(id="v", images=["a.png"], videos=["v.mp4"], messages=[
+        {"role": "user", "content": "<video>\nWhat happens? And in <image>?"},
+        {"role": "assistant", "content": "It gets brighter; a square."}])
+    ours = model.render(sample, _images()[:1], videos=[frames])
+    text = processor.apply_chat_template(hf_messages(sample), tokenize=False)
+    ref = processor(text=[text], images=_images()[:1], videos=[frames], return_tensors="pt")
+    assert ours["input_ids"] == ref["input_ids"][0].tolist()
+    assert torch.equal(ours["video_grid_thw"], ref["video_grid_thw"])
+    assert torch.equal(ours["pixel_values_videos"], ref["pixel_values_videos"])
+    video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    grid = ref["video_grid_thw"][0]
+    assert ours["input_ids"].count(video_id) == int(grid.prod()) // 4  # 2 x 2 merge
+    labels = ours["labels"]
+    assert all(y == -100 for t, y in zip(ours["input_ids"], labels) if t == video_id)
+    assert processor.tokenizer.decode([y for y in labels if y != -100]) == "It gets brighter; a square.<|im_end|>\n"
+    ids, target = torch.tensor([ours["input_ids"]]), torch.tensor([labels])
+    inputs = {k: v for k, v in ours.items() if torch.is_tensor(v)}
+    with torch.no_grad():
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=target, **inputs).loss
+        hf = model.model(**ref, labels=target).loss
+    assert abs(loss.item() - hf.item()) < 1e-5
+
+    messages = [{"role": "user", "content": "<video>\nWhat happens?"}]
+    reply = model.chat([], messages, videos=[frames], max_new_tokens=6)
+    question = Sample(id="q", videos=["v.mp4"], messages=messages)
+    prompt = processor.apply_chat_template(hf_messages(question), tokenize=False, add_generation_prompt=True)
+    ref = processor(text=[prompt], videos=[frames], return_tensors="pt")
+    assert model.chat_ids(messages, 0, [], model.video_tokens([frames])) == ref["input_ids"][0].tolist()
+    out = model.model.generate(**ref, max_new_tokens=6, do_sample=False, eos_token_id=model.stop_token_ids)
     new = out[0, ref["input_ids"].shape[1]:].tolist()
     cut = new[: next((i for i, t in enumerate(new) if t in model.stop_token_ids), len(new))]
     assert reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
