@@ -3,6 +3,7 @@
     python test.py --model RUN_OR_MODEL_DIR --image a.jpg [--image b.jpg] --prompt "What is in the picture?"
     python test.py --model RUN_DIR --image a.jpg                      # interactive multi-turn chat
     python test.py --model RUN_DIR --input questions.jsonl --output answers.jsonl [--image-folder DIR]
+    python test.py --model LLAVA_NEXT_VIDEO_DIR --video clip.mp4 [--frames 8] --prompt "What happens?"
 
 `--model` takes a run directory (its `final/` model, else its newest checkpoint) or a saved model
 directory. Decoding is greedy unless `--do-sample` is given. `--stream` prints tokens as they come.
@@ -15,6 +16,10 @@ and DIR may be one of its own checkpoints (adapter_model.bin + other_params.bin)
 
 `--model` may also be a transformers Llava or LLaVA-NeXT directory (config.json model_type "llava" /
 "llava_next"); a model with a resolution rule (anyres, native) gives each image the span its size gets.
+`--video` (with `--prompt`; a released family that takes videos: Qwen2-VL / Qwen2.5-VL, LLaVA-NeXT-Video,
+LLaVA-OneVision) samples
+`--frames` frames with our frame sampler and puts the video where the prompt's `<video>` marker is (first
+when it has none); a model without a video input says so in one line.
 
 A mistake (a missing or unreadable image, an image whose size the model's resolution rule refuses, a model
 directory without a model, a hub name while offline, a data file that is not JSON) ends with one line
@@ -32,8 +37,8 @@ from pathlib import Path
 from qwenvl_lab.core.cli import run_cli, writable_dir
 from qwenvl_lab.core.errors import UserError
 from qwenvl_lab.dataprocess.bigbro import test_argv
-from qwenvl_lab.dataset.images import load_image
-from qwenvl_lab.dataset.sample import IMAGE_MARKER
+from qwenvl_lab.dataset.images import load_image, load_video_frames
+from qwenvl_lab.dataset.sample import IMAGE_MARKER, VIDEO_MARKER
 from qwenvl_lab.model.paths import is_bigbro_dir, resolve_model_dir
 from qwenvl_lab.trainer.evaluate import load_samples, write_answers
 
@@ -44,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description="Image question answering with a trained VLM.")
     ap.add_argument("--model", help="run directory or saved model directory")
     ap.add_argument("--image", action="append", default=[], help="an image file (repeat for several)")
+    ap.add_argument("--video", action="append", default=[], help="a video file (with --prompt; repeat for several)")
+    ap.add_argument("--frames", type=int, default=8, help="frames sampled from each --video (default 8)")
     ap.add_argument("--prompt", help="the question; without it, an interactive chat starts")
     ap.add_argument("--system", default=None, help="a system prompt (none by default)")
     ap.add_argument("--input", help="JSONL/JSON file of samples to answer in batches")
@@ -68,6 +75,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("give --model RUN_OR_MODEL_DIR (or the original --model_weights with the base models)")
     if args.input and not args.output:
         ap.error("--input needs --output")
+    if args.video and (args.input or args.prompt is None):
+        ap.error("--video needs --prompt (one question about the video)")
+    if args.frames < 1:
+        ap.error("--frames must be at least 1")
     return args
 
 
@@ -112,10 +123,12 @@ def _streamer(vlm):
     return on_token
 
 
-def answer(vlm, images, messages, args) -> str:
+def answer(vlm, images, messages, args, videos=None) -> str:
     kw = gen_kwargs(args)
     if args.stream:
         kw["streamer"] = _streamer(vlm)
+    if videos:
+        kw["videos"] = videos  # only a model with a video input (checked in main) takes them
     reply = vlm.chat(images, messages, **kw)
     if args.stream:
         print()
@@ -188,10 +201,27 @@ def single_prompt(prompt: str, n_images: int) -> str:
     return prompt
 
 
+def video_prompt(prompt: str, n_videos: int) -> str:
+    """The prompt with one `<video>` marker per --video (all first when it has none)."""
+    if n_videos and VIDEO_MARKER not in prompt:
+        prompt = VIDEO_MARKER * n_videos + "\n" + prompt
+    if prompt.count(VIDEO_MARKER) != n_videos:
+        raise UserError(f"--prompt has {prompt.count(VIDEO_MARKER)} {VIDEO_MARKER} marker(s) for {n_videos} "
+                        f"--video file(s); give one marker per video, or none to put them all first")
+    return prompt
+
+
+def check_videos(vlm, paths: list[str], model: str) -> None:
+    if paths and getattr(vlm, "video_token", None) is None:
+        raise UserError(f"--video: {model} takes no videos (a released Qwen2-VL, LLaVA-NeXT-Video or "
+                        f"LLaVA-OneVision checkpoint does); ask about frames as --image files instead")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     # Everything the user named is checked before the model loads: a wrong path fails in a second.
     images = load_images(args.image)
+    videos = [load_video_frames(p, args.frames) for p in args.video]  # our frame sampler; a bad file: one line
     bigbro = is_bigbro_dir(args.model) and args.lm and args.tower  # else resolve_model_dir says what is missing
     model_dir = Path(args.model) if bigbro else resolve_model_dir(args.model)
     if args.input:
@@ -199,15 +229,17 @@ def main(argv=None) -> int:
         pairs = load_samples(args.input, args.image_folder, args.allow_absolute_paths)
         writable_dir(Path(args.output).resolve().parent, "--output's directory")
     prompt = None if args.input or args.prompt is None else single_prompt(args.prompt, len(images))
+    prompt = prompt if prompt is None else video_prompt(prompt, len(videos))
     vlm = load_model(args, model_dir)  # and the seed
     check_images(vlm, images, [f"--image {p}" for p in args.image])
+    check_videos(vlm, args.video, args.model)
     if args.input:
         run_batch_file(vlm, pairs, args)
         return 0
     if prompt is None:
         interactive(vlm, images, args)
         return 0
-    reply = answer(vlm, images, with_system([{"role": "user", "content": prompt}], args.system), args)
+    reply = answer(vlm, images, with_system([{"role": "user", "content": prompt}], args.system), args, videos)
     if not args.stream:
         print(reply)
     return 0

@@ -7,19 +7,23 @@ Contract:
   transformers multimodal form: `content` a list of `{"type": "text", "text": ...}` / `{"type": "image"}` /
   `{"type": "video"}` parts, in order (an empty message: one empty text part). The template decides where each
   part goes (LLaVA-1.5's puts a message's images before its text), as the processor's `apply_chat_template` does.
-- `render_hf(sample, template_fn, tokenize, image_token, image_spans, max_length, span_ids)` -> `(input_ids,
-  labels)`: the text is rendered once per assistant turn boundary (`template_fn(messages[:k],
-  add_generation_prompt)`) and each render must be a prefix of the full one, else the template is refused (it
-  rewrites earlier turns); the pieces between "prompt of turn k" and "end of turn k" are the assistant's
-  (content + end-of-turn, as the template writes them) and get labels, everything else -100. The i-th
-  `image_token` in the text is replaced by `image_spans[i]`, the processor's own text for that image's span
-  (Qwen2-VL, LLaVA: the token repeated; Idefics3: tiles with row/col markers and the global image). The whole
-  text is then tokenized once, as the processor does (`tokenize(text) -> (ids, character offsets)`, a fast
-  tokenizer's), and labels come from the offsets: a token starting inside an assistant piece is labelled
-  unless it overlaps a span or is in `span_ids` (markers the template writes around a span); a token with no
-  characters (a BOS the tokenizer adds) is -100. (A token starting in an assistant piece's last characters and
-  running on, as Llama's "▁USER:" after LLaVA-1.5's trailing space, is the assistant's: transformers'
-  `{% generation %}` mask marks it too.)
+- `SpanRule(token, part, spans)`: one kind of media (`part`: "image" | "video", the message part type). The
+  template writes `token` once per item; `spans(n)` is the processor's own text for each of the first n items
+  (Qwen2-VL, LLaVA: the token repeated; Idefics3: tiles with row/col markers and the global image; OneVision: a
+  count that depends on how many images the sample holds, so n is the number the rendered turns keep).
+  `expand_spans(text, {token: [span text, ...]})` replaces each token's i-th occurrence by its i-th span.
+- `render_hf(sample, template_fn, tokenize, rules, max_length, span_ids)` -> `(input_ids, labels, kept)`: the
+  text is rendered once per assistant turn boundary (`template_fn(messages[:k], add_generation_prompt)`) and
+  each render must be a prefix of the full one, else the template is refused (it rewrites earlier turns); the
+  pieces between "prompt of turn k" and "end of turn k" are the assistant's (content + end-of-turn, as the
+  template writes them) and get labels, everything else -100. Each rule's i-th `token` in the text is replaced
+  by its i-th span. The whole text is then tokenized once, as the processor does (`tokenize(text) -> (ids,
+  character offsets)`, a fast tokenizer's; a BPE merge across a turn boundary is the processor's too), and
+  labels come from the offsets: a token starting inside an assistant piece is labelled unless it overlaps a
+  span or is in `span_ids` (markers the template writes around a span); a token with no characters (a BOS the
+  tokenizer adds) is -100. (A token starting in an assistant piece's last characters and running on, as
+  Llama's "▁USER:" after LLaVA-1.5's trailing space, is the assistant's: transformers' `{% generation %}`
+  mask marks it too.) `kept` = `{part: items the kept turns hold}`.
 - Truncation: whole (user, assistant) pairs are dropped from the end until the sample fits `max_length`;
   spans are never cut. A sample whose first pair does not fit raises `BadSampleError(kind="too_long")`.
 - `offsets_tokenizer(tokenizer)`: a fast tokenizer as `tokenize` (its special ids unless the text already
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ..core.loss import IGNORE_INDEX
@@ -60,12 +65,20 @@ def hf_messages(sample: Sample) -> list[dict]:
     return out
 
 
-def expand_images(text: str, image_token: str, spans: list[str]) -> str:
-    """Replace the i-th `image_token` in `text` by `spans[i]` (the processor's expansion)."""
-    pieces = text.split(image_token)
-    if len(pieces) - 1 != len(spans):
-        raise BadSampleError(f"the template wrote {len(pieces) - 1} image token(s) for {len(spans)} image(s)")
-    return "".join(p for pair in zip(pieces, [*spans, ""]) for p in pair)
+@dataclass(frozen=True)
+class SpanRule:
+    """One kind of media: the template writes `token` once per item (a message part of type `part`), and the
+    processor puts `spans(n)[i]` in its place, n being how many items of this kind the rendered turns keep."""
+
+    token: str
+    part: str  # "image" | "video"
+    spans: Callable[[int], list[str]]
+
+
+def expand_spans(text: str, spans: dict[str, list[str]]) -> str:
+    """Each placeholder token of `spans` replaced, its i-th occurrence by `spans[token][i]` (the processor's
+    expansion)."""
+    return _expand([(text, False)], spans)[0]
 
 
 def _segments(messages: list[dict], template_fn: Callable[[list[dict], bool], str]) -> list[tuple[str, bool]]:
@@ -91,25 +104,26 @@ def _segments(messages: list[dict], template_fn: Callable[[list[dict], bool], st
 def render_hf(
     sample: Sample,
     template_fn: Callable[[list[dict], bool], str],
-    tokenize: Callable[[str], tuple[list[int], list[tuple[int, int]]]],
-    image_token: str,
-    image_spans: list[str],
+    tokenize: Tokenize,
+    rules: list[SpanRule],
     max_length: int | None = None,
     span_ids: frozenset[int] = frozenset(),
-) -> tuple[list[int], list[int]]:
-    """input_ids and labels (assistant tokens only) of `sample` under the checkpoint's template; every token of
-    an image span, and every token in `span_ids` (markers around a span), is -100 even inside an assistant turn."""
+) -> tuple[list[int], list[int], dict[str, int]]:
+    """input_ids, labels (assistant tokens only) and the items kept per part (`{"image": n, "video": m}`) of
+    `sample` under the checkpoint's template; every token of a span, and every token in `span_ids` (markers
+    around a span), is -100 even inside an assistant turn."""
     messages = hf_messages(sample)
     n_pairs = sum(m["role"] == "assistant" for m in messages)
     if n_pairs == 0:
         raise BadSampleError(f"{sample.where}: no assistant turn to train on", kind="no_target")
     while n_pairs > 0:
         cut = _cut_after(messages, n_pairs)
-        used = sum(_count_images(m) for m in cut)
-        text, train, spans = _expand(_segments(cut, template_fn), image_token, image_spans[:used])
+        kept = {r.part: sum(_count_parts(m, r.part) for m in cut) for r in rules}
+        spans = {r.token: list(r.spans(kept[r.part])) if kept[r.part] else [] for r in rules}
+        text, train, span_ranges = _expand(_segments(cut, template_fn), spans)
         ids, offsets = tokenize(text)
         if max_length is None or len(ids) <= max_length:
-            return ids, _labels(ids, offsets, train, spans, span_ids)
+            return ids, _labels(ids, offsets, train, span_ranges, span_ids), kept
         n_pairs -= 1
     raise BadSampleError(f"{sample.where}: its first turn is longer than max_length={max_length}", kind="too_long")
 
@@ -124,35 +138,41 @@ def _cut_after(messages: list[dict], n_pairs: int) -> list[dict]:
     return messages
 
 
-def _count_images(message: dict) -> int:
-    return sum(part.get("type") == "image" for part in message["content"])
+def _count_parts(message: dict, part: str) -> int:
+    return sum(p.get("type") == part for p in message["content"])
 
 
 Ranges = list[tuple[int, int]]  # character [start, end) ranges of the rendered text
 
 
-def _expand(segs: list[tuple[str, bool]], image_token: str, spans: list[str]) -> tuple[str, Ranges, Ranges]:
-    """The segments joined with each image token replaced by its span: (text, assistant ranges, span ranges)."""
+def _expand(segs: list[tuple[str, bool]], spans: dict[str, list[str]]) -> tuple[str, Ranges, Ranges]:
+    """The segments joined with each placeholder replaced by its next span, in order of appearance: (text,
+    assistant ranges, span ranges). Each token must appear exactly as many times as it has spans."""
+    used = dict.fromkeys(spans, 0)
+    tokens = sorted((t for t in spans if t), key=len, reverse=True)  # the longest first: no token hides another
+    split = re.compile("(" + "|".join(re.escape(t) for t in tokens) + ")") if tokens else None
     out: list[str] = []
     train: Ranges = []
     span_ranges: Ranges = []
-    pos = k = 0
+    pos = 0
     for text, is_train in segs:
         start = pos
-        for i, piece in enumerate(text.split(image_token)):
-            if i > 0:  # the span of the image token before this piece
-                if k >= len(spans):
-                    raise BadSampleError(f"the template wrote more image tokens than the {len(spans)} image(s)")
-                span_ranges.append((pos, pos + len(spans[k])))
-                out.append(spans[k])
-                pos += len(spans[k])
-                k += 1
+        for i, piece in enumerate(split.split(text) if split else [text]):
+            if i % 2:  # a placeholder (re.split puts the captured separators at odd positions)
+                k = used[piece]
+                if k >= len(spans[piece]):
+                    raise BadSampleError(f"the template wrote more {piece} tokens than the {len(spans[piece])} "
+                                         "item(s) of the sample")
+                used[piece] = k + 1
+                piece = spans[piece][k]
+                span_ranges.append((pos, pos + len(piece)))
             out.append(piece)
             pos += len(piece)
         if is_train:
             train.append((start, pos))
-    if k != len(spans):
-        raise BadSampleError(f"{len(spans)} image(s) but the template wrote {k} image token(s)")
+    for token, n in used.items():
+        if n != len(spans[token]):
+            raise BadSampleError(f"{len(spans[token])} item(s) for {token} but the template wrote {n}")
     return "".join(out), train, span_ranges
 
 
@@ -214,8 +234,8 @@ def render_own(sample: Sample, tokenizer: Any, jinja: str, count: Callable[[int]
         kept = sample.messages[: end + 1]
         n_img = sum(m["content"].count(IMAGE_MARKER) for m in kept)
         cut = Sample(id=sample.id, messages=kept, images=sample.images[:n_img], source=sample.source)
-        ids, labels = render_hf(cut, template, tokenize, image_token, [image_token * count(i) for i in range(n_img)],
-                                span_ids=frozenset({image_token_id}))
+        rule = SpanRule(image_token, "image", lambda n: [image_token * count(i) for i in range(n)])
+        ids, labels, _ = render_hf(cut, template, tokenize, [rule], span_ids=frozenset({image_token_id}))
         if max_length is None or len(ids) <= max_length:
             return ids, labels, len(sample.messages) - len(kept), n_img
     raise BadSampleError(f"{sample.where}: its first turn is longer than max_length={max_length}", kind="too_long")
@@ -228,4 +248,4 @@ def prompt_own(sample: Sample, tokenizer: Any, jinja: str, count: Callable[[int]
     image_token = tokenizer.convert_ids_to_tokens(image_token_id)
     text = _template_fn(tokenizer, jinja)(hf_messages(sample), True)
     spans = [image_token * count(i) for i in range(text.count(image_token))]
-    return offsets_tokenizer(tokenizer)(expand_images(text, image_token, spans))[0]
+    return offsets_tokenizer(tokenizer)(expand_spans(text, {image_token: spans}))[0]

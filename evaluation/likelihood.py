@@ -8,9 +8,10 @@ model's own path: each image's span is as long as `vlm.image_tokens(images)` say
 anyres, native, naflex) and its inputs are `vlm.image_inputs(images)` (`pixel_values` plus the per-image keys),
 repeated once per row, each key concatenated row by row.
 
-The reply's ids are found by rendering the conversation twice with `vlm.chat_ids` (without, and with the
-reply as an assistant turn): the first rendering must be a prefix of the second (true of ChatML and every
-template that writes an assistant turn as header + content + end); otherwise a ValueError says so.
+The reply's ids are found by rendering the conversation with `vlm.chat_ids` without the reply, with an empty
+assistant turn and with the reply as an assistant turn: the first rendering must be a prefix of the others
+(true of ChatML and every template that writes an assistant turn as header + content + end), and the turn's
+end is what the last two end with in common; otherwise a ValueError says so.
 
 `rank_options(vlm, images, messages, options) -> int`: the option whose text has the highest mean
 log-probability per token (the mean, so that a long option is not penalised for its length).
@@ -24,11 +25,18 @@ import torch
 def _reply_ids(vlm, messages: list[dict], counts: list[int] | None, n_images: int, reply: str, base: list[int],
                tail: list[int]) -> list[int]:
     full = vlm.chat_ids(messages + [{"role": "assistant", "content": reply}], n_images, counts)
-    if full[:len(base)] != base or (tail and full[len(full) - len(tail):] != tail):
+    rest = full[len(base):]
+    # The turn's end: what the answered conversation and the empty answer's end with in common. Not all of the
+    # empty answer's tail: a template whose reply prompt stops before the header's own space (Vicuna's
+    # "ASSISTANT:" then "ASSISTANT: " + reply) writes that space as the reply's first character.
+    end = 0
+    while end < min(len(tail), len(rest) - 1) and tail[len(tail) - 1 - end] == rest[len(rest) - 1 - end]:
+        end += 1
+    if full[:len(base)] != base or (tail and end == 0):
         raise ValueError("likelihood scoring needs a chat template that renders an assistant turn as a suffix of "
                          "the prompt (prompt ids + reply + end of turn); this model's template does not")
     # Reply tokens plus the first token of the turn's end (the end-of-turn token).
-    return full[len(base):len(full) - len(tail) + 1]
+    return rest[:len(rest) - end + 1]
 
 
 @torch.no_grad()

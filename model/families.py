@@ -11,7 +11,7 @@ A `Family` says:
 - `hf_class`: the transformers class that loads it (with `AutoProcessor` for its processor);
 - `native`: True when it imports into our own VLM (model/llava.py: LLaVA-1.5, llava-interleave, LLaVA-NeXT),
   False when it runs through the wrapper (model/released.py) behind the same surface as our VLM;
-- `span`: how one image becomes its token span, in words (the processor is the reference; tests compare ids);
+- `span`: how one image (or video) becomes its token span, in words (the processor is the reference; tests compare ids);
 - `extra_inputs`: the processor outputs the model needs besides input_ids / attention_mask / pixel_values
   (e.g. `image_sizes`, `image_grid_thw`, `pixel_values_videos`);
 - `vision`, `projector`, `lm`: the module-name prefixes of each part inside the transformers model (stages,
@@ -21,15 +21,20 @@ A `Family` says:
 - `per_sample_inputs`: image inputs with a leading per-conversation axis (Idefics3 / SmolVLM: `pixel_values`
   [B, max images, 3, H, W], `pixel_attention_mask` [B, max images, H, W]); a conversation's images go to the
   image processor as ONE nested list, and a batch pads this axis with all-zero images (the model drops them).
-  Empty: every image input is flat, rows concatenated in sample order (Qwen2-VL);
+  Empty: every image input is flat, rows concatenated in sample order (Qwen2-VL, LLaVA-OneVision);
+- `nested_images`: a conversation's images go to the image processor as ONE nested list (True with
+  `per_sample_inputs`; LLaVA-OneVision too, whose span and crops depend on how many images a sample holds:
+  one image -> anyres, several -> base views only), while its inputs stay flat;
 - `video`: whether it takes videos (`pixel_values_videos`);
 - `template_marker`: a string the checkpoint's own chat template holds (tokenizer_config.json `chat_template`,
   chat_template.jinja / chat_template.json), telling apart families that share a `model_type`;
 - `serving`: "engine" (our serving engine drives it), "generate" (the server decodes with the model's own
   generate) or a one-line reason it is refused.
-- `notes` (wrapper families): `image_token` (the token the template writes per image and the processor
-  replaces by the image's span, `processor.replace_image_token`), `span_tokens` (marker tokens the TEMPLATE
-  writes around that token; -100 like the span), `lora_targets` (its LM's linear layers, the default targets).
+- `notes` (wrapper families): `image_token` / `video_token` (the token the template writes per image / video and
+  the processor replaces by its span, `processor.replace_image_token` / `replace_video_token`; no `video_token`:
+  video samples are refused), `span_tokens` (marker tokens the TEMPLATE writes around those tokens; -100 like
+  the span), `lora_targets` (its LM's linear layers, the default targets), `towers` (the module
+  `ReleasedVLM.towers` returns; default: every vision and projector module of the entry, as one list).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Family:
     notes: dict = field(default_factory=dict)
     template_marker: str | None = None
     per_sample_inputs: tuple[str, ...] = ()
+    nested_images: bool = False
 
 
 _LLAVA_PARTS = dict(vision=("model.vision_tower",), projector=("model.multi_modal_projector",),
@@ -132,7 +138,8 @@ def chat_template_text(path: Path) -> str | None:
 
 # ----- wrapper families (model/released.py): run through the transformers model itself --------------------
 _QWEN_VL_SPAN = ("'<|vision_start|><|image_pad|><|vision_end|>' with <|image_pad|> repeated "
-                 "grid_t * grid_h * grid_w // merge_size**2 times (image_grid_thw from its image processor)")
+                 "grid_t * grid_h * grid_w // merge_size**2 times (image_grid_thw from its image processor); a video "
+                 "likewise with <|video_pad|> and video_grid_thw (frames in pairs: temporal_patch_size 2)")
 _QWEN_VL_SERVING = ("generate: M-RoPE positions (3 rows per token, from image_grid_thw) are not what our engine "
                     "computes, so the server decodes through the model's own generate")
 
@@ -140,18 +147,20 @@ FAMILIES["qwen2_vl"] = Family(
     name="qwen2_vl", model_types=("qwen2_vl",), hf_class="Qwen2VLForConditionalGeneration", native=False,
     span=_QWEN_VL_SPAN,
     vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
-    lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "video_grid_thw", "mm_token_type_ids"),
     resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
-    notes={"image_token": "<|image_pad|>", "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
+    notes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+           "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
            "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
 )
 FAMILIES["qwen2_5_vl"] = Family(
     name="qwen2_5_vl", model_types=("qwen2_5_vl",), hf_class="Qwen2_5_VLForConditionalGeneration", native=False,
     span=_QWEN_VL_SPAN + "; window attention in the tower does not change the count",
     vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
-    lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "mm_token_type_ids"),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "video_grid_thw", "mm_token_type_ids"),
     resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
-    notes={"image_token": "<|image_pad|>", "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
+    notes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+           "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
            "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
 )
 
@@ -167,7 +176,8 @@ _TILE_SERVING = ("generate: the wrapper has no KV-cache step for our engine, so 
                  "model's own generate")
 _TILE_PARTS = dict(vision=("model.vision_model",), projector=("model.connector",), lm=("model.text_model", "lm_head"))
 _TILE_INPUTS = dict(extra_inputs=("pixel_attention_mask",), per_sample_inputs=("pixel_values", "pixel_attention_mask"),
-                    resolution_keys=("size", "max_image_size", "do_image_splitting"), serving=_TILE_SERVING)
+                    nested_images=True, resolution_keys=("size", "max_image_size", "do_image_splitting"),
+                    serving=_TILE_SERVING)
 _TILE_NOTES = {"image_token": "<image>", "span_tokens": (),
                "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"}
 
@@ -178,3 +188,39 @@ FAMILIES["smolvlm"] = Family(
     name="smolvlm", model_types=("smolvlm",), hf_class="SmolVLMForConditionalGeneration", native=False,
     span=_TILE_SPAN + " (the same rule as Idefics3; its processor needs the num2words package)",
     notes=dict(_TILE_NOTES), **_TILE_PARTS, **_TILE_INPUTS)
+
+# LLaVA-OneVision and LLaVA-NeXT-Video run through the wrapper too: OneVision's anyres_max_9 (its own unpad, then a
+# bilinear downscale of an image's grid when it holds more than 9 crops' worth of tokens), its base-view-only
+# rule for several images per sample and NeXT-Video's frame pooling are transformers' code, so running that code
+# gives exact parity; a native import would re-implement each of them (model/anyres.py has LLaVA-NeXT's packing
+# only).
+_LLAVA_WRAPPED_SERVING = ("generate: answered through the model's own generate (ReleasedVLM.chat / chat_batch); "
+                          "our engine drives only a native VLM's image rows, not this family's pixel inputs")
+_LLAVA_LORA = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+
+FAMILIES["llava_onevision"] = Family(
+    name="llava_onevision", model_types=("llava_onevision",), hf_class="LlavaOnevisionForConditionalGeneration",
+    native=False,
+    span=("anyres_max_9: one image in a sample -> base view + the unpadded tiles of its best pinpoint, a newline "
+          "after each row, the grid bilinearly downscaled when it exceeds 9 crops (x1.1); several images in a "
+          "sample -> each its base view (padded square) + one newline; a video -> frames x ceil(p/2)^2 pooled "
+          "rows + one newline (LlavaOnevisionProcessor's replace_image_token / replace_video_token: each "
+          "<image> / <video> becomes that many)"),
+    vision=("model.vision_tower",), projector=("model.multi_modal_projector", "model.image_newline"),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_sizes", "batch_num_images"),
+    video=True, serving=_LLAVA_WRAPPED_SERVING, nested_images=True,
+    notes={"image_token": "<image>", "video_token": "<video>", "span_tokens": (), "lora_targets": _LLAVA_LORA,
+           "towers": "model.vision_tower"},
+)
+FAMILIES["llava_next_video"] = Family(
+    name="llava_next_video", model_types=("llava_next_video",), hf_class="LlavaNextVideoForConditionalGeneration",
+    native=False,
+    span=("images as LLaVA-NeXT (anyres base + unpadded tiles, a newline per row); a video -> frames x "
+          "(p/stride)^2 rows after its spatial pooling, no newline (LlavaNextVideoProcessor's count)"),
+    vision=("model.vision_tower",),
+    projector=("model.multi_modal_projector", "model.image_newline", "model.vision_resampler"),
+    lm=("model.language_model", "lm_head"), extra_inputs=("image_sizes",),
+    video=True, serving=_LLAVA_WRAPPED_SERVING,
+    notes={"image_token": "<image>", "video_token": "<video>", "span_tokens": (), "lora_targets": _LLAVA_LORA,
+           "towers": "model.vision_tower"},
+)

@@ -1,34 +1,45 @@
-"""A released VLM that does not fit our own VLM (Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM) behind the same surface.
+"""A released VLM that does not fit our own VLM (Qwen2-VL, Qwen2.5-VL, Idefics3, SmolVLM, LLaVA-OneVision,
+LLaVA-NeXT-Video) behind the same surface.
 
 `ReleasedVLM(family, model, processor)` wraps the transformers model of a wrapper family (model/families.py,
 `native=False`) and its processor, both loaded from the checkpoint directory: the model's own vision tower,
-merger and M-RoPE (Idefics3 / SmolVLM: SigLIP tower, pixel-shuffle connector, Llama LM) run unchanged, so its
-outputs are transformers' by construction. Nothing here names a family: what differs is read from its entry
-(model/families.py: prefixes, extra and per-sample inputs, resolution keys) and from its processor (each image's
-span is `processor.replace_image_token`, the text the processor itself puts in place of the image token).
+projector / merger, anyres packing, frame pooling and M-RoPE (Idefics3 / SmolVLM: SigLIP tower, pixel-shuffle
+connector, Llama LM) run unchanged, so its outputs are transformers' by construction. Nothing here names a
+family: what differs is read from its entry (model/families.py: prefixes, extra and per-sample inputs, nested
+images, resolution keys, image / video tokens) and from its processor (each image's span is
+`processor.replace_image_token`, each video's `processor.replace_video_token`: the text the processor itself
+puts in place of the placeholder).
 
 Contract (the surface our VLM offers, so train.py / test.py / evaluation use it unchanged where they can):
 - `ReleasedVLM.from_pretrained(dir, dtype=None, **resolution)`: `resolution` keys are the family's
   `resolution_keys` (Qwen2-VL: `min_pixels`, `max_pixels`; Idefics3 / SmolVLM: `size`, `max_image_size`,
   `do_image_splitting`, an int N for a `{"longest_edge": ...}` setting meaning `{"longest_edge": N}`), set on the
   image processor; any other key, or a tile side other than the tower's image_size, is a `UserError` naming it.
-- `forward(input_ids [B, T], attention_mask [B, T], labels [B, T] | None, pixel_values, image_grid_thw |
-  pixel_attention_mask, ...)`
-  -> `ReleasedOutput(loss, logits [B, T, V])`; the loss is `core.loss.full_logits_loss` (labels shifted
-  there, the one place), mean fp32 CE over assistant targets.
-- `render(sample, images, max_length)` -> `{"input_ids", "labels"}` plus the processor's image inputs: the
-  prompt rendered with the checkpoint's own chat template (dataset/hf_chat.py), each image's span expanded
-  as the processor does, labels on assistant tokens only, every span token -100.
-- `image_tokens(images)` -> one `ImageSpan` per image: an int (its feature rows: the image tokens in its span)
-  carrying `.text`, the processor's span; `chat_ids` needs them (a bare count cannot say where Idefics3's tile
-  markers go). `image_inputs(images)`: ONE conversation's images through the image processor (flat, or as
-  one nested list for a family with `per_sample_inputs`: `[1, n, ...]`). `chat_ids(messages, n_images,
-  image_tokens)`, `generate(...) -> [[new ids]]` (the model's own generate, greedy by default, cut before
-  the first stop id), `chat(images, messages)`, `chat_batch([(images, messages), ...])`, `decode`,
+- `forward(input_ids [B, T], attention_mask [B, T], labels [B, T] | None, **inputs)` with the processor's
+  inputs (`pixel_values`, `image_grid_thw`, `pixel_attention_mask`, `image_sizes`, `batch_num_images`,
+  `pixel_values_videos`, `video_grid_thw`, ...) -> `ReleasedOutput(loss, logits [B, T, V])`; the loss is
+  `core.loss.full_logits_loss` (labels shifted there, the one place), mean fp32 CE over assistant targets.
+- `render(sample, images, max_length, videos=None)` -> `{"input_ids", "labels"}` plus the processor's image /
+  video inputs (`videos`: one list of PIL frames per video, our frame sampler's): the prompt rendered with the
+  checkpoint's own chat template (dataset/hf_chat.py), each image / video span the processor's own text, the
+  whole text tokenized once (the tokenizer's special ids, e.g. a Vicuna `<s>`, unless the template already
+  wrote its BOS), labels on assistant tokens only, every span token -100. Truncation drops whole turns and
+  the images / videos they held; the spans of what stays are asked of the processor again (OneVision: an image
+  left alone in its sample takes the single-image anyres path). A family without `video_token` refuses a
+  video sample (BadSampleError, one line).
+- `image_tokens(images)` / `video_tokens(videos)` -> one `ImageSpan` per item: an int (its feature rows: the
+  placeholder tokens in its span) carrying `.text`, the processor's span; `chat_ids` needs them (a bare count
+  cannot say where Idefics3's tile markers go). `image_inputs(images)`: ONE conversation's images through the
+  image processor (flat; as one nested list for a family with `nested_images`: Idefics3 `[1, n, ...]`,
+  OneVision `batch_num_images [1]`). `chat_ids(messages, n_images, image_tokens, video_tokens=None)`,
+  `generate(...) -> [[new ids]]` (the model's own generate, greedy by default, cut before the first stop id),
+  `chat(images, messages, videos=None)`, `chat_batch([(images, messages[, videos]), ...])`, `decode`,
   `stop_token_ids`, `pad_token_id`, `save_pretrained(dir)` (model + processor, the released layout again),
   `merge_lora()` (adapters folded in; `python -m qwenvl_lab.model.merge` then writes the released layout).
+- `towers`: the family's `notes["towers"]` module (LLaVA: the vision tower), else its vision and projector
+  modules as one list.
 - `tokens_per_image` is None: a span's length depends on the image's size.
-- Serving: the family's `serving` line says how (Qwen2-VL: through `generate`, not our engine).
+- Serving: the family's `serving` line says how (through `generate`, not our engine).
 """
 
 from __future__ import annotations
@@ -47,9 +58,9 @@ from transformers import AutoProcessor
 
 from ..core.errors import UserError
 from ..core.loss import full_logits_loss
-from ..dataset.hf_chat import expand_images, hf_messages, render_hf, stack_image_inputs
+from ..dataset.hf_chat import SpanRule, expand_spans, hf_messages, render_hf, stack_image_inputs
 from ..dataset.hf_template import offsets_tokenizer
-from ..dataset.sample import IMAGE_MARKER, Sample
+from ..dataset.sample import IMAGE_MARKER, VIDEO_MARKER, BadSampleError, Sample
 from .families import Family, family_of
 
 LORA_DIR = "lora"
@@ -58,7 +69,8 @@ RELEASED_FILE = "released.json"
 
 
 class ImageSpan(int):
-    """One image's feature rows (the image tokens of its span), carrying `text`: the processor's span for it."""
+    """One image's (or video's) feature rows (the placeholder tokens of its span), carrying `text`: the
+    processor's span for it."""
 
     text: str
 
@@ -89,10 +101,12 @@ class ReleasedVLM(nn.Module):
         self.source = source
         self.trained_tensors: list[str] = []  # transformers names of the non-LoRA tensors a trained run holds
         self.image_token = family.notes["image_token"]
-        if processor is None:
-            self.image_token_id = None
+        self.video_token = family.notes.get("video_token")  # None: the family takes no videos here
+        if processor is None:  # a skeleton (the plan, export): no tokenizer to ask
+            self.image_token_id = self.video_token_id = None
             return
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = None if self.video_token is None else self.tokenizer.convert_tokens_to_ids(self.video_token)
         if not getattr(self.tokenizer, "is_fast", False):  # labels come from its character offsets
             raise UserError(f"{source}: the checkpoint's tokenizer has no tokenizer.json (a fast tokenizer is needed); "
                             "save it with transformers' AutoTokenizer.save_pretrained first")
@@ -114,9 +128,12 @@ class ReleasedVLM(nn.Module):
         return self._hf().get_submodule(self.family.lm[0])
 
     @property
-    def towers(self) -> nn.ModuleList:
-        """Its vision modules and projector (the family's prefixes), as one list; the weights stay in `model`."""
+    def towers(self) -> nn.Module:
+        """The family's `towers` module (LLaVA: the vision tower), else its vision modules and projector (the
+        family's prefixes) as one list; the weights stay in `model`."""
         hf = self._hf()
+        if self.family.notes.get("towers"):
+            return hf.get_submodule(self.family.notes["towers"])
         return nn.ModuleList([hf.get_submodule(p) for p in (*self.family.vision, *self.family.projector)])
 
     def prepare_attention(self, compute_dtype: torch.dtype | None = None) -> str | None:
@@ -196,6 +213,8 @@ class ReleasedVLM(nn.Module):
         again, which `save_pretrained` writes in the released layout (model/merge.py)."""
         if hasattr(self.model, "peft_config"):
             self.model = self.model.merge_and_unload()
+            if hasattr(self.model, "peft_config"):  # an older peft leaves it on the unwrapped model
+                del self.model.peft_config
 
     @staticmethod
     def _hf_name(name: str) -> str:
@@ -204,10 +223,10 @@ class ReleasedVLM(nn.Module):
 
     # ----- training --------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, **image_kw: Any) -> ReleasedOutput:
-        # Our VLM's keywords that mean nothing here: logits are always returned, spans are counted by the model.
-        image_kw.pop("return_logits", None)
-        image_kw.pop("image_counts", None)
+                labels: torch.Tensor | None = None, return_logits: bool | None = None,
+                image_counts: Any = None, **image_kw: Any) -> ReleasedOutput:
+        """`return_logits` / `image_counts` are our VLM's keywords (evaluation passes them): logits are always
+        computed here, and the processor's inputs already say which images belong to which sample."""
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, **self._with_types(input_ids, image_kw))
         loss = None if labels is None else full_logits_loss(out.logits, labels)  # labels shifted there
         return ReleasedOutput(loss, out.logits)
@@ -221,27 +240,53 @@ class ReleasedVLM(nn.Module):
         types = (input_ids == cfg.image_token_id).long() + 2 * (input_ids == cfg.video_token_id).long()
         return {**image_kw, "mm_token_type_ids": types}
 
-    def _process(self, images: list) -> tuple[dict[str, torch.Tensor], list[ImageSpan]]:
-        """ONE conversation's images through the image processor: the model's image inputs and each image's span
-        (the processor's own `replace_image_token`, from the same outputs)."""
-        if not images:
-            return {}, []
-        nested = bool(self.family.per_sample_inputs)  # one list per conversation: [1, n_images, ...] outputs
-        kwargs = getattr(type(self.processor), "images_kwargs", None)  # e.g. Idefics3: return_row_col_info
-        out = self.processor.image_processor(images=[list(images)] if nested else list(images), return_tensors="pt",
-                                             **(dict(kwargs) if isinstance(kwargs, dict) else {}))
-        texts = [str(self.processor.replace_image_token(out, image_idx=i)) for i in range(len(images))]
-        spans = [ImageSpan(t.count(self.image_token), t) for t in texts]
-        return {k: v for k, v in out.items() if k in ("pixel_values", *self.family.extra_inputs)}, spans
+    def _media(self, images: list, videos: list = ()) -> tuple[list[ImageSpan], list[ImageSpan], dict[str, torch.Tensor]]:
+        """ONE conversation's images and videos (each video a list of frames) through the processor's image /
+        video processor: each item's span (the processor's own `replace_image_token` / `replace_video_token`,
+        from the same outputs) and the model's inputs (pixel_values, pixel_values_videos and the family's extra
+        inputs). A family with `nested_images` gets the conversation's images as one nested list."""
+        images, videos = list(images or []), list(videos or [])
+        if videos and self.video_token is None:
+            raise BadSampleError(f"videos are not supported for the released family {self.family.name}",
+                                 kind="bad_video")
+        inputs: dict[str, torch.Tensor] = {}
+        image_spans: list[ImageSpan] = []
+        video_spans: list[ImageSpan] = []
+        keep = ("pixel_values", "pixel_values_videos", *self.family.extra_inputs)
+        if images:
+            nested = self.family.nested_images  # [1, n_images, ...] outputs / batch_num_images [1]
+            out = self.processor.image_processor(images=[images] if nested else images,
+                                                 **self._defaults("images_kwargs"))
+            texts = [str(self.processor.replace_image_token(out, image_idx=i)) for i in range(len(images))]
+            image_spans = [ImageSpan(t.count(self.image_token), t) for t in texts]
+            inputs.update({k: v for k, v in out.items() if k in keep})
+        if videos:
+            out = self.processor.video_processor(videos=videos, **self._defaults("videos_kwargs"))
+            texts = [str(self.processor.replace_video_token(out, video_idx=i)) for i in range(len(videos))]
+            video_spans = [ImageSpan(t.count(self.video_token), t) for t in texts]
+            inputs.update({k: v for k, v in out.items() if k in keep})
+        return image_spans, video_spans, inputs
+
+    def _defaults(self, kind: str) -> dict:
+        """The processor class's own defaults for its image / video processor call (Idefics3:
+        return_row_col_info), returning tensors."""
+        kwargs = getattr(type(self.processor), kind, None)
+        return {**(dict(kwargs) if isinstance(kwargs, dict) else {}), "return_tensors": "pt"}
 
     def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
         """ONE conversation's images -> the model's image inputs (Qwen2-VL: pixel_values [patches, C*T*P*P],
-        image_grid_thw [n, 3]; Idefics3: pixel_values [1, n_tiles, 3, H, W], pixel_attention_mask [1, n_tiles, H, W])."""
-        return self._process(images)[0]
+        image_grid_thw [n, 3]; Idefics3: pixel_values [1, n_tiles, 3, H, W], pixel_attention_mask [1, n_tiles, H, W];
+        OneVision: pixel_values [n, crops, C, H, W], image_sizes [n, 2], batch_num_images [1])."""
+        return self._media(images)[2]
 
     def image_tokens(self, images: list) -> list[ImageSpan]:
-        """Each image's span: its feature rows as an int, the processor's text as `.text`."""
-        return self._process(images)[1]
+        """Each image's span (ONE conversation's images): its feature rows as an int, the processor's text as
+        `.text`."""
+        return self._media(images)[0]
+
+    def video_tokens(self, videos: list) -> list[ImageSpan]:
+        """Each video's (a list of frames) span, as `image_tokens`."""
+        return self._media([], videos)[1]
 
     def _template(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.processor.apply_chat_template(messages, tokenize=False,
@@ -252,17 +297,37 @@ class ReleasedVLM(nn.Module):
         already starts with its BOS), with each id's character offsets (dataset/hf_template.py labels by them)."""
         return offsets_tokenizer(self.tokenizer)(text)
 
-    def render(self, sample: Sample, images: list, max_length: int | None = None) -> dict[str, Any]:
-        """One training sample: ids and labels from the checkpoint's template, plus its image inputs."""
-        inputs, spans = self._process(images)
-        ids, labels = render_hf(sample, self._template, self._tokenize, self.image_token, [s.text for s in spans],
-                                max_length, span_ids=self._span_ids())
-        used = sum(1 for t in ids if t == self.image_token_id)
-        kept = next(i for i in range(len(spans) + 1) if sum(spans[:i]) == used)  # truncation drops whole images
-        return {"input_ids": ids, "labels": labels, **(inputs if kept == len(spans) else self.image_inputs(images[:kept]))}
+    def render(self, sample: Sample, images: list, max_length: int | None = None,
+               videos: list | None = None) -> dict[str, Any]:
+        """One training sample: ids and labels from the checkpoint's template, plus its image / video inputs
+        (`videos`: one list of frames per video of the sample, from our frame sampler)."""
+        images, videos = list(images), list(videos or [])
+        if (sample.videos or videos) and self.video_token is None:
+            raise BadSampleError(f"{sample.where}: videos are not supported for the released family "
+                                 f"{self.family.name}", kind="bad_video")
+        full = self._media(images, videos)
+
+        def spans(part: str, n: int) -> list[str]:
+            """The first n items' spans; fewer than all (truncation) are asked of the processor again."""
+            if part == "image":
+                got = full[0] if n == len(images) else self._media(images[:n])[0]
+            else:
+                got = full[1] if n == len(videos) else self._media([], videos[:n])[1]
+            return [s.text for s in got]
+
+        rules = [SpanRule(self.image_token, "image", lambda n: spans("image", n))]
+        if self.video_token is not None:
+            rules.append(SpanRule(self.video_token, "video", lambda n: spans("video", n)))
+        ids, labels, kept = render_hf(sample, self._template, self._tokenize, rules, max_length,
+                                      span_ids=self._span_ids())
+        n_img, n_vid = kept["image"], kept.get("video", 0)
+        # truncation drops whole turns: the inputs of the images / videos those turns held go with them
+        inputs = full[2] if (n_img, n_vid) == (len(images), len(videos)) else self._media(images[:n_img],
+                                                                                            videos[:n_vid])[2]
+        return {"input_ids": ids, "labels": labels, **inputs}
 
     def _span_ids(self) -> frozenset[int]:
-        names = (*self.family.notes["span_tokens"], self.image_token)
+        names = (*self.family.notes["span_tokens"], self.image_token, *([self.video_token] if self.video_token else []))
         return frozenset(self.tokenizer.convert_tokens_to_ids(n) for n in names)
 
     # ----- answering ---------------------------------------------------------------------------------------
@@ -281,17 +346,24 @@ class ReleasedVLM(nn.Module):
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def chat_ids(self, messages: list[dict], n_images: int, image_tokens: list[int] | None = None) -> list[int]:
-        """Prompt ids (the checkpoint's template, reply header included) with each image span expanded;
-        `image_tokens` is `self.image_tokens(images)` (each span's text rides on it)."""
-        spans = list(image_tokens or [])
+    def chat_ids(self, messages: list[dict], n_images: int, image_tokens: list[int] | None = None,
+                 video_tokens: list[int] | None = None) -> list[int]:
+        """Prompt ids (the checkpoint's template, reply header included) with each image / video span expanded;
+        `image_tokens` is `self.image_tokens(images)`, `video_tokens` `self.video_tokens(videos)` (each span's
+        text rides on it)."""
+        spans, vspans = list(image_tokens or []), list(video_tokens or [])
         if len(spans) != n_images:
             raise ValueError(f"chat: {len(spans)} image span(s) for {n_images} image(s)")
-        if not all(isinstance(s, ImageSpan) for s in spans):
-            raise ValueError("chat_ids: image_tokens must come from image_tokens(images) (a span is the processor's "
-                             "text, not only a count)")
+        if not all(isinstance(s, ImageSpan) for s in spans + vspans):
+            raise ValueError("chat_ids: image_tokens / video_tokens must come from image_tokens(images) / "
+                             "video_tokens(videos) (a span is the processor's text, not only a count)")
         text = self._template(hf_messages(Sample(id="chat", messages=list(messages))), True)
-        return self._tokenize(expand_images(text, self.image_token, [s.text for s in spans]))[0]
+        expand = {self.image_token: [s.text for s in spans]}
+        if self.video_token is not None:
+            expand[self.video_token] = [s.text for s in vspans]
+        elif vspans:
+            raise ValueError(f"chat_ids: the released family {self.family.name} takes no videos")
+        return self._tokenize(expand_spans(text, expand))[0]
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -306,33 +378,40 @@ class ReleasedVLM(nn.Module):
         return [row[: next((i for i, t in enumerate(row) if t in stops), len(row))] for row in new]
 
     @staticmethod
-    def _place_images(images: list, messages: list[dict]) -> list[dict]:
+    def _place_media(images: list, messages: list[dict], videos: list = ()) -> list[dict]:
+        """Messages without markers get them at the start of the first user turn (videos, then images)."""
         messages = [dict(m) for m in messages]
-        if images and not any(IMAGE_MARKER in m.get("content", "") for m in messages):
-            first = next(i for i, m in enumerate(messages) if m.get("role") == "user")
-            messages[first]["content"] = IMAGE_MARKER * len(images) + "\n" + messages[first]["content"]
+        first = next((i for i, m in enumerate(messages) if m.get("role") == "user"), 0)
+        for items, marker in ((images, IMAGE_MARKER), (videos, VIDEO_MARKER)):
+            if items and not any(marker in m.get("content", "") for m in messages):
+                messages[first]["content"] = marker * len(items) + "\n" + messages[first]["content"]
         return messages
 
-    def chat_batch(self, conversations: list[tuple[list, list[dict]]], **gen_kw: Any) -> list[str]:
-        """Several conversations, left-padded into one batch; each reply equals `chat` alone."""
+    def chat_batch(self, conversations: list[tuple], **gen_kw: Any) -> list[str]:
+        """Several conversations `(images, messages)` or `(images, messages, videos)` (each video a list of
+        frames), left-padded into one batch; each reply equals `chat` alone."""
         if not conversations:
             return []
         device = next(self.parameters()).device
-        ids_list, inputs = [], []
-        for images, messages in conversations:
-            image_kw, spans = self._process(list(images))
-            ids_list.append(self.chat_ids(self._place_images(images, messages), len(images), spans))
-            inputs.append(image_kw)
+        ids_list, parts = [], []
+        for conv in conversations:
+            images, messages = list(conv[0]), conv[1]
+            videos = list(conv[2]) if len(conv) > 2 and conv[2] else []
+            image_spans, video_spans, inputs = self._media(images, videos)
+            ids_list.append(self.chat_ids(self._place_media(images, messages, videos), len(images), image_spans,
+                                          video_spans))
+            parts.append(inputs)
         width = max(len(x) for x in ids_list)
         input_ids = torch.tensor([[self.pad_token_id] * (width - len(x)) + x for x in ids_list], device=device)
         mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids_list], device=device)
-        image_kw = {k: v.to(device) for k, v in stack_image_inputs(inputs, self.family.per_sample_inputs).items()}
+        image_kw = {k: v.to(device) for k, v in stack_image_inputs(parts, self.family.per_sample_inputs).items()}
         gen_kw.setdefault("max_new_tokens", 128)
         return [self.decode(new) for new in self.generate(input_ids, mask, **image_kw, **gen_kw)]
 
-    def chat(self, images: list, messages: list[dict], **gen_kw: Any) -> str:
-        """Answer the last user turn; images fill the `<image>` markers in order."""
-        return self.chat_batch([(list(images), messages)], **gen_kw)[0]
+    def chat(self, images: list, messages: list[dict], videos: list | None = None, **gen_kw: Any) -> str:
+        """Answer the last user turn; images fill the `<image>` markers in order, videos (lists of frames)
+        the `<video>` markers."""
+        return self.chat_batch([(list(images), messages, list(videos or []))], **gen_kw)[0]
 
 
 def _set_resolution(image_processor: Any, config: Any, key: str, value: Any) -> None:

@@ -47,7 +47,8 @@ def _released_part(name: str) -> str | None:
         if family.native:
             continue
         for part in ("projector", "vision", "lm"):
-            if inner.startswith(tuple(p + "." for p in getattr(family, part))):
+            prefixes = getattr(family, part)  # module prefixes, or a parameter's own name (image_newline)
+            if inner in prefixes or inner.startswith(tuple(p + "." for p in prefixes)):
                 return part
     return "other"
 

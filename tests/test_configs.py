@@ -42,14 +42,19 @@ def stand_ins(tmp_path_factory):
 
 def _released_stand_in(root: Path, path: Path) -> Path:
     """configs/released/<family>_*.yaml: a tiny released checkpoint of that family (tests/test_families.py,
-    tests/test_families_idefics.py)."""
-    family = next(f for f in ("qwen2_5_vl", "qwen2_vl", "idefics3", "smolvlm", "llava_next")
+    tests/test_families_idefics.py, tests/tiny_llava_video.py)."""
+    family = next(f for f in ("qwen2_5_vl", "qwen2_vl", "idefics3", "smolvlm", "llava_onevision", "llava_next_video",
+                              "llava_next")
                   if path.name.startswith(f))
     out = root / f"released_{family}"
     if out.is_dir():
         return out
     if family == "llava_next":  # a native family: a tiny LLaVA-NeXT (tests/test_families_native.py)
         return save_llava_next_qwen(out)
+    if family.startswith("llava"):
+        from tests.tiny_llava_video import save_next_video, save_onevision
+
+        return (save_onevision if family == "llava_onevision" else save_next_video)(out)
     write = write_tiled_released if family in ("idefics3", "smolvlm") else write_released
     return write(out, family)
 

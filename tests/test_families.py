@@ -8,7 +8,9 @@ Asserted per family:
 - our loss equals `model(**processor_inputs, labels=ours).loss` within 1e-5;
 - labels equal the assistant mask of a `{% generation %}` template;
 - per-sample logits in a right-padded batch equal the unpadded ones within 1e-6;
-- greedy `chat` equals transformers' generate on the processor's inputs.
+- greedy `chat` equals transformers' generate on the processor's inputs;
+- a record with an image and a video (frames from our frame sampler) renders to the processor's input_ids,
+  every span token -100, loss equal to transformers'; greedy `chat` about a video equals its generate.
 """
 
 from __future__ import annotations
@@ -211,6 +213,48 @@ def test_greedy_chat_equals_transformers_generate(released):
     assert reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
 
 
+def test_a_video_record_ids_loss_and_chat_equal_transformers(released, tmp_path):
+    from qwenvl_lab.dataset.hf_chat import hf_messages
+    from qwenvl_lab.dataset.images import load_video_frames
+
+    from tests.tiny_data import write_video
+
+    _, _, model, processor = released
+    frames = load_video_frames(str(write_video(tmp_path / "v.mp4", n_frames=10, size=(56, 56))), 4)  # our sampler
+    sample = Sample(id="v", images=["a.png"], videos=["v.mp4"], messages=[
+        {"role": "user", "content": "<video>\nWhat happens? And in <image>?"},
+        {"role": "assistant", "content": "It gets brighter; a square."}])
+    ours = model.render(sample, _images()[:1], videos=[frames])
+    text = processor.apply_chat_template(hf_messages(sample), tokenize=False)
+    ref = processor(text=[text], images=_images()[:1], videos=[frames], return_tensors="pt")
+    assert ours["input_ids"] == ref["input_ids"][0].tolist()
+    assert torch.equal(ours["video_grid_thw"], ref["video_grid_thw"])
+    assert torch.equal(ours["pixel_values_videos"], ref["pixel_values_videos"])
+    video_id = processor.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+    grid = ref["video_grid_thw"][0]
+    assert ours["input_ids"].count(video_id) == int(grid.prod()) // 4  # 2 x 2 merge
+    labels = ours["labels"]
+    assert all(y == -100 for t, y in zip(ours["input_ids"], labels) if t == video_id)
+    assert processor.tokenizer.decode([y for y in labels if y != -100]) == "It gets brighter; a square.<|im_end|>\n"
+    ids, target = torch.tensor([ours["input_ids"]]), torch.tensor([labels])
+    inputs = {k: v for k, v in ours.items() if torch.is_tensor(v)}
+    with torch.no_grad():
+        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=target, **inputs).loss
+        hf = model.model(**ref, labels=target).loss
+    assert abs(loss.item() - hf.item()) < 1e-5
+
+    messages = [{"role": "user", "content": "<video>\nWhat happens?"}]
+    reply = model.chat([], messages, videos=[frames], max_new_tokens=6)
+    question = Sample(id="q", videos=["v.mp4"], messages=messages)
+    prompt = processor.apply_chat_template(hf_messages(question), tokenize=False, add_generation_prompt=True)
+    ref = processor(text=[prompt], videos=[frames], return_tensors="pt")
+    assert model.chat_ids(messages, 0, [], model.video_tokens([frames])) == ref["input_ids"][0].tolist()
+    out = model.model.generate(**ref, max_new_tokens=6, do_sample=False, eos_token_id=model.stop_token_ids)
+    new = out[0, ref["input_ids"].shape[1]:].tolist()
+    cut = new[: next((i for i, t in enumerate(new) if t in model.stop_token_ids), len(new))]
+    assert reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
+
+
 # ----- stages: what trains, at which rate, and the adapter in PEFT's format ---------------------------------
 def _fresh(path) -> ReleasedVLM:
     return ReleasedVLM.from_pretrained(path)
@@ -334,7 +378,9 @@ def test_recipes_name_the_released_hub_ids_and_offline_is_one_line():
                    "qwen2_5_vl_lora.yaml": "Qwen/Qwen2.5-VL-7B-Instruct",
                    "idefics3_lora.yaml": "HuggingFaceM4/Idefics3-8B-Llama3",
                    "smolvlm_lora.yaml": "HuggingFaceTB/SmolVLM-Instruct",
-                   "llava_next_7b_lora.yaml": "llava-hf/llava-v1.6-vicuna-7b-hf"}
+                   "llava_next_7b_lora.yaml": "llava-hf/llava-v1.6-vicuna-7b-hf",
+                   "llava_onevision_lora.yaml": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
+                   "llava_next_video_lora.yaml": "llava-hf/LLaVA-NeXT-Video-7B-hf"}
     with pytest.raises(ModelDirError, match="could not be fetched"):
         resolve_model_dir("no-such-org-xyz/no-such-model")  # tests run with HF_HUB_OFFLINE=1
 

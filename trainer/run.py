@@ -252,8 +252,10 @@ def build_datasets(cfg: TrainConfig, vlm):
     (or packs) of a micro-batch, so every micro-batch stays within `max_batch_image_tokens` whatever samples
     it draws (packing: the sampler also fills each pack to that share only, see `_prepare`)."""
     if isinstance(vlm, ReleasedVLM):  # the checkpoint's own template and processor (dataset/hf_chat.py)
+        frames = cfg.frames_per_video if vlm.video_token is not None else None  # None: video samples refused
         return ReleasedDataset(list(cfg.data_path), vlm.render, cfg.max_length, image_folder=cfg.image_folder,
-                               strict=cfg.strict_data, allow_absolute_paths=cfg.allow_absolute_paths), None
+                               strict=cfg.strict_data, allow_absolute_paths=cfg.allow_absolute_paths,
+                               video_folder=cfg.video_folder, frames_per_video=frames), None
     resolution = getattr(vlm, "resolution", None)  # the model side may not have it yet: fixed mode
     common = dict(
         tokenizer=vlm.chat_format,  # the LM's chat template and ids
