@@ -493,10 +493,11 @@ def test_llava15_export_keeps_its_own_template(llava15, tmp_path):
         assert (model(**want).logits - reference(**want).logits).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm", "llava_onevision", "llava_next_video"])
 def test_generate_engine_serves_the_tiled_families(family, tmp_path):
-    """Idefics3 / SmolVLM (family serving "generate": no KV-cache step for our engine) through the same engine:
-    the greedy answer equals `chat`'s, which equals transformers' generate (tests/test_families_idefics.py)."""
+    """Idefics3 / SmolVLM / OneVision / NeXT-Video (family serving "generate": no KV-cache step for our engine)
+    through the same engine: the greedy answer equals `chat`'s, which equals transformers' generate
+    (tests/test_families_idefics.py, tests/test_families_video.py)."""
     import threading
 
     from PIL import Image
@@ -506,8 +507,10 @@ def test_generate_engine_serves_the_tiled_families(family, tmp_path):
     from qwenvl_lab.serve.generate_engine import GenerateEngine, uses_own_generate
 
     from tests.test_families_idefics import write_released as write_tiled
+    from tests.tiny_llava_video import save_next_video, save_onevision
 
-    vlm = load_vlm(write_tiled(tmp_path / family, family))
+    save = {"llava_onevision": save_onevision, "llava_next_video": save_next_video}.get(family)
+    vlm = load_vlm(save(tmp_path / family) if save else write_tiled(tmp_path / family, family))
     assert uses_own_generate(vlm)
     images = [Image.new("RGB", (40, 30), (200, 10, 10))]
     messages = [{"role": "user", "content": "<image>\nWhat is it?"}]
