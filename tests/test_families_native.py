@@ -218,8 +218,24 @@ def test_llava_next_ids_equal_the_processors(tmp_path):
     counts = vlm.image_tokens(images)
     assert counts[0] != counts[1]
     sample = Sample(id="s", messages=[dict(m) for m in RECORD], images=["a", "b"])
-    got = render(sample, vlm.chat_format, lambda kind, i: counts[i], image_token_id=vlm.image_token_id).input_ids
-    assert got == want
+    rendered = render(sample, vlm.chat_format, lambda kind, i: counts[i], image_token_id=vlm.image_token_id)
+    assert rendered.input_ids == want
+
+    # Loss: ours equals transformers' on the processor's inputs (its PIL backend's pixels, which ours equal to
+    # 1e-6: tests/test_anyres.py; the default torchvision backend resizes slightly differently).
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextImageProcessorPil
+
+    inputs = processor(text=text, images=images, return_tensors="pt")
+    inputs.update(LlavaNextImageProcessorPil.from_pretrained(str(path))(images, return_tensors="pt"))
+    labels = torch.tensor([rendered.labels])
+    assert (labels[inputs["input_ids"] == vlm.image_token_id] == -100).all() and (labels != -100).any()
+    ref = LlavaNextForConditionalGeneration.from_pretrained(str(path)).eval()
+    ids = torch.tensor([want])
+    with torch.no_grad():
+        theirs = ref(**inputs, labels=labels).loss
+        ours = vlm(ids, attention_mask=torch.ones_like(ids), image_counts=[2], labels=labels,
+                   **vlm.image_inputs(images)).loss
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
     prompt = processor.apply_chat_template(_processor_messages()[:1], tokenize=False, add_generation_prompt=True)
     want = processor(text=prompt, images=images, return_tensors="pt")["input_ids"][0].tolist()
