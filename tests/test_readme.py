@@ -119,6 +119,7 @@ TABLE = [
     # Which GPUs: the plan
     Entry(r"python -m qwenvl_lab.model\.plan ", prints=r"step time"),
     Entry(r"make demo-resolution$", skip="a demo: two tiny trainings, minutes of CPU (docs/benchmarks.md)"),
+    Entry(r"make demo-dpo$", skip="a demo: a short SFT run and stage dpo, minutes of CPU (docs/benchmarks.md)"),
     # Images at their own resolution: the demo recipe with anyres / native keys, one step each
     Entry(r"sh train\.sh configs/demo/stage1\.yaml ", extra="max_steps=1 output_dir=runs/readme_resolution",
           creates=("runs/readme_resolution/final",)),
