@@ -27,6 +27,7 @@ from qwenvl_lab.model.model import build_vlm, load_vlm
 from qwenvl_lab.model.released import ReleasedVLM
 from qwenvl_lab.qwen.convert import tiktoken_to_hf
 
+from tests.released_stages import STAGE_CASES, trainable_parts
 from tests.tiny_model import randomize_
 from tests.tiny_qwen import _tiny_ranks
 
@@ -260,22 +261,7 @@ def _fresh(path) -> ReleasedVLM:
     return ReleasedVLM.from_pretrained(path)
 
 
-def _parts(model) -> dict[str, set[str]]:
-    from qwenvl_lab.model.stages import part_of
-
-    out: dict[str, set[str]] = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            out.setdefault(part_of(n), set()).add("lora" if "lora_" in n else "base")
-    return out
-
-
-@pytest.mark.parametrize("stage,vision_lr,want", [
-    ("align", 0.0, {"projector": {"base"}}),
-    ("sft", 0.0, {"projector": {"base"}, "lm": {"lora"}}),
-    ("sft", 1e-4, {"projector": {"base"}, "lm": {"lora"}, "vision": {"base"}}),
-    ("full", 0.0, {"projector": {"base"}, "lm": {"base"}}),
-])
+@pytest.mark.parametrize("stage,vision_lr,want", STAGE_CASES)
 def test_stages_train_the_family_parts(released, stage, vision_lr, want):
     from qwenvl_lab.model.stages import apply_lora, set_trainable
     from qwenvl_lab.model.train_config import LoraSettings
@@ -287,7 +273,7 @@ def test_stages_train_the_family_parts(released, stage, vision_lr, want):
         assert adapted and all(".language_model." in n for n in adapted)
         assert {n.rsplit(".", 1)[1] for n in adapted} == set(FAMILIES[released[0]].notes["lora_targets"].split("|"))
     set_trainable(model, stage, vision_lr)
-    assert _parts(model) == want
+    assert trainable_parts(model) == want
 
 
 def test_one_sft_step_moves_only_adapters_and_projector_at_their_rates(released):

@@ -33,6 +33,7 @@ from qwenvl_lab.model.model import build_vlm, load_vlm
 from qwenvl_lab.model.released import ReleasedVLM
 from qwenvl_lab.qwen.convert import tiktoken_to_hf
 
+from tests.released_stages import STAGE_CASES, trainable_parts
 from tests.tiny_model import randomize_
 from tests.tiny_qwen import _tiny_ranks
 
@@ -337,22 +338,7 @@ def test_resolution_keys_reach_the_processor(released):
 
 
 # ----- stages: what trains, at which rate ---------------------------------------------------------------
-def _parts(model) -> dict[str, set[str]]:
-    from qwenvl_lab.model.stages import part_of
-
-    out: dict[str, set[str]] = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            out.setdefault(part_of(n), set()).add("lora" if "lora_" in n else "base")
-    return out
-
-
-@pytest.mark.parametrize("stage,vision_lr,want", [
-    ("align", 0.0, {"projector": {"base"}}),
-    ("sft", 0.0, {"projector": {"base"}, "lm": {"lora"}}),
-    ("sft", 1e-4, {"projector": {"base"}, "lm": {"lora"}, "vision": {"base"}}),
-    ("full", 0.0, {"projector": {"base"}, "lm": {"base"}}),
-])
+@pytest.mark.parametrize("stage,vision_lr,want", STAGE_CASES)
 def test_stages_train_the_family_parts(released, stage, vision_lr, want):
     from qwenvl_lab.model.stages import apply_lora, set_trainable
     from qwenvl_lab.model.train_config import LoraSettings
@@ -365,7 +351,7 @@ def test_stages_train_the_family_parts(released, stage, vision_lr, want):
         assert len(adapted) == 14 and all(".text_model." in n for n in adapted)  # 7 linears x 2 layers, no tower
         assert {n.rsplit(".", 1)[1] for n in adapted} == set(FAMILIES[name].notes["lora_targets"].split("|"))
     set_trainable(model, stage, vision_lr)
-    assert _parts(model) == want
+    assert trainable_parts(model) == want
     towers = {id(p) for p in model.towers.parameters()}
     assert towers == {id(p) for n, p in model.named_parameters() if ".vision_model." in n or ".connector." in n}
 

@@ -31,6 +31,7 @@ from qwenvl_lab.model.families import FAMILIES, family_of
 from qwenvl_lab.model.model import build_vlm, load_vlm
 from qwenvl_lab.model.released import ReleasedVLM
 
+from tests.released_stages import STAGE_CASES, trainable_parts
 from tests.tiny_data import write_video
 from tests.tiny_llava_video import save_next_video, save_onevision
 
@@ -498,12 +499,7 @@ def test_test_py_video_on_a_model_without_videos_is_one_line(media, tmp_path, ca
     assert line.startswith("error: --video:") and "takes no videos" in line
 
 
-@pytest.mark.parametrize("stage,vision_lr,want", [
-    ("align", 0.0, {"projector": {"base"}}),
-    ("sft", 0.0, {"projector": {"base"}, "lm": {"lora"}}),
-    ("sft", 1e-4, {"projector": {"base"}, "lm": {"lora"}, "vision": {"base"}}),
-    ("full", 0.0, {"projector": {"base"}, "lm": {"base"}}),
-])
+@pytest.mark.parametrize("stage,vision_lr,want", STAGE_CASES)
 def test_stages_train_the_family_parts(released, stage, vision_lr, want):
     from qwenvl_lab.model.stages import apply_lora, part_of, set_trainable
     from qwenvl_lab.model.train_config import LoraSettings
@@ -516,10 +512,6 @@ def test_stages_train_the_family_parts(released, stage, vision_lr, want):
         assert adapted and all(".language_model." in n for n in adapted)
         assert {n.rsplit(".", 1)[1] for n in adapted} == set(FAMILIES[name].notes["lora_targets"].split("|"))
     set_trainable(model, stage, vision_lr)
-    parts: dict[str, set[str]] = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            parts.setdefault(part_of(n), set()).add("lora" if "lora_" in n else "base")
-    assert parts == want
+    assert trainable_parts(model) == want
     newline = next(p for n, p in model.named_parameters() if n.endswith("image_newline"))
     assert part_of(next(n for n, p in model.named_parameters() if p is newline)) == "projector" and newline.requires_grad
