@@ -96,13 +96,11 @@ def _setup_logging(out: Path, rank0: bool) -> None:
 
 def checkpoint_bytes(vlm) -> int:
     """About the size of one checkpoint: the saved weights plus AdamW's two moments per trainable weight."""
-
     moments = 2 * sum(p.numel() * p.element_size() for p in vlm.parameters() if p.requires_grad)
     if isinstance(vlm, ReleasedVLM):  # it saves exactly its trainable tensors
         return moments * 3 // 2
     state = vlm.state_dict()
     weights = sum(state[k].numel() * state[k].element_size() for k in _select_keys(vlm, trainable_only=True))
-    moments = 2 * sum(p.numel() * p.element_size() for p in vlm.parameters() if p.requires_grad)
     return weights + moments
 
 
