@@ -70,7 +70,7 @@ def _images(seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()) for w, h in sizes]
 
 
-def _qwen_vl(name: str, tok):
+def _qwen_vl(name: str, tok, intermediate: int = 96):
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -81,7 +81,7 @@ def _qwen_vl(name: str, tok):
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
                video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
                vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"))
-    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=intermediate, num_hidden_layers=2,
                 num_attention_heads=2, num_key_value_heads=1, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if name == "qwen2_vl":
@@ -92,15 +92,16 @@ def _qwen_vl(name: str, tok):
     return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision, **ids))
 
 
-def write_released(path, name: str, template: str = QWEN_TEMPLATE):
-    """A tiny released checkpoint of family `name` in its own layout (model, processor, chat template)."""
+def write_released(path, name: str, template: str = QWEN_TEMPLATE, intermediate: int = 96):
+    """A tiny released checkpoint of family `name` in its own layout (model, processor, chat template); the LM's
+    `intermediate` width 128 makes every LM linear fit bitsandbytes' CPU 4-bit layout (QLoRA)."""
     from transformers import PreTrainedTokenizerFast, Qwen2VLProcessor
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     tok = PreTrainedTokenizerFast(tokenizer_object=tiktoken_to_hf(_tiny_ranks(), QWEN_SPECIALS),
                                   eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    model = _qwen_vl(name, tok)
+    model = _qwen_vl(name, tok, intermediate)
     randomize_(model, seed=1)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(str(path))
@@ -350,6 +351,38 @@ def test_one_sft_step_through_train(released, tmp_path):
     assert isinstance(final, ReleasedVLM)
     for n, p in final.named_parameters():
         assert torch.equal(p, dict(result.model.named_parameters())[n]), n
+
+
+def test_qlora_sft_step_on_a_released_model(tmp_path):
+    """lora.qlora on a wrapper family: the LM's linear layers become 4-bit NF4 (bitsandbytes), one sft step through
+    train() moves the adapters and the merger and leaves the 4-bit weights and the tower as they were."""
+    import json
+
+    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install '.[qlora]')")
+    from qwenvl_lab.trainer.run import build_model, train
+
+    from tests.tiny_train import tiny_train_config
+
+    path = write_released(tmp_path / "wide", "qwen2_vl", intermediate=128)
+    for i, img in enumerate(_images()):
+        img.save(tmp_path / f"{'ab'[i]}.png")
+    record = {"image": ["a.png", "b.png"], "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the first picture?"}, {"from": "gpt", "value": "A red square."},
+        {"from": "human", "value": "And here <image> what?"}, {"from": "gpt", "value": "A blue circle, small."}]}
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(record) for _ in range(2)) + "\n")
+    cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(path), stage="sft", max_steps=1,
+                            per_device_train_batch_size=2, learning_rate=1e-3, projector_lr=2e-3, vision_lr=0.0,
+                            lora={"r": 4, "alpha": 8, "dropout": 0.0, "qlora": True}, max_length=400,
+                            weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in build_model(cfg).named_parameters()}
+    result = train(cfg)
+    four_bit = [m for m in result.model.lm.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(four_bit) == 14  # q/k/v/o/gate/up/down x 2 layers
+    after = dict(result.model.named_parameters())
+    assert after.keys() == before.keys()
+    moved = {n for n in after if not torch.equal(after[n].detach(), before[n])}
+    assert moved and all("lora_" in n or ".visual.merger." in n for n in moved), sorted(moved)[:5]
+    assert any("lora_B" in n for n in moved) and any(".visual.merger." in n for n in moved)
 
 
 def test_recipes_name_the_released_hub_ids_and_offline_is_one_line():
