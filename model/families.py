@@ -143,26 +143,19 @@ _QWEN_VL_SPAN = ("'<|vision_start|><|image_pad|><|vision_end|>' with <|image_pad
 _QWEN_VL_SERVING = ("generate: M-RoPE positions (3 rows per token, from image_grid_thw) are not what our engine "
                     "computes, so the server decodes through the model's own generate")
 
-FAMILIES["qwen2_vl"] = Family(
-    name="qwen2_vl", model_types=("qwen2_vl",), hf_class="Qwen2VLForConditionalGeneration", native=False,
-    span=_QWEN_VL_SPAN,
-    vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
+_QWEN_VL_PARTS = dict(
+    native=False, vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
     lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "video_grid_thw", "mm_token_type_ids"),
     resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
     notes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
            "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
            "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
 )
+FAMILIES["qwen2_vl"] = Family(name="qwen2_vl", model_types=("qwen2_vl",), hf_class="Qwen2VLForConditionalGeneration",
+                              span=_QWEN_VL_SPAN, **_QWEN_VL_PARTS)
 FAMILIES["qwen2_5_vl"] = Family(
-    name="qwen2_5_vl", model_types=("qwen2_5_vl",), hf_class="Qwen2_5_VLForConditionalGeneration", native=False,
-    span=_QWEN_VL_SPAN + "; window attention in the tower does not change the count",
-    vision=("model.visual.patch_embed", "model.visual.blocks"), projector=("model.visual.merger",),
-    lm=("model.language_model", "lm_head"), extra_inputs=("image_grid_thw", "video_grid_thw", "mm_token_type_ids"),
-    resolution_keys=("min_pixels", "max_pixels"), video=True, serving=_QWEN_VL_SERVING,
-    notes={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-           "span_tokens": ("<|vision_start|>", "<|vision_end|>"),
-           "lora_targets": "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"},
-)
+    name="qwen2_5_vl", model_types=("qwen2_5_vl",), hf_class="Qwen2_5_VLForConditionalGeneration",
+    span=_QWEN_VL_SPAN + "; window attention in the tower does not change the count", **_QWEN_VL_PARTS)
 
 # Idefics3 / SmolVLM: a SigLIP tower, a pixel-shuffle connector and a Llama-style LM (SmolLM for SmolVLM).
 _TILE_SPAN = (

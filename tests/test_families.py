@@ -316,23 +316,29 @@ def test_one_sft_step_moves_only_adapters_and_projector_at_their_rates(released)
     assert ours_lora and all(torch.equal(loaded[n], p) for n, p in ours_lora.items())
 
 
-def test_one_sft_step_through_train(released, tmp_path):
+def _sft_config(tmp_path, path, **lora):
+    """A one-step sft run from the released `path` on a 2-image, 2-turn record written twice (the same images
+    and data for every family test that trains through train())."""
     import json
-
-    from qwenvl_lab.trainer.run import train
 
     from tests.tiny_train import tiny_train_config
 
-    name, path, _, _ = released
     for i, img in enumerate(_images()):
         img.save(tmp_path / f"{'ab'[i]}.png")
     record = {"image": ["a.png", "b.png"], "conversations": [
         {"from": "human", "value": "<image>\nWhat is in the first picture?"}, {"from": "gpt", "value": "A red square."},
         {"from": "human", "value": "And here <image> what?"}, {"from": "gpt", "value": "A blue circle, small."}]}
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(record) for _ in range(2)) + "\n")
-    cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(path), stage="sft", max_steps=1,
-                            per_device_train_batch_size=2, learning_rate=1e-3, projector_lr=2e-3, vision_lr=0.0,
-                            lora={"r": 4, "alpha": 8, "dropout": 0.0}, max_length=400, weight_decay=0.0)
+    return tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(path), stage="sft", max_steps=1,
+                             per_device_train_batch_size=2, learning_rate=1e-3, projector_lr=2e-3, vision_lr=0.0,
+                             lora={"r": 4, "alpha": 8, "dropout": 0.0, **lora}, max_length=400, weight_decay=0.0)
+
+
+def test_one_sft_step_through_train(released, tmp_path):
+    from qwenvl_lab.trainer.run import train
+
+    name, path, _, _ = released
+    cfg = _sft_config(tmp_path, path)
     result = train(cfg)
     base = dict(_fresh(path).named_parameters())
     trained = {n.removeprefix("model.").removeprefix("base_model.model."): p for n, p in result.model.named_parameters()}
@@ -356,24 +362,10 @@ def test_one_sft_step_through_train(released, tmp_path):
 def test_qlora_sft_step_on_a_released_model(tmp_path):
     """lora.qlora on a wrapper family: the LM's linear layers become 4-bit NF4 (bitsandbytes), one sft step through
     train() moves the adapters and the merger and leaves the 4-bit weights and the tower as they were."""
-    import json
-
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install '.[qlora]')")
     from qwenvl_lab.trainer.run import build_model, train
 
-    from tests.tiny_train import tiny_train_config
-
-    path = write_released(tmp_path / "wide", "qwen2_vl", intermediate=128)
-    for i, img in enumerate(_images()):
-        img.save(tmp_path / f"{'ab'[i]}.png")
-    record = {"image": ["a.png", "b.png"], "conversations": [
-        {"from": "human", "value": "<image>\nWhat is in the first picture?"}, {"from": "gpt", "value": "A red square."},
-        {"from": "human", "value": "And here <image> what?"}, {"from": "gpt", "value": "A blue circle, small."}]}
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(record) for _ in range(2)) + "\n")
-    cfg = tiny_train_config(tmp_path, tmp_path, model=None, init_from=str(path), stage="sft", max_steps=1,
-                            per_device_train_batch_size=2, learning_rate=1e-3, projector_lr=2e-3, vision_lr=0.0,
-                            lora={"r": 4, "alpha": 8, "dropout": 0.0, "qlora": True}, max_length=400,
-                            weight_decay=0.0)
+    cfg = _sft_config(tmp_path, write_released(tmp_path / "wide", "qwen2_vl", intermediate=128), qlora=True)
     before = {n: p.detach().clone() for n, p in build_model(cfg).named_parameters()}
     result = train(cfg)
     four_bit = [m for m in result.model.lm.modules() if type(m).__name__ == "Linear4bit"]
