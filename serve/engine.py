@@ -84,23 +84,19 @@ class Job:
         self.cancelled = True
 
 
-class Engine:
-    def __init__(self, vlm: Any, max_batch_size: int = 8, max_queue: int = 64, image_cache_bytes: int = 256 << 20,
-                 prefix_cache_bytes: int = 1 << 30, prefill_chunk: int | None = 2048) -> None:
-        if max_batch_size < 1 or max_queue < 0:
-            raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
-        if prefill_chunk is not None and prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
-        self.vlm = vlm
-        self.max_batch_size = max_batch_size
-        self.max_queue = max_queue
-        self.prefill_chunk = prefill_chunk
+class EngineBase:
+    """What every engine shares: the waiting queue under one condition, the decoding thread's start / stop, the
+    counters `stats()` reports and the latency histograms `/metrics` reads. A subclass names its thread
+    (`thread_name`), says how many jobs run now (`_running`) and runs `_run` on the thread."""
+
+    thread_name = "serve-engine"
+    max_batch_size = 1
+
+    def __init__(self, vlm: Any, max_queue: int) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.vlm, self.max_queue = vlm, max_queue
         self.stop_ids = set(vlm.stop_token_ids)
-        self.image_cache = ImageCache(image_cache_bytes)
-        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
-        self.batch = self._new_batch()
-        self.jobs: list[Job] = []  # running, in batch row order
-        self.admitting: list[Job] = []  # taken from the queue, being prefilled (counted as running)
         self.waiting: deque[Job] = deque()
         self.cv = threading.Condition()
         self.counters = dict(admitted=0, finished=0, cancelled=0, timed_out=0, errors=0, max_batch=0,
@@ -110,12 +106,14 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
 
-    def _new_batch(self) -> DecodeBatch:
-        return DecodeBatch(self.vlm, self.image_cache, self.prefix_cache)
+    def _running(self) -> int:
+        raise NotImplementedError
 
-    # ----- outside the engine thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        raise NotImplementedError
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="serve-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -127,9 +125,9 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         with self.cv:
-            running = len(self.jobs) + len(self.admitting)
+            running = self._running()
             if running + len(self.waiting) >= self.max_batch_size + self.max_queue:
-                raise QueueFull(f"{running} requests are running and {len(self.waiting)} waiting "
+                raise QueueFull(f"{running} request(s) running and {len(self.waiting)} waiting "
                                 f"(limits {self.max_batch_size} + {self.max_queue})")
             job.submitted = time.monotonic()
             self.waiting.append(job)
@@ -137,7 +135,41 @@ class Engine:
 
     def stats(self) -> dict:
         with self.cv:
-            return dict(running=len(self.jobs) + len(self.admitting), waiting=len(self.waiting), **self.counters)
+            return dict(running=self._running(), waiting=len(self.waiting), **self.counters)
+
+    def _accept(self, job: Job, tok: int, now: float) -> None:
+        """One generated token kept for `job`: counted, and its latency observed (first token or the gap)."""
+        job.row.tokens.append(tok)
+        self.counters["generated_tokens"] += 1
+        if len(job.row.tokens) == 1:
+            self.ttft.observe(now - job.submitted)
+        else:
+            self.itl.observe(now - job.last_token)
+        job.last_token = now
+
+
+class Engine(EngineBase):
+    def __init__(self, vlm: Any, max_batch_size: int = 8, max_queue: int = 64, image_cache_bytes: int = 256 << 20,
+                 prefix_cache_bytes: int = 1 << 30, prefill_chunk: int | None = 2048) -> None:
+        if max_batch_size < 1 or max_queue < 0:
+            raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 or None, got {prefill_chunk}")
+        super().__init__(vlm, max_queue)
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
+        self.image_cache = ImageCache(image_cache_bytes)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
+        self.batch = self._new_batch()
+        self.jobs: list[Job] = []  # running, in batch row order
+        self.admitting: list[Job] = []  # taken from the queue, being prefilled (counted as running)
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.vlm, self.image_cache, self.prefix_cache)
+
+    # ----- outside the engine thread ---------------------------------------------------------------
+    def _running(self) -> int:
+        return len(self.jobs) + len(self.admitting)
 
     def cache_stats(self) -> dict:
         with self.cv:
@@ -248,15 +280,6 @@ class Engine:
         self.batch.advance(tokens, keep)
         with self.cv:
             self.jobs = [j for j, k in zip(self.jobs, keep) if k]
-
-    def _accept(self, job: Job, tok: int, now: float) -> None:
-        job.row.tokens.append(tok)
-        self.counters["generated_tokens"] += 1
-        if len(job.row.tokens) == 1:
-            self.ttft.observe(now - job.submitted)
-        else:
-            self.itl.observe(now - job.last_token)
-        job.last_token = now
 
     def _end(self, job: Job, reason: str, message: str | None = None) -> None:
         job.finish_reason = reason

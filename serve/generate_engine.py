@@ -21,10 +21,8 @@ Contract (the surface `serve.app` / `serve.session` use, as `Engine`'s):
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import traceback
-from collections import deque
 from typing import Any
 
 import torch
@@ -32,9 +30,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from .decode import Row
-from .engine import Job, QueueFull
+from .engine import EngineBase, Job
 from .imagecache import ImageCache
-from .metrics import LATENCY_BUCKETS_S, Histogram
 from .prefixcache import PrefixCache
 from .text import TextStream
 
@@ -77,48 +74,16 @@ class _Streamer(BaseStreamer):
         pass
 
 
-class GenerateEngine:
-    max_batch_size = 1
+class GenerateEngine(EngineBase):
+    thread_name = "serve-generate"
+    max_batch_size = 1  # the model's generate takes no rows mid-batch
 
     def __init__(self, vlm: Any, max_queue: int = 64) -> None:
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
-        self.vlm, self.max_queue = vlm, max_queue
-        self.stop_ids = set(vlm.stop_token_ids)
-        self.waiting: deque[Job] = deque()
+        super().__init__(vlm, max_queue)
         self.running: Job | None = None
-        self.cv = threading.Condition()
-        self.counters = dict(admitted=0, finished=0, cancelled=0, timed_out=0, errors=0, max_batch=0,
-                             generated_tokens=0)
-        self._thread: threading.Thread | None = None
-        self._stopping = False
-        self.ttft = Histogram(LATENCY_BUCKETS_S)  # /metrics, as Engine's
-        self.itl = Histogram(LATENCY_BUCKETS_S)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="serve-generate", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        with self.cv:
-            self._stopping = True
-            self.cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def submit(self, job: Job) -> None:
-        with self.cv:
-            running = int(self.running is not None)
-            if running + len(self.waiting) >= 1 + self.max_queue:
-                raise QueueFull(f"{running} request is running and {len(self.waiting)} waiting "
-                                f"(limits 1 + {self.max_queue}; this model is decoded one request at a time)")
-            job.submitted = time.monotonic()
-            self.waiting.append(job)
-            self.cv.notify_all()
-
-    def stats(self) -> dict:
-        with self.cv:
-            return dict(running=int(self.running is not None), waiting=len(self.waiting), **self.counters)
+    def _running(self) -> int:
+        return int(self.running is not None)
 
     def cache_stats(self) -> dict:
         """No image or prefix cache here (the model's generate re-reads the whole prompt): empty, for /metrics."""
@@ -171,14 +136,7 @@ class GenerateEngine:
         if tok in self.stop_ids and not job.params.ignore_eos:
             job.finish_reason = "stop"
             return
-        job.row.tokens.append(tok)
-        self.counters["generated_tokens"] += 1
-        now = time.monotonic()
-        if len(job.row.tokens) == 1:
-            self.ttft.observe(now - job.submitted)
-        else:
-            self.itl.observe(now - job.last_token)
-        job.last_token = now
+        self._accept(job, tok, time.monotonic())
         delta, hit_stop = job.stream.push(tok)
         if delta:
             job.emit("delta", delta)
