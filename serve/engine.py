@@ -1,6 +1,8 @@
 """The serving engine: a bounded queue and one thread that decodes every admitted request together.
 
 Contract:
+- `EngineBase(vlm, max_queue)`: the queue, the thread's `start()` / `stop()`, `submit`, `stats()`, the counters
+  and the latency histograms, shared with serve/generate_engine.py's `GenerateEngine`.
 - `Engine(vlm, max_batch_size=8, max_queue=64, image_cache_bytes=256 MiB, prefix_cache_bytes=1 GiB,
   prefill_chunk=2048)`; `start()` / `stop()` the decoding thread. The caches (`serve.imagecache.ImageCache`,
   `serve.prefixcache.PrefixCache`; 0 bytes turns one off) keep each image's placeholder rows by content and
