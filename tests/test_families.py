@@ -27,7 +27,7 @@ from qwenvl_lab.model.model import build_vlm, load_vlm
 from qwenvl_lab.model.released import ReleasedVLM
 from qwenvl_lab.qwen.convert import tiktoken_to_hf
 
-from tests.released_stages import STAGE_CASES, trainable_parts
+from tests.released_stages import STAGE_CASES, assert_first_adam_step, generate_reply, trainable_parts
 from tests.tiny_model import randomize_
 from tests.tiny_qwen import _tiny_ranks
 
@@ -209,10 +209,7 @@ def test_greedy_chat_equals_transformers_generate(released):
     text = processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
     ref = processor(text=[text], images=_images(), return_tensors="pt")
     assert model.chat_ids(messages, 2, model.image_tokens(_images())) == ref["input_ids"][0].tolist()
-    out = model.model.generate(**ref, max_new_tokens=8, do_sample=False, eos_token_id=model.stop_token_ids)
-    new = out[0, ref["input_ids"].shape[1]:].tolist()
-    cut = new[: next((i for i, t in enumerate(new) if t in model.stop_token_ids), len(new))]
-    assert reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
+    assert reply == generate_reply(model, ref, 8)
 
 
 def test_a_video_record_ids_loss_and_chat_equal_transformers(released, tmp_path):
@@ -251,10 +248,7 @@ def test_a_video_record_ids_loss_and_chat_equal_transformers(released, tmp_path)
     prompt = processor.apply_chat_template(hf_messages(question), tokenize=False, add_generation_prompt=True)
     ref = processor(text=[prompt], videos=[frames], return_tensors="pt")
     assert model.chat_ids(messages, 0, [], model.video_tokens([frames])) == ref["input_ids"][0].tolist()
-    out = model.model.generate(**ref, max_new_tokens=6, do_sample=False, eos_token_id=model.stop_token_ids)
-    new = out[0, ref["input_ids"].shape[1]:].tolist()
-    cut = new[: next((i for i, t in enumerate(new) if t in model.stop_token_ids), len(new))]
-    assert reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
+    assert reply == generate_reply(model, ref, 6)
 
 
 # ----- stages: what trains, at which rate, and the adapter in PEFT's format ---------------------------------
@@ -300,14 +294,7 @@ def test_one_sft_step_moves_only_adapters_and_projector_at_their_rates(released)
                  pixel_values=ours["pixel_values"], image_grid_thw=ours["image_grid_thw"]).loss
     loss.backward()
     torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-12).step()
-    for group in groups:
-        for n, p in zip(group["param_names"], group["params"]):
-            step = (p.detach() - before[n]).abs()
-            moved = step[step > 0]  # Adam's first step moves every entry with a gradient by exactly lr
-            assert moved.numel() > 0 and torch.allclose(moved, torch.full_like(moved, group["lr"]), rtol=1e-3), n
-    for n, p in model.named_parameters():
-        if not p.requires_grad:  # vision tower and base LM
-            assert torch.equal(p, before[n]), n
+    assert_first_adam_step(groups, model, before)  # vision tower and base LM bit-identical
     model.save_pretrained(path.parent / "run", trainable_only=True)
     base = _fresh(path).model
     peft = PeftModel.from_pretrained(base, str(path.parent / "run" / "lora"))

@@ -33,7 +33,7 @@ from qwenvl_lab.model.model import build_vlm, load_vlm
 from qwenvl_lab.model.released import ReleasedVLM
 from qwenvl_lab.qwen.convert import tiktoken_to_hf
 
-from tests.released_stages import STAGE_CASES, trainable_parts
+from tests.released_stages import STAGE_CASES, generate_reply, trainable_parts
 from tests.tiny_model import randomize_
 from tests.tiny_qwen import _tiny_ranks
 
@@ -299,10 +299,7 @@ def test_greedy_chat_equals_transformers_generate(released):
     text = processor.apply_chat_template(hf_messages, tokenize=False, add_generation_prompt=True)
     ref = processor(text=[text], images=_images(), return_tensors="pt")
     assert model.chat_ids(messages, 2, model.image_tokens(_images())) == ref["input_ids"][0].tolist()
-    out = model.model.generate(**ref, max_new_tokens=8, do_sample=False, eos_token_id=model.stop_token_ids)
-    new = out[0, ref["input_ids"].shape[1]:].tolist()
-    cut = new[: next((i for i, t in enumerate(new) if t in model.stop_token_ids), len(new))]
-    assert cut and reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
+    assert reply == generate_reply(model, ref, 8)
 
 
 def test_an_empty_message_renders_as_the_template_writes_it(released):

@@ -31,7 +31,7 @@ from qwenvl_lab.model.families import FAMILIES, family_of
 from qwenvl_lab.model.model import build_vlm, load_vlm
 from qwenvl_lab.model.released import ReleasedVLM
 
-from tests.released_stages import STAGE_CASES, trainable_parts
+from tests.released_stages import STAGE_CASES, assert_first_adam_step, generate_reply, trainable_parts
 from tests.tiny_data import write_video
 from tests.tiny_llava_video import save_next_video, save_onevision
 
@@ -308,14 +308,7 @@ def test_one_sft_step_moves_only_adapters_and_projector_at_their_rates(released,
     assert name != "llava_next_video" or {"pixel_values", "pixel_values_videos"} <= set(batch)
     model(**batch).loss.backward()
     torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-12).step()
-    for group in groups:
-        for n, p in zip(group["param_names"], group["params"]):
-            step = (p.detach() - before[n]).abs()
-            moved = step[step > 0]  # Adam's first step moves every entry with a gradient by exactly lr
-            assert moved.numel() > 0 and torch.allclose(moved, torch.full_like(moved, group["lr"]), rtol=1e-3), n
-    for n, p in model.named_parameters():
-        if not p.requires_grad:  # vision tower and base LM
-            assert torch.equal(p, before[n]), n
+    assert_first_adam_step(groups, model, before)  # vision tower and base LM bit-identical
 
 
 def test_greedy_chat_equals_transformers_generate(released, media):
@@ -333,11 +326,7 @@ def test_greedy_chat_equals_transformers_generate(released, media):
     ref = processor(text=[text], return_tensors="pt", **kw)
     counts = model._media(images, videos)
     assert model.chat_ids(messages, len(images), counts[0], counts[1]) == ref["input_ids"][0].tolist()
-    out = model.model.generate(**ref, max_new_tokens=8, do_sample=False, eos_token_id=model.stop_token_ids,
-                               pad_token_id=model.pad_token_id)
-    new = out[0, ref["input_ids"].shape[1]:].tolist()
-    cut = new[: next((i for i, t in enumerate(new) if t in model.stop_token_ids), len(new))]
-    assert cut and reply == processor.tokenizer.decode(cut, skip_special_tokens=True)
+    assert reply == generate_reply(model, ref, 8)
 
 
 def test_chat_batch_equals_chat_alone(released, media):
