@@ -193,21 +193,20 @@ def single_prompt(prompt: str, n_images: int) -> str:
     which `vlm.chat_ids` would only raise once the model has loaded."""
     if LEGACY_PLACEHOLDER in prompt:
         prompt = prompt.replace(LEGACY_PLACEHOLDER, IMAGE_MARKER)
-    elif n_images and IMAGE_MARKER not in prompt:
-        prompt = IMAGE_MARKER * n_images + "\n" + prompt
-    if prompt.count(IMAGE_MARKER) != n_images:
-        raise UserError(f"--prompt has {prompt.count(IMAGE_MARKER)} {IMAGE_MARKER} marker(s) for {n_images} "
-                        f"--image file(s); give one marker per image, or none to put them all first")
-    return prompt
+    return _with_markers(prompt, IMAGE_MARKER, n_images, "--image file(s)", "image")
 
 
 def video_prompt(prompt: str, n_videos: int) -> str:
     """The prompt with one `<video>` marker per --video (all first when it has none)."""
-    if n_videos and VIDEO_MARKER not in prompt:
-        prompt = VIDEO_MARKER * n_videos + "\n" + prompt
-    if prompt.count(VIDEO_MARKER) != n_videos:
-        raise UserError(f"--prompt has {prompt.count(VIDEO_MARKER)} {VIDEO_MARKER} marker(s) for {n_videos} "
-                        f"--video file(s); give one marker per video, or none to put them all first")
+    return _with_markers(prompt, VIDEO_MARKER, n_videos, "--video file(s)", "video")
+
+
+def _with_markers(prompt: str, marker: str, n: int, files: str, what: str) -> str:
+    if n and marker not in prompt:
+        prompt = marker * n + "\n" + prompt
+    if prompt.count(marker) != n:
+        raise UserError(f"--prompt has {prompt.count(marker)} {marker} marker(s) for {n} {files}; give one marker "
+                        f"per {what}, or none to put them all first")
     return prompt
 
 
