@@ -16,8 +16,8 @@ Contract:
   and their `<|im_end|>`), with random normalised pixels; `batches(items, batch_size, pad_id)` collates
   them with `dataset.Collator` (right padding, exactly as training).
 - `peak_step_bytes(fn, device)`: peak bytes allocated while `fn()` runs, above what was allocated
-  before it (CUDA: the caching allocator's peak; CPU: the running sum of the allocations and frees the
-  torch profiler records per op, in op start order); `resident_bytes(model, optimizer)`: parameters,
+  before it (CUDA: the caching allocator's peak; CPU: the running sum of every allocation and free the
+  torch profiler records, each at its own time); `resident_bytes(model, optimizer)`: parameters,
   gradients and optimizer state currently held; `rss_bytes()` / `peak_rss_bytes()`: the process's resident
   set now / at its peak (CPU memory).
 - `set_malloc(mode)`: glibc's allocator on Linux, `"retain"` (freed memory kept for reuse: no page
@@ -321,10 +321,13 @@ def peak_step_bytes(fn, device: torch.device) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
+    # Every allocation and free the profiler saw, at its own time (not at the start of the op that holds it:
+    # an op that allocates and frees inside would otherwise count its free first).
+    records = [e for e in prof.profiler.kineto_results.events()
+               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     cur = peak = 0
-    # Each op's own allocations minus frees, in op start order: a peak at op granularity.
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        cur += e.self_cpu_memory_usage
+    for e in sorted(records, key=lambda e: e.start_ns()):
+        cur += e.nbytes()
         peak = max(peak, cur)
     return int(peak)
 

@@ -14,7 +14,7 @@ Contract
   number without the `[B, T, V]` logits: the hidden states at positions whose shifted label is a
   target are gathered (`[N, H]`), then `head` (any module mapping `[n, H] -> [n, V]`, e.g. `lm_head`
   or a LoRA-wrapped one) + cross-entropy run `chunk_size` rows at a time; peak memory is one chunk's
-  `[chunk_size, V]` logits (plus their fp32 copy), never `N x V`. Two ways to get the gradients:
+  `[chunk_size, V]` logits in fp32 (`_head_chunk` below), never `N x V`. Two ways to get the gradients:
   - a plain `nn.Linear` head (the usual `lm_head`, tied or not) goes through `_FusedLinearCE`: each
     chunk's gradient (softmax - onehot) is turned into the head's and the hidden states' gradients
     right in forward, so the head costs 3 matmuls per target row instead of 4 (no recompute). An fp32
@@ -30,9 +30,15 @@ Contract
   parameter gets a (zero) gradient, which DDP needs) instead of the NaN of an empty mean.
 - `sequence_logps(hidden [B, T, H], head, labels [B, T], chunk_size=1024) -> (logps [B], counts [B])`: each
   sequence's summed log-probability of its targets (fp32) and its number of targets, computed like
-  `supervised_loss` at target positions only, `chunk_size` rows of `[rows, V]` logits at a time (recomputed in
-  backward under `torch.utils.checkpoint`, one head call for a ZeRO-3 head): what preference losses compare
-  (DPO's log pi(y | x)), never the `[B, T, V]` logits.
+  `supervised_loss` at target positions only, `chunk_size` rows of `[rows, V]` logits at a time: what
+  preference losses compare (DPO's log pi(y | x)), never the `[B, T, V]` logits. A frozen plain `nn.Linear`
+  head (the usual case: LoRA leaves `lm_head` alone) goes through `_FusedLinearLogps`: each row's d log p /
+  d h `[H]` is made in forward (it does not depend on the upstream gradient), so backward is a row-wise
+  scale and no logits are recomputed; a head that trains, or any other head, is recomputed in backward
+  under `torch.utils.checkpoint`; a ZeRO-3 head is called once.
+  Both fused paths work inside the chunk's one fp32 `[rows, V]` buffer (`_head_chunk`: max, exp, softmax
+  written over the logits), so a chunk costs `rows x V x 4` bytes (plus the head's own output when it is not
+  fp32), not three such tensors.
 - `decode_logits(hidden [B, n, H], head) -> [B, n, V]`: the logits generation reads (`logits_to_keep`),
   used by both the qwen LM and the VLM (on a CPU without gradient as `W @ h^T`).
 """
@@ -97,6 +103,24 @@ def _fusable(head) -> bool:
     return type(w) is torch.nn.Parameter and w.numel() > 0
 
 
+def _head_chunk(hc: torch.Tensor, yc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk through a linear head: the targets' log-probabilities `[c]` (fp32) and, with `need_grad`,
+    d(-log p(y)) / d logits = softmax - onehot `[c, V]`. Everything happens in the chunk's one fp32 `[c, V]`
+    logits buffer (max, then exp, then the softmax written over it), never in a second `[c, V]` tensor."""
+    logits = F.linear(hc, weight, bias).float()  # [c, V], fp32 as the full path's `.float()`
+    picked = logits.gather(1, yc[:, None])[:, 0]  # [c]
+    top = logits.amax(1)  # [c]
+    e = logits.sub_(top[:, None]).exp_()  # [c, V], in place
+    total = e.sum(1)  # [c]
+    logp = picked - top - total.log()  # log softmax at the targets: x_y - logsumexp(x)
+    if not need_grad:
+        return logp, None
+    g = e.div_(total[:, None])  # softmax, in place
+    g[torch.arange(len(yc), device=g.device), yc] -= 1.0
+    return logp, g
+
+
 class _FusedLinearCE(torch.autograd.Function):
     """sum_i CE(h_i W^T + b, y_i) with the gradients computed chunk by chunk during forward."""
 
@@ -107,15 +131,11 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(h) if need[0] else None
         grad_w = None  # [V, H] fp32, created by the first chunk (see the module docstring)
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=h.device) if need[2] else None
-        need_grad = any(need)
         for start in range(0, h.shape[0], chunk_size):
             hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [c, H], [c]
-            logits = F.linear(hc, weight, bias).float()  # [c, V], fp32 as the full path's `.float()`
-            lse = torch.logsumexp(logits, dim=-1)  # [c]
-            total += (lse - logits.gather(1, yc[:, None])[:, 0]).sum()
-            if need_grad:
-                g = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place over the chunk's logits
-                g[torch.arange(len(yc), device=g.device), yc] -= 1.0  # d(sum CE) / d logits  [c, V]
+            logp, g = _head_chunk(hc, yc, weight, bias, any(need))  # [c], d(sum CE) / d logits [c, V]
+            total -= logp.sum()
+            if g is not None:
                 g = g.to(weight.dtype)
                 if grad_h is not None:
                     grad_h[start:start + chunk_size] = g @ weight  # [c, H]
@@ -128,7 +148,7 @@ class _FusedLinearCE(torch.autograd.Function):
                         grad_w += (g.t() @ hc).float()  # [V, H], accumulated in fp32 over the chunks
                 if grad_b is not None:
                     grad_b += g.float().sum(0)
-            del logits
+            del g
         # Kept as attributes, not saved tensors: backward scales them in place and lets go of them, so
         # the tensor it returns has no other owner (autograd then uses it as `.grad` without a copy).
         ctx.grads = [grad_h, grad_w, grad_b]
@@ -151,6 +171,35 @@ class _FusedLinearCE(torch.autograd.Function):
             else:
                 out.append((g.float() * scale).to(dt))
         return out[0], out[1], out[2], None, None, None
+
+
+class _FusedLinearLogps(torch.autograd.Function):
+    """log p(y_i | h_i) per row through a frozen linear head, d log p_i / d h_i computed during forward.
+
+    Each row's gradient with respect to its hidden state, -(softmax - onehot) @ W `[H]`, does not depend on
+    the upstream gradient (one scalar per row), so it is kept (`[N, H]`) instead of any `[c, V]` logits: the
+    backward is a row-wise scale. Only for heads whose weight and bias take no gradient (a head that trains
+    needs `[V, H]` per upstream scalar: `sequence_logps` checkpoints it instead)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, y, chunk_size: int, need_h: bool):
+        logps = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)  # [N]
+        dh = torch.empty_like(h) if need_h else None  # [N, H]
+        for start in range(0, h.shape[0], chunk_size):
+            hc, yc = h[start:start + chunk_size], y[start:start + chunk_size]  # [c, H], [c]
+            logp, g = _head_chunk(hc, yc, weight, bias, need_h)
+            logps[start:start + chunk_size] = logp
+            if g is not None:
+                dh[start:start + chunk_size] = -(g.to(weight.dtype) @ weight)  # [c, H]
+            del g
+        if dh is not None:
+            ctx.save_for_backward(dh)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (dh,) = ctx.saved_tensors
+        return (dh.float() * grad_out[:, None]).to(dh.dtype), None, None, None, None, None
 
 
 def supervised_loss(
@@ -225,6 +274,10 @@ def sequence_logps(
     params = list(getattr(head, "parameters", lambda: [])())
     if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3: one gathering call per forward (supervised_loss)
         return out.index_add(0, row, _chunk_target_logps(head, h, y)), counts
+    if _fusable(head) and not (torch.is_grad_enabled() and any(p.requires_grad for p in params)):
+        need_h = torch.is_grad_enabled() and h.requires_grad  # a frozen head: per-row gradients in forward
+        logps = _FusedLinearLogps.apply(h, head.weight, head.bias, y, chunk_size, need_h)  # [N]
+        return out.index_add(0, row, logps), counts
     recompute = torch.is_grad_enabled() and (h.requires_grad or any(p.requires_grad for p in params))
     parts = []
     for start in range(0, n, chunk_size):

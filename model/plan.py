@@ -40,7 +40,8 @@ Contract:
   heads + per LoRA-wrapped linear its input twice (dropout mask and output) and its rank; plus 8H bytes
   of fp32 norm inputs under bf16. With gradient checkpointing only each layer's input (c·H) stays, plus
   one layer recomputed. The loss head keeps the supervised rows' hidden states and, transiently, one
-  chunk of logits (min(targets, the VLM's loss_chunk_size) x V in c + 8 bytes). Memory-efficient attention
+  chunk of logits (min(targets, the VLM's loss_chunk_size) x V: one fp32 buffer, plus the head's
+  c-byte output when c is not 4; core/loss.py `_head_chunk`). Memory-efficient attention
   (SDPA flash / the custom kernels) keeps no T² scores. Frozen towers run under no_grad (no activations);
   a training tower holds c·(10 D + 2 I_v) per token and layer (the worst image's patches, or crops x
   patches, plus a CLS row per crop) and the c·3·p² input pixels of each patch (tests/test_variable_training.py
@@ -357,7 +358,8 @@ def activation_bytes(vlm: nn.Module, shape: Shape, c: int, checkpointing: bool, 
     s = shape.seq
     layer = per_token * s
     lm = d.layers * c * d.hidden * s + layer if checkpointing else d.layers * layer
-    head = min(shape.targets * samples, vlm.loss_chunk_size) * d.vocab * (c + 8) + shape.targets * samples * d.hidden * c
+    logit_bytes = 4 if c == 4 else c + 4  # the chunk's fp32 buffer (+ the head's own output under bf16/fp16)
+    head = min(shape.targets * samples, vlm.loss_chunk_size) * d.vocab * logit_bytes + shape.targets * samples * d.hidden * c
     proj_in = int(vlm.projector.in_dim)
     projector = shape.image_tokens * c * (proj_in + 2 * int(vlm.projector.out_dim))
     towers = 0

@@ -130,3 +130,44 @@ def test_both_gradient_paths_match_plain_cross_entropy(monkeypatch, fused, froze
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     if frozen_head:
         assert head.weight.grad is None or not head.weight.requires_grad
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_sequence_logps_paths_match_log_softmax_gather(monkeypatch, fused, frozen_head):
+    """Per-sequence log-probs through a frozen nn.Linear head (per-row gradients made in forward, no [c, V]
+    kept), a training head and any other head (checkpointed chunks), against log_softmax + gather."""
+    import qwenvl_lab.core.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "FUSED", fused)
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(6, 23, bias=True)
+    head.requires_grad_(not frozen_head)
+    hidden = torch.randn(3, 9, 6, generator=g, requires_grad=True)
+    labels = torch.randint(0, 23, (3, 9), generator=g)
+    labels[labels % 3 == 0] = -100
+    weights = torch.tensor([0.5, -2.0, 1.5])  # a different upstream gradient per sequence
+    calls = []
+    hook = head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    logps, counts = loss_module.sequence_logps(hidden, head, labels, chunk_size=4)
+    hook.remove()
+    if fused and frozen_head:
+        assert calls == []  # the weight is used directly, chunk by chunk
+    else:
+        assert calls and max(calls) <= 4  # the head module, per chunk (recomputed in backward)
+    (logps * weights).sum().backward()
+    got = [logps.detach(), hidden.grad.clone()] + ([] if frozen_head else [head.weight.grad.clone()])
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    tok = torch.log_softmax(head(hidden)[:, :-1], -1).gather(-1, tgt.clamp(min=0)[..., None])[..., 0] * keep
+    ref = tok.sum(1)
+    (ref * weights).sum().backward()
+    want = [ref.detach(), hidden.grad] + ([] if frozen_head else [head.weight.grad])
+    assert counts.tolist() == keep.sum(1).tolist()
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    with torch.no_grad():  # the reference pass: no gradient anywhere, the same values
+        torch.testing.assert_close(loss_module.sequence_logps(hidden, head, labels, chunk_size=2)[0], ref.detach(),
+                                   rtol=0, atol=1e-5)
