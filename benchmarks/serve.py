@@ -22,7 +22,13 @@ tokens), from each token's arrival (the streamer of `vlm.generate`, the engine's
 request at a time (each turn re-sends the conversation: the previous prompt, the answer and a new
 question, as an OpenAI client does); per turn its TTFT p50 and, for turns 2 and 3, the ratio to turn 1's
 (the image cache and the prefix cache make later turns prefill only their new tokens), and whether each
-turn's tokens equal `vlm.generate` on the whole prompt. Every mode runs once per round (`--rounds`, default 2), in the opposite order
+turn's tokens equal `vlm.generate` on the whole prompt.
+`bound`: what batching can gain at most here, measured with the engine's own decode batch at the highest
+concurrency C (`compute_bound`): `decode_bound` = C x one decode step of 1 row / one decode step of C rows
+(the step's time grows with its rows: the weights are read once per step, but every row's matmul work and
+its attention over its own KV still add up), and `run_bound` = the same for whole requests, the prompt
+prefill included (a prompt's prefill is compute-bound: batching it gains little); the concurrency-C ratio
+is printed as a fraction of each. Every mode runs once per round (`--rounds`, default 2), in the opposite order
 each round, and the figures add up the rounds: slow drifts of a shared machine's load fall on every mode.
 """
 
@@ -39,7 +45,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
 import torch  # noqa: E402
-from qwenvl_lab.serve.decode import SamplingParams  # noqa: E402
+from qwenvl_lab.serve.decode import DecodeBatch, Row, SamplingParams  # noqa: E402
 from qwenvl_lab.serve.engine import Engine, Job  # noqa: E402
 
 from benchmarks import common  # noqa: E402
@@ -188,6 +194,43 @@ def with_engine(model, requests, n_new: int, concurrency: int, max_batch: int, d
     return wall, outs, lat, stats, timing
 
 
+def _batch_costs(model, requests, n_new: int) -> tuple[float, float]:
+    """(prefill seconds, seconds per decode step) of one DecodeBatch holding `requests` together: their prompts
+    prefilled in one forward (no caches), then `n_new` decode steps of all rows (the engine's own step)."""
+    batch = DecodeBatch(model)
+    batch.start([Row(ids, pix, SamplingParams(max_tokens=n_new, ignore_eos=True)) for ids, pix in requests])
+    t = time.perf_counter()
+    while batch.pending:
+        batch.prefill(None)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(n_new):
+        batch.advance(batch.next_tokens(), [True] * len(batch))
+    return prefill, (time.perf_counter() - t) / n_new
+
+
+def compute_bound(model, requests, n_new: int, rows: int) -> dict:
+    """What batching `rows` requests can gain at most on this machine, from the engine's own kernels:
+    `decode_bound` = rows x (one decode step of 1 row) / (one decode step of `rows` rows), and `run_bound`,
+    the same for whole requests = (P1 + n t1) / ((P_rows + n t_rows) / rows), where P is the prefill of one
+    request alone / of `rows` requests in one forward, t the decode step, n = `n_new`. Run in a worker thread
+    (as the engine's decoding is)."""
+    out: dict = {}
+
+    def worker() -> None:
+        with torch.no_grad():
+            _batch_costs(model, requests[:1], 2)  # warm-up
+            p1, t1 = _batch_costs(model, requests[:1], n_new)
+            pr, tr = _batch_costs(model, (requests * rows)[:rows], n_new)
+        out.update(prefill_1_s=p1, step_1_s=t1, prefill_rows_s=pr, step_rows_s=tr, rows=rows,
+                   decode_bound=rows * t1 / tr, run_bound=rows * (p1 + n_new * t1) / (pr + n_new * tr))
+
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join()
+    return out
+
+
 def chat_turns(vlm, model, spec: common.BenchSpec, runs: int, n_new: int, seed: int, device) -> dict:
     """`runs` 3-turn conversations about one image each through one engine (module docstring)."""
     rng = random.Random(seed + 1)
@@ -274,6 +317,14 @@ def main(argv=None) -> dict:
         _latency_figures(r)
         print(f"{mode:<16} ttft_p50_s={r['ttft_p50_s']:.4f} ttft_p95_s={r['ttft_p95_s']:.4f} "
               f"itl_p50_ms={r['itl_p50_ms']:.2f} itl_p95_ms={r['itl_p95_ms']:.2f}")
+    top = max(args.concurrency)
+    if top > 1:
+        b = results["bound"] = compute_bound(model, requests, args.new_tokens, min(top, args.max_batch_size))
+        got = results[f"concurrency={top}"]["ratio"]
+        print(f"bound rows={b['rows']} step_1_ms={1e3 * b['step_1_s']:.2f} step_rows_ms={1e3 * b['step_rows_s']:.2f} "
+              f"prefill_1_s={b['prefill_1_s']:.4f} prefill_rows_s={b['prefill_rows_s']:.4f} "
+              f"decode_bound={b['decode_bound']:.2f} run_bound={b['run_bound']:.2f} "
+              f"concurrency={top}_of_decode_bound={got / b['decode_bound']:.2f} of_run_bound={got / b['run_bound']:.2f}")
     if args.chat_runs > 0:
         chat = chat_turns(vlm, model, spec, args.chat_runs, args.new_tokens, args.seed, device)
         results["chat_3_turns"] = chat

@@ -159,6 +159,10 @@ def test_serve_benchmark_quick_keeps_greedy_answers(capsys):
     assert [f"chat_3_turns     turn={t} " in out for t in (1, 2, 3)] == [True] * 3 and "vs_turn_1=" in out
     assert chat["match"] == 1.0  # every turn's tokens equal vlm.generate on the whole prompt
     assert chat["cache"]["prefix_cache"]["hits"] == 2  # turns 2 and 3 started from turn 1's and 2's KV
+    b = res["bound"]  # the batching bound at the top concurrency, from the engine's own decode batch
+    assert b["rows"] == 3 and "bound rows=3 " in out and "decode_bound=" in out and "run_bound=" in out
+    assert b["step_1_s"] > 0 and b["step_rows_s"] > 0 and b["prefill_1_s"] > 0
+    assert b["decode_bound"] == pytest.approx(3 * b["step_1_s"] / b["step_rows_s"])
 
 
 def test_engine_queue_limit_timeout_cancel_and_a_failing_request(tmp_path):
