@@ -272,3 +272,24 @@ def test_batch_counts_stop_targets_at_packed_boundaries():
     # Two packed sequences of 3: the last token of the first has no target across the boundary.
     packed = dict(batch, cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32))
     assert batch_counts(packed)["targets"] == 3
+
+
+def test_peak_step_bytes_follows_allocations_in_time_order():
+    """The CPU peak is the running sum of timed allocation records: a tensor freed inside an op (here
+    inside a custom function that allocates a temporary, then frees it) still counts while alive."""
+    from benchmarks import common
+
+    mb = 1 << 20
+
+    def temporaries():
+        a = torch.empty(4 * mb, dtype=torch.uint8)  # 4 MiB, alive until the end
+        b = torch.empty(8 * mb, dtype=torch.uint8)  # + 8 MiB: peak 12 MiB
+        del b
+        c = torch.empty(2 * mb, dtype=torch.uint8)  # 6 MiB now
+        return a, c
+
+    peak = common.peak_step_bytes(temporaries, torch.device("cpu"))
+    assert 12 * mb <= peak < 13 * mb
+    logits, y = torch.randn(1000, 1000), torch.zeros(1000, dtype=torch.long)
+    inner = common.peak_step_bytes(lambda: torch.nn.functional.cross_entropy(logits, y), torch.device("cpu"))
+    assert inner >= 4_000_000  # the log-softmax made and freed inside cross_entropy (an op start-order sum: ~0)
