@@ -66,8 +66,8 @@ DPO := data/shapes_dpo
 demo-dpo: setup
 	$(BIN)/python -m qwenvl_lab.dataprocess.make_shapes $(DPO) --n-train 6000 --n-val 300 --seed 0 --size 32 --types colour,shape,count,position,multi,shape --distractor 0
 	$(BIN)/python -m qwenvl_lab.dataprocess.make_vocab --data $(DPO)/train.jsonl --merges 300 --out $(DPO)/vocab
-	$(BIN)/python -m qwenvl_lab.dataprocess.make_pref_pairs $(DPO)/train.jsonl --out $(DPO)/pref_train.jsonl
-	$(BIN)/python -m qwenvl_lab.dataprocess.make_pref_pairs $(DPO)/val.jsonl --out $(DPO)/pref_val.jsonl
+	$(BIN)/python -m qwenvl_lab.dataprocess.make_pref_pairs $(DPO)/train.jsonl --out $(DPO)/pref_train.jsonl --types colour,count,position
+	$(BIN)/python -m qwenvl_lab.dataprocess.make_pref_pairs $(DPO)/val.jsonl --out $(DPO)/pref_val.jsonl --types colour,count,position
 	$(BIN)/python train.py configs/demo/dpo_sft.yaml
 	$(BIN)/python train.py configs/demo/dpo.yaml
 	$(BIN)/python -m qwenvl_lab.trainer.evaluate --model runs/demo_dpo/sft --data $(DPO)/val.jsonl --image-folder $(DPO)
