@@ -28,10 +28,10 @@ concurrency C (`compute_bound`): `decode_bound` = C x one decode step of 1 row /
 (the step's time grows with its rows: the weights are read once per step, but every row's matmul work and
 its attention over its own KV still add up), and the best throughput of whole requests, C prompts prefilled
 in one forward and decoded together (a prompt's prefill is compute-bound: batching it gains little); the
-concurrency-C ratio
-is printed as a fraction of each. `run_bound` is that best throughput over one-at-a-time's: the highest
-`ratio` whole requests can show against the same baseline. Every mode runs once per round (`--rounds`, default 2), in the opposite order
-each round, and the figures add up the rounds: slow drifts of a shared machine's load fall on every mode.
+concurrency-C figure is printed as a fraction of each. `run_bound` is that best throughput over
+one-at-a-time's: the highest `ratio` whole requests can show against the same baseline.
+Every mode runs once per round (`--rounds`, default 2), in the opposite order each round, and the figures
+add up the rounds: slow drifts of a shared machine's load fall on every mode.
 """
 
 from __future__ import annotations
