@@ -98,6 +98,27 @@ def test_no_target_gives_connected_zero():
     assert head.weight.grad is not None and hidden.grad is not None
 
 
+def _head_case(seed: int, frozen_head: bool):
+    """A 23-row linear head (frozen or training), hidden states `[3, 9, 6]` and labels with ignored positions."""
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(6, 23, bias=True)
+    head.requires_grad_(not frozen_head)
+    hidden = torch.randn(3, 9, 6, generator=g, requires_grad=True)
+    labels = torch.randint(0, 23, (3, 9), generator=g)
+    labels[labels % 3 == 0] = -100
+    return head, hidden, labels
+
+
+def _head_calls(head, fn):
+    """fn()'s result and the row counts of each call of the head module during it."""
+    calls = []
+    hook = head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        return fn(), calls
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_both_gradient_paths_match_plain_cross_entropy(monkeypatch, fused, frozen_head):
@@ -105,16 +126,8 @@ def test_both_gradient_paths_match_plain_cross_entropy(monkeypatch, fused, froze
     import qwenvl_lab.core.loss as loss_module
 
     monkeypatch.setattr(loss_module, "FUSED", fused)
-    g = torch.Generator().manual_seed(7)
-    head = torch.nn.Linear(6, 23, bias=True)
-    head.requires_grad_(not frozen_head)
-    hidden = torch.randn(3, 9, 6, generator=g, requires_grad=True)
-    labels = torch.randint(0, 23, (3, 9), generator=g)
-    labels[labels % 3 == 0] = -100
-    calls = []
-    hook = head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    loss = supervised_loss(hidden, head, labels, chunk_size=4)
-    hook.remove()
+    head, hidden, labels = _head_case(7, frozen_head)
+    loss, calls = _head_calls(head, lambda: supervised_loss(hidden, head, labels, chunk_size=4))
     assert calls == ([] if fused else [4] * (len(calls) - 1) + calls[-1:]) and (fused or max(calls) <= 4)
     loss.backward()
     got = [hidden.grad.clone()] + ([] if frozen_head else [head.weight.grad.clone(), head.bias.grad.clone()])
@@ -140,17 +153,9 @@ def test_sequence_logps_paths_match_log_softmax_gather(monkeypatch, fused, froze
     import qwenvl_lab.core.loss as loss_module
 
     monkeypatch.setattr(loss_module, "FUSED", fused)
-    g = torch.Generator().manual_seed(3)
-    head = torch.nn.Linear(6, 23, bias=True)
-    head.requires_grad_(not frozen_head)
-    hidden = torch.randn(3, 9, 6, generator=g, requires_grad=True)
-    labels = torch.randint(0, 23, (3, 9), generator=g)
-    labels[labels % 3 == 0] = -100
+    head, hidden, labels = _head_case(3, frozen_head)
     weights = torch.tensor([0.5, -2.0, 1.5])  # a different upstream gradient per sequence
-    calls = []
-    hook = head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    logps, counts = loss_module.sequence_logps(hidden, head, labels, chunk_size=4)
-    hook.remove()
+    (logps, counts), calls = _head_calls(head, lambda: loss_module.sequence_logps(hidden, head, labels, chunk_size=4))
     if fused and frozen_head:
         assert calls == []  # the weight is used directly, chunk by chunk
     else:
