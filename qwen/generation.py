@@ -13,17 +13,18 @@ inputs_embeds=None, use_cache=True, generator=None, screen_head=True) -> list[li
 * `use_cache=False` recomputes the whole sequence every step (the reference the cache is tested against).
 * Speed: the KV cache is static (`QWenCache(max_length=prompt + max_new_tokens)`: written in place, never
   concatenated), and each step computes the logits of the last position only (`logits_to_keep=1`).
-* Greedy decoding on a CPU (no sampling, no repetition penalty, an fp32 bias-free `nn.Linear` head, torch
-  built with FBGEMM; `screen_head=False` turns it off) picks each token with `ScreenedHead`: the logits
-  are first computed against an fp16 copy of the head (half the bytes of the memory-bound head read),
-  every token whose logit could still be the maximum given a rigorous bound on that approximation's
-  error is a candidate (almost always one), and the candidates' logits are recomputed in fp32 from the
-  real weight. The token is the argmax of fp32 logits, as without screening; the copy costs
-  2 bytes per head weight and is rebuilt when the weight changes.
+* Greedy decoding on a CPU (no sampling, no repetition penalty, an fp32 bias-free `nn.Linear` head;
+  `screen_head=False` turns it off) picks each token with `ScreenedHead`: the logits are first computed
+  against a copy of the head in fewer bytes (fp16, bf16 or int8, whichever is fastest on this CPU for the
+  batch's rows; the head read is memory-bound for one row), every token whose logit could still be the
+  maximum given a rigorous bound on that approximation's error is a candidate (almost always one), and the
+  candidates' logits are recomputed in fp32 from the real weight. The token is the argmax of fp32 logits,
+  as without screening; the copies cost 1-3 bytes per head weight and are rebuilt when the weight changes.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 
@@ -34,29 +35,140 @@ from .cache import QWenCache
 
 
 class ScreenedHead:
-    """Exact greedy argmax of `hidden @ W^T` (fp32) reading W mostly in fp16 (see the module docstring).
+    """Exact greedy argmax of `hidden @ W^T` (fp32) from a cheaper approximate pass over W.
 
-    Bound: with u = 2^-24 and gamma = K u / (1 - K u) (K = hidden size), every fp32 dot product of `h` with
-    a row is within gamma |h| |w| of the true value, and the fp16 row w^ adds |h| |w - w^|; so a token v
-    can hold the fp32 maximum only if approx_v + b_v >= max_u (approx_u - b_u), b = |h| (|w - w^| +
-    2 gamma |w|). Only those candidates are recomputed in fp32."""
+    A screen computes approximate logits `a` with a copy of W in fewer bytes (or W itself) and gives a
+    rigorous per-row bound E >= |a_v - f_v| for every token v, f being any fp32 evaluation of the logits
+    (u = 2^-24, gamma = (K + 2) u / (1 - (K + 2) u), K = hidden size; ^ marks a rounded copy):
+    E_v = |h - h^| max|w^| + |h| max|w - w^| + gamma (|h^| max|w^| + |h| max|w|) + 2^-8 |a_v| (the last
+    term where the output is rounded to bf16). The fp32 maximum then lies within 2E of max(a), so only
+    those candidates (a handful) are recomputed in fp32 from the real weight, each with the same
+    elementwise dot product whichever screen found it: the token never depends on the screen.
+    Screens: `fp32` (W itself), `fp16` (fbgemm's fp16 GEMM), `bf16` (a bf16 copy, where the CPU has native
+    bf16), `int8` (per-row int8 with bf16 scales, `_weight_int8pack_mm` on bf16 activations). Which one
+    runs is timed on this CPU once per head for one row (`small`, up to `SMALL_ROWS` rows) and, at the
+    first larger batch, for 16 rows (`large`); only the copies the chosen screens need are kept."""
 
-    def __init__(self, weight: torch.Tensor):
+    SMALL_ROWS = 4
+    TOP = 8  # candidates are looked for among each row's TOP largest approximate logits first
+    SCREENS = ("fp32", "fp16", "bf16", "int8")
+
+    def __init__(self, weight: torch.Tensor, screens: tuple[str, ...] | None = None):
         w = weight.detach()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch marks the fbgemm fp16 ops deprecated; 2.14 has them
-            self.packed = torch.fbgemm_pack_gemm_matrix_fp16(w)
-        K = w.shape[1]
-        gamma = K * 2.0**-24 / (1 - K * 2.0**-24)
-        self.slack = (w - w.half().float()).norm(dim=1) + 2 * gamma * w.norm(dim=1)  # [V]
-        self.zero = w.new_zeros(w.shape[0])
         self.key = (w.data_ptr(), w._version, tuple(w.shape))
+        self.weight, (self.V, self.K) = w, w.shape
+        n = self.K + 2
+        self.gamma = n * 2.0**-24 / (1 - n * 2.0**-24)
+        self.w_max = float(w.norm(dim=1).max())
+        self.offered = tuple(screens or self.available())
+        self.copies: dict[str, tuple] = {}
+        self.small: str | None = None
+        self.large: str | None = None  # chosen when the first batch of more than SMALL_ROWS rows comes
+        self.small = self._fastest(1)
+
+    def _fastest(self, rows: int) -> str:
+        """The fastest offered screen for `rows` rows, timed here (the best of two runs after a warm-up);
+        the copies built for the timing and not chosen are dropped again."""
+        for name in self.offered:
+            if name not in self.copies:
+                self.copies[name] = self._copy(name, self.weight)
+        best = self.offered[0]
+        if len(self.offered) > 1:
+            h = torch.randn(rows, self.K, generator=torch.Generator().manual_seed(0))
+            times = {}
+            for name in self.offered:
+                self._approx(name, h)
+                times[name] = min(self._timed(name, h) for _ in range(2))
+            best = min(times, key=times.get)
+        keep = {best, self.small, self.large}
+        self.copies = {k: v for k, v in self.copies.items() if k in keep}
+        return best
+
+    def _timed(self, name: str, hidden: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self._approx(name, hidden)
+        return time.perf_counter() - start
+
+    @staticmethod
+    def supported(name: str) -> bool:
+        """Whether this torch build has screen `name`'s kernel (bf16 runs everywhere, emulated on some CPUs)."""
+        if name == "fp16":
+            return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch, "fbgemm_linear_fp16_weight")
+        return name in ("fp32", "bf16") or (name == "int8" and hasattr(torch, "_weight_int8pack_mm"))
+
+    @classmethod
+    def available(cls) -> tuple[str, ...]:
+        """The screens worth timing on this CPU: bf16 only where it is native (emulated bf16 is far slower
+        than fp32), and then fp16 is left out (the bf16 GEMM beats fbgemm's fp16 one at every row count)."""
+        native = any(getattr(torch.cpu, f, lambda: False)() for f in
+                     ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+        names = ("fp32", "bf16", "int8") if native else ("fp32", "fp16", "int8")
+        return tuple(n for n in names if cls.supported(n))
+
+    def _copy(self, name: str, w: torch.Tensor) -> tuple:
+        """(the screen's weight data, max over rows of |w^|, max over rows of |w - w^|)."""
+        if name == "fp32":
+            return (w,), self.w_max, 0.0
+        if name == "fp16":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch marks the fbgemm fp16 ops deprecated; 2.14 has them
+                packed = torch.fbgemm_pack_gemm_matrix_fp16(w)
+            approx = w.half().float()
+            return (packed, w.new_zeros(self.V)), float(approx.norm(dim=1).max()), float((w - approx).norm(dim=1).max())
+        if name == "bf16":
+            wb = w.bfloat16()
+            approx = wb.float()
+            return (wb,), float(approx.norm(dim=1).max()), float((w - approx).norm(dim=1).max())
+        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).bfloat16()  # [V]
+        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # [V, K]
+        approx = q.float() * scale.float()[:, None]
+        return (q, scale), float(approx.norm(dim=1).max()), float((w - approx).norm(dim=1).max())
+
+    def _approx(self, name: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(approximate logits a [B, V], E0 [B], c) of `hidden` [B, K] fp32 with screen `name`: every
+        |a_v - f_v| <= E0 + c |a_v|."""
+        data, approx_max, err_max = self.copies[name]
+        h_norm = hidden.norm(dim=1)  # [B]
+        if name in ("fp32", "fp16"):
+            if name == "fp32":
+                a = hidden @ data[0].T
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    a = torch.fbgemm_linear_fp16_weight(hidden, data[0], data[1])
+            return a, h_norm * (err_max + self.gamma * (approx_max + self.w_max)), 0.0
+        hb = hidden.bfloat16()
+        a = hb @ data[0].T if name == "bf16" else torch._weight_int8pack_mm(hb, data[0], data[1])  # [B, V] bf16
+        hb_f = hb.float()
+        bound = ((hidden - hb_f).norm(dim=1) * approx_max + h_norm * err_max
+                 + self.gamma * (hb_f.norm(dim=1) * approx_max + h_norm * self.w_max))
+        return a, bound, 2.0**-8  # bf16 output: relative rounding 2^-9, counted twice
+
+    def _choose(self, w: torch.Tensor) -> tuple[str, str]:
+        """The fastest screen for one row and for a batch, timed here (two runs each, the best kept)."""
+        if len(self.copies) == 1:
+            name = next(iter(self.copies))
+            return name, name
+        g = torch.Generator().manual_seed(0)
+        best = []
+        for rows in (1, 16):
+            h = torch.randn(rows, self.K, generator=g)
+            times = {}
+            for name in self.copies:
+                self._approx(name, h)  # warm-up
+                t = []
+                for _ in range(2):
+                    start = time.perf_counter()
+                    self._approx(name, h)
+                    t.append(time.perf_counter() - start)
+                times[name] = min(t)
+            best.append(min(times, key=times.get))
+        return best[0], best[1]
 
     @staticmethod
     def usable(head: nn.Module, device: torch.device) -> bool:
         return (type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32
-                and device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines
-                and hasattr(torch, "fbgemm_linear_fp16_weight"))
+                and device.type == "cpu")
 
     @classmethod
     def for_head(cls, head: nn.Linear) -> ScreenedHead:
@@ -68,20 +180,36 @@ class ScreenedHead:
             head._screened_head = cur  # a plain attribute: not a parameter, never saved
         return cur
 
-    def argmax(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def argmax(self, hidden: torch.Tensor, weight: torch.Tensor, screen: str | None = None) -> torch.Tensor:
         """hidden [B, H] fp32 -> [B] token ids of the fp32 logits' maxima."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            approx = torch.fbgemm_linear_fp16_weight(hidden, self.packed, self.zero)  # [B, V]
-        bound = hidden.norm(dim=1, keepdim=True) * self.slack[None]  # [B, V]
-        floor = (approx - bound).max(dim=1, keepdim=True).values  # [B, 1]
-        cand = (approx + bound) >= floor  # [B, V], almost always one True per row
-        out = []
-        for b in range(hidden.shape[0]):
-            idx = cand[b].nonzero()[:, 0]  # [n]
-            exact = weight[idx] @ hidden[b]  # [n] fp32 logits of the candidates
-            out.append(idx[exact.argmax()])
-        return torch.stack(out)
+        B = hidden.shape[0]
+        if screen is None and B > self.SMALL_ROWS and self.large is None:
+            self.large = self._fastest(16)
+        name = screen or (self.small if B <= self.SMALL_ROWS else self.large)
+        a, e0, c = self._approx(name, hidden)
+        # f_v >= f_u for the max-approx token u needs a_v + e0 + c|a_v| >= a_u - e0 - c|a_u|; x + c|x| grows
+        # with x, so that is a_v >= the inverse of the right-hand side: one threshold per row.
+        vals, toks = a.topk(min(self.TOP, self.V), dim=1)  # [B, k], best first
+        top = vals[:, 0].float()  # [B]
+        rhs = top - 2 * e0 - c * top.abs()
+        floor = torch.where(rhs >= 0, rhs / (1 + c), rhs / (1 - c))  # [B]
+        keep = vals >= floor[:, None]  # [B, k]
+        rows = torch.arange(B, device=a.device)[:, None].expand_as(toks)[keep]  # [n]
+        tokens = toks[keep]  # [n] candidates (row, token), almost always one per row
+        more = keep[:, -1] if toks.shape[1] < self.V else keep.new_zeros(B)  # [B] the k-th is a candidate too
+        if bool(more.any()):  # more candidates than k in some rows: take all of theirs
+            wide = (a[more] >= floor[more, None]).nonzero()  # [m, 2]
+            rest = ~more[rows]
+            rows = torch.cat([rows[rest], more.nonzero()[:, 0][wide[:, 0]]])
+            tokens = torch.cat([tokens[rest], wide[:, 1]])
+        exact = (weight[tokens] * hidden[rows]).sum(dim=1)  # [n] fp32 logits of the candidates
+        best = exact.new_full((B,), float("-inf")).scatter_reduce(0, rows, exact, "amax")  # [B]
+        first = torch.where(exact == best[rows], tokens, self.V)  # the lowest id among equal maxima
+        out = tokens.new_full((B,), self.V).scatter_reduce(0, rows, first, "amin")  # [B]
+        lost = out == self.V  # no candidate: a non-finite hidden state
+        if bool(lost.any()):
+            out[lost] = (hidden[lost] @ weight.T).argmax(dim=1)
+        return out
 
 
 def left_pad(seqs: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -208,20 +208,65 @@ def test_gqa_decode_fold_matches_uncached_generation():
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
 
 
-def test_screened_greedy_head_picks_the_fp32_argmax():
-    """The fp16 screen + fp32 recomputation returns exactly the fp32 argmax, also for near-ties."""
+def _screen_case(V: int = 3000, K: int = 48) -> tuple[torch.nn.Linear, torch.Tensor]:
+    """A head and hidden states with the cases a screen's bound must hold in: a near-tie the rounded copies
+    cannot separate, all-negative logits, a zero row (every logit 0: the lowest id wins), tiny logits."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(K, V, bias=False)
+    h = torch.randn(24, K) * 3
+    with torch.no_grad():
+        head.weight[7] = head.weight[5] + 1e-7
+        h[0] = head.weight[5] * 50  # row 0's best tokens are 5 and 7
+        h[1] = -head.weight[9] * 50
+        h[2] = 0
+        h[3] = head.weight[11] * 1e-3
+    return head, h
+
+
+@pytest.mark.parametrize("name", ["fp32", "fp16", "bf16", "int8"])
+def test_every_screen_picks_the_fp32_argmax(name):
+    """Each screen (forced) returns the fp32 argmax, the same token as every other screen: the candidates'
+    logits are recomputed the same way whichever screen found them."""
     from qwenvl_lab.qwen.generation import ScreenedHead
 
-    head = torch.nn.Linear(48, 3000, bias=False)
-    if not ScreenedHead.usable(head, torch.device("cpu")):
-        pytest.skip("torch built without FBGEMM: the screened head is not used")
-    h = torch.randn(6, 48)
+    if not ScreenedHead.supported(name):
+        pytest.skip(f"torch built without the {name} screen's kernel")
+    head, h = _screen_case()
+    w = head.weight.detach()
+    got = ScreenedHead(w, screens=(name,)).argmax(h, w)
+    assert torch.equal(got, ScreenedHead(w, screens=("fp32",)).argmax(h, w))
+    exact = h.double() @ w.double().t()  # [24, V]
+    top2 = exact.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-4  # rows whose fp32 argmax cannot depend on rounding
+    assert bool(clear.sum() >= 20)
+    assert torch.equal(got[clear], exact.argmax(1)[clear])
+    assert int(got[2]) == 0  # all logits equal: the lowest id, as torch.argmax
+    assert int(got[0]) in (5, 7)
+
+
+def test_screen_takes_every_candidate_beyond_its_first_few():
+    """More near-equal candidates than the top-k look-up holds: the wide path still finds the maximum."""
+    from qwenvl_lab.qwen.generation import ScreenedHead
+
+    torch.manual_seed(1)
+    w = torch.randn(1, 48).expand(200, 48).clone()  # 200 equal rows ...
+    w[137] += 1e-6 * w[137].sign()  # ... and one a hair larger for h = that row
+    h = w[:1].clone()
+    for name in [n for n in ScreenedHead.SCREENS if ScreenedHead.supported(n)]:
+        screen = ScreenedHead(w, screens=(name,))
+        assert int(screen.argmax(h, w)[0]) == 137, name
+
+
+def test_screened_head_is_cached_until_the_weight_changes():
+    from qwenvl_lab.qwen.generation import ScreenedHead
+
+    head, h = _screen_case()
     with torch.no_grad():
-        head.weight[7] = head.weight[5] + 1e-7  # a near-tie the fp16 copy cannot separate
-        h[0] = head.weight[5] * 50  # row 0's best tokens are 5 and 7
         screen = ScreenedHead.for_head(head)
-        got = screen.argmax(h, head.weight)
-        assert torch.equal(got, (h @ head.weight.t()).argmax(1))
+        assert screen.small in ScreenedHead.available() and screen.large is None
+        assert torch.equal(screen.argmax(h, head.weight), ScreenedHead(head.weight, screens=("fp32",)).argmax(h, head.weight))
+        assert screen.large in ScreenedHead.available()  # timed at the first batch of more than SMALL_ROWS rows
+        assert set(screen.copies) == {screen.small, screen.large}  # the copies no screen uses are dropped
         assert ScreenedHead.for_head(head) is screen  # cached while the weight is unchanged
         head.weight.mul_(2)
         assert ScreenedHead.for_head(head) is not screen  # rebuilt after an in-place update
