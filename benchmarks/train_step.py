@@ -26,7 +26,7 @@ transformers' Trainer uses, `adamw_torch_fused`):
   the retained heap: shows what `trainer/cpu_malloc.py` gives; switched before each of its steps),
   `baseline` (both of the last two: the training step as it was before them).
 - bf16 (skipped by `--no-bf16`, and on a CPU without native bf16, saying why): ours and reference_sup
-  again, each step under `torch.autocast(bfloat16)`.
+  again, each step under `torch.autocast(bfloat16)`, with their own profile unless `--no-profile`.
 
 Method: after `--warmup` untimed steps per side, `--steps` rounds; in each round every side runs one step
 and the side going first rotates. Wall time and process CPU time are both recorded per step (on a
@@ -498,6 +498,9 @@ def bf16_lines(sides: dict, data: list[dict], args, device: torch.device) -> dic
                "cpu_s": sum(s.cpu_times) / len(s.cpu_times)} for k, s in pair.items()}
     for key in ("samples_per_s", "step_s") + (("cpu_s",) if device.type == "cpu" else ()):
         print(_line(f"bf16_{key}", {k: out[k][key] for k in out}, "reference_sup"))
+    if not args.no_profile or args.profile:
+        print("bf16 autocast:")
+        out["profile"] = _profile_sides(pair, {k: data for k in pair}, args, device)
     return out
 
 

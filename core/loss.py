@@ -106,9 +106,13 @@ def _fusable(head) -> bool:
 def _head_chunk(hc: torch.Tensor, yc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk through a linear head: the targets' log-probabilities `[c]` (fp32) and, with `need_grad`,
-    d(-log p(y)) / d logits = softmax - onehot `[c, V]`. Everything happens in the chunk's one fp32 `[c, V]`
-    logits buffer (max, then exp, then the softmax written over it), never in a second `[c, V]` tensor."""
-    logits = F.linear(hc, weight, bias).float()  # [c, V], fp32 as the full path's `.float()`
+    d(-log p(y)) / d logits = softmax - onehot `[c, V]` in the logits' dtype (what the gradient matmuls take:
+    bf16 under autocast, cast once here rather than by autocast in each of the two matmuls). Everything
+    happens in the chunk's one fp32 `[c, V]` logits buffer (max, then exp, then the softmax written over it),
+    never in a second fp32 `[c, V]` tensor."""
+    logits = F.linear(hc, weight, bias)  # [c, V], the compute dtype
+    low = logits.dtype
+    logits = logits.float()  # fp32 as the full path's `.float()`
     picked = logits.gather(1, yc[:, None])[:, 0]  # [c]
     top = logits.amax(1)  # [c]
     e = logits.sub_(top[:, None]).exp_()  # [c, V], in place
@@ -118,7 +122,7 @@ def _head_chunk(hc: torch.Tensor, yc: torch.Tensor, weight: torch.Tensor, bias: 
         return logp, None
     g = e.div_(total[:, None])  # softmax, in place
     g[torch.arange(len(yc), device=g.device), yc] -= 1.0
-    return logp, g
+    return logp, g.to(low)
 
 
 class _FusedLinearCE(torch.autograd.Function):
@@ -136,13 +140,12 @@ class _FusedLinearCE(torch.autograd.Function):
             logp, g = _head_chunk(hc, yc, weight, bias, any(need))  # [c], d(sum CE) / d logits [c, V]
             total -= logp.sum()
             if g is not None:
-                g = g.to(weight.dtype)
                 if grad_h is not None:
                     grad_h[start:start + chunk_size] = g @ weight  # [c, H]
                 if need[1]:
                     if grad_w is None:
                         grad_w = (g.t() @ hc).float()  # [V, H]; fp32 weights: no copy
-                    elif weight.dtype == torch.float32:
+                    elif g.dtype == hc.dtype == torch.float32:
                         grad_w.addmm_(g.t(), hc)  # accumulated in place, no [V, H] temporary
                     else:
                         grad_w += (g.t() @ hc).float()  # [V, H], accumulated in fp32 over the chunks
@@ -190,7 +193,7 @@ class _FusedLinearLogps(torch.autograd.Function):
             logp, g = _head_chunk(hc, yc, weight, bias, need_h)
             logps[start:start + chunk_size] = logp
             if g is not None:
-                dh[start:start + chunk_size] = -(g.to(weight.dtype) @ weight)  # [c, H]
+                dh[start:start + chunk_size] = -(g @ weight)  # [c, H]
             del g
         if dh is not None:
             ctx.save_for_backward(dh)

@@ -145,6 +145,30 @@ def test_both_gradient_paths_match_plain_cross_entropy(monkeypatch, fused, froze
         assert head.weight.grad is None or not head.weight.requires_grad
 
 
+@pytest.mark.parametrize("frozen_head", [False, True])
+def test_fused_head_under_bf16_autocast_matches_autocast_cross_entropy(frozen_head):
+    """Under CPU bf16 autocast (fp32 weights, bf16 logits) the fused head's loss equals cross-entropy on the
+    same bf16 logits upcast, and its gradients (made in bf16 straight from the fp32 softmax) match autograd's
+    over several chunks (the first chunk makes the weight gradient, the later ones add to it)."""
+    head, hidden, labels = _head_case(11, frozen_head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = supervised_loss(hidden, head, labels, chunk_size=4)
+    loss.backward()
+    got = [hidden.grad.clone()] + ([] if frozen_head else [head.weight.grad.clone(), head.bias.grad.clone()])
+    hidden.grad = None
+    head.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = head(hidden)[:, :-1]
+        assert logits.dtype == torch.bfloat16
+        ref = F.cross_entropy(logits.float().reshape(-1, 23), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref.backward()
+    want = [hidden.grad] + ([] if frozen_head else [head.weight.grad, head.bias.grad])
+    torch.testing.assert_close(loss, ref, rtol=0, atol=1e-6)  # the same bf16 logits, the same fp32 softmax
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)  # bf16 matmuls, rounded in another order
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("frozen_head", [False, True])
 def test_sequence_logps_paths_match_log_softmax_gather(monkeypatch, fused, frozen_head):
