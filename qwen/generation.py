@@ -144,27 +144,6 @@ class ScreenedHead:
                  + self.gamma * (hb_f.norm(dim=1) * approx_max + h_norm * self.w_max))
         return a, bound, 2.0**-8  # bf16 output: relative rounding 2^-9, counted twice
 
-    def _choose(self, w: torch.Tensor) -> tuple[str, str]:
-        """The fastest screen for one row and for a batch, timed here (two runs each, the best kept)."""
-        if len(self.copies) == 1:
-            name = next(iter(self.copies))
-            return name, name
-        g = torch.Generator().manual_seed(0)
-        best = []
-        for rows in (1, 16):
-            h = torch.randn(rows, self.K, generator=g)
-            times = {}
-            for name in self.copies:
-                self._approx(name, h)  # warm-up
-                t = []
-                for _ in range(2):
-                    start = time.perf_counter()
-                    self._approx(name, h)
-                    t.append(time.perf_counter() - start)
-                times[name] = min(t)
-            best.append(min(times, key=times.get))
-        return best[0], best[1]
-
     @staticmethod
     def usable(head: nn.Module, device: torch.device) -> bool:
         return (type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32
