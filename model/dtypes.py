@@ -25,11 +25,11 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..core.cpu import CPU_BF16_FLAGS, CPUINFO, cpu_flags, cpu_native_bf16  # noqa: F401 (re-exported)
 from ..kernels._log import log_once
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 AUTO = "auto"
 ENV_OVERRIDE = "QWENVL_AUTO_DTYPE"
-CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # either makes bf16 matmuls native on x86
-CPUINFO = Path("/proc/cpuinfo")
 
 
 @dataclass(frozen=True)
@@ -51,34 +49,12 @@ class DtypeDecision:
         return next(k for k, v in NAMES.items() if v == self.dtype)
 
 
-def cpu_flags(path: Path = CPUINFO) -> set[str]:
-    """The CPU feature flags of the first processor in /proc/cpuinfo (empty where there is none)."""
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):  # x86 / arm
-            return set(value.split())
-    return set()
-
-
 def cuda_native_bf16(index: int | None = None) -> tuple[bool, str]:
     """(bf16 is native, the GPU's name and capability). Ampere (8.0) and later have bf16 tensor cores;
     older GPUs only emulate it."""
     i = torch.cuda.current_device() if index is None else index
     major, minor = torch.cuda.get_device_capability(i)
     return (major, minor) >= (8, 0), f"{torch.cuda.get_device_name(i)}, compute capability {major}.{minor}"
-
-
-def cpu_native_bf16() -> tuple[bool, str]:
-    flags = cpu_flags()
-    have = [f for f in CPU_BF16_FLAGS if f in flags]
-    if have:
-        return True, f"the CPU has {'/'.join(have)}"
-    return False, ("the CPU has neither AMX nor AVX512-BF16, so bf16 matmuls are emulated (~25x slower "
-                   "than fp32 on such a CPU)")
 
 
 def auto_decision(device: str | torch.device | None = None) -> DtypeDecision:

@@ -31,6 +31,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..core.cpu import cpu_native_bf16
 from .cache import QWenCache
 
 
@@ -100,9 +101,7 @@ class ScreenedHead:
     def available(cls) -> tuple[str, ...]:
         """The screens worth timing on this CPU: bf16 only where it is native (emulated bf16 is far slower
         than fp32), and then fp16 is left out (the bf16 GEMM beats fbgemm's fp16 one at every row count)."""
-        native = any(getattr(torch.cpu, f, lambda: False)() for f in
-                     ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        names = ("fp32", "bf16", "int8") if native else ("fp32", "fp16", "int8")
+        names = ("fp32", "bf16", "int8") if cpu_native_bf16()[0] else ("fp32", "fp16", "int8")
         return tuple(n for n in names if cls.supported(n))
 
     def _copy(self, name: str, w: torch.Tensor) -> tuple:
@@ -112,17 +111,17 @@ class ScreenedHead:
         if name == "fp16":
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch marks the fbgemm fp16 ops deprecated; 2.14 has them
-                packed = torch.fbgemm_pack_gemm_matrix_fp16(w)
+                data = (torch.fbgemm_pack_gemm_matrix_fp16(w), w.new_zeros(self.V))
             approx = w.half().float()
-            return (packed, w.new_zeros(self.V)), float(approx.norm(dim=1).max()), float((w - approx).norm(dim=1).max())
-        if name == "bf16":
-            wb = w.bfloat16()
-            approx = wb.float()
-            return (wb,), float(approx.norm(dim=1).max()), float((w - approx).norm(dim=1).max())
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).bfloat16()  # [V]
-        q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # [V, K]
-        approx = q.float() * scale.float()[:, None]
-        return (q, scale), float(approx.norm(dim=1).max()), float((w - approx).norm(dim=1).max())
+        elif name == "bf16":
+            data = (w.bfloat16(),)
+            approx = data[0].float()
+        else:
+            scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).bfloat16()  # [V]
+            q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # [V, K]
+            data = (q, scale)
+            approx = q.float() * scale.float()[:, None]
+        return data, float(approx.norm(dim=1).max()), float((w - approx).norm(dim=1).max())
 
     def _approx(self, name: str, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(approximate logits a [B, V], E0 [B], c) of `hidden` [B, K] fp32 with screen `name`: every

@@ -5,6 +5,7 @@ import logging
 
 import pytest
 import torch
+from qwenvl_lab.core import cpu as cpu_info
 from qwenvl_lab.kernels import _log
 from qwenvl_lab.model import dtypes
 from qwenvl_lab.model.config import VLMConfig
@@ -19,7 +20,7 @@ def _detect(monkeypatch):
 
 
 def _cpu(monkeypatch, flags: str) -> None:
-    monkeypatch.setattr(dtypes, "cpu_flags", lambda path=dtypes.CPUINFO: set(flags.split()))
+    monkeypatch.setattr(cpu_info, "cpu_flags", lambda path=cpu_info.CPUINFO: set(flags.split()))
 
 
 def test_cpuinfo_flags_are_read(tmp_path):
