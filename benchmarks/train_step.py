@@ -42,7 +42,7 @@ resident at the step's start + the step's peak allocation, `step_peak_mb` = the 
 Profile (skipped by `--no-profile`): one profiled step per side (batch 0), self time by kind of op
 (matmul, attention, softmax/CE, loss head, optimizer, other) and the "other" (elementwise) time split
 into its parts (pointwise math, copies/casts, fills, reductions, embedding, tower norms/conv), forward and
-backward; `--profile N` also prints the top-N ops of each side.
+backward; `--profile N` also prints the top-N ops of each side, by op and input shapes.
 
 Stage 1 (skipped by `--no-stage1`): the `stage1` spec (LLaVA-1.5 pretraining scaled down), our VLM with
 only the projector training (tower and LM frozen), timed alternately with the tower running on
@@ -92,7 +92,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--levers", default="", help=f"comma-separated lever sides: {', '.join(LEVERS)}")
     ap.add_argument("--malloc", default="retain", choices=("retain", "default"),
                     help="glibc allocator mode for the process (CPU)")
-    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top-N ops per side")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also print the top-N ops (by op and input shapes) per side")
     ap.add_argument("--no-profile", action="store_true", help="skip the profiled step and its breakdown")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     ap.add_argument("--no-stage1", action="store_true", help="skip the stage-1 cached-features comparison")
@@ -205,7 +205,7 @@ def _category(e) -> tuple[str, str, bool]:
 def _profile(side: Side, batch: dict, n: int) -> tuple[str, dict[str, float]]:
     """(top-n op table, seconds per kind and per "other" part) of one profiled step."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=bool(n)) as prof:  # shapes only for the top-n table
         side.step(batch)
     gpu = side.device.type == "cuda"
     key = "self_device_time_total" if gpu else "self_cpu_time_total"
@@ -221,7 +221,7 @@ def _profile(side: Side, batch: dict, n: int) -> tuple[str, dict[str, float]]:
         if cat == OTHER:
             k = f"{part} ({'bwd' if backward else 'fwd'})"
             out["other: " + k] = out.get("other: " + k, 0.0) + t
-    table = prof.key_averages().table(sort_by=key, row_limit=n) if n else ""
+    table = prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=n) if n else ""
     return table, out
 
 

@@ -144,6 +144,15 @@ class ScreenedHead:
         return a, bound, 2.0**-8  # bf16 output: relative rounding 2^-9, counted twice
 
     @staticmethod
+    def floor(top: torch.Tensor, e0: torch.Tensor, c: float) -> torch.Tensor:
+        """The lowest approximate logit [B] that can still hold a row's fp32 maximum, given the row's largest
+        approximate logit `top` [B]: f_v >= f_u for the max-approx token u needs a_v + e0 + c|a_v| >= a_u - e0
+        - c|a_u|, and x + c|x| grows with x, so that is a_v >= the inverse of the right-hand side."""
+        top = top.float()
+        rhs = top - 2 * e0 - c * top.abs()
+        return torch.where(rhs >= 0, rhs / (1 + c), rhs / (1 - c))
+
+    @staticmethod
     def usable(head: nn.Module, device: torch.device) -> bool:
         return (type(head) is nn.Linear and head.bias is None and head.weight.dtype == torch.float32
                 and device.type == "cpu")
@@ -165,12 +174,8 @@ class ScreenedHead:
             self.large = self._fastest(16)
         name = screen or (self.small if B <= self.SMALL_ROWS else self.large)
         a, e0, c = self._approx(name, hidden)
-        # f_v >= f_u for the max-approx token u needs a_v + e0 + c|a_v| >= a_u - e0 - c|a_u|; x + c|x| grows
-        # with x, so that is a_v >= the inverse of the right-hand side: one threshold per row.
         vals, toks = a.topk(min(self.TOP, self.V), dim=1)  # [B, k], best first
-        top = vals[:, 0].float()  # [B]
-        rhs = top - 2 * e0 - c * top.abs()
-        floor = torch.where(rhs >= 0, rhs / (1 + c), rhs / (1 - c))  # [B]
+        floor = self.floor(vals[:, 0], e0, c)  # [B]
         keep = vals >= floor[:, None]  # [B, k]
         rows = torch.arange(B, device=a.device)[:, None].expand_as(toks)[keep]  # [n]
         tokens = toks[keep]  # [n] candidates (row, token), almost always one per row

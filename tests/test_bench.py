@@ -293,3 +293,21 @@ def test_peak_step_bytes_follows_allocations_in_time_order():
     logits, y = torch.randn(1000, 1000), torch.zeros(1000, dtype=torch.long)
     inner = common.peak_step_bytes(lambda: torch.nn.functional.cross_entropy(logits, y), torch.device("cpu"))
     assert inner >= 4_000_000  # the log-softmax made and freed inside cross_entropy (an op start-order sum: ~0)
+
+
+def test_screen_head_quick(capsys):
+    """Every screen this torch build has is timed at 1 row and at a batch, and gives the fp32 screen's tokens."""
+    from qwenvl_lab.qwen.generation import ScreenedHead
+
+    from benchmarks import screen_head
+
+    res = screen_head.main(["--quick"])
+    out = capsys.readouterr().out
+    names = [n for n in ScreenedHead.SCREENS if ScreenedHead.supported(n)]
+    for name in names:
+        for rows in (1, 8):
+            f = res[(name, rows)]
+            assert f["same"] and f["ms"] > 0 and f["candidates"] >= 1, (name, rows, f)
+            assert re.search(rf"^screen={name}\s+rows={rows}\s+ms=\s*{NUM} candidates_per_row=\s*{NUM} "
+                             r"same_as_fp32=True$", out, re.M), out
+    assert res["chosen"]["small"] in ScreenedHead.available() and res["chosen"]["large"] in ScreenedHead.available()
