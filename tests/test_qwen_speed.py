@@ -244,6 +244,47 @@ def test_every_screen_picks_the_fp32_argmax(name):
     assert int(got[0]) in (5, 7)
 
 
+def _flip_case(spread: float, K: int = 48, pairs: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs of head rows whose exact logits for h = 50 w_a (+ `spread` times as much orthogonal to the pair,
+    which raises |h| and so the weight-rounding error, not the logits) differ by 1e-5 .. 1e-2 of the logit:
+    close enough that a rounded copy of the head ranks some pairs the wrong way round."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(2 * pairs + 100, K, generator=g) * 0.05
+    h = torch.empty(pairs, K)
+    for r in range(pairs):
+        a, b = w[2 * r], torch.randn(K, generator=g)
+        b -= (b @ a) / (a @ a) * a  # orthogonal to a: only the step along a moves b's logit
+        rel = 10 ** (-5 + 3 * r / (pairs - 1))
+        w[2 * r + 1] = a * (1 + rel) + b * 0.2 * a.norm() / b.norm()  # same logit as a, times 1 + rel
+        z = torch.randn(K, generator=g)
+        z -= (z @ a) / (a @ a) * a + (z @ b) / (b @ b) * b  # no logit change for the pair; |h| grows
+        h[r] = 50 * a + z * spread * 50 * a.norm() / z.norm()
+    return w, h
+
+
+@pytest.mark.parametrize("spread", [0.0, 1.0])
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8"])
+def test_screens_recover_the_argmax_their_rounding_misorders(name, spread):
+    """Where a screen's approximate logits rank the fp32 maximum below another token, its bound still keeps
+    the maximum among the candidates. Checked by mutation: it fails without the fp16 weight-rounding term,
+    and without the bf16 / int8 bound (their weight-rounding and output-rounding terms each cover these
+    cases alone, with the factor 2 of the threshold)."""
+    from qwenvl_lab.qwen.generation import ScreenedHead
+
+    if not ScreenedHead.supported(name):
+        pytest.skip(f"torch built without the {name} screen's kernel")
+    w, h = _flip_case(spread)
+    exact = h.double() @ w.double().t()
+    top2 = exact.topk(2, dim=1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-6 * top2[:, 0].abs()  # fp32 cannot misorder these
+    screen = ScreenedHead(w, screens=(name,))
+    approx = screen._approx(name, h)[0].float()
+    misordered = clear & (approx.argmax(1) != exact.argmax(1))
+    assert int(misordered.sum()) >= 1, "no pair the rounded copy misorders: the case tests nothing"
+    got = screen.argmax(h, w)
+    assert torch.equal(got[clear], exact.argmax(1)[clear])
+
+
 def test_screen_takes_every_candidate_beyond_its_first_few():
     """More near-equal candidates than the top-k look-up holds: the wide path still finds the maximum."""
     from qwenvl_lab.qwen.generation import ScreenedHead
