@@ -43,15 +43,16 @@ class ScreenedHead:
     (u = 2^-24, gamma = (K + 2) u / (1 - (K + 2) u), K = hidden size; ^ marks a rounded copy):
     E_v = |h - h^| max|w^| + |h| max|w - w^| + gamma (|h^| max|w^| + |h| max|w|) + 2^-8 |a_v| (the last
     term where the output is rounded to bf16). The fp32 maximum then lies within 2E of max(a), so only
-    those candidates (a handful) are recomputed in fp32 from the real weight, each with the same
-    elementwise dot product whichever screen found it: the token never depends on the screen.
+    those candidates (a handful, found by `candidates`) are recomputed in fp32 from the real weight, each
+    with the same elementwise dot product whichever screen found it: the token never depends on the screen.
     Screens: `fp32` (W itself), `fp16` (fbgemm's fp16 GEMM), `bf16` (a bf16 copy, where the CPU has native
     bf16), `int8` (per-row int8 with bf16 scales, `_weight_int8pack_mm` on bf16 activations). Which one
     runs is timed on this CPU once per head for one row (`small`, up to `SMALL_ROWS` rows) and, at the
-    first larger batch, for 16 rows (`large`); only the copies the chosen screens need are kept."""
+    first larger batch or `prepare(rows)`, for 16 rows (`large`); only the copies the chosen screens need
+    are kept."""
 
     SMALL_ROWS = 4
-    TOP = 8  # candidates are looked for among each row's TOP largest approximate logits first
+    BLOCK = 128  # candidates are found through the maxima of blocks of this many tokens
     SCREENS = ("fp32", "fp16", "bf16", "int8")
 
     def __init__(self, weight: torch.Tensor, screens: tuple[str, ...] | None = None):
@@ -167,24 +168,38 @@ class ScreenedHead:
             head._screened_head = cur  # a plain attribute: not a parameter, never saved
         return cur
 
+    def prepare(self, rows: int) -> None:
+        """Choose (time) the screen for batches of `rows` rows now, if not yet chosen: a server calls this
+        for its largest batch at start, so its first busy moment does not pay for the timing."""
+        if rows > self.SMALL_ROWS and self.large is None:
+            self.large = self._fastest(16)
+
+    def candidates(self, a: torch.Tensor, e0: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every (row [n], token [n]) whose approximate logit in `a` [B, V] (fp32) reaches its row's floor
+        (almost always one per row), found through the maxima of blocks of BLOCK tokens: one max-reduction
+        over `a` (no sort, no [B, V] mask), then a look inside the few blocks that reach the floor."""
+        B, V = a.shape
+        n_full = V // self.BLOCK
+        parts = [a[:, :n_full * self.BLOCK].view(B, n_full, self.BLOCK).amax(dim=2)] if n_full else []
+        if V % self.BLOCK:
+            parts.append(a[:, n_full * self.BLOCK:].amax(dim=1, keepdim=True))  # the short last block
+        block_max = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # [B, blocks]
+        floor = self.floor(block_max.amax(dim=1), e0, c)  # [B]; NaN for a non-finite row: no candidate
+        rows, blocks = (block_max >= floor[:, None]).nonzero(as_tuple=True)  # [m] each
+        tokens = blocks[:, None] * self.BLOCK + torch.arange(self.BLOCK, device=a.device)  # [m, BLOCK]
+        inside = tokens < V
+        tokens = tokens.clamp(max=V - 1)
+        keep = inside & (a[rows[:, None], tokens] >= floor[rows, None])  # [m, BLOCK]
+        return rows[:, None].expand_as(tokens)[keep], tokens[keep]
+
     def argmax(self, hidden: torch.Tensor, weight: torch.Tensor, screen: str | None = None) -> torch.Tensor:
         """hidden [B, H] fp32 -> [B] token ids of the fp32 logits' maxima."""
         B = hidden.shape[0]
-        if screen is None and B > self.SMALL_ROWS and self.large is None:
-            self.large = self._fastest(16)
+        if screen is None:
+            self.prepare(B)
         name = screen or (self.small if B <= self.SMALL_ROWS else self.large)
         a, e0, c = self._approx(name, hidden)
-        vals, toks = a.topk(min(self.TOP, self.V), dim=1)  # [B, k], best first
-        floor = self.floor(vals[:, 0], e0, c)  # [B]
-        keep = vals >= floor[:, None]  # [B, k]
-        rows = torch.arange(B, device=a.device)[:, None].expand_as(toks)[keep]  # [n]
-        tokens = toks[keep]  # [n] candidates (row, token), almost always one per row
-        more = keep[:, -1] if toks.shape[1] < self.V else keep.new_zeros(B)  # [B] the k-th is a candidate too
-        if bool(more.any()):  # more candidates than k in some rows: take all of theirs
-            wide = (a[more] >= floor[more, None]).nonzero()  # [m, 2]
-            rest = ~more[rows]
-            rows = torch.cat([rows[rest], more.nonzero()[:, 0][wide[:, 0]]])
-            tokens = torch.cat([tokens[rest], wide[:, 1]])
+        rows, tokens = self.candidates(a.float(), e0, c)  # bf16 reductions are slow: fp32 (one cheap copy)
         exact = (weight[tokens] * hidden[rows]).sum(dim=1)  # [n] fp32 logits of the candidates
         best = exact.new_full((B,), float("-inf")).scatter_reduce(0, rows, exact, "amax")  # [B]
         first = torch.where(exact == best[rows], tokens, self.V)  # the lowest id among equal maxima

@@ -8,7 +8,8 @@ Contract:
   `serve.prefixcache.PrefixCache`; 0 bytes turns one off) keep each image's placeholder rows by content and
   finished requests' KV, so a repeated image skips the towers and a request that starts like a recent one
   (the next turn of a chat) prefills only the tokens after the match; `job.cached_tokens` says how many
-  prompt tokens came from the prefix cache.
+  prompt tokens came from the prefix cache. Where greedy tokens come from the screened head
+  (`qwen.generation.ScreenedHead`), its screen for batches is chosen here, for `max_batch_size` rows.
 - `Job(prompt_ids, images, params, emit, ...)`: `images` is the request's image inputs as `serve.decode.Row`
   takes them (`vlm.image_inputs`: pixel_values plus the per-image keys of the resolution mode).
 - `submit(job)` queues a `Job`, or raises `QueueFull` when `max_batch_size` jobs run and `max_queue`
@@ -163,6 +164,8 @@ class Engine(EngineBase):
         self.image_cache = ImageCache(image_cache_bytes)
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.batch = self._new_batch()
+        if self.batch.screen is not None:
+            self.batch.screen.prepare(max_batch_size)  # the batch screen timed now, not in the first busy moment
         self.jobs: list[Job] = []  # running, in batch row order
         self.admitting: list[Job] = []  # taken from the queue, being prefilled (counted as running)
 

@@ -286,7 +286,7 @@ def test_screens_recover_the_argmax_their_rounding_misorders(name, spread):
 
 
 def test_screen_takes_every_candidate_beyond_its_first_few():
-    """More near-equal candidates than the top-k look-up holds: the wide path still finds the maximum."""
+    """Many near-equal candidates over more than one block: the look inside the blocks finds the maximum."""
     from qwenvl_lab.qwen.generation import ScreenedHead
 
     torch.manual_seed(1)
@@ -296,6 +296,27 @@ def test_screen_takes_every_candidate_beyond_its_first_few():
     for name in [n for n in ScreenedHead.SCREENS if ScreenedHead.supported(n)]:
         screen = ScreenedHead(w, screens=(name,))
         assert int(screen.argmax(h, w)[0]) == 137, name
+
+
+@pytest.mark.parametrize("V", [50, 300])  # fewer tokens than a block; two blocks and a short last one
+def test_screen_finds_the_maximum_in_every_block(V):
+    """Each row's maximum placed in turn at the first, a middle and the last token of every block (the
+    short last one included) is the token the screen returns."""
+    from qwenvl_lab.qwen.generation import ScreenedHead
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(V, 32, generator=g) * 0.05
+    spots = sorted({t for b in range(0, V, ScreenedHead.BLOCK) for t in (b, b + 37, b + ScreenedHead.BLOCK - 1)
+                    if t < V} | {V - 1})
+    h = torch.randn(len(spots), 32, generator=g)
+    for r, t in enumerate(spots):
+        w_t = h[r] / h[r].norm() * 2.0  # row t leads for h[r] by far: the maximum is known
+        h[r] = h[r] / h[r].norm() * 5.0
+        w = w.clone()
+        w[t] = w_t
+        for name in [n for n in ScreenedHead.SCREENS if ScreenedHead.supported(n)]:
+            got = ScreenedHead(w, screens=(name,)).argmax(h[r:r + 1], w)
+            assert int(got[0]) == t, (name, t)
 
 
 def test_screened_head_is_cached_until_the_weight_changes():

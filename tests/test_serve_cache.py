@@ -436,6 +436,22 @@ def test_decode_steps_use_the_static_cache_and_screened_head_as_generate_does(tm
     assert sampled[0].tokens == sampled[1].tokens and len(sampled[0].tokens) == N  # sampling reads the logits
 
 
+def test_engine_chooses_its_batch_screen_at_start(tmp_path):
+    """An engine that can batch more than SMALL_ROWS rows times its batch screen when it is built, not in
+    its first busy moment; one that cannot leaves it unchosen (no copy of the head for it)."""
+    from qwenvl_lab.qwen.generation import ScreenedHead
+    from qwenvl_lab.serve.engine import Engine
+
+    vlm = build_tiny_vlm(tmp_path, dtype="float32")
+    randomize_(vlm, seed=3)
+    small = Engine(vlm, max_batch_size=ScreenedHead.SMALL_ROWS)
+    if small.batch.screen is None:
+        pytest.skip("no screened head in this torch build")
+    assert small.batch.screen.large is None
+    Engine(vlm, max_batch_size=ScreenedHead.SMALL_ROWS + 1)
+    assert small.batch.screen.large in ScreenedHead.available()  # the same head's screen, now chosen
+
+
 def test_qwen1_dynamic_ntk_prompts_past_seq_length_are_prefilled_whole(tmp_path):
     import json
 
