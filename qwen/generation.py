@@ -24,6 +24,7 @@ inputs_embeds=None, use_cache=True, generator=None, screen_head=True) -> list[li
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -31,8 +32,29 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..core.cpu import cpu_native_bf16
+from ..core.cpu import cpu_int8_dot, cpu_native_bf16
 from .cache import QWenCache
+
+
+@functools.cache
+def _int_mm_exact() -> bool:
+    """Whether `torch._int_mm` sums int8 products exactly here: a CPU with an int8 dot product
+    (`core.cpu.cpu_int8_dot`), and the kernels this process runs (ONEDNN_MAX_CPU_ISA can hold them back)
+    exact on worst-case inputs (+-127 everywhere: saturating int16 pair sums are off by thousands)."""
+    if not hasattr(torch, "_int_mm") or not cpu_int8_dot():
+        return False
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 4, 16, 64):
+        a = torch.randint(-127, 128, (rows, 128), generator=g, dtype=torch.int8)
+        a[:, ::2], a[0] = 127, -127
+        w = torch.randint(-127, 128, (256, 128), generator=g, dtype=torch.int8)
+        w[:, :64] = 127
+        try:
+            if not torch.equal(torch._int_mm(a, w.T).long(), a.long() @ w.long().T):
+                return False
+        except RuntimeError:  # no CPU kernel in this build
+            return False
+    return True
 
 
 class ScreenedHead:
@@ -46,14 +68,16 @@ class ScreenedHead:
     those candidates (a handful, found by `candidates`) are recomputed in fp32 from the real weight, each
     with the same elementwise dot product whichever screen found it: the token never depends on the screen.
     Screens: `fp32` (W itself), `fp16` (fbgemm's fp16 GEMM), `bf16` (a bf16 copy, where the CPU has native
-    bf16), `int8` (per-row int8 with bf16 scales, `_weight_int8pack_mm` on bf16 activations). Which one
+    bf16), `int8` (per-row int8 with bf16 scales, `_weight_int8pack_mm` on bf16 activations), `int8x8` (W in
+    int8 with one scale, each row of h in int8 with its own: `torch._int_mm`, exact int32 sums, half the
+    bytes of bf16; its logits stay in units of the row's two scales, which keeps their order). Which one
     runs is timed on this CPU once per head for one row (`small`, up to `SMALL_ROWS` rows) and, at the
     first larger batch or `prepare(rows)`, for 16 rows (`large`); only the copies the chosen screens need
     are kept."""
 
     SMALL_ROWS = 4
     BLOCK = 128  # candidates are found through the maxima of blocks of this many tokens
-    SCREENS = ("fp32", "fp16", "bf16", "int8")
+    SCREENS = ("fp32", "fp16", "bf16", "int8", "int8x8")
 
     def __init__(self, weight: torch.Tensor, screens: tuple[str, ...] | None = None):
         w = weight.detach()
@@ -69,7 +93,8 @@ class ScreenedHead:
         self.small = self._fastest(1)
 
     def _fastest(self, rows: int) -> str:
-        """The fastest offered screen for `rows` rows, timed here (the best of two runs after a warm-up);
+        """The fastest offered screen for `rows` rows, timed here on random hidden states (their logits are
+        closer together than a trained model's: more candidates), the best of two runs after a warm-up;
         the copies built for the timing and not chosen are dropped again."""
         for name in self.offered:
             if name not in self.copies:
@@ -79,7 +104,7 @@ class ScreenedHead:
             h = torch.randn(rows, self.K, generator=torch.Generator().manual_seed(0))
             times = {}
             for name in self.offered:
-                self._approx(name, h)
+                self.argmax(h, self.weight, name)
                 times[name] = min(self._timed(name, h) for _ in range(2))
             best = min(times, key=times.get)
         keep = {best, self.small, self.large}
@@ -88,7 +113,7 @@ class ScreenedHead:
 
     def _timed(self, name: str, hidden: torch.Tensor) -> float:
         start = time.perf_counter()
-        self._approx(name, hidden)
+        self.argmax(hidden, self.weight, name)  # the whole pick: the screen's pass and its candidates
         return time.perf_counter() - start
 
     @staticmethod
@@ -96,13 +121,15 @@ class ScreenedHead:
         """Whether this torch build has screen `name`'s kernel (bf16 runs everywhere, emulated on some CPUs)."""
         if name == "fp16":
             return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch, "fbgemm_linear_fp16_weight")
+        if name == "int8x8":
+            return _int_mm_exact()
         return name in ("fp32", "bf16") or (name == "int8" and hasattr(torch, "_weight_int8pack_mm"))
 
     @classmethod
     def available(cls) -> tuple[str, ...]:
         """The screens worth timing on this CPU: bf16 only where it is native (emulated bf16 is far slower
         than fp32), and then fp16 is left out (the bf16 GEMM beats fbgemm's fp16 one at every row count)."""
-        names = ("fp32", "bf16", "int8") if cpu_native_bf16()[0] else ("fp32", "fp16", "int8")
+        names = ("fp32", "bf16", "int8", "int8x8") if cpu_native_bf16()[0] else ("fp32", "fp16", "int8", "int8x8")
         return tuple(n for n in names if cls.supported(n))
 
     def _copy(self, name: str, w: torch.Tensor) -> tuple:
@@ -117,6 +144,11 @@ class ScreenedHead:
         elif name == "bf16":
             data = (w.bfloat16(),)
             approx = data[0].float()
+        elif name == "int8x8":
+            scale = float(w.abs().max()) / 127 or torch.finfo(torch.float32).tiny
+            q = torch.round(w / scale).clamp(-127, 127).to(torch.int8)  # [V, K]
+            data = (q, scale)
+            approx = q.float() * scale
         else:
             scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny).bfloat16()  # [V]
             q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)  # [V, K]
@@ -137,12 +169,29 @@ class ScreenedHead:
                     warnings.simplefilter("ignore")
                     a = torch.fbgemm_linear_fp16_weight(hidden, data[0], data[1])
             return a, h_norm * (err_max + self.gamma * (approx_max + self.w_max)), 0.0
+        if name == "int8x8":
+            return self._approx_int8x8(hidden, h_norm, data, approx_max, err_max)
         hb = hidden.bfloat16()
         a = hb @ data[0].T if name == "bf16" else torch._weight_int8pack_mm(hb, data[0], data[1])  # [B, V] bf16
         hb_f = hb.float()
         bound = ((hidden - hb_f).norm(dim=1) * approx_max + h_norm * err_max
                  + self.gamma * (hb_f.norm(dim=1) * approx_max + h_norm * self.w_max))
         return a, bound, 2.0**-8  # bf16 output: relative rounding 2^-9, counted twice
+
+    def _approx_int8x8(self, hidden: torch.Tensor, h_norm: torch.Tensor, data: tuple, approx_max: float,
+                       err_max: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """int32 logits [B, V] in units of u_b = (row b's scale) x (W's scale), and the bound in those units.
+        The sums are exact (|sum| <= K 127^2 < 2^31); dividing the bound by u_b and comparing the int32
+        logits with float thresholds round by about 2^-23 each: the bound is widened by 2^-10 and c is
+        2^-22 (far more than they need)."""
+        q, w_scale = data
+        scale = (hidden.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # [B]
+        qh = torch.round(hidden / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [B, K]
+        hq = qh.float() * scale[:, None]
+        a = torch._int_mm(qh, q.T)  # [B, V] int32
+        bound = ((hidden - hq).norm(dim=1) * approx_max + h_norm * err_max
+                 + self.gamma * (hq.norm(dim=1) * approx_max + h_norm * self.w_max))
+        return a, bound * (1 + 2.0**-10) / (scale * w_scale), 2.0**-22
 
     @staticmethod
     def floor(top: torch.Tensor, e0: torch.Tensor, c: float) -> torch.Tensor:
@@ -175,7 +224,7 @@ class ScreenedHead:
             self.large = self._fastest(16)
 
     def candidates(self, a: torch.Tensor, e0: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every (row [n], token [n]) whose approximate logit in `a` [B, V] (fp32) reaches its row's floor
+        """Every (row [n], token [n]) whose approximate logit in `a` [B, V] (fp32 or int32) reaches its row's floor
         (almost always one per row), found through the maxima of blocks of BLOCK tokens: one max-reduction
         over `a` (no sort, no [B, V] mask), then a look inside the few blocks that reach the floor."""
         B, V = a.shape
@@ -199,7 +248,8 @@ class ScreenedHead:
             self.prepare(B)
         name = screen or (self.small if B <= self.SMALL_ROWS else self.large)
         a, e0, c = self._approx(name, hidden)
-        rows, tokens = self.candidates(a.float(), e0, c)  # bf16 reductions are slow: fp32 (one cheap copy)
+        rows, tokens = self.candidates(a.float() if a.dtype == torch.bfloat16 else a, e0, c)  # bf16 reductions
+        # are slow: fp32 (one cheap copy); int32 (int8x8) is compared as it is (its conversion is not cheap)
         exact = (weight[tokens] * hidden[rows]).sum(dim=1)  # [n] fp32 logits of the candidates
         best = exact.new_full((B,), float("-inf")).scatter_reduce(0, rows, exact, "amax")  # [B]
         first = torch.where(exact == best[rows], tokens, self.V)  # the lowest id among equal maxima

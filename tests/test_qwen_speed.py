@@ -263,7 +263,7 @@ def _flip_case(spread: float, K: int = 48, pairs: int = 64) -> tuple[torch.Tenso
 
 
 @pytest.mark.parametrize("spread", [0.0, 1.0])
-@pytest.mark.parametrize("name", ["fp16", "bf16", "int8"])
+@pytest.mark.parametrize("name", ["fp16", "bf16", "int8", "int8x8"])
 def test_screens_recover_the_argmax_their_rounding_misorders(name, spread):
     """Where a screen's approximate logits rank the fp32 maximum below another token, its bound still keeps
     the maximum among the candidates. Checked by mutation: it fails without the fp16 weight-rounding term,
@@ -272,7 +272,7 @@ def test_screens_recover_the_argmax_their_rounding_misorders(name, spread):
     from qwenvl_lab.qwen.generation import ScreenedHead
 
     if not ScreenedHead.supported(name):
-        pytest.skip(f"torch built without the {name} screen's kernel")
+        pytest.skip(f"no {name} screen here (its kernel is missing, or not exact on this CPU)")
     w, h = _flip_case(spread)
     exact = h.double() @ w.double().t()
     top2 = exact.topk(2, dim=1).values
@@ -283,6 +283,73 @@ def test_screens_recover_the_argmax_their_rounding_misorders(name, spread):
     assert int(misordered.sum()) >= 1, "no pair the rounded copy misorders: the case tests nothing"
     got = screen.argmax(h, w)
     assert torch.equal(got[clear], exact.argmax(1)[clear])
+
+
+def _int8x8_case(exact_side: str, K: int = 48, pairs: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Near-tie pairs (exact logits 1e-5 .. 1e-2 apart, relative) where one side of int8x8 is exact, so only
+    the other side's rounding can misorder them: `exact_side="weight"`: integer weights up to 127 (the one
+    weight scale is 1: no weight rounding) and hidden states with an outlier (coarse activation steps);
+    `"hidden"`: integer hidden states up to 127 (no activation rounding) and real weights."""
+    g = torch.Generator().manual_seed(9)
+    w = (torch.randint(-20, 21, (2 * pairs + 100, K), generator=g) if exact_side == "weight"
+         else torch.randn(2 * pairs + 100, K, generator=g) * 0.05).double()
+    h = torch.empty(pairs, K, dtype=torch.float64)
+    for r in range(pairs):
+        rel = 10 ** (-5 + 3 * r / (pairs - 1))
+        if exact_side == "weight":
+            a = torch.randint(-100, 101, (K,), generator=g).double()
+            a[0] = 127
+            d = torch.randint(-3, 4, (K,), generator=g).double()
+            d[0] = 0
+            x = 0.05 * a + torch.randn(K, generator=g, dtype=torch.float64)  # leans to its own pair
+            x[0] = 40  # the outlier sets the activation step: 40 / 127
+            e = d - rel * a
+            x -= (x @ e) / (e @ e) * e  # now x . (a + d) = (1 + rel) x . a
+            w[2 * r], w[2 * r + 1], h[r] = a, a + d, x
+        else:
+            a = torch.randn(K, generator=g, dtype=torch.float64) * 0.05
+            a[0] = 1.0
+            x = torch.round(a * 1000).clamp(-60, 60)  # leans to its own pair
+            x[0] = 127
+            z = torch.randn(K, generator=g, dtype=torch.float64)
+            z -= (z @ x) / (x @ x) * x  # no logit change; the weight rounding of the two rows differs
+            w[2 * r], w[2 * r + 1], h[r] = a, a * (1 + rel) + z * 0.2 * a.norm() / z.norm(), x
+    return w.float(), h.float()
+
+
+@pytest.mark.parametrize("exact_side", ["weight", "hidden"])
+def test_int8x8_screen_bounds_each_side_rounding(exact_side):
+    """The int8x8 screen's bound covers its activation rounding (shown with exact integer weights) and its
+    weight rounding (exact integer hidden states). Checked by mutation: without the activation term the
+    first case fails, without the weight term the second."""
+    from qwenvl_lab.qwen.generation import ScreenedHead
+
+    if not ScreenedHead.supported("int8x8"):
+        pytest.skip("no exact int8 matmul here (a CPU without an int8 dot product: VNNI or AMX-INT8)")
+    w, h = _int8x8_case(exact_side)
+    exact = h.double() @ w.double().t()
+    top2 = exact.topk(2, dim=1)
+    assert bool((top2.indices // 2 == torch.arange(len(h))[:, None]).all())  # each row's pair leads
+    clear = (top2.values[:, 0] - top2.values[:, 1]) > 1e-6 * top2.values[:, 0].abs()
+    screen = ScreenedHead(w, screens=("int8x8",))
+    approx = screen._approx("int8x8", h)[0]
+    misordered = clear & (approx.argmax(1) != exact.argmax(1))
+    assert int(misordered.sum()) >= 1, "no pair the rounding misorders: the case tests nothing"
+    assert torch.equal(screen.argmax(h, w)[clear], exact.argmax(1)[clear])
+
+
+def test_int8x8_screen_needs_an_exact_int8_dot_product(monkeypatch):
+    """Without VNNI / AMX-INT8 the int8 kernels' sums saturate: the screen is not offered there."""
+    from qwenvl_lab.core import cpu
+    from qwenvl_lab.qwen import generation
+
+    generation._int_mm_exact.cache_clear()
+    monkeypatch.setattr(cpu, "cpu_flags", lambda path=cpu.CPUINFO: {"avx2", "fma"})
+    try:
+        assert not generation.ScreenedHead.supported("int8x8")
+        assert "int8x8" not in generation.ScreenedHead.available()
+    finally:
+        generation._int_mm_exact.cache_clear()
 
 
 def test_screen_takes_every_candidate_beyond_its_first_few():

@@ -163,6 +163,7 @@ def test_serve_benchmark_quick_keeps_greedy_answers(capsys):
     assert b["rows"] == 3 and "bound rows=3 " in out and "decode_bound=" in out and "run_bound=" in out
     assert b["step_1_s"] > 0 and b["step_rows_s"] > 0 and b["prefill_1_s"] > 0
     assert b["decode_bound"] == pytest.approx(3 * b["step_1_s"] / b["step_rows_s"])
+    assert b["prefill_rows_s"] == min(b["prefill_rows_whole_s"], b["prefill_rows_pieces_s"]) > 0  # the faster way
 
 
 def test_engine_queue_limit_timeout_cancel_and_a_failing_request(tmp_path):
