@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
             same = bool(torch.equal(screen.argmax(hidden, weight, name), ref))
             cand = _candidates(screen, name, hidden)
             out[(name, rows)] = {"ms": ms, "candidates": cand, "same": same}
-            print(f"screen={name:<5} rows={rows:<3} ms={ms:8.2f} candidates_per_row={cand:6.1f} same_as_fp32={same}")
+            print(f"screen={name:<6} rows={rows:<3} ms={ms:8.2f} candidates_per_row={cand:6.1f} same_as_fp32={same}")
     auto = ScreenedHead(weight)
     auto.argmax(torch.randn(args.rows, args.hidden, generator=g), weight)  # the batch screen is timed here
     out["chosen"] = {"small": auto.small, "large": auto.large}
