@@ -297,12 +297,20 @@ def test_peak_step_bytes_follows_allocations_in_time_order():
 
 def test_screen_head_quick(capsys):
     """Every screen this torch build has is timed at 1 row and at a batch, and gives the fp32 screen's tokens."""
-    from qwenvl_lab.qwen.generation import ScreenedHead
-
     from benchmarks import screen_head
 
     res = screen_head.main(["--quick"])
     out = capsys.readouterr().out
+    _check_screens(res, out)
+    res = screen_head.main(["--quick", "--from-model"])  # the tiny benchmark VLM's head and decode states
+    out = capsys.readouterr().out
+    assert "hidden_states=model" in out and "vocab=512 hidden=64 " in out, out  # common.SPECS["quick"]
+    _check_screens(res, out)
+
+
+def _check_screens(res: dict, out: str) -> None:
+    from qwenvl_lab.qwen.generation import ScreenedHead
+
     names = [n for n in ScreenedHead.SCREENS if ScreenedHead.supported(n)]
     for name in names:
         for rows in (1, 8):
