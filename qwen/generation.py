@@ -93,8 +93,9 @@ class ScreenedHead:
         self.small = self._fastest(1)
 
     def _fastest(self, rows: int) -> str:
-        """The fastest offered screen for `rows` rows, timed here on random hidden states (their logits are
-        closer together than a trained model's: more candidates), the best of two runs after a warm-up;
+        """The fastest offered screen for `rows` rows, timed here on random hidden states (whose logits lie
+        closer together than a model's own: more candidates, see benchmarks/screen_head.py --from-model),
+        the whole pick (screen and candidates), the best of two runs after a warm-up;
         the copies built for the timing and not chosen are dropped again."""
         for name in self.offered:
             if name not in self.copies:
