@@ -27,10 +27,10 @@ turn's tokens equal `vlm.generate` on the whole prompt.
 concurrency C (`compute_bound`): `decode_bound` = C x one decode step of 1 row / one decode step of C rows
 (the step's time grows with its rows: the weights are read once per step, but every row's matmul work and
 its attention over its own KV still add up), and the best throughput of whole requests, C prompts prefilled
-(the faster of one forward and the engine's pieces of `prefill_chunk` tokens: a prompt's prefill is
-compute-bound, and one forward of all C prompts is slower here than pieces of a few, whose activations
-stay in cache) and decoded together; the concurrency-C figure is printed as a fraction of each. `run_bound` is that best throughput over
-one-at-a-time's: the highest `ratio` whole requests can show against the same baseline.
+(the faster of one forward and the engine's pieces of `prefill_chunk` tokens, both printed: a prompt's
+prefill is compute-bound, and one forward of all C prompts was the slower on a 2-core CPU) and decoded
+together; the concurrency-C figure is printed as a fraction of each. `run_bound` is that best throughput
+over one-at-a-time's: the highest `ratio` whole requests can show against the same baseline.
 Every mode runs once per round (`--rounds`, default 2), in the opposite order each round, and the figures
 add up the rounds: slow drifts of a shared machine's load fall on every mode.
 """
