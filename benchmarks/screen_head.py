@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 from qwenvl_lab.qwen.generation import ScreenedHead  # noqa: E402
+from qwenvl_lab.serve.decode import DecodeBatch, Row, SamplingParams  # noqa: E402
+
+from benchmarks import common, serve  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,12 +65,6 @@ def _candidates(screen: ScreenedHead, name: str, hidden: torch.Tensor) -> float:
 
 def model_states(rows: int, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(head weight [V, K], hidden states [rows, K]) of the benchmark VLM's decode batch after 4 steps."""
-    import tempfile
-
-    from qwenvl_lab.serve.decode import DecodeBatch, Row, SamplingParams
-
-    from benchmarks import common, serve
-
     spec = common.SPECS["quick" if quick else "full"]
     with tempfile.TemporaryDirectory() as tmp:
         vlm = common.load_ours(common.save_llava(spec, Path(tmp) / "llava", 0)).eval()
