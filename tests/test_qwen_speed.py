@@ -352,6 +352,29 @@ def test_int8x8_screen_needs_an_exact_int8_dot_product(monkeypatch):
         generation._int_mm_exact.cache_clear()
 
 
+def test_int8x8_self_check_catches_saturating_kernels():
+    """On a CPU with an int8 dot product, oneDNN held back to AVX2 (ONEDNN_MAX_CPU_ISA, read at process start)
+    runs kernels whose int16 pair sums saturate: the self-check must see it and keep the screen off."""
+    import os
+    import subprocess
+    import sys
+
+    from qwenvl_lab.core.cpu import cpu_int8_dot
+
+    if not cpu_int8_dot():
+        pytest.skip("no int8 dot product on this CPU: the screen is off by the CPU flags already")
+    code = ("import torch; from qwenvl_lab.qwen.generation import _int_mm_exact, ScreenedHead; "
+            "a = torch.full((8, 128), 127, dtype=torch.int8); w = torch.full((64, 128), 127, dtype=torch.int8); "
+            "print(torch.equal(torch._int_mm(a, w.T).long(), a.long() @ w.long().T), _int_mm_exact(), "
+            "ScreenedHead.supported('int8x8'))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    exact, checked, offered = out.stdout.split()
+    assert exact == "False", "these kernels summed exactly: the case tests nothing"
+    assert (checked, offered) == ("False", "False")
+
+
 def test_screen_takes_every_candidate_beyond_its_first_few():
     """Many near-equal candidates over more than one block: the look inside the blocks finds the maximum."""
     from qwenvl_lab.qwen.generation import ScreenedHead
