@@ -44,11 +44,11 @@ def _int_mm_exact() -> bool:
     if not hasattr(torch, "_int_mm") or not cpu_int8_dot():
         return False
     g = torch.Generator().manual_seed(0)
-    for rows in (1, 4, 16, 64):
-        a = torch.randint(-127, 128, (rows, 128), generator=g, dtype=torch.int8)
+    for rows, k, n in ((1, 128, 256), (4, 128, 256), (16, 1024, 2048), (64, 1024, 2048)):  # small and head-like
+        a = torch.randint(-127, 128, (rows, k), generator=g, dtype=torch.int8)
         a[:, ::2], a[0] = 127, -127
-        w = torch.randint(-127, 128, (256, 128), generator=g, dtype=torch.int8)
-        w[:, :64] = 127
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        w[:, :k // 2] = 127
         try:
             if not torch.equal(torch._int_mm(a, w.T).long(), a.long() @ w.long().T):
                 return False
