@@ -58,9 +58,8 @@ def _timed(fn, repeats: int) -> float:
 
 def _candidates(screen: ScreenedHead, name: str, hidden: torch.Tensor) -> float:
     """Mean candidates per row: the approximate logits within the screen's threshold of each row's maximum."""
-    a, e0, c = screen._approx(name, hidden)
-    floor = screen.floor(a.amax(dim=1), e0, c)
-    return float((a >= floor[:, None]).sum(dim=1).float().mean())
+    rows, _ = screen.candidates(*screen._approx(name, hidden))
+    return len(rows) / hidden.shape[0]
 
 
 def model_states(rows: int, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,7 +130,7 @@ class ScreenedHead:
     def available(cls) -> tuple[str, ...]:
         """The screens worth timing on this CPU: bf16 only where it is native (emulated bf16 is far slower
         than fp32), and then fp16 is left out (the bf16 GEMM beats fbgemm's fp16 one at every row count)."""
-        names = ("fp32", "bf16", "int8", "int8x8") if cpu_native_bf16()[0] else ("fp32", "fp16", "int8", "int8x8")
+        names = ("fp32", "bf16" if cpu_native_bf16()[0] else "fp16", "int8", "int8x8")
         return tuple(n for n in names if cls.supported(n))
 
     def _copy(self, name: str, w: torch.Tensor) -> tuple:
@@ -169,15 +169,20 @@ class ScreenedHead:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     a = torch.fbgemm_linear_fp16_weight(hidden, data[0], data[1])
-            return a, h_norm * (err_max + self.gamma * (approx_max + self.w_max)), 0.0
+            return a, self._bound(hidden, h_norm, hidden, approx_max, err_max), 0.0  # activations not rounded
         if name == "int8x8":
             return self._approx_int8x8(hidden, h_norm, data, approx_max, err_max)
         hb = hidden.bfloat16()
         a = hb @ data[0].T if name == "bf16" else torch._weight_int8pack_mm(hb, data[0], data[1])  # [B, V] bf16
-        hb_f = hb.float()
-        bound = ((hidden - hb_f).norm(dim=1) * approx_max + h_norm * err_max
-                 + self.gamma * (hb_f.norm(dim=1) * approx_max + h_norm * self.w_max))
+        bound = self._bound(hidden, h_norm, hb.float(), approx_max, err_max)
         return a, bound, 2.0**-8  # bf16 output: relative rounding 2^-9, counted twice
+
+    def _bound(self, hidden: torch.Tensor, h_norm: torch.Tensor, h_hat: torch.Tensor, approx_max: float,
+               err_max: float) -> torch.Tensor:
+        """E0 [B] of the class docstring's formula for activations rounded to `h_hat` (`hidden` itself where
+        the screen does not round them)."""
+        return ((hidden - h_hat).norm(dim=1) * approx_max + h_norm * err_max
+                + self.gamma * (h_hat.norm(dim=1) * approx_max + h_norm * self.w_max))
 
     def _approx_int8x8(self, hidden: torch.Tensor, h_norm: torch.Tensor, data: tuple, approx_max: float,
                        err_max: float) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -188,10 +193,8 @@ class ScreenedHead:
         q, w_scale = data
         scale = (hidden.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)  # [B]
         qh = torch.round(hidden / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [B, K]
-        hq = qh.float() * scale[:, None]
         a = torch._int_mm(qh, q.T)  # [B, V] int32
-        bound = ((hidden - hq).norm(dim=1) * approx_max + h_norm * err_max
-                 + self.gamma * (hq.norm(dim=1) * approx_max + h_norm * self.w_max))
+        bound = self._bound(hidden, h_norm, qh.float() * scale[:, None], approx_max, err_max)
         return a, bound * (1 + 2.0**-10) / (scale * w_scale), 2.0**-22
 
     @staticmethod
@@ -225,9 +228,12 @@ class ScreenedHead:
             self.large = self._fastest(16)
 
     def candidates(self, a: torch.Tensor, e0: torch.Tensor, c: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every (row [n], token [n]) whose approximate logit in `a` [B, V] (fp32 or int32) reaches its row's floor
-        (almost always one per row), found through the maxima of blocks of BLOCK tokens: one max-reduction
-        over `a` (no sort, no [B, V] mask), then a look inside the few blocks that reach the floor."""
+        """Every (row [n], token [n]) whose approximate logit in `a` [B, V] (a screen's output) reaches its row's
+        floor (almost always one per row), found through the maxima of blocks of BLOCK tokens: one max-reduction
+        over `a` (no sort, no [B, V] mask), then a look inside the few blocks that reach the floor. bf16 logits
+        are copied to fp32 first (bf16 reductions are slow); int32 ones (int8x8) are compared as they are."""
+        if a.dtype == torch.bfloat16:
+            a = a.float()
         B, V = a.shape
         n_full = V // self.BLOCK
         parts = [a[:, :n_full * self.BLOCK].view(B, n_full, self.BLOCK).amax(dim=2)] if n_full else []
@@ -249,8 +255,7 @@ class ScreenedHead:
             self.prepare(B)
         name = screen or (self.small if B <= self.SMALL_ROWS else self.large)
         a, e0, c = self._approx(name, hidden)
-        rows, tokens = self.candidates(a.float() if a.dtype == torch.bfloat16 else a, e0, c)  # bf16 reductions
-        # are slow: fp32 (one cheap copy); int32 (int8x8) is compared as it is (its conversion is not cheap)
+        rows, tokens = self.candidates(a, e0, c)
         exact = (weight[tokens] * hidden[rows]).sum(dim=1)  # [n] fp32 logits of the candidates
         best = exact.new_full((B,), float("-inf")).scatter_reduce(0, rows, exact, "amax")  # [B]
         first = torch.where(exact == best[rows], tokens, self.V)  # the lowest id among equal maxima
