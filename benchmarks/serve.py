@@ -38,7 +38,6 @@ add up the rounds: slow drifts of a shared machine's load fall on every mode.
 from __future__ import annotations
 
 import argparse
-import inspect
 import random
 import sys
 import tempfile
@@ -50,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 
 import torch  # noqa: E402
 from qwenvl_lab.serve.decode import DecodeBatch, Row, SamplingParams  # noqa: E402
-from qwenvl_lab.serve.engine import Engine, Job  # noqa: E402
+from qwenvl_lab.serve.engine import PREFILL_CHUNK, Engine, Job  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
@@ -221,16 +220,15 @@ def compute_bound(model, requests, n_new: int, rows: int) -> dict:
     faster of one forward and the engine's default pieces) and decoded together (t per step, n = `n_new`
     steps): no scheduling, no waiting. Run in a worker thread (as the engine's decoding is)."""
     out: dict = {}
-    chunk = inspect.signature(Engine).parameters["prefill_chunk"].default
     batch = (requests * rows)[:rows]
 
     def worker() -> None:
         with torch.no_grad():
             _batch_costs(model, requests[:1], 2)  # warm-up, and any first-use work of a large batch
-            _batch_costs(model, batch[:rows], 2, chunk)
+            _batch_costs(model, batch, 2, PREFILL_CHUNK)
             p1, t1 = _batch_costs(model, requests[:1], n_new)
             whole, tr = _batch_costs(model, batch, n_new)
-            pieces, _ = _batch_costs(model, batch, 0, chunk)
+            pieces, _ = _batch_costs(model, batch, 0, PREFILL_CHUNK)
         pr = min(whole, pieces)
         out.update(prefill_1_s=p1, step_1_s=t1, prefill_rows_s=pr, prefill_rows_whole_s=whole,
                    prefill_rows_pieces_s=pieces, step_rows_s=tr, rows=rows,

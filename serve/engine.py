@@ -151,9 +151,12 @@ class EngineBase:
         job.last_token = now
 
 
+PREFILL_CHUNK = 2048  # tokens of prefill work per engine iteration while requests are decoding (the default)
+
+
 class Engine(EngineBase):
     def __init__(self, vlm: Any, max_batch_size: int = 8, max_queue: int = 64, image_cache_bytes: int = 256 << 20,
-                 prefix_cache_bytes: int = 1 << 30, prefill_chunk: int | None = 2048) -> None:
+                 prefix_cache_bytes: int = 1 << 30, prefill_chunk: int | None = PREFILL_CHUNK) -> None:
         if max_batch_size < 1 or max_queue < 0:
             raise ValueError(f"max_batch_size must be >= 1 and max_queue >= 0, got {max_batch_size}, {max_queue}")
         if prefill_chunk is not None and prefill_chunk < 1:
