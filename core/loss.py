@@ -28,6 +28,9 @@ Contract
     each call gathers its weight collectively, so the number of calls must not depend on a rank's targets.
   With no target at all it returns a zero that is still connected to `hidden` and `head` (so every
   parameter gets a (zero) gradient, which DDP needs) instead of the NaN of an empty mean.
+* `target_rows(labels, cu_seqlens=None) -> (rows [B, T] bool, targets [N])` and `rows_loss(h [N, H], head,
+  targets [N], chunk_size)`: the two halves of `supervised_loss`, for a model that computes its final hidden
+  states at the target positions only (our Qwen LM's `output_rows`, the VLM's training forward).
 - `sequence_logps(hidden [B, T, H], head, labels [B, T], chunk_size=1024) -> (logps [B], counts [B])`: each
   sequence's summed log-probability of its targets (fp32) and its number of targets, computed like
   `supervised_loss` at target positions only, `chunk_size` rows of `[rows, V]` logits at a time: what
@@ -205,6 +208,14 @@ class _FusedLinearLogps(torch.autograd.Function):
         return (dh.float() * grad_out[:, None]).to(dh.dtype), None, None, None, None, None
 
 
+def target_rows(labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [B, T] bool: the positions that predict a target, targets [N] in row-major order): what
+    `supervised_loss` gathers, for a model that can give its hidden states at those positions only."""
+    targets = shift_targets(labels, cu_seqlens)  # [B, T-1]
+    keep = targets != IGNORE_INDEX  # [B, T-1]
+    return F.pad(keep, (0, 1)), targets[keep]  # the last position predicts nothing
+
+
 def supervised_loss(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
@@ -215,16 +226,21 @@ def supervised_loss(
     """Mean next-token cross-entropy computed only at target positions, `chunk_size` rows at a time."""
     if labels.shape != hidden.shape[:2]:
         raise ValueError(f"labels must be [B, T] = {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+    rows, y = target_rows(labels, cu_seqlens)
+    return rows_loss(hidden[rows], head, y, chunk_size, hidden)
+
+
+def rows_loss(h: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor,
+              chunk_size: int = DEFAULT_CHUNK_SIZE, hidden: torch.Tensor | None = None) -> torch.Tensor:
+    """`supervised_loss` from the hidden states already at the target positions: h [N, H], targets y [N].
+    `hidden` (any hidden states of the forward) wires the no-target zero to the graph (default `h`)."""
     if chunk_size < 1:
         raise ValueError(f"supervised_loss: chunk_size must be >= 1, got {chunk_size}")
-    targets = shift_targets(labels, cu_seqlens)  # [B, T-1]
-    keep = targets != IGNORE_INDEX  # [B, T-1]
-    h = hidden[:, :-1][keep]  # [N, H]: only the positions that have a target
-    y = targets[keep]  # [N]
     n = int(y.numel())
     if n == 0:
         # No target: a zero still wired to the graph (DDP expects a gradient for every used parameter).
-        return (head(hidden[:, :1].reshape(-1, hidden.shape[-1])).float().sum() * 0.0)
+        anchor = h if hidden is None else hidden[:, :1].reshape(-1, hidden.shape[-1])  # [B, H] (or [0, H])
+        return (head(anchor).float().sum() * 0.0)
     params = list(getattr(head, "parameters", lambda: [])())
     if any(hasattr(p, "ds_id") for p in params):
         # DeepSpeed ZeRO-3 gathers a partitioned head at each call of the module (a collective), and ranks

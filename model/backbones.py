@@ -110,6 +110,9 @@ class LMBackbone(ABC):
     """Abstract base: one LM family's rules. Subclasses implement `load_lm`, `hidden_states`, `generate`."""
 
     name = "base"
+    # `hidden_states(..., output_rows=[B, T] bool)` returns the final hidden states at those positions only
+    # ([N, H]): a training forward then runs the LM's last block for its target positions alone.
+    rows_at_targets = False
 
     # ----- building --------------------------------------------------------------------------------
     @classmethod
@@ -313,6 +316,7 @@ class QwenBackbone(LMBackbone):
     """Our Qwen family (qwen/): Qwen-1 names for every generation, ChatML, `<|extra_0|>` / `<|image_pad|>`."""
 
     name = "qwen"
+    rows_at_targets = True  # QWenModel's `output_rows`
 
     @classmethod
     def load_lm(cls, config: VLMConfig) -> nn.Module:

@@ -38,7 +38,11 @@ Contract:
   -> VLMOutput(loss, logits, past_key_values)`. One path for every LM backbone: token embeddings
   (trainable token rows applied) -> image rows written at the placeholders (core/placeholders.py) ->
   the backbone's hidden states -> the loss at target positions only (chunked, `core.loss`), with
-  `VLMOutput.logits` computed lazily on first access; `return_logits=True` computes them up front.
+  `VLMOutput.logits` computed lazily on first access; `return_logits=True` computes them up front. In
+  training mode, with an LM whose backbone has `rows_at_targets` (ours, qwen), the LM's last block runs its
+  attention output and MLP for the target positions alone (`output_rows`; its keys and values still for
+  every position): the same loss and gradients; reading `.logits` of that forward runs the LM once more
+  over every position.
   `pixel_values` is the flat batch of every sample's images in sample order; each image fills exactly
   `tokens_per_image` placeholders (`image_token_id`) in the same order. anyres: `pixel_values`
   [n_crops_total, 3, S, S] holds each image's crops consecutively (visual/anyres.py), with `image_sizes`
@@ -83,7 +87,14 @@ import torch
 from torch import nn
 
 from ..core.errors import UserError
-from ..core.loss import DEFAULT_CHUNK_SIZE, decode_logits, full_logits_loss, supervised_loss
+from ..core.loss import (
+    DEFAULT_CHUNK_SIZE,
+    decode_logits,
+    full_logits_loss,
+    rows_loss,
+    supervised_loss,
+    target_rows,
+)
 from ..core.placeholders import embed_with_placeholders, scatter_image_features
 from ..dataset.rendering import ChatFormat, render
 from ..dataset.sample import IMAGE_MARKER, Sample
@@ -465,8 +476,22 @@ class VLM(nn.Module):
             return VLMOutput(loss, logits, pkv)
         if labels is not None:
             kw.setdefault("use_cache", False)  # a training forward needs no KV cache
-        hidden, pkv = bb.hidden_states(lm, embeds, attention_mask, **kw)  # [B, T, D]
         head = bb.output_head(lm)
+        if labels is not None and return_logits is not True and self.training and bb.rows_at_targets:
+            # A training step: the LM's last block runs for the target positions alone (its keys and values
+            # still for every position), the loss reads those rows; `.logits` would need every position.
+            rows, targets = target_rows(labels, kw.get("cu_seqlens"))  # [B, T], [N]
+            if targets.numel():
+                hidden, pkv = bb.hidden_states(lm, embeds, attention_mask, output_rows=rows, **kw)  # [N, D]
+                loss = rows_loss(hidden, head, targets, self.loss_chunk_size)
+                grad = torch.is_grad_enabled()
+
+                def every_position() -> torch.Tensor:  # read only if `.logits` is: the LM once more, whole
+                    with torch.set_grad_enabled(grad):
+                        return head(bb.hidden_states(lm, embeds, attention_mask, **kw)[0])  # [B, T, V]
+
+                return VLMOutput(loss, past_key_values=pkv, logits_fn=every_position)
+        hidden, pkv = bb.hidden_states(lm, embeds, attention_mask, **kw)  # [B, T, D]
         if labels is not None and return_logits is not True:
             # Supervised-only logits: the chunked loss at target positions (the shift lives in core/loss.py).
             loss = supervised_loss(hidden, head, labels, kw.get("cu_seqlens"), self.loss_chunk_size)

@@ -13,6 +13,11 @@ Contract
   attends causally WITHOUT the padding mask: under causal attention real positions never see the padding
   that follows them, so their outputs are unchanged, and the mask-free path is the fast one (only the
   hidden states AT padded positions differ, and nothing reads them). `compile_blocks()` runs the decoder blocks through `torch.compile` (opt-in).
+  `output_rows` [B, T] (no cache): the final hidden states of those positions only, `[N, H]`; the last block
+  computes keys and values at every position but its queries, attention output and MLP only there
+  (`attend_rows`: causal, within each packed sample, under the padding mask). The VLM's training forward
+  passes its target positions: the loss reads nothing else, and on the benchmark mix (a quarter of the
+  positions are targets) that is most of one block's work.
 * KV cache: `QWenCache` (qwen/cache.py), per layer k/v `[B, Hkv, T, D]`, plus Qwen-1's NTK alpha fixed at prefill. With
   `max_length` (generation knows prompt + new tokens) it is static: each layer's buffer is allocated once
   at `[B, Hkv, max_length, D]` and every step writes in place (no concatenation of the whole cache per
@@ -51,7 +56,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.loss import decode_logits, full_logits_loss, supervised_loss
 from ..core.placeholders import scatter_image_features
 from ..kernels._log import log_once
-from ..kernels.attention import attention
+from ..kernels.attention import attention, sdpa_attention
 from ..kernels.fused import FUSED_IMPLS, apply_rotary, rms_norm, swiglu
 from .cache import QWenCache
 from .config import QWenConfig
@@ -138,6 +143,28 @@ def _right_padded(attention_mask: torch.Tensor) -> bool:
     return not bool((m[:, 1:] & ~m[:, :-1]).any())
 
 
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+    """Causal attention for the queries at `rows` = (b [N], t [N]) (row-major, as `nonzero` gives them) over
+    every key: q [B, Hq, T, D], k / v [B, Hkv, T, D] -> [N, Hq * D]. A query sees the keys at or before it,
+    within its own packed sample (`cu_seqlens`) and where the padding `mask` [B, 1, T, T] lets it."""
+    b_idx, t_idx = rows
+    T = k.shape[2]
+    keys = torch.arange(T, device=k.device)
+    seg = None if cu_seqlens is None else torch.searchsorted(cu_seqlens[1:], keys, right=True)  # [T]: sample
+    outs = []
+    for b in torch.unique_consecutive(b_idx).tolist():
+        t = t_idx[b_idx == b]  # [n]
+        allowed = keys[None, :] <= t[:, None]  # [n, T]
+        if seg is not None:
+            allowed = allowed & (seg[None, :] == seg[t][:, None])
+        if mask is not None:
+            allowed = allowed & mask[b, 0, 0][None, :]
+        o = sdpa_attention(q[b:b + 1, :, t], k[b:b + 1], v[b:b + 1], attention_mask=allowed[None, None])
+        outs.append(o[0].transpose(0, 1).reshape(t.numel(), -1))  # [n, Hq * D]
+    return torch.cat(outs)
+
+
 class QWenAttention(nn.Module):
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
@@ -151,7 +178,7 @@ class QWenAttention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.fused_impl)
             self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, config.fused_impl)
 
-    def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens):
+    def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens, rows=None):
         B, T, _ = x.shape
         cfg = self.config
         q, k, v = self.c_attn(x).split([cfg.q_dim, cfg.kv_dim, cfg.kv_dim], dim=-1)
@@ -167,6 +194,8 @@ class QWenAttention(nn.Module):
             q = q * logn[:, None, :, None].to(q.dtype)  # [B, 1, T, 1]
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, Hkv, T_total, D]
+        if rows is not None:  # queries at `rows` only (every key): [N, Hq * D]
+            return self.c_proj(attend_rows(q, k, v, rows, mask, cu_seqlens))
         if cu_seqlens is not None:
             # Packed sequences: [1, H, total, D] -> [total, H, D]
             out = attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), causal=True,
@@ -198,8 +227,11 @@ class QWenBlock(nn.Module):
         self.ln_2 = RMSNorm(config.hidden_size, config.rms_norm_eps, config.fused_impl)
         self.mlp = QWenMLP(config)
 
-    def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens):
-        x = x + self.attn(self.ln_1(x), cos, sin, logn, mask, cache, cu_seqlens)
+    def forward(self, x, cos, sin, logn, mask, cache, cu_seqlens, rows=None):
+        """x [B, T, H] -> [B, T, H]; with `rows` (index tensors (b [N], t [N])) only those positions'
+        outputs, [N, H]: keys and values still come from every position."""
+        a = self.attn(self.ln_1(x), cos, sin, logn, mask, cache, cu_seqlens, rows)
+        x = x + a if rows is None else x[rows] + a
         return x + self.mlp(self.ln_2(x))
 
 
@@ -249,7 +281,11 @@ class QWenModel(nn.Module):
         use_cache: bool = False,
         position_ids: torch.Tensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
+        output_rows: torch.Tensor | None = None,
     ) -> QWenModelOutput:
+        """`output_rows` [B, T] bool (no cache): the final hidden states of those positions only, `[N, H]`
+        in row-major order (`hidden[output_rows]`); the last block then runs its attention output and MLP
+        for them alone (a training step needs the hidden states at target positions only)."""
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("QWenModel.forward: give exactly one of input_ids or inputs_embeds")
@@ -299,15 +335,23 @@ class QWenModel(nn.Module):
                                                and _right_padded(attention_mask)):
             mask = attention_mask.bool()[:, None, None, :].expand(B, 1, T, past + T)  # [B, 1, Tq, Tk]
 
-        h = inputs_embeds
-        blocks = self.compiled_blocks if (self.compiled_blocks and self.training) else self.h
-        for block in blocks:
+        if output_rows is not None and (cache is not None or output_rows.shape != (B, T)):
+            raise ValueError(f"output_rows must be [B, T] = [{B}, {T}] with no KV cache")
+        h = self._blocks(inputs_embeds, cos, sin, logn, mask, cache, cu_seqlens, output_rows)
+        return QWenModelOutput(last_hidden_state=self.ln_f(h), past_key_values=cache)
+
+    def _blocks(self, h, cos, sin, logn, mask, cache, cu_seqlens, output_rows):
+        rows = None if output_rows is None else output_rows.nonzero(as_tuple=True)  # (b [N], t [N])
+        blocks = list(self.compiled_blocks if (self.compiled_blocks and self.training) else self.h)
+        if rows is not None:
+            blocks[-1] = self.h[-1]  # eager: its row selection has a data-dependent shape
+        for i, block in enumerate(blocks):
+            at = rows if i == len(blocks) - 1 else None
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                h = checkpoint(block, h, cos, sin, logn, mask, cache, cu_seqlens, use_reentrant=False)
+                h = checkpoint(block, h, cos, sin, logn, mask, cache, cu_seqlens, at, use_reentrant=False)
             else:
-                h = block(h, cos, sin, logn, mask, cache, cu_seqlens)
-        h = self.ln_f(h)
-        return QWenModelOutput(last_hidden_state=h, past_key_values=cache)
+                h = block(h, cos, sin, logn, mask, cache, cu_seqlens, at)
+        return h
 
 
 class QWenLMHeadModel(nn.Module):

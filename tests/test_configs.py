@@ -130,7 +130,7 @@ def test_packing_is_on_or_says_why(path):
                          ids=lambda p: p.relative_to(CONFIG_DIR).as_posix())
 def test_recipes_packed_by_default_give_the_padded_loss(path, stand_ins):
     """A recipe with packing=samples, built on its tiny stand-ins: one micro-batch's loss packed into one row
-    equals the same samples padded (1e-5)."""
+    equals the same samples padded (1e-5), in eval mode and in the training forward."""
     import torch
     from qwenvl_lab.dataset import Collator
     from qwenvl_lab.dataset.packing import PackingCollator
@@ -148,4 +148,8 @@ def test_recipes_packed_by_default_give_the_padded_loss(path, stand_ins):
     with torch.no_grad():
         a = vlm(**padded).loss
         b = vlm(**packed).loss
+        vlm.train()  # the training forward (the LM's last block at target positions only)
+        c = vlm(**padded).loss
+        d = vlm(**packed).loss
     assert abs(float(a) - float(b)) <= 1e-5, (float(a), float(b))
+    assert abs(float(c) - float(d)) <= 1e-5 and abs(float(a) - float(c)) <= 1e-5, (float(a), float(c), float(d))

@@ -82,6 +82,81 @@ def test_left_padding_keeps_the_mask():
     torch.testing.assert_close(fast, slow, rtol=0, atol=0)
 
 
+def _rows_case(kind: str, vocab: int):
+    """(input_ids, attention_mask | None, cu_seqlens | None, output_rows [B, T] bool) for one batch layout."""
+    ids, mask, _ = _right_padded_batch(vocab)
+    if kind == "left_padded":
+        mask = mask.flip(1)  # the padding mask matters for every real token
+    cu = None
+    if kind == "packed":  # the three samples back to back in one row, attention within each
+        ids, cu, mask = ids[mask.bool()][None], torch.tensor([0, 11, 18, 27], dtype=torch.int32), None
+    g = torch.Generator().manual_seed(3)
+    rows = torch.rand(ids.shape, generator=g) < 0.4
+    if mask is not None:
+        rows &= mask.bool()
+    return ids, mask, cu, rows
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("kind", ["right_padded", "left_padded", "packed"])
+def test_output_rows_match_the_full_forward(kind, checkpointing):
+    """`output_rows` (the last block at those positions only): the same hidden states and gradients as the
+    full forward read at those positions, for padded (with and without the mask) and packed batches."""
+    m = _model()
+    m.transformer.gradient_checkpointing = checkpointing
+    ids, mask, cu, rows = _rows_case(kind, m.config.vocab_size)
+    assert 5 < int(rows.sum()) < rows.numel() - 5
+    # small weights keep the summed gradients (the embedding's above all) near 1, where atol 1e-5 is tight
+    weight = 0.01 * torch.randn(int(rows.sum()), m.config.hidden_size, generator=torch.Generator().manual_seed(4))
+
+    def run(**kw):
+        m.zero_grad(set_to_none=True)
+        h = m.transformer(input_ids=ids, attention_mask=mask, cu_seqlens=cu, **kw).last_hidden_state
+        h = h if "output_rows" in kw else h[rows]  # [N, H]
+        (h * weight).sum().backward()
+        return h.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    (h_rows, g_rows), (h_full, g_full) = run(output_rows=rows), run()
+    torch.testing.assert_close(h_rows, h_full, rtol=0, atol=1e-5)
+    _assert_same((0.0, g_rows), (0.0, g_full))
+
+
+def test_vlm_training_forward_computes_the_last_block_at_targets(tmp_path):
+    """A training-mode VLM forward with labels takes `output_rows` (the same loss and gradients as the full
+    forward of eval mode); its lazy `.logits` are still every position's."""
+    from qwenvl_lab.dataset import Collator
+    from qwenvl_lab.qwen.modeling import QWenModel
+
+    from tests.tiny_opt import sample_items, tiny_vlm
+
+    vlm = tiny_vlm(tmp_path)
+    batch = Collator(pad_id=0)(sample_items(vlm, [1, 0, 2]))
+    seen = []
+    real_forward = QWenModel.forward
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("output_rows") is not None)
+        return real_forward(self, *a, **kw)
+
+    QWenModel.forward = spy
+    try:
+        results = []
+        for train in (True, False):
+            vlm.train(train)
+            vlm.zero_grad(set_to_none=True)
+            out = vlm(**batch)
+            out.loss.backward()
+            grads = {n: p.grad.clone() for n, p in vlm.named_parameters() if p.grad is not None}
+            results += [float(out.loss.detach()), grads]
+            results.append(out.logits.detach())  # lazily: a second LM forward in training mode
+    finally:
+        QWenModel.forward = real_forward
+    assert seen == [True, False, False]  # training (target rows), its lazy logits, eval
+    (loss_t, grads_t, logits_t), (loss_e, grads_e, logits_e) = results[:3], results[3:]
+    _assert_same((loss_t, grads_t), (loss_e, grads_e))
+    torch.testing.assert_close(logits_t, logits_e, rtol=0, atol=1e-5)
+
+
 def test_fused_head_refuses_a_second_backward():
     m = _model()
     ids, mask, labels = _right_padded_batch(m.config.vocab_size)
